@@ -1,0 +1,399 @@
+"""Where quantization plugs into Transformers: a ``DynamicCache`` that calibrates, then quantizes.
+
+Every attention layer of a Transformers model hands its new key/value states to
+``cache.update(key_states, value_states, layer_idx)``. Overriding that one method is
+all it takes (no hooks, no monkeypatching):
+
+* **calibrate** mode (initial): fold the per-channel min/max of the new states into
+  running statistics, then store them exactly as ``DynamicCache`` does;
+* **frozen** mode (after :meth:`QuantizedCalibratingCache.freeze`): fake-quantize the
+  new states with fixed parameters (quantize, dequantize) and store the result. Only
+  the new tokens are quantized, so a decode step costs the same at any context length.
+
+Storage, sliding windows, beam reordering, cropping and batch expansion stay
+``DynamicCache``'s own; the quantization state lives in one :class:`LayerQuantizer`
+per layer and is independent of the batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+
+from .config import KVQuantConfig
+from .observer import CalibrationError, LayerQuantizer
+from .quantization import QuantParams
+from .serialization import QuantStateError, StateFile, read_state_file, write_state_file
+
+__all__ = ["CacheMode", "CalibrationError", "QuantStateError", "QuantizedCalibratingCache", "attention_module_names"]
+
+_STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.(min|max|scale|zero_point)$")
+_STAT_FIELDS = ("min", "max")
+_PARAM_FIELDS = ("scale", "zero_point")
+
+
+class CacheMode(str, Enum):
+    """What ``update`` does with new key/value states."""
+
+    CALIBRATE = "calibrate"
+    FROZEN = "frozen"
+
+
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    getter = getattr(config, "get_text_config", None)
+    if getter is None:
+        return config
+    try:
+        return getter(decoder=True)  # type: ignore[no-any-return]
+    except TypeError:  # older signature without ``decoder``
+        return getter()  # type: ignore[no-any-return]
+
+
+def attention_module_names(model: nn.Module, num_layers: int) -> list[str]:
+    """Name of the attention module that owns each ``layer_idx``, as include/exclude see it.
+
+    Transformers' attention modules carry their ``layer_idx``; the first module whose
+    class is an attention class claims the index. Indices no module claims get the
+    conventional ``model.layers.{i}.self_attn``.
+    """
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if isinstance(layer_idx, int) and "attention" in type(module).__name__.lower():
+            names.setdefault(layer_idx, name)
+    return [names.get(index, f"model.layers.{index}.self_attn") for index in range(num_layers)]
+
+
+def _attention_shape(text_config: PretrainedConfig) -> tuple[int | None, int | None]:
+    """``(kv_heads, head_dim)`` declared by the config, ``None`` where it does not say."""
+    heads = getattr(text_config, "num_attention_heads", None)
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None)
+    hidden = getattr(text_config, "hidden_size", None)
+    if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads:
+        head_dim = hidden // heads
+    return (kv_heads if isinstance(kv_heads, int) else None, head_dim if isinstance(head_dim, int) else None)
+
+
+class QuantizedCalibratingCache(DynamicCache):
+    """A drop-in ``DynamicCache`` that calibrates, freezes and applies INT8 KV quantization.
+
+    Build it from the model (preferred: include/exclude then match the model's own
+    attention module names) or from its config, pass it as ``past_key_values=`` (or
+    ``cache=``) to ``model(...)`` / ``model.generate(...)``, then :meth:`freeze`::
+
+        cache = QuantizedCalibratingCache(model, KVQuantConfig(symmetric=True))
+        for batch in calibration_batches:
+            model(batch, past_key_values=cache)
+            cache = cache.empty_copy()   # next sample, same statistics
+        cache.freeze()
+        cache.save("kv_scales.safetensors")
+
+    Args:
+        model_or_config: a ``PreTrainedModel`` or its ``PretrainedConfig``.
+        quant_config: the scheme and layer selection; defaults to symmetric INT8 per-channel on all layers.
+        warn_unmatched: warn when an include/exclude pattern matches no attention module.
+        **dynamic_cache_kwargs: passed on to ``DynamicCache`` (e.g. ``offloading``).
+    """
+
+    def __init__(
+        self,
+        model_or_config: nn.Module | PretrainedConfig,
+        quant_config: KVQuantConfig | None = None,
+        *,
+        warn_unmatched: bool = True,
+        **dynamic_cache_kwargs: Any,
+    ) -> None:
+        if isinstance(model_or_config, PretrainedConfig):
+            config, model = model_or_config, None
+        elif isinstance(model_or_config, nn.Module) and isinstance(
+            getattr(model_or_config, "config", None), PretrainedConfig
+        ):
+            config, model = model_or_config.config, model_or_config  # type: ignore[assignment]
+        else:
+            raise TypeError(
+                "QuantizedCalibratingCache needs a transformers model or its config, "
+                f"got {type(model_or_config).__name__}"
+            )
+        super().__init__(config=config, **dynamic_cache_kwargs)
+        self._model_config = config
+        self._dynamic_cache_kwargs = dynamic_cache_kwargs
+        text_config = _text_config(config)
+        num_layers = getattr(text_config, "num_hidden_layers", None)
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise TypeError(f"cannot tell the number of layers from {type(config).__name__}: no num_hidden_layers")
+        self.quant_config = quant_config if quant_config is not None else KVQuantConfig()
+        self.model_type: str | None = getattr(config, "model_type", None)
+        self.kv_heads, self.head_dim = _attention_shape(text_config)
+        self.layer_names = (
+            attention_module_names(model, num_layers) if model is not None
+            else [f"model.layers.{index}.self_attn" for index in range(num_layers)]
+        )
+        selected = self.quant_config.select(self.layer_names, warn_unmatched=warn_unmatched)
+        # Layers that share another layer's KV (no storage of their own) never call update.
+        stores_kv = [type(layer).__name__ != "DummyLayer" for layer in self.layers] or [True] * num_layers
+        self.quantizers = [
+            LayerQuantizer(index, name, enabled=selected[index] and stores_kv[index])
+            for index, name in enumerate(self.layer_names)
+        ]
+        self.mode = CacheMode.CALIBRATE
+
+    # ------------------------------------------------------------------ the hot path
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observe (calibrate mode) or fake-quantize (frozen mode) the new states, then store them.
+
+        ``key_states`` and ``value_states`` are ``(batch, kv_heads, new_tokens, head_dim)``.
+        """
+        if not 0 <= layer_idx < len(self.quantizers):
+            raise IndexError(
+                f"layer_idx {layer_idx} is outside this cache's {len(self.quantizers)} layers; "
+                "was the cache built for another model?"
+            )
+        quantizer = self.quantizers[layer_idx]
+        if quantizer.enabled:
+            if self.mode is CacheMode.CALIBRATE:
+                quantizer.observe(key_states, value_states)
+            else:
+                key_states, value_states = quantizer.fake_quantize(key_states, value_states)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    # ------------------------------------------------------------------ mode changes
+    @property
+    def is_frozen(self) -> bool:
+        return self.mode is CacheMode.FROZEN
+
+    @property
+    def quantized_layers(self) -> list[int]:
+        """Indices of the layers whose KV cache is quantized (include minus exclude)."""
+        return [quantizer.index for quantizer in self.quantizers if quantizer.enabled]
+
+    def freeze(self) -> QuantizedCalibratingCache:
+        """Turn the collected statistics into fixed parameters; from now on ``update`` quantizes.
+
+        Raises :class:`CalibrationError` when nothing was observed, or when an included
+        layer was never observed (a zero or default scale there would silently ruin
+        outputs, so it is refused and the layer named). Returns ``self``.
+        """
+        enabled = [quantizer for quantizer in self.quantizers if quantizer.enabled]
+        if not enabled:
+            raise CalibrationError(
+                "no layer is selected for quantization: the include/exclude patterns leave out every "
+                f"attention module (first names: {self.layer_names[:2]})"
+            )
+        unobserved = [quantizer for quantizer in enabled if not quantizer.observed]
+        if len(unobserved) == len(enabled):
+            raise CalibrationError(
+                "freeze() called before any calibration data was seen: run the model on calibration "
+                "text with this cache (past_key_values=cache) first"
+            )
+        if unobserved:
+            listed = ", ".join(f"{q.index} ({q.name})" for q in unobserved[:8])
+            more = f" and {len(unobserved) - 8} more" if len(unobserved) > 8 else ""
+            raise CalibrationError(
+                f"included layers never observed during calibration: {listed}{more}; run calibration "
+                "through every layer or add them to exclude"
+            )
+        for quantizer in enabled:
+            quantizer.freeze(symmetric=self.quant_config.symmetric)
+        self.mode = CacheMode.FROZEN
+        return self
+
+    def unfreeze(self) -> QuantizedCalibratingCache:
+        """Go back to calibration: keep the statistics (more data adds to them), drop the parameters."""
+        for quantizer in self.quantizers:
+            quantizer.unfreeze()
+        self.mode = CacheMode.CALIBRATE
+        return self
+
+    def reset_statistics(self) -> QuantizedCalibratingCache:
+        """Forget all statistics and parameters and return to calibrate mode."""
+        for quantizer in self.quantizers:
+            quantizer.reset()
+        self.mode = CacheMode.CALIBRATE
+        return self
+
+    def empty_copy(self) -> QuantizedCalibratingCache:
+        """A new, empty cache that shares nothing mutable with this one but keeps its quantization state.
+
+        Use it for each new conversation or calibration sample: ``generate`` treats a
+        non-empty cache as a prefix, so a used cache must not be passed again for new text.
+        """
+        fresh: QuantizedCalibratingCache = copy.copy(self)
+        fresh.layers = DynamicCache(config=self._model_config, **self._dynamic_cache_kwargs).layers
+        fresh.quantizers = copy.deepcopy(self.quantizers)
+        return fresh
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors: ``layers.{i}.{key,value}.{min,max}`` and, once frozen, ``.{scale,zero_point}``.
+
+        Each is ``(kv_heads, head_dim)``: min/max/scale float32, zero_point int32.
+        Only quantized layers that were observed (or loaded) appear.
+        """
+        state: dict[str, torch.Tensor] = {}
+        for quantizer in self.quantizers:
+            if not quantizer.enabled:
+                continue
+            for stream_name, stream in quantizer.streams:
+                prefix = f"layers.{quantizer.index}.{stream_name}"
+                if stream.min is not None and stream.max is not None:
+                    state[f"{prefix}.min"] = stream.min.detach().clone()
+                    state[f"{prefix}.max"] = stream.max.detach().clone()
+                if stream.params is not None:
+                    state[f"{prefix}.scale"] = stream.params.scale.detach().clone()
+                    state[f"{prefix}.zero_point"] = stream.params.zero_point.detach().clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], strict: bool = True) -> list[str]:
+        """Restore statistics (and parameters, making the cache frozen) from :meth:`state_dict`.
+
+        With ``strict`` (default) the state must cover exactly the quantized layers, with
+        every field present and shaped ``(kv_heads, head_dim)``; otherwise the error names
+        what does not fit. Non-strict loading skips unknown keys and returns them.
+        """
+        grouped: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        unexpected: list[str] = []
+        for name, tensor in state.items():
+            match = _STATE_KEY.match(name)
+            if match is None:
+                unexpected.append(name)
+                continue
+            index = int(match.group(1))
+            if index >= len(self.quantizers) or not self.quantizers[index].enabled:
+                unexpected.append(name)
+                continue
+            grouped.setdefault(index, {}).setdefault(match.group(2), {})[match.group(3)] = tensor
+        if strict and unexpected:
+            raise QuantStateError(
+                f"state has keys this cache does not use: {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''} (quantized layers here: {self.quantized_layers})"
+            )
+        has_params = any("scale" in fields for streams in grouped.values() for fields in streams.values())
+        required = _STAT_FIELDS + (_PARAM_FIELDS if has_params else ())
+        if strict:
+            missing_layers = [index for index in self.quantized_layers if index not in grouped]
+            if missing_layers:
+                raise QuantStateError(
+                    f"state has no entries for quantized layers {missing_layers[:8]} "
+                    f"({self.layer_names[missing_layers[0]]} ...); it was made for another model or layer selection"
+                )
+        updates: list[tuple[LayerQuantizer, dict[str, dict[str, torch.Tensor]]]] = []
+        for index, streams in sorted(grouped.items()):
+            quantizer = self.quantizers[index]
+            for stream_name in ("key", "value"):
+                fields = streams.get(stream_name, {})
+                missing = [f"layers.{index}.{stream_name}.{field}" for field in required if field not in fields]
+                if missing:
+                    raise QuantStateError(f"state is missing {missing} for layer {index} ({quantizer.name})")
+                self._check_state_shapes(index, stream_name, fields)
+            updates.append((quantizer, streams))
+        # Everything validated: only now touch the quantizers, so a failed load changes nothing.
+        for quantizer in self.quantizers:
+            quantizer.reset()
+        for quantizer, streams in updates:
+            for stream_name, stream in quantizer.streams:
+                fields = streams[stream_name]
+                stream.min = fields["min"].detach().to(torch.float32).clone()
+                stream.max = fields["max"].detach().to(torch.float32).clone()
+                if has_params:
+                    stream.set_params(
+                        QuantParams(
+                            fields["scale"].detach().to(torch.float32).clone(),
+                            fields["zero_point"].detach().to(torch.int32).clone(),
+                        )
+                    )
+        self.mode = CacheMode.FROZEN if has_params else CacheMode.CALIBRATE
+        return unexpected
+
+    def _check_state_shapes(self, index: int, stream_name: str, fields: Mapping[str, torch.Tensor]) -> None:
+        expected = (self.kv_heads, self.head_dim)
+        shapes = {field: tuple(tensor.shape) for field, tensor in fields.items()}
+        distinct = set(shapes.values())
+        problem = len(distinct) != 1 or len(next(iter(distinct))) != 2
+        if not problem and None not in expected:
+            problem = next(iter(distinct)) != expected
+        if problem:
+            raise QuantStateError(
+                f"layer {index} ({self.layer_names[index]}) {stream_name} tensors have shapes {shapes}, "
+                f"but this model's (kv_heads, head_dim) is {expected}; the state was made for another model"
+            )
+        for field, tensor in fields.items():
+            if field != "zero_point" and not torch.isfinite(tensor.float()).all():
+                raise QuantStateError(f"layers.{index}.{stream_name}.{field} contains NaN or Inf")
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the state to a safetensors file with JSON metadata (config, model shape, layer names)."""
+        from . import __version__
+
+        if not self.state_dict():
+            raise CalibrationError("nothing to save: the cache has observed no calibration data yet")
+        return write_state_file(
+            path,
+            StateFile(
+                tensors=self.state_dict(),
+                config=self.quant_config,
+                mode=self.mode.value,
+                num_layers=len(self.quantizers),
+                kv_heads=self.kv_heads,
+                head_dim=self.head_dim,
+                layer_names=self.layer_names,
+                model_type=self.model_type,
+                quantcache_version=__version__,
+            ),
+        )
+
+    def load(self, path: str | os.PathLike[str], strict: bool = True) -> QuantizedCalibratingCache:
+        """Load a saved state into this cache after checking that it was made for this model shape."""
+        stored = read_state_file(path)
+        self._check_model_shape(stored, Path(path))
+        if stored.config != self.quant_config:
+            raise QuantStateError(
+                f"{path} was calibrated with config {stored.config.to_dict()}, this cache uses "
+                f"{self.quant_config.to_dict()}; use QuantizedCalibratingCache.from_file(path, model)"
+            )
+        self.load_state_dict(stored.tensors, strict=strict)
+        return self
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str], model_or_config: nn.Module | PretrainedConfig, **kwargs: Any
+    ) -> QuantizedCalibratingCache:
+        """Build a cache for ``model_or_config`` with the config and state stored in ``path``."""
+        stored = read_state_file(path)
+        cache = cls(model_or_config, stored.config, **kwargs)
+        cache._check_model_shape(stored, Path(path))
+        cache.load_state_dict(stored.tensors)
+        return cache
+
+    def _check_model_shape(self, stored: StateFile, path: Path) -> None:
+        mine = {"num_layers": len(self.quantizers), "kv_heads": self.kv_heads, "head_dim": self.head_dim}
+        theirs = {"num_layers": stored.num_layers, "kv_heads": stored.kv_heads, "head_dim": stored.head_dim}
+        differing = [key for key in mine if mine[key] != theirs[key]]
+        if differing:
+            detail = ", ".join(f"{key} {theirs[key]} vs {mine[key]}" for key in differing)
+            raise QuantStateError(
+                f"{path} was made for another model shape ({stored.model_type}): {detail} (file vs this model)"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(mode={self.mode.value}, layers={len(self.quantizers)}, "
+            f"quantized={len(self.quantized_layers)}, seq_length={self.get_seq_length()})"
+        )

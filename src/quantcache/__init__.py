@@ -1,7 +1,7 @@
 """quantcache: calibrated INT8 KV-cache quantization for Hugging Face Transformers.
 
 The core is three steps on one object: build a :class:`QuantizedCalibratingCache`
-from the model, run calibration text through ``model(..., past_key_values=cache)``,
+from the model, run calibration text through ``model(..., cache=cache)``,
 then :meth:`~QuantizedCalibratingCache.freeze` it; the frozen cache fake-quantizes
 every new key/value state and saves to a safetensors file that reloads exactly.
 """

@@ -88,12 +88,12 @@ class QuantizedCalibratingCache(DynamicCache):
     """A drop-in ``DynamicCache`` that calibrates, freezes and applies INT8 KV quantization.
 
     Build it from the model (preferred: include/exclude then match the model's own
-    attention module names) or from its config, pass it as ``past_key_values=`` (or
-    ``cache=``) to ``model(...)`` / ``model.generate(...)``, then :meth:`freeze`::
+    attention module names) or from its config, pass it as ``cache=`` (transformers 5)
+    or ``past_key_values=`` to ``model(...)`` / ``model.generate(...)``, then :meth:`freeze`::
 
         cache = QuantizedCalibratingCache(model, KVQuantConfig(symmetric=True))
         for batch in calibration_batches:
-            model(batch, past_key_values=cache)
+            model(batch, cache=cache)
             cache = cache.empty_copy()   # next sample, same statistics
         cache.freeze()
         cache.save("kv_scales.safetensors")
@@ -141,8 +141,11 @@ class QuantizedCalibratingCache(DynamicCache):
         selected = self.quant_config.select(self.layer_names, warn_unmatched=warn_unmatched)
         # Layers that share another layer's KV (no storage of their own) never call update.
         stores_kv = [type(layer).__name__ != "DummyLayer" for layer in self.layers] or [True] * num_layers
+        expected_shape = (
+            (self.kv_heads, self.head_dim) if self.kv_heads is not None and self.head_dim is not None else None
+        )
         self.quantizers = [
-            LayerQuantizer(index, name, enabled=selected[index] and stores_kv[index])
+            LayerQuantizer(index, name, enabled=selected[index] and stores_kv[index], expected_shape=expected_shape)
             for index, name in enumerate(self.layer_names)
         ]
         self.mode = CacheMode.CALIBRATE
@@ -200,7 +203,7 @@ class QuantizedCalibratingCache(DynamicCache):
         if len(unobserved) == len(enabled):
             raise CalibrationError(
                 "freeze() called before any calibration data was seen: run the model on calibration "
-                "text with this cache (past_key_values=cache) first"
+                "text with this cache (model(ids, cache=cache)) first"
             )
         if unobserved:
             listed = ", ".join(f"{q.index} ({q.name})" for q in unobserved[:8])
@@ -303,10 +306,17 @@ class QuantizedCalibratingCache(DynamicCache):
                     raise QuantStateError(f"state is missing {missing} for layer {index} ({quantizer.name})")
                 self._check_state_shapes(index, stream_name, fields)
             updates.append((quantizer, streams))
+        if has_params:
+            loaded = {quantizer.index for quantizer, _ in updates}
+            unfrozen = [q.index for q in self.quantizers if q.enabled and q.index not in loaded and not q.frozen]
+            if unfrozen:
+                raise QuantStateError(
+                    f"state holds frozen parameters but none for quantized layers {unfrozen[:8]}; "
+                    "a partly frozen cache cannot run (load a complete state or exclude those layers)"
+                )
         # Everything validated: only now touch the quantizers, so a failed load changes nothing.
-        for quantizer in self.quantizers:
-            quantizer.reset()
         for quantizer, streams in updates:
+            quantizer.reset()
             for stream_name, stream in quantizer.streams:
                 fields = streams[stream_name]
                 stream.min = fields["min"].detach().to(torch.float32).clone()
@@ -336,6 +346,10 @@ class QuantizedCalibratingCache(DynamicCache):
         for field, tensor in fields.items():
             if field != "zero_point" and not torch.isfinite(tensor.float()).all():
                 raise QuantStateError(f"layers.{index}.{stream_name}.{field} contains NaN or Inf")
+            if field == "zero_point" and not torch.equal(tensor.double(), tensor.double().round()):
+                raise QuantStateError(f"layers.{index}.{stream_name}.zero_point holds non-integer values")
+            if field == "scale" and not bool((tensor > 0).all()):
+                raise QuantStateError(f"layers.{index}.{stream_name}.scale holds zero or negative values")
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -383,13 +397,23 @@ class QuantizedCalibratingCache(DynamicCache):
         return cache
 
     def _check_model_shape(self, stored: StateFile, path: Path) -> None:
-        mine = {"num_layers": len(self.quantizers), "kv_heads": self.kv_heads, "head_dim": self.head_dim}
-        theirs = {"num_layers": stored.num_layers, "kv_heads": stored.kv_heads, "head_dim": stored.head_dim}
+        mine = {
+            "model_type": self.model_type,
+            "num_layers": len(self.quantizers),
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+        }
+        theirs = {
+            "model_type": stored.model_type,
+            "num_layers": stored.num_layers,
+            "kv_heads": stored.kv_heads,
+            "head_dim": stored.head_dim,
+        }
         differing = [key for key in mine if mine[key] != theirs[key]]
         if differing:
             detail = ", ".join(f"{key} {theirs[key]} vs {mine[key]}" for key in differing)
             raise QuantStateError(
-                f"{path} was made for another model shape ({stored.model_type}): {detail} (file vs this model)"
+                f"{path} was made for another model: {detail} (file vs this model)"
             )
 
     def __repr__(self) -> str:

@@ -208,7 +208,9 @@ class KVQuantConfig:
         Accepts a single processor item, a one-item list of them, or a full document.
         """
         text: str
-        if isinstance(source, Path) or ("\n" not in source and source.endswith((".yaml", ".yml"))):
+        if isinstance(source, Path) or (
+            "\n" not in source and (source.endswith((".yaml", ".yml")) or Path(source).is_file())
+        ):
             path = Path(source)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")

@@ -31,8 +31,9 @@ class TensorQuantizer:
     (prefill and decode, every batch and call); ``reset`` clears them.
     """
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, expected_shape: tuple[int, int] | None = None) -> None:
         self.label = label
+        self.expected_shape = expected_shape
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
         self.params: QuantParams | None = None
@@ -40,9 +41,11 @@ class TensorQuantizer:
 
     @property
     def shape(self) -> tuple[int, int] | None:
-        """``(kv_heads, head_dim)`` once something was observed or loaded, else ``None``."""
+        """``(kv_heads, head_dim)``: of what was observed or loaded, else what the model config declares."""
         reference = self.min if self.min is not None else (self.params.scale if self.params else None)
-        return None if reference is None else (int(reference.shape[0]), int(reference.shape[1]))
+        if reference is None:
+            return self.expected_shape
+        return int(reference.shape[0]), int(reference.shape[1])
 
     def _check_shape(self, states: torch.Tensor) -> None:
         expected = self.shape
@@ -50,14 +53,14 @@ class TensorQuantizer:
         if states.dim() != 4 or (expected is not None and got != expected):
             raise CalibrationError(
                 f"{self.label}: states of shape {tuple(states.shape)} do not fit this layer's "
-                f"(kv_heads, head_dim) = {expected}; the cache was calibrated for another model shape"
+                f"(kv_heads, head_dim) = {expected}; the cache was built or calibrated for another model shape"
             )
 
     @torch.no_grad()
-    def observe(self, states: torch.Tensor) -> None:
-        """Fold the per-channel min/max of ``states`` into the running statistics."""
+    def measure(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-channel min/max of ``states`` after validation, without touching the statistics."""
         if states.numel() == 0:
-            return
+            return None
         self._check_shape(states)
         low, high = channel_minmax(states)
         if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
@@ -65,11 +68,22 @@ class TensorQuantizer:
                 f"{self.label}: calibration states contain NaN or Inf; check the model's dtype "
                 "(fp16 overflow is common: try bfloat16 or float32) or exclude this layer"
             )
+        return low, high
+
+    def merge(self, measured: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Fold a :meth:`measure` result into the running statistics."""
+        if measured is None:
+            return
+        low, high = measured
         if self.min is None or self.max is None:
             self.min, self.max = low, high
         else:
             self.min = torch.minimum(self.min, low.to(self.min.device))
             self.max = torch.maximum(self.max, high.to(self.max.device))
+
+    def observe(self, states: torch.Tensor) -> None:
+        """Fold the per-channel min/max of ``states`` into the running statistics."""
+        self.merge(self.measure(states))
 
     def freeze(self, *, symmetric: bool) -> None:
         """Turn the statistics into fixed parameters."""
@@ -106,12 +120,14 @@ class LayerQuantizer:
     those pass through untouched and collect nothing.
     """
 
-    def __init__(self, index: int, name: str, *, enabled: bool) -> None:
+    def __init__(
+        self, index: int, name: str, *, enabled: bool, expected_shape: tuple[int, int] | None = None
+    ) -> None:
         self.index = index
         self.name = name
         self.enabled = enabled
-        self.key = TensorQuantizer(f"layer {index} ({name}) keys")
-        self.value = TensorQuantizer(f"layer {index} ({name}) values")
+        self.key = TensorQuantizer(f"layer {index} ({name}) keys", expected_shape)
+        self.value = TensorQuantizer(f"layer {index} ({name}) values", expected_shape)
 
     @property
     def streams(self) -> tuple[tuple[StreamName, TensorQuantizer], ...]:
@@ -126,8 +142,10 @@ class LayerQuantizer:
         return self.key.params is not None and self.value.params is not None
 
     def observe(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.key.observe(key_states)
-        self.value.observe(value_states)
+        # Validate both streams before changing either: a failed update leaves no half-update.
+        key_range, value_range = self.key.measure(key_states), self.value.measure(value_states)
+        self.key.merge(key_range)
+        self.value.merge(value_range)
 
     def freeze(self, *, symmetric: bool) -> None:
         self.key.freeze(symmetric=symmetric)

@@ -11,7 +11,8 @@ The formulas (INT8, ``qmin = -128``, ``qmax = 127``):
 
 * symmetric: ``min := min(min, 0)``, ``max := max(max, 0)``,
   ``scale = max(-min, max) / 127`` floored at float32 eps, ``zero_point = 0``;
-* asymmetric: ``scale = (max - min) / 255`` (same floor),
+* asymmetric: ``scale = (max - min) / 255`` (same floor, and at least ``max(|min|, |max|) / 2**20``
+  so that a constant channel far from zero keeps an exact, finite zero point),
   ``zero_point = round(-min / scale) - 128``;
 * quantize: ``q = clamp(round(x / scale + zero_point), -128, 127)``;
 * dequantize: ``(q - zero_point) * scale``.
@@ -37,6 +38,8 @@ __all__ = [
 INT8_MIN = -128
 INT8_MAX = 127
 _EPS = torch.finfo(torch.float32).eps
+# Largest |x / scale| an asymmetric scale allows: float32 still resolves 1/8 of a step there.
+_ASYMMETRIC_MAX_OFFSET = float(2**20)
 
 
 class QuantParams(NamedTuple):
@@ -75,7 +78,11 @@ def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor, *, symmetric: 
         scale = torch.clamp(torch.maximum(-min_neg, max_pos) / float(INT8_MAX), min=_EPS)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        scale = torch.clamp((max_val - min_val) / float(INT8_MAX - INT8_MIN), min=_EPS)
+        # The relative floor only matters for a (near-)constant channel far from zero: there the
+        # eps floor alone would make ``-min / scale`` overflow int32 and float32 precision.
+        magnitude = torch.maximum(min_val.abs(), max_val.abs())
+        floor = torch.clamp(magnitude / _ASYMMETRIC_MAX_OFFSET, min=_EPS)
+        scale = torch.maximum((max_val - min_val) / float(INT8_MAX - INT8_MIN), floor)
         zero_point = (torch.round(-min_val / scale) + INT8_MIN).to(torch.int32)
     return QuantParams(scale, zero_point)
 

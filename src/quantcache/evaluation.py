@@ -1,0 +1,614 @@
+"""Quality of a frozen quantized cache, measured the way a cache is used in generation.
+
+:func:`evaluate` runs every window twice in lockstep: once with a plain ``DynamicCache``
+(the reference) and once with an empty copy of the quantized cache. Both runs first
+prefill a prompt, then continue in chunks of a few tokens, each chunk a forward call
+that reads the keys and values cached so far, exactly as decoding does. Quantization
+error therefore reaches the model only through the cache, and it compounds across
+chunks as it would in generation. Compared token by token (every position predicts the
+next token, the prefill included): perplexity of both runs, the KL divergence of the
+quantized run's next-token distribution from the reference one, and how often both pick
+the same top token. Per layer it measures, on the very key/value states the quantized
+run feeds to that layer, the signal-to-quantization-noise ratio and the fraction of
+elements that saturate the INT8 range.
+
+:func:`layer_sensitivity` quantizes one layer at a time to rank layers by the damage they
+do, and :func:`suggest_exclude` turns the ranking into an exclude list that meets a KL
+budget. Logits are never kept for a whole window, only for the chunk at hand, except
+that the sensitivity search stores the reference run's log-probabilities (on the CPU)
+when they fit in :data:`REFERENCE_STORE_BYTES`, because one reference pass then serves
+every layer.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from .cache import QuantizedCalibratingCache
+from .calibration import _vocab_size, check_token_batch, model_device
+from .observer import CalibrationError, LayerQuantizer
+from .quantization import INT8_MAX, INT8_MIN
+
+__all__ = [
+    "REFERENCE_STORE_BYTES",
+    "EvaluationResult",
+    "ExcludeSuggestion",
+    "LayerError",
+    "LayerSensitivity",
+    "evaluate",
+    "layer_sensitivity",
+    "suggest_exclude",
+]
+
+REFERENCE_STORE_BYTES = 4 << 30
+"""Largest size of stored reference log-probabilities (float32, on the CPU) for the
+sensitivity search; above it the reference run is recomputed next to each quantized run."""
+
+# An element saturates when x / scale + zero_point rounds outside [INT8_MIN, INT8_MAX].
+_CLIP_LOW = INT8_MIN - 0.5
+_CLIP_HIGH = INT8_MAX + 0.5
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class LayerError:
+    """Quantization error of one layer's key and value states during an evaluation.
+
+    ``key_sqnr_db``/``value_sqnr_db`` are ``10 log10(sum x^2 / sum (x - fq(x))^2)`` over
+    every element the quantized run stored; ``*_clip_fraction`` the fraction of those
+    elements outside the INT8 range (saturated). A layer that is not quantized reports
+    ``quantized=False``, infinite SQNR and no clipping.
+    """
+
+    index: int
+    name: str
+    quantized: bool
+    key_sqnr_db: float
+    value_sqnr_db: float
+    key_clip_fraction: float
+    value_clip_fraction: float
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured; ``to_dict`` gives strict JSON data."""
+
+    ppl_reference: float
+    ppl_quantized: float
+    kl_mean: float
+    top1_agreement: float
+    num_tokens: int
+    layers: list[LayerError]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ppl_relative_change(self) -> float:
+        """``ppl_quantized / ppl_reference - 1`` as a fraction (0.0007 is +0.07 %)."""
+        return self.ppl_quantized / self.ppl_reference - 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; non-finite numbers (the infinite SQNR of unquantized layers) become ``None``."""
+        data = asdict(self)
+        data["ppl_relative_change"] = self.ppl_relative_change
+        return _finite_or_none(data)  # type: ignore[no-any-return]
+
+
+@dataclass
+class LayerSensitivity:
+    """The quality cost of quantizing one layer alone."""
+
+    index: int
+    name: str
+    kl_mean: float
+    ppl_relative_change: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite_or_none(asdict(self))  # type: ignore[no-any-return]
+
+
+@dataclass
+class ExcludeSuggestion:
+    """Layers to leave unquantized so that the mean KL stays within ``kl_budget``.
+
+    ``ranking`` is every quantized layer, most sensitive first; ``exclude`` the attention
+    module names to add to ``KVQuantConfig.exclude`` (most sensitive first);
+    ``kl_with_exclude`` the measured KL with them excluded (0 when every layer is).
+    """
+
+    ranking: list[LayerSensitivity]
+    exclude: list[str]
+    kl_all_quantized: float
+    kl_with_exclude: float
+    kl_budget: float
+    met_budget: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite_or_none(asdict(self))  # type: ignore[no-any-return]
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------------------- accumulators
+def _sum(values: torch.Tensor) -> float:
+    """A tensor's sum as a Python float (float64 from here on; float32 on the device, which MPS needs)."""
+    return float(values.sum(dtype=torch.float32))
+
+
+class _TokenMetrics:
+    """Running sums over predicted tokens: NLL of both runs, KL, top-1 agreement."""
+
+    def __init__(self) -> None:
+        self.nll_reference = 0.0
+        self.nll_quantized = 0.0
+        self.kl = 0.0
+        self.agree = 0
+        self.count = 0
+
+    def add(self, reference: _ChunkReference, quantized_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        log_q = torch.log_softmax(quantized_logits.float(), dim=-1)
+        log_p = reference.log_probs.to(log_q.device)
+        kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+        self.kl += _sum(kl)
+        self.nll_quantized -= _sum(log_q.gather(-1, targets.unsqueeze(-1)))
+        self.nll_reference += reference.nll_sum
+        self.agree += int((log_q.argmax(dim=-1) == reference.argmax.to(log_q.device)).sum())
+        self.count += int(targets.numel())
+
+    @property
+    def ppl_reference(self) -> float:
+        return math.exp(self.nll_reference / self.count)
+
+    @property
+    def ppl_quantized(self) -> float:
+        return math.exp(self.nll_quantized / self.count)
+
+    @property
+    def kl_mean(self) -> float:
+        return self.kl / self.count
+
+    @property
+    def top1(self) -> float:
+        return self.agree / self.count
+
+
+@dataclass
+class _ChunkReference:
+    """The reference run's next-token log-probabilities for one chunk (float32)."""
+
+    log_probs: torch.Tensor
+    argmax: torch.Tensor
+    nll_sum: float
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> _ChunkReference:
+        log_p = torch.log_softmax(logits.float(), dim=-1)
+        nll = -_sum(log_p.gather(-1, targets.unsqueeze(-1)))
+        return cls(log_p, log_p.argmax(dim=-1), nll)
+
+    def to(self, device: torch.device) -> _ChunkReference:
+        return _ChunkReference(self.log_probs.to(device), self.argmax.to(device), self.nll_sum)
+
+
+class _StreamError:
+    """Sums for one key or value stream: signal energy, noise energy, clipped and total elements."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.clipped = 0
+        self.elements = 0
+
+    def add(self, states: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        x = states.float()
+        shape = (scale.shape[0], 1, scale.shape[1])  # (kv_heads, 1, head_dim) against (b, kv_heads, seq, head_dim)
+        levels = x / scale.to(x.device, torch.float32).view(shape) + zero_point.to(x.device, torch.float32).view(shape)
+        self.signal += _sum(x.square())
+        self.noise += _sum((x - quantized.float()).square())
+        self.clipped += int(((levels < _CLIP_LOW) | (levels > _CLIP_HIGH)).sum())
+        self.elements += int(x.numel())
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+    @property
+    def clip_fraction(self) -> float:
+        return self.clipped / self.elements if self.elements else 0.0
+
+
+class _MeasuringCache(QuantizedCalibratingCache):
+    """A frozen quantized cache that also records the error it adds, per layer and stream.
+
+    It sees each quantized layer's incoming states before quantization, quantizes them
+    once more to measure (the parent's ``update`` then quantizes and stores them as usual).
+    Built from an existing cache with :meth:`from_cache`; ``errors`` is shared by
+    empty copies of it.
+    """
+
+    errors: dict[int, tuple[_StreamError, _StreamError]]
+
+    @classmethod
+    def from_cache(cls, cache: QuantizedCalibratingCache) -> _MeasuringCache:
+        fresh = cache.empty_copy()
+        fresh.__class__ = cls
+        measuring: _MeasuringCache = fresh  # type: ignore[assignment]
+        measuring.errors = {}
+        return measuring
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_frozen and 0 <= layer_idx < len(self.quantizers) and self.quantizers[layer_idx].enabled:
+            quantizer = self.quantizers[layer_idx]
+            key_error, value_error = self.errors.setdefault(layer_idx, (_StreamError(), _StreamError()))
+            key_q, value_q = quantizer.fake_quantize(key_states, value_states)
+            for error, states, quantized, stream in (
+                (key_error, key_states, key_q, quantizer.key),
+                (value_error, value_states, value_q, quantizer.value),
+            ):
+                assert stream.params is not None  # frozen
+                error.add(states, quantized, stream.params.scale, stream.params.zero_point)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- the forward loop
+def _chunk_bounds(length: int, prefill: int, chunk: int) -> list[tuple[int, int]]:
+    """``[(start, end)]`` of the forward calls: a prefill, then chunks, covering ``range(length)``."""
+    first = min(prefill, length)
+    bounds = [(0, first)]
+    bounds += [(start, min(start + chunk, length)) for start in range(first, length, chunk)]
+    return bounds
+
+
+def _forward_chunks(
+    model: nn.Module, window: torch.Tensor, cache: DynamicCache, bounds: Sequence[tuple[int, int]]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Run ``window`` (``(1, L)`` on the model's device) chunk by chunk into ``cache``.
+
+    Yields ``(logits, targets)`` per chunk: the logits of the positions that predict a
+    token of the window (position ``t`` predicts ``t + 1``; the last position predicts
+    nothing), ``(n, vocab)``, and the ``n`` tokens they predict.
+    """
+    length = window.shape[1]
+    for start, end in bounds:
+        position_ids = torch.arange(start, end, device=window.device).unsqueeze(0)
+        output = model(window[:, start:end], position_ids=position_ids, cache=cache, use_cache=True)
+        stop = min(end, length - 1)  # last predicting position + 1
+        if stop <= start:
+            continue
+        yield output.logits[0, : stop - start], window[0, start + 1 : stop + 1]
+
+
+def _check_inputs(
+    model: nn.Module, cache: QuantizedCalibratingCache, windows: torch.Tensor, prefill: int, chunk: int
+) -> torch.Tensor:
+    if not isinstance(cache, QuantizedCalibratingCache):
+        raise TypeError(f"cache must be a QuantizedCalibratingCache, got {type(cache).__name__}")
+    if not cache.is_frozen:
+        raise CalibrationError(
+            "evaluation needs a frozen cache: calibrate it and call cache.freeze() (or load a saved, frozen state)"
+        )
+    for name, value in (("prefill", prefill), ("chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    windows = check_token_batch(windows, what="windows", vocab_size=_vocab_size(model))
+    if windows.shape[1] < 2:
+        raise ValueError(
+            f"windows need at least 2 tokens (one to predict from, one to predict), got {windows.shape[1]}"
+        )
+    config = getattr(model, "config", None)
+    getter = getattr(config, "get_text_config", None)
+    try:
+        text_config = getter(decoder=True) if callable(getter) else config
+    except TypeError:  # older signature without ``decoder``
+        text_config = getter() if callable(getter) else config
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    if isinstance(num_layers, int) and num_layers != len(cache.quantizers):
+        raise CalibrationError(
+            f"the cache has {len(cache.quantizers)} layers but the model has {num_layers}; "
+            "it was made for another model"
+        )
+    return windows
+
+
+def _reference_cache(model: nn.Module) -> DynamicCache:
+    return DynamicCache(config=getattr(model, "config", None))
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm[Any]:
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
+
+
+def _settings(cache: QuantizedCalibratingCache, windows: torch.Tensor, prefill: int, chunk: int) -> dict[str, Any]:
+    return {
+        "prefill": prefill,
+        "chunk": chunk,
+        "num_windows": int(windows.shape[0]),
+        "window_length": int(windows.shape[1]),
+        "config": cache.quant_config.to_dict(),
+        "quantized_layers": list(cache.quantized_layers),
+    }
+
+
+# ---------------------------------------------------------------------------- evaluate
+def evaluate(
+    model: nn.Module,
+    cache: QuantizedCalibratingCache,
+    windows: torch.Tensor,
+    *,
+    prefill: int = 256,
+    chunk: int = 32,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Compare the model with the quantized cache against an unquantized ``DynamicCache``.
+
+    Every row of ``windows`` (int64 ``(num_windows, L)``) is run through the model twice
+    in lockstep, a prefill of ``min(prefill, L)`` tokens and then chunks of ``chunk``
+    tokens, each continuing the cache. ``cache`` must be frozen; it is not modified (each
+    window uses an empty copy). See the module docstring for the metrics.
+    """
+    windows = _check_inputs(model, cache, windows, prefill, chunk)
+    device = model_device(model)
+    bounds = _chunk_bounds(int(windows.shape[1]), prefill, chunk)
+    metrics = _TokenMetrics()
+    errors: dict[int, tuple[_StreamError, _StreamError]] = {}
+    was_training = model.training
+    model.eval()
+    bar = _progress(int(windows.numel()), "evaluate", progress)
+    try:
+        with torch.inference_mode():
+            for row in windows:
+                window = row.unsqueeze(0).to(device)
+                quantized_cache = _MeasuringCache.from_cache(cache)
+                quantized_cache.errors = errors
+                reference_run = _forward_chunks(model, window, _reference_cache(model), bounds)
+                quantized_run = _forward_chunks(model, window, quantized_cache, bounds)
+                for (reference_logits, targets), (quantized_logits, _) in zip(
+                    reference_run, quantized_run, strict=True
+                ):
+                    metrics.add(_ChunkReference.from_logits(reference_logits, targets), quantized_logits, targets)
+                    bar.update(int(targets.numel()))
+                bar.update(1)  # the last token of the window predicts nothing
+    finally:
+        bar.close()
+        model.train(was_training)
+    layers = []
+    for quantizer in cache.quantizers:
+        key_error, value_error = errors.get(quantizer.index, (_StreamError(), _StreamError()))
+        layers.append(
+            LayerError(
+                index=quantizer.index,
+                name=quantizer.name,
+                quantized=quantizer.enabled,
+                key_sqnr_db=key_error.sqnr_db,
+                value_sqnr_db=value_error.sqnr_db,
+                key_clip_fraction=key_error.clip_fraction,
+                value_clip_fraction=value_error.clip_fraction,
+            )
+        )
+    return EvaluationResult(
+        ppl_reference=metrics.ppl_reference,
+        ppl_quantized=metrics.ppl_quantized,
+        kl_mean=metrics.kl_mean,
+        top1_agreement=metrics.top1,
+        num_tokens=metrics.count,
+        layers=layers,
+        settings=_settings(cache, windows, prefill, chunk),
+    )
+
+
+# ---------------------------------------------------------------------------- sensitivity
+class _Reference:
+    """The reference run of every window, stored (CPU, float32) when it fits, else recomputed."""
+
+    def __init__(
+        self, model: nn.Module, windows: torch.Tensor, bounds: Sequence[tuple[int, int]], *, store: bool
+    ) -> None:
+        self.model = model
+        self.windows = windows
+        self.bounds = bounds
+        self.device = model_device(model)
+        self.stored: list[list[_ChunkReference]] | None = None
+        if store:
+            self.stored = [list(self._compute(index, torch.device("cpu"))) for index in range(windows.shape[0])]
+
+    def _compute(self, index: int, device: torch.device) -> Iterator[_ChunkReference]:
+        window = self.windows[index].unsqueeze(0).to(self.device)
+        for logits, targets in _forward_chunks(self.model, window, _reference_cache(self.model), self.bounds):
+            yield _ChunkReference.from_logits(logits, targets).to(device)
+
+    def chunks(self, index: int) -> Iterator[_ChunkReference]:
+        if self.stored is None:
+            yield from self._compute(index, self.device)
+        else:
+            for stored in self.stored[index]:
+                yield stored.to(self.device)
+
+    @staticmethod
+    def fits(model: nn.Module, windows: torch.Tensor) -> bool:
+        vocab = _vocab_size(model) or 0
+        config = getattr(model, "config", None)
+        vocab = max(vocab, int(getattr(config, "vocab_size", 0) or 0))
+        needed = 4 * vocab * int(windows.shape[0]) * (int(windows.shape[1]) - 1)
+        return needed <= REFERENCE_STORE_BYTES
+
+
+def _metrics_with(
+    model: nn.Module,
+    cache: QuantizedCalibratingCache,
+    reference: _Reference,
+    on_tokens: Callable[[int], None],
+) -> _TokenMetrics:
+    """Mean-KL and perplexity of ``cache`` (frozen, any layers enabled) against the reference runs."""
+    metrics = _TokenMetrics()
+    for index in range(reference.windows.shape[0]):
+        window = reference.windows[index].unsqueeze(0).to(reference.device)
+        quantized_run = _forward_chunks(model, window, cache.empty_copy(), reference.bounds)
+        for chunk_reference, (logits, targets) in zip(reference.chunks(index), quantized_run, strict=True):
+            metrics.add(chunk_reference, logits, targets)
+        on_tokens(int(window.numel()))
+    return metrics
+
+
+def _with_enabled(cache: QuantizedCalibratingCache, enabled: set[int]) -> QuantizedCalibratingCache:
+    """An empty copy of ``cache`` that quantizes only the layers in ``enabled``."""
+    variant = cache.empty_copy()  # deep-copies the quantizers: toggling them leaves ``cache`` alone
+    for quantizer in variant.quantizers:
+        quantizer.enabled = quantizer.index in enabled
+    return variant
+
+
+def _sensitivity(
+    model: nn.Module, cache: QuantizedCalibratingCache, reference: _Reference, on_tokens: Callable[[int], None]
+) -> list[LayerSensitivity]:
+    ranking = []
+    for quantizer in _quantized(cache):
+        metrics = _metrics_with(model, _with_enabled(cache, {quantizer.index}), reference, on_tokens)
+        ranking.append(
+            LayerSensitivity(
+                index=quantizer.index,
+                name=quantizer.name,
+                kl_mean=metrics.kl_mean,
+                ppl_relative_change=metrics.ppl_quantized / metrics.ppl_reference - 1.0,
+            )
+        )
+    ranking.sort(key=lambda item: (-item.kl_mean, item.index))
+    return ranking
+
+
+def _quantized(cache: QuantizedCalibratingCache) -> list[LayerQuantizer]:
+    return [quantizer for quantizer in cache.quantizers if quantizer.enabled]
+
+
+def _run_search(
+    model: nn.Module,
+    cache: QuantizedCalibratingCache,
+    windows: torch.Tensor,
+    prefill: int,
+    chunk: int,
+    passes: int,
+    progress: bool,
+    desc: str,
+    body: Callable[[_Reference, tqdm[Any]], Any],
+) -> Any:
+    windows = _check_inputs(model, cache, windows, prefill, chunk)
+    bounds = _chunk_bounds(int(windows.shape[1]), prefill, chunk)
+    store = _Reference.fits(model, windows)
+    was_training = model.training
+    model.eval()
+    # Progress counts tokens of quantized passes; the stored reference adds one more pass.
+    bar = _progress(int(windows.numel()) * (passes + (1 if store else 0)), desc, progress)
+    try:
+        with torch.inference_mode():
+            reference = _Reference(model, windows, bounds, store=store)
+            if store:
+                bar.update(int(windows.numel()))
+            return body(reference, bar)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def layer_sensitivity(
+    model: nn.Module,
+    cache: QuantizedCalibratingCache,
+    windows: torch.Tensor,
+    *,
+    prefill: int = 256,
+    chunk: int = 32,
+    progress: bool = True,
+) -> list[LayerSensitivity]:
+    """Evaluate each quantized layer of ``cache`` alone (every other layer unquantized), most harmful first.
+
+    One entry per layer the cache quantizes, sorted by mean KL, descending. The reference
+    run of each window is computed once and shared by all layers (stored on the CPU when
+    it fits in :data:`REFERENCE_STORE_BYTES`). ``cache`` is not modified.
+    """
+
+    def body(reference: _Reference, bar: tqdm[Any]) -> list[LayerSensitivity]:
+        return _sensitivity(model, cache, reference, bar.update)
+
+    result: list[LayerSensitivity] = _run_search(
+        model, cache, windows, prefill, chunk, len(_quantized(cache)), progress, "layer sensitivity", body
+    )
+    return result
+
+
+def suggest_exclude(
+    model: nn.Module,
+    cache: QuantizedCalibratingCache,
+    windows: torch.Tensor,
+    *,
+    kl_budget: float,
+    prefill: int = 256,
+    chunk: int = 32,
+    progress: bool = True,
+) -> ExcludeSuggestion:
+    """The fewest most-sensitive layers to exclude so that the mean KL is at most ``kl_budget``.
+
+    Ranks the quantized layers with :func:`layer_sensitivity`, measures the KL with all of
+    them quantized, then excludes layers greedily, most sensitive first, re-measuring the
+    combined KL after each, until it is within the budget or every layer is excluded (KL 0).
+    """
+    if isinstance(kl_budget, bool) or not isinstance(kl_budget, (int, float)) or not kl_budget >= 0:
+        raise ValueError(f"kl_budget must be a non-negative number, got {kl_budget!r}")
+    quantized = {quantizer.index for quantizer in _quantized(cache)}
+
+    def body(reference: _Reference, bar: tqdm[Any]) -> ExcludeSuggestion:
+        ranking = _sensitivity(model, cache, reference, bar.update)
+        kl_all = _metrics_with(model, _with_enabled(cache, quantized), reference, bar.update).kl_mean
+        exclude: list[str] = []
+        remaining = set(quantized)
+        kl = kl_all
+        for layer in ranking:
+            if kl <= kl_budget:
+                break
+            exclude.append(layer.name)
+            remaining.discard(layer.index)
+            if not remaining:
+                kl = 0.0  # nothing quantized: the run is the reference
+                break
+            bar.total = (bar.total or 0) + int(reference.windows.numel())  # one more pass
+            bar.refresh()
+            kl = _metrics_with(model, _with_enabled(cache, remaining), reference, bar.update).kl_mean
+        return ExcludeSuggestion(
+            ranking=ranking,
+            exclude=exclude,
+            kl_all_quantized=kl_all,
+            kl_with_exclude=kl,
+            kl_budget=float(kl_budget),
+            met_budget=kl <= kl_budget,
+        )
+
+    # Passes: one per layer, one all-quantized; the greedy steps are not known in advance.
+    suggestion: ExcludeSuggestion = _run_search(
+        model, cache, windows, prefill, chunk, len(quantized) + 1, progress, "suggest exclude", body
+    )
+    return suggestion

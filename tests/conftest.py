@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny, seeded, randomly initialised Transformers models (no downloads).
+
+Every model has hidden size 64, grouped-query attention (4 query heads, 2 KV heads of
+16 channels), a 128-token vocabulary and 2-4 layers, so a forward pass takes
+milliseconds on a CPU. Models are built once per session and only ever used in eval
+mode under ``torch.no_grad``; tests must not modify them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB = 128
+HIDDEN = 64
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = 16
+SLIDING_WINDOW = 8
+GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": 2 * HIDDEN,
+    "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def llama_config(**overrides: Any) -> LlamaConfig:
+    return LlamaConfig(**{**_COMMON, "num_hidden_layers": 2, **overrides})
+
+
+def qwen2_config(**overrides: Any) -> Qwen2Config:
+    return Qwen2Config(**{**_COMMON, "num_hidden_layers": 3, "use_sliding_window": False, **overrides})
+
+
+def qwen3_config(**overrides: Any) -> Qwen3Config:
+    return Qwen3Config(**{**_COMMON, "num_hidden_layers": 2, "head_dim": HEAD_DIM, **overrides})
+
+
+def gemma3_config(**overrides: Any) -> Gemma3TextConfig:
+    return Gemma3TextConfig(
+        **{
+            **_COMMON,
+            "num_hidden_layers": len(GEMMA3_LAYER_TYPES),
+            "head_dim": HEAD_DIM,
+            "sliding_window": SLIDING_WINDOW,
+            "layer_types": list(GEMMA3_LAYER_TYPES),
+            **overrides,
+        }
+    )
+
+
+_BUILDERS: dict[str, tuple[Callable[..., Any], type[PreTrainedModel]]] = {
+    "llama": (llama_config, LlamaForCausalLM),
+    "qwen2": (qwen2_config, Qwen2ForCausalLM),
+    "qwen3": (qwen3_config, Qwen3ForCausalLM),
+    "gemma3": (gemma3_config, Gemma3ForCausalLM),
+}
+
+
+def build_model(arch: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A tiny random ``arch`` model in eval mode, float32, seeded."""
+    make_config, model_class = _BUILDERS[arch]
+    torch.manual_seed(seed)
+    model = model_class(make_config(**overrides)).eval()
+    # Random weights emit the EOS id at random; generation must run for as many steps as asked.
+    model.generation_config.eos_token_id = None
+    return model.to(torch.float32)
+
+
+@pytest.fixture(scope="session")
+def make_model() -> Callable[..., PreTrainedModel]:
+    """Factory for models with non-default shapes (``make_model("llama", num_key_value_heads=4)``)."""
+    return build_model
+
+
+@pytest.fixture(scope="session")
+def llama() -> PreTrainedModel:
+    return build_model("llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2() -> PreTrainedModel:
+    return build_model("qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen3() -> PreTrainedModel:
+    return build_model("qwen3")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> PreTrainedModel:
+    return build_model("gemma3")
+
+
+@pytest.fixture(params=sorted(_BUILDERS))
+def tiny_model(request: pytest.FixtureRequest) -> PreTrainedModel:
+    """Each architecture in turn (session-cached through the named fixtures)."""
+    model: PreTrainedModel = request.getfixturevalue(request.param)
+    return model
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    """A seeded ``(1, 12)`` prompt of ordinary token ids (no special tokens)."""
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(3, VOCAB, (1, 12), generator=generator)

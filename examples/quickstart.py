@@ -1,4 +1,5 @@
 import torch
+
 from quantcache import KVQuantConfig, QuantizedCalibratingCache
 from quantcache.models import load_model
 

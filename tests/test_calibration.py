@@ -15,7 +15,7 @@ import torch
 from conftest import VOCAB
 from transformers import PreTrainedModel
 
-from quantcache import CacheMode, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CACHE_KEYWORD, CacheMode, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.calibration import calibrate
 from quantcache.data import DataError
 
@@ -30,7 +30,7 @@ def _manual(model: PreTrainedModel, batches: list[torch.Tensor], config: KVQuant
     cache = QuantizedCalibratingCache(model, config)
     with torch.no_grad():
         for batch in batches:
-            model(batch, cache=cache, use_cache=True)
+            model(batch, **{CACHE_KEYWORD: cache}, use_cache=True)
             cache = cache.empty_copy()
     return cache.freeze()
 

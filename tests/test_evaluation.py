@@ -21,7 +21,14 @@ import yaml
 from conftest import VOCAB
 from transformers import DynamicCache, PreTrainedModel
 
-from quantcache import CalibrationError, KVQuantConfig, QuantizedCalibratingCache, QuantParams, fake_quantize
+from quantcache import (
+    CACHE_KEYWORD,
+    CalibrationError,
+    KVQuantConfig,
+    QuantizedCalibratingCache,
+    QuantParams,
+    fake_quantize,
+)
 from quantcache import evaluation as evaluation_module
 from quantcache.calibration import calibrate
 from quantcache.evaluation import (
@@ -179,7 +186,7 @@ def _layer0_states(model: PreTrainedModel, windows: torch.Tensor) -> dict[str, t
     with torch.no_grad():
         for row in windows:
             recorder = _Recorder(config=model.config)
-            model(row.unsqueeze(0), cache=recorder, use_cache=True)
+            model(row.unsqueeze(0), **{CACHE_KEYWORD: recorder}, use_cache=True)
             for stream in seen:
                 seen[stream] += recorder.seen[stream]
     return {stream: torch.cat(states, dim=2) for stream, states in seen.items()}

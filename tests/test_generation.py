@@ -34,7 +34,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from quantcache import CacheMode, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CACHE_KEYWORD, CacheMode, KVQuantConfig, QuantizedCalibratingCache
 
 _VOCAB = 128
 _HIDDEN = 64
@@ -80,8 +80,9 @@ _BUILDERS: dict[str, tuple[type[Any], type[PreTrainedModel], dict[str, Any]]] = 
 # The transformers 5 spelling is ``cache=``; ``past_key_values=`` still works with a FutureWarning,
 # which is expected (and silenced) exactly where that spelling is used on purpose.
 _IGNORE_PKV_WARNING = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+_NEEDS_CACHE_KEYWORD = pytest.mark.skipif(CACHE_KEYWORD != "cache", reason="cache= is a transformers 5 keyword")
 _CACHE_KWARGS = [
-    pytest.param("cache", id="cache"),
+    pytest.param("cache", id="cache", marks=_NEEDS_CACHE_KEYWORD),
     pytest.param("past_key_values", id="past_key_values", marks=_IGNORE_PKV_WARNING),
 ]
 
@@ -140,7 +141,7 @@ def _calibrate(model: PreTrainedModel, seeds: tuple[int, ...] = (11, 12, 13, 14)
     cache = QuantizedCalibratingCache(model, KVQuantConfig())
     with torch.no_grad():
         for seed in seeds:
-            model(_tokens(4, 24, seed), cache=cache)
+            model(_tokens(4, 24, seed), **{CACHE_KEYWORD: cache})
             cache = cache.empty_copy()
     return cache.freeze()
 
@@ -232,9 +233,9 @@ def _two_forwards(model: PreTrainedModel, cache: DynamicCache, cache_kwarg: str)
     step = _tokens(2, 1, seed=4)
     with torch.no_grad():
         first = model(prompt, position_ids=torch.arange(10).expand(2, -1), use_cache=True, **{cache_kwarg: cache})
-        assert first.cache is cache
+        assert getattr(first, CACHE_KEYWORD) is cache
         second = model(step, position_ids=torch.full((2, 1), 10), use_cache=True, **{cache_kwarg: cache})
-        assert second.cache is cache
+        assert getattr(second, CACHE_KEYWORD) is cache
     assert cache.get_seq_length() == 11
     return first.logits, second.logits
 
@@ -292,7 +293,7 @@ def _generate(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     cache: DynamicCache,
-    cache_kwarg: str = "cache",
+    cache_kwarg: str = CACHE_KEYWORD,
     seed: int = 0,
     **kwargs: Any,
 ) -> Any:
@@ -355,6 +356,13 @@ def test_generate_frozen_is_close_and_deterministic(arch: str, cache_kwarg: str,
     _assert_same_storage(first_cache, second_cache)
 
 
+_TRANSFORMERS_5_GENERATE = pytest.mark.skipif(
+    CACHE_KEYWORD != "cache",
+    reason="transformers 4.x generate neither crops sliding-window layers nor continues from a used cache the same way",
+)
+
+
+@_TRANSFORMERS_5_GENERATE
 @pytest.mark.parametrize("arch", _ARCHS)
 def test_assisted_decoding(arch: str) -> None:
     """A draft model proposes tokens; rejected ones are cropped from the target's cache."""
@@ -446,6 +454,7 @@ def test_continue_conversation_with_the_same_cache(arch: str) -> None:
     assert frozen_first.get_seq_length() == reference.get_seq_length()
 
 
+@_TRANSFORMERS_5_GENERATE
 @pytest.mark.parametrize("kind", ["calibrate", "frozen"])
 @pytest.mark.parametrize("arch", _ARCHS)
 def test_deepcopy_of_a_used_cache(arch: str, kind: str) -> None:
@@ -453,7 +462,7 @@ def test_deepcopy_of_a_used_cache(arch: str, kind: str) -> None:
     prompt = _tokens(1, 9, seed=14)
     cache = _fresh(model, kind, arch)
     with torch.no_grad():
-        model(prompt, cache=cache)
+        model(prompt, **{CACHE_KEYWORD: cache})
     twin = copy.deepcopy(cache)
     assert type(twin) is QuantizedCalibratingCache and twin.mode is cache.mode
     assert twin.quantizers[0] is not cache.quantizers[0]
@@ -461,8 +470,8 @@ def test_deepcopy_of_a_used_cache(arch: str, kind: str) -> None:
 
     step = _tokens(1, 1, seed=15)
     with torch.no_grad():
-        original = model(step, cache=cache, position_ids=torch.tensor([[9]])).logits
-        copied = model(step, cache=twin, position_ids=torch.tensor([[9]])).logits
+        original = model(step, **{CACHE_KEYWORD: cache}, position_ids=torch.tensor([[9]])).logits
+        copied = model(step, **{CACHE_KEYWORD: twin}, position_ids=torch.tensor([[9]])).logits
     assert torch.equal(original, copied)
     _assert_same_storage(twin, cache)
     assert all(torch.equal(a, b) for a, b in zip(_stats(twin).values(), _stats(cache).values(), strict=True))
@@ -491,11 +500,11 @@ def test_batch_repeat_interleave_and_select(arch: str, kind: str) -> None:
     caches = []
     for cache in (_fresh(model, "dynamic"), _fresh(model, kind, arch)):
         with torch.no_grad():
-            model(prompt, cache=cache)
+            model(prompt, **{CACHE_KEYWORD: cache})
             cache.batch_repeat_interleave(3)
-            logits = model(step, cache=cache, position_ids=torch.full((6, 1), 9)).logits
+            logits = model(step, **{CACHE_KEYWORD: cache}, position_ids=torch.full((6, 1), 9)).logits
             cache.batch_select_indices(torch.tensor([0, 4]))
-            more = model(step[[0, 4]], cache=cache, position_ids=torch.full((2, 1), 10)).logits
+            more = model(step[[0, 4]], **{CACHE_KEYWORD: cache}, position_ids=torch.full((2, 1), 10)).logits
         outputs.append((logits, more))
         caches.append(cache)
     (ref_logits, ref_more), (logits, more) = outputs
@@ -531,8 +540,8 @@ def test_dtypes(arch: str, dtype: torch.dtype) -> None:
     reference = _fresh(model, "dynamic")
     ours = _fresh(model, "calibrate")
     with torch.no_grad():
-        expected = _skip_if_cpu_refuses(dtype, lambda: model(prompt, cache=reference).logits)
-        got = model(prompt, cache=ours).logits
+        expected = _skip_if_cpu_refuses(dtype, lambda: model(prompt, **{CACHE_KEYWORD: reference}).logits)
+        got = model(prompt, **{CACHE_KEYWORD: ours}).logits
     assert torch.equal(got, expected)
     _assert_same_storage(ours, reference)
     _assert_all_layers_observed(ours)
@@ -542,7 +551,7 @@ def test_dtypes(arch: str, dtype: torch.dtype) -> None:
         expected_dtype = torch.int32 if name.endswith(".zero_point") else torch.float32
         assert tensor.dtype == expected_dtype, name
     with torch.no_grad():
-        logits = model(prompt, cache=(cache := frozen.empty_copy())).logits
+        logits = model(prompt, **{CACHE_KEYWORD: (cache := frozen.empty_copy())}).logits
     assert logits.dtype == expected.dtype
     for keys, values in _storage(cache):
         assert keys.dtype == dtype and values.dtype == dtype
@@ -597,15 +606,15 @@ def test_statistics_accumulate_across_steps_batches_and_calls(arch: str) -> None
     cache = QuantizedCalibratingCache(model)
     assert cache.mode is CacheMode.CALIBRATE and _stats(cache) == {}
     with torch.no_grad():
-        model(_tokens(1, 8, seed=20), cache=cache)
+        model(_tokens(1, 8, seed=20), **{CACHE_KEYWORD: cache})
         after_prefill = _stats(cache)
         for position in range(8, 11):
-            model(_tokens(1, 1, seed=position), cache=cache, position_ids=torch.tensor([[position]]))
+            model(_tokens(1, 1, seed=position), **{CACHE_KEYWORD: cache}, position_ids=torch.tensor([[position]]))
         after_decode = _stats(cache)
         _assert_monotone(after_prefill, after_decode)
         cache = cache.empty_copy()
         assert cache.get_seq_length() == 0
-        model(_tokens(3, 12, seed=21), cache=cache)
+        model(_tokens(3, 12, seed=21), **{CACHE_KEYWORD: cache})
     after_batch = _stats(cache)
     _assert_monotone(after_decode, after_batch)
 

@@ -6,7 +6,7 @@ then :meth:`~QuantizedCalibratingCache.freeze` it; the frozen cache fake-quantiz
 every new key/value state and saves to a safetensors file that reloads exactly.
 """
 
-from .cache import CacheMode, QuantizedCalibratingCache, attention_module_names
+from .cache import CACHE_KEYWORD, CacheMode, QuantizedCalibratingCache, attention_module_names
 from .config import ConfigError, KVQuantConfig, QuantDtype, QuantMethod, QuantScope
 from .observer import CalibrationError
 from .quantization import QuantParams, channel_minmax, compute_qparams, dequantize, fake_quantize, quantize
@@ -15,6 +15,7 @@ from .serialization import QuantStateError
 __version__ = "0.1.0"
 
 __all__ = [
+    "CACHE_KEYWORD",
     "CacheMode",
     "CalibrationError",
     "ConfigError",

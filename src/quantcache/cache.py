@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 
@@ -34,7 +35,18 @@ from .observer import CalibrationError, LayerQuantizer
 from .quantization import QuantParams
 from .serialization import QuantStateError, StateFile, read_state_file, write_state_file
 
-__all__ = ["CacheMode", "CalibrationError", "QuantStateError", "QuantizedCalibratingCache", "attention_module_names"]
+__all__ = [
+    "CACHE_KEYWORD",
+    "CacheMode",
+    "CalibrationError",
+    "QuantStateError",
+    "QuantizedCalibratingCache",
+    "attention_module_names",
+]
+
+CACHE_KEYWORD = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+"""The keyword that hands a cache to ``model(...)`` / ``model.generate(...)``: transformers 5
+renamed ``past_key_values`` to ``cache`` (the old name still works there, with a warning)."""
 
 _STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.(min|max|scale|zero_point)$")
 _STAT_FIELDS = ("min", "max")

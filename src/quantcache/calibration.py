@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cache import QuantizedCalibratingCache
+from .cache import CACHE_KEYWORD, QuantizedCalibratingCache
 from .config import KVQuantConfig
 from .data import DataError
 
@@ -175,7 +175,7 @@ def calibrate(
             for batch in batches:
                 ids = check_token_batch(batch, what=f"data batch {seen_batches}", vocab_size=vocab_size)
                 run = stats.empty_copy()  # same statistics, no KV content from earlier batches
-                model(ids.to(device), cache=run, **forward_kwargs)
+                model(ids.to(device), **{CACHE_KEYWORD: run}, **forward_kwargs)
                 stats = run
                 seen_batches += 1
                 bar.update(int(ids.numel()))

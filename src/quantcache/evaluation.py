@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .cache import QuantizedCalibratingCache
+from .cache import CACHE_KEYWORD, QuantizedCalibratingCache
 from .calibration import _vocab_size, check_token_batch, model_device
 from .observer import CalibrationError, LayerQuantizer
 from .quantization import INT8_MAX, INT8_MIN
@@ -299,7 +299,7 @@ def _forward_chunks(
     length = window.shape[1]
     for start, end in bounds:
         position_ids = torch.arange(start, end, device=window.device).unsqueeze(0)
-        output = model(window[:, start:end], position_ids=position_ids, cache=cache, use_cache=True)
+        output = model(window[:, start:end], position_ids=position_ids, use_cache=True, **{CACHE_KEYWORD: cache})
         stop = min(end, length - 1)  # last predicting position + 1
         if stop <= start:
             continue

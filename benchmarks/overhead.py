@@ -77,6 +77,8 @@ def main() -> None:
         "calibrate mode": lambda: QuantizedCalibratingCache(model),
         "frozen INT8 (fake quant)": frozen_template.empty_copy,
     }
+    warmup = DynamicCache(config=model.config)
+    _decode(model, warmup, _prefill(model, warmup, torch.randint(0, vocab, (1, 64), generator=generator)), 4)
     rows = []
     for context in args.contexts:
         ids = torch.randint(0, vocab, (1, context), generator=generator)

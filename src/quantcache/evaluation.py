@@ -464,7 +464,7 @@ def _metrics_with(
     model: nn.Module,
     cache: QuantizedCalibratingCache,
     reference: _Reference,
-    on_tokens: Callable[[int], None],
+    on_tokens: Callable[[int], object],
 ) -> _TokenMetrics:
     """Mean-KL and perplexity of ``cache`` (frozen, any layers enabled) against the reference runs."""
     metrics = _TokenMetrics()
@@ -486,7 +486,7 @@ def _with_enabled(cache: QuantizedCalibratingCache, enabled: set[int]) -> Quanti
 
 
 def _sensitivity(
-    model: nn.Module, cache: QuantizedCalibratingCache, reference: _Reference, on_tokens: Callable[[int], None]
+    model: nn.Module, cache: QuantizedCalibratingCache, reference: _Reference, on_tokens: Callable[[int], object]
 ) -> list[LayerSensitivity]:
     ranking = []
     for quantizer in _quantized(cache):

@@ -241,8 +241,8 @@ class _StreamError:
 class _MeasuringCache(QuantizedCalibratingCache):
     """A frozen quantized cache that also records the error it adds, per layer and stream.
 
-    It sees each quantized layer's incoming states before quantization, quantizes them
-    once more to measure (the parent's ``update`` then quantizes and stores them as usual).
+    It sees each quantized layer's incoming states before quantization, quantizes them,
+    measures the error and stores the quantized states (exactly what the parent would store).
     Built from an existing cache with :meth:`from_cache`; ``errors`` is shared by
     empty copies of it.
     """
@@ -275,6 +275,8 @@ class _MeasuringCache(QuantizedCalibratingCache):
             ):
                 assert stream.params is not None  # frozen
                 error.add(states, quantized, stream.params.scale, stream.params.zero_point)
+            # Store the states quantized above instead of letting the parent quantize them again.
+            return DynamicCache.update(self, key_q, value_q, layer_idx, *args, **kwargs)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 

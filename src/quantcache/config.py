@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "KVQuantConfig",
@@ -28,10 +30,6 @@ __all__ = [
     "expand_braces",
     "match_module_names",
 ]
-
-
-class ConfigError(ValueError):
-    """A quantization config that cannot be used; the message names the key and what is allowed."""
 
 
 class QuantDtype(str, Enum):

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
+from .errors import DataError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -72,10 +74,6 @@ _WIKITEXT_SPLIT: dict[str, Literal["validation", "test"]] = {"calibration": "val
 # on nothing but the text, so the ids are identical on every run and machine.
 _CHUNK_CHARS = 8192
 _LINE_BREAKS = re.compile(r"\n+")
-
-
-class DataError(ValueError):
-    """Text that cannot be used; the one-line message names the problem and the fix."""
 
 
 def _display(path: str | os.PathLike[str]) -> str:

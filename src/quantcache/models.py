@@ -37,6 +37,8 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .errors import ModelFetchError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -55,10 +57,6 @@ __all__ = [
     "load_model",
     "resolve_model_source",
 ]
-
-
-class ModelFetchError(RuntimeError):
-    """A model could not be found, fetched, verified or loaded; the message says what to do instead."""
 
 
 def _normalise(name: str) -> str:

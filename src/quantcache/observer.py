@@ -12,15 +12,12 @@ from typing import Literal
 
 import torch
 
+from .errors import CalibrationError
 from .quantization import QuantParams, channel_minmax, compute_qparams, fake_quantize
 
 __all__ = ["CalibrationError", "LayerQuantizer", "TensorQuantizer"]
 
 StreamName = Literal["key", "value"]
-
-
-class CalibrationError(RuntimeError):
-    """Calibration cannot produce trustworthy parameters; the message names the layer and the fix."""
 
 
 class TensorQuantizer:

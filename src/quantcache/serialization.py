@@ -21,15 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, KVQuantConfig
+from .errors import QuantStateError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "QuantStateError", "StateFile", "read_state_file", "write_state_file"]
 
 FORMAT_NAME = "quantcache.kv_state"
 FORMAT_VERSION = 1
-
-
-class QuantStateError(ValueError):
-    """A saved or loaded quantization state does not fit; the message names the mismatch."""
 
 
 @dataclass(frozen=True)

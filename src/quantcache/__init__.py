@@ -38,7 +38,27 @@ _EXPORTS: dict[str, str] = {
     "quantize": "quantization",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__"]
+__all__ = [
+    "CACHE_KEYWORD",
+    "CacheMode",
+    "CalibrationError",
+    "ConfigError",
+    "KVQuantConfig",
+    "QuantDtype",
+    "QuantMethod",
+    "QuantParams",
+    "QuantScope",
+    "QuantStateError",
+    "QuantcacheError",
+    "QuantizedCalibratingCache",
+    "__version__",
+    "attention_module_names",
+    "channel_minmax",
+    "compute_qparams",
+    "dequantize",
+    "fake_quantize",
+    "quantize",
+]
 
 
 def __getattr__(name: str) -> Any:

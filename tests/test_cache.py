@@ -13,6 +13,7 @@ import copy
 import json
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ from quantcache import (
     QuantStateError,
     attention_module_names,
 )
+from quantcache.layers import QuantizingLayerMixin
+from quantcache.serialization import read_state_file, write_state_file
 
 # the shapes of conftest.py's tiny models
 VOCAB = 128
@@ -164,7 +167,9 @@ def test_calibrate_mode_forward_is_bit_identical_to_dynamic_cache(tiny_model: Pr
     assert torch.equal(_prefill_and_decode(tiny_model, ids, cache, 4), _prefill_and_decode(tiny_model, ids, plain, 4))
     assert cache.get_seq_length() == plain.get_seq_length() == 15
     for mine, theirs in zip(cache.layers, plain.layers, strict=True):
-        assert type(mine) is type(theirs)
+        # the same kind of layer (sliding stays sliding), with quantization mixed in
+        assert isinstance(mine, type(theirs)) and isinstance(mine, QuantizingLayerMixin)
+        assert type(mine).__mro__[2] is type(theirs)
         assert torch.equal(mine.keys, theirs.keys)
         assert torch.equal(mine.values, theirs.values)
     assert cache.mode is CacheMode.CALIBRATE and not cache.is_frozen
@@ -501,7 +506,8 @@ def test_from_config_gives_conventional_names(gemma3: PreTrainedModel, llama: Pr
     assert cache.layer_names == [f"model.layers.{i}.self_attn" for i in range(4)]
     assert cache.quantized_layers == [0, 1, 2, 3]
     assert (cache.kv_heads, cache.head_dim) == (KV_HEADS, HEAD_DIM)
-    assert [type(layer).__name__ for layer in cache.layers] == [
+    # each layer is the quantizing counterpart of the layer DynamicCache builds (sliding stays sliding)
+    assert [type(layer).__mro__[2].__name__ for layer in cache.layers] == [
         type(layer).__name__ for layer in DynamicCache(config=gemma3.config).layers
     ]
     # a cache built from the config works with the model like one built from the model
@@ -743,15 +749,20 @@ def test_saved_file_metadata(llama: PreTrainedModel, tmp_path: Path) -> None:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         names = set(handle.keys())
-    assert metadata["format"] == "quantcache.kv_state"
-    assert metadata["format_version"] == "1"
-    assert metadata["mode"] == "calibrate"
-    assert json.loads(metadata["config"]) == config.to_dict()
-    assert json.loads(metadata["num_layers"]) == 2
-    assert json.loads(metadata["kv_heads"]) == KV_HEADS
-    assert json.loads(metadata["head_dim"]) == HEAD_DIM
-    assert json.loads(metadata["layer_names"]) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    assert json.loads(metadata["model_type"]) == "llama"
+    fields = {key: json.loads(value) for key, value in metadata.items()}  # every value is one JSON document
+    assert fields["format"] == "quantcache.kv_state"
+    assert fields["format_version"] == 2
+    assert fields["mode"] == "calibrate"
+    assert fields["config"] == config.to_dict()
+    model = fields["model"]
+    assert model["num_layers"] == 2
+    assert model["kv_heads"] == KV_HEADS
+    assert model["head_dim"] == HEAD_DIM
+    assert model["layer_names"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert model["model_type"] == "llama"
+    assert isinstance(model["config_sha256"], str) and len(model["config_sha256"]) == 64
+    assert fields["checksum"].startswith("sha256:") and len(fields["checksum"]) == 7 + 64
+    assert "zero_point" in fields["encoding"]["dequantize"] and fields["encoding"]["dtypes"]["zero_point"] == "I32"
     assert names == {f"layers.{i}.{s}.{f}" for i in range(2) for s in ("key", "value") for f in ("min", "max")}
     reloaded = QuantizedCalibratingCache.from_file(path, llama)
     assert reloaded.mode is CacheMode.CALIBRATE and reloaded.quant_config == config
@@ -855,8 +866,8 @@ def test_safetensors_file_not_from_quantcache(tmp_path: Path, llama: PreTrainedM
 
 
 def test_wrong_format_version(saved_state: Path, llama: PreTrainedModel) -> None:
-    edited = _rewrite_metadata(saved_state, format_version="2")
-    with pytest.raises(QuantStateError, match="format version 2 is not supported"):
+    edited = _rewrite_metadata(saved_state, format_version="99")
+    with pytest.raises(QuantStateError, match="format version 99 is not supported"):
         QuantizedCalibratingCache.from_file(edited, llama)
     untouched = _rewrite_metadata(saved_state)
     assert QuantizedCalibratingCache.from_file(untouched, llama).is_frozen  # the rewrite itself is harmless
@@ -867,9 +878,11 @@ def test_wrong_format_version(saved_state: Path, llama: PreTrainedModel) -> None
     [
         ({"config": "{not json"}, "'config' is corrupted"),
         ({"config": json.dumps({"type": "dynamic_cache", "qconfig": {"dtype": "int4"}})}, "stored config is invalid"),
-        ({"num_layers": None}, "lacks 'num_layers'"),
-        ({"mode": "quantized"}, "'mode' is 'quantized'"),
-        ({"layer_names": json.dumps(["only.one"])}, "inconsistent"),
+        ({"model": None}, "lacks 'model'"),
+        ({"mode": json.dumps("quantized")}, "'mode' is 'quantized'"),
+        ({"model": json.dumps({"num_layers": 2, "layer_names": ["only.one"]})}, "inconsistent"),
+        ({"checksum": json.dumps("sha256:" + "0" * 64)}, "checksum mismatch"),
+        ({"quantcache_version": json.dumps("9.9.9")}, "checksum mismatch"),
     ],
 )
 def test_damaged_metadata(
@@ -880,11 +893,20 @@ def test_damaged_metadata(
 
 
 def test_file_with_missing_tensors(saved_state: Path, llama: PreTrainedModel) -> None:
+    stored = read_state_file(saved_state)
+    tensors = {n: t for n, t in stored.tensors.items() if n != "layers.1.value.zero_point"}
+    # written with a valid checksum: the validator itself must notice the gap
+    write_state_file(saved_state, replace(stored, tensors=tensors))
+    with pytest.raises(QuantStateError, match=r"missing \['layers\.1\.value\.zero_point'\]"):
+        QuantizedCalibratingCache.from_file(saved_state, llama)
+
+
+def test_file_with_a_tensor_removed_behind_its_back(saved_state: Path, llama: PreTrainedModel) -> None:
     with safe_open(str(saved_state), framework="pt") as handle:
         metadata = dict(handle.metadata())
         tensors = {n: handle.get_tensor(n) for n in handle.keys() if n != "layers.1.value.zero_point"}  # noqa: SIM118
     save_file(tensors, str(saved_state), metadata=metadata)
-    with pytest.raises(QuantStateError, match=r"missing \['layers\.1\.value\.zero_point'\]"):
+    with pytest.raises(QuantStateError, match="checksum mismatch"):
         QuantizedCalibratingCache.from_file(saved_state, llama)
 
 
@@ -992,3 +1014,26 @@ def test_gemma3_sliding_layers_keep_their_window_when_frozen(gemma3: PreTrainedM
         else:
             assert not layer.is_sliding and layer.keys.shape[2] == total
     assert quantized.get_seq_length() == total
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "symmetric"),
+    [
+        ("v1_llama_symmetric_frozen", CacheMode.FROZEN, True),
+        ("v1_llama_asymmetric_frozen", CacheMode.FROZEN, False),
+        ("v1_llama_symmetric_calibrate", CacheMode.CALIBRATE, True),
+    ],
+)
+def test_version_1_files_still_load(llama: PreTrainedModel, name: str, mode: CacheMode, symmetric: bool) -> None:
+    # Written by quantcache 0.1.0 (format version 1, no checksum) from the tiny llama of conftest.py.
+    path = DATA / f"{name}.safetensors"
+    stored = read_state_file(path)
+    assert stored.format_version == 1
+    cache = QuantizedCalibratingCache.from_file(path, llama)
+    assert cache.mode is mode and cache.quant_config.symmetric is symmetric
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118
+            assert torch.equal(cache.state_dict()[key], handle.get_tensor(key))

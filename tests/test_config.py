@@ -86,7 +86,7 @@ def test_enum_values_accept_strings_case_insensitively() -> None:
     ("key", "value", "allowed"),
     [
         ("dtype", "int4", "'int8'"),
-        ("scope", "per_tensor", "'per_channel'"),
+        ("scope", "per_row", "'per_tensor', 'per_head', 'per_channel', 'per_token', 'group'"),
         ("method", "percentile", "'minmax'"),
         ("dtype", 8, "'int8'"),
     ],
@@ -213,11 +213,11 @@ def test_unknown_top_level_key_of_an_item() -> None:
 
 
 def test_unknown_qconfig_key() -> None:
-    text = SINGLE_ITEM.replace('  method: "minmax"\n', '  method: "minmax"\n  group_size: 64\n')
+    text = SINGLE_ITEM.replace('  method: "minmax"\n', '  method: "minmax"\n  bits: 4\n')
     with pytest.raises(ConfigError) as info:
         KVQuantConfig.from_yaml(text)
     message = str(info.value)
-    assert "qconfig.group_size" in message
+    assert "qconfig.bits" in message
     for allowed in ("scope", "dtype", "symmetric", "method"):
         assert allowed in message
 

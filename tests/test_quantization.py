@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from quantcache import QuantParams, channel_minmax, compute_qparams, dequantize, fake_quantize, quantize
-from quantcache.observer import TensorQuantizer
 from quantcache.quantization import INT8_MAX, INT8_MIN
+from quantcache.quantizer import StreamQuantizer
+from quantcache.scheme import QuantArgs
 
 EPS = torch.finfo(torch.float32).eps
 MAX_ABS = 100.0
@@ -188,7 +189,7 @@ def test_running_minmax_over_chunks_equals_minmax_of_concatenation(
 ) -> None:
     states = torch.from_numpy(x)
     batch, _, seq, _ = states.shape
-    quantizer = TensorQuantizer("test")
+    quantizer = StreamQuantizer("test")
     chunks = 0
     for rows in (states[: min(batch_cut, batch)], states[min(batch_cut, batch) :]):
         if rows.shape[0] == 0:
@@ -207,7 +208,7 @@ def test_running_minmax_over_chunks_equals_minmax_of_concatenation(
 
 
 def test_running_minmax_grows_only_outward() -> None:
-    quantizer = TensorQuantizer("test")
+    quantizer = StreamQuantizer("test")
     quantizer.observe(torch.tensor([[[[1.0, -1.0]]]]))
     quantizer.observe(torch.tensor([[[[0.5, -3.0]]]]))
     quantizer.observe(torch.tensor([[[[2.0, 0.0]]]]))
@@ -273,11 +274,12 @@ def test_half_precision_inputs_give_fp32_parameters_and_outputs_in_their_dtype(
     assert torch.equal(params_low.scale, params_fp32.scale)
     assert torch.equal(params_low.zero_point, params_fp32.zero_point)
 
-    observer_low, observer_fp32 = TensorQuantizer("low"), TensorQuantizer("fp32")
+    args = QuantArgs(symmetric=symmetric)
+    observer_low, observer_fp32 = StreamQuantizer("low", args), StreamQuantizer("fp32", args)
     observer_low.observe(low_precision)
     observer_fp32.observe(same_values)
-    observer_low.freeze(symmetric=symmetric)
-    observer_fp32.freeze(symmetric=symmetric)
+    observer_low.freeze()
+    observer_fp32.freeze()
     assert observer_low.params is not None and observer_fp32.params is not None
     assert torch.equal(observer_low.params.scale, observer_fp32.params.scale)
     assert torch.equal(observer_low.params.zero_point, observer_fp32.params.zero_point)

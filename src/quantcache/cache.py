@@ -18,8 +18,9 @@ per layer and is independent of the batch.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
-import re
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
@@ -29,11 +30,21 @@ import torch
 import transformers
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig
+from transformers.cache_utils import DynamicLayer
 
 from .config import KVQuantConfig
-from .observer import CalibrationError, LayerQuantizer
+from .errors import CalibrationError, QuantStateError
+from .layers import quantizing_layer
 from .quantization import QuantParams
-from .serialization import QuantStateError, StateFile, read_state_file, write_state_file
+from .quantizer import LayerQuantizer
+from .serialization import (
+    StateFile,
+    missing_fields,
+    parse_state_key,
+    read_state_file,
+    stream_problems,
+    write_state_file,
+)
 
 __all__ = [
     "CACHE_KEYWORD",
@@ -48,9 +59,6 @@ CACHE_KEYWORD = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else
 """The keyword that hands a cache to ``model(...)`` / ``model.generate(...)``: transformers 5
 renamed ``past_key_values`` to ``cache`` (the old name still works there, with a warning)."""
 
-_STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.(min|max|scale|zero_point)$")
-_STAT_FIELDS = ("min", "max")
-_PARAM_FIELDS = ("scale", "zero_point")
 
 
 class CacheMode(str, Enum):
@@ -83,6 +91,15 @@ def attention_module_names(model: nn.Module, num_layers: int) -> list[str]:
         if isinstance(layer_idx, int) and "attention" in type(module).__name__.lower():
             names.setdefault(layer_idx, name)
     return [names.get(index, f"model.layers.{index}.self_attn") for index in range(num_layers)]
+
+
+def _config_digest(config: PretrainedConfig) -> str | None:
+    """sha256 of the model config's JSON (sorted keys), to tell which model a state was made for."""
+    try:
+        text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _attention_shape(text_config: PretrainedConfig) -> tuple[int | None, int | None]:
@@ -151,16 +168,41 @@ class QuantizedCalibratingCache(DynamicCache):
             else [f"model.layers.{index}.self_attn" for index in range(num_layers)]
         )
         selected = self.quant_config.select(self.layer_names, warn_unmatched=warn_unmatched)
-        # Layers that share another layer's KV (no storage of their own) never call update.
-        stores_kv = [type(layer).__name__ != "DummyLayer" for layer in self.layers] or [True] * num_layers
         expected_shape = (
             (self.kv_heads, self.head_dim) if self.kv_heads is not None and self.head_dim is not None else None
         )
         self.quantizers = [
-            LayerQuantizer(index, name, enabled=selected[index] and stores_kv[index], expected_shape=expected_shape)
+            LayerQuantizer(
+                index,
+                name,
+                enabled=selected[index],
+                expected_shape=expected_shape,
+                key_args=self.quant_config.key_args,
+                value_args=self.quant_config.value_args,
+            )
             for index, name in enumerate(self.layer_names)
         ]
+        self._install_layers()
         self.mode = CacheMode.CALIBRATE
+        self.model_name: str | None = getattr(config, "_name_or_path", None) or None
+        self.model_config_sha256 = _config_digest(config)
+
+    def _install_layers(self) -> None:
+        """Replace the plain layers by quantizing ones (storage lives in the layer classes, see layers.py).
+
+        Layers of a kind with no quantizing counterpart (layers that share another
+        layer's KV and never call ``update``, ...) stay as they are, unquantized.
+        """
+        if len(self.layers) < len(self.quantizers):  # a lazily built container: one plain layer per index
+            self.layers = [*self.layers, *(DynamicLayer() for _ in range(len(self.quantizers) - len(self.layers)))]  # type: ignore[no-untyped-call]
+            self.layer_class_to_replicate = None
+        layers = []
+        for layer, quantizer in zip(self.layers, self.quantizers, strict=False):
+            installed = quantizing_layer(layer, quantizer)
+            if installed is layer:
+                quantizer.enabled = False
+            layers.append(installed)
+        self.layers = layers + list(self.layers[len(layers) :])
 
     # ------------------------------------------------------------------ the hot path
     def update(
@@ -171,7 +213,7 @@ class QuantizedCalibratingCache(DynamicCache):
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Observe (calibrate mode) or fake-quantize (frozen mode) the new states, then store them.
+        """Store the new states through the layer, which observes (calibrate mode) or quantizes them (frozen).
 
         ``key_states`` and ``value_states`` are ``(batch, kv_heads, new_tokens, head_dim)``.
         """
@@ -180,12 +222,6 @@ class QuantizedCalibratingCache(DynamicCache):
                 f"layer_idx {layer_idx} is outside this cache's {len(self.quantizers)} layers; "
                 "was the cache built for another model?"
             )
-        quantizer = self.quantizers[layer_idx]
-        if quantizer.enabled:
-            if self.mode is CacheMode.CALIBRATE:
-                quantizer.observe(key_states, value_states)
-            else:
-                key_states, value_states = quantizer.fake_quantize(key_states, value_states)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # ------------------------------------------------------------------ mode changes
@@ -225,7 +261,7 @@ class QuantizedCalibratingCache(DynamicCache):
                 "through every layer or add them to exclude"
             )
         for quantizer in enabled:
-            quantizer.freeze(symmetric=self.quant_config.symmetric)
+            quantizer.freeze()
         self.mode = CacheMode.FROZEN
         return self
 
@@ -252,14 +288,16 @@ class QuantizedCalibratingCache(DynamicCache):
         fresh: QuantizedCalibratingCache = copy.copy(self)
         fresh.layers = DynamicCache(config=self._model_config, **self._dynamic_cache_kwargs).layers
         fresh.quantizers = copy.deepcopy(self.quantizers)
+        fresh._install_layers()
         return fresh
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat tensors: ``layers.{i}.{key,value}.{min,max}`` and, once frozen, ``.{scale,zero_point}``.
+        """Flat tensors ``layers.{i}.{key,value}.{field}``: the observer's statistics and, once frozen, parameters.
 
-        Each is ``(kv_heads, head_dim)``: min/max/scale float32, zero_point int32.
-        Only quantized layers that were observed (or loaded) appear.
+        For the seed scheme the fields are ``min``, ``max`` and ``scale``, ``zero_point``,
+        each ``(kv_heads, head_dim)``: min/max/scale float32, zero_point int32. Only
+        quantized layers that were observed (or loaded) appear.
         """
         state: dict[str, torch.Tensor] = {}
         for quantizer in self.quantizers:
@@ -267,9 +305,8 @@ class QuantizedCalibratingCache(DynamicCache):
                 continue
             for stream_name, stream in quantizer.streams:
                 prefix = f"layers.{quantizer.index}.{stream_name}"
-                if stream.min is not None and stream.max is not None:
-                    state[f"{prefix}.min"] = stream.min.detach().clone()
-                    state[f"{prefix}.max"] = stream.max.detach().clone()
+                for field, tensor in stream.statistics.items():
+                    state[f"{prefix}.{field}"] = tensor.detach().clone()
                 if stream.params is not None:
                     state[f"{prefix}.scale"] = stream.params.scale.detach().clone()
                     state[f"{prefix}.zero_point"] = stream.params.zero_point.detach().clone()
@@ -279,30 +316,31 @@ class QuantizedCalibratingCache(DynamicCache):
         """Restore statistics (and parameters, making the cache frozen) from :meth:`state_dict`.
 
         With ``strict`` (default) the state must cover exactly the quantized layers, with
-        every field present and shaped ``(kv_heads, head_dim)``; otherwise the error names
-        what does not fit. Non-strict loading skips unknown keys and returns them.
+        every field present, of the documented dtype and shape and consistent (see
+        :func:`quantcache.serialization.stream_problems`); otherwise the error names what
+        does not fit. Non-strict loading skips unknown keys and returns them.
         """
         grouped: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
         unexpected: list[str] = []
         for name, tensor in state.items():
-            match = _STATE_KEY.match(name)
-            if match is None:
+            parsed = parse_state_key(name)
+            if parsed is None or parsed[0] >= len(self.quantizers) or not self.quantizers[parsed[0]].enabled:
                 unexpected.append(name)
                 continue
-            index = int(match.group(1))
-            if index >= len(self.quantizers) or not self.quantizers[index].enabled:
-                unexpected.append(name)
-                continue
-            grouped.setdefault(index, {}).setdefault(match.group(2), {})[match.group(3)] = tensor
+            index, stream_name, field = parsed
+            grouped.setdefault(index, {}).setdefault(stream_name, {})[field] = tensor
         if strict and unexpected:
             raise QuantStateError(
                 f"state has keys this cache does not use: {unexpected[:5]}"
                 f"{' ...' if len(unexpected) > 5 else ''} (quantized layers here: {self.quantized_layers})"
             )
         has_params = any("scale" in fields for streams in grouped.values() for fields in streams.values())
-        required = _STAT_FIELDS + (_PARAM_FIELDS if has_params else ())
         if strict:
-            missing_layers = [index for index in self.quantized_layers if index not in grouped]
+            missing_layers = [
+                index
+                for index in self.quantized_layers
+                if index not in grouped and not all(stream.dynamic for _, stream in self.quantizers[index].streams)
+            ]
             if missing_layers:
                 raise QuantStateError(
                     f"state has no entries for quantized layers {missing_layers[:8]} "
@@ -311,12 +349,17 @@ class QuantizedCalibratingCache(DynamicCache):
         updates: list[tuple[LayerQuantizer, dict[str, dict[str, torch.Tensor]]]] = []
         for index, streams in sorted(grouped.items()):
             quantizer = self.quantizers[index]
-            for stream_name in ("key", "value"):
+            for stream_name, stream in quantizer.streams:
+                if stream.dynamic:
+                    continue
                 fields = streams.get(stream_name, {})
-                missing = [f"layers.{index}.{stream_name}.{field}" for field in required if field not in fields]
+                prefix = f"layers.{index}.{stream_name}"
+                missing = missing_fields(prefix, fields, stream.observer.fields, frozen=has_params)
                 if missing:
                     raise QuantStateError(f"state is missing {missing} for layer {index} ({quantizer.name})")
-                self._check_state_shapes(index, stream_name, fields)
+                problems = stream_problems(prefix, fields, self.quant_config, stream_name, self.kv_heads, self.head_dim)
+                if problems:
+                    raise QuantStateError(f"layer {index} ({quantizer.name}): {'; '.join(problems[:3])}")
             updates.append((quantizer, streams))
         if has_params:
             loaded = {quantizer.index for quantizer, _ in updates}
@@ -330,9 +373,13 @@ class QuantizedCalibratingCache(DynamicCache):
         for quantizer, streams in updates:
             quantizer.reset()
             for stream_name, stream in quantizer.streams:
+                if stream.dynamic:
+                    if has_params:
+                        stream.freeze()
+                    continue
                 fields = streams[stream_name]
-                stream.min = fields["min"].detach().to(torch.float32).clone()
-                stream.max = fields["max"].detach().to(torch.float32).clone()
+                if all(field in fields for field in stream.observer.fields):
+                    stream.observer.load({field: fields[field] for field in stream.observer.fields})
                 if has_params:
                     stream.set_params(
                         QuantParams(
@@ -342,26 +389,6 @@ class QuantizedCalibratingCache(DynamicCache):
                     )
         self.mode = CacheMode.FROZEN if has_params else CacheMode.CALIBRATE
         return unexpected
-
-    def _check_state_shapes(self, index: int, stream_name: str, fields: Mapping[str, torch.Tensor]) -> None:
-        expected = (self.kv_heads, self.head_dim)
-        shapes = {field: tuple(tensor.shape) for field, tensor in fields.items()}
-        distinct = set(shapes.values())
-        problem = len(distinct) != 1 or len(next(iter(distinct))) != 2
-        if not problem and None not in expected:
-            problem = next(iter(distinct)) != expected
-        if problem:
-            raise QuantStateError(
-                f"layer {index} ({self.layer_names[index]}) {stream_name} tensors have shapes {shapes}, "
-                f"but this model's (kv_heads, head_dim) is {expected}; the state was made for another model"
-            )
-        for field, tensor in fields.items():
-            if field != "zero_point" and not torch.isfinite(tensor.float()).all():
-                raise QuantStateError(f"layers.{index}.{stream_name}.{field} contains NaN or Inf")
-            if field == "zero_point" and not torch.equal(tensor.double(), tensor.double().round()):
-                raise QuantStateError(f"layers.{index}.{stream_name}.zero_point holds non-integer values")
-            if field == "scale" and not bool((tensor > 0).all()):
-                raise QuantStateError(f"layers.{index}.{stream_name}.scale holds zero or negative values")
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -382,6 +409,8 @@ class QuantizedCalibratingCache(DynamicCache):
                 layer_names=self.layer_names,
                 model_type=self.model_type,
                 quantcache_version=__version__,
+                model_name=self.model_name,
+                model_config_sha256=self.model_config_sha256,
             ),
         )
 

@@ -99,8 +99,8 @@ def _detach_statistics(cache: QuantizedCalibratingCache) -> None:
     """Turn inference-mode statistics into ordinary tensors, so callers may later edit them in place."""
     for quantizer in cache.quantizers:
         for _, stream in quantizer.streams:
-            if stream.min is not None and stream.max is not None:
-                stream.min, stream.max = stream.min.clone(), stream.max.clone()
+            if stream.observer.observed:
+                stream.observer.load(stream.statistics)  # loading clones
 
 
 def calibrate(

@@ -13,17 +13,18 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .scheme import STREAM_KEYS, QuantArgs, QuantDtype, QuantMethod, QuantScope
 
 __all__ = [
     "ConfigError",
     "KVQuantConfig",
+    "QuantArgs",
     "QuantDtype",
     "QuantMethod",
     "QuantScope",
@@ -32,39 +33,13 @@ __all__ = [
 ]
 
 
-class QuantDtype(str, Enum):
-    """Integer format of the quantized cache."""
-
-    INT8 = "int8"
-
-
-class QuantScope(str, Enum):
-    """Granularity of the quantization parameters.
-
-    ``per_channel`` keeps one scale (and zero point) per (kv_head, head_dim channel),
-    i.e. per column of ``states.transpose(1, 2).reshape(-1, kv_heads * head_dim)``.
-    """
-
-    PER_CHANNEL = "per_channel"
-
-
-class QuantMethod(str, Enum):
-    """How calibration statistics become quantization parameters."""
-
-    MINMAX = "minmax"
-
-
-_QCONFIG_KEYS = ("scope", "dtype", "symmetric", "method")
 _PROCESSOR_TYPE = "dynamic_cache"
-
-
-def _enum_value(enum_type: type[Enum], key: str, value: Any) -> Any:
-    allowed = [member.value for member in enum_type]
-    if isinstance(value, enum_type):
-        return value
-    if isinstance(value, str) and value.lower() in allowed:
-        return enum_type(value.lower())
-    raise ConfigError(f"qconfig.{key}: unsupported value {value!r}; allowed: {', '.join(map(repr, allowed))}")
+_ITEM_KEYS = ("type", "qconfig", "include", "exclude")
+_STREAMS = ("key", "value")
+# A config is a short list of patterns; a document that expands past these is not a config
+# (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
+_MAX_PATTERNS = 1024
+_MAX_PATTERN_LENGTH = 512
 
 
 def _pattern_tuple(key: str, value: Any) -> tuple[str, ...]:
@@ -73,9 +48,14 @@ def _pattern_tuple(key: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, Iterable) or isinstance(value, Mapping):
         raise ConfigError(f"{key}: expected a list of glob patterns, got {type(value).__name__}")
     patterns = tuple(value)
+    if len(patterns) > _MAX_PATTERNS:
+        raise ConfigError(f"{key}: {len(patterns)} patterns; at most {_MAX_PATTERNS} are accepted")
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(f"{key}: every pattern must be a non-empty string, got {pattern!r}")
+            shown = repr(pattern) if len(repr(pattern)) <= 80 else f"a {type(pattern).__name__}"
+            raise ConfigError(f"{key}: every pattern must be a non-empty string, got {shown}")
+        if len(pattern) > _MAX_PATTERN_LENGTH:
+            raise ConfigError(f"{key}: a pattern of {len(pattern)} characters; at most {_MAX_PATTERN_LENGTH}")
         expand_braces(pattern)  # raises on unbalanced braces
     return patterns
 
@@ -84,15 +64,22 @@ def _pattern_tuple(key: str, value: Any) -> tuple[str, ...]:
 class KVQuantConfig:
     """How the key/value cache is quantized and which attention modules take part.
 
+    The flat fields (``dtype``, ``scope``, ``symmetric``, ``method``, ``dynamic``,
+    ``group_size``) describe both streams, as msModelSlim's ``qconfig`` does; ``key``
+    or ``value`` replace them for one stream. :attr:`key_args` / :attr:`value_args`
+    are what each stream actually uses.
+
     Attributes:
-        dtype: integer format (``int8``).
+        dtype: number format (``int8``).
         scope: parameter granularity (``per_channel``: one per kv_head and head_dim channel).
         symmetric: symmetric (zero point 0, range ``[-max|x|, max|x|]``) or asymmetric
             (range ``[min, max]``, zero point shifts it onto ``[-128, 127]``).
-        method: statistic used for the range (``minmax``).
+        method: observer used for the range (``minmax``).
         include: glob patterns on attention module names (``model.layers.0.self_attn``);
             ``*`` crosses dots and ``{a,b}`` lists alternatives.
         exclude: patterns removed from ``include``; exclude wins.
+        dynamic, group_size: see :class:`~quantcache.scheme.QuantArgs`.
+        key, value: per-stream arguments that replace the flat fields for that stream.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -101,15 +88,58 @@ class KVQuantConfig:
     method: QuantMethod = QuantMethod.MINMAX
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    dynamic: bool = False
+    group_size: int | None = None
+    observer_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    key: QuantArgs | None = None
+    value: QuantArgs | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", _enum_value(QuantDtype, "dtype", self.dtype))
-        object.__setattr__(self, "scope", _enum_value(QuantScope, "scope", self.scope))
-        object.__setattr__(self, "method", _enum_value(QuantMethod, "method", self.method))
-        if not isinstance(self.symmetric, bool):
-            raise ConfigError(f"qconfig.symmetric: expected true or false, got {self.symmetric!r}")
-        object.__setattr__(self, "include", _pattern_tuple("include", self.include))
-        object.__setattr__(self, "exclude", _pattern_tuple("exclude", self.exclude))
+        set_ = object.__setattr__
+        shared = QuantArgs(
+            dtype=self.dtype,
+            scope=self.scope,
+            symmetric=self.symmetric,
+            method=self.method,
+            dynamic=self.dynamic,
+            group_size=self.group_size,
+            observer_options=self.observer_options,
+        )
+        for name in ("dtype", "scope", "symmetric", "method", "dynamic", "group_size", "observer_options"):
+            set_(self, name, getattr(shared, name))
+        for stream in _STREAMS:
+            args = getattr(self, stream)
+            if isinstance(args, Mapping):
+                args = QuantArgs.from_dict(args, where=f"qconfig.{stream}")
+            if args is not None and not isinstance(args, QuantArgs):
+                raise ConfigError(f"{stream}: expected QuantArgs or a mapping, got {type(args).__name__}")
+            set_(self, stream, None if args == shared else args)
+        set_(self, "include", _pattern_tuple("include", self.include))
+        set_(self, "exclude", _pattern_tuple("exclude", self.exclude))
+
+    # ------------------------------------------------------------------ the two streams
+    @property
+    def shared_args(self) -> QuantArgs:
+        """The arguments the flat fields describe."""
+        return QuantArgs(
+            self.dtype, self.scope, self.symmetric, self.method, self.dynamic, self.group_size, self.observer_options
+        )
+
+    @property
+    def key_args(self) -> QuantArgs:
+        """What the keys use."""
+        return self.key if self.key is not None else self.shared_args
+
+    @property
+    def value_args(self) -> QuantArgs:
+        """What the values use."""
+        return self.value if self.value is not None else self.shared_args
+
+    def stream_args(self, stream: str) -> QuantArgs:
+        """``key_args`` or ``value_args`` by name."""
+        if stream not in _STREAMS:
+            raise ValueError(f"stream must be 'key' or 'value', got {stream!r}")
+        return self.key_args if stream == "key" else self.value_args
 
     # ------------------------------------------------------------------ layer selection
     def is_quantized(self, module_name: str) -> bool:
@@ -138,15 +168,19 @@ class KVQuantConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain JSON/YAML data, in msModelSlim's processor-item shape."""
+        """The config as plain JSON/YAML data, in msModelSlim's processor-item shape.
+
+        Streams configured apart add ``qconfig.key`` / ``qconfig.value`` mappings; the
+        seed scheme writes exactly msModelSlim's four ``qconfig`` keys.
+        """
+        qconfig = self.shared_args.to_dict()
+        for stream in _STREAMS:
+            args: QuantArgs | None = getattr(self, stream)
+            if args is not None:
+                qconfig[stream] = args.to_dict()
         return {
             "type": _PROCESSOR_TYPE,
-            "qconfig": {
-                "scope": self.scope.value,
-                "dtype": self.dtype.value,
-                "symmetric": self.symmetric,
-                "method": self.method.value,
-            },
+            "qconfig": qconfig,
             "include": list(self.include),
             "exclude": list(self.exclude),
         }
@@ -163,24 +197,32 @@ class KVQuantConfig:
             raise ConfigError(f"expected a mapping at the top of the config, got {type(data).__name__}")
         if "spec" in data:
             return cls._from_document(data)
-        allowed = ("type", "qconfig", "include", "exclude")
-        unknown = [key for key in data if key not in allowed]
+        unknown = [key for key in data if key not in _ITEM_KEYS]
         if unknown:
-            raise ConfigError(f"unknown key {unknown[0]!r} in processor item; allowed: {', '.join(allowed)}")
+            raise ConfigError(
+                f"unknown key {str(unknown[0])[:80]!r} in processor item; allowed: {', '.join(_ITEM_KEYS)}"
+            )
         kind = data.get("type", _PROCESSOR_TYPE)
         if kind != _PROCESSOR_TYPE:
-            raise ConfigError(f"type: expected {_PROCESSOR_TYPE!r}, got {kind!r}")
+            raise ConfigError(f"type: expected {_PROCESSOR_TYPE!r}, got {str(kind)[:80]!r}")
         qconfig = data.get("qconfig", {}) or {}
         if not isinstance(qconfig, Mapping):
             raise ConfigError(f"qconfig: expected a mapping, got {type(qconfig).__name__}")
-        unknown = [key for key in qconfig if key not in _QCONFIG_KEYS]
+        allowed = (*STREAM_KEYS, *_STREAMS)
+        unknown = [key for key in qconfig if key not in allowed]
         if unknown:
-            raise ConfigError(f"unknown key 'qconfig.{unknown[0]}'; allowed: {', '.join(_QCONFIG_KEYS)}")
-        kwargs: dict[str, Any] = {key: qconfig[key] for key in _QCONFIG_KEYS if key in qconfig}
-        if "include" in data and data["include"] is not None:
-            kwargs["include"] = data["include"]
-        if "exclude" in data and data["exclude"] is not None:
-            kwargs["exclude"] = data["exclude"]
+            raise ConfigError(f"unknown key 'qconfig.{str(unknown[0])[:80]}'; allowed: {', '.join(allowed)}")
+        kwargs: dict[str, Any] = {key: qconfig[key] for key in STREAM_KEYS if key in qconfig}
+        shared = QuantArgs.from_dict(kwargs)
+        for stream in _STREAMS:
+            if stream in qconfig:
+                overrides = qconfig[stream]
+                if not isinstance(overrides, Mapping):
+                    raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
+                kwargs[stream] = QuantArgs.from_dict({**shared.to_dict(), **overrides}, where=f"qconfig.{stream}")
+        for key in ("include", "exclude"):
+            if key in data and data[key] is not None:
+                kwargs[key] = data[key]
         return cls(**kwargs)
 
     @classmethod
@@ -193,7 +235,7 @@ class KVQuantConfig:
             raise ConfigError(f"spec.process: expected a list of processor items, got {type(process).__name__}")
         items = [item for item in process if isinstance(item, Mapping) and item.get("type") == _PROCESSOR_TYPE]
         if not items:
-            kinds = [item.get("type") for item in process if isinstance(item, Mapping)]
+            kinds = [str(item.get("type"))[:40] for item in process[:20] if isinstance(item, Mapping)]
             raise ConfigError(f"spec.process has no 'dynamic_cache' item (found types: {kinds})")
         if len(items) > 1:
             raise ConfigError(f"spec.process has {len(items)} 'dynamic_cache' items; keep exactly one")
@@ -211,14 +253,20 @@ class KVQuantConfig:
         ):
             path = Path(source)
             if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            text = path.read_text(encoding="utf-8")
+                what = "is a directory, not a config file" if path.is_dir() else "not found"
+                raise ConfigError(f"config file {what}: {path}")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start})") from error
+            except OSError as error:
+                raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from error
         else:
             text = source
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_BoundedLoader)
         except yaml.YAMLError as error:
-            raise ConfigError(f"config is not valid YAML: {error}") from error
+            raise ConfigError(f"config is not valid YAML: {str(error)[:300]}") from error
         if isinstance(data, list):
             items = [item for item in data if isinstance(item, Mapping) and item.get("type") == _PROCESSOR_TYPE]
             if len(items) != 1:
@@ -231,6 +279,26 @@ class KVQuantConfig:
     def to_yaml(self) -> str:
         """The config as a msModelSlim-compatible YAML processor item (a one-item list)."""
         return str(yaml.safe_dump([self.to_dict()], sort_keys=False))
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses documents whose aliases expand into something huge.
+
+    An alias-chain ("billion laughs") document is a few hundred bytes of YAML that
+    references nodes exponentially often; counting every node an alias brings back
+    stops it before it is built.
+    """
+
+    _MAX_ALIAS_USES = 10_000
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._alias_uses = getattr(self, "_alias_uses", 0) + 1
+            if self._alias_uses > self._MAX_ALIAS_USES:
+                raise ConfigError(
+                    f"config uses YAML aliases more than {self._MAX_ALIAS_USES} times; refusing it as malformed"
+                )
+        return super().compose_node(parent, index)
 
 
 # ---------------------------------------------------------------------- pattern matching

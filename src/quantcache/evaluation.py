@@ -36,8 +36,9 @@ from transformers import DynamicCache
 
 from .cache import CACHE_KEYWORD, QuantizedCalibratingCache
 from .calibration import _vocab_size, check_token_batch, model_device
-from .observer import CalibrationError, LayerQuantizer
-from .quantization import INT8_MAX, INT8_MIN
+from .errors import CalibrationError
+from .quantization import QuantParams, saturated
+from .quantizer import LayerQuantizer, StreamQuantizer
 
 __all__ = [
     "REFERENCE_STORE_BYTES",
@@ -53,10 +54,6 @@ __all__ = [
 REFERENCE_STORE_BYTES = 4 << 30
 """Largest size of stored reference log-probabilities (float32, on the CPU) for the
 sensitivity search; above it the reference run is recomputed next to each quantized run."""
-
-# An element saturates when x / scale + zero_point rounds outside [INT8_MIN, INT8_MAX].
-_CLIP_LOW = INT8_MIN - 0.5
-_CLIP_HIGH = INT8_MAX + 0.5
 
 
 # ---------------------------------------------------------------------------- results
@@ -216,13 +213,12 @@ class _StreamError:
         self.clipped = 0
         self.elements = 0
 
-    def add(self, states: torch.Tensor, quantized: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    def add(self, stream: StreamQuantizer, states: torch.Tensor, quantized: torch.Tensor, params: QuantParams) -> None:
+        """A :data:`~quantcache.quantizer.QuantizeHook`: fold one quantization's error into the sums."""
         x = states.float()
-        shape = (scale.shape[0], 1, scale.shape[1])  # (kv_heads, 1, head_dim) against (b, kv_heads, seq, head_dim)
-        levels = x / scale.to(x.device, torch.float32).view(shape) + zero_point.to(x.device, torch.float32).view(shape)
         self.signal += _sum(x.square())
         self.noise += _sum((x - quantized.float()).square())
-        self.clipped += int(((levels < _CLIP_LOW) | (levels > _CLIP_HIGH)).sum())
+        self.clipped += int(saturated(states, params, stream.granularity, stream.format).sum())
         self.elements += int(x.numel())
 
     @property
@@ -238,46 +234,21 @@ class _StreamError:
         return self.clipped / self.elements if self.elements else 0.0
 
 
-class _MeasuringCache(QuantizedCalibratingCache):
-    """A frozen quantized cache that also records the error it adds, per layer and stream.
+def _measuring_copy(
+    cache: QuantizedCalibratingCache, errors: dict[int, tuple[_StreamError, _StreamError]]
+) -> QuantizedCalibratingCache:
+    """An empty copy of ``cache`` whose quantizers report their error into ``errors`` (per layer: key, value).
 
-    It sees each quantized layer's incoming states before quantization, quantizes them,
-    measures the error and stores the quantized states (exactly what the parent would store).
-    Built from an existing cache with :meth:`from_cache`; ``errors`` is shared by
-    empty copies of it.
+    It goes through the quantizers' documented ``on_quantize`` hook, so the copy
+    stores exactly what the frozen cache would store.
     """
-
-    errors: dict[int, tuple[_StreamError, _StreamError]]
-
-    @classmethod
-    def from_cache(cls, cache: QuantizedCalibratingCache) -> _MeasuringCache:
-        fresh = cache.empty_copy()
-        fresh.__class__ = cls
-        measuring: _MeasuringCache = fresh  # type: ignore[assignment]
-        measuring.errors = {}
-        return measuring
-
-    def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        layer_idx: int,
-        *args: Any,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.is_frozen and 0 <= layer_idx < len(self.quantizers) and self.quantizers[layer_idx].enabled:
-            quantizer = self.quantizers[layer_idx]
-            key_error, value_error = self.errors.setdefault(layer_idx, (_StreamError(), _StreamError()))
-            key_q, value_q = quantizer.fake_quantize(key_states, value_states)
-            for error, states, quantized, stream in (
-                (key_error, key_states, key_q, quantizer.key),
-                (value_error, value_states, value_q, quantizer.value),
-            ):
-                assert stream.params is not None  # frozen
-                error.add(states, quantized, stream.params.scale, stream.params.zero_point)
-            # Store the states quantized above instead of letting the parent quantize them again.
-            return DynamicCache.update(self, key_q, value_q, layer_idx, *args, **kwargs)
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+    measuring = cache.empty_copy()
+    for quantizer in measuring.quantizers:
+        if quantizer.enabled:
+            key_error, value_error = errors.setdefault(quantizer.index, (_StreamError(), _StreamError()))
+            quantizer.key.on_quantize = key_error.add
+            quantizer.value.on_quantize = value_error.add
+    return measuring
 
 
 # ---------------------------------------------------------------------------- the forward loop
@@ -388,8 +359,7 @@ def evaluate(
         with torch.inference_mode():
             for row in windows:
                 window = row.unsqueeze(0).to(device)
-                quantized_cache = _MeasuringCache.from_cache(cache)
-                quantized_cache.errors = errors
+                quantized_cache = _measuring_copy(cache, errors)
                 reference_run = _forward_chunks(model, window, _reference_cache(model), bounds)
                 quantized_run = _forward_chunks(model, window, quantized_cache, bounds)
                 for (reference_logits, targets), (quantized_logits, _) in zip(

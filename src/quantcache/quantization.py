@@ -1,21 +1,27 @@
-"""Quantization math: small pure tensor functions, written once.
+"""Quantization math: small pure tensor functions, written once for every format and granularity.
 
-Shapes: key/value states arrive as ``(batch, kv_heads, seq, head_dim)``. Per-channel
-parameters have shape ``(kv_heads, head_dim)``: one per column of
+Shapes: key/value states arrive as ``(batch, kv_heads, seq, head_dim)``. Parameters
+have the shape their :class:`~quantcache.granularity.Granularity` gives; the default,
+``per_channel``, is ``(kv_heads, head_dim)``: one per column of
 ``states.transpose(1, 2).reshape(-1, kv_heads * head_dim)``, which is msModelSlim's
-``per_channel`` layout. All arithmetic is done in float32 whatever the model dtype,
-so fp16/bf16 models get the same parameters as fp32 ones; results come back in the
-input dtype.
+layout. All arithmetic is done in float32 whatever the model dtype, so fp16/bf16
+models get the same parameters as fp32 ones; results come back in the input dtype.
 
-The formulas (INT8, ``qmin = -128``, ``qmax = 127``):
+The formulas, for an integer format with codes ``[qmin, qmax]`` (INT8: -128, 127):
 
 * symmetric: ``min := min(min, 0)``, ``max := max(max, 0)``,
-  ``scale = max(-min, max) / 127`` floored at float32 eps, ``zero_point = 0``;
-* asymmetric: ``scale = (max - min) / 255`` (same floor, and at least ``max(|min|, |max|) / 2**20``
-  so that a constant channel far from zero keeps an exact, finite zero point),
-  ``zero_point = round(-min / scale) - 128``;
-* quantize: ``q = clamp(round(x / scale + zero_point), -128, 127)``;
+  ``scale = max(-min, max) / qmax`` floored at float32 eps, ``zero_point = 0``;
+* asymmetric: ``scale = (max - min) / (qmax - qmin)`` (same floor, and at least
+  ``max(|min|, |max|) / 2**20`` so that a constant channel far from zero keeps an exact,
+  finite zero point), ``zero_point = round(-min / scale) + qmin``;
+* quantize: ``q = clamp(round(x / scale + zero_point), qmin, qmax)``;
 * dequantize: ``(q - zero_point) * scale``.
+
+Float8 formats are symmetric: ``scale = absmax / finfo.max`` (what serving engines
+expect), ``q = clamp(x / scale, -finfo.max, finfo.max)`` cast to the float8 type.
+
+Non-finite states stay non-finite: a NaN or Inf element comes back as it went in
+(element-wise, with no host synchronisation), never as a finite code.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype
+from .granularity import Granularity
 
 __all__ = [
     "INT8_MAX",
@@ -33,80 +42,128 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "quantize",
+    "saturated",
+    "stream_minmax",
 ]
 
-INT8_MIN = -128
-INT8_MAX = 127
+INT8 = FORMATS[QuantDtype.INT8]
+INT8_MIN = int(INT8.qmin)
+INT8_MAX = int(INT8.qmax)
+PER_CHANNEL = Granularity()
 _EPS = torch.finfo(torch.float32).eps
 # Largest |x / scale| an asymmetric scale allows: float32 still resolves 1/8 of a step there.
 _ASYMMETRIC_MAX_OFFSET = float(2**20)
 
 
 class QuantParams(NamedTuple):
-    """Fixed per-channel quantization parameters, each ``(kv_heads, head_dim)``.
+    """Fixed quantization parameters of one stream, shaped as the granularity says.
 
     ``scale`` is float32; ``zero_point`` holds integers as int32 (an asymmetric
-    channel whose whole range lies far from zero can need a zero point outside int8).
+    channel whose whole range lies far from zero can need a zero point outside the
+    code range).
     """
 
     scale: torch.Tensor
     zero_point: torch.Tensor
 
+    def to(self, device: torch.device | str) -> QuantParams:
+        """The same parameters on ``device``."""
+        return QuantParams(self.scale.to(device), self.zero_point.to(device))
 
-def channel_minmax(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel min and max of ``(batch, kv_heads, seq, head_dim)`` states.
 
-    Returns two float32 tensors of shape ``(kv_heads, head_dim)``. The reduction runs
-    in the input dtype (a min or max is one of its inputs, so this is exact) and only
-    the small result is converted.
+def stream_minmax(
+    states: torch.Tensor, granularity: Granularity = PER_CHANNEL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``(batch, kv_heads, seq, head_dim)`` states over what shares a parameter.
+
+    Returns two float32 tensors of the granularity's parameter shape. The reduction
+    runs in the input dtype (a min or max is one of its inputs, so this is exact) and
+    only the small result is converted.
     """
     if states.dim() != 4:
         raise ValueError(f"expected states of shape (batch, kv_heads, seq, head_dim), got {tuple(states.shape)}")
     if states.shape[0] == 0 or states.shape[2] == 0:
         raise ValueError("cannot take min/max over an empty batch or sequence")
     detached = states.detach()
-    return detached.amin(dim=(0, 2)).float(), detached.amax(dim=(0, 2)).float()
+    return granularity.reduce(detached, torch.amin).float(), granularity.reduce(detached, torch.amax).float()
 
 
-def compute_qparams(min_val: torch.Tensor, max_val: torch.Tensor, *, symmetric: bool) -> QuantParams:
-    """Turn a calibrated range into INT8 parameters (see the module docstring)."""
+def channel_minmax(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel min and max, each ``(kv_heads, head_dim)`` (the seed's statistics)."""
+    return stream_minmax(states, PER_CHANNEL)
+
+
+def compute_qparams(
+    min_val: torch.Tensor, max_val: torch.Tensor, *, symmetric: bool, fmt: NumberFormat = INT8
+) -> QuantParams:
+    """Turn a range into parameters for ``fmt`` (see the module docstring)."""
     min_val = min_val.float()
     max_val = max_val.float()
-    if symmetric:
+    if symmetric or fmt.kind is FormatKind.FLOAT:
         min_neg = torch.clamp(min_val, max=0.0)
         max_pos = torch.clamp(max_val, min=0.0)
-        scale = torch.clamp(torch.maximum(-min_neg, max_pos) / float(INT8_MAX), min=_EPS)
+        scale = torch.clamp(torch.maximum(-min_neg, max_pos) / float(fmt.symmetric_max), min=_EPS)
         zero_point = torch.zeros_like(scale, dtype=torch.int32)
     else:
         # The relative floor only matters for a (near-)constant channel far from zero: there the
         # eps floor alone would make ``-min / scale`` overflow int32 and float32 precision.
         magnitude = torch.maximum(min_val.abs(), max_val.abs())
         floor = torch.clamp(magnitude / _ASYMMETRIC_MAX_OFFSET, min=_EPS)
-        scale = torch.maximum((max_val - min_val) / float(INT8_MAX - INT8_MIN), floor)
-        zero_point = (torch.round(-min_val / scale) + INT8_MIN).to(torch.int32)
+        scale = torch.maximum((max_val - min_val) / float(fmt.qmax - fmt.qmin), floor)
+        zero_point = (torch.round(-min_val / scale) + fmt.qmin).to(torch.int32)
     return QuantParams(scale, zero_point)
 
 
-def _broadcastable(param: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    """``(kv_heads, head_dim)`` -> ``(kv_heads, 1, head_dim)`` on the states' device."""
-    return param.to(device=states.device, dtype=torch.float32).unsqueeze(-2)
+def _prepared(
+    states: torch.Tensor, params: QuantParams, granularity: Granularity
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    view = granularity.grouped(states)
+    scale = granularity.broadcast(params.scale.to(device=states.device, dtype=torch.float32), view)
+    zero_point = granularity.broadcast(params.zero_point.to(device=states.device, dtype=torch.float32), view)
+    return view, scale, zero_point
 
 
-def quantize(states: torch.Tensor, params: QuantParams) -> torch.Tensor:
-    """``(batch, kv_heads, seq, head_dim)`` float states -> int8 codes of the same shape."""
-    scale = _broadcastable(params.scale, states)
-    zero_point = _broadcastable(params.zero_point, states)
-    codes = torch.round(states.float() / scale + zero_point)
-    return torch.clamp(codes, INT8_MIN, INT8_MAX).to(torch.int8)
+def quantize(
+    states: torch.Tensor, params: QuantParams, granularity: Granularity = PER_CHANNEL, fmt: NumberFormat = INT8
+) -> torch.Tensor:
+    """``(batch, kv_heads, seq, head_dim)`` float states -> codes of the same shape in ``fmt.storage_dtype``."""
+    view, scale, zero_point = _prepared(states, params, granularity)
+    scaled = view.float() / scale
+    if fmt.kind is FormatKind.FLOAT:
+        codes = torch.clamp(scaled, fmt.qmin, fmt.qmax).to(fmt.storage_dtype)
+    else:
+        codes = torch.clamp(torch.round(scaled + zero_point), fmt.qmin, fmt.qmax).to(fmt.storage_dtype)
+    return granularity.ungrouped(codes)
 
 
-def dequantize(codes: torch.Tensor, params: QuantParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """int8 codes -> float states ``(codes - zero_point) * scale`` in ``dtype``."""
-    scale = _broadcastable(params.scale, codes)
-    zero_point = _broadcastable(params.zero_point, codes)
-    return ((codes.float() - zero_point) * scale).to(dtype)
+def dequantize(
+    codes: torch.Tensor,
+    params: QuantParams,
+    dtype: torch.dtype = torch.float32,
+    granularity: Granularity = PER_CHANNEL,
+) -> torch.Tensor:
+    """Codes -> float states ``(codes - zero_point) * scale`` in ``dtype``."""
+    view, scale, zero_point = _prepared(codes, params, granularity)
+    return granularity.ungrouped(((view.float() - zero_point) * scale).to(dtype))
 
 
-def fake_quantize(states: torch.Tensor, params: QuantParams) -> torch.Tensor:
-    """Quantize then dequantize, returning the states' dtype: what an INT8 cache would give back."""
-    return dequantize(quantize(states, params), params, states.dtype)
+def saturated(
+    states: torch.Tensor, params: QuantParams, granularity: Granularity = PER_CHANNEL, fmt: NumberFormat = INT8
+) -> torch.Tensor:
+    """Boolean mask of the elements that clip: ``x / scale + zero_point`` rounds outside the code range."""
+    view, scale, zero_point = _prepared(states, params, granularity)
+    levels = view.float() / scale + zero_point
+    half_step = 0.0 if fmt.kind is FormatKind.FLOAT else 0.5
+    return granularity.ungrouped((levels < fmt.qmin - half_step) | (levels > fmt.qmax + half_step))
+
+
+def fake_quantize(
+    states: torch.Tensor, params: QuantParams, granularity: Granularity = PER_CHANNEL, fmt: NumberFormat = INT8
+) -> torch.Tensor:
+    """Quantize then dequantize, in the states' dtype: what a quantized cache gives back.
+
+    NaN and Inf elements are returned unchanged (a code cannot hold them, and a cache
+    that turned an overflow into a finite value would hide the fault).
+    """
+    restored = dequantize(quantize(states, params, granularity, fmt), params, states.dtype, granularity)
+    return torch.where(torch.isfinite(states), restored, states)

@@ -1,17 +1,38 @@
-"""The saved calibration state: one safetensors file with JSON metadata, no pickle.
+"""The calibration state: one schema, one validator, one safetensors file with JSON metadata.
 
-The file holds the tensors of :meth:`QuantizedCalibratingCache.state_dict`
-(``layers.{i}.{key,value}.{min,max,scale,zero_point}``, each ``(kv_heads, head_dim)``)
-and string metadata that says what made them: the format and its version, the
-quantization config, the model's layer count, kv_heads, head_dim and attention module
-names. Reading validates all of it, so a truncated, corrupted or foreign file fails
-with a message that names the problem instead of loading garbage.
+A state is what calibration produced for one model: the config, the model it was made
+for, and per layer and stream the observer's statistics (``min``, ``max``) and, once
+frozen, the parameters (``scale``, ``zero_point``). In memory it is a flat tensor dict
+(:meth:`QuantizedCalibratingCache.state_dict`, keys ``layers.{i}.{key,value}.{field}``)
+plus a :class:`StateFile`; on disk it is a safetensors file (no pickle) whose metadata
+values are each one JSON document (format version 2, see README's "State file format"):
+
+=====================  ======================================================================
+``format``             ``"quantcache.kv_state"``
+``format_version``     ``2``
+``checksum``           ``"sha256:..."`` of every tensor (name, dtype, shape, bytes) and every
+                       other metadata field; any flipped byte is refused on read
+``config``             the :class:`~quantcache.config.KVQuantConfig` (``to_dict``)
+``mode``               ``"calibrate"`` (statistics only) or ``"frozen"`` (with parameters)
+``model``              ``model_type``, ``num_layers``, ``kv_heads``, ``head_dim``,
+                       ``layer_names``, and where known ``name``, ``revision``, ``config_sha256``
+``encoding``           value range, rounding, dequantization formula and tensor axis layout
+=====================  ======================================================================
+
+Version 1 files (before the checksum) still load; anything newer than this reader
+is refused with the version named. Reading and :func:`validate_state` check all of
+it, so a truncated, corrupted, inconsistent or foreign file fails with a message that
+names the problem instead of loading garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +41,49 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, KVQuantConfig
-from .errors import QuantStateError
+from .config import KVQuantConfig
+from .errors import ConfigError, QuantStateError
+from .granularity import Granularity
+from .quantization import compute_qparams
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "QuantStateError", "StateFile", "read_state_file", "write_state_file"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "PARAMETER_FIELDS",
+    "STATISTIC_FIELDS",
+    "QuantStateError",
+    "StateFile",
+    "missing_fields",
+    "parse_state_key",
+    "read_state_file",
+    "stream_problems",
+    "validate_state",
+    "write_state_file",
+]
 
 FORMAT_NAME = "quantcache.kv_state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+STATISTIC_FIELDS = ("min", "max")
+PARAMETER_FIELDS = ("scale", "zero_point")
+_FIELD_DTYPES = {"min": torch.float32, "max": torch.float32, "scale": torch.float32, "zero_point": torch.int32}
+_STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.(min|max|scale|zero_point)$")
+_EPS = torch.finfo(torch.float32).eps
+# |zero_point - code range| an asymmetric scale can need (its relative floor, see quantization.py).
+_ZERO_POINT_REACH = 2**20 + 1
+_ENCODING = {
+    "quantize": "q = clamp(round(x / scale + zero_point), qmin, qmax)",
+    "dequantize": "x = (q - zero_point) * scale",
+    "rounding": "round half to even (torch.round), in float32",
+    "layout": "states (batch, kv_heads, seq, head_dim); per_channel tensors (kv_heads, head_dim), head-major",
+    "dtypes": {"min": "F32", "max": "F32", "scale": "F32", "zero_point": "I32"},
+}
+
+
+def parse_state_key(name: str) -> tuple[int, str, str] | None:
+    """``layers.3.key.scale`` -> ``(3, "key", "scale")``; ``None`` for any other name."""
+    match = _STATE_KEY.match(name)
+    return None if match is None else (int(match.group(1)), match.group(2), match.group(3))
 
 
 @dataclass(frozen=True)
@@ -42,39 +99,184 @@ class StateFile:
     layer_names: list[str]
     model_type: str | None
     quantcache_version: str
+    model_name: str | None = None
+    model_revision: str | None = None
+    model_config_sha256: str | None = None
+    format_version: int = FORMAT_VERSION
 
-    def metadata(self) -> dict[str, str]:
+    def model(self) -> dict[str, Any]:
         return {
-            "format": FORMAT_NAME,
-            "format_version": str(FORMAT_VERSION),
-            "quantcache_version": self.quantcache_version,
-            "config": json.dumps(self.config.to_dict()),
-            "mode": self.mode,
-            "num_layers": str(self.num_layers),
-            "kv_heads": json.dumps(self.kv_heads),
-            "head_dim": json.dumps(self.head_dim),
-            "layer_names": json.dumps(self.layer_names),
-            "model_type": json.dumps(self.model_type),
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "layer_names": self.layer_names,
+            "name": self.model_name,
+            "revision": self.model_revision,
+            "config_sha256": self.model_config_sha256,
         }
 
+    def metadata(self) -> dict[str, str]:
+        """The file's metadata, checksum included (every value one JSON document)."""
+        fields = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "quantcache_version": self.quantcache_version,
+            "config": self.config.to_dict(),
+            "mode": self.mode,
+            "model": self.model(),
+            "encoding": _ENCODING,
+        }
+        metadata = {key: json.dumps(value, sort_keys=True) for key, value in fields.items()}
+        metadata["checksum"] = json.dumps(_checksum(self.tensors, metadata))
+        return metadata
 
+
+def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "checksum":
+            digest.update(f"{key}={metadata[key]}\n".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- validation
+def stream_problems(
+    prefix: str,
+    fields: Mapping[str, torch.Tensor],
+    config: KVQuantConfig,
+    stream: str,
+    kv_heads: int | None,
+    head_dim: int | None,
+) -> list[str]:
+    """Everything wrong with one stream's tensors (``prefix`` is ``layers.{i}.{stream}``).
+
+    Checks the documented dtype of each field, the shape the scheme's granularity
+    gives, finiteness, ``min <= max``, scales at or above the float32-eps floor,
+    zero points inside the reach of the format (and 0 when symmetric), and, when
+    both statistics and parameters are present, that the parameters are exactly
+    what the statistics imply.
+    """
+    args = config.stream_args(stream)
+    problems: list[str] = []
+    for name, tensor in fields.items():
+        expected = _FIELD_DTYPES[name]
+        if tensor.dtype != expected:
+            problems.append(f"{prefix}.{name} is {tensor.dtype}, expected {expected}")
+    if problems:
+        return problems
+    shapes = {name: tuple(tensor.shape) for name, tensor in fields.items()}
+    expected_shape: tuple[int, ...] | None = None
+    if kv_heads is not None and head_dim is not None and not args.dynamic:
+        try:
+            expected_shape = Granularity.of(args).param_shape(kv_heads, head_dim)
+        except ValueError as error:
+            return [f"{prefix}: {error}"]
+    if len(set(shapes.values())) > 1 or (expected_shape is not None and set(shapes.values()) != {expected_shape}):
+        return [f"{prefix} tensors have shapes {shapes}, but this model's (kv_heads, head_dim) is "
+                f"{(kv_heads, head_dim)} (parameters {expected_shape}); the state was made for another model"]
+    for name in ("min", "max", "scale"):
+        if name in fields and not bool(torch.isfinite(fields[name]).all()):
+            problems.append(f"{prefix}.{name} contains NaN or Inf")
+    if problems:
+        return problems
+    if "min" in fields and "max" in fields and bool((fields["min"] > fields["max"]).any()):
+        count = int((fields["min"] > fields["max"]).sum())
+        problems.append(f"{prefix}: min > max in {count} element(s); statistics are corrupted")
+    if "scale" in fields and bool((fields["scale"] < _EPS).any()):
+        problems.append(f"{prefix}.scale holds zero, negative or values below the float32-eps floor")
+    if "zero_point" in fields:
+        zero_point = fields["zero_point"]
+        fmt = args.format
+        if args.symmetric and bool((zero_point != 0).any()):
+            problems.append(f"{prefix}.zero_point is not 0 although the scheme is symmetric")
+        elif bool(((zero_point < fmt.qmin - _ZERO_POINT_REACH) | (zero_point > fmt.qmax + _ZERO_POINT_REACH)).any()):
+            problems.append(f"{prefix}.zero_point holds values outside what {fmt.name} can need")
+    if not problems and all(name in fields for name in (*STATISTIC_FIELDS, *PARAMETER_FIELDS)):
+        implied = compute_qparams(fields["min"], fields["max"], symmetric=args.symmetric, fmt=args.format)
+        if not torch.equal(implied.scale, fields["scale"]) or not torch.equal(implied.zero_point, fields["zero_point"]):
+            problems.append(f"{prefix}: scale/zero_point differ from what its min/max imply; the state was altered")
+    return problems
+
+
+def missing_fields(
+    prefix: str, fields: Mapping[str, torch.Tensor], statistic_fields: tuple[str, ...], *, frozen: bool
+) -> list[str]:
+    """Names of the fields a stream lacks.
+
+    A calibrating stream needs its statistics; a frozen one needs its parameters and
+    either all of its statistics or none (a state imported from another tool carries
+    parameters only).
+    """
+    needed = list(PARAMETER_FIELDS) if frozen else []
+    if not frozen or any(field in fields for field in statistic_fields):
+        needed = list(statistic_fields) + needed
+    return [f"{prefix}.{field}" for field in needed if field not in fields]
+
+
+def validate_state(stored: StateFile) -> list[str]:
+    """Every problem of a state (empty when it is valid): the one validator of loading and ``inspect``."""
+    problems: list[str] = []
+    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in stored.tensors.items():
+        parsed = parse_state_key(name)
+        if parsed is None:
+            problems.append(f"unexpected tensor {name[:80]!r}")
+            continue
+        index, stream, field = parsed
+        if index >= stored.num_layers:
+            problems.append(f"{name}: layer {index} is beyond the model's {stored.num_layers} layers")
+            continue
+        grouped.setdefault((index, stream), {})[field] = tensor
+    frozen = stored.mode == "frozen"
+    for index in sorted({index for index, _ in grouped}):
+        for stream in ("key", "value"):
+            if stored.config.stream_args(stream).dynamic:
+                continue
+            prefix = f"layers.{index}.{stream}"
+            fields = grouped.get((index, stream), {})
+            if not frozen and any(field in fields for field in PARAMETER_FIELDS):
+                problems.append(f"{prefix}: parameters present although mode is 'calibrate'")
+            missing = missing_fields(prefix, fields, STATISTIC_FIELDS, frozen=frozen)
+            if missing:
+                problems.append(f"missing {missing} for layer {index}")
+                continue
+            problems += stream_problems(prefix, fields, stored.config, stream, stored.kv_heads, stored.head_dim)
+    if not grouped and not (stored.config.key_args.dynamic and stored.config.value_args.dynamic):
+        problems.append("the state holds no layer")
+    return problems
+
+
+# ---------------------------------------------------------------------------- files
 def write_state_file(path: str | os.PathLike[str], state: StateFile) -> Path:
-    """Write atomically (temporary file, then rename): a crash never leaves half a state."""
+    """Write atomically (temporary file, then rename): a crash never leaves half a state.
+
+    The file gets the permissions any new file gets under the process umask.
+    """
     target = Path(path)
     if target.is_dir():
         raise QuantStateError(f"{target} is a directory; give a file name such as {target / 'kv_scales.safetensors'}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.tensors.items()}
+    handle, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(temporary_name)
     try:
-        save_file(tensors, str(temporary), metadata=state.metadata())
+        save_file(tensors, str(temporary), metadata=StateFile(**{**state.__dict__, "tensors": tensors}).metadata())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
     return target
 
 
-def _field(metadata: dict[str, str], key: str, path: Path) -> Any:
+def _json_field(metadata: Mapping[str, str], key: str, path: Path) -> Any:
     if key not in metadata:
         raise QuantStateError(f"{path}: metadata lacks {key!r}; the file was not written by quantcache")
     try:
@@ -83,50 +285,118 @@ def _field(metadata: dict[str, str], key: str, path: Path) -> Any:
         raise QuantStateError(f"{path}: metadata field {key!r} is corrupted ({error})") from error
 
 
-def read_state_file(path: str | os.PathLike[str]) -> StateFile:
-    """Read and validate a state file written by :func:`write_state_file`."""
-    source = Path(path)
-    if not source.is_file():
+def _open(source: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    if not source.exists():
         raise QuantStateError(f"state file not found: {source}")
+    if source.is_dir():
+        raise QuantStateError(f"{source} is a directory, not a state file (give kv_scales.safetensors inside it)")
     try:
         with safe_open(str(source), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except QuantStateError:
-        raise
+    except PermissionError as error:
+        raise QuantStateError(f"{source}: permission denied") from error
     except Exception as error:  # safetensors raises several types for damaged files
         raise QuantStateError(
-            f"{source}: not a readable safetensors file (truncated or corrupted?): {error}"
+            f"{source}: not a readable safetensors file (truncated or corrupted?): {str(error)[:200]}"
         ) from error
-    if metadata.get("format") != FORMAT_NAME:
+    return metadata, tensors
+
+
+def read_state_file(path: str | os.PathLike[str]) -> StateFile:
+    """Read a state file, verify its checksum, and validate its metadata and tensors."""
+    source = Path(path)
+    metadata, tensors = _open(source)
+    version_1 = metadata.get("format") == FORMAT_NAME  # version 1 wrote format and version as plain strings
+    declared = metadata.get("format_version", "?") if version_1 else _loads_or_none(metadata.get("format", ""))
+    if not version_1 and declared != FORMAT_NAME:
         raise QuantStateError(
             f"{source}: not a quantcache KV state (format {metadata.get('format')!r}, expected {FORMAT_NAME!r})"
         )
-    version = metadata.get("format_version", "?")
-    if version != str(FORMAT_VERSION):
+    version = declared if version_1 else _loads_or_none(metadata.get("format_version", ""))
+    if str(version) not in {str(known) for known in _READABLE_VERSIONS} or (version_1 and str(version) != "1"):
         raise QuantStateError(
             f"{source}: state format version {version} is not supported by this quantcache "
-            f"(reads version {FORMAT_VERSION}); upgrade quantcache"
+            f"(reads versions {', '.join(map(str, _READABLE_VERSIONS))}); upgrade quantcache"
         )
+    stored = _read_v1(metadata, tensors, source) if version_1 else _read_v2(metadata, tensors, source)
+    problems = validate_state(stored)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise QuantStateError(f"{source}: invalid state: {'; '.join(problems[:3])}{more}")
+    return stored
+
+
+def _loads_or_none(text: str) -> Any:
     try:
-        config = KVQuantConfig.from_dict(_field(metadata, "config", source))
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _config(data: Any, source: Path) -> KVQuantConfig:
+    try:
+        return KVQuantConfig.from_dict(data)
     except ConfigError as error:
         raise QuantStateError(f"{source}: stored config is invalid: {error}") from error
-    mode = metadata.get("mode")
+
+
+def _mode(mode: Any, source: Path) -> str:
     if mode not in ("calibrate", "frozen"):
         raise QuantStateError(f"{source}: metadata 'mode' is {mode!r}, expected 'calibrate' or 'frozen'")
-    num_layers = _field(metadata, "num_layers", source)
-    layer_names = _field(metadata, "layer_names", source)
+    return str(mode)
+
+
+def _model_facts(num_layers: Any, layer_names: Any, source: Path) -> tuple[int, list[str]]:
     if not isinstance(num_layers, int) or not isinstance(layer_names, list) or len(layer_names) != num_layers:
         raise QuantStateError(f"{source}: metadata num_layers/layer_names are inconsistent")
+    return num_layers, [str(name) for name in layer_names]
+
+
+def _read_v2(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source: Path) -> StateFile:
+    config = _config(_json_field(metadata, "config", source), source)
+    mode = _mode(_json_field(metadata, "mode", source), source)
+    model = _json_field(metadata, "model", source)
+    if not isinstance(model, dict):
+        raise QuantStateError(f"{source}: metadata 'model' is corrupted")
+    num_layers, layer_names = _model_facts(model.get("num_layers"), model.get("layer_names"), source)
+    if _json_field(metadata, "checksum", source) != _checksum(tensors, metadata):
+        raise QuantStateError(
+            f"{source}: checksum mismatch: the file was altered or damaged after it was written; recalibrate "
+            "or restore it from a copy"
+        )
     return StateFile(
         tensors=tensors,
         config=config,
         mode=mode,
         num_layers=num_layers,
-        kv_heads=_field(metadata, "kv_heads", source),
-        head_dim=_field(metadata, "head_dim", source),
-        layer_names=[str(name) for name in layer_names],
-        model_type=_field(metadata, "model_type", source),
+        kv_heads=model.get("kv_heads"),
+        head_dim=model.get("head_dim"),
+        layer_names=layer_names,
+        model_type=model.get("model_type"),
+        quantcache_version=str(_json_field(metadata, "quantcache_version", source)),
+        model_name=model.get("name"),
+        model_revision=model.get("revision"),
+        model_config_sha256=model.get("config_sha256"),
+    )
+
+
+def _read_v1(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source: Path) -> StateFile:
+    """Format version 1: plain-string format fields, JSON elsewhere, no checksum."""
+    config = _config(_json_field(metadata, "config", source), source)
+    mode = _mode(metadata.get("mode"), source)
+    num_layers, layer_names = _model_facts(
+        _json_field(metadata, "num_layers", source), _json_field(metadata, "layer_names", source), source
+    )
+    return StateFile(
+        tensors=tensors,
+        config=config,
+        mode=mode,
+        num_layers=num_layers,
+        kv_heads=_json_field(metadata, "kv_heads", source),
+        head_dim=_json_field(metadata, "head_dim", source),
+        layer_names=layer_names,
+        model_type=_json_field(metadata, "model_type", source),
         quantcache_version=metadata.get("quantcache_version", "unknown"),
+        format_version=1,
     )

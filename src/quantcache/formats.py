@@ -1,0 +1,72 @@
+"""Number formats of a quantized cache, from one table.
+
+Every format the config may name is one row here: its code range, how codes are
+stored and how many fit in a byte. The math (:mod:`quantcache.quantization`), the
+config validation and the effective-bit count all read this table, so a new format
+is one row (plus its rounding rule when it is not a plain integer grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+__all__ = ["FORMATS", "FormatKind", "NumberFormat", "QuantDtype", "format_spec"]
+
+
+class QuantDtype(str, Enum):
+    """Number format of the quantized cache (the config's ``dtype``)."""
+
+    INT8 = "int8"
+
+
+class FormatKind(str, Enum):
+    """``integer``: uniform grid of ``[qmin, qmax]``; ``float``: a torch float8 type."""
+
+    INTEGER = "integer"
+    FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """One row of the table.
+
+    Attributes:
+        name: the config's spelling (``int8``).
+        kind: integer grid or float8.
+        bits: bits per code.
+        qmin, qmax: the representable range of a code (integers: the grid's ends;
+            float8: ``-finfo.max``, ``finfo.max``).
+        storage_dtype: the torch dtype codes are kept in (before any bit packing).
+        codes_per_byte: how many codes share one byte when packed.
+    """
+
+    name: str
+    kind: FormatKind
+    bits: int
+    qmin: float
+    qmax: float
+    storage_dtype: torch.dtype
+    codes_per_byte: int
+
+    @property
+    def levels(self) -> int:
+        """Number of distinct integer codes (``qmax - qmin + 1``); integer formats only."""
+        return int(self.qmax - self.qmin) + 1
+
+    @property
+    def symmetric_max(self) -> float:
+        """The code a symmetric scale maps ``max |x|`` onto (127 for int8)."""
+        return self.qmax
+
+
+FORMATS: dict[QuantDtype, NumberFormat] = {
+    QuantDtype.INT8: NumberFormat("int8", FormatKind.INTEGER, 8, -128, 127, torch.int8, 1),
+}
+
+
+def format_spec(dtype: QuantDtype | str) -> NumberFormat:
+    """The table row of ``dtype`` (an enum member or its name)."""
+    return FORMATS[QuantDtype(dtype)]

@@ -1,0 +1,256 @@
+"""One object per layer: the observers, parameters and quantization of its K and V streams.
+
+A :class:`StreamQuantizer` owns one stream (the keys or the values of one attention
+layer): its :class:`~quantcache.scheme.QuantArgs`, an observer while calibrating
+(:mod:`quantcache.observers`), fixed :class:`~quantcache.quantization.QuantParams`
+once frozen (none for a dynamic scheme: those are computed per token). A
+:class:`LayerQuantizer` pairs the two streams of one layer and knows its name, so
+every error it raises says which layer is at fault. Cache layers only call
+:meth:`LayerQuantizer.process`.
+
+Hook: ``StreamQuantizer.on_quantize``, when set, is called after each quantization
+as ``hook(stream, states, quantized, params)`` with the incoming states, what the
+cache will keep (same shape and dtype) and the parameters used. Evaluation measures
+the error through it; it is a plain function attribute, shared (not copied) by
+``copy.deepcopy`` and :meth:`~quantcache.cache.QuantizedCalibratingCache.empty_copy`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+
+from .errors import CalibrationError, NonFiniteStateError
+from .granularity import Granularity
+from .observers import Observer, make_observer
+from .quantization import QuantParams, compute_qparams, fake_quantize
+from .scheme import QuantArgs
+
+__all__ = ["LayerQuantizer", "QuantizeHook", "StreamName", "StreamQuantizer"]
+
+StreamName = Literal["key", "value"]
+QuantizeHook = Callable[["StreamQuantizer", torch.Tensor, torch.Tensor, QuantParams], None]
+
+
+class StreamQuantizer:
+    """Calibration statistics, fixed parameters and quantization of one stream.
+
+    States are ``(batch, kv_heads, seq, head_dim)``; statistics and parameters have the
+    shape of the scheme's granularity (``(kv_heads, head_dim)`` for the seed's
+    per-channel INT8), float32, on the device of the first states observed.
+    """
+
+    def __init__(
+        self, label: str, args: QuantArgs | None = None, expected_shape: tuple[int, int] | None = None
+    ) -> None:
+        self.label = label
+        self.args = args if args is not None else QuantArgs()
+        self.expected_shape = expected_shape
+        self.granularity = Granularity.of(self.args)
+        self.format = self.args.format
+        self.observer: Observer = make_observer(self.args)
+        self.params: QuantParams | None = None
+        self.strict_finite = False
+        self.on_quantize: QuantizeHook | None = None
+        self._frozen = False
+        self._params_by_device: dict[torch.device, QuantParams] = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StreamQuantizer:
+        fresh = copy.copy(self)
+        fresh.observer = copy.deepcopy(self.observer, memo)
+        fresh.params = copy.deepcopy(self.params, memo)
+        fresh._params_by_device = {}
+        return fresh  # on_quantize is shared on purpose (see the module docstring)
+
+    # ------------------------------------------------------------------ statistics
+    @property
+    def dynamic(self) -> bool:
+        return self.args.dynamic
+
+    @property
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return self.observer.statistics
+
+    @property
+    def min(self) -> torch.Tensor | None:
+        return self.observer.statistics.get("min")
+
+    @property
+    def max(self) -> torch.Tensor | None:
+        return self.observer.statistics.get("max")
+
+    @property
+    def observed(self) -> bool:
+        """Whether freezing can give parameters: always for a dynamic scheme (nothing to calibrate)."""
+        return self.dynamic or self.observer.observed
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        """``(kv_heads, head_dim)`` of the states this stream accepts (what the model config declares)."""
+        return self.expected_shape
+
+    def _check_shape(self, states: torch.Tensor) -> None:
+        expected = self.expected_shape
+        if states.dim() != 4 or (expected is not None and (states.shape[1], states.shape[3]) != expected):
+            raise CalibrationError(
+                f"{self.label}: states of shape {tuple(states.shape)} do not fit this layer's "
+                f"(kv_heads, head_dim) = {expected}; the cache was built or calibrated for another model shape"
+            )
+
+    @torch.no_grad()
+    def measure(self, states: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The observer's statistics of ``states`` after validation, without touching the running ones."""
+        if states.numel() == 0 or self.dynamic:
+            return None
+        self._check_shape(states)
+        measured = self.observer.measure(states)
+        if not all(bool(torch.isfinite(tensor).all()) for tensor in measured.values()):
+            raise CalibrationError(
+                f"{self.label}: calibration states contain NaN or Inf; check the model's dtype "
+                "(fp16 overflow is common: try bfloat16 or float32) or exclude this layer"
+            )
+        return measured
+
+    def merge(self, measured: Mapping[str, torch.Tensor] | None) -> None:
+        """Fold a :meth:`measure` result into the running statistics (thread-safe)."""
+        if measured:
+            self.observer.merge(measured)
+
+    def observe(self, states: torch.Tensor) -> None:
+        """Fold the statistics of ``states`` into the running ones."""
+        self.merge(self.measure(states))
+
+    # ------------------------------------------------------------------ parameters
+    def freeze(self) -> None:
+        """Turn the statistics into fixed parameters (a dynamic scheme needs none)."""
+        if self.dynamic:
+            self.set_params(None)
+            self._frozen = True
+            return
+        if not self.observer.observed:
+            raise CalibrationError(f"{self.label}: no calibration statistics")
+        low, high = self.observer.range()
+        self.set_params(compute_qparams(low, high, symmetric=self.args.symmetric, fmt=self.format))
+
+    def set_params(self, params: QuantParams | None) -> None:
+        """Fix the parameters (frozen) or drop them (``None``: back to calibration)."""
+        self.params = params
+        self._frozen = params is not None
+        self._params_by_device = {}
+
+    def unfreeze(self) -> None:
+        self.set_params(None)
+
+    def reset(self) -> None:
+        """Forget statistics and parameters."""
+        self.observer.reset()
+        self.set_params(None)
+
+    def params_for(self, states: torch.Tensor) -> QuantParams:
+        """The parameters that quantize ``states``: the fixed ones on its device, or per-token ones."""
+        if self.dynamic:
+            low = self.granularity.reduce(states.detach(), torch.amin).float()
+            high = self.granularity.reduce(states.detach(), torch.amax).float()
+            return compute_qparams(low, high, symmetric=self.args.symmetric, fmt=self.format)
+        if self.params is None:
+            raise CalibrationError(f"{self.label}: not frozen")
+        params = self._params_by_device.get(states.device)
+        if params is None:
+            params = self._params_by_device[states.device] = self.params.to(states.device)
+        return params
+
+    # ------------------------------------------------------------------ quantization
+    @torch.no_grad()
+    def fake_quantize(self, states: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``states`` (new tokens only); non-finite elements stay non-finite."""
+        if not self._frozen:
+            raise CalibrationError(f"{self.label}: not frozen")
+        self._check_shape(states)
+        if self.strict_finite and not bool(torch.isfinite(states).all()):
+            raise NonFiniteStateError(
+                f"{self.label}: states contain NaN or Inf (strict_finite is set); check the model's dtype "
+                "(fp16 overflow is common: try bfloat16 or float32)"
+            )
+        params = self.params_for(states)
+        quantized = fake_quantize(states, params, self.granularity, self.format)
+        if self.on_quantize is not None:
+            self.on_quantize(self, states, quantized, params)
+        return quantized
+
+
+class LayerQuantizer:
+    """The key and value quantizers of one attention layer.
+
+    ``enabled`` is False for layers that the config's include/exclude leaves out (and
+    for layers that store no KV of their own): those pass through untouched and
+    collect nothing.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        *,
+        enabled: bool,
+        expected_shape: tuple[int, int] | None = None,
+        key_args: QuantArgs | None = None,
+        value_args: QuantArgs | None = None,
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.enabled = enabled
+        self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
+        self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
+
+    @property
+    def streams(self) -> tuple[tuple[StreamName, StreamQuantizer], ...]:
+        return (("key", self.key), ("value", self.value))
+
+    @property
+    def observed(self) -> bool:
+        return self.key.observed and self.value.observed
+
+    @property
+    def frozen(self) -> bool:
+        return self.key.frozen and self.value.frozen
+
+    def observe(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Validate both streams before changing either: a failed update leaves no half-update.
+        key_stats, value_stats = self.key.measure(key_states), self.value.measure(value_states)
+        self.key.merge(key_stats)
+        self.value.merge(value_stats)
+
+    def freeze(self) -> None:
+        self.key.freeze()
+        self.value.freeze()
+
+    def fake_quantize(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key.fake_quantize(key_states), self.value.fake_quantize(value_states)
+
+    def process(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a cache layer does with new states: observe them (calibrating) or quantize them (frozen)."""
+        if not self.enabled:
+            return key_states, value_states
+        if self.frozen:
+            return self.fake_quantize(key_states, value_states)
+        self.observe(key_states, value_states)
+        return key_states, value_states
+
+    def reset(self) -> None:
+        self.key.reset()
+        self.value.reset()
+
+    def unfreeze(self) -> None:
+        self.key.unfreeze()
+        self.value.unfreeze()

@@ -1,0 +1,160 @@
+"""How one stream (the keys or the values) is quantized: validated, serialisable arguments.
+
+:class:`QuantArgs` is the unit the rest of the package reads: the math takes its
+number format and granularity, the observer registry its ``method``, the state file
+stores its :meth:`~QuantArgs.to_dict`. :class:`~quantcache.config.KVQuantConfig`
+holds one for the keys and one for the values (the same one unless told otherwise),
+plus which layers take part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import ConfigError
+from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype
+
+__all__ = ["STREAM_KEYS", "QuantArgs", "QuantDtype", "QuantMethod", "QuantScope", "enum_value"]
+
+
+class QuantScope(str, Enum):
+    """Granularity of the quantization parameters (see :mod:`quantcache.granularity`).
+
+    ``per_channel`` keeps one scale (and zero point) per (kv_head, head_dim channel),
+    i.e. per column of ``states.transpose(1, 2).reshape(-1, kv_heads * head_dim)``
+    (msModelSlim's layout).
+    """
+
+    PER_TENSOR = "per_tensor"
+    PER_HEAD = "per_head"
+    PER_CHANNEL = "per_channel"
+    PER_TOKEN = "per_token"
+    GROUP = "group"
+
+
+class QuantMethod(str, Enum):
+    """How calibration statistics become a range (the observer, see :mod:`quantcache.observers`)."""
+
+    MINMAX = "minmax"
+
+
+# Scopes whose parameters depend on the token: they can only be computed when the token arrives.
+_TOKEN_SCOPES = (QuantScope.PER_TOKEN,)
+# Scopes that may be computed per token at run time (``dynamic: true``).
+_DYNAMIC_SCOPES = (QuantScope.PER_TOKEN, QuantScope.GROUP)
+
+STREAM_KEYS = ("scope", "dtype", "symmetric", "method", "dynamic", "group_size", "observer_options")
+"""Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
+
+
+def enum_value(enum_type: type[Enum], key: str, value: Any) -> Any:
+    """``value`` as a member of ``enum_type`` (case-insensitive name), or a ConfigError naming ``key``."""
+    allowed = [member.value for member in enum_type]
+    if isinstance(value, enum_type):
+        return value
+    if isinstance(value, str) and value.lower() in allowed:
+        return enum_type(value.lower())
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    raise ConfigError(f"qconfig.{key}: unsupported value {shown}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"qconfig.{key}: expected true or false, got {value!r}"[:200])
+    return value
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """The quantization of one ``(batch, kv_heads, seq, head_dim)`` stream.
+
+    Attributes:
+        dtype: number format (a row of :data:`quantcache.formats.FORMATS`).
+        scope: parameter granularity.
+        symmetric: zero point 0 and a range symmetric about zero, or an asymmetric
+            ``[min, max]`` range with a zero point (integer formats only).
+        dynamic: parameters computed from each token as it arrives (``per_token``,
+            ``group``) instead of calibrated once.
+        method: the observer that turns calibration data into a range (static only).
+        group_size: channels per group along head_dim (``group`` scope only).
+        observer_options: the observer's own settings, as ``(name, value)`` pairs.
+    """
+
+    dtype: QuantDtype = QuantDtype.INT8
+    scope: QuantScope = QuantScope.PER_CHANNEL
+    symmetric: bool = True
+    method: QuantMethod = QuantMethod.MINMAX
+    dynamic: bool = False
+    group_size: int | None = None
+    observer_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "dtype", enum_value(QuantDtype, "dtype", self.dtype))
+        set_(self, "scope", enum_value(QuantScope, "scope", self.scope))
+        set_(self, "method", enum_value(QuantMethod, "method", self.method))
+        set_(self, "symmetric", _flag("symmetric", self.symmetric))
+        set_(self, "dynamic", _flag("dynamic", self.dynamic))
+        options = self.observer_options
+        if isinstance(options, Mapping):
+            options = tuple(sorted(options.items()))
+        if not isinstance(options, tuple) or not all(isinstance(item, tuple) and len(item) == 2 for item in options):
+            raise ConfigError("qconfig.observer_options: expected a mapping of option names to values")
+        set_(self, "observer_options", options)
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        if self.scope is QuantScope.GROUP:
+            size = self.group_size
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"qconfig.group_size: scope 'group' needs a positive integer, got {size!r}")
+        elif self.group_size is not None:
+            raise ConfigError(f"qconfig.group_size is only used with scope 'group' (scope is {self.scope.value!r})")
+        if self.scope in _TOKEN_SCOPES and not self.dynamic:
+            raise ConfigError(
+                f"qconfig.scope {self.scope.value!r} needs dynamic: true (per-token parameters cannot be calibrated)"
+            )
+        if self.dynamic and self.scope not in _DYNAMIC_SCOPES:
+            allowed = ", ".join(repr(scope.value) for scope in _DYNAMIC_SCOPES)
+            raise ConfigError(f"qconfig.dynamic: true works with scope {allowed}, not {self.scope.value!r}")
+        if self.format.kind is FormatKind.FLOAT and not self.symmetric:
+            raise ConfigError(f"qconfig.symmetric: {self.dtype.value} is a float format and is symmetric only")
+
+    @property
+    def format(self) -> NumberFormat:
+        """The number format's row of the table."""
+        return FORMATS[self.dtype]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The observer options as a dict."""
+        return dict(self.observer_options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in msModelSlim's ``qconfig`` shape; keys beyond its four only when not default."""
+        data: dict[str, Any] = {
+            "scope": self.scope.value,
+            "dtype": self.dtype.value,
+            "symmetric": self.symmetric,
+            "method": self.method.value,
+        }
+        if self.dynamic:
+            data["dynamic"] = True
+        if self.group_size is not None:
+            data["group_size"] = self.group_size
+        if self.observer_options:
+            data["observer_options"] = self.options
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "qconfig") -> QuantArgs:
+        """Read one stream's arguments; unknown keys are errors that list the allowed ones."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        unknown = [key for key in data if key not in STREAM_KEYS]
+        if unknown:
+            raise ConfigError(f"unknown key '{where}.{str(unknown[0])[:80]}'; allowed: {', '.join(STREAM_KEYS)}")
+        return cls(**{key: data[key] for key in STREAM_KEYS if key in data})

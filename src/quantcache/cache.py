@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,10 @@ from transformers.cache_utils import DynamicLayer
 
 from .config import KVQuantConfig
 from .errors import CalibrationError, QuantStateError
-from .layers import quantizing_layer
+from .layers import layer_memory, quantizing_layer
 from .quantization import QuantParams
 from .quantizer import LayerQuantizer
+from .scheme import Storage, enum_value
 from .serialization import (
     StateFile,
     missing_fields,
@@ -131,15 +133,18 @@ class QuantizedCalibratingCache(DynamicCache):
         model_or_config: a ``PreTrainedModel`` or its ``PretrainedConfig``.
         quant_config: the scheme and layer selection; defaults to symmetric INT8 per-channel on all layers.
         warn_unmatched: warn when an include/exclude pattern matches no attention module.
+        storage: ``"fake"`` or ``"packed"``, replacing ``quant_config.storage`` (what a frozen
+            cache keeps: dequantized states, or codes that take a fraction of the memory).
         **dynamic_cache_kwargs: passed on to ``DynamicCache`` (e.g. ``offloading``).
     """
 
     def __init__(
         self,
         model_or_config: nn.Module | PretrainedConfig,
-        quant_config: KVQuantConfig | None = None,
+        quant_config: KVQuantConfig | Mapping[str, Any] | None = None,
         *,
         warn_unmatched: bool = True,
+        storage: Storage | str | None = None,
         **dynamic_cache_kwargs: Any,
     ) -> None:
         if isinstance(model_or_config, PretrainedConfig):
@@ -160,7 +165,16 @@ class QuantizedCalibratingCache(DynamicCache):
         num_layers = getattr(text_config, "num_hidden_layers", None)
         if not isinstance(num_layers, int) or num_layers < 1:
             raise TypeError(f"cannot tell the number of layers from {type(config).__name__}: no num_hidden_layers")
+        if isinstance(quant_config, Mapping):  # plain data, as in a YAML processor item
+            quant_config = KVQuantConfig.from_dict(quant_config)
+        if quant_config is not None and not isinstance(quant_config, KVQuantConfig):
+            raise TypeError(
+                f"quant_config must be a KVQuantConfig, got {type(quant_config).__name__}; "
+                "build one with KVQuantConfig(...), KVQuantConfig.from_dict(data) or KVQuantConfig.from_yaml(path)"
+            )
         self.quant_config = quant_config if quant_config is not None else KVQuantConfig()
+        if storage is not None:
+            self.quant_config = replace(self.quant_config, storage=enum_value(Storage, "storage", storage, section=""))
         self.model_type: str | None = getattr(config, "model_type", None)
         self.kv_heads, self.head_dim = _attention_shape(text_config)
         self.layer_names = (
@@ -197,8 +211,9 @@ class QuantizedCalibratingCache(DynamicCache):
             self.layers = [*self.layers, *(DynamicLayer() for _ in range(len(self.quantizers) - len(self.layers)))]  # type: ignore[no-untyped-call]
             self.layer_class_to_replicate = None
         layers = []
+        packed = self.quant_config.storage is Storage.PACKED
         for layer, quantizer in zip(self.layers, self.quantizers, strict=False):
-            installed = quantizing_layer(layer, quantizer)
+            installed = quantizing_layer(layer, quantizer, packed=packed)
             if installed is layer:
                 quantizer.enabled = False
             layers.append(installed)
@@ -418,7 +433,7 @@ class QuantizedCalibratingCache(DynamicCache):
         """Load a saved state into this cache after checking that it was made for this model shape."""
         stored = read_state_file(path)
         self._check_model_shape(stored, Path(path))
-        if stored.config != self.quant_config:
+        if replace(stored.config, storage=self.quant_config.storage) != self.quant_config:
             raise QuantStateError(
                 f"{path} was calibrated with config {stored.config.to_dict()}, this cache uses "
                 f"{self.quant_config.to_dict()}; use QuantizedCalibratingCache.from_file(path, model)"
@@ -456,6 +471,31 @@ class QuantizedCalibratingCache(DynamicCache):
             raise QuantStateError(
                 f"{path} was made for another model: {detail} (file vs this model)"
             )
+
+    def memory_report(self) -> list[dict[str, Any]]:
+        """Bytes held per layer, split into codes, parameters and full-precision states.
+
+        Each entry: ``index``, ``name``, ``quantized``, ``tokens`` (stored sequence
+        length), ``codes``, ``parameters`` (fixed scales/zero points, per-token
+        parameters and row flags), ``full_precision`` (states in the model dtype: every
+        state of a fake-quantized or unquantized layer), ``total``, and
+        ``dynamic_cache``: what a ``DynamicCache`` in the model dtype would hold for the
+        same tokens.
+        """
+        entries = []
+        for quantizer, layer in zip(self.quantizers, self.layers, strict=False):
+            sizes = layer_memory(layer)
+            entries.append(
+                {
+                    "index": quantizer.index,
+                    "name": quantizer.name,
+                    "quantized": quantizer.enabled,
+                    "tokens": int(layer.get_seq_length()) if hasattr(layer, "get_seq_length") else 0,
+                    **sizes,
+                    "total": sizes["codes"] + sizes["parameters"] + sizes["full_precision"],
+                }
+            )
+        return entries
 
     def __repr__(self) -> str:
         return (

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .scheme import STREAM_KEYS, QuantArgs, QuantDtype, QuantMethod, QuantScope
+from .scheme import STREAM_KEYS, QuantArgs, QuantDtype, QuantMethod, QuantScope, Storage, enum_value
 
 __all__ = [
     "ConfigError",
@@ -28,13 +28,14 @@ __all__ = [
     "QuantDtype",
     "QuantMethod",
     "QuantScope",
+    "Storage",
     "expand_braces",
     "match_module_names",
 ]
 
 
 _PROCESSOR_TYPE = "dynamic_cache"
-_ITEM_KEYS = ("type", "qconfig", "include", "exclude")
+_ITEM_KEYS = ("type", "qconfig", "include", "exclude", "storage")
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
 # (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
@@ -80,6 +81,9 @@ class KVQuantConfig:
         exclude: patterns removed from ``include``; exclude wins.
         dynamic, group_size: see :class:`~quantcache.scheme.QuantArgs`.
         key, value: per-stream arguments that replace the flat fields for that stream.
+        storage: what a frozen cache keeps, ``fake`` (dequantized states in the model
+            dtype, no memory saved; the default) or ``packed`` (codes, see
+            :mod:`quantcache.layers`). Both return the same keys and values.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -93,9 +97,11 @@ class KVQuantConfig:
     observer_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
     key: QuantArgs | None = None
     value: QuantArgs | None = None
+    storage: Storage = Storage.FAKE
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "storage", enum_value(Storage, "storage", self.storage, section=""))
         shared = QuantArgs(
             dtype=self.dtype,
             scope=self.scope,
@@ -178,12 +184,15 @@ class KVQuantConfig:
             args: QuantArgs | None = getattr(self, stream)
             if args is not None:
                 qconfig[stream] = args.to_dict()
-        return {
+        data: dict[str, Any] = {
             "type": _PROCESSOR_TYPE,
             "qconfig": qconfig,
             "include": list(self.include),
             "exclude": list(self.exclude),
         }
+        if self.storage is not Storage.FAKE:
+            data["storage"] = self.storage.value
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KVQuantConfig:
@@ -220,7 +229,7 @@ class KVQuantConfig:
                 if not isinstance(overrides, Mapping):
                     raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
                 kwargs[stream] = QuantArgs.from_dict({**shared.to_dict(), **overrides}, where=f"qconfig.{stream}")
-        for key in ("include", "exclude"):
+        for key in ("include", "exclude", "storage"):
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         return cls(**kwargs)

@@ -19,7 +19,11 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .quantizer import LayerQuantizer
 
-__all__ = ["QuantizedDynamicLayer", "QuantizedSlidingWindowLayer", "QuantizingLayerMixin", "quantizing_layer"]
+__all__ = [
+    "PackedDynamicLayer",
+    "PackedSlidingWindowLayer",
+    "PackingLayerMixin",
+    "QuantizedDynamicLayer", "QuantizedSlidingWindowLayer", "QuantizingLayerMixin", "layer_memory", "quantizing_layer"]
 
 
 class QuantizingLayerMixin:
@@ -43,6 +47,41 @@ class QuantizingLayerMixin:
         return result
 
 
+class PackingLayerMixin(QuantizingLayerMixin):
+    """Once frozen, stores packed ``uint8`` rows (codes + any per-token parameters) instead of states.
+
+    The base layer keeps the rows in ``keys``/``values`` (``(batch, kv_heads, seq,
+    row_bytes)``, see :mod:`quantcache.packing`) and does its own appending, window
+    trimming, cropping and reordering on them; this mixin encodes the new states
+    before and decodes what the base layer returns after. Each token is quantized once,
+    when written. While calibrating it behaves like :class:`QuantizingLayerMixin`.
+    States stored before the freeze are packed at the first frozen update.
+    """
+
+    states_dtype: torch.dtype | None = None  # the model dtype the rows decode to
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        quantizer = self.quantizer
+        if quantizer is None or not quantizer.enabled or not quantizer.frozen:
+            return super().update(key_states, value_states, *args, **kwargs)
+        keys: torch.Tensor | None = getattr(self, "keys", None)
+        if keys is not None and keys.numel() and keys.dtype != torch.uint8:
+            setattr(self, "keys", quantizer.key.encode(keys))  # noqa: B010 - attributes of the base layer
+            setattr(self, "values", quantizer.value.encode(getattr(self, "values")))  # noqa: B009, B010
+        self.states_dtype = key_states.dtype
+        key_rows = quantizer.key.encode(key_states)
+        value_rows = quantizer.value.encode(value_states)
+        stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
+            key_rows, value_rows, *args, **kwargs
+        )
+        return (
+            quantizer.key.decode(stored_keys, key_states.dtype),
+            quantizer.value.decode(stored_values, value_states.dtype),
+        )
+
+
 class QuantizedDynamicLayer(QuantizingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
     """A ``DynamicLayer`` whose new states are quantized (or observed) before they are stored."""
 
@@ -51,8 +90,16 @@ class QuantizedSlidingWindowLayer(QuantizingLayerMixin, DynamicSlidingWindowLaye
     """A ``DynamicSlidingWindowLayer`` whose new states are quantized (or observed) before they are stored."""
 
 
-def quantizing_layer(template: Any, quantizer: LayerQuantizer) -> Any:
-    """A new, empty quantizing layer of the same kind as ``template``, or ``template`` itself.
+class PackedDynamicLayer(PackingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicLayer`` that stores packed codes once frozen."""
+
+
+class PackedSlidingWindowLayer(PackingLayerMixin, DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicSlidingWindowLayer`` that stores packed codes once frozen."""
+
+
+def quantizing_layer(template: Any, quantizer: LayerQuantizer, *, packed: bool = False) -> Any:
+    """A new, empty quantizing (``packed``: packing) layer of the same kind as ``template``, or ``template``.
 
     Layer kinds with no quantizing counterpart (layers that share another layer's KV,
     linear-attention states ...) are returned unchanged; the caller disables their
@@ -60,10 +107,43 @@ def quantizing_layer(template: Any, quantizer: LayerQuantizer) -> Any:
     """
     layer: QuantizingLayerMixin
     if type(template) is DynamicSlidingWindowLayer:
-        layer = QuantizedSlidingWindowLayer(sliding_window=template.sliding_window)
+        sliding = PackedSlidingWindowLayer if packed else QuantizedSlidingWindowLayer
+        layer = sliding(sliding_window=template.sliding_window)
     elif type(template) is DynamicLayer:
-        layer = QuantizedDynamicLayer()  # type: ignore[no-untyped-call]
+        layer = PackedDynamicLayer() if packed else QuantizedDynamicLayer()  # type: ignore[no-untyped-call]
     else:
         return template
     layer.quantizer = quantizer
     return layer
+
+
+def layer_memory(layer: Any) -> dict[str, int]:
+    """Bytes one cache layer holds: ``codes``, ``parameters`` (per-token parameters and row flags,
+    plus the quantizer's fixed scales and zero points), ``full_precision`` (states kept in the
+    model dtype), and ``dynamic_cache`` (what a ``DynamicCache`` would hold for the same tokens).
+    """
+    keys: torch.Tensor | None = getattr(layer, "keys", None)
+    values: torch.Tensor | None = getattr(layer, "values", None)
+    report = {"codes": 0, "parameters": 0, "full_precision": 0, "dynamic_cache": 0}
+    quantizer: LayerQuantizer | None = getattr(layer, "quantizer", None)
+    if quantizer is not None and quantizer.enabled:
+        for _, stream in quantizer.streams:
+            if stream.params is not None:
+                report["parameters"] += sum(t.numel() * t.element_size() for t in stream.params)
+    for stored, stream_name in ((keys, "key"), (values, "value")):
+        if stored is None or not stored.numel():
+            continue
+        if stored.dtype == torch.uint8 and quantizer is not None:
+            stream = quantizer.key if stream_name == "key" else quantizer.value
+            head_dim = stream.expected_shape[1] if stream.expected_shape else 0
+            code_bytes = stream.code_bytes(head_dim)
+            rows = stored.numel() // stored.shape[-1]
+            report["codes"] += rows * code_bytes
+            report["parameters"] += rows * (stored.shape[-1] - code_bytes)
+            dtype = getattr(layer, "states_dtype", None) or torch.float32
+            report["dynamic_cache"] += rows * head_dim * torch.empty((), dtype=dtype).element_size()
+        else:
+            size = stored.numel() * stored.element_size()
+            report["full_precision"] += size
+            report["dynamic_cache"] += size
+    return report

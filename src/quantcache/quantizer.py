@@ -24,9 +24,11 @@ from typing import Any, Literal
 import torch
 
 from .errors import CalibrationError, NonFiniteStateError
+from .formats import FormatKind
 from .granularity import Granularity
 from .observers import Observer, make_observer
-from .quantization import QuantParams, compute_qparams, fake_quantize
+from .packing import bits_per_slot, pack_codes, unpack_codes
+from .quantization import QuantParams, compute_qparams, fake_quantize, quantize
 from .scheme import QuantArgs
 
 __all__ = ["LayerQuantizer", "QuantizeHook", "StreamName", "StreamQuantizer"]
@@ -183,6 +185,80 @@ class StreamQuantizer:
         if self.on_quantize is not None:
             self.on_quantize(self, states, quantized, params)
         return quantized
+
+
+    # ------------------------------------------------------------------ packed rows (see packing.py)
+    def code_bytes(self, head_dim: int) -> int:
+        """Bytes of codes in one packed row of ``head_dim`` elements."""
+        fmt = self.format
+        if fmt.kind is FormatKind.FLOAT:
+            return head_dim
+        slot = bits_per_slot(fmt.bits)
+        if (head_dim * slot) % 8:
+            raise CalibrationError(f"{self.label}: head_dim {head_dim} does not fill whole bytes of {fmt.name} codes")
+        return head_dim * slot // 8
+
+    @torch.no_grad()
+    def encode(self, states: torch.Tensor) -> torch.Tensor:
+        """``(batch, kv_heads, seq, head_dim)`` states -> packed ``uint8`` rows ``(batch, kv_heads, seq, row_bytes)``.
+
+        Decoding the rows gives exactly what :meth:`fake_quantize` returns for finite
+        states; a row with a NaN or Inf element decodes to NaN.
+        """
+        if not self._frozen:
+            raise CalibrationError(f"{self.label}: not frozen")
+        self._check_shape(states)
+        params = self.params_for(states)
+        codes = quantize(states, params, self.granularity, self.format)
+        fmt = self.format
+        if fmt.kind is FormatKind.FLOAT:
+            parts = [codes.view(torch.uint8)]
+        else:
+            parts = [pack_codes(codes, fmt.bits, int(-fmt.qmin))]
+        if self.dynamic:
+            parts.append(params.scale.float().flatten(-2).contiguous().view(torch.uint8))
+            if not self.args.symmetric:
+                parts.append(params.zero_point.to(torch.int32).flatten(-2).contiguous().view(torch.uint8))
+        parts.append((~torch.isfinite(states).all(dim=-1, keepdim=True)).to(torch.uint8))
+        rows = torch.cat(parts, dim=-1)
+        if self.on_quantize is not None:
+            self.on_quantize(self, states, self.decode(rows, states.dtype), params)
+        return rows
+
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Packed rows -> ``(batch, kv_heads, seq, head_dim)`` states in ``dtype`` (see :meth:`encode`)."""
+        if self.expected_shape is None:
+            raise CalibrationError(f"{self.label}: packed storage needs the model's (kv_heads, head_dim)")
+        head_dim = self.expected_shape[1]
+        code_bytes = self.code_bytes(head_dim)
+        fmt = self.format
+        if fmt.kind is FormatKind.FLOAT:
+            codes = rows[..., :code_bytes].contiguous().view(fmt.storage_dtype).float()
+        else:
+            codes = unpack_codes(rows[..., :code_bytes], fmt.bits, int(-fmt.qmin), head_dim)
+        view = self.granularity.grouped(codes)
+        if self.dynamic:
+            groups = view.shape[-2] if view.dim() == 5 else 1
+            start = code_bytes
+            scale = rows[..., start : start + 4 * groups].contiguous().view(torch.float32)
+            start += 4 * groups
+            scale = scale.unsqueeze(-1) if view.dim() == 5 else scale
+            if not self.args.symmetric:
+                zero_point = rows[..., start : start + 4 * groups].contiguous().view(torch.int32).float()
+                view = view - (zero_point.unsqueeze(-1) if view.dim() == 5 else zero_point)
+        else:
+            assert self.params is not None
+            params = self.params_for(codes)
+            scale = self.granularity.broadcast(params.scale.float(), view)
+            if not self.args.symmetric:
+                view = view - self.granularity.broadcast(params.zero_point.float(), view)
+        poisoned = rows[..., -1:].bool()
+        nan_rows = torch.zeros(poisoned.shape, dtype=torch.float32, device=rows.device).masked_fill_(
+            poisoned, float("nan")
+        )
+        if view.dim() == 5:
+            nan_rows = nan_rows.unsqueeze(-1)
+        return self.granularity.ungrouped(torch.addcmul(nan_rows, view, scale)).to(dtype)
 
 
 class LayerQuantizer:

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConfigError
 from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype
 
-__all__ = ["STREAM_KEYS", "QuantArgs", "QuantDtype", "QuantMethod", "QuantScope", "enum_value"]
+__all__ = ["STREAM_KEYS", "QuantArgs", "QuantDtype", "QuantMethod", "QuantScope", "Storage", "enum_value"]
 
 
 class QuantScope(str, Enum):
@@ -35,6 +35,13 @@ class QuantScope(str, Enum):
     GROUP = "group"
 
 
+class Storage(str, Enum):
+    """What a frozen cache keeps: dequantized states (``fake``, for measuring) or packed codes (``packed``)."""
+
+    FAKE = "fake"
+    PACKED = "packed"
+
+
 class QuantMethod(str, Enum):
     """How calibration statistics become a range (the observer, see :mod:`quantcache.observers`)."""
 
@@ -50,15 +57,15 @@ STREAM_KEYS = ("scope", "dtype", "symmetric", "method", "dynamic", "group_size",
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
 
 
-def enum_value(enum_type: type[Enum], key: str, value: Any) -> Any:
-    """``value`` as a member of ``enum_type`` (case-insensitive name), or a ConfigError naming ``key``."""
+def enum_value(enum_type: type[Enum], key: str, value: Any, *, section: str = "qconfig.") -> Any:
+    """``value`` as a member of ``enum_type`` (case-insensitive name), or a ConfigError naming ``section + key``."""
     allowed = [member.value for member in enum_type]
     if isinstance(value, enum_type):
         return value
     if isinstance(value, str) and value.lower() in allowed:
         return enum_type(value.lower())
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    raise ConfigError(f"qconfig.{key}: unsupported value {shown}; allowed: {', '.join(map(repr, allowed))}")
+    raise ConfigError(f"{section}{key}: unsupported value {shown}; allowed: {', '.join(map(repr, allowed))}")
 
 
 def _flag(key: str, value: Any) -> bool:

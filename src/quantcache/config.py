@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .scheme import STREAM_KEYS, QuantArgs, QuantDtype, QuantMethod, QuantScope, Storage, enum_value
+from .scheme import STREAM_KEYS, QuantArgs, QuantDtype, QuantMethod, QuantScope, Rotation, Storage, enum_value
 
 __all__ = [
     "ConfigError",
@@ -35,6 +35,18 @@ __all__ = [
 
 
 _PROCESSOR_TYPE = "dynamic_cache"
+# The flat fields of KVQuantConfig that describe both streams (QuantArgs' fields).
+_SHARED_FIELDS = (
+    "dtype",
+    "scope",
+    "symmetric",
+    "method",
+    "dynamic",
+    "group_size",
+    "observer_options",
+    "rotation",
+    "rotation_seed",
+)
 _ITEM_KEYS = ("type", "qconfig", "include", "exclude", "storage")
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
@@ -95,6 +107,8 @@ class KVQuantConfig:
     dynamic: bool = False
     group_size: int | None = None
     observer_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    rotation: Rotation = Rotation.NONE
+    rotation_seed: int = 0
     key: QuantArgs | None = None
     value: QuantArgs | None = None
     storage: Storage = Storage.FAKE
@@ -110,8 +124,10 @@ class KVQuantConfig:
             dynamic=self.dynamic,
             group_size=self.group_size,
             observer_options=self.observer_options,
+            rotation=self.rotation,
+            rotation_seed=self.rotation_seed,
         )
-        for name in ("dtype", "scope", "symmetric", "method", "dynamic", "group_size", "observer_options"):
+        for name in _SHARED_FIELDS:
             set_(self, name, getattr(shared, name))
         for stream in _STREAMS:
             args = getattr(self, stream)
@@ -127,9 +143,7 @@ class KVQuantConfig:
     @property
     def shared_args(self) -> QuantArgs:
         """The arguments the flat fields describe."""
-        return QuantArgs(
-            self.dtype, self.scope, self.symmetric, self.method, self.dynamic, self.group_size, self.observer_options
-        )
+        return QuantArgs(**{name: getattr(self, name) for name in _SHARED_FIELDS})
 
     @property
     def key_args(self) -> QuantArgs:

@@ -37,7 +37,7 @@ from transformers import DynamicCache
 from .cache import CACHE_KEYWORD, QuantizedCalibratingCache
 from .calibration import _vocab_size, check_token_batch, model_device
 from .errors import CalibrationError
-from .quantization import QuantParams, saturated
+from .quantization import QuantParams
 from .quantizer import LayerQuantizer, StreamQuantizer
 
 __all__ = [
@@ -218,7 +218,7 @@ class _StreamError:
         x = states.float()
         self.signal += _sum(x.square())
         self.noise += _sum((x - quantized.float()).square())
-        self.clipped += int(saturated(states, params, stream.granularity, stream.format).sum())
+        self.clipped += int(stream.saturated(states, params).sum())
         self.elements += int(x.numel())
 
     @property

@@ -20,6 +20,11 @@ class QuantDtype(str, Enum):
     """Number format of the quantized cache (the config's ``dtype``)."""
 
     INT8 = "int8"
+    INT4 = "int4"
+    INT3 = "int3"
+    INT2 = "int2"
+    FP8_E4M3 = "fp8_e4m3"
+    FP8_E5M2 = "fp8_e5m2"
 
 
 class FormatKind(str, Enum):
@@ -49,7 +54,7 @@ class NumberFormat:
     qmin: float
     qmax: float
     storage_dtype: torch.dtype
-    codes_per_byte: int
+    codes_per_byte: float
 
     @property
     def levels(self) -> int:
@@ -62,8 +67,20 @@ class NumberFormat:
         return self.qmax
 
 
+_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+_E5M2_MAX = float(torch.finfo(torch.float8_e5m2).max)  # 57344
+
 FORMATS: dict[QuantDtype, NumberFormat] = {
     QuantDtype.INT8: NumberFormat("int8", FormatKind.INTEGER, 8, -128, 127, torch.int8, 1),
+    QuantDtype.INT4: NumberFormat("int4", FormatKind.INTEGER, 4, -8, 7, torch.int8, 2),
+    QuantDtype.INT3: NumberFormat("int3", FormatKind.INTEGER, 3, -4, 3, torch.int8, 8 / 3),
+    QuantDtype.INT2: NumberFormat("int2", FormatKind.INTEGER, 2, -2, 1, torch.int8, 4),
+    QuantDtype.FP8_E4M3: NumberFormat(
+        "fp8_e4m3", FormatKind.FLOAT, 8, -_E4M3_MAX, _E4M3_MAX, torch.float8_e4m3fn, 1
+    ),
+    QuantDtype.FP8_E5M2: NumberFormat(
+        "fp8_e5m2", FormatKind.FLOAT, 8, -_E5M2_MAX, _E5M2_MAX, torch.float8_e5m2, 1
+    ),
 }
 
 

@@ -3,8 +3,9 @@
 A packed cache layer keeps, per stream, one ``uint8`` tensor of shape
 ``(batch, kv_heads, seq, row_bytes)``: every ``(batch, head, token)`` row holds
 
-* the codes of its ``head_dim`` elements, several per byte when the format has fewer
-  than 8 bits (two int4 codes, four int2 codes; int3 codes take 4 bits),
+* the codes of its ``head_dim`` elements, packed to their bit width when the format
+  has fewer than 8 bits (two int4 codes per byte, eight int3 codes in three bytes,
+  four int2 codes per byte),
 * the row's own parameters when the scheme is dynamic (float32 scale and zero point
   per group, as raw bytes),
 * one flag byte that marks a row whose states held NaN or Inf (it decodes to NaN).
@@ -22,37 +23,37 @@ __all__ = ["bits_per_slot", "pack_codes", "unpack_codes"]
 
 
 def bits_per_slot(bits: int) -> int:
-    """Bits a code occupies in a packed byte: 8, 4 (int4, int3) or 2 (int2)."""
-    if bits > 4:
-        return 8
-    if bits > 2:
-        return 4
-    return 2
+    """Bits a code occupies when packed: its own width for 2-4 bit formats, a whole byte otherwise."""
+    return bits if 2 <= bits <= 4 else 8
 
 
 def pack_codes(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
-    """Integer codes ``(..., n)`` -> ``uint8`` bytes ``(..., n * slot / 8)``.
+    """Integer codes ``(..., n)`` -> ``uint8`` bytes ``(..., n * bits / 8)``.
 
-    ``offset`` (``-qmin``) makes codes non-negative first; ``n`` must fill whole bytes.
+    ``offset`` (``-qmin``) makes codes non-negative first. Below 8 bits, every 8 codes
+    become one ``8 * bits``-bit little-endian word split into ``bits`` bytes (int3: 8
+    codes in 3 bytes), so ``n`` must be a multiple of 8.
     """
     slot = bits_per_slot(bits)
-    shifted = (codes.to(torch.int16) + offset).to(torch.uint8)
+    shifted = (codes.to(torch.int16) + offset).to(torch.int64)
     if slot == 8:
-        return shifted
-    per_byte = 8 // slot
-    grouped = shifted.reshape(*shifted.shape[:-1], -1, per_byte)
-    packed = grouped[..., 0].clone()
-    for position in range(1, per_byte):
-        packed |= grouped[..., position] << (slot * position)
-    return packed
+        return shifted.to(torch.uint8)
+    octets = shifted.reshape(*shifted.shape[:-1], -1, 8)
+    shifts = torch.arange(0, 8 * slot, slot, device=codes.device, dtype=torch.int64)
+    words = (octets << shifts).sum(dim=-1, keepdim=True)
+    byte_shifts = torch.arange(0, 8 * slot, 8, device=codes.device, dtype=torch.int64)
+    packed = (words >> byte_shifts) & 0xFF
+    return packed.reshape(*shifted.shape[:-1], -1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, offset: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``uint8`` ``(..., bytes)`` -> float32 codes ``(..., count)``."""
+    """Inverse of :func:`pack_codes`: ``uint8`` ``(..., count * bits / 8)`` -> float32 codes ``(..., count)``."""
     slot = bits_per_slot(bits)
     if slot == 8:
         return packed[..., :count].to(torch.float32) - offset
-    mask = (1 << slot) - 1
-    shifts = torch.arange(0, 8, slot, device=packed.device, dtype=torch.uint8)
-    fields = (packed.unsqueeze(-1) >> shifts) & mask
-    return fields.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.float32) - offset
+    groups = packed.reshape(*packed.shape[:-1], -1, slot).to(torch.int64)
+    byte_shifts = torch.arange(0, 8 * slot, 8, device=packed.device, dtype=torch.int64)
+    words = (groups << byte_shifts).sum(dim=-1, keepdim=True)
+    shifts = torch.arange(0, 8 * slot, slot, device=packed.device, dtype=torch.int64)
+    codes = (words >> shifts) & ((1 << slot) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.float32) - offset

@@ -40,6 +40,7 @@ __all__ = [
     "channel_minmax",
     "compute_qparams",
     "dequantize",
+    "dynamic_qparams",
     "fake_quantize",
     "quantize",
     "saturated",
@@ -53,6 +54,7 @@ PER_CHANNEL = Granularity()
 _EPS = torch.finfo(torch.float32).eps
 # Largest |x / scale| an asymmetric scale allows: float32 still resolves 1/8 of a step there.
 _ASYMMETRIC_MAX_OFFSET = float(2**20)
+DYNAMIC_MAX_OFFSET = float(2**10)
 
 
 class QuantParams(NamedTuple):
@@ -94,9 +96,18 @@ def channel_minmax(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compute_qparams(
-    min_val: torch.Tensor, max_val: torch.Tensor, *, symmetric: bool, fmt: NumberFormat = INT8
+    min_val: torch.Tensor,
+    max_val: torch.Tensor,
+    *,
+    symmetric: bool,
+    fmt: NumberFormat = INT8,
+    max_offset: float = _ASYMMETRIC_MAX_OFFSET,
 ) -> QuantParams:
-    """Turn a range into parameters for ``fmt`` (see the module docstring)."""
+    """Turn a range into parameters for ``fmt`` (see the module docstring).
+
+    ``max_offset`` is the asymmetric relative floor's ``2**20``: the largest
+    ``|x / scale|`` allowed, which bounds the zero point.
+    """
     min_val = min_val.float()
     max_val = max_val.float()
     if symmetric or fmt.kind is FormatKind.FLOAT:
@@ -108,7 +119,7 @@ def compute_qparams(
         # The relative floor only matters for a (near-)constant channel far from zero: there the
         # eps floor alone would make ``-min / scale`` overflow int32 and float32 precision.
         magnitude = torch.maximum(min_val.abs(), max_val.abs())
-        floor = torch.clamp(magnitude / _ASYMMETRIC_MAX_OFFSET, min=_EPS)
+        floor = torch.clamp(magnitude / max_offset, min=_EPS)
         scale = torch.maximum((max_val - min_val) / float(fmt.qmax - fmt.qmin), floor)
         zero_point = (torch.round(-min_val / scale) + fmt.qmin).to(torch.int32)
     return QuantParams(scale, zero_point)
@@ -155,6 +166,25 @@ def saturated(
     levels = view.float() / scale + zero_point
     half_step = 0.0 if fmt.kind is FormatKind.FLOAT else 0.5
     return granularity.ungrouped((levels < fmt.qmin - half_step) | (levels > fmt.qmax + half_step))
+
+
+def dynamic_qparams(
+    states: torch.Tensor, granularity: Granularity, *, symmetric: bool, fmt: NumberFormat
+) -> QuantParams:
+    """Per-token parameters of ``(batch, kv_heads, seq, head_dim)`` states, as a packed row stores them.
+
+    Scales are float16 (rounded up, so the row's extreme still maps inside the code
+    range) and zero points fit int16: the asymmetric relative floor is ``2**10`` here,
+    which only limits a (near-)constant group far from zero to 0.1 % precision.
+    """
+    low = granularity.reduce(states.detach(), torch.amin).float()
+    high = granularity.reduce(states.detach(), torch.amax).float()
+    params = compute_qparams(low, high, symmetric=symmetric, fmt=fmt, max_offset=DYNAMIC_MAX_OFFSET)
+    scale = (params.scale * (1.0 + 2.0**-10)).to(torch.float16).float()
+    if not symmetric:  # the zero point follows the stored scale
+        zero_point = (torch.round(-low / scale) + fmt.qmin).to(torch.int32)
+        return QuantParams(scale, zero_point)
+    return QuantParams(scale, params.zero_point)
 
 
 def fake_quantize(

@@ -28,8 +28,9 @@ from .formats import FormatKind
 from .granularity import Granularity
 from .observers import Observer, make_observer
 from .packing import bits_per_slot, pack_codes, unpack_codes
-from .quantization import QuantParams, compute_qparams, fake_quantize, quantize
-from .scheme import QuantArgs
+from .quantization import QuantParams, compute_qparams, dynamic_qparams, fake_quantize, quantize, saturated
+from .rotation import rotate, rotation_matrix, unrotate
+from .scheme import QuantArgs, Rotation
 
 __all__ = ["LayerQuantizer", "QuantizeHook", "StreamName", "StreamQuantizer"]
 
@@ -59,6 +60,11 @@ class StreamQuantizer:
         self.on_quantize: QuantizeHook | None = None
         self._frozen = False
         self._params_by_device: dict[torch.device, QuantParams] = {}
+        self._rotation: torch.Tensor | None = None
+        if self.args.rotation is not Rotation.NONE:
+            if expected_shape is None:
+                raise CalibrationError(f"{label}: a rotation needs the model's head_dim")
+            self._rotation = rotation_matrix(expected_shape[1], self.args.rotation_seed)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> StreamQuantizer:
         fresh = copy.copy(self)
@@ -106,13 +112,26 @@ class StreamQuantizer:
                 f"(kv_heads, head_dim) = {expected}; the cache was built or calibrated for another model shape"
             )
 
+    def _quant_space(self, states: torch.Tensor) -> torch.Tensor:
+        """The states the quantizer works on: rotated (float32) when the scheme rotates, else as they are."""
+        if self._rotation is None:
+            return states
+        if self._rotation.device != states.device:
+            self._rotation = self._rotation.to(states.device)
+        return rotate(states, self._rotation)
+
+    def _model_space(self, quantized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self._rotation is not None:
+            quantized = unrotate(quantized, self._rotation)
+        return quantized.to(dtype)
+
     @torch.no_grad()
     def measure(self, states: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """The observer's statistics of ``states`` after validation, without touching the running ones."""
         if states.numel() == 0 or self.dynamic:
             return None
         self._check_shape(states)
-        measured = self.observer.measure(states)
+        measured = self.observer.measure(self._quant_space(states))
         if not all(bool(torch.isfinite(tensor).all()) for tensor in measured.values()):
             raise CalibrationError(
                 f"{self.label}: calibration states contain NaN or Inf; check the model's dtype "
@@ -155,23 +174,18 @@ class StreamQuantizer:
         self.observer.reset()
         self.set_params(None)
 
-    def params_for(self, states: torch.Tensor) -> QuantParams:
-        """The parameters that quantize ``states``: the fixed ones on its device, or per-token ones."""
+    def params_for(self, quant_space: torch.Tensor) -> QuantParams:
+        """The parameters for states already in the quantizer's space: fixed ones on their device, or per token."""
         if self.dynamic:
-            low = self.granularity.reduce(states.detach(), torch.amin).float()
-            high = self.granularity.reduce(states.detach(), torch.amax).float()
-            return compute_qparams(low, high, symmetric=self.args.symmetric, fmt=self.format)
+            return dynamic_qparams(quant_space, self.granularity, symmetric=self.args.symmetric, fmt=self.format)
         if self.params is None:
             raise CalibrationError(f"{self.label}: not frozen")
-        params = self._params_by_device.get(states.device)
+        params = self._params_by_device.get(quant_space.device)
         if params is None:
-            params = self._params_by_device[states.device] = self.params.to(states.device)
+            params = self._params_by_device[quant_space.device] = self.params.to(quant_space.device)
         return params
 
-    # ------------------------------------------------------------------ quantization
-    @torch.no_grad()
-    def fake_quantize(self, states: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize ``states`` (new tokens only); non-finite elements stay non-finite."""
+    def _check_frozen(self, states: torch.Tensor) -> None:
         if not self._frozen:
             raise CalibrationError(f"{self.label}: not frozen")
         self._check_shape(states)
@@ -180,12 +194,23 @@ class StreamQuantizer:
                 f"{self.label}: states contain NaN or Inf (strict_finite is set); check the model's dtype "
                 "(fp16 overflow is common: try bfloat16 or float32)"
             )
-        params = self.params_for(states)
-        quantized = fake_quantize(states, params, self.granularity, self.format)
+
+    # ------------------------------------------------------------------ quantization
+    @torch.no_grad()
+    def fake_quantize(self, states: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``states`` (new tokens only); non-finite elements stay non-finite."""
+        self._check_frozen(states)
+        space = self._quant_space(states)
+        params = self.params_for(space)
+        restored = fake_quantize(space, params, self.granularity, self.format)
+        quantized = torch.where(torch.isfinite(states), self._model_space(restored, states.dtype), states)
         if self.on_quantize is not None:
             self.on_quantize(self, states, quantized, params)
         return quantized
 
+    def saturated(self, states: torch.Tensor, params: QuantParams) -> torch.Tensor:
+        """Mask of the elements of ``states`` that clip (counted in the quantizer's own space)."""
+        return saturated(self._quant_space(states), params, self.granularity, self.format)
 
     # ------------------------------------------------------------------ packed rows (see packing.py)
     def code_bytes(self, head_dim: int) -> int:
@@ -194,8 +219,8 @@ class StreamQuantizer:
         if fmt.kind is FormatKind.FLOAT:
             return head_dim
         slot = bits_per_slot(fmt.bits)
-        if (head_dim * slot) % 8:
-            raise CalibrationError(f"{self.label}: head_dim {head_dim} does not fill whole bytes of {fmt.name} codes")
+        if slot < 8 and head_dim % 8:
+            raise CalibrationError(f"{self.label}: packed {fmt.name} needs head_dim divisible by 8, got {head_dim}")
         return head_dim * slot // 8
 
     @torch.no_grad()
@@ -203,23 +228,28 @@ class StreamQuantizer:
         """``(batch, kv_heads, seq, head_dim)`` states -> packed ``uint8`` rows ``(batch, kv_heads, seq, row_bytes)``.
 
         Decoding the rows gives exactly what :meth:`fake_quantize` returns for finite
-        states; a row with a NaN or Inf element decodes to NaN.
+        states. A static scheme adds a flag byte that makes a row with a NaN or Inf
+        element decode to NaN; a dynamic scheme's row parameters carry the NaN or Inf
+        themselves.
         """
-        if not self._frozen:
-            raise CalibrationError(f"{self.label}: not frozen")
-        self._check_shape(states)
-        params = self.params_for(states)
-        codes = quantize(states, params, self.granularity, self.format)
+        self._check_frozen(states)
+        space = self._quant_space(states)
+        params = self.params_for(space)
+        codes = quantize(space, params, self.granularity, self.format)
         fmt = self.format
         if fmt.kind is FormatKind.FLOAT:
             parts = [codes.view(torch.uint8)]
         else:
             parts = [pack_codes(codes, fmt.bits, int(-fmt.qmin))]
-        if self.dynamic:
-            parts.append(params.scale.float().flatten(-2).contiguous().view(torch.uint8))
+        if self.dynamic:  # (b, h, s, 1) per token, (b, h, s, groups, 1) per group -> (b, h, s, groups)
+            per_row = [params.scale.to(torch.float16)]
             if not self.args.symmetric:
-                parts.append(params.zero_point.to(torch.int32).flatten(-2).contiguous().view(torch.uint8))
-        parts.append((~torch.isfinite(states).all(dim=-1, keepdim=True)).to(torch.uint8))
+                per_row.append(params.zero_point.to(torch.int16))
+            for tensor in per_row:
+                flat = tensor.flatten(-2) if tensor.dim() == 5 else tensor
+                parts.append(flat.contiguous().view(torch.uint8))
+        else:
+            parts.append((~torch.isfinite(states).all(dim=-1, keepdim=True)).to(torch.uint8))
         rows = torch.cat(parts, dim=-1)
         if self.on_quantize is not None:
             self.on_quantize(self, states, self.decode(rows, states.dtype), params)
@@ -237,28 +267,27 @@ class StreamQuantizer:
         else:
             codes = unpack_codes(rows[..., :code_bytes], fmt.bits, int(-fmt.qmin), head_dim)
         view = self.granularity.grouped(codes)
+        grouped = view.dim() == 5
+        offset = torch.zeros((), dtype=torch.float32, device=rows.device)
         if self.dynamic:
-            groups = view.shape[-2] if view.dim() == 5 else 1
-            start = code_bytes
-            scale = rows[..., start : start + 4 * groups].contiguous().view(torch.float32)
-            start += 4 * groups
-            scale = scale.unsqueeze(-1) if view.dim() == 5 else scale
+            groups = view.shape[-2] if grouped else 1
+            scale = rows[..., code_bytes : code_bytes + 2 * groups].contiguous().view(torch.float16).float()
+            scale = scale.unsqueeze(-1) if grouped else scale
             if not self.args.symmetric:
-                zero_point = rows[..., start : start + 4 * groups].contiguous().view(torch.int32).float()
-                view = view - (zero_point.unsqueeze(-1) if view.dim() == 5 else zero_point)
+                start = code_bytes + 2 * groups
+                zero_point = rows[..., start : start + 2 * groups].contiguous().view(torch.int16).float()
+                view = view - (zero_point.unsqueeze(-1) if grouped else zero_point)
         else:
-            assert self.params is not None
             params = self.params_for(codes)
             scale = self.granularity.broadcast(params.scale.float(), view)
             if not self.args.symmetric:
                 view = view - self.granularity.broadcast(params.zero_point.float(), view)
-        poisoned = rows[..., -1:].bool()
-        nan_rows = torch.zeros(poisoned.shape, dtype=torch.float32, device=rows.device).masked_fill_(
-            poisoned, float("nan")
-        )
-        if view.dim() == 5:
-            nan_rows = nan_rows.unsqueeze(-1)
-        return self.granularity.ungrouped(torch.addcmul(nan_rows, view, scale)).to(dtype)
+            poisoned = rows[..., -1:].bool()
+            offset = torch.zeros(poisoned.shape, dtype=torch.float32, device=rows.device)
+            offset = offset.masked_fill_(poisoned, float("nan"))
+            offset = offset.unsqueeze(-1) if grouped else offset
+        restored = self.granularity.ungrouped(torch.addcmul(offset, view, scale))
+        return self._model_space(restored, dtype)
 
 
 class LayerQuantizer:

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConfigError
 from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype
 
-__all__ = ["STREAM_KEYS", "QuantArgs", "QuantDtype", "QuantMethod", "QuantScope", "Storage", "enum_value"]
+__all__ = ["STREAM_KEYS", "QuantArgs", "QuantDtype", "QuantMethod", "QuantScope", "Rotation", "Storage", "enum_value"]
 
 
 class QuantScope(str, Enum):
@@ -42,6 +42,13 @@ class Storage(str, Enum):
     PACKED = "packed"
 
 
+class Rotation(str, Enum):
+    """Orthogonal rotation of head_dim applied before quantization (see :mod:`quantcache.rotation`)."""
+
+    NONE = "none"
+    HADAMARD = "hadamard"
+
+
 class QuantMethod(str, Enum):
     """How calibration statistics become a range (the observer, see :mod:`quantcache.observers`)."""
 
@@ -53,7 +60,17 @@ _TOKEN_SCOPES = (QuantScope.PER_TOKEN,)
 # Scopes that may be computed per token at run time (``dynamic: true``).
 _DYNAMIC_SCOPES = (QuantScope.PER_TOKEN, QuantScope.GROUP)
 
-STREAM_KEYS = ("scope", "dtype", "symmetric", "method", "dynamic", "group_size", "observer_options")
+STREAM_KEYS = (
+    "scope",
+    "dtype",
+    "symmetric",
+    "method",
+    "dynamic",
+    "group_size",
+    "observer_options",
+    "rotation",
+    "rotation_seed",
+)
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
 
 
@@ -88,6 +105,10 @@ class QuantArgs:
         method: the observer that turns calibration data into a range (static only).
         group_size: channels per group along head_dim (``group`` scope only).
         observer_options: the observer's own settings, as ``(name, value)`` pairs.
+        rotation: ``hadamard`` rotates every head's vectors by a fixed randomized
+            Hadamard matrix before quantizing and back after (keys and values alike:
+            what the cache returns is in the model's own space).
+        rotation_seed: the seed of the rotation's random signs (saved with the config).
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -97,9 +118,15 @@ class QuantArgs:
     dynamic: bool = False
     group_size: int | None = None
     observer_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    rotation: Rotation = Rotation.NONE
+    rotation_seed: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "rotation", enum_value(Rotation, "rotation", self.rotation))
+        seed = self.rotation_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ConfigError(f"qconfig.rotation_seed: expected a non-negative integer, got {seed!r}"[:200])
         set_(self, "dtype", enum_value(QuantDtype, "dtype", self.dtype))
         set_(self, "scope", enum_value(QuantScope, "scope", self.scope))
         set_(self, "method", enum_value(QuantMethod, "method", self.method))
@@ -154,6 +181,9 @@ class QuantArgs:
             data["group_size"] = self.group_size
         if self.observer_options:
             data["observer_options"] = self.options
+        if self.rotation is not Rotation.NONE:
+            data["rotation"] = self.rotation.value
+            data["rotation_seed"] = self.rotation_seed
         return data
 
     @classmethod

@@ -877,7 +877,7 @@ def test_wrong_format_version(saved_state: Path, llama: PreTrainedModel) -> None
     ("changes", "message"),
     [
         ({"config": "{not json"}, "'config' is corrupted"),
-        ({"config": json.dumps({"type": "dynamic_cache", "qconfig": {"dtype": "int4"}})}, "stored config is invalid"),
+        ({"config": json.dumps({"type": "dynamic_cache", "qconfig": {"dtype": "int5"}})}, "stored config is invalid"),
         ({"model": None}, "lacks 'model'"),
         ({"mode": json.dumps("quantized")}, "'mode' is 'quantized'"),
         ({"model": json.dumps({"num_layers": 2, "layer_names": ["only.one"]})}, "inconsistent"),

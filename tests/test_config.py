@@ -85,9 +85,9 @@ def test_enum_values_accept_strings_case_insensitively() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "allowed"),
     [
-        ("dtype", "int4", "'int8'"),
+        ("dtype", "int5", "'int8', 'int4', 'int3', 'int2', 'fp8_e4m3', 'fp8_e5m2'"),
         ("scope", "per_row", "'per_tensor', 'per_head', 'per_channel', 'per_token', 'group'"),
-        ("method", "percentile", "'minmax'"),
+        ("method", "histogram", "'minmax', 'percentile', 'mse'"),
         ("dtype", 8, "'int8'"),
     ],
 )

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
+from .accounting import effective_bits
 from .config import KVQuantConfig
 from .errors import CalibrationError, QuantStateError
 from .layers import layer_memory, quantizing_layer
@@ -40,6 +41,7 @@ from .quantization import QuantParams
 from .quantizer import LayerQuantizer
 from .scheme import Storage, enum_value
 from .serialization import (
+    PARAMETER_FIELDS,
     StateFile,
     missing_fields,
     parse_state_key,
@@ -239,6 +241,24 @@ class QuantizedCalibratingCache(DynamicCache):
             )
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def set_attention_mask(self, attention_mask: torch.Tensor | None) -> QuantizedCalibratingCache:
+        """Tell calibration which positions are padding, for the forward calls that follow.
+
+        ``attention_mask`` is the ``(batch, seq)`` mask given to the model (1 for real
+        tokens, 0 for padding), covering the cached tokens and the new ones as
+        Transformers' masks do; each update uses its last ``new_tokens`` columns. Padded
+        positions then never enter the statistics, so padding a batch does not change
+        the calibrated parameters. ``None`` clears it. Returns ``self``.
+        """
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attention_mask must be (batch, seq), got shape {tuple(attention_mask.shape)}")
+            mask = attention_mask.detach().bool()
+        for quantizer in self.quantizers:
+            quantizer.token_mask = mask
+        return self
+
     # ------------------------------------------------------------------ mode changes
     @property
     def is_frozen(self) -> bool:
@@ -343,6 +363,10 @@ class QuantizedCalibratingCache(DynamicCache):
                 unexpected.append(name)
                 continue
             index, stream_name, field = parsed
+            stream = self.quantizers[index].key if stream_name == "key" else self.quantizers[index].value
+            if field not in (*stream.observer.fields, *PARAMETER_FIELDS):
+                unexpected.append(name)
+                continue
             grouped.setdefault(index, {}).setdefault(stream_name, {})[field] = tensor
         if strict and unexpected:
             raise QuantStateError(
@@ -410,7 +434,8 @@ class QuantizedCalibratingCache(DynamicCache):
         """Write the state to a safetensors file with JSON metadata (config, model shape, layer names)."""
         from . import __version__
 
-        if not self.state_dict():
+        all_dynamic = all(stream.dynamic for q in self.quantizers if q.enabled for _, stream in q.streams)
+        if not self.state_dict() and not (all_dynamic and self.is_frozen):
             raise CalibrationError("nothing to save: the cache has observed no calibration data yet")
         return write_state_file(
             path,
@@ -438,8 +463,13 @@ class QuantizedCalibratingCache(DynamicCache):
                 f"{path} was calibrated with config {stored.config.to_dict()}, this cache uses "
                 f"{self.quant_config.to_dict()}; use QuantizedCalibratingCache.from_file(path, model)"
             )
-        self.load_state_dict(stored.tensors, strict=strict)
+        self._load_stored(stored, strict=strict)
         return self
+
+    def _load_stored(self, stored: StateFile, *, strict: bool = True) -> None:
+        self.load_state_dict(stored.tensors, strict=strict)
+        if stored.mode == "frozen" and not self.is_frozen:  # a scheme with nothing to calibrate (all dynamic)
+            self.freeze()
 
     @classmethod
     def from_file(
@@ -449,7 +479,7 @@ class QuantizedCalibratingCache(DynamicCache):
         stored = read_state_file(path)
         cache = cls(model_or_config, stored.config, **kwargs)
         cache._check_model_shape(stored, Path(path))
-        cache.load_state_dict(stored.tensors)
+        cache._load_stored(stored)
         return cache
 
     def _check_model_shape(self, stored: StateFile, path: Path) -> None:
@@ -471,6 +501,19 @@ class QuantizedCalibratingCache(DynamicCache):
             raise QuantStateError(
                 f"{path} was made for another model: {detail} (file vs this model)"
             )
+
+    def effective_bits(self, seq_len: int, *, unquantized_bits: int = 16) -> float:
+        """Bits per cached element this scheme holds at ``seq_len`` tokens (see :mod:`quantcache.accounting`).
+
+        Codes, per-row parameters and flags, calibrated scales and zero points, and
+        ``unquantized_bits`` (the model dtype) for the layers left unquantized.
+        """
+        if self.kv_heads is None or self.head_dim is None:
+            raise CalibrationError("the model config does not say kv_heads and head_dim; cannot count bits")
+        layers = [
+            (quantizer.key.args, quantizer.value.args) if quantizer.enabled else None for quantizer in self.quantizers
+        ]
+        return effective_bits(layers, self.kv_heads, self.head_dim, seq_len, unquantized_bits=unquantized_bits)
 
     def memory_report(self) -> list[dict[str, Any]]:
         """Bytes held per layer, split into codes, parameters and full-precision states.

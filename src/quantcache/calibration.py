@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -73,6 +73,8 @@ def check_token_batch(batch: Any, *, what: str = "data", vocab_size: int | None 
 
 def _batches(data: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> tuple[Iterator[Any], int | None]:
     """Iterate over the batches of ``data``; also return the token total when it is known."""
+    if isinstance(data, Mapping):  # one tokenizer output: a single padded batch
+        return iter([data]), None
     if isinstance(data, torch.Tensor):
         if data.dim() == 2 and data.shape[0] > 0:
             return iter(torch.split(data, batch_size)), int(data.numel())
@@ -119,8 +121,9 @@ def calibrate(
         model: a Transformers causal LM; it is run in inference mode on its own device.
         data: int64 token ids, either one ``(num_samples, seq_len)`` tensor (split into
             batches of ``batch_size`` rows) or an iterable of ``(batch, seq_len)`` tensors
-            (each one batch; ``batch_size`` is then ignored). Rows are full windows
-            without padding.
+            (each one batch; ``batch_size`` is then ignored), or of mappings with
+            ``input_ids`` and ``attention_mask`` (a tokenizer's padded output): padded
+            positions are then left out of the statistics.
         quant_config: scheme and layer selection for a new cache (default: symmetric INT8
             on every layer). Give either this or ``cache``, or both if they agree.
         cache: a cache in calibrate mode whose statistics calibration continues from.
@@ -173,9 +176,18 @@ def calibrate(
     try:
         with torch.inference_mode():
             for batch in batches:
+                mask = None
+                if isinstance(batch, Mapping):  # {"input_ids": ..., "attention_mask": ...}, e.g. a tokenizer's output
+                    mask = batch.get("attention_mask")
+                    batch = batch["input_ids"]
                 ids = check_token_batch(batch, what=f"data batch {seen_batches}", vocab_size=vocab_size)
                 run = stats.empty_copy()  # same statistics, no KV content from earlier batches
-                model(ids.to(device), **{CACHE_KEYWORD: run}, **forward_kwargs)
+                masked: dict[str, torch.Tensor] = {}
+                if mask is not None:  # real tokens keep the positions they would have unpadded
+                    mask = mask.to(device)
+                    masked = {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+                run.set_attention_mask(mask)
+                model(ids.to(device), **{CACHE_KEYWORD: run}, **masked, **forward_kwargs)
                 stats = run
                 seen_batches += 1
                 bar.update(int(ids.numel()))

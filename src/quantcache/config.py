@@ -139,6 +139,20 @@ class KVQuantConfig:
         set_(self, "include", _pattern_tuple("include", self.include))
         set_(self, "exclude", _pattern_tuple("exclude", self.exclude))
 
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> KVQuantConfig:
+        """A named scheme (``seed``, ``int8``, ``fp8``, ``int4``, ``int3``, ``int2``; see :mod:`quantcache.presets`).
+
+        ``overrides`` replace fields (``exclude=[...]``, ``storage="packed"`` ...).
+        """
+        from .presets import PRESETS, preset_settings
+
+        try:
+            settings = preset_settings(name)
+        except KeyError:
+            raise ConfigError(f"unknown preset {str(name)[:80]!r}; choose from {', '.join(PRESETS)}") from None
+        return cls(**{**settings, **overrides})
+
     # ------------------------------------------------------------------ the two streams
     @property
     def shared_args(self) -> QuantArgs:

@@ -22,7 +22,16 @@ from .granularity import Granularity
 from .quantization import stream_minmax
 from .scheme import QuantArgs, QuantMethod
 
-__all__ = ["OBSERVERS", "MinMaxObserver", "Observer", "make_observer", "register_observer"]
+__all__ = [
+    "OBSERVERS",
+    "AveragedRangeObserver",
+    "MSEObserver",
+    "MinMaxObserver",
+    "Observer",
+    "PercentileObserver",
+    "make_observer",
+    "register_observer",
+]
 
 Statistics = dict[str, torch.Tensor]
 
@@ -44,8 +53,12 @@ class Observer:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ what subclasses define
-    def measure(self, states: torch.Tensor) -> Statistics:
-        """Statistics of one batch of ``(batch, kv_heads, seq, head_dim)`` states (nothing stored)."""
+    def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
+        """Statistics of one batch of ``(batch, kv_heads, seq, head_dim)`` states (nothing stored).
+
+        ``mask`` (bool ``(batch, seq)``, True for real tokens) leaves padding out; when it
+        leaves nothing, the result is empty.
+        """
         raise NotImplementedError
 
     def combine(self, mine: Statistics, theirs: Statistics) -> Statistics:
@@ -92,13 +105,34 @@ class Observer:
         self._lock = threading.Lock()
 
 
+OBSERVERS: dict[QuantMethod, type[Observer]] = {}
+
+
+def register_observer(method: QuantMethod) -> Callable[[type[Observer]], type[Observer]]:
+    """Class decorator: make ``method`` build this observer."""
+
+    def register(cls: type[Observer]) -> type[Observer]:
+        OBSERVERS[method] = cls
+        return cls
+
+    return register
+
+
+@register_observer(QuantMethod.MINMAX)
 class MinMaxObserver(Observer):
     """Running minimum and maximum of every element that shares a parameter (msModelSlim's ``minmax``)."""
 
     fields = ("min", "max")
 
-    def measure(self, states: torch.Tensor) -> Statistics:
-        low, high = stream_minmax(states, self.granularity)
+    def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
+        if mask is None:
+            low, high = stream_minmax(states, self.granularity)
+            return {"min": low, "max": high}
+        if not bool(mask.any()):
+            return {}
+        keep = mask[:, None, :, None].to(states.device)
+        low = self.granularity.reduce(torch.where(keep, states, torch.inf), torch.amin).float()
+        high = self.granularity.reduce(torch.where(keep, states, -torch.inf), torch.amax).float()
         return {"min": low, "max": high}
 
     def combine(self, mine: Statistics, theirs: Statistics) -> Statistics:
@@ -111,17 +145,99 @@ class MinMaxObserver(Observer):
         return self.statistics["min"], self.statistics["max"]
 
 
-OBSERVERS: dict[QuantMethod, type[Observer]] = {QuantMethod.MINMAX: MinMaxObserver}
+class AveragedRangeObserver(Observer):
+    """A range estimated on each batch, averaged over batches (weighted by their token count).
+
+    Fields: ``low`` and ``high`` (the weighted sums of the per-batch ranges) and
+    ``weight`` (the total weight), so merging is a plain sum and the all-reduce of
+    distributed calibration is a SUM. Subclasses define :meth:`batch_range`.
+    """
+
+    fields = ("low", "high", "weight")
+
+    def batch_range(self, states: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
+        if mask is not None and not bool(mask.any()):
+            return {}
+        keep = None if mask is None else mask[:, None, :, None].to(states.device)
+        tokens = states.shape[0] * states.shape[2] if mask is None else int(mask.sum())
+        low, high = self.batch_range(states.detach().float(), keep)
+        weight = torch.full_like(low, float(tokens))
+        return {"low": low * weight, "high": high * weight, "weight": weight}
+
+    def combine(self, mine: Statistics, theirs: Statistics) -> Statistics:
+        return {name: mine[name] + theirs[name].to(mine[name].device) for name in self.fields}
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = self.statistics["weight"]
+        return self.statistics["low"] / weight, self.statistics["high"] / weight
 
 
-def register_observer(method: QuantMethod) -> Callable[[type[Observer]], type[Observer]]:
-    """Class decorator: make ``method`` build this observer."""
+def _grouped_values(granularity: Granularity, states: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """States rearranged to ``param_shape + (elements,)``: every element sharing a parameter in the last dim.
 
-    def register(cls: type[Observer]) -> type[Observer]:
-        OBSERVERS[method] = cls
-        return cls
+    Padding (``keep`` False) becomes NaN, which the quantile and the error search ignore.
+    """
+    if keep is not None:
+        states = torch.where(keep, states, torch.nan)
+    view = granularity.grouped(states)
+    dims = {  # reduction dims of the grouped view, as granularity.py defines them
+        "per_tensor": (0, 1, 2, 3),
+        "per_head": (0, 2, 3),
+        "per_channel": (0, 2),
+        "group": (0, 2, 4),
+    }[granularity.scope.value]
+    kept = [dim for dim in range(view.dim()) if dim not in dims]
+    return view.permute(*kept, *dims).reshape(*(view.shape[dim] for dim in kept), -1)
 
-    return register
+
+@register_observer(QuantMethod.PERCENTILE)
+class PercentileObserver(AveragedRangeObserver):
+    """The ``percentile`` (option, default 99.99) and ``100 - percentile`` quantiles of each batch."""
+
+    def batch_range(self, states: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        percentile = float(self.args.options.get("percentile", 99.99))
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"observer_options.percentile must be in (50, 100], got {percentile}")
+        values = _grouped_values(self.granularity, states, keep)
+        quantiles = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], device=values.device)
+        low, high = torch.nanquantile(values, quantiles, dim=-1)
+        return low, high
+
+
+@register_observer(QuantMethod.MSE)
+class MSEObserver(AveragedRangeObserver):
+    """The clipping of each batch's range that minimises its quantization error (grid of ``grid`` shrink steps).
+
+    For every parameter group it tries ranges ``[min, max] * (1 - i / (2 * grid))`` for
+    ``i < grid`` and keeps the one whose fake-quantized values have the least squared
+    error; the number format and symmetry are the stream's own.
+    """
+
+    def batch_range(self, states: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        from .quantization import compute_qparams
+
+        grid = int(self.args.options.get("grid", 20))
+        values = _grouped_values(self.granularity, states, keep)
+        low = torch.nan_to_num(values, nan=torch.inf).amin(dim=-1)
+        high = torch.nan_to_num(values, nan=-torch.inf).amax(dim=-1)
+        best_error = torch.full_like(low, torch.inf)
+        best_low, best_high = low.clone(), high.clone()
+        fmt = self.args.format
+        for step in range(grid):
+            shrink = 1.0 - step / (2.0 * grid)
+            params = compute_qparams(low * shrink, high * shrink, symmetric=self.args.symmetric, fmt=fmt)
+            scale, zero_point = params.scale.unsqueeze(-1), params.zero_point.unsqueeze(-1).float()
+            codes = torch.clamp(torch.round(values / scale + zero_point), fmt.qmin, fmt.qmax)
+            error = torch.nansum(((codes - zero_point) * scale - values).square(), dim=-1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_low = torch.where(better, low * shrink, best_low)
+            best_high = torch.where(better, high * shrink, best_high)
+        return best_low, best_high
+
 
 
 def make_observer(args: QuantArgs) -> Observer:

@@ -126,12 +126,17 @@ class StreamQuantizer:
         return quantized.to(dtype)
 
     @torch.no_grad()
-    def measure(self, states: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """The observer's statistics of ``states`` after validation, without touching the running ones."""
+    def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
+        """The observer's statistics of ``states`` after validation, without touching the running ones.
+
+        ``mask``: bool ``(batch, seq)``, True where ``states`` hold a real token (not padding).
+        """
         if states.numel() == 0 or self.dynamic:
             return None
         self._check_shape(states)
-        measured = self.observer.measure(self._quant_space(states))
+        measured = self.observer.measure(self._quant_space(states), mask)
+        if not measured:
+            return None
         if not all(bool(torch.isfinite(tensor).all()) for tensor in measured.values()):
             raise CalibrationError(
                 f"{self.label}: calibration states contain NaN or Inf; check the model's dtype "
@@ -311,6 +316,7 @@ class LayerQuantizer:
         self.index = index
         self.name = name
         self.enabled = enabled
+        self.token_mask: torch.Tensor | None = None
         self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
         self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
 
@@ -327,8 +333,18 @@ class LayerQuantizer:
         return self.key.frozen and self.value.frozen
 
     def observe(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Fold new states into the statistics, leaving out positions :attr:`token_mask` marks as padding."""
+        mask = None
+        if self.token_mask is not None:
+            new = key_states.shape[2]
+            if self.token_mask.shape[0] != key_states.shape[0] or self.token_mask.shape[1] < new:
+                raise CalibrationError(
+                    f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
+                    f"{tuple(self.token_mask.shape)}, which does not cover states of shape {tuple(key_states.shape)}"
+                )
+            mask = self.token_mask[:, -new:]
         # Validate both streams before changing either: a failed update leaves no half-update.
-        key_stats, value_stats = self.key.measure(key_states), self.value.measure(value_states)
+        key_stats, value_stats = self.key.measure(key_states, mask), self.value.measure(value_states, mask)
         self.key.merge(key_stats)
         self.value.merge(value_stats)
 

@@ -53,6 +53,8 @@ class QuantMethod(str, Enum):
     """How calibration statistics become a range (the observer, see :mod:`quantcache.observers`)."""
 
     MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    MSE = "mse"
 
 
 # Scopes whose parameters depend on the token: they can only be computed when the token arrives.

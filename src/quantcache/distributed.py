@@ -71,7 +71,10 @@ def ensure_process_group(backend: str | None = None) -> bool:
 
 
 def shard_batches(
-    data: torch.Tensor | Iterable[torch.Tensor], *, batch_size: int = 1, rank: int | None = None,
+    data: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    batch_size: int = 1,
+    rank: int | None = None,
     world_size: int | None = None,
 ) -> list[torch.Tensor]:
     """This rank's batches: ``data`` cut as :func:`~quantcache.calibration.calibrate` cuts it, dealt round-robin.

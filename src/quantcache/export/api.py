@@ -60,6 +60,12 @@ def _model_directory(model: Any) -> Path | None:
                 f"{path} is not a model directory; for a Hub id, a .gguf file or a known model name, load "
                 "it first (quantcache.models.load_model) and pass the model object"
             )
+        if not (path / "config.json").is_file():
+            raise InputError(f"{path} has no config.json; pass a Hugging Face model directory")
+        if (path / SCALE_SHARD).exists():
+            raise InputError(
+                f"{path} already holds {SCALE_SHARD} (a quantcache export); export from the original model directory"
+            )
         return path
     return None
 
@@ -216,7 +222,13 @@ def import_checkpoint(checkpoint: str | os.PathLike[str], *, format: str, model:
             if scale is None or zero_point is None:
                 scale, zero_point = compute_qparams(low, high, symmetric=imported.symmetric)
             prefix = f"layers.{index}.{stream}"
-            state.update({f"{prefix}.min": low, f"{prefix}.max": high, f"{prefix}.scale": scale,
-                          f"{prefix}.zero_point": zero_point})
+            state.update(
+                {
+                    f"{prefix}.min": low,
+                    f"{prefix}.max": high,
+                    f"{prefix}.scale": scale,
+                    f"{prefix}.zero_point": zero_point,
+                }
+            )
     cache.load_state_dict(state)
     return ImportResult(cache, fmt.name, path, sorted(imported.streams), imported.symmetric, imported.note)

@@ -123,9 +123,7 @@ class AscendFormat(KVFormat):
         return warnings
 
     def _stream_tensors(self, stream: StreamParams, options: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, zero_point = (
-            _int8_offsets(stream) if options.int8_offsets else (stream.scale, stream.zero_point)
-        )
+        scale, zero_point = _int8_offsets(stream) if options.int8_offsets else (stream.scale, stream.zero_point)
         return scale.reshape(-1).to(torch.float32), zero_point.reshape(-1).to(torch.float32)
 
     def scale_tensors(self, state: KVState, options: Any) -> dict[str, torch.Tensor]:
@@ -178,7 +176,7 @@ class AscendFormat(KVFormat):
             "loads every `*.safetensors`);\n"
             f"3. merge `{_FRAGMENT_NAME}` into `CKPT/{DESCRIPTION_NAME}`:\n\n"
             "```bash\n"
-            "python -c \"import json,sys; d=json.load(open(sys.argv[1])); d.update(json.load(open(sys.argv[2]))); "
+            'python -c "import json,sys; d=json.load(open(sys.argv[1])); d.update(json.load(open(sys.argv[2]))); '
             f"json.dump(d, open(sys.argv[1], 'w'), indent=2)\" CKPT/{DESCRIPTION_NAME} {_FRAGMENT_NAME}\n"
             "```\n"
         )

@@ -91,8 +91,11 @@ def _header(path: Path) -> dict[str, Any]:
 
 def _tensor_bytes(path: Path) -> int:
     header = _header(path)
-    return sum(int(info["data_offsets"][1]) - int(info["data_offsets"][0])
-               for name, info in header.items() if name != "__metadata__")
+    return sum(
+        int(info["data_offsets"][1]) - int(info["data_offsets"][0])
+        for name, info in header.items()
+        if name != "__metadata__"
+    )
 
 
 def tensor_locations(directory: Path) -> dict[str, Path]:
@@ -177,10 +180,6 @@ def copy_model_directory(source: Path, target: Path) -> None:
         raise InputError(
             f"{source} holds no *.safetensors weights; load the model and pass it as an object "
             "(its save_pretrained writes safetensors), or convert the directory first"
-        )
-    if (source / SCALE_SHARD).exists():
-        raise InputError(
-            f"{source} already holds {SCALE_SHARD} (a quantcache export); export from the original model directory"
         )
     for entry in sorted(source.iterdir()):
         if entry.is_file() and not entry.name.startswith(".") and not entry.name.endswith(_SKIPPED_SUFFIXES):

@@ -198,7 +198,6 @@ class KVState:
         )
 
 
-
 # ---------------------------------------------------------------------------- FP8 math
 def fp8_scales(low: torch.Tensor, high: torch.Tensor, strategy: Literal["tensor", "attn_head"]) -> torch.Tensor:
     """FP8 e4m3 scales from per-channel ranges: ``absmax / 448``, float32.
@@ -213,9 +212,7 @@ def fp8_scales(low: torch.Tensor, high: torch.Tensor, strategy: Literal["tensor"
     return torch.clamp(reduced / FP8_E4M3_MAX, min=_EPS).float()
 
 
-def int8_params_from_absmax(
-    fp8_scale: torch.Tensor, kv_heads: int, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_params_from_absmax(fp8_scale: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What an FP8 scale says about the calibrated range, as quantcache per-channel min/max.
 
     ``fp8_scale`` is one scale (any shape with one element) or one per KV head. The range

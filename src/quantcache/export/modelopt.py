@@ -143,10 +143,10 @@ class ModelOptFormat(KVFormat):
             "has a `quant_algo`, and no `k_proj.k_scale` tensors yet):\n\n"
             f"1. copy `{SCALE_SHARD}` into `CKPT/` and add the entries of `{INDEX_FRAGMENT}` to the "
             f"`weight_map` of `CKPT/{INDEX_NAME}`;\n"
-            f"2. set `quantization.kv_cache_quant_algo` to `\"FP8\"` in `CKPT/{HF_QUANT_CONFIG}` (and "
+            f'2. set `quantization.kv_cache_quant_algo` to `"FP8"` in `CKPT/{HF_QUANT_CONFIG}` (and '
             "`quantization_config.kv_cache_quant_algo` in `config.json` if it has a ModelOpt one):\n\n"
             "```bash\n"
-            "python -c \"import json,sys; d=json.load(open(sys.argv[1])); "
+            'python -c "import json,sys; d=json.load(open(sys.argv[1])); '
             "d.setdefault('quantization', {})['kv_cache_quant_algo']='FP8'; "
             f"json.dump(d, open(sys.argv[1], 'w'), indent=2)\" CKPT/{HF_QUANT_CONFIG}\n"
             "```\n"

@@ -150,7 +150,7 @@ class VllmFormat(KVFormat):
             f"2. in `CKPT/config.json`, set `quantization_config` from `{_FRAGMENT_NAME}`, or, if the checkpoint "
             "already has a compressed-tensors `quantization_config`, add only its `kv_cache_scheme`:\n\n"
             "```bash\n"
-            "python -c \"import json,sys; c=json.load(open(sys.argv[1])); f=json.load(open(sys.argv[2]))"
+            'python -c "import json,sys; c=json.load(open(sys.argv[1])); f=json.load(open(sys.argv[2]))'
             "['quantization_config']; q=c.get('quantization_config'); "
             "c['quantization_config']=f if q is None else {**q, 'kv_cache_scheme': f['kv_cache_scheme']}; "
             f"json.dump(c, open(sys.argv[1], 'w'), indent=2)\" CKPT/config.json {_FRAGMENT_NAME}\n"

@@ -392,7 +392,7 @@ def test_an_unreadable_file_is_named_unreadable_not_missing(tmp_path: Path, monk
         return real_open(target, flags, *args)
 
     monkeypatch.setattr(os, "open", refuse)
-    with pytest.raises(DataError, match="cannot read text file .*secret.txt: permission denied") as error:
+    with pytest.raises(DataError, match=r"cannot read text file .*secret\.txt: permission denied") as error:
         read_text_file(path)
     assert "not found" not in one_line(error)
 

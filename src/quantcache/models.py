@@ -15,11 +15,13 @@ Public API: :data:`KNOWN_MODELS`, :func:`default_cache_dir`, :func:`fetch_model`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -316,6 +318,38 @@ def _require_gguf_support() -> None:
         raise ModelFetchError("transformers needs the accelerate package to load a GGUF model: pip install accelerate")
 
 
+@contextlib.contextmanager
+def _gguf_conversion_progress(enabled: bool) -> Iterator[None]:
+    """Route transformers' GGUF conversion bar through :func:`~quantcache.progress.progress_bar` while loading.
+
+    transformers draws it with a bare ``tqdm`` that ignores its own progress-bar switch,
+    so it showed with ``progress=False`` and, with stderr in a log file, left hundreds
+    of carriage-return updates there. For the duration of the load it becomes our bar:
+    silent without ``progress``, a few plain lines when stderr is not a terminal.
+    Nothing changes when transformers does not draw it this way.
+    """
+    converter: Any
+    try:
+        converter = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    except ImportError:
+        converter = None
+    original = getattr(converter, "tqdm", None)
+    if converter is None or original is None:
+        yield
+        return
+    from .progress import progress_bar
+
+    def bar(iterable: Any, *args: Any, desc: str = "converting GGUF tensors", **kwargs: Any) -> Any:
+        items = list(iterable)
+        return progress_bar(len(items), desc.rstrip(". "), enabled, unit="tensor", unit_scale=False, iterable=items)
+
+    converter.tqdm = bar
+    try:
+        yield
+    finally:
+        converter.tqdm = original
+
+
 def _load_failure(source: ModelSource, error: Exception) -> str:
     """What went wrong loading ``source``, on one bounded line, with the likely cause for its kind."""
     reason = " ".join(str(error).split()) or type(error).__name__
@@ -389,7 +423,8 @@ def load_model(
     if gguf_file is not None:
         say(progress, f"loading {Path(location) / gguf_file} (dequantising GGUF weights to {dtype} takes a while) ...")
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(location, **{_dtype_keyword(): dtype}, **file_kwargs)
+        with _gguf_conversion_progress(progress and gguf_file is not None):
+            loaded = AutoModelForCausalLM.from_pretrained(location, **{_dtype_keyword(): dtype}, **file_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location, **file_kwargs)
     except ImportError:
         raise

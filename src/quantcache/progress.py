@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 from typing import IO, Any
 
 from tqdm.asyncio import tqdm_asyncio
@@ -82,15 +83,26 @@ class PlainLineProgress(tqdm_asyncio):  # type: ignore[type-arg]
 
 
 def progress_bar(
-    total: int | None, desc: str, enabled: bool, *, unit: str = "tok", file: IO[str] | None = None
+    total: int | None,
+    desc: str,
+    enabled: bool,
+    *,
+    unit: str = "tok",
+    unit_scale: bool = True,
+    file: IO[str] | None = None,
+    iterable: Iterable[Any] | None = None,
 ) -> tqdm[Any]:
     """A progress bar on ``file`` (default: stderr) that fits it: live on a terminal, plain lines elsewhere.
 
     ``enabled=False`` gives a disabled bar, so callers update it unconditionally.
-    Counts use SI prefixes (``1.2k tok``); the bar is removed on close on a terminal.
+    Counts use SI prefixes (``1.2k tok``) unless ``unit_scale=False``; the bar is removed on
+    close on a terminal.
+    With ``iterable`` the bar iterates over it, counting items, as ``tqdm(iterable)`` does.
     """
     stream = sys.stderr if file is None else file
-    options: dict[str, Any] = {"total": total, "unit": unit, "unit_scale": True, "desc": desc, "file": stream}
+    options: dict[str, Any] = {"total": total, "unit": unit, "unit_scale": unit_scale, "desc": desc, "file": stream}
+    if iterable is not None:
+        options["iterable"] = iterable
     in_notebook = tqdm is not tqdm_asyncio  # tqdm.auto picked its notebook widget
     if not enabled or in_notebook or stream_is_terminal(stream):
         bar: tqdm[Any] = tqdm(**options, disable=not enabled, leave=False)

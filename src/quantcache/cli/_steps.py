@@ -9,6 +9,7 @@ replace it with a tiny offline model.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,7 +105,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
 
 @contextmanager
 def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
-    """Silence transformers' own bars (GGUF dequantisation, weight loading) under --quiet, then restore them."""
+    """Silence transformers' own bars (GGUF dequantisation, weight loading) unless ``enabled``, then restore them."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -119,9 +120,12 @@ def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
 
 def model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, float]:
     """Load the model (with a note) and check ``--seq-len`` against it; returns the load time too."""
+    from ..progress import stream_is_terminal
+
     note(args, f"loading model {args.model} ({args.dtype}, {args.device}) ...")
     start = time.perf_counter()
-    with _transformers_progress_bars(not args.quiet):
+    # transformers' own bars redraw with carriage returns: in a log they would be hundreds of updates
+    with _transformers_progress_bars(not args.quiet and stream_is_terminal(sys.stderr)):
         model, tokenizer = load_model_and_tokenizer(args)
     seconds = time.perf_counter() - start
     _check_seq_len(args, model)

@@ -9,6 +9,7 @@ reading the KV scale tensors only.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -582,3 +583,29 @@ def test_import_reads_only_the_kv_tensors(
     monkeypatch.setattr(plumbing, "safe_open", Spy)
     import_checkpoint(checkpoint, format="ascend")
     assert sorted(requested) == sorted(n for n in tensor_locations(checkpoint) if ".kv_cache_" in n)
+
+
+# ================================================================================ GGUF-loaded models
+class GgufHfQuantizer:
+    """Stands in for transformers' quantizer, which stays on a model dequantized from GGUF and blocks saving."""
+
+    quantization_config = argparse.Namespace(quant_method="gguf")
+
+
+def test_a_model_dequantized_from_gguf_is_saved_as_a_plain_checkpoint(
+    symmetric: QuantizedCalibratingCache, tmp_path: Path
+) -> None:
+    from conftest import build_model
+
+    model = build_model("llama")
+    quantizer = GgufHfQuantizer()
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = {"quant_method": "gguf"}
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "plain")
+    export_checkpoint(symmetric, tmp_path / "c8", format="ascend", model=model)
+    assert "quantization_config" not in json.loads((tmp_path / "c8" / "config.json").read_text())
+    assert model.hf_quantizer is quantizer and model.config.quantization_config == {"quant_method": "gguf"}
+    model.model.layers[0].mlp.add_module("packed", type("GgmlLinear", (torch.nn.Module,), {})())
+    with pytest.raises(InputError, match="GGUF-packed weights"):
+        export_checkpoint(symmetric, tmp_path / "packed", format="ascend", model=model)

@@ -20,7 +20,8 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -186,12 +187,58 @@ def copy_model_directory(source: Path, target: Path) -> None:
             shutil.copyfile(entry, target / entry.name)
 
 
+def _dequantized_gguf(model: Any) -> bool:
+    """Whether ``model`` was loaded from GGUF with every weight dequantized to a float tensor.
+
+    Transformers keeps its GGUF quantizer on such a model and then refuses
+    ``save_pretrained`` ("not serializable"), although nothing GGUF-specific is left in it.
+    Layers that kept packed GGUF blocks (a ``Gguf*``/``Ggml*`` module, integer weights)
+    have no safetensors form: that is refused with the way out.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or "gguf" not in type(quantizer).__name__.lower():
+        return False
+    packed = any(("gguf" in type(m).__name__.lower() or "ggml" in type(m).__name__.lower()) for m in model.modules())
+    if packed or not all(parameter.is_floating_point() for parameter in model.parameters()):
+        raise InputError(
+            "the model keeps GGUF-packed weights, which have no safetensors form; load it dequantized "
+            "(without the 'kernels' package) or pass the original Hugging Face model directory"
+        )
+    return True
+
+
+@contextmanager
+def _without_gguf_quantizer(model: Any) -> Iterator[None]:
+    """Hide a dequantized GGUF model's quantizer (and its config entry) while it is saved, then restore them."""
+    quantizer = model.hf_quantizer
+    config = model.config
+    had_config = "quantization_config" in config.__dict__
+    quantization_config = config.__dict__.get("quantization_config")
+    model.hf_quantizer = None
+    if had_config:
+        del config.quantization_config
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if had_config:
+            config.quantization_config = quantization_config
+
+
 def save_model(model: Any, tokenizer: Any, target: Path) -> None:
-    """``save_pretrained`` a loaded model (and tokenizer) into ``target`` as safetensors."""
+    """``save_pretrained`` a loaded model (and tokenizer) into ``target`` as safetensors.
+
+    A model loaded from GGUF is saved as the float model it was dequantized to, with no
+    ``quantization_config``: the checkpoint is a plain Hugging Face one.
+    """
     save = getattr(model, "save_pretrained", None)
     if not callable(save):
         raise InputError(f"model must be a model directory or a transformers model, got {type(model).__name__}")
-    save(str(target))
+    if _dequantized_gguf(model):
+        with _without_gguf_quantizer(model):
+            save(str(target))
+    else:
+        save(str(target))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(target))
     if not list(target.glob("*.safetensors")):

@@ -427,7 +427,7 @@ def test_destination_rules_and_atomic_replacement(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
 
 
-def test_model_argument_errors(symmetric: QuantizedCalibratingCache, tmp_path: Path) -> None:
+def test_model_argument_errors(symmetric: QuantizedCalibratingCache, model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="needs the model"):
         export_checkpoint(symmetric, tmp_path / "a", format="ascend")
     with pytest.raises(InputError, match="not a model directory"):
@@ -439,6 +439,9 @@ def test_model_argument_errors(symmetric: QuantizedCalibratingCache, tmp_path: P
     with pytest.raises(InputError, match=r"no config\.json"):
         export_checkpoint(symmetric, tmp_path / "a", format="ascend", model=empty)
     (empty / "config.json").write_text("{}")
+    with pytest.raises(InputError, match=r"config\.json cannot be read by transformers"):
+        export_checkpoint(symmetric, tmp_path / "a", format="ascend", model=empty)
+    (empty / "config.json").write_bytes((model_dir / "config.json").read_bytes())
     with pytest.raises(InputError, match=r"no \*\.safetensors"):
         export_checkpoint(symmetric, tmp_path / "a", format="ascend", model=empty)
     (empty / "model.safetensors").write_bytes(b"")

@@ -1,10 +1,10 @@
-"""quantcache.export: the shared plumbing and the msModelSlim ``ascend`` (C8) format, on a tiny Llama.
+"""quantcache.export's shared plumbing, on a tiny Llama: registry, state loading, checkpoint layout, import.
 
-The ascend format is quantcache's own scheme, so its round trip must be bit-exact:
-export -> import gives the same frozen scale and zero point tensors. The plumbing must
-leave a checkpoint every reader agrees on (weights byte for byte, one index naming the
-scale shard), refuse what the target cannot load before writing anything, and import by
-reading the KV scale tensors only.
+An export must leave a checkpoint every reader agrees on (weights byte for byte, one index
+naming the scale shard), refuse what the target cannot load before writing anything, and
+an import must read the KV scale tensors only. The ascend format (used here as the
+concrete format) has its own tests in test_export_ascend.py; the FP8 formats in
+test_export_fp8.py.
 """
 
 from __future__ import annotations

@@ -863,6 +863,17 @@ def test_an_unwritable_output_is_refused_before_any_work(
     assert not calls  # neither the model nor the data was touched
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_on_a_file_system_that_takes_no_files_is_refused_even_for_root(
+    calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = use_model()
+    arguments = ["--scales", str(calibrated), "--json", "/proc/quantcache-test/eval.json"]
+    assert cli.main(["evaluate", *EVALUATE_SMALL, *arguments]) == cli.EXIT_INPUT
+    assert "cannot write into /proc" in error_line(capsys.readouterr())
+    assert not calls
+
+
 def test_an_output_that_is_a_directory_is_refused_before_any_work(
     tmp_path: Path, calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -48,7 +48,8 @@ def check_writable(value: str | Path | None, option: str) -> None:
 
     Checks what writing would need: the path is not a directory or a dangling link, its
     nearest existing ancestor is a directory we may create entries in (permissions, a
-    read-only file system), and an existing file there may be replaced.
+    read-only file system; tried with an empty file that is removed at once), and an
+    existing file there may be replaced.
     """
     if value is None or str(value) == "-":
         return
@@ -64,8 +65,27 @@ def check_writable(value: str | Path | None, option: str) -> None:
         raise InputError(
             f"{option} {value}: cannot write into {ancestor} (permission denied or a read-only file system)"
         )
+    refusal = _creation_refused(ancestor)
+    if refusal is not None:
+        raise InputError(f"{option} {value}: cannot write into {ancestor} ({refusal})")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{option} {value}: the existing file is not writable (permission denied)")
+
+
+def _creation_refused(directory: Path) -> str | None:
+    """Why a file cannot be created in ``directory``, found by creating (and removing) an empty one.
+
+    ``os.access`` answers from the permission bits, which root is exempt from and which
+    say nothing of pseudo file systems such as /proc; only trying tells for sure.
+    """
+    probe = _temporary_name(directory / "quantcache-write-check", "probe")
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    os.close(descriptor)
+    probe.unlink(missing_ok=True)
+    return None
 
 
 def _umask() -> int:

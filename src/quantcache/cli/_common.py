@@ -197,6 +197,8 @@ def add_data_options(
     parser: argparse.ArgumentParser, *, samples: int, seq_len: int, default_source: str, evaluation: bool
 ) -> None:
     """The text source and its windows; ``evaluation`` adds ``--context``, ``--prefill`` and ``--chunk``."""
+    from ..data import DEFAULT_JSONL_FIELD  # quantcache.data imports torch only when it cuts windows
+
     group = parser.add_argument_group(
         "data",
         f"Text to run through the model (default: {default_source}).\n"
@@ -221,7 +223,7 @@ def add_data_options(
         dest="jsonl_field",
         metavar="FIELD",
         default=None,
-        help="the string field of each --jsonl record that holds the text (default: text)",
+        help=f"the string field of each --jsonl record that holds the text (default: {DEFAULT_JSONL_FIELD})",
     )
     group.add_argument(
         "--samples", type=positive_int, default=samples, metavar="N", help=f"number of windows (default: {samples})"
@@ -245,7 +247,11 @@ def add_data_options(
             help="tokens of each window prefilled at once before decoding (default: 256)",
         )
         group.add_argument(
-            "--chunk", type=positive_int, default=32, metavar="C", help="tokens per decoding step after the prefill"
+            "--chunk",
+            type=positive_int,
+            default=32,
+            metavar="C",
+            help="tokens per decoding step after the prefill (default: 32)",
         )
 
 

@@ -669,7 +669,7 @@ def test_usage_errors_exit_2(arguments: list[str], message: str, capsys: pytest.
     assert message in err and "Traceback" not in err
 
 
-# ---------------------------------------------------------------------------- exit codes (issue 10)
+# ---------------------------------------------------------------------------- exit codes
 def test_ctrl_c_exits_130(tmp_path: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]) -> None:
     use_model(error=KeyboardInterrupt())
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "run")]) == 130 == cli.EXIT_INTERRUPTED

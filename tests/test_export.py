@@ -236,7 +236,7 @@ def test_model_argument_errors(symmetric: QuantizedCalibratingCache, model_dir: 
     empty.mkdir()
     with pytest.raises(InputError, match=r"no config\.json"):
         export_checkpoint(symmetric, tmp_path / "a", format="ascend", model=empty)
-    (empty / "config.json").write_text("{}")
+    (empty / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     with pytest.raises(InputError, match=r"config\.json cannot be read by transformers"):
         export_checkpoint(symmetric, tmp_path / "a", format="ascend", model=empty)
     (empty / "config.json").write_bytes((model_dir / "config.json").read_bytes())

@@ -1,9 +1,10 @@
 """The ``quantcache`` command line, run in-process on a tiny offline model.
 
-``quantcache.cli._load_model`` is replaced by a loader that returns the session's tiny
-random Llama and a character-level tokenizer built with ``tokenizers`` (no download),
-so every command runs end to end in well under a second. One test starts the real
-entry point in a subprocess; one ``slow`` test runs the real default model.
+``quantcache.cli._steps.load_model_and_tokenizer`` is replaced by a loader that returns
+the session's tiny random Llama and a character-level tokenizer built with ``tokenizers``
+(no download), so every command runs end to end in well under a second. Tests of
+files that are not models use the real loader. Two tests start the real entry point
+in a subprocess; one ``slow`` test runs the real default model.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
 import re
 import string
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,13 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache, __version__, cli
+from quantcache.calibration import calibrate
+from quantcache.cli import _steps
+from quantcache.data import TextSource, token_windows
+from quantcache.errors import QuantcacheError
+from quantcache.evaluation import evaluate
 from quantcache.models import ModelFetchError
+from quantcache.report import to_json
 from quantcache.serialization import read_state_file, write_state_file
 
 CALIBRATE_SMALL = ["--samples", "2", "--seq-len", "48", "-q"]
@@ -100,7 +109,7 @@ def use_model(
                 raise error
             return (model if model is not None else llama), tokenizer
 
-        monkeypatch.setattr(cli, "_load_model", load)
+        monkeypatch.setattr(_steps, "load_model_and_tokenizer", load)
         return calls
 
     install()
@@ -114,7 +123,7 @@ def calibrated(
     """A directory holding a state calibrated by the CLI on the tiny Llama (shared, read-only)."""
     out = tmp_path_factory.mktemp("calibrated") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "_load_model", lambda args: (llama, tokenizer))
+        patch.setattr(_steps, "load_model_and_tokenizer", lambda args: (llama, tokenizer))
         assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(out)]) == 0
     return out
 
@@ -237,8 +246,56 @@ def test_unmatched_pattern_is_a_one_line_warning(
 
 
 # ---------------------------------------------------------------------------- evaluate
+EVALUATION_KEYS = {
+    "ppl_reference",
+    "ppl_quantized",
+    "ppl_relative_change",
+    "kl_mean",
+    "top1_agreement",
+    "num_tokens",
+    "layers",
+    "settings",
+}
+
+
+@pytest.fixture(scope="module")
+def expected_evaluation(calibrated: Path, llama: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+    """What ``evaluate`` with EVALUATE_SMALL must report, computed through the library on the same windows."""
+    documents = TextSource(kind="builtin", split="evaluation").load()
+    windows = token_windows(tokenizer, documents, num_samples=2, seq_len=64, seed=0)
+    cache = QuantizedCalibratingCache.from_file(calibrated / "kv_scales.safetensors", llama)
+    result = evaluate(llama, cache, windows, prefill=32, chunk=16, progress=False)
+    data: dict[str, Any] = json.loads(to_json(result))
+    return data
+
+
+def check_evaluation(data: dict[str, Any], expected: dict[str, Any]) -> None:
+    """``data`` is the real evaluation: every metric key, the settings used, and the measured values."""
+    assert set(data) == EVALUATION_KEYS
+    assert data["num_tokens"] == expected["num_tokens"] == 2 * 63
+    assert (data["settings"]["prefill"], data["settings"]["chunk"]) == (32, 16)
+    assert (data["settings"]["num_windows"], data["settings"]["window_length"]) == (2, 64)
+    assert [layer["name"] for layer in data["layers"]] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert data["ppl_reference"] > 1 and data["kl_mean"] >= 0 and 0 <= data["top1_agreement"] <= 1
+    for key in ("ppl_reference", "ppl_quantized", "ppl_relative_change", "kl_mean", "top1_agreement"):
+        assert data[key] == pytest.approx(expected[key], rel=1e-6), key
+    for layer, reference in zip(data["layers"], expected["layers"], strict=True):
+        assert (layer["index"], layer["name"], layer["quantized"]) == (
+            reference["index"],
+            reference["name"],
+            reference["quantized"],
+        )
+        numbers = ("key_sqnr_db", "value_sqnr_db", "key_clip_fraction", "value_clip_fraction")
+        assert [layer[key] for key in numbers] == pytest.approx([reference[key] for key in numbers], rel=1e-6)
+    assert data["settings"] == expected["settings"]
+
+
 def test_evaluate_prints_table_and_writes_json_and_markdown(
-    tmp_path: Path, calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    calibrated: Path,
+    use_model: Callable[..., Any],
+    expected_evaluation: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     report_json, report_md = tmp_path / "eval.json", tmp_path / "out" / "eval.md"
     arguments = ["--scales", str(calibrated), "--json", str(report_json), "--markdown", str(report_md)]
@@ -247,29 +304,47 @@ def test_evaluate_prints_table_and_writes_json_and_markdown(
     assert "model.layers.0.self_attn" in printed or "layer" in printed.lower()
     data = json.loads(report_json.read_text())
     assert isinstance(data, dict) and data
-    assert report_md.read_text().strip()
+    check_evaluation(data, expected_evaluation)
+    ppl = f"{data['ppl_reference']:.4f}"
+    assert ppl in printed
+    markdown = report_md.read_text()
+    assert markdown.strip()
+    assert markdown.startswith("# KV-cache quantization quality") and f"| PPL reference | {ppl} |" in markdown
 
 
 def test_evaluate_json_to_stdout_keeps_stdout_pure(
-    calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+    calibrated: Path,
+    use_model: Callable[..., Any],
+    expected_evaluation: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--json", "-"]) == 0
     captured = capsys.readouterr()
     assert isinstance(json.loads(captured.out), dict)
+    check_evaluation(json.loads(captured.out), expected_evaluation)
     assert captured.err.strip()  # the table went to stderr
+    assert f"{expected_evaluation['kl_mean']:.3e}" in captured.err
 
 
 def test_evaluate_writes_plot(tmp_path: Path, calibrated: Path, use_model: Callable[..., Any]) -> None:
-    pytest.importorskip("matplotlib")
-    plot = tmp_path / "layers.png"
+    # matplotlib is a dev dependency: this test runs (it is not skipped) wherever the tests do.
+    plot = tmp_path / "plots" / "layers.png"
     assert cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--plot", str(plot)]) == 0
-    assert plot.read_bytes().startswith(b"\x89PNG")
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert [entry.name for entry in plot.parent.iterdir()] == ["layers.png"]  # no temporary file left
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
 def test_evaluate_plot_without_matplotlib_fails_before_work(
-    tmp_path: Path, calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    calibrated: Path,
+    use_model: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
+    )
     calls = use_model()
     code = cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--plot", str(tmp_path / "p.png")])
     assert code == cli.EXIT_INPUT and not calls
@@ -364,6 +439,102 @@ def test_inspect_rejects_inconsistent_tensors(
     write_state_file(state, _with_tensors(stored, tensors))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
     assert "layer 1 key lacks scale" in error_line(capsys.readouterr())
+
+
+def _add(name: str, tensor: torch.Tensor) -> Callable[[dict[str, torch.Tensor]], None]:
+    def mutate(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensor
+
+    return mutate
+
+
+def _set(name: str, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
+    def mutate(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name][0, 0] = value
+
+    return mutate
+
+
+def _drop(name: str) -> Callable[[dict[str, torch.Tensor]], None]:
+    def mutate(tensors: dict[str, torch.Tensor]) -> None:
+        del tensors[name]
+
+    return mutate
+
+
+def _clear(tensors: dict[str, torch.Tensor]) -> None:
+    tensors.clear()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_add("layers.0.key.absmax", torch.ones(2, 16)), "unexpected tensor 'layers.0.key.absmax'"),
+        (_add("layers.7.key.min", torch.zeros(2, 16)), "is for layer 7, but the model has 2 layers"),
+        (_add("layers.0.key.min", torch.zeros(2, 8)), "has shape (2, 8), expected (kv_heads, head_dim) (2, 16)"),
+        (_set("layers.0.key.max", math.nan), "'layers.0.key.max' contains NaN or Inf"),
+        (_set("layers.1.value.scale", math.inf), "'layers.1.value.scale' contains NaN or Inf"),
+        (_clear, "the file holds no tensors"),
+        (_drop("layers.1.key.scale"), "layer 1 key lacks scale"),
+        (_drop("layers.0.value.zero_point"), "layer 0 value lacks zero_point"),
+        (_set("layers.0.key.min", 1e6), "layer 0 key: min > max"),
+        (_set("layers.1.key.scale", 0.0), "layer 1 key: non-positive scale"),
+        (_set("layers.1.value.scale", -1.0), "layer 1 value: non-positive scale"),
+    ],
+)
+def test_inspect_refuses_each_kind_of_bad_tensor(
+    mutate: Callable[[dict[str, torch.Tensor]], None],
+    message: str,
+    tmp_path: Path,
+    calibrated: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stored = read_state_file(calibrated / "kv_scales.safetensors")
+    tensors = {name: tensor.clone() for name, tensor in stored.tensors.items()}
+    mutate(tensors)
+    state = tmp_path / "bad.safetensors"
+    write_state_file(state, _with_tensors(stored, tensors))
+    assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
+    line = error_line(capsys.readouterr())
+    assert "invalid state" in line and message in line
+
+
+def test_inspect_refuses_tensors_of_a_layer_the_config_does_not_quantize(
+    tmp_path: Path, calibrated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    stored = read_state_file(calibrated / "kv_scales.safetensors")
+    config = replace(stored.config, exclude=("model.layers.1.self_attn",))
+    state = tmp_path / "excluded.safetensors"
+    write_state_file(state, replace(stored, config=config))
+    assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
+    assert "layer 1 (model.layers.1.self_attn) has tensors but the stored config does not quantize it" in error_line(
+        capsys.readouterr()
+    )
+
+
+def test_inspect_refuses_streams_whose_tensors_disagree_in_shape(
+    tmp_path: Path, calibrated: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    stored = read_state_file(calibrated / "kv_scales.safetensors")
+    tensors = {name: tensor.clone() for name, tensor in stored.tensors.items()}
+    tensors["layers.0.value.scale"] = torch.ones(4, 8)
+    state = tmp_path / "ragged.safetensors"  # without a recorded shape only agreement can be checked
+    write_state_file(state, replace(stored, tensors=tensors, kv_heads=None, head_dim=None))
+    assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
+    assert "layer 0 value tensors disagree in shape" in error_line(capsys.readouterr())
+
+
+def test_inspect_counts_further_problems(tmp_path: Path, calibrated: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stored = read_state_file(calibrated / "kv_scales.safetensors")
+    tensors = {name: tensor for name, tensor in stored.tensors.items() if not name.endswith(".scale")}
+    state = tmp_path / "unscaled.safetensors"
+    write_state_file(state, _with_tensors(stored, tensors))
+    assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
+    assert "layer 0 key lacks scale (mode frozen) (and 3 more problems)" in error_line(capsys.readouterr())
 
 
 # ---------------------------------------------------------------------------- suggest-exclude
@@ -498,6 +669,330 @@ def test_usage_errors_exit_2(arguments: list[str], message: str, capsys: pytest.
     assert message in err and "Traceback" not in err
 
 
+# ---------------------------------------------------------------------------- exit codes
+def test_ctrl_c_exits_130(tmp_path: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]) -> None:
+    use_model(error=KeyboardInterrupt())
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "run")]) == 130 == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip() == "quantcache: interrupted"
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_os_error_exits_3_naming_the_file(
+    tmp_path: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_model(error=PermissionError(13, "Permission denied", "/models/weights.safetensors"))
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "run")]) == 3 == cli.EXIT_INPUT
+    line = error_line(capsys.readouterr())
+    assert line == "quantcache: error: Permission denied: /models/weights.safetensors"
+
+
+def test_a_missing_optional_dependency_exits_3_with_the_install_command(
+    tmp_path: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_model(error=ModuleNotFoundError("No module named 'datasets'", name="datasets"))
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "run")]) == 3 == cli.EXIT_INPUT
+    line = error_line(capsys.readouterr())
+    assert "missing optional dependency 'datasets'" in line and "pip install 'quantcache[datasets]'" in line
+    assert "bug" not in line
+
+
+def test_a_project_error_exits_with_the_code_it_carries(
+    tmp_path: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Unreachable(QuantcacheError):
+        exit_code = 4
+
+    use_model(error=Unreachable("the mirror is down"))
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "run")]) == 4
+    assert error_line(capsys.readouterr()) == "quantcache: error: the mirror is down"
+
+
+def test_evaluate_refuses_a_state_saved_before_freeze(
+    tmp_path: Path,
+    llama: PreTrainedModel,
+    use_model: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    windows = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    state = calibrate(llama, windows, freeze=False, progress=False).save(tmp_path / "statistics.safetensors")
+    assert read_state_file(state).mode == "calibrate"
+    calls = use_model()
+    for command in (["evaluate"], ["suggest-exclude", "--kl-budget", "1e-3"]):
+        assert cli.main([*command, *EVALUATE_SMALL, "--scales", str(state)]) == cli.EXIT_INPUT
+        line = error_line(capsys.readouterr())
+        assert "statistics.safetensors" in line and "before freeze()" in line and "mode 'calibrate'" in line
+    assert not calls  # refused before the model loads
+
+
+def test_asymmetric_flag_reaches_the_saved_state(tmp_path: Path, use_model: Callable[..., Any]) -> None:
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "--asymmetric", "-o", str(tmp_path / "asym")]) == 0
+    stored = read_state_file(tmp_path / "asym" / "kv_scales.safetensors")
+    assert stored.config.symmetric is False
+    assert any(bool(tensor.ne(0).any()) for name, tensor in stored.tensors.items() if name.endswith("zero_point"))
+    summary = json.loads((tmp_path / "asym" / "kv_scales.json").read_text())
+    assert summary["config"]["qconfig"]["symmetric"] is False
+    assert "asymmetric" in (tmp_path / "asym" / "kv_scales.md").read_text()
+
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "sym")]) == 0
+    stored = read_state_file(tmp_path / "sym" / "kv_scales.safetensors")
+    assert stored.config.symmetric is True
+    assert all(not tensor.any() for name, tensor in stored.tensors.items() if name.endswith("zero_point"))
+
+
+# ---------------------------------------------------------------------------- files that are not what they seem
+def test_a_config_that_is_not_utf8_exits_3(
+    tmp_path: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "kv.yaml"
+    config.write_bytes(SINGLE_ITEM.replace("per_channel", "per_channel # d\u00e9j\u00e0").encode("latin-1"))
+    code = cli.main(["calibrate", *CALIBRATE_SMALL, "--config", str(config), "-o", str(tmp_path / "run")])
+    assert code == cli.EXIT_INPUT
+    line = error_line(capsys.readouterr())
+    assert re.search(r"config file .*kv\.yaml is not UTF-8 text \(undecodable byte at line 3", line)
+
+
+@pytest.mark.parametrize("option", ["--config", "--text-file"])
+def test_a_directory_or_a_link_loop_is_named_for_what_it_is(
+    option: str, tmp_path: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = use_model()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    for path, expected in ((folder, "is a directory"), (loop, "is a symbolic link loop")):
+        code = cli.main(["calibrate", *CALIBRATE_SMALL, option, str(path), "-o", str(tmp_path / "run")])
+        assert code == cli.EXIT_INPUT
+        line = error_line(capsys.readouterr())
+        assert expected in line and str(path) in line and "not found" not in line
+    assert not calls
+
+
+def test_inspect_names_a_link_loop_and_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    assert cli.main(["inspect", str(loop)]) == cli.EXIT_INPUT
+    assert "is a symbolic link loop" in error_line(capsys.readouterr())
+    (tmp_path / "run" / "kv_scales.safetensors").mkdir(parents=True)
+    assert cli.main(["inspect", str(tmp_path / "run")]) == cli.EXIT_INPUT
+    assert "kv_scales.safetensors is a directory" in error_line(capsys.readouterr())
+
+
+def test_random_bytes_as_a_gguf_model_exit_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model.gguf"
+    model.write_bytes(bytes(range(256)) * 16)
+    code = cli.main(["calibrate", *CALIBRATE_SMALL, "--model", str(model), "-o", str(tmp_path / "run")])
+    assert code == cli.EXIT_FETCH
+    line = error_line(capsys.readouterr())
+    assert f"could not load GGUF file {model}" in line and "bug" not in line
+
+
+def test_a_truncated_gguf_model_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    from gguf import GGUFWriter
+
+    whole = tmp_path / "whole.gguf"
+    writer = GGUFWriter(str(whole), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = tmp_path / "cut" / "model.gguf"
+    model.parent.mkdir()
+    model.write_bytes(whole.read_bytes()[:-300])
+    code = cli.main(["calibrate", *CALIBRATE_SMALL, "--model", str(model), "-o", str(tmp_path / "run")])
+    assert code == cli.EXIT_FETCH
+    assert "truncated or corrupted" in error_line(capsys.readouterr())
+
+
+def test_a_model_directory_without_model_type_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 64}', encoding="utf-8")
+    code = cli.main(["calibrate", *CALIBRATE_SMALL, "--model", str(model), "-o", str(tmp_path / "run")])
+    assert code == cli.EXIT_FETCH
+    assert "model_type" in error_line(capsys.readouterr())
+
+
+# ---------------------------------------------------------------------------- outputs
+@pytest.fixture
+def read_only_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A directory nobody may create files in. Root ignores file modes, so for root the
+    kernel's answer to the permission check is given here as an unprivileged user would get it."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        real_access = os.access
+
+        def access(path: Any, mode: int, **kwargs: Any) -> bool:
+            inside = Path(path) == folder or folder in Path(path).parents
+            return False if inside and mode & os.W_OK else real_access(path, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["calibrate", *CALIBRATE_SMALL, "-o", "{dir}/run"], "-o"),
+        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--json", "{dir}/eval.json"], "--json"),
+        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--markdown", "{dir}/eval.md"], "--markdown"),
+        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--plot", "{dir}/p/layers.png"], "--plot"),
+        (["suggest-exclude", *EVALUATE_SMALL, "--scales", "{scales}", "--kl-budget", "1", "-o", "{dir}/s.yaml"], "-o"),
+    ],
+)
+def test_an_unwritable_output_is_refused_before_any_work(
+    command: list[str],
+    option: str,
+    read_only_dir: Path,
+    calibrated: Path,
+    use_model: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    calls = use_model()
+    arguments = [part.format(dir=read_only_dir, scales=calibrated) for part in command]
+    assert cli.main(arguments) == cli.EXIT_INPUT
+    line = error_line(capsys.readouterr())
+    assert line.startswith(f"quantcache: error: {option} {read_only_dir}/")
+    assert f"cannot write into {read_only_dir}" in line
+    assert not calls  # neither the model nor the data was touched
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_on_a_file_system_that_takes_no_files_is_refused_even_for_root(
+    calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = use_model()
+    arguments = ["--scales", str(calibrated), "--json", "/proc/quantcache-test/eval.json"]
+    assert cli.main(["evaluate", *EVALUATE_SMALL, *arguments]) == cli.EXIT_INPUT
+    assert "cannot write into /proc" in error_line(capsys.readouterr())
+    assert not calls
+
+
+def test_an_output_that_is_a_directory_is_refused_before_any_work(
+    tmp_path: Path, calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = use_model()
+    code = cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--json", str(tmp_path)])
+    assert code == cli.EXIT_INPUT and not calls
+    assert "is a directory" in error_line(capsys.readouterr())
+
+
+def test_json_and_markdown_both_to_stdout_is_a_usage_error(
+    calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls = use_model()
+    arguments = ["--scales", str(calibrated), "--json", "-", "--markdown", "-"]
+    assert cli.main(["evaluate", *EVALUATE_SMALL, *arguments]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("usage: quantcache evaluate") and "would both write to stdout" in err
+    assert not calls
+
+
+def test_seq_len_beyond_the_models_positions_is_refused_before_running(
+    tmp_path: Path, use_model: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("calibration must not start")
+
+    monkeypatch.setattr("quantcache.calibration.calibrate", never)
+    code = cli.main(["calibrate", "--samples", "1", "--seq-len", "257", "-q", "-o", str(tmp_path / "run")])
+    assert code == cli.EXIT_INPUT
+    line = error_line(capsys.readouterr())
+    assert "--seq-len 257" in line and "256 positions" in line and "max_position_embeddings" in line
+    assert not (tmp_path / "run").exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_calibrate_outputs_respect_the_umask(tmp_path: Path, use_model: Callable[..., Any]) -> None:
+    previous = os.umask(0o027)
+    try:
+        assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o750
+    for name in ("kv_scales.safetensors", "kv_scales.json", "kv_scales.md"):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o640, name
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no staging directory left
+
+
+def test_an_interrupted_calibrate_leaves_the_previous_set_untouched(
+    tmp_path: Path, use_model: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "run"
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(out)]) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def interrupted(summary: Any) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("quantcache.report.calibration_markdown", interrupted)
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "--asymmetric", "-o", str(out)]) == cli.EXIT_INTERRUPTED
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert read_state_file(out / "kv_scales.safetensors").config.symmetric is True
+
+
+def test_an_output_set_never_pairs_a_new_state_with_an_old_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quantcache.cli import _output
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("kv.safetensors", "kv.json", "kv.md", "eval.json"):
+        (out / name).write_text(f"old {name}")
+
+    def write(staging: Path) -> None:
+        for name in ("kv.safetensors", "kv.json", "kv.md"):
+            (staging / name).write_text(f"new {name}")
+
+    real_replace = os.replace
+    moved: list[str] = []
+
+    def replace_then_stop(source: Any, target: Any) -> None:
+        if moved:
+            raise KeyboardInterrupt  # interrupted right after the state moved in
+        real_replace(source, target)
+        moved.append(Path(target).name)
+
+    monkeypatch.setattr(_output.os, "replace", replace_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _output.write_file_set(out, "kv.safetensors", write)
+    assert moved == ["kv.safetensors"]
+    contents = {path.name: path.read_text() for path in out.iterdir()}
+    assert contents == {"kv.safetensors": "new kv.safetensors", "eval.json": "old eval.json"}
+
+    monkeypatch.setattr(_output.os, "replace", real_replace)
+    paths = _output.write_file_set(out, "kv.safetensors", write)
+    assert [path.name for path in paths] == ["kv.json", "kv.md", "kv.safetensors"]
+    assert {path.name: path.read_text() for path in out.iterdir()} == {
+        "kv.safetensors": "new kv.safetensors",
+        "kv.json": "new kv.json",
+        "kv.md": "new kv.md",
+        "eval.json": "old eval.json",
+    }
+
+
+def test_progress_in_a_log_is_plain_lines(
+    tmp_path: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["calibrate", "--samples", "2", "--seq-len", "48", "-o", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    progress = [line for line in err.splitlines() if line.startswith("calibrate: ")]
+    assert 1 <= len(progress) <= 11 and progress[-1].startswith("calibrate: 100% 96.0/96.0 tok")
+
+
 # ---------------------------------------------------------------------------- help and entry point
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_subcommand_help_has_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -527,6 +1022,36 @@ def test_python_dash_m_entry_point() -> None:
     assert "calibrate" in completed.stdout and "exit codes" in completed.stdout
 
 
+HELP_WITHOUT_TORCH = """
+import contextlib, io, sys
+import quantcache.cli as cli
+cli.build_parser()  # every command's options
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [cli.main(["--help"])] + [cli.main([name, "--help"]) for name in cli.COMMANDS]
+heavy = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "transformers", "safetensors"))
+print(codes, heavy)
+"""
+
+
+def test_help_imports_neither_torch_nor_transformers() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == f"{[0] * (len(cli.COMMANDS) + 1)} []"
+
+
+def test_every_command_in_the_table_has_a_parser_and_a_runner() -> None:
+    assert set(SUBCOMMANDS) <= set(cli.COMMANDS)
+    parser = cli.build_parser()
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    assert list(subparsers.choices) == list(cli.COMMANDS)
+    for name in cli.COMMANDS:
+        module = cli.command_module(name)
+        assert callable(module.add_parser) and callable(module.run)
+        assert subparsers.choices[name].prog == f"quantcache {name}"
+
+
 # ---------------------------------------------------------------------------- the real model
 @pytest.mark.slow
 def test_real_default_model_calibrate_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -536,5 +1061,8 @@ def test_real_default_model_calibrate_then_evaluate(tmp_path: Path, capsys: pyte
     arguments = ["--samples", "1", "--context", "128", "--prefill", "64", "-q", "--device", "cpu"]
     assert cli.main(["evaluate", "--scales", str(out), *arguments, "--json", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert set(data) == EVALUATION_KEYS and data["num_tokens"] == 127 and len(data["layers"]) == 30
+    assert 0 <= data["kl_mean"] < 0.05 and data["top1_agreement"] > 0.8
     assert cli.main(["inspect", str(out)]) == 0
     assert "llama" in capsys.readouterr().out

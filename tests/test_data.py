@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import sys
@@ -356,6 +357,79 @@ def test_read_jsonl_file_errors(tmp_path: Path) -> None:
     binary.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
     with pytest.raises(DataError, match="line 2"):
         read_jsonl(binary, "text")
+
+
+# --------------------------------------------------------------------------- what a path really is
+def test_a_directory_is_named_a_directory_not_missing(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is a directory") as error:
+        read_jsonl(tmp_path, "text")
+    assert "not found" not in one_line(error)
+
+
+def test_a_symlink_loop_is_named_a_loop_not_missing(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError, match="symbolic link loop") as error:
+        read_text_file(loop)
+    assert "not found" not in one_line(error) and "loop.txt" in one_line(error)
+
+
+def test_a_dangling_symlink_names_its_missing_target(tmp_path: Path) -> None:
+    link = tmp_path / "corpus.txt"
+    link.symlink_to(tmp_path / "moved-away.txt")
+    with pytest.raises(DataError, match=r"broken symbolic link .*moved-away\.txt"):
+        read_text_file(link)
+
+
+def test_an_unreadable_file_is_named_unreadable_not_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "secret.txt"
+    path.write_text("some text", encoding="utf-8")
+    real_open = os.open
+
+    def refuse(target: Any, flags: int, *args: Any) -> int:
+        if Path(target) == path:
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_open(target, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(DataError, match=r"cannot read text file .*secret\.txt: permission denied") as error:
+        read_text_file(path)
+    assert "not found" not in one_line(error)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_an_unreadable_file_by_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "secret.txt"
+    path.write_text("some text", encoding="utf-8")
+    path.chmod(0)
+    with pytest.raises(DataError, match="permission denied"):
+        read_text_file(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    pipe = tmp_path / "pipe.txt"
+    os.mkfifo(pipe)
+    with pytest.raises(DataError, match="not a regular file"):
+        read_text_file(pipe)
+
+
+def test_require_file_names_the_role_and_returns_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "kv.yaml"
+    path.write_text("x: 1\n", encoding="utf-8")
+    assert data.require_file(str(path), "config file") == path
+    with pytest.raises(DataError, match=r"^config file not found: .*absent\.yaml"):
+        data.require_file(tmp_path / "absent.yaml", "config file")
+    with pytest.raises(DataError, match=r"not found \(a part of the path is a file"):
+        data.require_file(path / "inner.yaml", "config file")
+    assert data.file_problem(path) is None and data.file_problem(tmp_path) == "is a directory"
+
+
+def test_read_text_file_names_the_role_it_was_given(tmp_path: Path) -> None:
+    path = tmp_path / "kv.yaml"
+    path.write_bytes("qconfig: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"^config file .*kv\.yaml is not UTF-8 text"):
+        read_text_file(path, what="config file")
 
 
 # --------------------------------------------------------------------------- WikiText-2 via datasets

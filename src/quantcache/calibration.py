@@ -10,17 +10,16 @@ values as a prefix. The result is frozen (ready to quantize) and holds no KV con
 from __future__ import annotations
 
 import inspect
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .cache import CACHE_KEYWORD, QuantizedCalibratingCache
 from .config import KVQuantConfig
 from .data import DataError
+from .progress import progress_bar
 
 __all__ = ["calibrate", "check_token_batch", "model_device"]
 
@@ -131,7 +130,8 @@ def calibrate(
         batch_size: rows per forward pass when ``data`` is one tensor.
         freeze: freeze the result (compute the INT8 parameters); ``False`` leaves it in
             calibrate mode so more data can be added with another call.
-        progress: show a tqdm bar on stderr (tokens/s, ETA).
+        progress: show progress on stderr (tokens/s, ETA): a live bar on a terminal, a few
+            plain lines when stderr is a file or a pipe.
 
     Returns:
         An empty cache holding the accumulated statistics, frozen unless ``freeze=False``.
@@ -170,9 +170,7 @@ def calibrate(
     seen_batches = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(
-        total=total, unit="tok", unit_scale=True, desc="calibrate", file=sys.stderr, disable=not progress, leave=False
-    )
+    bar = progress_bar(total, "calibrate", progress)
     try:
         with torch.inference_mode():
             for batch in batches:

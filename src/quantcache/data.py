@@ -16,10 +16,12 @@ so a model is never evaluated on the text it was calibrated on.
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import os
 import random
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -27,11 +29,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
-
 from .errors import DataError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where windows are built, so reading files stays light
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
@@ -42,9 +43,11 @@ __all__ = [
     "Split",
     "TextSource",
     "builtin_corpus",
+    "file_problem",
     "load_wikitext2",
     "read_jsonl",
     "read_text_file",
+    "require_file",
     "token_windows",
 ]
 
@@ -109,13 +112,69 @@ def _read_builtin(split: str) -> str:
         ) from error
 
 
+_NOT_FOUND = "not found"
+
+
+def file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be read as a regular file, in a few words; ``None`` when it can.
+
+    ``Path.exists()`` answers False for a symbolic link loop and raises for a path it may
+    not look at, so messages built on it call every problem "not found". This opens the
+    path once (non-blocking, so a named pipe cannot hang it) and names what it really
+    is: ``"not found"``, ``"is a directory"``, ``"is a symbolic link loop"``,
+    ``"is a broken symbolic link ..."``, ``"is not readable (permission denied)"`` ...
+    """
+    location = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        descriptor = os.open(location, flags)
+    except OSError as error:
+        return _open_problem(location, error)
+    try:
+        mode = os.fstat(descriptor).st_mode
+    finally:
+        os.close(descriptor)
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a device, pipe or socket)"
+    return None
+
+
+def _open_problem(location: Path, error: OSError) -> str:
+    if error.errno == errno.ENOENT:
+        if location.is_symlink():
+            return f"is a broken symbolic link (its target {os.readlink(location)} does not exist)"
+        return _NOT_FOUND
+    if error.errno == errno.ELOOP:
+        return "is a symbolic link loop (following its links never reaches a file)"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return "is not readable (permission denied)"
+    if error.errno == errno.ENOTDIR:
+        return f"{_NOT_FOUND} (a part of the path is a file, not a directory)"
+    if error.errno == errno.EISDIR or location.is_dir():  # Windows refuses to open directories
+        return "is a directory"
+    return f"cannot be opened ({error.strerror or type(error).__name__})"
+
+
+def require_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if it is a readable regular file; otherwise a
+    :class:`DataError` such as ``"config file kv.yaml is a directory"`` (``what`` names the role)."""
+    problem = file_problem(path)
+    if problem is None:
+        return Path(path)
+    if problem == _NOT_FOUND:
+        raise DataError(f"{what} not found: {_display(path)}; check the path")
+    if problem == "is a directory":
+        raise DataError(f"{what} {_display(path)} is a directory; give the path of a file inside it")
+    if problem.startswith("is not readable"):
+        raise DataError(f"cannot read {what} {_display(path)}: permission denied; check its permissions")
+    raise DataError(f"{what} {_display(path)} {problem}")
+
+
 def _read_bytes(path: str | os.PathLike[str], what: str) -> bytes:
     """The file's bytes, with every way of not being a readable file turned into a DataError."""
-    location = Path(path)
-    if not location.exists():
-        raise DataError(f"{what} not found: {_display(path)}; check the path")
-    if location.is_dir():
-        raise DataError(f"{what} {_display(path)} is a directory; give the path of a file inside it")
+    location = require_file(path, what)
     try:
         return location.read_bytes()
     except OSError as error:
@@ -135,14 +194,13 @@ def _decode(data: bytes, path: str | os.PathLike[str], what: str) -> str:
         ) from error
 
 
-def read_text_file(path: str | os.PathLike[str]) -> str:
+def read_text_file(path: str | os.PathLike[str], *, what: str = "text file") -> str:
     """The UTF-8 text of ``path`` with line endings normalised to ``\\n``.
 
     Failing here, with the path in the message, is kinder than failing minutes later
     after the model has loaded, so every unusable file (missing, a directory, empty,
-    not UTF-8) raises :class:`DataError`.
+    not UTF-8) raises :class:`DataError`; ``what`` names the file's role in messages.
     """
-    what = "text file"
     text = _decode(_read_bytes(path, what), path, what)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.strip():
@@ -344,6 +402,8 @@ def token_windows(
     same arguments always give the same tensor, and windows never overlap, so no token
     is counted twice. A single string is taken as one document.
     """
+    import torch
+
     if num_samples < 1:
         raise DataError(f"number of samples must be at least 1, got {num_samples}; pass --samples 1 or more")
     if seq_len < 1:

@@ -1,25 +1,43 @@
-"""Formatting of evaluation results and exclude suggestions: text, Markdown, JSON, YAML, a plot.
+"""Formatting for people: evaluation results, exclude suggestions and the ranges a state holds.
 
-Nothing here computes a measurement; every function turns an
-:class:`~quantcache.evaluation.EvaluationResult` or
-:class:`~quantcache.evaluation.ExcludeSuggestion` into something to print or save.
+Nothing here measures quality; every function turns an
+:class:`~quantcache.evaluation.EvaluationResult`, an
+:class:`~quantcache.evaluation.ExcludeSuggestion` or the min/max tensors of a saved
+state into something to print or save (text, Markdown, JSON, YAML, a plot). The range
+summaries (per-layer min/max and outlier channels) are computed here because they exist
+only to be shown: ``quantcache calibrate`` writes them beside the state and
+``quantcache inspect`` prints them.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .config import KVQuantConfig
-from .evaluation import EvaluationResult, ExcludeSuggestion, LayerError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .evaluation import EvaluationResult, ExcludeSuggestion, LayerError
 
 __all__ = [
+    "RANGE_HEADER",
+    "calibration_markdown",
+    "config_text",
     "format_suggestion",
     "format_table",
+    "index_ranges",
+    "layer_summaries",
+    "outlier_lines",
     "plot_layers",
+    "range_rows",
+    "range_table",
+    "stream_summary",
     "suggestion_to_yaml",
     "to_json",
     "to_markdown",
@@ -80,7 +98,10 @@ def _layer_row(layer: LayerError) -> tuple[str, ...]:
     )
 
 
-def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left: Sequence[int] = (1,)) -> str:
+def _text_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], *, left: Sequence[int] = (1,), rule: bool = True
+) -> str:
+    """Fixed-width columns, right-aligned except ``left``; ``rule`` draws dashes under the header."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
@@ -89,7 +110,8 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left: S
             for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    return "\n".join([line(header), "  ".join("-" * width for width in widths), *(line(row) for row in rows)])
+    rules = ["  ".join("-" * width for width in widths)] if rule else []
+    return "\n".join([line(header), *rules, *(line(row) for row in rows)])
 
 
 def format_table(result: EvaluationResult) -> str:
@@ -106,11 +128,14 @@ def format_table(result: EvaluationResult) -> str:
     return "\n".join(lines)
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, align: str) -> str:
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, align: str | None = None) -> str:
+    """A Markdown table; ``align`` is one ``l``/``r`` per column, or ``None`` for the renderer's default."""
+
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
-    rule = "|" + "|".join(":---" if kind == "l" else "---:" for kind in align) + "|"
+    kinds = align if align is not None else "d" * len(header)
+    rule = "|" + "|".join({"l": ":---", "r": "---:"}.get(kind, "---") for kind in kinds) + "|"
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
@@ -234,3 +259,178 @@ def suggestion_to_yaml(suggestion: ExcludeSuggestion, base_config: KVQuantConfig
         f"(budget {suggestion.kl_budget:.3e}{'' if suggestion.met_budget else ', not met'})",
     ]
     return "\n".join(header) + "\n" + config.to_yaml()
+
+
+# ---------------------------------------------------------------------------- ranges of a saved state
+STREAMS = ("key", "value")
+
+RANGE_HEADER = ("layer", "module", "key min", "key max", "key max/med", "value min", "value max", "value max/med")
+"""Columns of :func:`range_rows`: per stream the smallest min, the largest max and how far the
+widest channel range exceeds the median one (the outlier ratio)."""
+
+
+def _float(value: torch.Tensor | float) -> float:
+    return float(value.item()) if not isinstance(value, (int, float)) else float(value)
+
+
+def stream_summary(low: torch.Tensor, high: torch.Tensor, *, top: int, factor: float) -> dict[str, Any]:
+    """Range of one key or value stream and its outlier channels (range > ``factor`` x the median channel range).
+
+    ``low``/``high`` are the per-channel min/max, ``(kv_heads, head_dim)``; outliers are
+    listed widest first, at most ``top``, and ``outlier_channels`` counts all of them.
+    Outlier channels are what makes a per-tensor scale lose precision, so they are the
+    first thing to look at when a layer quantizes badly.
+    """
+    import torch
+
+    low, high = low.detach().float().cpu(), high.detach().float().cpu()
+    ranges = high - low
+    median = _float(ranges.flatten().median())
+    outliers: list[dict[str, Any]] = []
+    if median > 0:
+        flat = ranges.flatten()
+        order = torch.argsort(flat, descending=True)
+        head_dim = ranges.shape[-1] if ranges.dim() == 2 else flat.numel()
+        for position in order.tolist():
+            value = _float(flat[position])
+            if value <= factor * median or len(outliers) >= top:
+                break
+            outliers.append(
+                {
+                    "kv_head": position // head_dim,
+                    "channel": position % head_dim,
+                    "min": _float(low.flatten()[position]),
+                    "max": _float(high.flatten()[position]),
+                    "range": value,
+                    "ratio": value / median,
+                }
+            )
+    count = int((ranges > factor * median).sum().item()) if median > 0 else 0
+    return {
+        "min": _float(low.min()),
+        "max": _float(high.max()),
+        "absmax": max(abs(_float(low.min())), abs(_float(high.max()))),
+        "median_channel_range": median,
+        "max_channel_range": _float(ranges.max()),
+        "outlier_channels": count,
+        "outliers": outliers,
+    }
+
+
+def layer_summaries(
+    tensors: Mapping[str, torch.Tensor],
+    layer_names: Sequence[str],
+    config: KVQuantConfig,
+    *,
+    top: int = 3,
+    factor: float = 4.0,
+) -> list[dict[str, Any]]:
+    """One entry per layer: index, module name, whether the config quantizes it, and a
+    :func:`stream_summary` per stream (``None`` for a stream without min/max tensors)."""
+    layers: list[dict[str, Any]] = []
+    for index, name in enumerate(layer_names):
+        entry: dict[str, Any] = {"index": index, "name": name, "quantized": config.is_quantized(name)}
+        for stream in STREAMS:
+            low = tensors.get(f"layers.{index}.{stream}.min")
+            high = tensors.get(f"layers.{index}.{stream}.max")
+            entry[stream] = None if low is None or high is None else stream_summary(low, high, top=top, factor=factor)
+        layers.append(entry)
+    return layers
+
+
+def config_text(config: KVQuantConfig) -> str:
+    """The scheme on one line: ``int8 per_channel symmetric minmax; include *; exclude -``."""
+    kind = "symmetric" if config.symmetric else "asymmetric"
+    exclude = ", ".join(config.exclude) or "-"
+    return (
+        f"{config.dtype.value} {config.scope.value} {kind} {config.method.value}; "
+        f"include {', '.join(config.include)}; exclude {exclude}"
+    )
+
+
+def index_ranges(indices: Sequence[int]) -> str:
+    """Layer indices compactly: ``[0, 1, 2, 5]`` -> ``'0-2, 5'`` (``'none'`` for no index)."""
+    parts: list[str] = []
+    start: int | None = None
+    previous: int | None = None
+    for index in [*sorted(indices), None]:
+        if index is not None and previous is not None and index == previous + 1:
+            previous = index
+            continue
+        if start is not None and previous is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = index
+    return ", ".join(parts) or "none"
+
+
+def range_rows(layers: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """The cells of the per-layer range table (:data:`RANGE_HEADER`), ``-`` where a layer has no data."""
+    rows: list[list[str]] = []
+    for layer in layers:
+        row = [str(layer["index"]), layer["name"]]
+        for stream in STREAMS:
+            summary = layer[stream]
+            if summary is None:
+                row += ["-", "-", "-"]
+            else:
+                row += [
+                    f"{summary['min']:.4g}",
+                    f"{summary['max']:.4g}",
+                    f"{summary['max_channel_range'] / summary['median_channel_range']:.1f}x"
+                    if summary["median_channel_range"] > 0
+                    else "-",
+                ]
+        rows.append(row)
+    return rows
+
+
+def range_table(layers: Sequence[Mapping[str, Any]]) -> str:
+    """The per-layer ranges as a fixed-width text table (for a terminal)."""
+    return _text_table(RANGE_HEADER, range_rows(layers), rule=False)
+
+
+def outlier_lines(layers: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One indented line per stream that has outlier channels, widest first, with a count of the rest."""
+    lines: list[str] = []
+    for layer in layers:
+        for stream in STREAMS:
+            summary = layer[stream]
+            if not summary or not summary["outliers"]:
+                continue
+            listed = ", ".join(
+                f"head {item['kv_head']} ch {item['channel']} ({item['range']:.3g}, {item['ratio']:.1f}x)"
+                for item in summary["outliers"]
+            )
+            more = summary["outlier_channels"] - len(summary["outliers"])
+            lines.append(f"  layer {layer['index']:>3} {stream:<5}  {listed}{f' (+{more} more)' if more > 0 else ''}")
+    return lines
+
+
+def calibration_markdown(summary: Mapping[str, Any]) -> str:
+    """The Markdown summary ``quantcache calibrate`` writes beside a state, from its JSON summary."""
+    data, seconds = summary["data"], summary["seconds"]
+    config = KVQuantConfig.from_dict(summary["config"])
+    quantized = summary["quantized_layers"]
+    facts = [
+        ["model", f"{summary['model']} ({summary['model_type']}), {summary['dtype']} on {summary['device']}"],
+        ["shape", f"{summary['num_layers']} layers, {summary['kv_heads']} KV heads x {summary['head_dim']} channels"],
+        ["data", str(data["source"])],
+        ["windows", f"{data['samples']} x {data['seq_len']} tokens ({data['tokens']}), seed {data['seed']}"],
+        ["config", config_text(config)],
+        ["quantized layers", f"{len(quantized)}/{summary['num_layers']}: {index_ranges(quantized)}"],
+        ["time", f"{seconds['calibrate']:.1f} s calibration, {seconds['load_model']:.1f} s model load"],
+        ["quantcache", f"{summary['quantcache_version']}, {summary['created']}"],
+    ]
+    lines = [
+        f"# KV-cache calibration: {summary['scales']}",
+        "",
+        _markdown_table(["setting", "value"], facts),
+        "",
+        "## Per-layer ranges",
+        "",
+        "min/max over all channels; max/med: the widest channel range over the median channel range.",
+        "",
+        _markdown_table(RANGE_HEADER, range_rows(summary["layers"])),
+        "",
+    ]
+    return "\n".join(lines)

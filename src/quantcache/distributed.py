@@ -1,0 +1,202 @@
+"""Calibration across processes: each rank sees a share of the batches, the ranges are all-reduced.
+
+A per-channel range is a min and a max, and the min/max of a union is the min/max of the
+parts' mins/maxes. So calibrating ``N`` processes on disjoint shares of the windows and
+all-reducing the statistics with ``MIN``/``MAX`` gives exactly (bit for bit) the state one
+process gets on all windows, provided every forward pass sees the same batches:
+:func:`shard_batches` deals out whole batches, never re-batches windows.
+
+The reduction goes through the cache's public state (``state_dict`` min/max tensors and
+``load_state_dict``), before :meth:`~quantcache.cache.QuantizedCalibratingCache.freeze`.
+Statistics live on each layer's own device (a model split with ``device_map="auto"`` or
+accelerate offload hooks keeps them there); only the reduction buffer visits the
+backend's device (CPU for gloo, the rank's GPU for NCCL) and the results go back where
+they came from. Typical use, under ``torchrun`` or ``accelerate launch``::
+
+    from quantcache.distributed import calibrate_distributed
+    cache = calibrate_distributed(model, windows, output="runs/big/kv_scales.safetensors")
+
+Without an initialised process group (or with ``WORLD_SIZE`` unset) everything here is a
+no-op around single-process calibration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .cache import QuantizedCalibratingCache
+from .calibration import calibrate
+from .config import KVQuantConfig
+from .errors import QuantStateError
+
+__all__ = [
+    "all_reduce_statistics",
+    "calibrate_distributed",
+    "ensure_process_group",
+    "is_main_process",
+    "shard_batches",
+]
+
+_STREAMS = ("key", "value")
+
+
+def _active(group: dist.ProcessGroup | None = None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the default group, or the only process: the one that writes files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def ensure_process_group(backend: str | None = None) -> bool:
+    """Initialise the default process group from the launcher's environment when there is one.
+
+    ``torchrun`` and ``accelerate launch`` set ``WORLD_SIZE``, ``RANK`` and the rendezvous
+    address; this joins that group (``nccl`` when CUDA is available, else ``gloo``, unless
+    ``backend`` says otherwise). Returns whether more than one process takes part.
+    """
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if chosen == "nccl" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend=chosen)
+    return _active()
+
+
+def shard_batches(
+    data: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    batch_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> list[torch.Tensor]:
+    """This rank's batches: ``data`` cut as :func:`~quantcache.calibration.calibrate` cuts it, dealt round-robin.
+
+    ``data`` is one ``(num_samples, seq_len)`` tensor (split into ``batch_size`` rows) or
+    an iterable of batches (each kept whole). Rank ``r`` of ``w`` gets batches
+    ``r, r + w, ...``; a rank may get none when there are fewer batches than ranks.
+    """
+    active = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if active else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if active else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+    if isinstance(data, torch.Tensor):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        # Anything but a non-empty 2-D tensor stays whole, so calibrate() reports what is wrong with it.
+        well_formed = data.dim() == 2 and data.shape[0] > 0
+        batches: Sequence[torch.Tensor] = list(torch.split(data, batch_size)) if well_formed else [data]
+    else:
+        batches = list(data)
+    return list(batches[rank::world_size])
+
+
+def _reduction_device(group: dist.ProcessGroup | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_statistics(
+    cache: QuantizedCalibratingCache, *, group: dist.ProcessGroup | None = None
+) -> QuantizedCalibratingCache:
+    """Replace every rank's min/max statistics with the MIN/MAX over all ranks (in place; returns ``cache``).
+
+    Call it on every rank, after each rank calibrated its share and before ``freeze()``.
+    A layer one rank never observed counts as ``+inf``/``-inf`` there, so any rank's
+    observation wins; a layer no rank observed stays unobserved (``freeze()`` then names it).
+    A no-op without an initialised multi-process group.
+    """
+    if cache.is_frozen:
+        raise QuantStateError(
+            "all_reduce_statistics works on statistics and must run before freeze(); call cache.unfreeze() "
+            "first (the statistics are kept) and freeze again afterwards"
+        )
+    if not _active(group):
+        return cache
+    state = cache.state_dict()
+    layers = cache.quantized_layers
+    device = _reduction_device(group)
+    # All ranks must agree on the buffer shape, including ranks that saw nothing: one MAX
+    # reduction of (shape, -shape) gives the largest and the smallest shape any rank observed.
+    observed = next((tuple(t.shape) for t in state.values()), None)
+    unseen = 2**62  # a rank without statistics must not lower the smallest shape
+    local = [*observed, *(-v for v in observed)] if observed else [0, 0, -unseen, -unseen]
+    shapes = torch.tensor(local, dtype=torch.int64, device=device)
+    dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=group)
+    largest, smallest = shapes[:2].tolist(), [-v for v in shapes[2:].tolist()]
+    if largest == [0, 0]:
+        return cache  # no rank observed anything; freeze() will say so
+    if largest != smallest:
+        raise QuantStateError(
+            f"ranks hold statistics of different shapes (kv_heads, head_dim) between {tuple(smallest)} and "
+            f"{tuple(largest)}: the ranks calibrate different models"
+        )
+    heads, channels = (int(v) for v in largest)
+    lows = torch.full((len(layers), 2, heads, channels), float("inf"), dtype=torch.float32, device=device)
+    highs = torch.full_like(lows, float("-inf"))
+    homes: dict[tuple[int, int], torch.device] = {}
+    for row, index in enumerate(layers):
+        for column, stream in enumerate(_STREAMS):
+            low = state.get(f"layers.{index}.{stream}.min")
+            high = state.get(f"layers.{index}.{stream}.max")
+            if low is not None and high is not None:
+                lows[row, column] = low.to(device)
+                highs[row, column] = high.to(device)
+                homes[(index, column)] = low.device
+    dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
+    fallback = next(iter(homes.values()), torch.device("cpu"))
+    merged: dict[str, torch.Tensor] = {}
+    for row, index in enumerate(layers):
+        if not bool(torch.isfinite(lows[row]).all()):
+            continue  # no rank observed this layer
+        for column, stream in enumerate(_STREAMS):
+            home = homes.get((index, column), fallback)
+            merged[f"layers.{index}.{stream}.min"] = lows[row, column].to(home)
+            merged[f"layers.{index}.{stream}.max"] = highs[row, column].to(home)
+    cache.load_state_dict(merged, strict=False)
+    return cache
+
+
+def calibrate_distributed(
+    model: nn.Module,
+    data: torch.Tensor | Iterable[torch.Tensor],
+    *,
+    quant_config: KVQuantConfig | None = None,
+    batch_size: int = 1,
+    output: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    group: dist.ProcessGroup | None = None,
+) -> QuantizedCalibratingCache:
+    """Calibrate this rank's share of ``data``, all-reduce, freeze; rank 0 writes ``output``.
+
+    Every rank passes the same ``data``; :func:`shard_batches` picks its batches. All ranks
+    return the same frozen cache. ``output`` is written by rank 0 only, and every rank
+    waits for it, so a script may read the file right after this returns.
+    """
+    rank = dist.get_rank(group) if _active(group) else 0
+    world = dist.get_world_size(group) if _active(group) else 1
+    mine = shard_batches(data, batch_size=batch_size, rank=rank, world_size=world)
+    if mine:
+        cache = calibrate(model, mine, quant_config=quant_config, freeze=False, progress=progress and rank == 0)
+    else:
+        cache = QuantizedCalibratingCache(model, quant_config)
+    all_reduce_statistics(cache, group=group)
+    cache.freeze()
+    if output is not None:
+        if rank == 0:
+            cache.save(Path(output))
+        if _active(group):
+            dist.barrier(group=group)
+    return cache

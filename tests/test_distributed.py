@@ -1,0 +1,239 @@
+"""quantcache.distributed: calibration across processes, and models split across devices.
+
+The central claim is exactness: two gloo processes, each calibrating its share of the
+batches and all-reducing with MIN/MAX, must freeze to the very tensors one process gets on
+all batches. The test launches this file as the worker under ``python -m
+torch.distributed.run`` (what ``torchrun`` and ``accelerate launch`` run), once, for every
+scenario; the in-process tests cover sharding, the single-process fallbacks and a model
+whose layers accelerate offloads to disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import VOCAB, build_model
+from transformers import PreTrainedModel
+
+from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache.calibration import calibrate
+from quantcache.distributed import (
+    all_reduce_statistics,
+    calibrate_distributed,
+    ensure_process_group,
+    is_main_process,
+    shard_batches,
+)
+from quantcache.serialization import read_state_file
+
+WINDOWS = 5
+# name -> (number of windows, batch size, config): even, uneven and "one rank gets nothing"
+SCENARIOS: dict[str, tuple[int, int, dict[str, Any]]] = {
+    "even": (4, 1, {}),
+    "uneven": (5, 2, {"symmetric": False, "exclude": ["model.layers.0.self_attn"]}),
+    "lonely": (1, 1, {}),
+}
+
+
+def windows(count: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (count, 16), generator=torch.Generator().manual_seed(7))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Both sides compute with one thread, so per-window forward passes are the same arithmetic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ================================================================================ the worker
+def worker(out: Path) -> None:
+    """Run by every rank under torch.distributed.run: each scenario, plus hand-made statistics and a shape clash."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    assert ensure_process_group()
+    rank = dist.get_rank()
+    model = build_model("llama")
+    report: dict[str, Any] = {"backend": dist.get_backend(), "world": dist.get_world_size()}
+    for name, (count, batch_size, config) in SCENARIOS.items():
+        report[f"{name}-batches"] = len(shard_batches(windows(count), batch_size=batch_size))
+        cache = calibrate_distributed(
+            model,
+            windows(count),
+            quant_config=KVQuantConfig(**config),
+            batch_size=batch_size,
+            output=out / f"{name}.safetensors",
+            progress=False,
+        )
+        cache.save(out / f"{name}-rank{rank}.safetensors")
+    # Hand-made: rank 0 observed only layer 0, rank 1 only layer 1; the union must have both.
+    cache = QuantizedCalibratingCache(model)
+    mine = torch.full((2, 16), float(rank + 1))
+    cache.load_state_dict(
+        {f"layers.{rank}.{s}.{f}": sign * mine for s in ("key", "value") for f, sign in (("min", -1), ("max", 1))},
+        strict=False,
+    )
+    all_reduce_statistics(cache)
+    cache.freeze().save(out / f"handmade-rank{rank}.safetensors")
+    # Ranks that calibrate different model shapes must be told so, on every rank.
+    other = build_model("llama", num_key_value_heads=4) if rank == 1 else model
+    clash = calibrate(other, windows(1), freeze=False, progress=False)
+    try:
+        all_reduce_statistics(clash)
+    except QuantStateError as error:
+        report["clash"] = str(error)
+    (out / f"report-rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ranks")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        "--worker",
+        str(out),
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+# ================================================================================ two processes
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_two_gloo_ranks_freeze_to_the_single_process_state_bit_for_bit(
+    scenario: str, two_ranks: Path, llama: PreTrainedModel
+) -> None:
+    count, batch_size, config = SCENARIOS[scenario]
+    with one_thread():
+        single = calibrate(
+            llama, windows(count), quant_config=KVQuantConfig(**config), batch_size=batch_size, progress=False
+        )
+    written = read_state_file(two_ranks / f"{scenario}.safetensors")
+    assert written.mode == "frozen" and written.config == single.quant_config
+    expected = single.state_dict()
+    for source in (
+        written.tensors,
+        *(read_state_file(two_ranks / f"{scenario}-rank{r}.safetensors").tensors for r in (0, 1)),
+    ):
+        assert source.keys() == expected.keys()
+        for key, tensor in expected.items():
+            assert source[key].dtype == tensor.dtype and torch.equal(source[key], tensor), (scenario, key)
+
+
+def test_ranks_shared_the_batches_and_used_gloo(two_ranks: Path) -> None:
+    reports = [json.loads((two_ranks / f"report-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["backend"] for r in reports] == ["gloo", "gloo"] and reports[0]["world"] == 2
+    assert [r["even-batches"] for r in reports] == [2, 2]
+    assert [r["uneven-batches"] for r in reports] == [2, 1]
+    assert [r["lonely-batches"] for r in reports] == [1, 0]
+
+
+def test_statistics_one_rank_lacks_come_from_the_other(two_ranks: Path) -> None:
+    for rank in (0, 1):
+        state = read_state_file(two_ranks / f"handmade-rank{rank}.safetensors").tensors
+        assert torch.equal(state["layers.0.key.max"], torch.full((2, 16), 1.0))
+        assert torch.equal(state["layers.1.value.min"], torch.full((2, 16), -2.0))
+
+
+def test_ranks_with_different_model_shapes_are_told_on_every_rank(two_ranks: Path) -> None:
+    for rank in (0, 1):
+        message = json.loads((two_ranks / f"report-rank{rank}.json").read_text())["clash"]
+        assert "the ranks calibrate different models" in message
+
+
+# ================================================================================ one process
+def test_shard_batches_deals_whole_batches_round_robin() -> None:
+    data = windows(5)
+    batches = [shard_batches(data, batch_size=2, rank=r, world_size=2) for r in (0, 1)]
+    assert [b.shape[0] for b in batches[0]] == [2, 1] and [b.shape[0] for b in batches[1]] == [2]
+    assert torch.equal(batches[0][1], data[4:]) and torch.equal(batches[1][0], data[2:4])
+    listed = [data[:1], data[1:3], data[3:]]
+    assert shard_batches(listed, rank=1, world_size=2) == [listed[1]]
+    assert len(shard_batches(data)) == 5  # no group: everything, one row per batch
+    flat = data[0]
+    assert shard_batches(flat, rank=0, world_size=2)[0] is flat  # left whole for calibrate() to reject
+    with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
+        shard_batches(data, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        shard_batches(data, batch_size=0)
+
+
+def test_without_a_process_group_everything_is_single_process(llama: PreTrainedModel, tmp_path: Path) -> None:
+    assert not ensure_process_group() and is_main_process()
+    cache = calibrate(llama, windows(3), freeze=False, progress=False)
+    before = cache.state_dict()
+    assert all_reduce_statistics(cache) is cache
+    assert all(torch.equal(before[k], v) for k, v in cache.state_dict().items())
+    result = calibrate_distributed(llama, windows(3), output=tmp_path / "kv.safetensors", progress=False)
+    reference = calibrate(llama, windows(3), progress=False).state_dict()
+    saved = read_state_file(tmp_path / "kv.safetensors").tensors
+    assert all(torch.equal(saved[k], v) and torch.equal(result.state_dict()[k], v) for k, v in reference.items())
+
+
+def test_all_reduce_refuses_a_frozen_cache(llama: PreTrainedModel) -> None:
+    with pytest.raises(QuantStateError, match=r"before freeze\(\).*unfreeze\(\)"):
+        all_reduce_statistics(calibrate(llama, windows(1), progress=False))
+
+
+# ================================================================================ split models
+def test_a_model_with_layers_offloaded_to_disk_calibrates_to_the_same_state(
+    llama: PreTrainedModel, tmp_path: Path
+) -> None:
+    accelerate = pytest.importorskip("accelerate")
+    split = build_model("llama")
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    split = accelerate.dispatch_model(
+        split, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path / "offload")
+    )
+    assert split.model.layers[1].self_attn.k_proj.weight.device.type == "meta"  # streamed from disk per forward
+    reference = calibrate(llama, windows(3), progress=False)
+    dispatched = calibrate(split, windows(3), progress=False)
+    for key, tensor in reference.state_dict().items():
+        assert torch.equal(dispatched.state_dict()[key], tensor), key
+        assert dispatched.state_dict()[key].device == tensor.device
+    saved = read_state_file(dispatched.save(tmp_path / "kv.safetensors"))
+    assert {int(k.split(".")[1]) for k in saved.tensors} == {0, 1}  # the file gathers every layer
+    ids = windows(1)
+    with torch.no_grad():
+        expected = llama(ids, **{CACHE_KEYWORD: reference.empty_copy()}).logits
+        assert torch.equal(split(ids, **{CACHE_KEYWORD: dispatched.empty_copy()}).logits, expected)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="worker for test_distributed.py (run under torch.distributed.run)")
+    parser.add_argument("--worker", type=Path, required=True)
+    worker(parser.parse_args().worker)

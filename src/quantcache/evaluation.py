@@ -23,7 +23,6 @@ every layer.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from transformers import DynamicCache
 from .cache import CACHE_KEYWORD, QuantizedCalibratingCache
 from .calibration import _vocab_size, check_token_batch, model_device
 from .errors import CalibrationError
+from .progress import progress_bar
 from .quantization import QuantParams
 from .quantizer import LayerQuantizer, StreamQuantizer
 
@@ -316,7 +316,7 @@ def _reference_cache(model: nn.Module) -> DynamicCache:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm[Any]:
-    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr, disable=not enabled, leave=False)
+    return progress_bar(total, desc, enabled)
 
 
 def _settings(cache: QuantizedCalibratingCache, windows: torch.Tensor, prefill: int, chunk: int) -> dict[str, Any]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FORMATS", "FormatKind", "NumberFormat", "QuantDtype", "format_spec"]
 
@@ -44,7 +46,8 @@ class NumberFormat:
         bits: bits per code.
         qmin, qmax: the representable range of a code (integers: the grid's ends;
             float8: ``-finfo.max``, ``finfo.max``).
-        storage_dtype: the torch dtype codes are kept in (before any bit packing).
+        storage: name of the torch dtype codes are kept in before any bit packing
+            (kept as a name so the config imports without torch).
         codes_per_byte: how many codes share one byte when packed.
     """
 
@@ -53,8 +56,16 @@ class NumberFormat:
     bits: int
     qmin: float
     qmax: float
-    storage_dtype: torch.dtype
+    storage: str
     codes_per_byte: float
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The torch dtype of unpacked codes."""
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.storage)
+        return dtype
 
     @property
     def levels(self) -> int:
@@ -67,19 +78,19 @@ class NumberFormat:
         return self.qmax
 
 
-_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
-_E5M2_MAX = float(torch.finfo(torch.float8_e5m2).max)  # 57344
+_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+_E5M2_MAX = 57344.0  # torch.finfo(torch.float8_e5m2).max
 
 FORMATS: dict[QuantDtype, NumberFormat] = {
-    QuantDtype.INT8: NumberFormat("int8", FormatKind.INTEGER, 8, -128, 127, torch.int8, 1),
-    QuantDtype.INT4: NumberFormat("int4", FormatKind.INTEGER, 4, -8, 7, torch.int8, 2),
-    QuantDtype.INT3: NumberFormat("int3", FormatKind.INTEGER, 3, -4, 3, torch.int8, 8 / 3),
-    QuantDtype.INT2: NumberFormat("int2", FormatKind.INTEGER, 2, -2, 1, torch.int8, 4),
+    QuantDtype.INT8: NumberFormat("int8", FormatKind.INTEGER, 8, -128, 127, "int8", 1),
+    QuantDtype.INT4: NumberFormat("int4", FormatKind.INTEGER, 4, -8, 7, "int8", 2),
+    QuantDtype.INT3: NumberFormat("int3", FormatKind.INTEGER, 3, -4, 3, "int8", 8 / 3),
+    QuantDtype.INT2: NumberFormat("int2", FormatKind.INTEGER, 2, -2, 1, "int8", 4),
     QuantDtype.FP8_E4M3: NumberFormat(
-        "fp8_e4m3", FormatKind.FLOAT, 8, -_E4M3_MAX, _E4M3_MAX, torch.float8_e4m3fn, 1
+        "fp8_e4m3", FormatKind.FLOAT, 8, -_E4M3_MAX, _E4M3_MAX, "float8_e4m3fn", 1
     ),
     QuantDtype.FP8_E5M2: NumberFormat(
-        "fp8_e5m2", FormatKind.FLOAT, 8, -_E5M2_MAX, _E5M2_MAX, torch.float8_e5m2, 1
+        "fp8_e5m2", FormatKind.FLOAT, 8, -_E5M2_MAX, _E5M2_MAX, "float8_e5m2", 1
     ),
 }
 

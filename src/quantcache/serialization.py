@@ -259,6 +259,9 @@ def validate_state(stored: StateFile) -> list[str]:
         grouped.setdefault((index, stream), {})[field] = tensor
     frozen = stored.mode == "frozen"
     for index in sorted({index for index, _ in grouped}):
+        name = stored.layer_names[index]
+        if not stored.config.is_quantized(name):
+            problems.append(f"layer {index} ({name}) has tensors but the stored config does not quantize it")
         for stream in ("key", "value"):
             if stored.config.stream_args(stream).dynamic:
                 continue
@@ -268,7 +271,8 @@ def validate_state(stored: StateFile) -> list[str]:
                 problems.append(f"{prefix}: parameters present although mode is 'calibrate'")
             missing = missing_fields(prefix, fields, statistic_fields(stored.config, stream), frozen=frozen)
             if missing:
-                problems.append(f"missing {missing} for layer {index}")
+                short = ", ".join(name.rsplit(".", 1)[1] for name in missing)
+                problems.append(f"layer {index} {stream} lacks {short} (missing {missing}, mode {stored.mode})")
                 continue
             problems += stream_problems(prefix, fields, stored.config, stream, stored.kv_heads, stored.head_dim)
     if not grouped and not (stored.config.key_args.dynamic and stored.config.value_args.dynamic):

@@ -37,7 +37,8 @@ NAME = "calibrate"
 
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     """Define ``calibrate`` and its options (the config's choices come from :mod:`quantcache.config`)."""
-    from ..config import QuantDtype, QuantMethod, QuantScope
+    from ..config import QuantDtype, QuantMethod, QuantScope, Storage
+    from ..presets import PRESETS
 
     parser = command_parser(
         subparsers,
@@ -55,6 +56,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         examples=(
             "  quantcache calibrate -o runs/smollm2                       # writes runs/smollm2/kv_scales.*\n"
             "  quantcache calibrate --model gemma3-270m --asymmetric -o gemma.safetensors\n"
+            "  quantcache calibrate --preset int4 --storage packed -o runs/int4\n"
             "  quantcache calibrate --config kv.yaml --exclude 'model.layers.{0,1}.self_attn' -o runs/x\n"
             "  quantcache calibrate --text-file corpus.txt --samples 16 --seq-len 1024 -o runs/x\n"
             "  quantcache calibrate --jsonl chats.jsonl --jsonl-field content -o runs/x\n"
@@ -70,7 +72,21 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     )
     add_model_options(parser)
     quant = parser.add_argument_group("quantization (explicit options override --config)")
-    quant.add_argument("--config", type=Path, metavar="YAML", help="msModelSlim YAML with a dynamic_cache item")
+    base = quant.add_mutually_exclusive_group()
+    base.add_argument("--config", type=Path, metavar="YAML", help="msModelSlim YAML with a dynamic_cache item")
+    base.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default=None,
+        help="a named scheme instead of --config: "
+        + "; ".join(f"{name}: {text}" for name, (text, _) in PRESETS.items()),
+    )
+    quant.add_argument(
+        "--storage",
+        choices=[m.value for m in Storage],
+        default=None,
+        help="what a frozen cache loaded from this state keeps: fake (dequantized, default) or packed (codes)",
+    )
     sym = quant.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="zero point 0 (default)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="per-channel [min, max] range")
@@ -124,8 +140,13 @@ def quant_config(args: argparse.Namespace) -> KVQuantConfig:
     """``--config`` (or the defaults) with the explicitly given options applied on top."""
     from ..config import KVQuantConfig
 
-    config = _read_config(args.config) if args.config is not None else KVQuantConfig()
+    if args.config is not None:
+        config = _read_config(args.config)
+    else:
+        config = KVQuantConfig.preset(args.preset) if args.preset is not None else KVQuantConfig()
     overrides: dict[str, Any] = {}
+    if args.storage is not None:
+        overrides["storage"] = args.storage
     if args.symmetric is not None:
         overrides["symmetric"] = args.symmetric
     if args.kv_dtype is not None:

@@ -1,31 +1,26 @@
 """``quantcache inspect``: validate a saved state and show what it holds, without loading a model.
 
-The validation here checks what a loader would trip over, so that a damaged or
-hand-edited file is refused with its first problem named (exit 3) instead of being
-shown as if it were fine.
+Validation is the loader's own (``serialization.read_state_file``: checksum, metadata,
+``validate_state``), so a damaged or hand-edited file is refused with its first problems
+named (exit 3) instead of being shown as if it were fine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_INPUT, EXIT_OK, QuantStateError
+from ..errors import EXIT_INPUT, EXIT_OK
 from ._common import command_parser, non_negative_int, positive_float, state_path
 
 if TYPE_CHECKING:
-    import torch
 
-    from ..serialization import StateFile
     from ._common import Subparsers
 
 NAME = "inspect"
 
-_STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.(min|max|scale|zero_point)$")
-_STREAMS = ("key", "value")
 
 
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -34,8 +29,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         subparsers,
         NAME,
         description=(
-            "Validate a saved state (metadata, tensor names, shapes, finite values, min <= max,\n"
-            "positive scales) and print what it holds: format and quantcache version, model type\n"
+            "Validate a saved state (checksum, metadata, tensor names, dtypes, shapes, finite values,\n"
+            "min <= max, scales at or above the floor, zero points, parameters equal to what the\n"
+            "statistics imply) and print what it holds: format and quantcache version, model type\n"
             "and shape, config, mode, per-layer key/value ranges and outlier channels (channels\n"
             "whose range is more than --outlier-factor times the layer's median channel range).\n"
             f"An invalid file exits with code {EXIT_INPUT}. No model is loaded."
@@ -61,59 +57,6 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def validate_state(stored: StateFile) -> list[str]:
-    """Problems a loader would hit, first found first; empty when the state is usable.
-
-    ``read_state_file`` has already checked the metadata; this checks the tensors against
-    it: names, layer indices, shapes, finite values, the fields the mode needs, that the
-    config quantizes every layer with tensors, min <= max and positive scales.
-    """
-    import torch
-
-    problems: list[str] = []
-    expected = (stored.kv_heads, stored.head_dim)
-    fields: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
-    for name, tensor in stored.tensors.items():
-        match = _STATE_KEY.match(name)
-        if match is None:
-            problems.append(f"unexpected tensor {name!r}")
-            continue
-        index = int(match.group(1))
-        if index >= stored.num_layers:
-            problems.append(f"tensor {name!r} is for layer {index}, but the model has {stored.num_layers} layers")
-            continue
-        if tensor.dim() != 2 or (None not in expected and tuple(tensor.shape) != expected):
-            shape = tuple(tensor.shape)
-            problems.append(f"tensor {name!r} has shape {shape}, expected (kv_heads, head_dim) {expected}")
-            continue
-        if match.group(3) != "zero_point" and not torch.isfinite(tensor.float()).all():
-            problems.append(f"tensor {name!r} contains NaN or Inf")
-            continue
-        fields.setdefault(index, {}).setdefault(match.group(2), {})[match.group(3)] = tensor
-    if not stored.tensors:
-        problems.append("the file holds no tensors")
-    required = ("min", "max", "scale", "zero_point") if stored.mode == "frozen" else ("min", "max")
-    for index, streams in sorted(fields.items()):
-        name = stored.layer_names[index]
-        if not stored.config.is_quantized(name):
-            problems.append(f"layer {index} ({name}) has tensors but the stored config does not quantize it")
-        for stream in _STREAMS:
-            present = streams.get(stream, {})
-            missing = [field for field in required if field not in present]
-            if missing:
-                problems.append(f"layer {index} {stream} lacks {', '.join(missing)} (mode {stored.mode})")
-                continue
-            shapes = {tuple(tensor.shape) for tensor in present.values()}
-            if len(shapes) != 1:
-                problems.append(f"layer {index} {stream} tensors disagree in shape: {sorted(shapes)}")
-                continue
-            if bool((present["min"].float() > present["max"].float()).any()):
-                problems.append(f"layer {index} {stream}: min > max in some channels")
-            if "scale" in present and not bool((present["scale"].float() > 0).all()):
-                problems.append(f"layer {index} {stream}: non-positive scale")
-    return problems
-
-
 def run(args: argparse.Namespace) -> int:
     """Validate the state, then print its description as text or JSON."""
     from ..data import require_file
@@ -121,11 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serialization import FORMAT_NAME, FORMAT_VERSION, read_state_file
 
     path = require_file(state_path(args.scales), "state file")
-    stored = read_state_file(path)
-    problems = validate_state(stored)
-    if problems:
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise QuantStateError(f"{path}: invalid state: {problems[0]}{more}")
+    stored = read_state_file(path)  # verifies the checksum and runs serialization.validate_state
     layers = layer_summaries(
         stored.tensors, stored.layer_names, stored.config, top=args.top, factor=args.outlier_factor
     )

@@ -24,10 +24,19 @@ from transformers import PreTrainedModel
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.formats import FORMATS, FormatKind, NumberFormat, QuantDtype, format_spec
 from quantcache.granularity import Granularity
-from quantcache.quantization import compute_qparams, dequantize, fake_quantize, quantize, saturated, stream_minmax
+from quantcache.quantization import (
+    QuantParams,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+    saturated,
+    stream_minmax,
+)
 from quantcache.scheme import QuantArgs, QuantMethod, QuantScope
 
 INT8 = FORMATS[QuantDtype.INT8]
+INTEGER_FORMATS = [row for row in FORMATS.values() if row.kind is FormatKind.INTEGER]
 EPS = torch.finfo(torch.float32).eps
 MATH = settings(max_examples=120, deadline=None)
 
@@ -158,13 +167,15 @@ def test_group_size_that_does_not_divide_the_models_head_dim_is_refused_when_the
 
 
 # ================================================================================ quantization math, every scope
-def _params_for(granularity: Granularity, x: torch.Tensor, symmetric: bool):  # type: ignore[no-untyped-def]
+def _params_for(
+    granularity: Granularity, x: torch.Tensor, symmetric: bool, fmt: NumberFormat = INT8
+) -> tuple[torch.Tensor, torch.Tensor, QuantParams]:
     low, high = (
         (granularity.reduce(x, torch.amin), granularity.reduce(x, torch.amax))
         if granularity.dynamic
         else stream_minmax(x, granularity)
     )
-    return low, high, compute_qparams(low, high, symmetric=symmetric)
+    return low, high, compute_qparams(low, high, symmetric=symmetric, fmt=fmt)
 
 
 def _spread(granularity: Granularity, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -179,22 +190,30 @@ def _spread(granularity: Granularity, param: torch.Tensor, x: torch.Tensor) -> t
     symmetric=st.booleans(),
     scale=st.sampled_from([1e-3, 1.0, 30.0]),
     offset=st.sampled_from([0.0, 0.5, -4.0]),
+    fmt=st.sampled_from(INTEGER_FORMATS),
 )
 def test_round_trip_error_is_at_most_half_a_step_inside_the_range(
-    layout: tuple[Granularity, tuple[int, int, int, int]], seed: int, symmetric: bool, scale: float, offset: float
+    layout: tuple[Granularity, tuple[int, int, int, int]],
+    seed: int,
+    symmetric: bool,
+    scale: float,
+    offset: float,
+    fmt: NumberFormat,
 ) -> None:
-    """Calibrated on the very states it then quantizes, every element is inside its range."""
+    """Calibrated on the very states it then quantizes, every element is inside its range, for every integer
+    format of the table (int8 down to int2)."""
     granularity, shape = layout
     x = _states(seed, shape, scale, offset * scale)
-    _, _, params = _params_for(granularity, x, symmetric)
-    restored = fake_quantize(x, params, granularity)
+    _, _, params = _params_for(granularity, x, symmetric, fmt)
+    restored = fake_quantize(x, params, granularity, fmt)
     step = _spread(granularity, params.scale, x)
-    slack = 8 * EPS * (x.abs() + _spread(granularity, params.scale * 255, x))
+    slack = 8 * EPS * (x.abs() + _spread(granularity, params.scale * fmt.levels, x))
     assert ((restored - x).abs() <= 0.5 * step * (1 + 1e-5) + slack).all()
-    codes = quantize(x, params, granularity)
-    assert codes.dtype == INT8.storage_dtype and codes.shape == x.shape
+    codes = quantize(x, params, granularity, fmt)
+    assert codes.dtype == fmt.storage_dtype and codes.shape == x.shape
+    assert fmt.qmin <= codes.min() and codes.max() <= fmt.qmax
     assert torch.equal(dequantize(codes, params, x.dtype, granularity), restored)
-    assert not saturated(x, params, granularity).any()
+    assert not saturated(x, params, granularity, fmt).any()
 
 
 @MATH
@@ -203,22 +222,23 @@ def test_round_trip_error_is_at_most_half_a_step_inside_the_range(
     seed=st.integers(0, 2**16),
     symmetric=st.booleans(),
     factor=st.sampled_from([1.5, 3.0, 100.0]),
+    fmt=st.sampled_from(INTEGER_FORMATS),
 )
 def test_values_beyond_the_range_saturate_to_its_ends(
-    layout: tuple[Granularity, tuple[int, int, int, int]], seed: int, symmetric: bool, factor: float
+    layout: tuple[Granularity, tuple[int, int, int, int]], seed: int, symmetric: bool, factor: float, fmt: NumberFormat
 ) -> None:
     """Outside the calibrated range an element becomes the nearest end of the code range, and ``saturated``
     flags exactly the elements whose level rounds outside ``[qmin, qmax]``."""
     granularity, shape = layout
     calibration = _states(seed, shape)
-    _, _, params = _params_for(granularity, calibration, symmetric)
+    _, _, params = _params_for(granularity, calibration, symmetric, fmt)
     x = _states(seed + 1, shape, factor)
-    restored = fake_quantize(x, params, granularity)
+    restored = fake_quantize(x, params, granularity, fmt)
     step, zero = _spread(granularity, params.scale, x), _spread(granularity, params.zero_point, x)
     level = x / step + zero
-    top, bottom = (INT8.qmax - zero) * step, (INT8.qmin - zero) * step
-    above, below = level > INT8.qmax + 0.5, level < INT8.qmin - 0.5
-    assert torch.equal(saturated(x, params, granularity), above | below)
+    top, bottom = (fmt.qmax - zero) * step, (fmt.qmin - zero) * step
+    above, below = level > fmt.qmax + 0.5, level < fmt.qmin - 0.5
+    assert torch.equal(saturated(x, params, granularity, fmt), above | below)
     assert torch.allclose(restored[above], top[above], rtol=1e-6, atol=0)
     assert torch.allclose(restored[below], bottom[below], rtol=1e-6, atol=0)
     assert (restored <= top + 1e-6 * top.abs() + EPS).all()
@@ -226,22 +246,25 @@ def test_values_beyond_the_range_saturate_to_its_ends(
 
 
 @MATH
-@given(layout=layouts(), seed=st.integers(0, 2**16), symmetric=st.booleans())
+@given(
+    layout=layouts(), seed=st.integers(0, 2**16), symmetric=st.booleans(), fmt=st.sampled_from(list(FORMATS.values()))
+)
 def test_zero_is_exact_whenever_the_range_holds_it(
-    layout: tuple[Granularity, tuple[int, int, int, int]], seed: int, symmetric: bool
+    layout: tuple[Granularity, tuple[int, int, int, int]], seed: int, symmetric: bool, fmt: NumberFormat
 ) -> None:
     """Zero maps to the zero point and back to exactly 0.0 (symmetric always; asymmetric when min <= 0 <= max,
-    which holds here because every group contains a zero)."""
+    which holds here because every group contains a zero), in every format of the table."""
+    symmetric = symmetric or fmt.kind is FormatKind.FLOAT
     granularity, shape = layout
     x = _states(seed, shape)
     view = granularity.grouped(x)
     view[..., 0] = 0.0  # one zero in every channel group / token / head / tensor
     if not granularity.dynamic and granularity.scope is QuantScope.PER_CHANNEL:
         x[:, :, 0, :] = 0.0  # per-channel groups run along the sequence
-    _, _, params = _params_for(granularity, x, symmetric)
+    _, _, params = _params_for(granularity, x, symmetric, fmt)
     zeros = x == 0
     assert zeros.any()
-    restored = fake_quantize(x, params, granularity)
+    restored = fake_quantize(x, params, granularity, fmt)
     assert (restored[zeros] == 0).all()
     if symmetric:
         assert (params.zero_point == 0).all()
@@ -283,7 +306,7 @@ def test_format_table_rows() -> None:
         ({"symmetric": 1}, "qconfig.symmetric: expected true or false"),
         ({"dtype": "int13"}, "qconfig.dtype: unsupported value 'int13'; allowed: 'int8'"),
         ({"scope": "per_block"}, "qconfig.scope: unsupported value 'per_block'"),
-        ({"method": "percentile"}, "qconfig.method: unsupported value 'percentile'; allowed: 'minmax'"),
+        ({"method": "magic"}, "qconfig.method: unsupported value 'magic'; allowed: 'minmax'"),
         ({"observer_options": [1, 2]}, "qconfig.observer_options: expected a mapping"),
     ],
 )
@@ -293,20 +316,14 @@ def test_impossible_stream_arguments_are_config_errors_naming_the_key(kwargs: di
     assert message in str(caught.value)
 
 
-SIMULATED_FP8 = NumberFormat("float8_e4m3fn", FormatKind.FLOAT, 8, -448.0, 448.0, torch.float8_e4m3fn, 1)
-
-
-def test_float_formats_are_symmetric_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every float row of the table refuses ``symmetric: false``; the rule is also checked on a simulated
-    row, so it is tested whether or not the table has float rows yet."""
-    for dtype, row in FORMATS.items():
-        if row.kind is FormatKind.FLOAT:
-            with pytest.raises(ConfigError, match="float format and is symmetric only"):
-                QuantArgs(dtype=dtype, symmetric=False)
-    monkeypatch.setitem(FORMATS, QuantDtype.INT8, SIMULATED_FP8)
-    with pytest.raises(ConfigError, match="float format and is symmetric only"):
-        QuantArgs(symmetric=False)
-    assert QuantArgs(symmetric=True).format is SIMULATED_FP8
+def test_float_formats_are_symmetric_only() -> None:
+    """Every float row of the table refuses ``symmetric: false`` with a message naming the format."""
+    floats = [dtype for dtype, row in FORMATS.items() if row.kind is FormatKind.FLOAT]
+    assert floats  # fp8_e4m3, fp8_e5m2
+    for dtype in floats:
+        with pytest.raises(ConfigError, match=f"{dtype.value} is a float format and is symmetric only"):
+            QuantArgs(dtype=dtype, symmetric=False)
+        assert QuantArgs(dtype=dtype).format is FORMATS[dtype]
 
 
 def test_valid_combinations_and_their_granularity() -> None:

@@ -27,10 +27,10 @@ from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.errors import EXIT_INPUT, CalibrationError, NonFiniteStateError
-from quantcache.formats import FormatKind, NumberFormat
+from quantcache.formats import FORMATS, FormatKind, NumberFormat, QuantDtype
 from quantcache.granularity import Granularity
 from quantcache.observers import OBSERVERS, MinMaxObserver
-from quantcache.quantization import compute_qparams, fake_quantize, stream_minmax
+from quantcache.quantization import QuantParams, compute_qparams, fake_quantize, stream_minmax
 from quantcache.quantizer import LayerQuantizer, StreamQuantizer
 from quantcache.scheme import QuantArgs, QuantMethod, QuantScope
 
@@ -47,11 +47,26 @@ DYNAMIC = [
     for scope in (QuantScope.PER_TOKEN, QuantScope.GROUP)
     for symmetric in (True, False)
 ]
-SCHEMES = STATIC + DYNAMIC
+# Every other number format of the table (float formats are symmetric only), static and per token.
+FORMAT_SCHEMES = [
+    QuantArgs(dtype=dtype, scope=scope, dynamic=dynamic, symmetric=FORMATS[dtype].kind is FormatKind.FLOAT)
+    for dtype in FORMATS
+    if dtype is not QuantDtype.INT8
+    for scope, dynamic in ((QuantScope.PER_CHANNEL, False), (QuantScope.PER_TOKEN, True))
+]
+# A rotation mixes every channel of a head into every coordinate (a NaN reaches the whole head vector).
+ROTATED = [
+    QuantArgs(rotation="hadamard", rotation_seed=3),
+    QuantArgs(scope="per_token", dynamic=True, symmetric=False, rotation="hadamard"),
+]
+SCHEMES = STATIC + DYNAMIC + FORMAT_SCHEMES + ROTATED
+MATH_SCHEMES = STATIC + DYNAMIC + FORMAT_SCHEMES  # the math functions know nothing of rotations
 
 
 def _name(args: QuantArgs) -> str:
-    return f"{'dynamic-' if args.dynamic else ''}{args.scope.value}-{'sym' if args.symmetric else 'asym'}"
+    rotated = "-rotated" if args.rotation.value != "none" else ""
+    kind = f"{'dynamic-' if args.dynamic else ''}{args.scope.value}-{'sym' if args.symmetric else 'asym'}"
+    return f"{args.dtype.value}-{kind}{rotated}"
 
 
 # ================================================================================ helpers
@@ -84,16 +99,20 @@ def _assert_same_non_finite(out: torch.Tensor, dirty: torch.Tensor) -> None:
     torch.testing.assert_close(out[bad], dirty[bad], rtol=0, atol=0, equal_nan=True)
 
 
-def _affected_groups(granularity: Granularity, dirty: torch.Tensor) -> torch.Tensor:
-    """Elements that share a dynamic parameter with a non-finite element (none, for static schemes)."""
+def _affected_groups(args: QuantArgs, dirty: torch.Tensor) -> torch.Tensor:
+    """Elements that share a dynamic parameter, or a rotated head vector, with a non-finite element
+    (none, for static schemes without rotation)."""
+    granularity = Granularity.of(args)
     bad = (~torch.isfinite(dirty)).float()
+    if args.rotation.value != "none":
+        return bad.amax(-1, keepdim=True).expand_as(bad).bool()
     if not granularity.dynamic:
         return torch.zeros_like(bad, dtype=torch.bool)
     view = granularity.grouped(bad)
     return granularity.ungrouped(granularity.reduce(bad, torch.amax).expand_as(view)).bool()
 
 
-def _params(args: QuantArgs, clean: torch.Tensor):  # type: ignore[no-untyped-def]
+def _params(args: QuantArgs, clean: torch.Tensor) -> QuantParams:
     granularity = Granularity.of(args)
     if args.dynamic:
         low = granularity.reduce(clean.float(), torch.amin)
@@ -109,7 +128,7 @@ bad_elements = st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(NON_FIN
 # ================================================================================ 3. non-finite: the math
 @settings(max_examples=150, deadline=None)
 @given(
-    args=st.sampled_from(SCHEMES),
+    args=st.sampled_from(MATH_SCHEMES),
     seed=st.integers(0, 2**16),
     batch=st.integers(1, 2),
     seq=st.integers(1, 4),
@@ -134,17 +153,21 @@ def test_fake_quantize_returns_non_finite_elements_unchanged_for_every_granulari
     assert torch.equal(out[finite], reference[finite])
 
 
-def test_float8_path_of_the_math_keeps_non_finite_elements() -> None:
-    """The float8 branch has no table row yet, but it exists in the math and must not mask faults either."""
-    fp8 = NumberFormat("float8_e4m3fn", FormatKind.FLOAT, 8, -448.0, 448.0, torch.float8_e4m3fn, 1)
+FLOAT_FORMATS = [row for row in FORMATS.values() if row.kind is FormatKind.FLOAT]
+
+
+@pytest.mark.parametrize("fmt", FLOAT_FORMATS, ids=[row.name for row in FLOAT_FORMATS])
+def test_float8_formats_keep_non_finite_elements(fmt: NumberFormat) -> None:
+    """A float8 code can hold NaN, and clamping turns Inf into the largest finite code: the float branch of the
+    math must hand back the original NaN/Inf and leave every finite element as the all-finite path does."""
     clean = _states(0, 1, 4)
     dirty = _poisoned(clean, [(3, math.nan), (40, math.inf), (77, -math.inf)])
     low, high = stream_minmax(clean)
-    params = compute_qparams(low, high, symmetric=True, fmt=fp8)
-    out = fake_quantize(dirty, params, fmt=fp8)
+    params = compute_qparams(low, high, symmetric=True, fmt=fmt)
+    out = fake_quantize(dirty, params, fmt=fmt)
     _assert_same_non_finite(out, dirty)
     finite = torch.isfinite(dirty)
-    assert torch.equal(out[finite], fake_quantize(clean, params, fmt=fp8)[finite])
+    assert torch.equal(out[finite], fake_quantize(clean, params, fmt=fmt)[finite])
 
 
 # ================================================================================ 3. non-finite: the frozen cache
@@ -178,9 +201,9 @@ def test_frozen_cache_update_keeps_non_finite_elements(
     bad: list[tuple[int, float]],
     stream: str,
 ) -> None:
-    """Issue 10 row 1 through the public path: ``update`` of a frozen cache returns NaN/Inf where they
-    came in (as a ``DynamicCache`` would) and, for every element that does not share a per-token
-    parameter with one, exactly what the all-finite states give."""
+    """Issue 10 row 1 through the public path, for every format, granularity and the rotation: ``update`` of
+    a frozen cache returns NaN/Inf where they came in (as a ``DynamicCache`` would) and, for every element
+    that shares no per-token parameter or rotated vector with one, exactly what the all-finite states give."""
     frozen = frozen_caches[_name(args)]
     clean_key, clean_value = _states(seed, 1, seq), _states(seed + 1, 1, seq)
     dirty_key = _poisoned(clean_key, bad) if stream == "key" else clean_key
@@ -191,14 +214,10 @@ def test_frozen_cache_update_keeps_non_finite_elements(
         (dirty_key, keys, reference_keys) if stream == "key" else (dirty_value, values, reference_values)
     )
     _assert_same_non_finite(out, dirty)
-    unaffected = torch.isfinite(dirty) & ~_affected_groups(Granularity.of(args), dirty)
+    unaffected = torch.isfinite(dirty) & ~_affected_groups(args, dirty)
     assert torch.equal(out[unaffected], reference[unaffected])
     other = (values, reference_values) if stream == "key" else (keys, reference_keys)
     assert torch.equal(*other)  # the clean stream of the same update is untouched
-
-
-# Dynamic per_token is left out: packing its (b, h, s, 1) parameters crashes at d692a6e (fixed, not yet committed).
-PACKED_SCHEMES = [args for args in SCHEMES if args.scope is not QuantScope.PER_TOKEN]
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +226,7 @@ def packed_caches(
 ) -> dict[str, QuantizedCalibratingCache]:
     """The same frozen parameters with packed storage (codes kept instead of dequantized states)."""
     caches: dict[str, QuantizedCalibratingCache] = {}
-    for args in PACKED_SCHEMES:
+    for args in SCHEMES:
         fake = frozen_caches[_name(args)]
         cache = QuantizedCalibratingCache(llama, KVQuantConfig(key=args, value=args, storage="packed"))
         cache.load_state_dict(fake.state_dict())
@@ -219,7 +238,7 @@ def packed_caches(
 
 @settings(max_examples=60, deadline=None)
 @given(
-    args=st.sampled_from(PACKED_SCHEMES),
+    args=st.sampled_from(SCHEMES),
     seed=st.integers(0, 2**16),
     seq=st.integers(1, 4),
     bad=bad_elements,

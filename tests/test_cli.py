@@ -36,6 +36,7 @@ from quantcache.data import TextSource, token_windows
 from quantcache.errors import QuantcacheError
 from quantcache.evaluation import evaluate
 from quantcache.models import ModelFetchError
+from quantcache.quantization import compute_qparams
 from quantcache.report import to_json
 from quantcache.serialization import read_state_file, write_state_file
 
@@ -255,6 +256,7 @@ EVALUATION_KEYS = {
     "num_tokens",
     "layers",
     "settings",
+    "effective_bits",
 }
 
 
@@ -288,6 +290,8 @@ def check_evaluation(data: dict[str, Any], expected: dict[str, Any]) -> None:
         numbers = ("key_sqnr_db", "value_sqnr_db", "key_clip_fraction", "value_clip_fraction")
         assert [layer[key] for key in numbers] == pytest.approx([reference[key] for key in numbers], rel=1e-6)
     assert data["settings"] == expected["settings"]
+    # seed INT8 at 64 tokens of 2 heads x 16 channels: 8-bit codes + a flag byte per 16 + fp32 scales per channel
+    assert data["effective_bits"] == expected["effective_bits"] == pytest.approx(8 + 8 / 16 + 32 / 64)
 
 
 def test_evaluate_prints_table_and_writes_json_and_markdown(
@@ -371,7 +375,7 @@ def test_inspect_a_good_file(calibrated: Path, capsys: pytest.CaptureFixture[str
     state = calibrated / "kv_scales.safetensors"
     assert cli.main(["inspect", str(state)]) == 0
     text = capsys.readouterr().out
-    for expected in ("valid quantcache KV state", "quantcache.kv_state v1", "llama", "frozen", "int8 per_channel"):
+    for expected in ("valid quantcache KV state", "quantcache.kv_state v2", "llama", "frozen", "int8 per_channel"):
         assert expected in text
     assert "model.layers.1.self_attn" in text and "outlier channels" in text
 
@@ -393,6 +397,9 @@ def test_outlier_channels_are_found(tmp_path: Path, calibrated: Path, capsys: py
     tensors = {name: tensor.clone() for name, tensor in stored.tensors.items()}
     tensors["layers.1.key.min"][1, 5] = -500.0
     tensors["layers.1.key.max"][1, 5] = 500.0
+    # parameters must follow the statistics, or the state is refused as altered
+    params = compute_qparams(tensors["layers.1.key.min"], tensors["layers.1.key.max"], symmetric=True)
+    tensors["layers.1.key.scale"], tensors["layers.1.key.zero_point"] = params.scale, params.zero_point
     state = tmp_path / "outlier.safetensors"
     write_state_file(state, _with_tensors(stored, tensors))
     assert cli.main(["inspect", str(state), "--json"]) == 0
@@ -525,7 +532,7 @@ def test_inspect_refuses_streams_whose_tensors_disagree_in_shape(
     state = tmp_path / "ragged.safetensors"  # without a recorded shape only agreement can be checked
     write_state_file(state, replace(stored, tensors=tensors, kv_heads=None, head_dim=None))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
-    assert "layer 0 value tensors disagree in shape" in error_line(capsys.readouterr())
+    assert "layers.0.value tensors have shapes" in error_line(capsys.readouterr())
 
 
 def test_inspect_counts_further_problems(tmp_path: Path, calibrated: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -534,7 +541,8 @@ def test_inspect_counts_further_problems(tmp_path: Path, calibrated: Path, capsy
     state = tmp_path / "unscaled.safetensors"
     write_state_file(state, _with_tensors(stored, tensors))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
-    assert "layer 0 key lacks scale (mode frozen) (and 3 more problems)" in error_line(capsys.readouterr())
+    line = error_line(capsys.readouterr())
+    assert "layer 0 key lacks scale" in line and "(and 1 more)" in line
 
 
 # ---------------------------------------------------------------------------- suggest-exclude

@@ -151,9 +151,6 @@ def test_group_size_that_does_not_divide_head_dim_is_a_clear_error() -> None:
         Granularity(QuantScope.GROUP, True, 5).params_per_token(2, 16)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a group_size that does not divide head_dim is only found at the first update, as ValueError"
-)
 def test_group_size_that_does_not_divide_the_models_head_dim_is_refused_when_the_cache_is_built(
     llama: PreTrainedModel,
 ) -> None:
@@ -403,10 +400,6 @@ def test_per_stream_config_round_trips_through_dict_json_and_yaml(
     assert KVQuantConfig.from_yaml(config.to_yaml()) == config
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="to_dict leaves a stream's default dynamic/group_size out and from_dict fills them from the shared keys",
-)
 @pytest.mark.parametrize(
     ("shared", "override"),
     [

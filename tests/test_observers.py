@@ -88,7 +88,6 @@ def test_a_registered_observer_is_what_the_quantizer_uses(monkeypatch: pytest.Mo
     assert torch.allclose(stream.params.scale, x.abs().amax(dim=(0, 2)) * 2 / 127)
 
 
-@pytest.mark.xfail(strict=True, reason="observer options are stored but never checked against the observer")
 def test_an_option_the_observer_does_not_know_is_a_config_error() -> None:
     """README: unknown keys are errors that name the key. ``minmax`` takes no option, so a typo'd or foreign
     option (``percentile: 99.9``) is silently saved in the state and ignored."""

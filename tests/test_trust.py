@@ -264,9 +264,6 @@ def test_packed_storage_keeps_non_finite_elements_non_finite(
     assert torch.equal(values, reference_values)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="dynamic schemes take the range of a group over its NaN/Inf: the finite neighbours become NaN"
-)
 @pytest.mark.parametrize("args", DYNAMIC, ids=[_name(args) for args in DYNAMIC])
 def test_dynamic_schemes_keep_the_finite_neighbours_of_a_non_finite_element(args: QuantArgs) -> None:
     """A ``DynamicCache`` keeps the 15 finite channels of a token whose 16th overflowed; a per-token scale
@@ -506,9 +503,9 @@ def test_a_huge_pattern_list_is_refused_fast_with_a_short_message() -> None:
 
 
 def test_a_billion_laughs_under_an_unknown_key_is_refused_fast() -> None:
-    """A depth-9 chain (387 million leaves if expanded) costs nothing when its key is refused by name."""
+    """A depth-9 chain (387 million leaves if expanded) is refused by the loader before any key is read."""
     text = _alias_chain(9, key="x-lol") + "\ntype: dynamic_cache\n"
-    assert "unknown key 'x-lol0'" in str(_refused_fast(text))
+    assert "expands to more than" in str(_refused_fast(text))
 
 
 class _Leaf:
@@ -539,7 +536,6 @@ HUGE_VALUES: list[tuple[str, Callable[[object], object]]] = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="error messages repr() the whole value before cutting it (issue 10)")
 @pytest.mark.parametrize("build", [build for _, build in HUGE_VALUES], ids=[name for name, _ in HUGE_VALUES])
 def test_error_messages_quote_a_bounded_part_of_a_huge_value(build: Callable[[object], object]) -> None:
     """A billion-laughs value that reaches a field is refused after quoting a bounded prefix: building the
@@ -553,7 +549,6 @@ def test_error_messages_quote_a_bounded_part_of_a_huge_value(build: Callable[[ob
     assert _Leaf.quoted < 9**6 // 10
 
 
-@pytest.mark.xfail(strict=True, reason="the YAML loader counts alias events, not what the aliases expand to")
 def test_a_billion_laughs_yaml_is_refused_by_the_loader() -> None:
     """The classic chain uses only 81 aliases, far below the alias-use cap, yet expands to 387 million nodes;
     the loader should refuse any document that expands past a bound, wherever the chain sits (here in a

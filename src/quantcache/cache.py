@@ -35,7 +35,7 @@ from transformers.cache_utils import DynamicLayer
 
 from .accounting import effective_bits
 from .config import KVQuantConfig
-from .errors import CalibrationError, QuantStateError
+from .errors import CalibrationError, ConfigError, QuantStateError
 from .layers import layer_memory, quantizing_layer
 from .quantization import QuantParams
 from .quantizer import LayerQuantizer
@@ -187,6 +187,14 @@ class QuantizedCalibratingCache(DynamicCache):
         expected_shape = (
             (self.kv_heads, self.head_dim) if self.kv_heads is not None and self.head_dim is not None else None
         )
+        if self.head_dim is not None:
+            for stream in ("key", "value"):
+                size = self.quant_config.stream_args(stream).group_size
+                if size is not None and self.head_dim % size:
+                    raise ConfigError(
+                        f"qconfig.group_size {size} does not divide this model's head_dim {self.head_dim}; "
+                        f"choose a divisor of {self.head_dim}"
+                    )
         self.quantizers = [
             LayerQuantizer(
                 index,
@@ -364,8 +372,8 @@ class QuantizedCalibratingCache(DynamicCache):
                 continue
             index, stream_name, field = parsed
             stream = self.quantizers[index].key if stream_name == "key" else self.quantizers[index].value
-            if field not in (*stream.observer.fields, *PARAMETER_FIELDS):
-                unexpected.append(name)
+            if stream.dynamic or field not in (*stream.observer.fields, *PARAMETER_FIELDS):
+                unexpected.append(name)  # a dynamic stream saves nothing
                 continue
             grouped.setdefault(index, {}).setdefault(stream_name, {})[field] = tensor
         if strict and unexpected:

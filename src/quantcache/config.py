@@ -19,7 +19,17 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .scheme import STREAM_KEYS, QuantArgs, QuantDtype, QuantMethod, QuantScope, Rotation, Storage, enum_value
+from .scheme import (
+    STREAM_KEYS,
+    QuantArgs,
+    QuantDtype,
+    QuantMethod,
+    QuantScope,
+    Rotation,
+    Storage,
+    enum_value,
+    short_repr,
+)
 
 __all__ = [
     "ConfigError",
@@ -55,18 +65,24 @@ _MAX_PATTERNS = 1024
 _MAX_PATTERN_LENGTH = 512
 
 
+def _key_text(key: Any) -> str:
+    """A mapping key as an error message shows it: the string itself (cut), or a bounded repr."""
+    return key[:80] if isinstance(key, str) else short_repr(key)
+
+
 def _pattern_tuple(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, Iterable) or isinstance(value, Mapping):
         raise ConfigError(f"{key}: expected a list of glob patterns, got {type(value).__name__}")
+    if isinstance(value, Sequence) and len(value) > _MAX_PATTERNS:
+        raise ConfigError(f"{key}: {len(value)} patterns; at most {_MAX_PATTERNS} are accepted")
     patterns = tuple(value)
     if len(patterns) > _MAX_PATTERNS:
         raise ConfigError(f"{key}: {len(patterns)} patterns; at most {_MAX_PATTERNS} are accepted")
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
-            shown = repr(pattern) if len(repr(pattern)) <= 80 else f"a {type(pattern).__name__}"
-            raise ConfigError(f"{key}: every pattern must be a non-empty string, got {shown}")
+            raise ConfigError(f"{key}: every pattern must be a non-empty string, got {short_repr(pattern)}")
         if len(pattern) > _MAX_PATTERN_LENGTH:
             raise ConfigError(f"{key}: a pattern of {len(pattern)} characters; at most {_MAX_PATTERN_LENGTH}")
         expand_braces(pattern)  # raises on unbalanced braces
@@ -150,7 +166,7 @@ class KVQuantConfig:
         try:
             settings = preset_settings(name)
         except KeyError:
-            raise ConfigError(f"unknown preset {str(name)[:80]!r}; choose from {', '.join(PRESETS)}") from None
+            raise ConfigError(f"unknown preset {short_repr(name)}; choose from {', '.join(PRESETS)}") from None
         return cls(**{**settings, **overrides})
 
     # ------------------------------------------------------------------ the two streams
@@ -211,7 +227,7 @@ class KVQuantConfig:
         for stream in _STREAMS:
             args: QuantArgs | None = getattr(self, stream)
             if args is not None:
-                qconfig[stream] = args.to_dict()
+                qconfig[stream] = args.to_dict(full=True)
         data: dict[str, Any] = {
             "type": _PROCESSOR_TYPE,
             "qconfig": qconfig,
@@ -237,18 +253,18 @@ class KVQuantConfig:
         unknown = [key for key in data if key not in _ITEM_KEYS]
         if unknown:
             raise ConfigError(
-                f"unknown key {str(unknown[0])[:80]!r} in processor item; allowed: {', '.join(_ITEM_KEYS)}"
+                f"unknown key '{_key_text(unknown[0])}' in processor item; allowed: {', '.join(_ITEM_KEYS)}"
             )
         kind = data.get("type", _PROCESSOR_TYPE)
         if kind != _PROCESSOR_TYPE:
-            raise ConfigError(f"type: expected {_PROCESSOR_TYPE!r}, got {str(kind)[:80]!r}")
+            raise ConfigError(f"type: expected {_PROCESSOR_TYPE!r}, got {short_repr(kind)}")
         qconfig = data.get("qconfig", {}) or {}
         if not isinstance(qconfig, Mapping):
             raise ConfigError(f"qconfig: expected a mapping, got {type(qconfig).__name__}")
         allowed = (*STREAM_KEYS, *_STREAMS)
         unknown = [key for key in qconfig if key not in allowed]
         if unknown:
-            raise ConfigError(f"unknown key 'qconfig.{str(unknown[0])[:80]}'; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"unknown key 'qconfig.{_key_text(unknown[0])}'; allowed: {', '.join(allowed)}")
         kwargs: dict[str, Any] = {key: qconfig[key] for key in STREAM_KEYS if key in qconfig}
         shared = QuantArgs.from_dict(kwargs)
         for stream in _STREAMS:
@@ -272,7 +288,7 @@ class KVQuantConfig:
             raise ConfigError(f"spec.process: expected a list of processor items, got {type(process).__name__}")
         items = [item for item in process if isinstance(item, Mapping) and item.get("type") == _PROCESSOR_TYPE]
         if not items:
-            kinds = [str(item.get("type"))[:40] for item in process[:20] if isinstance(item, Mapping)]
+            kinds = short_repr([item.get("type") for item in process[:20] if isinstance(item, Mapping)])
             raise ConfigError(f"spec.process has no 'dynamic_cache' item (found types: {kinds})")
         if len(items) > 1:
             raise ConfigError(f"spec.process has {len(items)} 'dynamic_cache' items; keep exactly one")
@@ -321,10 +337,38 @@ class KVQuantConfig:
 class _BoundedLoader(yaml.SafeLoader):
     """``SafeLoader`` that refuses documents whose aliases expand into something huge.
 
-    An alias-chain ("billion laughs") document is a few hundred bytes of YAML that
-    references nodes exponentially often; counting every node an alias brings back
-    stops it before it is built.
+    An alias-chain ("billion laughs") document is a few hundred bytes of YAML whose
+    nodes are referenced exponentially often; counting the nodes the composed
+    document expands to (each shared node once per reference, memoised) refuses it
+    before anything is constructed or quoted.
     """
+
+    _MAX_EXPANDED_NODES = 100_000
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            sizes: dict[int, int] = {}
+
+            def expanded(item: Any) -> int:
+                known = sizes.get(id(item))
+                if known is not None:
+                    return known
+                sizes[id(item)] = 1  # a recursive document counts a cycle once
+                total = 1
+                if isinstance(item, yaml.SequenceNode):
+                    total += sum(expanded(child) for child in item.value)
+                elif isinstance(item, yaml.MappingNode):
+                    total += sum(expanded(key) + expanded(value) for key, value in item.value)
+                sizes[id(item)] = total
+                return total
+
+            if expanded(node) > self._MAX_EXPANDED_NODES:
+                raise ConfigError(
+                    f"config expands to more than {self._MAX_EXPANDED_NODES} YAML nodes through its aliases "
+                    "(an alias chain?); refusing it as malformed"
+                )
+        return node
 
     _MAX_ALIAS_USES = 10_000
 

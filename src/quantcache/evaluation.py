@@ -87,6 +87,9 @@ class EvaluationResult:
     num_tokens: int
     layers: list[LayerError]
     settings: dict[str, Any] = field(default_factory=dict)
+    effective_bits: float | None = None
+    """Bits per cached element the scheme holds at the evaluated length (codes, scales, zero
+    points, flags, and the model dtype's bits for unquantized layers; see ``accounting``)."""
 
     @property
     def ppl_relative_change(self) -> float:
@@ -393,7 +396,17 @@ def evaluate(
         num_tokens=metrics.count,
         layers=layers,
         settings=_settings(cache, windows, prefill, chunk),
+        effective_bits=_effective_bits(model, cache, int(windows.shape[1])),
     )
+
+
+def _effective_bits(model: nn.Module, cache: QuantizedCalibratingCache, length: int) -> float | None:
+    parameter = next(iter(model.parameters()), None)
+    dtype_bits = 8 * parameter.element_size() if parameter is not None else 16
+    try:
+        return cache.effective_bits(length, unquantized_bits=dtype_bits)
+    except CalibrationError:  # the model config does not say its attention shape
+        return None
 
 
 # ---------------------------------------------------------------------------- sensitivity

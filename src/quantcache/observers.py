@@ -18,9 +18,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from .errors import ConfigError
 from .granularity import Granularity
 from .quantization import stream_minmax
-from .scheme import QuantArgs, QuantMethod
+from .scheme import QuantArgs, QuantMethod, short_repr
 
 __all__ = [
     "OBSERVERS",
@@ -45,8 +46,17 @@ class Observer:
     """
 
     fields: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[tuple[str, ...]] = ()
+    """Names of the ``observer_options`` this observer reads; any other is a config error."""
 
     def __init__(self, args: QuantArgs) -> None:
+        unknown = [name for name in args.options if name not in self.options]
+        if unknown:
+            allowed = ", ".join(self.options) or "none"
+            raise ConfigError(
+                f"qconfig.observer_options: {short_repr(unknown[0])} is not an option of method "
+                f"{args.method.value!r} (options: {allowed})"
+            )
         self.args = args
         self.granularity = Granularity.of(args)
         self.statistics: Statistics = {}
@@ -197,6 +207,8 @@ def _grouped_values(granularity: Granularity, states: torch.Tensor, keep: torch.
 class PercentileObserver(AveragedRangeObserver):
     """The ``percentile`` (option, default 99.99) and ``100 - percentile`` quantiles of each batch."""
 
+    options = ("percentile",)
+
     def batch_range(self, states: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         percentile = float(self.args.options.get("percentile", 99.99))
         if not 50.0 < percentile <= 100.0:
@@ -215,6 +227,8 @@ class MSEObserver(AveragedRangeObserver):
     ``i < grid`` and keeps the one whose fake-quantized values have the least squared
     error; the number format and symmetry are the stream's own.
     """
+
+    options = ("grid",)
 
     def batch_range(self, states: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         from .quantization import compute_qparams

@@ -175,10 +175,12 @@ def dynamic_qparams(
 
     Scales are float16 (rounded up, so the row's extreme still maps inside the code
     range) and zero points fit int16: the asymmetric relative floor is ``2**10`` here,
-    which only limits a (near-)constant group far from zero to 0.1 % precision.
+    which only limits a (near-)constant group far from zero to 0.1 % precision. NaN and
+    Inf elements are left out of the range, so they do not spoil their neighbours.
     """
-    low = granularity.reduce(states.detach(), torch.amin).float()
-    high = granularity.reduce(states.detach(), torch.amax).float()
+    finite = torch.isfinite(states)  # a NaN or Inf element must not spoil its finite neighbours' scale
+    low = granularity.reduce(torch.where(finite, states, torch.inf).detach(), torch.amin).float()
+    high = granularity.reduce(torch.where(finite, states, -torch.inf).detach(), torch.amax).float()
     params = compute_qparams(low, high, symmetric=symmetric, fmt=fmt, max_offset=DYNAMIC_MAX_OFFSET)
     scale = (params.scale * (1.0 + 2.0**-10)).to(torch.float16).float()
     if not symmetric:  # the zero point follows the stored scale

@@ -247,7 +247,9 @@ class StreamQuantizer:
         else:
             parts = [pack_codes(codes, fmt.bits, int(-fmt.qmin))]
         if self.dynamic:  # (b, h, s, 1) per token, (b, h, s, groups, 1) per group -> (b, h, s, groups)
-            per_row = [params.scale.to(torch.float16)]
+            # a group holding NaN or Inf stores a NaN scale: it decodes to NaN, as the flag byte does for static rows
+            finite = self.granularity.reduce(torch.isfinite(space).to(torch.float32), torch.amin) > 0
+            per_row = [torch.where(finite, params.scale, torch.nan).to(torch.float16)]
             if not self.args.symmetric:
                 per_row.append(params.zero_point.to(torch.int16))
             for tensor in per_row:

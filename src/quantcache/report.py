@@ -65,6 +65,7 @@ def _summary_rows(result: EvaluationResult) -> list[tuple[str, str]]:
         ("PPL change", f"{result.ppl_relative_change * 100:+.3f} %"),
         ("mean KL", f"{result.kl_mean:.3e}"),
         ("top-1 agreement", f"{result.top1_agreement * 100:.2f} %"),
+        ("effective bits", "n/a" if result.effective_bits is None else f"{result.effective_bits:.3f}"),
         ("tokens", str(result.num_tokens)),
     ]
 

@@ -9,6 +9,7 @@ plus which layers take part.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,7 +18,17 @@ from typing import Any
 from .errors import ConfigError
 from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype
 
-__all__ = ["STREAM_KEYS", "QuantArgs", "QuantDtype", "QuantMethod", "QuantScope", "Rotation", "Storage", "enum_value"]
+__all__ = [
+    "STREAM_KEYS",
+    "QuantArgs",
+    "QuantDtype",
+    "QuantMethod",
+    "QuantScope",
+    "Rotation",
+    "Storage",
+    "enum_value",
+    "short_repr",
+]
 
 
 class QuantScope(str, Enum):
@@ -76,6 +87,16 @@ STREAM_KEYS = (
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 3, 3, 60, 60
+
+
+def short_repr(value: Any, limit: int = 100) -> str:
+    """A bounded ``repr`` for error messages: a huge or deeply nested value never floods one."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def enum_value(enum_type: type[Enum], key: str, value: Any, *, section: str = "qconfig.") -> Any:
     """``value`` as a member of ``enum_type`` (case-insensitive name), or a ConfigError naming ``section + key``."""
     allowed = [member.value for member in enum_type]
@@ -83,13 +104,14 @@ def enum_value(enum_type: type[Enum], key: str, value: Any, *, section: str = "q
         return value
     if isinstance(value, str) and value.lower() in allowed:
         return enum_type(value.lower())
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    raise ConfigError(f"{section}{key}: unsupported value {shown}; allowed: {', '.join(map(repr, allowed))}")
+    raise ConfigError(
+        f"{section}{key}: unsupported value {short_repr(value)}; allowed: {', '.join(map(repr, allowed))}"
+    )
 
 
 def _flag(key: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"qconfig.{key}: expected true or false, got {value!r}"[:200])
+        raise ConfigError(f"qconfig.{key}: expected true or false, got {short_repr(value)}")
     return value
 
 
@@ -128,7 +150,7 @@ class QuantArgs:
         set_(self, "rotation", enum_value(Rotation, "rotation", self.rotation))
         seed = self.rotation_seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ConfigError(f"qconfig.rotation_seed: expected a non-negative integer, got {seed!r}"[:200])
+            raise ConfigError(f"qconfig.rotation_seed: expected a non-negative integer, got {short_repr(seed)}")
         set_(self, "dtype", enum_value(QuantDtype, "dtype", self.dtype))
         set_(self, "scope", enum_value(QuantScope, "scope", self.scope))
         set_(self, "method", enum_value(QuantMethod, "method", self.method))
@@ -146,7 +168,7 @@ class QuantArgs:
         if self.scope is QuantScope.GROUP:
             size = self.group_size
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ConfigError(f"qconfig.group_size: scope 'group' needs a positive integer, got {size!r}")
+                raise ConfigError(f"qconfig.group_size: scope 'group' needs a positive integer, got {short_repr(size)}")
         elif self.group_size is not None:
             raise ConfigError(f"qconfig.group_size is only used with scope 'group' (scope is {self.scope.value!r})")
         if self.scope in _TOKEN_SCOPES and not self.dynamic:
@@ -169,8 +191,21 @@ class QuantArgs:
         """The observer options as a dict."""
         return dict(self.observer_options)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data in msModelSlim's ``qconfig`` shape; keys beyond its four only when not default."""
+    def to_dict(self, *, full: bool = False) -> dict[str, Any]:
+        """Plain data in msModelSlim's ``qconfig`` shape; keys beyond its four only when not default.
+
+        ``full`` writes every key, so the mapping means the same whatever it is merged onto
+        (a per-stream override of a config's shared arguments).
+        """
+        if full:
+            return {
+                **self.to_dict(),
+                "dynamic": self.dynamic,
+                "group_size": self.group_size,
+                "observer_options": self.options,
+                "rotation": self.rotation.value,
+                "rotation_seed": self.rotation_seed,
+            }
         data: dict[str, Any] = {
             "scope": self.scope.value,
             "dtype": self.dtype.value,

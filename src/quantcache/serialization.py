@@ -250,6 +250,9 @@ def validate_state(stored: StateFile) -> list[str]:
             problems.append(f"unexpected tensor {name[:80]!r}")
             continue
         index, stream, field = parsed
+        if stored.config.stream_args(stream).dynamic:
+            problems.append(f"unexpected tensor {name[:80]!r}: the {stream} stream is dynamic and saves nothing")
+            continue
         if field not in (*statistic_fields(stored.config, stream), *PARAMETER_FIELDS):
             problems.append(f"unexpected tensor {name[:80]!r}")
             continue

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate the state, then print its description as text or JSON."""
     from ..data import require_file
     from ..report import config_text, index_ranges, layer_summaries, outlier_lines, range_table
-    from ..serialization import FORMAT_NAME, FORMAT_VERSION, read_state_file
+    from ..serialization import FORMAT_NAME, read_state_file
 
     path = require_file(state_path(args.scales), "state file")
     stored = read_state_file(path)  # verifies the checksum and runs serialization.validate_state
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "path": str(path),
         "valid": True,
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": stored.format_version,
         "quantcache_version": stored.quantcache_version,
         "model_type": stored.model_type,
         "num_layers": stored.num_layers,
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return EXIT_OK
     facts = [
-        ("format", f"{FORMAT_NAME} v{FORMAT_VERSION}, written by quantcache {stored.quantcache_version}"),
+        ("format", f"{FORMAT_NAME} v{stored.format_version}, written by quantcache {stored.quantcache_version}"),
         ("model type", str(stored.model_type)),
         ("layers", f"{stored.num_layers} ({len(with_data)} quantized: {index_ranges(with_data)})"),
         ("kv_heads", str(stored.kv_heads)),

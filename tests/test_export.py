@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
 from quantcache.calibration import calibrate
 from quantcache.errors import InputError
 from quantcache.export import FORMATS, export_checkpoint, get_format, import_checkpoint
@@ -351,3 +351,28 @@ def test_a_model_dequantized_from_gguf_is_saved_as_a_plain_checkpoint(
     model.model.layers[0].mlp.add_module("packed", type("GgmlLinear", (torch.nn.Module,), {})())
     with pytest.raises(InputError, match="GGUF-packed weights"):
         export_checkpoint(symmetric, tmp_path / "packed", format="ascend", model=model)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        KVQuantConfig.preset("int4"),
+        KVQuantConfig.preset("int8"),
+        KVQuantConfig(method="percentile"),
+        KVQuantConfig(rotation="hadamard"),
+        KVQuantConfig(dtype="int4"),
+        KVQuantConfig(scope="per_head"),
+    ],
+    ids=["int4-preset", "int8-preset", "percentile", "rotated", "int4-static", "per-head"],
+)
+def test_a_scheme_engines_cannot_read_is_refused_by_name(
+    llama: PreTrainedModel, tmp_path: Path, config: KVQuantConfig
+) -> None:
+    """Engines read static INT8-derived per-channel ranges; anything else is refused before writing, naming the
+    scheme and the way out (the seed scheme)."""
+    cache = QuantizedCalibratingCache(llama, config)
+    llama(torch.randint(3, 128, (1, 12)), **{CACHE_KEYWORD: cache})
+    cache.freeze()
+    with pytest.raises(QuantStateError, match=r"cannot be exported.*--preset seed"):
+        export_checkpoint(cache, tmp_path / "out", format="vllm", scales_only=True)
+    assert not (tmp_path / "out").exists()

@@ -124,7 +124,26 @@ class KVState:
         model_type: str | None,
         source: str,
     ) -> KVState:
-        """Group flat ``layers.{i}.{key,value}.{min,max,scale,zero_point}`` tensors by layer."""
+        """Group flat ``layers.{i}.{key,value}.{min,max,scale,zero_point}`` tensors by layer.
+
+        Only the scheme engines read can be exported: static INT8 per-channel min/max
+        ranges without rotation (the seed scheme, from which FP8 scales are derived too).
+        """
+        for stream in STREAMS:
+            args = config.stream_args(stream)
+            exportable = (
+                args.dtype.value == "int8"
+                and args.scope.value == "per_channel"
+                and not args.dynamic
+                and args.method.value == "minmax"
+                and args.rotation.value == "none"
+            )
+            if not exportable:
+                raise QuantStateError(
+                    f"{source}: the {stream} scheme {args.to_dict()} cannot be exported; serving engines read "
+                    "static per-channel (or per-tensor/per-head) ranges, so calibrate with the seed scheme "
+                    "(quantcache calibrate --preset seed) for deployment"
+                )
         fields = ("min", "max", "scale", "zero_point")
         indices = sorted({int(name.split(".")[1]) for name in tensors if name.startswith("layers.")})
         if not indices:

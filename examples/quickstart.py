@@ -16,8 +16,11 @@ with torch.inference_mode():
 # 2. Freeze the statistics into INT8 scales and save them (safetensors + JSON metadata).
 cache.freeze().save("kv_scales.safetensors")
 
-# 3. Reload for the same model and generate with the INT8 KV cache.
-cache = QuantizedCalibratingCache.from_file("kv_scales.safetensors", model)
+# 3. Reload and generate with a packed INT8 cache: it stores codes, not dequantized states.
+cache = QuantizedCalibratingCache.from_file("kv_scales.safetensors", model, storage="packed")
 inputs = tokenizer("The three primary colours are", return_tensors="pt")
 output = model.generate(**inputs, cache=cache, max_new_tokens=20, do_sample=False)
 print(tokenizer.decode(output[0], skip_special_tokens=True))
+held = sum(layer["total"] for layer in cache.memory_report())
+plain = sum(layer["dynamic_cache"] for layer in cache.memory_report())
+print(f"{held} bytes of KV cache held; a DynamicCache would hold {plain}")

@@ -29,17 +29,9 @@ from quantcache import (
     QuantParams,
     fake_quantize,
 )
-from quantcache import evaluation as evaluation_module
+from quantcache import sensitivity as sensitivity_module
 from quantcache.calibration import calibrate
-from quantcache.evaluation import (
-    EvaluationResult,
-    ExcludeSuggestion,
-    LayerError,
-    LayerSensitivity,
-    evaluate,
-    layer_sensitivity,
-    suggest_exclude,
-)
+from quantcache.evaluation import EvaluationResult, LayerError, evaluate
 from quantcache.report import (
     format_suggestion,
     format_table,
@@ -48,6 +40,7 @@ from quantcache.report import (
     to_json,
     to_markdown,
 )
+from quantcache.sensitivity import ExcludeSuggestion, LayerSensitivity, layer_sensitivity, suggest_exclude
 
 PREFILL, CHUNK, LENGTH = 16, 8, 61  # the last chunk is a partial one
 
@@ -290,7 +283,7 @@ def test_layer_sensitivity_without_a_stored_reference(
 ) -> None:
     windows = _ids(10, 1, 30)
     stored = layer_sensitivity(deep, deep_frozen, windows, prefill=PREFILL, chunk=CHUNK, progress=False)
-    monkeypatch.setattr(evaluation_module, "REFERENCE_STORE_BYTES", 0)
+    monkeypatch.setattr(sensitivity_module, "REFERENCE_STORE_BYTES", 0)
     recomputed = layer_sensitivity(deep, deep_frozen, windows, prefill=PREFILL, chunk=CHUNK, progress=False)
     assert [item.index for item in stored] == [item.index for item in recomputed]
     for one, two in zip(stored, recomputed, strict=True):

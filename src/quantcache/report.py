@@ -2,7 +2,7 @@
 
 Nothing here measures quality; every function turns an
 :class:`~quantcache.evaluation.EvaluationResult`, an
-:class:`~quantcache.evaluation.ExcludeSuggestion` or the min/max tensors of a saved
+:class:`~quantcache.sensitivity.ExcludeSuggestion` or the min/max tensors of a saved
 state into something to print or save (text, Markdown, JSON, YAML, a plot). The range
 summaries (per-layer min/max and outlier channels) are computed here because they exist
 only to be shown: ``quantcache calibrate`` writes them beside the state and
@@ -23,7 +23,8 @@ from .config import KVQuantConfig
 if TYPE_CHECKING:
     import torch
 
-    from .evaluation import EvaluationResult, ExcludeSuggestion, LayerError
+    from .evaluation import EvaluationResult, LayerError
+    from .sensitivity import ExcludeSuggestion
 
 __all__ = [
     "RANGE_HEADER",

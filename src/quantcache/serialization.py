@@ -112,6 +112,9 @@ class StateFile:
     model_revision: str | None = None
     model_config_sha256: str | None = None
     format_version: int = FORMAT_VERSION
+    origin: str = "calibrated"
+    """``calibrated`` (parameters derive from the statistics) or ``imported from FORMAT`` (parameters
+    read from another tool's checkpoint, with the range they represent as statistics)."""
 
     def model(self) -> dict[str, Any]:
         return {
@@ -135,6 +138,7 @@ class StateFile:
             "mode": self.mode,
             "model": self.model(),
             "encoding": _ENCODING,
+            "origin": self.origin,
         }
         metadata = {key: json.dumps(value, sort_keys=True) for key, value in fields.items()}
         metadata["checksum"] = json.dumps(_checksum(self.tensors, metadata))
@@ -161,14 +165,16 @@ def stream_problems(
     stream: str,
     kv_heads: int | None,
     head_dim: int | None,
+    *,
+    derived: bool = True,
 ) -> list[str]:
     """Everything wrong with one stream's tensors (``prefix`` is ``layers.{i}.{stream}``).
 
     Checks the documented dtype of each field, the shape the scheme's granularity
     gives, finiteness, ``min <= max``, scales at or above the float32-eps floor,
     zero points inside the reach of the format (and 0 when symmetric), and, when
-    both statistics and parameters are present, that the parameters are exactly
-    what the statistics imply.
+    both statistics and parameters are present and ``derived`` (a state we calibrated),
+    that the parameters are exactly what the statistics imply.
     """
     args = config.stream_args(stream)
     problems: list[str] = []
@@ -190,8 +196,10 @@ def stream_problems(
         except ValueError as error:
             return [f"{prefix}: {error}"]
     if len(set(shapes.values())) > 1 or (expected_shape is not None and set(shapes.values()) != {expected_shape}):
-        return [f"{prefix} tensors have shapes {shapes}, but this model's (kv_heads, head_dim) is "
-                f"{(kv_heads, head_dim)} (parameters {expected_shape}); the state was made for another model"]
+        return [
+            f"{prefix} tensors have shapes {shapes}, but this model's (kv_heads, head_dim) is "
+            f"{(kv_heads, head_dim)} (parameters {expected_shape}); the state was made for another model"
+        ]
     for name, tensor in fields.items():
         if name != "zero_point" and not bool(torch.isfinite(tensor).all()):
             problems.append(f"{prefix}.{name} contains NaN or Inf")
@@ -218,7 +226,7 @@ def stream_problems(
             problems.append(f"{prefix}.zero_point is not 0 although the scheme is symmetric")
         elif bool(((zero_point < fmt.qmin - _ZERO_POINT_REACH) | (zero_point > fmt.qmax + _ZERO_POINT_REACH)).any()):
             problems.append(f"{prefix}.zero_point holds values outside what {fmt.name} can need")
-    if not problems and implied_range is not None and all(name in fields for name in PARAMETER_FIELDS):
+    if derived and not problems and implied_range is not None and all(name in fields for name in PARAMETER_FIELDS):
         implied = compute_qparams(*implied_range, symmetric=args.symmetric, fmt=args.format)
         if not torch.equal(implied.scale, fields["scale"]) or not torch.equal(implied.zero_point, fields["zero_point"]):
             problems.append(f"{prefix}: scale/zero_point differ from what its min/max imply; the state was altered")
@@ -277,7 +285,15 @@ def validate_state(stored: StateFile) -> list[str]:
                 short = ", ".join(name.rsplit(".", 1)[1] for name in missing)
                 problems.append(f"layer {index} {stream} lacks {short} (missing {missing}, mode {stored.mode})")
                 continue
-            problems += stream_problems(prefix, fields, stored.config, stream, stored.kv_heads, stored.head_dim)
+            problems += stream_problems(
+                prefix,
+                fields,
+                stored.config,
+                stream,
+                stored.kv_heads,
+                stored.head_dim,
+                derived=stored.origin == "calibrated",
+            )
     if not grouped and not (stored.config.key_args.dynamic and stored.config.value_args.dynamic):
         problems.append("the state holds no layer")
     return problems
@@ -410,6 +426,7 @@ def _read_v2(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source:
         model_name=model.get("name"),
         model_revision=model.get("revision"),
         model_config_sha256=model.get("config_sha256"),
+        origin=str(_json_field(metadata, "origin", source)),
     )
 
 

@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
     windows = token_windows(args, tokenizer, documents)
     note(args, f"measuring layer sensitivity on {windows.shape[0]} x {windows.shape[1]} tokens ...")
 
-    from ..evaluation import suggest_exclude
     from ..report import format_suggestion, suggestion_to_yaml
+    from ..sensitivity import suggest_exclude
 
     suggestion = suggest_exclude(
         model, cache, windows, kl_budget=args.kl_budget, prefill=args.prefill, chunk=args.chunk, progress=not args.quiet

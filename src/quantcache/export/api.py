@@ -251,5 +251,5 @@ def import_checkpoint(checkpoint: str | os.PathLike[str], *, format: str, model:
                     f"{prefix}.zero_point": zero_point,
                 }
             )
-    cache.load_state_dict(state)
+    cache.load_state_dict(state, origin=f"imported from {fmt.name}")
     return ImportResult(cache, fmt.name, path, sorted(imported.streams), imported.symmetric, imported.note)

@@ -1,0 +1,243 @@
+"""Presets (issue 7): every named scheme is a valid config that runs end to end, fake and packed.
+
+``KVQuantConfig.preset(name)`` is what the CLI's ``--preset`` and the quality benchmark hand to users, so
+each name in :data:`quantcache.presets.PRESETS` must calibrate, freeze and drive every ``generate`` mode
+(greedy, beams, assisted) on a full-attention and a sliding-window model, with identical results in fake
+and packed storage. ``seed`` must stay msModelSlim's scheme exactly; unknown names and bad overrides must
+be errors that help; an all-dynamic preset (nothing to calibrate, no tensors) must still save and reload.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import HEAD_DIM
+from transformers import DynamicCache, PreTrainedModel
+
+from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.accounting import stream_bits
+from quantcache.calibration import calibrate
+from quantcache.presets import PRESETS, preset_settings
+from quantcache.scheme import QuantArgs, QuantScope
+
+NAMES = sorted(PRESETS)
+ARCHS = ("llama", "gemma3")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The models are tiny: extra intra-op threads only contend with each other and with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(llama: PreTrainedModel, gemma3: PreTrainedModel) -> dict[str, PreTrainedModel]:
+    return {"llama": llama, "gemma3": gemma3}
+
+
+def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _row_bytes(args: QuantArgs) -> int:
+    codes = HEAD_DIM * args.format.bits // 8
+    if not args.dynamic:
+        return codes + 1
+    groups = 1 if args.scope is QuantScope.PER_TOKEN else HEAD_DIM // (args.group_size or HEAD_DIM)
+    return codes + groups * (2 if args.symmetric else 4)
+
+
+def _generate(model: PreTrainedModel, cache: QuantizedCalibratingCache, **settings: Any) -> Any:
+    return model.generate(
+        _tokens(1, 8, seed=3),
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+        **{CACHE_KEYWORD: cache},
+        **settings,
+    )
+
+
+MODES: dict[str, dict[str, Any]] = {"greedy": {}, "beams": {"num_beams": 2}, "assisted": {"assistant_model": None}}
+
+
+# ================================================================================ end to end
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_preset_calibrates_freezes_and_generates_fake_and_packed(
+    models: dict[str, PreTrainedModel], arch: str, name: str
+) -> None:
+    """calibrate -> frozen cache -> greedy, beam (2) and assisted (the same model drafting) generation, in both
+    storages: packed gives exactly fake's tokens and logits and holds rows of the preset's width; assisted
+    greedy decoding reproduces plain greedy decoding (the cache's crops lose nothing)."""
+    model = models[arch]
+    frozen = calibrate(model, _tokens(2, 16, seed=1), quant_config=KVQuantConfig.preset(name), progress=False)
+    assert frozen.is_frozen and frozen.get_seq_length() == 0
+    assert frozen.quant_config == KVQuantConfig.preset(name)
+    packed_frozen = QuantizedCalibratingCache(model, KVQuantConfig.preset(name, storage="packed"))
+    packed_frozen.load_state_dict(frozen.state_dict())
+    if not packed_frozen.is_frozen:  # an all-dynamic preset has no parameters to load
+        packed_frozen.freeze()
+    key_args, value_args = frozen.quant_config.key_args, frozen.quant_config.value_args
+    outputs: dict[str, dict[str, Any]] = {}
+    for storage, source in (("fake", frozen), ("packed", packed_frozen)):
+        for mode, settings in MODES.items():
+            cache = source.empty_copy()
+            run = _generate(model, cache, **{key: model if key == "assistant_model" else value
+                                            for key, value in settings.items()})
+            outputs.setdefault(storage, {})[mode] = run.sequences, run.logits
+            assert run.sequences.shape == (1, 14)
+            assert all(torch.isfinite(step).all() for step in run.logits)
+            for layer in cache.layers:
+                stored = layer.keys
+                if storage == "packed":
+                    assert stored.dtype == torch.uint8
+                    assert stored.shape[-1] == _row_bytes(key_args)
+                    assert layer.values.shape[-1] == _row_bytes(value_args)
+                else:
+                    assert stored.dtype == torch.float32
+    for mode in MODES:
+        fake_sequences, fake_logits = outputs["fake"][mode]
+        packed_sequences, packed_logits = outputs["packed"][mode]
+        assert torch.equal(packed_sequences, fake_sequences), mode
+        assert all(torch.equal(a, b) for a, b in zip(packed_logits, fake_logits, strict=True)), mode
+    assert torch.equal(outputs["fake"]["assisted"][0], outputs["fake"]["greedy"][0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_presets_lose_more_the_fewer_bits_they_spend(models: dict[str, PreTrainedModel], arch: str) -> None:
+    """Each preset quantizes (logits move) and the error ranks with the code width: int8 < int4 < int3 < int2,
+    and dynamic int8 beats the static seed. A preset wired to the wrong scheme breaks the ranking."""
+    model = models[arch]
+    prompt = _tokens(2, 16, seed=2)
+    with torch.no_grad():
+        reference = model(prompt, **{CACHE_KEYWORD: DynamicCache(config=model.config)}).logits[:, 8:]
+    errors: dict[str, float] = {}
+    for name in NAMES:
+        cache = calibrate(model, _tokens(4, 24, seed=1), quant_config=KVQuantConfig.preset(name), progress=False)
+        with torch.no_grad():  # the second chunk attends to a quantized history
+            model(prompt[:, :8], **{CACHE_KEYWORD: cache})
+            logits = model(prompt[:, 8:], position_ids=torch.arange(8, 16).expand(2, -1), **{CACHE_KEYWORD: cache})
+        errors[name] = float((logits.logits - reference).square().mean().sqrt())
+    assert all(error > 0 for error in errors.values()), errors
+    assert errors["int8"] < errors["int4"] < errors["int3"] < errors["int2"], errors
+    assert errors["int8"] < errors["seed"] and errors["int8"] < errors["fp8"], errors
+
+
+# ================================================================================ the config API
+def test_seed_is_the_default_config_and_msmodelslims_four_keys() -> None:
+    """``seed`` is the config you get with no arguments, written as msModelSlim's own qconfig."""
+    assert KVQuantConfig.preset("seed") == KVQuantConfig()
+    assert KVQuantConfig.preset("seed").to_dict()["qconfig"] == {
+        "scope": "per_channel",
+        "dtype": "int8",
+        "symmetric": True,
+        "method": "minmax",
+    }
+
+
+@pytest.mark.parametrize("name", ["nope", "INT4", "int4 ", ""])
+def test_an_unknown_preset_is_a_config_error_listing_the_names(name: str) -> None:
+    with pytest.raises(ConfigError, match="unknown preset") as raised:
+        KVQuantConfig.preset(name)
+    message = str(raised.value)
+    assert all(known in message for known in PRESETS)
+    assert repr(name) in message
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_preset_is_what_its_settings_say_and_round_trips(name: str) -> None:
+    """The config is built from the table's settings (a copy: editing it cannot change the preset), and survives
+    the YAML and dict round trips the CLI and the state file use."""
+    config = KVQuantConfig.preset(name)
+    settings = preset_settings(name)
+    for field, value in settings.items():
+        actual = getattr(config, field)
+        assert getattr(actual, "value", actual) == value, field
+    settings["dtype"] = "int2"
+    assert KVQuantConfig.preset(name) == config
+    assert KVQuantConfig.from_dict(config.to_dict()) == config
+    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_description_says_what_its_scheme_is(name: str) -> None:
+    """``--preset`` help shows the descriptions: each must name the preset's format, granularity, symmetry,
+    rotation and whether it is calibrated, so a changed setting cannot leave a stale description behind."""
+    description = PRESETS[name][0].lower()
+    args = KVQuantConfig.preset(name).key_args
+    assert args.dtype.value.replace("_", " ") in description
+    assert ("hadamard" in description) == (args.rotation.value == "hadamard")
+    assert ("asymmetric" in description) == (not args.symmetric)
+    assert ("per token" in description) == (args.scope is QuantScope.PER_TOKEN)
+    assert ("per-channel" in description) == (args.scope is QuantScope.PER_CHANNEL)
+    assert ("static" in description) == (not args.dynamic)
+    assert args.method.value == "minmax"  # the dynamic presets calibrate nothing; the seed is min/max
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_bits_a_description_promises_are_the_accounted_bits(name: str) -> None:
+    """Descriptions quote bits per element for a real model's head_dim (64); the accounting must agree."""
+    description = PRESETS[name][0]
+    promised = re.search(r"~([\d.]+) bits", description)
+    if promised is None:
+        assert name == "seed"  # static: its bits depend on the length the scales are spread over
+        return
+    args = KVQuantConfig.preset(name).key_args
+    assert stream_bits(args, kv_heads=3, head_dim=64, seq_len=1024) == float(promised.group(1))
+
+
+def test_overrides_apply_on_top_of_the_preset(llama: PreTrainedModel) -> None:
+    """``exclude`` and ``storage`` replace what the preset says and keep the rest; a cache built from it obeys."""
+    config = KVQuantConfig.preset("int4", exclude=["model.layers.0.self_attn"], storage="packed")
+    assert config.exclude == ("model.layers.0.self_attn",)
+    assert config.storage.value == "packed"
+    assert config.key_args == KVQuantConfig.preset("int4").key_args
+    cache = QuantizedCalibratingCache(llama, config)
+    assert cache.quantized_layers == [1]
+    assert KVQuantConfig.preset("int8", symmetric=False).symmetric is False
+    assert KVQuantConfig.preset("seed", dtype="int3").dtype.value == "int3"
+
+
+def test_an_override_that_contradicts_the_preset_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="group_size"):
+        KVQuantConfig.preset("int4", group_size=8)  # int4 is per token
+    with pytest.raises(ConfigError, match="symmetric"):
+        KVQuantConfig.preset("fp8", symmetric=False)  # float formats are symmetric only
+    with pytest.raises((TypeError, ConfigError), match="no_such_field"):
+        KVQuantConfig.preset("int8", no_such_field=1)
+
+
+# ================================================================================ saving
+@pytest.mark.parametrize("storage", ["fake", "packed"])
+@pytest.mark.parametrize("name", [name for name in NAMES if KVQuantConfig.preset(name).key_args.dynamic])
+def test_an_all_dynamic_preset_saves_and_reloads_frozen(
+    gemma3: PreTrainedModel, name: str, storage: str, tmp_path: Path
+) -> None:
+    """Nothing to calibrate means no tensors: the file still records the scheme, and reloads ready to quantize
+    (fake or packed), generating what the cache that was saved generates."""
+    frozen = calibrate(gemma3, _tokens(1, 8, seed=4), quant_config=KVQuantConfig.preset(name), progress=False)
+    assert frozen.state_dict() == {}
+    path = frozen.save(tmp_path / f"{name}.safetensors")
+    reloaded = QuantizedCalibratingCache.from_file(path, gemma3, storage=storage)
+    assert reloaded.is_frozen and reloaded.state_dict() == {}
+    assert reloaded.quant_config == KVQuantConfig.preset(name, storage=storage)
+    expected = _generate(gemma3, frozen.empty_copy())
+    got = _generate(gemma3, reloaded)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))
+    # load() into a cache built with the same preset works too; one never frozen has nothing to save.
+    loaded = QuantizedCalibratingCache(gemma3, KVQuantConfig.preset(name)).load(path)
+    assert loaded.is_frozen
+    with pytest.raises(CalibrationError, match="nothing to save"):
+        QuantizedCalibratingCache(gemma3, KVQuantConfig.preset(name)).save(tmp_path / "unfrozen.safetensors")

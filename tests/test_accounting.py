@@ -110,11 +110,6 @@ def test_static_parameters_spread_thinner_as_the_context_grows() -> None:
 
 
 # ================================================================================ the honest-count check
-_SYMMETRIC_ZERO_POINTS = pytest.mark.xfail(
-    strict=True,
-    reason="a static symmetric (or float8) scheme holds an int32 zero point per scale, all zeros, which "
-    "memory_report counts as parameters and effective_bits does not",
-)
 HELD: list[Any] = [
     pytest.param(KVQuantConfig(symmetric=False), id="int8-channel-asym"),
     pytest.param(KVQuantConfig(dtype="int3", symmetric=False, rotation="hadamard"), id="int3-channel-asym-rot"),
@@ -131,8 +126,8 @@ HELD: list[Any] = [
         KVQuantConfig(key=QuantArgs(dtype="int4", scope="per_token", dynamic=True, symmetric=False), symmetric=False),
         id="keys-int4-dyn-values-int8-static",
     ),
-    pytest.param(KVQuantConfig(), id="seed", marks=_SYMMETRIC_ZERO_POINTS),
-    pytest.param(KVQuantConfig(dtype="fp8_e4m3", scope="per_head"), id="fp8-static-head", marks=_SYMMETRIC_ZERO_POINTS),
+    pytest.param(KVQuantConfig(), id="seed"),
+    pytest.param(KVQuantConfig(dtype="fp8_e4m3", scope="per_head"), id="fp8-static-head"),
 ]
 
 
@@ -153,16 +148,11 @@ def test_effective_bits_are_the_bits_a_packed_cache_holds(
     assert held == pytest.approx(cache.effective_bits(seq_len, unquantized_bits=32), rel=1e-12)
 
 
-_SLIDING_LAYERS = pytest.mark.xfail(
-    strict=True,
-    reason="effective_bits assumes every layer holds seq_len tokens and averages layers unweighted; a sliding "
-    "layer holds sliding_window - 1, so static parameters and unquantized sliding layers are miscounted",
-)
 SLIDING: list[Any] = [
     pytest.param(KVQuantConfig.preset("int4"), id="preset-int4"),  # the same bits in every element: no skew
-    pytest.param(KVQuantConfig(symmetric=False), id="int8-channel-asym", marks=_SLIDING_LAYERS),
+    pytest.param(KVQuantConfig(symmetric=False), id="int8-channel-asym"),
     pytest.param(
-        KVQuantConfig.preset("int4", exclude=[LAYER0]), id="preset-int4-sliding-layer0-excluded", marks=_SLIDING_LAYERS
+        KVQuantConfig.preset("int4", exclude=[LAYER0]), id="preset-int4-sliding-layer0-excluded"
     ),
 ]
 

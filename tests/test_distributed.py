@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import VOCAB, build_model
+from test_cli import char_tokenizer
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
@@ -237,3 +238,30 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="worker for test_distributed.py (run under torch.distributed.run)")
     parser.add_argument("--worker", type=Path, required=True)
     worker(parser.parse_args().worker)
+
+
+def test_the_calibrate_command_under_torchrun_writes_the_single_process_state(
+    tmp_path: Path, llama: PreTrainedModel
+) -> None:
+    """``quantcache calibrate`` unchanged under a launcher: two gloo ranks share the windows, rank 0 writes the set,
+    and the state equals one process calibrating the same windows (batch size 1: the same batches either way)."""
+    model_dir = tmp_path / "tiny-llama"
+    llama.save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(4000)))
+    common = ["calibrate", "--model", str(model_dir), "--text-file", str(text), "--samples", "4", "--seq-len", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+    def run(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+
+    two = run(*launcher, "-m", "quantcache", *common, "-q", "-o", str(tmp_path / "two"))
+    one = run(sys.executable, "-m", "quantcache", *common, "-q", "-o", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    single = read_state_file(tmp_path / "one" / "kv_scales.safetensors").tensors
+    shared = read_state_file(tmp_path / "two" / "kv_scales.safetensors").tensors
+    assert single.keys() == shared.keys() and all(torch.equal(single[k], shared[k]) for k in single)
+    assert (tmp_path / "two" / "kv_scales.json").is_file() and (tmp_path / "two" / "kv_scales.md").is_file()

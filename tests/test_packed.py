@@ -23,7 +23,7 @@ import torch
 from conftest import HEAD_DIM, KV_HEADS, SLIDING_WINDOW, build_model
 from transformers import DynamicCache, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CACHE_KEYWORD, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.formats import FORMATS, FormatKind, QuantDtype
 from quantcache.layers import PackedDynamicLayer, PackedSlidingWindowLayer
 from quantcache.scheme import QuantArgs, QuantScope
@@ -240,27 +240,19 @@ def test_packed_calibration_is_calibration(llama: PreTrainedModel) -> None:
     assert all(torch.equal(tensor, packed_state[name]) for name, tensor in fake_state.items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="freeze() on a non-empty cache: fake keeps the pre-freeze states in full precision, packed "
-    "quantizes them at the first frozen update, so the two storages return different keys and values",
-)
-def test_freezing_a_non_empty_cache_keeps_the_storages_identical(llama: PreTrainedModel) -> None:
-    """Issue 8: for the same config the keys and values ``update`` returns are bit-identical between fake
-    and packed. A cache calibrated on a prompt and frozen in place (then continued) breaks that today."""
-    results = []
-    for storage in ("fake", "packed"):
-        cache = QuantizedCalibratingCache(llama, KVQuantConfig(), storage=storage)
-        with torch.no_grad():
-            llama(_tokens(1, 8, seed=5), **{CACHE_KEYWORD: cache})
-            cache.freeze()
-            returned = _recording(cache)
-            logits = llama(_tokens(1, 1, seed=6), position_ids=torch.tensor([[8]]), **{CACHE_KEYWORD: cache}).logits
-        results.append((logits, returned))
-    (fake_logits, fake_returned), (packed_logits, packed_returned) = results
-    for (keys, values), (ref_keys, ref_values) in zip(packed_returned, fake_returned, strict=True):
-        assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)
-    assert torch.equal(packed_logits, fake_logits)
+def test_a_packed_layer_refuses_the_states_it_stored_while_calibrating(llama: PreTrainedModel) -> None:
+    """Issue 8: fake and packed return the same keys and values. A cache frozen in place still holds
+    full-precision states from calibration, which fake keeps unquantized and packed cannot hold: packed
+    refuses clearly (naming the way out) instead of returning something else, and its empty copy works."""
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig(), storage="packed")
+    with torch.no_grad():
+        llama(_tokens(1, 8, seed=5), **{CACHE_KEYWORD: cache})
+        cache.freeze()
+        with pytest.raises(CalibrationError, match=r"layer 0 .*still holds.*empty_copy\(\) after freeze"):
+            llama(_tokens(1, 1, seed=6), position_ids=torch.tensor([[8]]), **{CACHE_KEYWORD: cache})
+        fresh = cache.empty_copy()
+        llama(_tokens(1, 9, seed=5), **{CACHE_KEYWORD: fresh})
+    assert fresh.layers[0].keys.dtype == torch.uint8
 
 
 # ================================================================================ 2. the drop-in matrix
@@ -447,11 +439,6 @@ def test_memory_report_against_a_real_dynamic_cache(
         assert entry["name"] == f"model.layers.{entry['index']}.self_attn"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory_report's tokens is the layer's get_seq_length() (tokens seen), not the rows a sliding layer "
-    "stores, though the docstring says 'stored sequence length'",
-)
 def test_memory_report_tokens_are_the_stored_tokens(gemma3: PreTrainedModel) -> None:
     """Bytes per token from the report must divide by what the layer holds: 7 rows in a sliding layer after 12
     tokens, not 12."""

@@ -50,14 +50,23 @@ def effective_bits(
     seq_len: int,
     *,
     unquantized_bits: int = 16,
+    layer_tokens: Sequence[int] | None = None,
 ) -> float:
-    """Mean bits per element over layers and both streams; ``None`` marks an unquantized layer."""
+    """Bits per held element over layers and both streams; ``None`` marks an unquantized layer.
+
+    ``layer_tokens`` is how many tokens each layer holds (a sliding-window layer keeps
+    fewer than ``seq_len``); layers are weighted by it. Default: ``seq_len`` everywhere.
+    """
     if not layer_args:
         raise ValueError("no layers to count")
-    total = 0.0
-    for entry in layer_args:
+    tokens = list(layer_tokens) if layer_tokens is not None else [seq_len] * len(layer_args)
+    total = weight = 0.0
+    for entry, held in zip(layer_args, tokens, strict=True):
+        if held <= 0:
+            continue
         if entry is None:
-            total += 2 * unquantized_bits
+            total += 2 * unquantized_bits * held
         else:
-            total += sum(stream_bits(args, kv_heads, head_dim, seq_len) for args in entry)
-    return total / (2 * len(layer_args))
+            total += sum(stream_bits(args, kv_heads, head_dim, held) for args in entry) * held
+        weight += 2 * held
+    return total / weight if weight else 0.0

@@ -264,7 +264,13 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         layers = [
             (quantizer.key.args, quantizer.value.args) if quantizer.enabled else None for quantizer in self.quantizers
         ]
-        return effective_bits(layers, self.kv_heads, self.head_dim, seq_len, unquantized_bits=unquantized_bits)
+        held = []  # a sliding-window layer keeps at most sliding_window - 1 tokens
+        for layer in self.layers[: len(layers)]:
+            window = getattr(layer, "sliding_window", None)
+            held.append(min(seq_len, window - 1) if isinstance(window, int) and window > 1 else seq_len)
+        return effective_bits(
+            layers, self.kv_heads, self.head_dim, seq_len, unquantized_bits=unquantized_bits, layer_tokens=held
+        )
 
     def memory_report(self) -> list[dict[str, Any]]:
         """Bytes held per layer, split into codes, parameters and full-precision states.
@@ -284,7 +290,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
                     "index": quantizer.index,
                     "name": quantizer.name,
                     "quantized": quantizer.enabled,
-                    "tokens": int(layer.get_seq_length()) if hasattr(layer, "get_seq_length") else 0,
+                    "tokens": _stored_tokens(layer),
                     **sizes,
                     "total": sizes["codes"] + sizes["parameters"] + sizes["full_precision"],
                 }
@@ -296,3 +302,9 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             f"{type(self).__name__}(mode={self.mode.value}, layers={len(self.quantizers)}, "
             f"quantized={len(self.quantized_layers)}, seq_length={self.get_seq_length()})"
         )
+
+
+def _stored_tokens(layer: Any) -> int:
+    """Tokens a layer holds (a sliding-window layer keeps fewer than it has seen)."""
+    keys = getattr(layer, "keys", None)
+    return int(keys.shape[-2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0

@@ -124,6 +124,14 @@ def all_reduce_statistics(
         )
     if not _active(group):
         return cache
+    for quantizer in cache.quantizers:
+        for stream_name, quantized_stream in quantizer.streams if quantizer.enabled else ():
+            args = quantized_stream.args
+            if not args.dynamic and (args.method.value != "minmax" or args.scope.value != "per_channel"):
+                raise QuantStateError(
+                    f"distributed calibration merges per-channel min/max statistics; the {stream_name} scheme "
+                    f"({args.method.value}, {args.scope.value}) needs a single process (or the seed scheme)"
+                )
     state = cache.state_dict()
     layers = cache.quantized_layers
     device = _reduction_device(group)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from .errors import CalibrationError
+from .formats import FormatKind
 from .quantizer import LayerQuantizer
 
 __all__ = [
@@ -55,7 +57,9 @@ class PackingLayerMixin(QuantizingLayerMixin):
     trimming, cropping and reordering on them; this mixin encodes the new states
     before and decodes what the base layer returns after. Each token is quantized once,
     when written. While calibrating it behaves like :class:`QuantizingLayerMixin`.
-    States stored before the freeze are packed at the first frozen update.
+    A layer still holding states stored while calibrating refuses frozen updates (fake
+    storage would keep those states unquantized, packed storage cannot): continue with
+    an :meth:`~quantcache.cache.QuantizedCalibratingCache.empty_copy`.
     """
 
     states_dtype: torch.dtype | None = None  # the model dtype the rows decode to
@@ -68,8 +72,10 @@ class PackingLayerMixin(QuantizingLayerMixin):
             return super().update(key_states, value_states, *args, **kwargs)
         keys: torch.Tensor | None = getattr(self, "keys", None)
         if keys is not None and keys.numel() and keys.dtype != torch.uint8:
-            setattr(self, "keys", quantizer.key.encode(keys))  # noqa: B010 - attributes of the base layer
-            setattr(self, "values", quantizer.value.encode(getattr(self, "values")))  # noqa: B009, B010
+            raise CalibrationError(
+                f"layer {quantizer.index} ({quantizer.name}) still holds the states it stored while calibrating; "
+                "a packed cache starts empty: continue with cache.empty_copy() after freeze()"
+            )
         self.states_dtype = key_states.dtype
         key_rows = quantizer.key.encode(key_states)
         value_rows = quantizer.value.encode(value_states)
@@ -128,8 +134,11 @@ def layer_memory(layer: Any) -> dict[str, int]:
     quantizer: LayerQuantizer | None = getattr(layer, "quantizer", None)
     if quantizer is not None and quantizer.enabled:
         for _, stream in quantizer.streams:
-            if stream.params is not None:
-                report["parameters"] += sum(t.numel() * t.element_size() for t in stream.params)
+            if stream.params is not None:  # a symmetric or float8 zero point is all zeros: decoding never reads it
+                needed = [stream.params.scale]
+                if not stream.args.symmetric and stream.format.kind is FormatKind.INTEGER:
+                    needed.append(stream.params.zero_point)
+                report["parameters"] += sum(t.numel() * t.element_size() for t in needed)
     for stored, stream_name in ((keys, "key"), (values, "value")):
         if stored is None or not stored.numel():
             continue

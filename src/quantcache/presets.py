@@ -20,8 +20,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {},
     ),
     "int8": (
-        "INT8 per token and kv head, computed as each token arrives (no calibration needed); ~8.25 bits",
-        {"dtype": "int8", "scope": "per_token", "dynamic": True, "symmetric": True},
+        "INT8 symmetric per token and kv head after a randomized Hadamard rotation; ~8.25 bits",
+        {"dtype": "int8", "scope": "per_token", "dynamic": True, "symmetric": True, **_ROTATED},
     ),
     "fp8": (
         "FP8 e4m3 per token and kv head, scale = absmax / 448; ~8.25 bits",

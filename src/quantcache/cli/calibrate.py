@@ -166,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate, freeze, save the state and its summaries; print what was written."""
     from .. import __version__
     from ..calibration import calibrate
+    from ..distributed import calibrate_distributed, ensure_process_group, is_main_process
     from ..report import calibration_markdown, layer_summaries
 
     started = time.perf_counter()
@@ -180,9 +181,16 @@ def run(args: argparse.Namespace) -> int:
     windows = token_windows(args, tokenizer, documents)
     note(args, f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens from {source.describe()} ...")
     calibration_start = time.perf_counter()
-    cache = calibrate(
-        model, windows, quant_config=config, batch_size=args.batch_size, freeze=True, progress=not args.quiet
-    )
+    if ensure_process_group():  # under torchrun / accelerate launch: each process its share, then all-reduce
+        cache = calibrate_distributed(
+            model, windows, quant_config=config, batch_size=args.batch_size, progress=not args.quiet
+        )
+        if not is_main_process():
+            return EXIT_OK  # rank 0 writes the output set
+    else:
+        cache = calibrate(
+            model, windows, quant_config=config, batch_size=args.batch_size, freeze=True, progress=not args.quiet
+        )
     calibration_seconds = time.perf_counter() - calibration_start
     summary: dict[str, Any] = {
         "quantcache_version": __version__,

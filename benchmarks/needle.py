@@ -177,7 +177,7 @@ def main() -> None:
     header = ("contender", f"eff. bits ({args.bits_dtype} KV)", "passkey accuracy", "same answer as reference",
               "s / trial")
     print(f"Made by `{command_line()}`")
-    print(f"{args.positions} depths, prompts of {length} tokens, greedy, {args.max_new_tokens} answer tokens, "
+    print(f"needle depths: {args.positions}, prompts of {length} tokens, greedy, {args.max_new_tokens} answer tokens, "
           f"model dtype {args.dtype}, torch {torch.__version__}\n")
     if args.markdown:
         print("| " + " | ".join(header) + " |")

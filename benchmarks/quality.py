@@ -373,7 +373,7 @@ def plot(rows: list[dict[str, Any]], path: Path, bits_label: str, title: str) ->
                     row for row in rows
                     if row["model"] == model_name and row["context"] == context and row["contender"] == contender
                     and row["text"] == text and not row.get("error") and math.isfinite(row["kl_mean"])
-                    and row["kl_mean"] > 0
+                    and row["kl_mean"] > 0 and math.isfinite(row["bits"])
                 ]
                 for row in points:
                     axis.scatter(
@@ -529,8 +529,9 @@ def main() -> None:
         for check in checks:
             print(f"- {check['model']} {check['contender']}: {check['verdict']}")
     if args.json is not None:
-        args.json.write_text(json.dumps({"command": command_line(), "settings": vars_json(args), "rows": rows,
-                                         "formulas": formulas, "library_checks": checks}, indent=2, default=str))
+        document = {"command": command_line(), "settings": vars_json(args), "rows": rows, "formulas": formulas,
+                    "library_checks": checks}
+        args.json.write_text(json.dumps(finite(document), indent=2, default=str))
         print(f"\nJSON: {args.json}")
     if args.plot is not None:
         plot(rows, args.plot, bits_label, command_line())
@@ -560,6 +561,17 @@ def library_check(
     if library_bits is not None:
         verdict += f"; library effective_bits {library_bits}"
     return {"model": model_name, "contender": contender.key, "differences": differences, "verdict": verdict}
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None``, so the JSON is strict."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def vars_json(args: argparse.Namespace) -> dict[str, Any]:

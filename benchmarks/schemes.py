@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,10 +172,12 @@ def effective_bits(cache: QuantizedCalibratingCache, seq_len: int, dtype: torch.
     """Bits per key/value element the scheme of ``cache`` needs after ``seq_len`` tokens of one sequence, and how.
 
     Uses the library's own figure when it has one (a ``cache.effective_bits(seq_len)`` method
-    or property). Otherwise the seed's: 8-bit codes plus the per-(kv-head, channel) parameters
-    needed to dequantize (fp32 scale; int32 zero point when asymmetric), stored once per
-    model and counted against one sequence of ``seq_len`` tokens. Layers left out by
-    ``exclude`` stay in ``dtype``.
+    or property). Otherwise, for a seed scheme only (a config that differs from the default
+    one in ``symmetric``, ``include`` and ``exclude`` at most): 8-bit codes plus the
+    per-(kv-head, channel) parameters needed to dequantize (fp32 scale; int32 zero point when
+    asymmetric), stored once per model and counted against one sequence of ``seq_len``
+    tokens; layers left out by ``exclude`` stay in ``dtype``. Any other scheme gets NaN: its
+    size is the library's to state.
     """
     own = getattr(cache, "effective_bits", None)
     if callable(own):
@@ -185,11 +188,16 @@ def effective_bits(cache: QuantizedCalibratingCache, seq_len: int, dtype: torch.
                 continue
     elif isinstance(own, (int, float)):
         return float(own), "quantcache's own effective_bits"
-    symmetric = bool(cache.quant_config.symmetric)
+    config = cache.quant_config
+    seed_like = dataclasses.replace(
+        KVQuantConfig(), symmetric=config.symmetric, include=config.include, exclude=config.exclude
+    )
+    if config != seed_like:
+        return math.nan, "unknown: this quantcache gives no effective_bits for a non-seed scheme"
+    symmetric = bool(config.symmetric)
     param_bits = 32 if symmetric else 64
-    quantized = [quantizer.enabled for quantizer in cache.quantizers]
     full = torch.empty((), dtype=dtype).element_size() * 8
-    per_layer = [(8.0 + param_bits / seq_len) if enabled else float(full) for enabled in quantized]
+    per_layer = [(8.0 + param_bits / seq_len) if q.enabled else float(full) for q in cache.quantizers]
     formula = f"8 + {param_bits} / L (INT8 codes; fp32 scale{'' if symmetric else ' + int32 zero point'} per channel)"
     return sum(per_layer) / len(per_layer), formula
 

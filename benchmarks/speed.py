@@ -21,10 +21,12 @@ really holds. Five measurements, each printed with the command that made it:
 4. **fit**: the longest context (batch 1) and the largest batch at ``--fit-batch-context``
    whose cache fits ``--budget-mib``, found by actually filling caches (doubling, then
    bisection) and measuring what they hold after one decode step.
-5. **peak**: peak process memory (``resource.getrusage`` max RSS; on CUDA also the allocator's
-   peak) of a ``--peak-context``-token generation per contender, each in its own
-   subprocess that loads the model from a safetensors copy (so the model loading's own
-   peak stays out), prefills in chunks and decodes ``--peak-new-tokens`` tokens.
+5. **peak**: peak process memory (RSS high-water mark; on CUDA also the allocator's peak) of
+   a ``--peak-context``-token generation per contender, each in its own subprocess that
+   loads the model, resets the high-water mark (Linux ``/proc/self/clear_refs``, so the
+   model loading's own peak stays out; ``resource.getrusage``'s max RSS is recorded too but
+   keeps the loader threads' peak), prefills in chunks and decodes ``--peak-new-tokens``
+   tokens.
 
 Runs unchanged on CUDA (``--device cuda --dtype bfloat16``). Examples::
 
@@ -45,11 +47,9 @@ import json
 import math
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 from peers import PEER_SPECS, build_peers, held_bytes, kv_shape
+from quality import DTYPES, command_line, finite
 from schemes import calibrated, calibration_windows, packed_variant, schemes
 from torch import nn
 from transformers import DynamicCache
@@ -67,7 +68,6 @@ from quantcache.cache import CACHE_KEYWORD
 from quantcache.calibration import calibrate
 from quantcache.models import load_model
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SECTIONS = ("decode", "calibration", "fit", "peak")
 DEFAULT_SPEED_PEERS = ("quanto-int4", "hqq-int4", "hqq-int8", "fp8")
 MIB = 1 << 20
@@ -124,10 +124,6 @@ def build_contenders(
 
 
 # ---------------------------------------------------------------------------- helpers
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(argument) for argument in sys.argv)
-
-
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -424,10 +420,38 @@ def print_fit(data: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- 5: peak memory
+def reset_peak_rss() -> bool:
+    """Reset the process's RSS high-water mark (Linux ``/proc/self/clear_refs``), so the model load's peak drops out.
+
+    Writing ``5`` resets the address space's ``VmHWM``. ``getrusage``'s ``ru_maxrss`` also
+    keeps the peaks of threads that have exited (the model loader's worker threads), which
+    no reset clears, so :func:`peak_rss` reads ``VmHWM`` where it can. Returns whether the
+    reset worked.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return peak_rss()[1] == "VmHWM"
+
+
+def peak_rss() -> tuple[int, str]:
+    """The RSS high-water mark in bytes and where it came from: ``VmHWM`` (Linux) or ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "VmHWM"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+
+
 def child_peak(args: argparse.Namespace) -> None:
     """In a subprocess: load, build one contender, generate, print peak memory as JSON (last stdout line)."""
     dtype = DTYPES[args.dtype]
-    model, tokenizer = load_model(args.model_dir, device=args.device, dtype=dtype, progress=False)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype, progress=False)
     device = device_of(model)
     [contender] = build_contenders(model, tokenizer, args, lambda message: None, only=args.peak_child)
     prompt_len = args.peak_context - args.peak_new_tokens
@@ -435,7 +459,8 @@ def child_peak(args: argparse.Namespace) -> None:
     ids = torch.randint(0, int(model.config.vocab_size), (1, prompt_len), generator=generator).to(device)
     cache = contender.new_cache()
     gc.collect()
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    was_reset = reset_peak_rss()
+    baseline, source = peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         cuda_base = torch.cuda.memory_allocated(device)
@@ -452,8 +477,9 @@ def child_peak(args: argparse.Namespace) -> None:
     synchronize(device)
     result = {
         "key": contender.key, "name": contender.name,
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "baseline_rss": baseline,
-        "kv_bytes": held_bytes(cache), "seconds": time.perf_counter() - started,
+        "peak_rss": peak_rss()[0], "baseline_rss": baseline, "peak_source": source, "peak_reset": was_reset,
+        "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "kv_bytes": held_bytes(cache),
+        "seconds": time.perf_counter() - started,
     }
     if device.type == "cuda":
         result["cuda_peak_above_baseline"] = torch.cuda.max_memory_allocated(device) - cuda_base
@@ -461,32 +487,28 @@ def child_peak(args: argparse.Namespace) -> None:
 
 
 def section_peak(
-    model: nn.Module, tokenizer: Any, contenders: list[SpeedContender], args: argparse.Namespace,
-    log: Callable[[str], None],
+    contenders: list[SpeedContender], args: argparse.Namespace, log: Callable[[str], None]
 ) -> dict[str, Any]:
     rows = []
-    with tempfile.TemporaryDirectory(prefix="quantcache-peak-") as folder:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        for contender in contenders:
-            command = [
-                sys.executable, str(Path(__file__).resolve()), "--peak-child", contender.key, "--model-dir", folder,
-                "--device", args.device, "--dtype", args.dtype, "--peak-context", str(args.peak_context),
-                "--peak-new-tokens", str(args.peak_new_tokens), "--peak-prefill-chunk", str(args.peak_prefill_chunk),
-                "--seed", str(args.seed), "--peers", *args.peers, "--fake-schemes", *args.fake_schemes,
-            ]
-            if args.schemes:
-                command += ["--schemes", *args.schemes]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            lines = done.stdout.strip().splitlines()
-            if done.returncode == 0 and lines:
-                rows.append(json.loads(lines[-1]))
-            else:
-                tail = " ".join(done.stderr.strip().splitlines()[-1:])[:200]
-                rows.append({"key": contender.key, "name": contender.name, "error": f"exit {done.returncode}: {tail}"})
-            log(f"peak {contender.name}: {rows[-1]}")
+    for contender in contenders:
+        command = [
+            sys.executable, str(Path(__file__).resolve()), "--peak-child", contender.key, "--model", args.model,
+            "--device", args.device, "--dtype", args.dtype, "--peak-context", str(args.peak_context),
+            "--peak-new-tokens", str(args.peak_new_tokens), "--peak-prefill-chunk", str(args.peak_prefill_chunk),
+            "--seed", str(args.seed), "--peers", *args.peers, "--fake-schemes", *args.fake_schemes,
+        ]
+        if args.schemes:
+            command += ["--schemes", *args.schemes]
+        if args.threads:
+            command += ["--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 0 and lines:
+            rows.append(json.loads(lines[-1]))
+        else:
+            tail = " ".join(done.stderr.strip().splitlines()[-1:])[:200]
+            rows.append({"key": contender.key, "name": contender.name, "error": f"exit {done.returncode}: {tail}"})
+        log(f"peak {contender.name}: {rows[-1]}")
     return {"rows": rows}
 
 
@@ -512,7 +534,10 @@ def print_peak(data: dict[str, Any], args: argparse.Namespace) -> None:
     print(markdown_or_plain(tuple(header), rows, args.markdown))
     print(f"\nOne subprocess per cache: prompt of {args.peak_context - args.peak_new_tokens} random tokens prefilled "
           f"in chunks of {args.peak_prefill_chunk}, then {args.peak_new_tokens} greedy decode steps "
-          f"({args.peak_context} tokens in all); max RSS from resource.getrusage.")
+          f"({args.peak_context} tokens in all); peak RSS is the process's VmHWM, reset after loading the model and "
+          "building the cache (getrusage's ru_maxrss, also in the JSON, keeps the model loader's peak).")
+    if any(row.get("peak_reset") is False for row in data["rows"]):
+        print("The high-water mark could not be reset here (no /proc): peaks are ru_maxrss and include loading.")
 
 
 # ---------------------------------------------------------------------------- main
@@ -560,7 +585,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--json", type=Path, default=None, help="write every result as JSON here")
     parser.add_argument("--peak-child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -594,7 +618,7 @@ def main() -> None:
         elif section == "fit":
             results[section] = section_fit(model, contenders, args, log)
         else:
-            results[section] = section_peak(model, tokenizer, contenders, args, log)
+            results[section] = section_peak(contenders, args, log)
         log(f"{section}: {time.perf_counter() - began:.0f} s")
         print(f"\n## {titles[section]}\n\nMade by `{command_line()}` ({environment})\n")
         {"decode": print_decode, "calibration": print_calibration, "fit": print_fit, "peak": print_peak}[section](
@@ -602,7 +626,7 @@ def main() -> None:
         )
         sys.stdout.flush()
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        args.json.write_text(json.dumps(finite(results), indent=2, default=str))
         print(f"\nJSON: {args.json}")
 
 

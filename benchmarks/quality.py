@@ -19,6 +19,9 @@ The reference run is computed once per chunk and shared by all contenders; the m
 are the library's formulas. With ``--library-check`` (default: the first window of the
 first text) each quantcache scheme is also run through ``quantcache.evaluation.evaluate``
 and the two results are compared, to prove the loop here is the library's protocol.
+Transformers' quantized layers (quanto, HQQ, FP8) hand the prefill forward its own
+unquantized states, so their prefill predictions are exact; ``--exclude-prefill`` scores
+only the chunks after the prefill, where every contender reads quantized history.
 
 Examples::
 
@@ -173,13 +176,15 @@ class Outcome:
 
 
 def lockstep(
-    model: nn.Module, windows: torch.Tensor, contenders: list[Contender], prefill: int, chunk: int
+    model: nn.Module, windows: torch.Tensor, contenders: list[Contender], prefill: int, chunk: int,
+    score_prefill: bool = True,
 ) -> dict[str, Outcome]:
     """Run every window through the reference and every contender, chunk by chunk, side by side.
 
     For each chunk the reference forward runs once and its log-probabilities serve every
     contender. A contender that raises is marked failed and dropped for the remaining
-    windows; the others go on.
+    windows; the others go on. ``score_prefill=False`` leaves the prefill's predictions out
+    of the metrics (the library counts them).
     """
     device = next(model.parameters()).device
     outcomes = {contender.key: Outcome() for contender in contenders}
@@ -200,7 +205,8 @@ def lockstep(
                 logits = model(window[:, start:end], **inputs, **{CACHE_KEYWORD: reference_cache}).logits
                 stop = min(end, length - 1)  # the last token of the window predicts nothing
                 targets = window[0, start + 1 : stop + 1]
-                reference = Reference.from_logits(logits[0, : stop - start], targets) if stop > start else None
+                scored = stop > start and (score_prefill or start > 0)
+                reference = Reference.from_logits(logits[0, : stop - start], targets) if scored else None
                 del logits
                 for contender in live:
                     outcome = outcomes[contender.key]
@@ -429,6 +435,10 @@ def parse_args() -> argparse.Namespace:
                         "full-precision tokens and model-dtype scales are counted in the effective bits of the "
                         "table's first bits column and of the plot (default bfloat16, what deployments use); "
                         "a second column gives the bits at --dtype when it differs")
+    parser.add_argument("--exclude-prefill", action="store_true", help="score only the predictions made after "
+                        "the prefill. The peers built on Transformers' QuantizedLayer (quanto, HQQ) and FP8 return "
+                        "the unquantized states on their first update, so their prefill predictions are exact; the "
+                        "library protocol (the default) counts them. Disables --library-check")
     parser.add_argument("--library-check", choices=["none", "first", "all"], default="first", help="also run "
                         "quantcache.evaluation.evaluate on the first window of the first text (first), on every "
                         "window of every text (all) or never (none), and compare")
@@ -476,7 +486,7 @@ def main() -> None:
             for text_index, (text_name, text) in enumerate(texts.items()):
                 windows = windows_for(tokenizer, text, args.eval_samples, context, args.seed)
                 began = time.perf_counter()
-                outcomes = lockstep(model, windows, contenders, args.prefill, args.chunk)
+                outcomes = lockstep(model, windows, contenders, args.prefill, args.chunk, not args.exclude_prefill)
                 log(f"{model_name} {context} {text_name}: {windows.shape[0]} windows, "
                     f"{time.perf_counter() - began:.0f} s")
                 for contender in contenders:
@@ -502,8 +512,8 @@ def main() -> None:
                         f"top-1 {row['top1'] * 100:.1f} %, {row['bits']:.2f} bits"
                     )
                     log(f"  {contender.name}: {status} ({outcome.seconds:.0f} s)")
-                    check_all = args.library_check == "all"
-                    check_first = args.library_check == "first" and text_index == 0
+                    check_all = args.library_check == "all" and not args.exclude_prefill
+                    check_first = args.library_check == "first" and text_index == 0 and not args.exclude_prefill
                     if contender.quantcache_cache is not None and outcome.windows and (check_all or check_first):
                         count = len(outcome.windows) if check_all else 1
                         checks.append(library_check(model, contender, windows[:count], outcome, args, model_name))
@@ -512,7 +522,8 @@ def main() -> None:
 
     print(f"Made by `{command_line()}`")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model dtype {args.dtype}, "
-          f"prefill {args.prefill}, chunks of {args.chunk}, seed {args.seed}, calibration "
+          f"prefill {args.prefill}{' (not scored)' if args.exclude_prefill else ''}, chunks of {args.chunk}, "
+          f"seed {args.seed}, calibration "
           f"{' + '.join(args.calibration)} ({args.calib_samples}x{args.calib_len}); ΔPPL, KL and top-1 against "
           "an unquantized DynamicCache on the same windows\n")
     bits_label = f"eff. bits ({args.bits_dtype} KV)"

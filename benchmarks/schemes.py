@@ -66,19 +66,22 @@ def preset_names() -> list[str]:
     """The names ``KVQuantConfig.preset(name)`` accepts in the installed quantcache ([] before presets exist).
 
     Looks for a listing first (``KVQuantConfig.preset_names()``, ``KVQuantConfig.PRESETS``,
-    ``quantcache.config.PRESETS``), then tries :data:`CANDIDATE_PRESETS` one by one.
+    ``quantcache.presets.PRESETS``, ``quantcache.config.PRESETS``), then tries
+    :data:`CANDIDATE_PRESETS` one by one.
     """
     preset = getattr(KVQuantConfig, "preset", None)
     if not callable(preset):
         return []
-    import quantcache.config as config_module
+    import importlib
 
-    for owner, attribute in (
-        (KVQuantConfig, "preset_names"),
-        (KVQuantConfig, "PRESETS"),
-        (config_module, "PRESETS"),
-        (config_module, "PRESET_NAMES"),
-    ):
+    owners: list[tuple[Any, str]] = [(KVQuantConfig, "preset_names"), (KVQuantConfig, "PRESETS")]
+    for module_name in ("quantcache.presets", "quantcache.config"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        owners += [(module, "PRESETS"), (module, "PRESET_NAMES")]
+    for owner, attribute in owners:
         listing = getattr(owner, attribute, None)
         if callable(listing):
             listing = listing()
@@ -180,10 +183,12 @@ def effective_bits(cache: QuantizedCalibratingCache, seq_len: int, dtype: torch.
     size is the library's to state.
     """
     own = getattr(cache, "effective_bits", None)
+    full = torch.empty((), dtype=dtype).element_size() * 8
     if callable(own):
-        for call in (lambda: own(seq_len), lambda: own(seq_len=seq_len)):
+        keywords = {"unquantized_bits": full} if "unquantized_bits" in _parameters(own) else {}
+        for call in (lambda: own(seq_len, **keywords), lambda: own(seq_len=seq_len, **keywords)):
             try:
-                return float(call()), "quantcache's own effective_bits"
+                return float(call()), "quantcache's own cache.effective_bits(L)"
             except TypeError:
                 continue
     elif isinstance(own, (int, float)):
@@ -196,7 +201,6 @@ def effective_bits(cache: QuantizedCalibratingCache, seq_len: int, dtype: torch.
         return math.nan, "unknown: this quantcache gives no effective_bits for a non-seed scheme"
     symmetric = bool(config.symmetric)
     param_bits = 32 if symmetric else 64
-    full = torch.empty((), dtype=dtype).element_size() * 8
     per_layer = [(8.0 + param_bits / seq_len) if q.enabled else float(full) for q in cache.quantizers]
     formula = f"8 + {param_bits} / L (INT8 codes; fp32 scale{'' if symmetric else ' + int32 zero point'} per channel)"
     return sum(per_layer) / len(per_layer), formula

@@ -299,6 +299,8 @@ def test_generate_packed_equals_fake(
 ) -> None:
     """Every way ``generate`` drives a cache (beam reordering, returned-sequence expansion, assisted decoding's
     crops of rejected draft tokens, sliding windows) gives the same tokens, logits and cache content packed."""
+    if mode.startswith("assisted") and arch == "gemma3" and CACHE_KEYWORD != "cache":
+        pytest.skip("transformers 4.x cannot crop a sliding-window layer past its window (assisted decoding)")
     model = models[arch]
     key, value = DROP_IN[scheme]
     fake, packed = _frozen_pair(model, key, value)
@@ -319,7 +321,7 @@ def test_generate_packed_equals_fake(
         assert reorders, "beam search never reordered the packed cache"
     if mode.startswith("assisted"):
         assert crops, "assisted decoding never cropped the packed cache"
-    if mode == "assisted-draft":
+    if mode == "assisted-draft" and CACHE_KEYWORD == "cache":  # transformers 4.x crops to a length instead
         assert any(args[0] < 0 for args in crops), "no draft token was rejected: crop removed nothing"
 
 
@@ -331,6 +333,8 @@ def test_cache_operations_packed_equal_fake(
     """``batch_repeat_interleave``, ``batch_select_indices``, ``crop``, ``copy.deepcopy``, ``empty_copy``,
     ``reset`` and save/reload (``from_file(..., storage="packed")``) on packed rows, each followed by a decode
     step, match the same operations on a fake cache exactly."""
+    if CACHE_KEYWORD != "cache":
+        pytest.skip("transformers 4.x crops to a length and cannot crop sliding layers; the crop contract is 5.x's")
     model = models[arch]
     key, value = DROP_IN[scheme]
     fake, packed = _frozen_pair(model, key, value)

@@ -33,6 +33,7 @@ from quantcache.distributed import (
     calibrate_distributed,
     ensure_process_group,
     is_main_process,
+    launcher_process_group,
     shard_batches,
 )
 from quantcache.serialization import read_state_file
@@ -67,8 +68,16 @@ def worker(out: Path) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    assert ensure_process_group()
-    rank = dist.get_rank()
+    with launcher_process_group() as active:
+        assert active
+        scenarios(out, dist.get_rank())
+    # The context left the group on every rank: nothing is left for the interpreter's exit to tear down.
+    (out / f"left-rank{int(os.environ['RANK'])}.json").write_text(json.dumps(not dist.is_initialized()))
+
+
+def scenarios(out: Path, rank: int) -> None:
+    import torch.distributed as dist
+
     model = build_model("llama")
     report: dict[str, Any] = {"backend": dist.get_backend(), "world": dist.get_world_size()}
     for name, (count, batch_size, config) in SCENARIOS.items():
@@ -99,7 +108,6 @@ def worker(out: Path) -> None:
     except QuantStateError as error:
         report["clash"] = str(error)
     (out / f"report-rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +164,10 @@ def test_ranks_shared_the_batches_and_used_gloo(two_ranks: Path) -> None:
     assert [r["lonely-batches"] for r in reports] == [1, 0]
 
 
+def test_every_rank_left_the_launchers_group(two_ranks: Path) -> None:
+    assert [json.loads((two_ranks / f"left-rank{r}.json").read_text()) for r in (0, 1)] == [True, True]
+
+
 def test_statistics_one_rank_lacks_come_from_the_other(two_ranks: Path) -> None:
     for rank in (0, 1):
         state = read_state_file(two_ranks / f"handmade-rank{rank}.safetensors").tensors
@@ -188,6 +200,9 @@ def test_shard_batches_deals_whole_batches_round_robin() -> None:
 
 def test_without_a_process_group_everything_is_single_process(llama: PreTrainedModel, tmp_path: Path) -> None:
     assert not ensure_process_group() and is_main_process()
+    with launcher_process_group() as active:
+        assert not active
+    assert not torch.distributed.is_initialized()
     cache = calibrate(llama, windows(3), freeze=False, progress=False)
     before = cache.state_dict()
     assert all_reduce_statistics(cache) is cache
@@ -252,7 +267,9 @@ def test_the_calibrate_command_under_torchrun_writes_the_single_process_state(
     text.write_text(" ".join(f"word{i % 97}" for i in range(4000)))
     common = ["calibrate", "--model", str(model_dir), "--text-file", str(text), "--samples", "4", "--seq-len", "32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = tmp_path / "rank-logs"  # each rank's own stdout/stderr, shown if the launcher fails
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    launcher += ["--redirects", "3", "--log-dir", str(logs)]
 
     def run(*command: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
@@ -260,7 +277,8 @@ def test_the_calibrate_command_under_torchrun_writes_the_single_process_state(
     two = run(*launcher, "-m", "quantcache", *common, "-q", "-o", str(tmp_path / "two"))
     one = run(sys.executable, "-m", "quantcache", *common, "-q", "-o", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    rank_output = "".join(f"\n--- {p.relative_to(logs)}\n{p.read_text()[-1500:]}" for p in sorted(logs.rglob("*.log")))
+    assert two.returncode == 0, two.stderr[-1500:] + rank_output
     single = read_state_file(tmp_path / "one" / "kv_scales.safetensors").tensors
     shared = read_state_file(tmp_path / "two" / "kv_scales.safetensors").tensors
     assert single.keys() == shared.keys() and all(torch.equal(single[k], shared[k]) for k in single)

@@ -23,7 +23,8 @@ no-op around single-process calibration.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "calibrate_distributed",
     "ensure_process_group",
     "is_main_process",
+    "launcher_process_group",
     "shard_batches",
 ]
 
@@ -68,6 +70,32 @@ def ensure_process_group(backend: str | None = None) -> bool:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend=chosen)
     return _active()
+
+
+@contextmanager
+def launcher_process_group(backend: str | None = None) -> Iterator[bool]:
+    """Join the launcher's group for the ``with`` block, then leave it together with every rank.
+
+    Yields what :func:`ensure_process_group` returns. On the way out, when this call created
+    the group, every rank meets at a barrier (so rank 0 has finished writing before any rank
+    exits) and the group is destroyed. A rank that exits while it still holds a group its
+    peers are using can abort in the backend's teardown; this avoids it. When an exception
+    leaves the block, the barrier is skipped (the launcher stops the other ranks) but the
+    group is still destroyed.
+    """
+    created = dist.is_available() and not dist.is_initialized()
+    active = ensure_process_group(backend)
+    created = created and dist.is_initialized()
+    try:
+        yield active
+    except BaseException:
+        if created:
+            dist.destroy_process_group()
+        raise
+    if created:
+        if active:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard_batches(

@@ -164,9 +164,19 @@ def quant_config(args: argparse.Namespace) -> KVQuantConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate, freeze, save the state and its summaries; print what was written."""
+    from ..distributed import launcher_process_group
+
+    # Under torchrun / accelerate launch each process calibrates its share and the ranges are
+    # all-reduced; rank 0 writes the output set and every rank leaves the group together.
+    with launcher_process_group() as distributed:
+        return calibrate_and_write(args, distributed)
+
+
+def calibrate_and_write(args: argparse.Namespace, distributed: bool) -> int:
+    """The body of :func:`run`, inside the launcher's process group when there is one."""
     from .. import __version__
     from ..calibration import calibrate
-    from ..distributed import calibrate_distributed, ensure_process_group, is_main_process
+    from ..distributed import calibrate_distributed, is_main_process
     from ..report import calibration_markdown, layer_summaries
 
     started = time.perf_counter()
@@ -181,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     windows = token_windows(args, tokenizer, documents)
     note(args, f"calibrating on {windows.shape[0]} x {windows.shape[1]} tokens from {source.describe()} ...")
     calibration_start = time.perf_counter()
-    if ensure_process_group():  # under torchrun / accelerate launch: each process its share, then all-reduce
+    if distributed:
         cache = calibrate_distributed(
             model, windows, quant_config=config, batch_size=args.batch_size, progress=not args.quiet
         )

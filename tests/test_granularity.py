@@ -213,6 +213,51 @@ def test_round_trip_error_is_at_most_half_a_step_inside_the_range(
     assert not saturated(x, params, granularity, fmt).any()
 
 
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns (so ``-0.0`` differs from ``+0.0`` and NaNs compare by payload)."""
+    return tensor.contiguous().view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+@MATH
+@given(
+    layout=layouts(),
+    seed=st.integers(0, 2**16),
+    symmetric=st.booleans(),
+    fmt=st.sampled_from(list(FORMATS.values())),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    shrink=st.sampled_from([1.0, 0.25]),
+)
+def test_fake_quantize_is_the_storage_round_trip_bit_for_bit(
+    layout: tuple[Granularity, tuple[int, int, int, int]],
+    seed: int,
+    symmetric: bool,
+    fmt: NumberFormat,
+    dtype: torch.dtype,
+    shrink: float,
+) -> None:
+    """The hot path skips the trip through the code type; it must still give the very bits of
+    ``dequantize(quantize(x))``: signed zeros (small negatives round to ``-0.0``), clipped values (a range
+    shrunk to a quarter), infinities kept, NaN kept, every format, every scope, every model dtype."""
+    granularity, shape = layout
+    symmetric = symmetric or fmt.kind is FormatKind.FLOAT
+    x = _states(seed, shape).to(dtype)
+    low, high, _ = _params_for(granularity, x.float(), symmetric, fmt)
+    params = compute_qparams(low * shrink, high * shrink, symmetric=symmetric, fmt=fmt)
+    flat = x.view(-1)
+    flat[0] = -1e-4 * float(params.scale.min())  # rounds to a negative zero
+    if flat.numel() > 2:
+        flat[1], flat[2] = float("inf"), float("-inf")
+    if flat.numel() > 3:
+        flat[3] = float("nan")
+    finite = torch.isfinite(x)
+    expected = torch.where(finite, dequantize(quantize(x, params, granularity, fmt), params, dtype, granularity), x)
+    restored = fake_quantize(x, params, granularity, fmt)
+    assert restored.dtype == dtype
+    assert torch.equal(_bits(restored[finite]), _bits(expected[finite]))
+    assert torch.equal(restored[~finite].isnan(), x[~finite].isnan())
+    assert torch.equal(restored[x.isinf()], x[x.isinf()])
+
+
 @MATH
 @given(
     layout=layouts(dynamic=False),

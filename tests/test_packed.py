@@ -25,7 +25,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.formats import FORMATS, FormatKind, QuantDtype
-from quantcache.layers import PackedDynamicLayer, PackedSlidingWindowLayer
+from quantcache.layers import MIN_ROOM_TOKENS, PackedDynamicLayer, PackedSlidingWindowLayer
 from quantcache.scheme import QuantArgs, QuantScope
 
 ARCHS = ("llama", "gemma3")  # Llama: full attention only; Gemma 3: sliding-window layers (window 8) and full ones
@@ -428,6 +428,7 @@ def test_memory_report_against_a_real_dynamic_cache(
     assert [entry["index"] for entry in report] == list(range(len(packed.layers)))
     for entry, layer in zip(report, packed.layers, strict=True):
         rows = layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[2]
+        fixed = 0
         if not entry["quantized"]:  # the excluded layer keeps states in the model dtype
             assert layer.keys.dtype == dtype
             assert entry["codes"] == entry["parameters"] == 0
@@ -439,7 +440,10 @@ def test_memory_report_against_a_real_dynamic_cache(
             assert entry["parameters"] == rows * (_row_bytes(key) - key_codes + 1) + fixed
             assert entry["full_precision"] == 0
             assert entry["dynamic_cache"] == 2 * rows * HEAD_DIM * element
-        assert entry["total"] == entry["codes"] + entry["parameters"] + entry["full_precision"]
+        # Room ahead: the 12-token prefill made a buffer of 12 + MIN_ROOM_TOKENS tokens, the decode step took one.
+        per_token = (entry["codes"] + entry["parameters"] - fixed + entry["full_precision"]) // entry["tokens"]
+        assert entry["reserved"] == (0 if layer.is_sliding else (12 + MIN_ROOM_TOKENS - 13) * per_token)
+        assert entry["total"] == entry["codes"] + entry["parameters"] + entry["full_precision"] + entry["reserved"]
         assert entry["name"] == f"model.layers.{entry['index']}.self_attn"
 
 
@@ -477,10 +481,13 @@ def test_packed_bytes_over_dynamic_cache_bytes_is_the_layout_ratio(llama: PreTra
     with torch.no_grad():
         llama(_tokens(1, _TOKENS, seed=15), **{CACHE_KEYWORD: packed})
     report = packed.memory_report()
-    held = sum(entry["total"] for entry in report)
+    held = sum(entry["total"] - entry["reserved"] for entry in report)
     dynamic = sum(entry["dynamic_cache"] for entry in report)
     assert dynamic == len(report) * 2 * _ROWS * HEAD_DIM * 4
     assert held / dynamic == pytest.approx(expected, rel=1e-12)
+    # The room reserved after one 128-token prefill: MIN_ROOM_TOKENS more tokens' rows (fixed parameters excluded).
+    fixed = 0 if args.dynamic else len(report) * 2 * KV_HEADS * HEAD_DIM * 8
+    assert sum(entry["reserved"] for entry in report) == (held - fixed) * MIN_ROOM_TOKENS // _TOKENS
     if name == "int8-static":
         assert held / dynamic < 0.3
     if name == "int4-static":

@@ -278,9 +278,10 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         Each entry: ``index``, ``name``, ``quantized``, ``tokens`` (stored sequence
         length), ``codes``, ``parameters`` (fixed scales/zero points, per-token
         parameters and row flags), ``full_precision`` (states in the model dtype: every
-        state of a fake-quantized or unquantized layer), ``total``, and
-        ``dynamic_cache``: what a ``DynamicCache`` in the model dtype would hold for the
-        same tokens.
+        state of a fake-quantized or unquantized layer), ``reserved`` (room allocated
+        for the tokens still to come: appending does not re-concatenate the history,
+        see :mod:`quantcache.layers`), ``total``, and ``dynamic_cache``: what a
+        ``DynamicCache`` in the model dtype would hold for the same tokens.
         """
         entries = []
         for quantizer, layer in zip(self.quantizers, self.layers, strict=False):
@@ -292,7 +293,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
                     "quantized": quantizer.enabled,
                     "tokens": _stored_tokens(layer),
                     **sizes,
-                    "total": sizes["codes"] + sizes["parameters"] + sizes["full_precision"],
+                    "total": sizes["codes"] + sizes["parameters"] + sizes["full_precision"] + sizes["reserved"],
                 }
             )
         return entries

@@ -32,13 +32,22 @@ def pack_codes(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
 
     ``offset`` (``-qmin``) makes codes non-negative first. Below 8 bits, every 8 codes
     become one ``8 * bits``-bit little-endian word split into ``bits`` bytes (int3: 8
-    codes in 3 bytes), so ``n`` must be a multiple of 8.
+    codes in 3 bytes), so ``n`` must be a multiple of 8. For 4 and 2 bits that is
+    simply two (four) codes per byte, the first in the low bits, which is how they
+    are packed (in ``uint8``, without the word).
     """
     slot = bits_per_slot(bits)
-    shifted = (codes.to(torch.int16) + offset).to(torch.int64)
+    shifted = (codes.to(torch.int16) + offset).to(torch.uint8)
     if slot == 8:
-        return shifted.to(torch.uint8)
-    octets = shifted.reshape(*shifted.shape[:-1], -1, 8)
+        return shifted
+    if slot in (2, 4):
+        per_byte = 8 // slot
+        parts = shifted.reshape(*shifted.shape[:-1], -1, per_byte)
+        packed = parts[..., 0].clone()
+        for index in range(1, per_byte):
+            packed |= parts[..., index] << (slot * index)
+        return packed
+    octets = shifted.to(torch.int64).reshape(*shifted.shape[:-1], -1, 8)
     shifts = torch.arange(0, 8 * slot, slot, device=codes.device, dtype=torch.int64)
     words = (octets << shifts).sum(dim=-1, keepdim=True)
     byte_shifts = torch.arange(0, 8 * slot, 8, device=codes.device, dtype=torch.int64)
@@ -47,13 +56,21 @@ def pack_codes(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, offset: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``uint8`` ``(..., count * bits / 8)`` -> float32 codes ``(..., count)``."""
+    """Inverse of :func:`pack_codes`: ``uint8`` ``(..., count * bits / 8)`` -> float32 codes ``(..., count)``.
+
+    The result is a new tensor (callers may work on it in place).
+    """
     slot = bits_per_slot(bits)
     if slot == 8:
-        return packed[..., :count].to(torch.float32) - offset
+        return packed[..., :count].to(torch.float32).sub_(offset)
+    if slot in (2, 4):
+        mask = (1 << slot) - 1
+        parts = [packed & mask] + [(packed >> (slot * index)) & mask for index in range(1, 8 // slot)]
+        codes = torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
+        return codes[..., :count].to(torch.float32).sub_(offset)
     groups = packed.reshape(*packed.shape[:-1], -1, slot).to(torch.int64)
     byte_shifts = torch.arange(0, 8 * slot, 8, device=packed.device, dtype=torch.int64)
     words = (groups << byte_shifts).sum(dim=-1, keepdim=True)
     shifts = torch.arange(0, 8 * slot, slot, device=packed.device, dtype=torch.int64)
     codes = (words >> shifts) & ((1 << slot) - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.float32) - offset
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.float32).sub_(offset)

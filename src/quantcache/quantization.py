@@ -36,13 +36,17 @@ from .granularity import Granularity
 __all__ = [
     "INT8_MAX",
     "INT8_MIN",
+    "PreparedParams",
     "QuantParams",
     "channel_minmax",
     "compute_qparams",
     "dequantize",
     "dynamic_qparams",
     "fake_quantize",
+    "fake_quantize_prepared",
+    "prepare_params",
     "quantize",
+    "quantize_prepared",
     "saturated",
     "stream_minmax",
 ]
@@ -125,26 +129,51 @@ def compute_qparams(
     return QuantParams(scale, zero_point)
 
 
-def _prepared(
-    states: torch.Tensor, params: QuantParams, granularity: Granularity
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    view = granularity.grouped(states)
-    scale = granularity.broadcast(params.scale.to(device=states.device, dtype=torch.float32), view)
-    zero_point = granularity.broadcast(params.zero_point.to(device=states.device, dtype=torch.float32), view)
-    return view, scale, zero_point
+class PreparedParams(NamedTuple):
+    """Parameters ready to broadcast against the grouped states: float32 on the states' device.
+
+    ``zero_point`` is ``None`` when it is known to be all zeros (symmetric and float
+    formats), which saves the add and subtract. A quantizer prepares its fixed
+    parameters once per device (:func:`prepare_params`) instead of at every update.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+
+
+def prepare_params(
+    params: QuantParams, granularity: Granularity, device: torch.device, *, zero_point: bool = True
+) -> PreparedParams:
+    """``params`` as float32 on ``device``, shaped to broadcast (``zero_point=False``: it is all zeros)."""
+    scale = granularity.broadcast(params.scale.to(device=device, dtype=torch.float32), params.scale)
+    if not zero_point:
+        return PreparedParams(scale, None)
+    offset = granularity.broadcast(params.zero_point.to(device=device, dtype=torch.float32), params.zero_point)
+    return PreparedParams(scale, offset)
 
 
 def quantize(
     states: torch.Tensor, params: QuantParams, granularity: Granularity = PER_CHANNEL, fmt: NumberFormat = INT8
 ) -> torch.Tensor:
     """``(batch, kv_heads, seq, head_dim)`` float states -> codes of the same shape in ``fmt.storage_dtype``."""
-    view, scale, zero_point = _prepared(states, params, granularity)
-    scaled = view.float() / scale
+    return quantize_prepared(states, prepare_params(params, granularity, states.device), granularity, fmt)
+
+
+def quantize_prepared(
+    states: torch.Tensor, prepared: PreparedParams, granularity: Granularity, fmt: NumberFormat
+) -> torch.Tensor:
+    """:func:`quantize` with parameters already prepared."""
+    return granularity.ungrouped(_levels(granularity.grouped(states), prepared, fmt).to(fmt.storage_dtype))
+
+
+def _levels(view: torch.Tensor, prepared: PreparedParams, fmt: NumberFormat) -> torch.Tensor:
+    """A new float32 tensor of the codes as values: ``clamp(round(x / scale + zero_point))`` (float: unrounded)."""
+    scaled = view.float() / prepared.scale
     if fmt.kind is FormatKind.FLOAT:
-        codes = torch.clamp(scaled, fmt.qmin, fmt.qmax).to(fmt.storage_dtype)
-    else:
-        codes = torch.clamp(torch.round(scaled + zero_point), fmt.qmin, fmt.qmax).to(fmt.storage_dtype)
-    return granularity.ungrouped(codes)
+        return scaled.clamp_(fmt.qmin, fmt.qmax)
+    if prepared.zero_point is not None:
+        scaled.add_(prepared.zero_point)
+    return scaled.round_().clamp_(fmt.qmin, fmt.qmax)
 
 
 def dequantize(
@@ -154,16 +183,56 @@ def dequantize(
     granularity: Granularity = PER_CHANNEL,
 ) -> torch.Tensor:
     """Codes -> float states ``(codes - zero_point) * scale`` in ``dtype``."""
-    view, scale, zero_point = _prepared(codes, params, granularity)
-    return granularity.ungrouped(((view.float() - zero_point) * scale).to(dtype))
+    prepared = prepare_params(params, granularity, codes.device)
+    view = granularity.grouped(codes).to(torch.float32)
+    restored = view - prepared.zero_point if prepared.zero_point is not None else view.clone()
+    return granularity.ungrouped(restored.mul_(prepared.scale).to(dtype))
+
+
+def fake_quantize(
+    states: torch.Tensor, params: QuantParams, granularity: Granularity = PER_CHANNEL, fmt: NumberFormat = INT8
+) -> torch.Tensor:
+    """Quantize then dequantize, in the states' dtype: what a quantized cache gives back.
+
+    NaN and Inf elements are returned unchanged (a code cannot hold them, and a cache
+    that turned an overflow into a finite value would hide the fault).
+    """
+    return fake_quantize_prepared(states, prepare_params(params, granularity, states.device), granularity, fmt)
+
+
+def fake_quantize_prepared(
+    states: torch.Tensor, prepared: PreparedParams, granularity: Granularity, fmt: NumberFormat
+) -> torch.Tensor:
+    """:func:`fake_quantize` with parameters already prepared: the hot path of a frozen cache.
+
+    Equal, bit for bit, to ``dequantize(quantize(states))``: integer levels are already
+    whole numbers inside the code range, so the round trip through the storage type is
+    skipped (adding ``0.0`` turns a ``-0.0`` left by rounding into the ``+0.0`` that a
+    stored integer code gives back); float8 levels do go through their type. NaN
+    propagates through every step; only an infinite element needs putting back.
+    """
+    levels = _levels(granularity.grouped(states), prepared, fmt)
+    if fmt.kind is FormatKind.FLOAT:
+        levels = levels.to(fmt.storage_dtype).to(torch.float32)
+    else:
+        if prepared.zero_point is not None:
+            levels.sub_(prepared.zero_point)
+        levels.add_(0.0)
+    restored = granularity.ungrouped(levels.mul_(prepared.scale)).to(states.dtype)
+    if bool(torch.isinf(states).any()):
+        restored = torch.where(torch.isinf(states), states, restored)
+    return restored
 
 
 def saturated(
     states: torch.Tensor, params: QuantParams, granularity: Granularity = PER_CHANNEL, fmt: NumberFormat = INT8
 ) -> torch.Tensor:
     """Boolean mask of the elements that clip: ``x / scale + zero_point`` rounds outside the code range."""
-    view, scale, zero_point = _prepared(states, params, granularity)
-    levels = view.float() / scale + zero_point
+    view = granularity.grouped(states)
+    prepared = prepare_params(params, granularity, states.device)
+    levels = view.float() / prepared.scale
+    if prepared.zero_point is not None:
+        levels = levels + prepared.zero_point
     half_step = 0.0 if fmt.kind is FormatKind.FLOAT else 0.5
     return granularity.ungrouped((levels < fmt.qmin - half_step) | (levels > fmt.qmax + half_step))
 
@@ -187,15 +256,3 @@ def dynamic_qparams(
         zero_point = (torch.round(-low / scale) + fmt.qmin).to(torch.int32)
         return QuantParams(scale, zero_point)
     return QuantParams(scale, params.zero_point)
-
-
-def fake_quantize(
-    states: torch.Tensor, params: QuantParams, granularity: Granularity = PER_CHANNEL, fmt: NumberFormat = INT8
-) -> torch.Tensor:
-    """Quantize then dequantize, in the states' dtype: what a quantized cache gives back.
-
-    NaN and Inf elements are returned unchanged (a code cannot hold them, and a cache
-    that turned an overflow into a finite value would hide the fault).
-    """
-    restored = dequantize(quantize(states, params, granularity, fmt), params, states.dtype, granularity)
-    return torch.where(torch.isfinite(states), restored, states)

@@ -18,7 +18,8 @@ the error through it; it is a plain function attribute, shared (not copied) by
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -28,7 +29,16 @@ from .formats import FormatKind
 from .granularity import Granularity
 from .observers import Observer, make_observer
 from .packing import bits_per_slot, pack_codes, unpack_codes
-from .quantization import QuantParams, compute_qparams, dynamic_qparams, fake_quantize, quantize, saturated
+from .quantization import (
+    PreparedParams,
+    QuantParams,
+    compute_qparams,
+    dynamic_qparams,
+    fake_quantize_prepared,
+    prepare_params,
+    quantize_prepared,
+    saturated,
+)
 from .rotation import rotate, rotation_matrix, unrotate
 from .scheme import QuantArgs, Rotation
 
@@ -36,6 +46,19 @@ __all__ = ["LayerQuantizer", "QuantizeHook", "StreamName", "StreamQuantizer"]
 
 StreamName = Literal["key", "value"]
 QuantizeHook = Callable[["StreamQuantizer", torch.Tensor, torch.Tensor, QuantParams], None]
+
+
+def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether no element of ``tensors`` is NaN or Inf.
+
+    One sum per tensor on the hot path of calibration: a sum of finite values is finite
+    unless it overflows, and only then (or when something is not finite) is each
+    element checked.
+    """
+    tensors = list(tensors)
+    if all(math.isfinite(float(tensor.sum())) for tensor in tensors):
+        return True
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 class StreamQuantizer:
@@ -60,6 +83,9 @@ class StreamQuantizer:
         self.on_quantize: QuantizeHook | None = None
         self._frozen = False
         self._params_by_device: dict[torch.device, QuantParams] = {}
+        self._prepared_by_device: dict[torch.device, PreparedParams] = {}
+        # An asymmetric integer scheme needs its zero point; symmetric and float8 ones have none.
+        self._uses_zero_point = not self.args.symmetric and self.format.kind is FormatKind.INTEGER
         self._rotation: torch.Tensor | None = None
         if self.args.rotation is not Rotation.NONE:
             if expected_shape is None:
@@ -71,6 +97,7 @@ class StreamQuantizer:
         fresh.observer = copy.deepcopy(self.observer, memo)
         fresh.params = copy.deepcopy(self.params, memo)
         fresh._params_by_device = {}
+        fresh._prepared_by_device = {}
         return fresh  # on_quantize is shared on purpose (see the module docstring)
 
     # ------------------------------------------------------------------ statistics
@@ -137,7 +164,7 @@ class StreamQuantizer:
         measured = self.observer.measure(self._quant_space(states), mask)
         if not measured:
             return None
-        if not all(bool(torch.isfinite(tensor).all()) for tensor in measured.values()):
+        if not _all_finite(measured.values()):
             raise CalibrationError(
                 f"{self.label}: calibration states contain NaN or Inf; check the model's dtype "
                 "(fp16 overflow is common: try bfloat16 or float32) or exclude this layer"
@@ -170,6 +197,7 @@ class StreamQuantizer:
         self.params = params
         self._frozen = params is not None
         self._params_by_device = {}
+        self._prepared_by_device = {}
 
     def unfreeze(self) -> None:
         self.set_params(None)
@@ -190,6 +218,16 @@ class StreamQuantizer:
             params = self._params_by_device[quant_space.device] = self.params.to(quant_space.device)
         return params
 
+    def prepared_for(self, quant_space: torch.Tensor, params: QuantParams) -> PreparedParams:
+        """``params`` (from :meth:`params_for`) ready to broadcast; fixed ones are prepared once per device."""
+        if self.dynamic:
+            return prepare_params(params, self.granularity, quant_space.device, zero_point=self._uses_zero_point)
+        prepared = self._prepared_by_device.get(quant_space.device)
+        if prepared is None:
+            prepared = prepare_params(params, self.granularity, quant_space.device, zero_point=self._uses_zero_point)
+            self._prepared_by_device[quant_space.device] = prepared
+        return prepared
+
     def _check_frozen(self, states: torch.Tensor) -> None:
         if not self._frozen:
             raise CalibrationError(f"{self.label}: not frozen")
@@ -207,8 +245,11 @@ class StreamQuantizer:
         self._check_frozen(states)
         space = self._quant_space(states)
         params = self.params_for(space)
-        restored = fake_quantize(space, params, self.granularity, self.format)
-        quantized = torch.where(torch.isfinite(states), self._model_space(restored, states.dtype), states)
+        restored = fake_quantize_prepared(space, self.prepared_for(space, params), self.granularity, self.format)
+        if self._rotation is None:
+            quantized = restored  # already in the states' dtype, non-finite elements kept
+        else:  # a rotation spreads a non-finite element over its row: put the originals back
+            quantized = torch.where(torch.isfinite(states), self._model_space(restored, states.dtype), states)
         if self.on_quantize is not None:
             self.on_quantize(self, states, quantized, params)
         return quantized
@@ -240,7 +281,7 @@ class StreamQuantizer:
         self._check_frozen(states)
         space = self._quant_space(states)
         params = self.params_for(space)
-        codes = quantize(space, params, self.granularity, self.format)
+        codes = quantize_prepared(space, self.prepared_for(space, params), self.granularity, self.format)
         fmt = self.format
         if fmt.kind is FormatKind.FLOAT:
             parts = [codes.view(torch.uint8)]
@@ -263,38 +304,41 @@ class StreamQuantizer:
         return rows
 
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Packed rows -> ``(batch, kv_heads, seq, head_dim)`` states in ``dtype`` (see :meth:`encode`)."""
+        """Packed rows -> ``(batch, kv_heads, seq, head_dim)`` states in ``dtype`` (see :meth:`encode`).
+
+        This runs over the whole history at every decode step, so it works in place on
+        the one float32 tensor the codes unpack into: ``(codes - zero_point) * scale``,
+        then NaN for flagged rows (looked for only when some flag is set).
+        """
         if self.expected_shape is None:
             raise CalibrationError(f"{self.label}: packed storage needs the model's (kv_heads, head_dim)")
         head_dim = self.expected_shape[1]
         code_bytes = self.code_bytes(head_dim)
         fmt = self.format
         if fmt.kind is FormatKind.FLOAT:
-            codes = rows[..., :code_bytes].contiguous().view(fmt.storage_dtype).float()
+            codes = rows[..., :code_bytes].view(fmt.storage_dtype).to(torch.float32)
         else:
             codes = unpack_codes(rows[..., :code_bytes], fmt.bits, int(-fmt.qmin), head_dim)
-        view = self.granularity.grouped(codes)
-        grouped = view.dim() == 5
-        offset = torch.zeros((), dtype=torch.float32, device=rows.device)
+        view = self.granularity.grouped(codes)  # a view of ``codes``: the in-place steps below write ``codes``
         if self.dynamic:
+            grouped = view.dim() == 5
             groups = view.shape[-2] if grouped else 1
             scale = rows[..., code_bytes : code_bytes + 2 * groups].contiguous().view(torch.float16).float()
             scale = scale.unsqueeze(-1) if grouped else scale
             if not self.args.symmetric:
                 start = code_bytes + 2 * groups
                 zero_point = rows[..., start : start + 2 * groups].contiguous().view(torch.int16).float()
-                view = view - (zero_point.unsqueeze(-1) if grouped else zero_point)
+                view.sub_(zero_point.unsqueeze(-1) if grouped else zero_point)
+            view.mul_(scale)
         else:
-            params = self.params_for(codes)
-            scale = self.granularity.broadcast(params.scale.float(), view)
-            if not self.args.symmetric:
-                view = view - self.granularity.broadcast(params.zero_point.float(), view)
-            poisoned = rows[..., -1:].bool()
-            offset = torch.zeros(poisoned.shape, dtype=torch.float32, device=rows.device)
-            offset = offset.masked_fill_(poisoned, float("nan"))
-            offset = offset.unsqueeze(-1) if grouped else offset
-        restored = self.granularity.ungrouped(torch.addcmul(offset, view, scale))
-        return self._model_space(restored, dtype)
+            prepared = self.prepared_for(codes, self.params_for(codes))
+            if prepared.zero_point is not None:
+                view.sub_(prepared.zero_point)
+            view.mul_(prepared.scale)
+            flags = rows[..., -1]
+            if bool(flags.any()):
+                codes.masked_fill_(flags.unsqueeze(-1).bool(), float("nan"))
+        return self._model_space(codes, dtype)
 
 
 class LayerQuantizer:

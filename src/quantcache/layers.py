@@ -114,6 +114,8 @@ class GrowingLayerMixin:
 
     _key_storage: GrowingStorage | None = None
     _value_storage: GrowingStorage | None = None
+    keys: Any  # the base layer's stored tensors (None before the first update)
+    values: Any
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any

@@ -16,7 +16,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, QuantizedCalibratingCache
 from quantcache.calibration import calibrate
-from quantcache.layers import MIN_ROOM_TOKENS, GrowingStorage
+from quantcache.layers import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingStorage
 
 
 def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
@@ -58,16 +58,16 @@ def test_appends_are_views_of_one_buffer_with_bounded_room() -> None:
         assert history.data_ptr() == buffer.data_ptr()  # no copy of the history
     assert torch.equal(history, torch.cat(expected, dim=-2))
     assert storage.reserved_bytes(history) == 0
-    history = storage.append(history, _states(1, 1, seed=99))  # full: a new buffer, room ~1/32
+    history = storage.append(history, _states(1, 1, seed=99))  # full: a new buffer with new room
     assert storage.buffer is not buffer and storage.buffer is not None
-    assert storage.buffer.shape[-2] == 133 + max(MIN_ROOM_TOKENS, 133 // 32)
-    assert storage.reserved_bytes(history) == (storage.buffer.shape[-2] - 133) * KV_HEADS * HEAD_DIM * 4
+    assert storage.buffer.shape[-2] == 117 + max(MIN_ROOM_TOKENS, 117 // ROOM_FRACTION)
+    assert storage.reserved_bytes(history) == (storage.buffer.shape[-2] - 117) * KV_HEADS * HEAD_DIM * 4
 
 
 def test_room_grows_with_the_history() -> None:
     storage = GrowingStorage()
     storage.append(torch.tensor([]), _states(1, 4096, seed=2))
-    assert storage.buffer is not None and storage.buffer.shape[-2] == 4096 + 4096 // 32
+    assert storage.buffer is not None and storage.buffer.shape[-2] == 4096 + 4096 // ROOM_FRACTION
 
 
 def test_a_returned_tensor_never_changes_after_a_crop() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bits_per_slot", "pack_codes", "unpack_codes"]
+__all__ = ["bits_per_slot", "pack_codes", "unpack_codes", "unpack_slots"]
 
 
 def bits_per_slot(bits: int) -> int:
@@ -55,22 +55,27 @@ def pack_codes(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
     return packed.reshape(*shifted.shape[:-1], -1).to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, offset: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``uint8`` ``(..., count * bits / 8)`` -> float32 codes ``(..., count)``.
+def unpack_slots(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The stored (offset, non-negative) codes of ``packed`` as ``uint8`` ``(..., count)``.
 
-    The result is a new tensor (callers may work on it in place).
+    For 8-bit codes this is a view of ``packed`` (no copy); decoding then turns them into
+    floats and subtracts the offset in one pass (see ``StreamQuantizer.decode``).
     """
     slot = bits_per_slot(bits)
     if slot == 8:
-        return packed[..., :count].to(torch.float32).sub_(offset)
+        return packed[..., :count]
     if slot in (2, 4):
         mask = (1 << slot) - 1
         parts = [packed & mask] + [(packed >> (slot * index)) & mask for index in range(1, 8 // slot)]
-        codes = torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)
-        return codes[..., :count].to(torch.float32).sub_(offset)
+        return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)[..., :count]
     groups = packed.reshape(*packed.shape[:-1], -1, slot).to(torch.int64)
     byte_shifts = torch.arange(0, 8 * slot, 8, device=packed.device, dtype=torch.int64)
     words = (groups << byte_shifts).sum(dim=-1, keepdim=True)
     shifts = torch.arange(0, 8 * slot, slot, device=packed.device, dtype=torch.int64)
     codes = (words >> shifts) & ((1 << slot) - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.float32).sub_(offset)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, offset: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``uint8`` ``(..., count * bits / 8)`` -> float32 codes ``(..., count)``."""
+    return torch.sub(unpack_slots(packed, bits, count), float(offset))

@@ -28,7 +28,7 @@ from .errors import CalibrationError, NonFiniteStateError
 from .formats import FormatKind
 from .granularity import Granularity
 from .observers import Observer, make_observer
-from .packing import bits_per_slot, pack_codes, unpack_codes
+from .packing import bits_per_slot, pack_codes, unpack_slots
 from .quantization import (
     PreparedParams,
     QuantParams,
@@ -84,6 +84,7 @@ class StreamQuantizer:
         self._frozen = False
         self._params_by_device: dict[torch.device, QuantParams] = {}
         self._prepared_by_device: dict[torch.device, PreparedParams] = {}
+        self._subtrahend_by_device: dict[torch.device, torch.Tensor] = {}
         # An asymmetric integer scheme needs its zero point; symmetric and float8 ones have none.
         self._uses_zero_point = not self.args.symmetric and self.format.kind is FormatKind.INTEGER
         self._rotation: torch.Tensor | None = None
@@ -98,6 +99,7 @@ class StreamQuantizer:
         fresh.params = copy.deepcopy(self.params, memo)
         fresh._params_by_device = {}
         fresh._prepared_by_device = {}
+        fresh._subtrahend_by_device = {}
         return fresh  # on_quantize is shared on purpose (see the module docstring)
 
     # ------------------------------------------------------------------ statistics
@@ -198,6 +200,7 @@ class StreamQuantizer:
         self._frozen = params is not None
         self._params_by_device = {}
         self._prepared_by_device = {}
+        self._subtrahend_by_device = {}
 
     def unfreeze(self) -> None:
         self.set_params(None)
@@ -306,39 +309,54 @@ class StreamQuantizer:
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Packed rows -> ``(batch, kv_heads, seq, head_dim)`` states in ``dtype`` (see :meth:`encode`).
 
-        This runs over the whole history at every decode step, so it works in place on
-        the one float32 tensor the codes unpack into: ``(codes - zero_point) * scale``,
-        then NaN for flagged rows (looked for only when some flag is set).
+        This runs over the whole history at every decode step, so it makes one float32
+        tensor in one pass (stored code minus ``offset + zero_point``: exact, both are
+        whole numbers) and scales it in place; flagged rows become NaN (looked for only
+        when some flag is set).
         """
         if self.expected_shape is None:
             raise CalibrationError(f"{self.label}: packed storage needs the model's (kv_heads, head_dim)")
         head_dim = self.expected_shape[1]
         code_bytes = self.code_bytes(head_dim)
         fmt = self.format
-        if fmt.kind is FormatKind.FLOAT:
-            codes = rows[..., :code_bytes].view(fmt.storage_dtype).to(torch.float32)
+        offset = float(-fmt.qmin)
+        if fmt.kind is FormatKind.FLOAT:  # float8 codes need no offset or zero point
+            view = self.granularity.grouped(rows[..., :code_bytes].view(fmt.storage_dtype).to(torch.float32))
+            stored = None
         else:
-            codes = unpack_codes(rows[..., :code_bytes], fmt.bits, int(-fmt.qmin), head_dim)
-        view = self.granularity.grouped(codes)  # a view of ``codes``: the in-place steps below write ``codes``
-        if self.dynamic:
-            grouped = view.dim() == 5
-            groups = view.shape[-2] if grouped else 1
+            stored = self.granularity.grouped(unpack_slots(rows[..., :code_bytes], fmt.bits, head_dim))
+        if self.dynamic:  # the row's own fp16 scale (and int16 zero point) per group follow its codes
+            grouped = stored.dim() == 5 if stored is not None else view.dim() == 5
+            groups = head_dim // (self.args.group_size or head_dim) if grouped else 1
             scale = rows[..., code_bytes : code_bytes + 2 * groups].contiguous().view(torch.float16).float()
             scale = scale.unsqueeze(-1) if grouped else scale
-            if not self.args.symmetric:
-                start = code_bytes + 2 * groups
-                zero_point = rows[..., start : start + 2 * groups].contiguous().view(torch.int16).float()
-                view.sub_(zero_point.unsqueeze(-1) if grouped else zero_point)
+            if stored is not None:
+                subtrahend: torch.Tensor | float = offset
+                if not self.args.symmetric:
+                    start = code_bytes + 2 * groups
+                    zero_point = rows[..., start : start + 2 * groups].contiguous().view(torch.int16).float()
+                    subtrahend = (zero_point.unsqueeze(-1) if grouped else zero_point) + offset
+                view = torch.sub(stored, subtrahend)
             view.mul_(scale)
         else:
-            prepared = self.prepared_for(codes, self.params_for(codes))
-            if prepared.zero_point is not None:
-                view.sub_(prepared.zero_point)
+            prepared = self.prepared_for(rows, self.params_for(rows))
+            if stored is not None:
+                view = torch.sub(stored, self._decode_subtrahend(rows.device, prepared, offset))
             view.mul_(prepared.scale)
             flags = rows[..., -1]
             if bool(flags.any()):
-                codes.masked_fill_(flags.unsqueeze(-1).bool(), float("nan"))
-        return self._model_space(codes, dtype)
+                mask = flags.bool().view(*flags.shape, *([1] * (view.dim() - flags.dim())))
+                view.masked_fill_(mask, float("nan"))
+        return self._model_space(self.granularity.ungrouped(view), dtype)
+
+    def _decode_subtrahend(self, device: torch.device, prepared: PreparedParams, offset: float) -> torch.Tensor | float:
+        """``offset + zero_point`` for static decoding (just ``offset`` when there is no zero point), cached."""
+        if prepared.zero_point is None:
+            return offset
+        cached = self._subtrahend_by_device.get(device)
+        if cached is None:
+            cached = self._subtrahend_by_device[device] = prepared.zero_point + offset
+        return cached
 
 
 class LayerQuantizer:

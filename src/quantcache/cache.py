@@ -116,8 +116,8 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             (self.kv_heads, self.head_dim) if self.kv_heads is not None and self.head_dim is not None else None
         )
         if self.head_dim is not None:
-            for stream in ("key", "value"):
-                size = self.quant_config.stream_args(stream).group_size
+            for args in self.quant_config.all_stream_args():
+                size = args.group_size
                 if size is not None and self.head_dim % size:
                     raise ConfigError(
                         f"qconfig.group_size {size} does not divide this model's head_dim {self.head_dim}; "
@@ -129,8 +129,8 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
                 name,
                 enabled=selected[index],
                 expected_shape=expected_shape,
-                key_args=self.quant_config.key_args,
-                value_args=self.quant_config.value_args,
+                key_args=self.quant_config.stream_args("key", name),
+                value_args=self.quant_config.stream_args("value", name),
             )
             for index, name in enumerate(self.layer_names)
         ]

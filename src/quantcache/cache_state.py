@@ -155,10 +155,14 @@ class CacheStateMixin:
                     self.kv_heads,
                     self.head_dim,
                     derived=origin == "calibrated",
+                    module_name=quantizer.name,
                 )
                 if problems:
                     raise QuantStateError(f"layer {index} ({quantizer.name}): {'; '.join(problems[:3])}")
             updates.append((quantizer, streams))
+        for quantizer in self.quantizers:  # a layer whose streams are all dynamic has nothing to load
+            if quantizer.enabled and quantizer.index not in grouped and all(s.dynamic for _, s in quantizer.streams):
+                updates.append((quantizer, {}))
         if has_params:
             loaded = {quantizer.index for quantizer, _ in updates}
             unfrozen = [q.index for q in self.quantizers if q.enabled and q.index not in loaded and not q.frozen]

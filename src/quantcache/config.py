@@ -21,6 +21,7 @@ import yaml
 from .errors import ConfigError
 from .scheme import (
     STREAM_KEYS,
+    LayerOverride,
     QuantArgs,
     QuantDtype,
     QuantMethod,
@@ -34,6 +35,7 @@ from .scheme import (
 __all__ = [
     "ConfigError",
     "KVQuantConfig",
+    "LayerOverride",
     "QuantArgs",
     "QuantDtype",
     "QuantMethod",
@@ -57,7 +59,7 @@ _SHARED_FIELDS = (
     "rotation",
     "rotation_seed",
 )
-_ITEM_KEYS = ("type", "qconfig", "include", "exclude", "storage")
+_ITEM_KEYS = ("type", "qconfig", "include", "exclude", "layers", "storage")
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
 # (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
@@ -109,6 +111,9 @@ class KVQuantConfig:
         exclude: patterns removed from ``include``; exclude wins.
         dynamic, group_size: see :class:`~quantcache.scheme.QuantArgs`.
         key, value: per-stream arguments that replace the flat fields for that stream.
+        layers: per-layer overrides (:class:`~quantcache.scheme.LayerOverride`, or their
+            ``{include, qconfig}`` mappings, merged onto ``key``/``value`` when read): a
+            quantized module takes the first override whose patterns match its name.
         storage: what a frozen cache keeps, ``fake`` (dequantized states in the model
             dtype, no memory saved; the default) or ``packed`` (codes, see
             :mod:`quantcache.layers`). Both return the same keys and values.
@@ -127,6 +132,7 @@ class KVQuantConfig:
     rotation_seed: int = 0
     key: QuantArgs | None = None
     value: QuantArgs | None = None
+    layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
     storage: Storage = Storage.FAKE
 
     def __post_init__(self) -> None:
@@ -154,6 +160,17 @@ class KVQuantConfig:
             set_(self, stream, None if args == shared else args)
         set_(self, "include", _pattern_tuple("include", self.include))
         set_(self, "exclude", _pattern_tuple("exclude", self.exclude))
+        if isinstance(self.layers, (str, Mapping)) or not isinstance(self.layers, Iterable):
+            raise ConfigError(
+                f"layers: expected a list of {{include, qconfig}} items, got {type(self.layers).__name__}"
+            )
+        overrides = []
+        for index, item in enumerate(self.layers):
+            where = f"layers[{index}]"
+            if not isinstance(item, LayerOverride):
+                item = LayerOverride.from_dict(item, key=self.key_args, value=self.value_args, where=where)
+            overrides.append(LayerOverride(_pattern_tuple(f"{where}.include", item.include), item.key, item.value))
+        set_(self, "layers", tuple(overrides))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> KVQuantConfig:
@@ -185,11 +202,18 @@ class KVQuantConfig:
         """What the values use."""
         return self.value if self.value is not None else self.shared_args
 
-    def stream_args(self, stream: str) -> QuantArgs:
-        """``key_args`` or ``value_args`` by name."""
+    def stream_args(self, stream: str, module_name: str | None = None) -> QuantArgs:
+        """``key_args`` or ``value_args`` by name; for ``module_name``, what its layer override says."""
         if stream not in _STREAMS:
             raise ValueError(f"stream must be 'key' or 'value', got {stream!r}")
+        for override in self.layers if module_name is not None else ():
+            if _matches_any(module_name, override.include):  # type: ignore[arg-type]
+                return override.key if stream == "key" else override.value
         return self.key_args if stream == "key" else self.value_args
+
+    def all_stream_args(self) -> list[QuantArgs]:
+        """Every stream scheme the config can use (the config's own two, then each override's)."""
+        return [self.key_args, self.value_args, *(args for o in self.layers for args in (o.key, o.value))]
 
     # ------------------------------------------------------------------ layer selection
     def is_quantized(self, module_name: str) -> bool:
@@ -204,7 +228,8 @@ class KVQuantConfig:
         the warning prevents.
         """
         if warn_unmatched:
-            for kind, patterns in (("include", self.include), ("exclude", self.exclude)):
+            overridden = tuple(pattern for override in self.layers for pattern in override.include)
+            for kind, patterns in (("include", self.include), ("exclude", self.exclude), ("layers", overridden)):
                 for pattern in patterns:
                     if not match_module_names(pattern, module_names):
                         example = module_names[0] if module_names else "<no layers>"
@@ -234,6 +259,8 @@ class KVQuantConfig:
             "include": list(self.include),
             "exclude": list(self.exclude),
         }
+        if self.layers:
+            data["layers"] = [override.to_dict() for override in self.layers]
         if self.storage is not Storage.FAKE:
             data["storage"] = self.storage.value
         return data
@@ -273,7 +300,7 @@ class KVQuantConfig:
                 if not isinstance(overrides, Mapping):
                     raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
                 kwargs[stream] = QuantArgs.from_dict({**shared.to_dict(), **overrides}, where=f"qconfig.{stream}")
-        for key in ("include", "exclude", "storage"):
+        for key in ("include", "exclude", "layers", "storage"):
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         return cls(**kwargs)

@@ -20,6 +20,7 @@ from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype
 
 __all__ = [
     "STREAM_KEYS",
+    "LayerOverride",
     "QuantArgs",
     "QuantDtype",
     "QuantMethod",
@@ -232,3 +233,56 @@ class QuantArgs:
         if unknown:
             raise ConfigError(f"unknown key '{where}.{str(unknown[0])[:80]}'; allowed: {', '.join(STREAM_KEYS)}")
         return cls(**{key: data[key] for key in STREAM_KEYS if key in data})
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Other arguments for the attention modules that ``include`` matches: mixed precision by layer.
+
+    ``key`` and ``value`` are complete :class:`QuantArgs`, resolved when the config is
+    read (:meth:`from_dict` merges what the override names onto the config's own
+    stream arguments), so an override means the same whatever else changes later.
+    """
+
+    include: tuple[str, ...]
+    key: QuantArgs
+    value: QuantArgs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "include": list(self.include),
+            "qconfig": {"key": self.key.to_dict(full=True), "value": self.value.to_dict(full=True)},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, *, key: QuantArgs, value: QuantArgs, where: str) -> LayerOverride:
+        """Read one ``layers`` item: ``{include: [...], qconfig: {...flat keys..., key: {...}, value: {...}}}``.
+
+        Flat keys apply to both streams, a stream's own mapping wins over them, and
+        what is not named keeps ``key``/``value`` (the config's own stream arguments).
+        ``include`` is checked by the config, which owns pattern syntax.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with 'include' and 'qconfig', got {type(data).__name__}")
+        unknown = [name for name in data if name not in ("include", "qconfig")]
+        if unknown:
+            raise ConfigError(f"unknown key '{where}.{str(unknown[0])[:80]}'; allowed: include, qconfig")
+        if "include" not in data or "qconfig" not in data:
+            raise ConfigError(f"{where}: needs both 'include' (module patterns) and 'qconfig' (what to change)")
+        qconfig = data["qconfig"]
+        if not isinstance(qconfig, Mapping):
+            raise ConfigError(f"{where}.qconfig: expected a mapping, got {type(qconfig).__name__}")
+        allowed = (*STREAM_KEYS, "key", "value")
+        unknown = [name for name in qconfig if name not in allowed]
+        if unknown:
+            raise ConfigError(f"unknown key '{where}.qconfig.{str(unknown[0])[:80]}'; allowed: {', '.join(allowed)}")
+        flat = {name: qconfig[name] for name in STREAM_KEYS if name in qconfig}
+        merged: dict[str, QuantArgs] = {}
+        for stream, base in (("key", key), ("value", value)):
+            own = qconfig.get(stream) or {}
+            if not isinstance(own, Mapping):
+                raise ConfigError(f"{where}.qconfig.{stream}: expected a mapping, got {type(own).__name__}")
+            merged[stream] = QuantArgs.from_dict(
+                {**base.to_dict(full=True), **flat, **own}, where=f"{where}.qconfig.{stream}"
+            )
+        return cls(data["include"], merged["key"], merged["value"])

@@ -84,9 +84,9 @@ def _field_dtype(field: str) -> torch.dtype:
     return torch.int32 if field == "zero_point" else torch.float32
 
 
-def statistic_fields(config: KVQuantConfig, stream: str) -> tuple[str, ...]:
-    """The statistics the stream's observer saves (``min``, ``max`` for ``minmax``)."""
-    return OBSERVERS[config.stream_args(stream).method].fields
+def statistic_fields(config: KVQuantConfig, stream: str, module_name: str | None = None) -> tuple[str, ...]:
+    """The statistics the stream's observer saves (``min``, ``max`` for ``minmax``), in layer ``module_name``."""
+    return OBSERVERS[config.stream_args(stream, module_name).method].fields
 
 
 def parse_state_key(name: str) -> tuple[int, str, str] | None:
@@ -167,8 +167,9 @@ def stream_problems(
     head_dim: int | None,
     *,
     derived: bool = True,
+    module_name: str | None = None,
 ) -> list[str]:
-    """Everything wrong with one stream's tensors (``prefix`` is ``layers.{i}.{stream}``).
+    """Everything wrong with one stream's tensors (``prefix`` is ``layers.{i}.{stream}``, in ``module_name``).
 
     Checks the documented dtype of each field, the shape the scheme's granularity
     gives, finiteness, ``min <= max``, scales at or above the float32-eps floor,
@@ -176,7 +177,7 @@ def stream_problems(
     both statistics and parameters are present and ``derived`` (a state we calibrated),
     that the parameters are exactly what the statistics imply.
     """
-    args = config.stream_args(stream)
+    args = config.stream_args(stream, module_name)
     problems: list[str] = []
     allowed = (*OBSERVERS[args.method].fields, *PARAMETER_FIELDS)
     unknown = [name for name in fields if name not in allowed]
@@ -258,14 +259,15 @@ def validate_state(stored: StateFile) -> list[str]:
             problems.append(f"unexpected tensor {name[:80]!r}")
             continue
         index, stream, field = parsed
-        if stored.config.stream_args(stream).dynamic:
-            problems.append(f"unexpected tensor {name[:80]!r}: the {stream} stream is dynamic and saves nothing")
-            continue
-        if field not in (*statistic_fields(stored.config, stream), *PARAMETER_FIELDS):
-            problems.append(f"unexpected tensor {name[:80]!r}")
-            continue
         if index >= stored.num_layers:
             problems.append(f"{name}: layer {index} is beyond the model's {stored.num_layers} layers")
+            continue
+        module = stored.layer_names[index]
+        if stored.config.stream_args(stream, module).dynamic:
+            problems.append(f"unexpected tensor {name[:80]!r}: the {stream} stream is dynamic and saves nothing")
+            continue
+        if field not in (*statistic_fields(stored.config, stream, module), *PARAMETER_FIELDS):
+            problems.append(f"unexpected tensor {name[:80]!r}")
             continue
         grouped.setdefault((index, stream), {})[field] = tensor
     frozen = stored.mode == "frozen"
@@ -274,13 +276,13 @@ def validate_state(stored: StateFile) -> list[str]:
         if not stored.config.is_quantized(name):
             problems.append(f"layer {index} ({name}) has tensors but the stored config does not quantize it")
         for stream in ("key", "value"):
-            if stored.config.stream_args(stream).dynamic:
+            if stored.config.stream_args(stream, name).dynamic:
                 continue
             prefix = f"layers.{index}.{stream}"
             fields = grouped.get((index, stream), {})
             if not frozen and any(field in fields for field in PARAMETER_FIELDS):
                 problems.append(f"{prefix}: parameters present although mode is 'calibrate'")
-            missing = missing_fields(prefix, fields, statistic_fields(stored.config, stream), frozen=frozen)
+            missing = missing_fields(prefix, fields, statistic_fields(stored.config, stream, name), frozen=frozen)
             if missing:
                 short = ", ".join(name.rsplit(".", 1)[1] for name in missing)
                 problems.append(f"layer {index} {stream} lacks {short} (missing {missing}, mode {stored.mode})")
@@ -293,8 +295,9 @@ def validate_state(stored: StateFile) -> list[str]:
                 stored.kv_heads,
                 stored.head_dim,
                 derived=stored.origin == "calibrated",
+                module_name=name,
             )
-    if not grouped and not (stored.config.key_args.dynamic and stored.config.value_args.dynamic):
+    if not grouped and not all(args.dynamic for args in stored.config.all_stream_args()):
         problems.append("the state holds no layer")
     return problems
 

@@ -129,8 +129,9 @@ class KVState:
         Only the scheme engines read can be exported: static INT8 per-channel min/max
         ranges without rotation (the seed scheme, from which FP8 scales are derived too).
         """
-        for stream in STREAMS:
-            args = config.stream_args(stream)
+        for stream, args in [(s, config.stream_args(s)) for s in STREAMS] + [
+            (s, config.stream_args(s, name)) for name in layer_names for s in STREAMS
+        ]:
             exportable = (
                 args.dtype.value == "int8"
                 and args.scope.value == "per_channel"

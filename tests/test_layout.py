@@ -21,7 +21,8 @@ LAYERS: list[set[str]] = [
     {"observers"},
     {"serialization"},
     {"quantizer", "layers", "model_info", "cache_state", "cache"},
-    {"calibration", "evaluation", "sensitivity", "distributed", "progress", "data", "fetch", "models", "report"},
+    {"calibration", "evaluation", "sensitivity", "bit_allocation", "distributed", "progress", "data", "fetch"}
+    | {"models", "report"},
     {"export", "cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

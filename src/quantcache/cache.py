@@ -264,13 +264,22 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         layers = [
             (quantizer.key.args, quantizer.value.args) if quantizer.enabled else None for quantizer in self.quantizers
         ]
-        held = []  # a sliding-window layer keeps at most sliding_window - 1 tokens
-        for layer in self.layers[: len(layers)]:
+        return effective_bits(
+            layers,
+            self.kv_heads,
+            self.head_dim,
+            seq_len,
+            unquantized_bits=unquantized_bits,
+            layer_tokens=self.held_tokens(seq_len)[: len(layers)],
+        )
+
+    def held_tokens(self, seq_len: int) -> list[int]:
+        """Tokens each layer holds after ``seq_len`` tokens (a sliding-window layer keeps at most window - 1)."""
+        held = []
+        for layer in self.layers[: len(self.quantizers)]:
             window = getattr(layer, "sliding_window", None)
             held.append(min(seq_len, window - 1) if isinstance(window, int) and window > 1 else seq_len)
-        return effective_bits(
-            layers, self.kv_heads, self.head_dim, seq_len, unquantized_bits=unquantized_bits, layer_tokens=held
-        )
+        return held
 
     def memory_report(self) -> list[dict[str, Any]]:
         """Bytes held per layer, split into codes, parameters and full-precision states.

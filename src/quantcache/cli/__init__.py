@@ -55,6 +55,9 @@ COMMANDS: dict[str, Command] = {
     "suggest-exclude": Command(
         "suggest_exclude", "rank layers by sensitivity and propose an exclude list for a KL budget"
     ),
+    "suggest-bits": Command(
+        "suggest_bits", "give each layer the scheme its sensitivity earns within an effective-bit budget"
+    ),
     "export": Command("export", "write the scales as a checkpoint vLLM, vLLM-Ascend or TensorRT-LLM loads"),
     "import": Command("import_state", "read a serving checkpoint's KV scales into a state evaluate can measure"),
 }

@@ -42,7 +42,7 @@ from quantcache.serialization import read_state_file, write_state_file
 
 CALIBRATE_SMALL = ["--samples", "2", "--seq-len", "48", "-q"]
 EVALUATE_SMALL = ["--samples", "2", "--context", "64", "--prefill", "32", "--chunk", "16", "-q"]
-SUBCOMMANDS = ["calibrate", "evaluate", "inspect", "suggest-exclude"]
+SUBCOMMANDS = ["calibrate", "evaluate", "inspect", "suggest-exclude", "suggest-bits", "export", "import"]
 
 FULL_DOCUMENT = """\
 apiversion: modelslim_v1

@@ -420,7 +420,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calib-samples", type=int, default=8, help="calibration windows (default 8)")
     parser.add_argument("--calib-len", type=int, default=512, help="calibration window length (default 512)")
     parser.add_argument("--schemes", nargs="+", default=None, help="quantcache scheme keys (default: all: "
-                        "seed-sym, seed-asym and preset-NAME for every preset the installed quantcache has)")
+                        "seed-sym, seed-asym and preset-NAME for every preset the installed quantcache has; "
+                        "config:PATH adds a YAML config, such as a suggest-bits mix)")
     parser.add_argument("--peers", nargs="*", default=list(DEFAULT_PEERS), help="peer keys (default: "
                         f"{' '.join(DEFAULT_PEERS)}; known: {' '.join(spec.key for spec in PEER_SPECS)}); "
                         "give no key for none")

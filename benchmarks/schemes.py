@@ -102,6 +102,8 @@ def preset_names() -> list[str]:
 def schemes(keys: list[str] | None = None) -> list[Scheme]:
     """:data:`SCHEMES` plus one ``preset-NAME`` scheme per preset, optionally filtered by key.
 
+    A key ``config:PATH`` adds the config a YAML file holds (``quantcache suggest-bits -o``).
+
     A preset whose config equals one of :data:`SCHEMES` (``seed`` is the symmetric seed) is
     listed once, under the fixed scheme's key.
     """
@@ -114,6 +116,10 @@ def schemes(keys: list[str] | None = None) -> list[Scheme]:
     if keys is None:
         return found
     by_key = {scheme.key: scheme for scheme in found}
+    for key in keys:  # "config:PATH": a YAML config (a suggest-bits mix, say), named by its file stem
+        if key.startswith("config:"):
+            path = Path(key.split(":", 1)[1])
+            by_key[key] = Scheme(key, f"quantcache config {path.stem}", KVQuantConfig.from_yaml(path))
     unknown = [key for key in keys if key not in by_key]
     if unknown:
         raise ValueError(f"unknown quantcache scheme(s) {', '.join(unknown)}; available: {', '.join(by_key)}")

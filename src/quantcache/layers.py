@@ -21,6 +21,7 @@ never written again (after a crop, the next append moves to a fresh buffer).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -130,13 +131,21 @@ class GrowingLayerMixin:
                 key_states, value_states, *args, **kwargs
             )
             return result
-        if not self.is_initialized:  # type: ignore[attr-defined]
-            self.lazy_initialization(key_states, value_states)  # type: ignore[attr-defined]
+        if self.keys is None or not getattr(self, "is_initialized", True):
+            self._initialize(key_states, value_states)
         if self._key_storage is None or self._value_storage is None:
             self._key_storage, self._value_storage = GrowingStorage(), GrowingStorage()
         self.keys = self._key_storage.append(self.keys, key_states)
         self.values = self._value_storage.append(self.values, value_states)
         return self.keys, self.values
+
+    def _initialize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The base layer's lazy initialization: ``(keys, values)`` from transformers 5, ``(keys)`` in 4.x."""
+        initialize = self.lazy_initialization  # type: ignore[attr-defined]
+        if len(inspect.signature(initialize).parameters) >= 2:
+            initialize(key_states, value_states)
+        else:
+            initialize(key_states)
 
     def reserved_bytes(self) -> int:
         """Bytes reserved for tokens not yet written."""

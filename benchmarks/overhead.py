@@ -10,8 +10,9 @@ ratio to DynamicCache. Run::
 What it shows: the calibrate mode's cost (one min/max reduction per update), the frozen
 mode's cost (fake quantization of the new tokens only, so the overhead per decode step
 does not grow with the context), and the memory: fake quantization stores the dequantized
-values in the model dtype, so the KV cache takes the same bytes as DynamicCache; the
-calibrated state itself is a few kilobytes.
+values in the model dtype, so the KV cache takes the bytes of a DynamicCache plus the room
+a layer reserves for the next tokens (1/64 of its history); the calibrated state itself is
+a few kilobytes.
 """
 
 from __future__ import annotations

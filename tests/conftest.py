@@ -8,7 +8,7 @@ mode under ``torch.no_grad``; tests must not modify them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -127,3 +127,40 @@ def token_ids() -> torch.Tensor:
     """A seeded ``(1, 12)`` prompt of ordinary token ids (no special tokens)."""
     generator = torch.Generator().manual_seed(1234)
     return torch.randint(3, VOCAB, (1, 12), generator=generator)
+
+
+# ---------------------------------------------------------------------------- shared helpers
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """The models and tensors are tiny: extra intra-op threads only contend with each other and other jobs.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(llama: PreTrainedModel, gemma3: PreTrainedModel) -> dict[str, PreTrainedModel]:
+    """The dense and the hybrid sliding-window tiny models, by architecture name."""
+    return {"llama": llama, "gemma3": gemma3}
+
+
+def random_tokens(batch: int, length: int, seed: int) -> torch.Tensor:
+    """Seeded token ids ``(batch, length)`` that avoid the pad, BOS and EOS ids."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def count_calls(obj: Any, method: str) -> list[tuple[Any, ...]]:
+    """Wrap ``obj.method`` on the instance and record every call's arguments."""
+    calls: list[tuple[Any, ...]] = []
+    original: Callable[..., Any] = getattr(obj, method)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    setattr(obj, method, wrapper)
+    return calls

@@ -10,13 +10,13 @@ cache holding ``L`` tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
 from conftest import HEAD_DIM, KV_HEADS
+from conftest import random_tokens as _tokens
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache
@@ -26,17 +26,9 @@ from quantcache.scheme import QuantArgs
 LAYER0 = "model.layers.0.self_attn"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The models are tiny: extra intra-op threads only contend with each other and with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _frozen(model: PreTrainedModel, config: KVQuantConfig) -> QuantizedCalibratingCache:

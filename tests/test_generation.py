@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import count_calls
 from transformers import (
     DynamicCache,
     Gemma3ForCausalLM,
@@ -213,19 +214,6 @@ def _assert_close_to_unquantized(quantized: torch.Tensor, reference: torch.Tenso
     assert 0.0 < difference <= _FROZEN_REL_TOL * scale, f"max abs diff {difference:.4g} vs logit scale {scale:.4g}"
 
 
-def _count_calls(obj: Any, method: str) -> list[tuple[Any, ...]]:
-    """Wrap ``obj.method`` on the instance and record every call's arguments."""
-    calls: list[tuple[Any, ...]] = []
-    original: Callable[..., Any] = getattr(obj, method)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    setattr(obj, method, wrapper)
-    return calls
-
-
 # ---------------------------------------------------------------------------- forward
 def _two_forwards(model: PreTrainedModel, cache: DynamicCache, cache_kwarg: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefill 10 tokens, then one decode step continuing the same cache, with explicit positions."""
@@ -323,7 +311,7 @@ def test_generate_calibrate_is_bit_identical(arch: str, cache_kwarg: str, mode: 
     reference = _fresh(model, "dynamic")
     ours = _fresh(model, "calibrate")
     expected = _generate(model, prompt, reference, cache_kwarg, **settings)
-    reorders = _count_calls(ours, "reorder_cache")
+    reorders = count_calls(ours, "reorder_cache")
     got = _generate(model, prompt, ours, cache_kwarg, **settings)
     assert got.sequences.shape == (_expected_rows(prompt, settings), 8 + _NEW_TOKENS)
     assert torch.equal(got.sequences, expected.sequences)
@@ -377,7 +365,7 @@ def test_assisted_decoding(arch: str) -> None:
     assert torch.equal(expected.sequences, plain.sequences)
 
     ours = _fresh(model, "calibrate")
-    crops = _count_calls(ours, "crop")
+    crops = count_calls(ours, "crop")
     got = _generate(model, prompt, ours, **settings)
     assert any(args[0] < 0 for args in crops), "assisted decoding never cropped rejected draft tokens"
     assert torch.equal(got.sequences, expected.sequences)
@@ -387,7 +375,7 @@ def test_assisted_decoding(arch: str) -> None:
     frozen_runs = []
     for _ in range(2):
         cache = _fresh(model, "frozen", arch)
-        frozen_crops = _count_calls(cache, "crop")
+        frozen_crops = count_calls(cache, "crop")
         frozen_runs.append(_generate(model, prompt, cache, **settings))
         assert frozen_crops
         assert [layer.keys.shape[-2] for layer in cache.layers] == [layer.keys.shape[-2] for layer in reference.layers]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -38,13 +37,7 @@ STATIC_ARGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny tensors and models: torch's intra-op threads would only contend on a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _states(seed: int, batch: int = 1, seq: int = 3) -> torch.Tensor:

@@ -13,14 +13,15 @@ non-finite states that stay non-finite.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import HEAD_DIM, KV_HEADS, SLIDING_WINDOW, build_model
+from conftest import HEAD_DIM, KV_HEADS, SLIDING_WINDOW, build_model, count_calls
+from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
@@ -68,18 +69,9 @@ MIXED = (
 DROP_IN = {"static-int4": STATIC_INT4, "mixed": MIXED}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The models are tiny: extra intra-op threads only contend with each other and with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def models(llama: PreTrainedModel, gemma3: PreTrainedModel) -> dict[str, PreTrainedModel]:
-    return {"llama": llama, "gemma3": gemma3}
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +80,6 @@ def draft() -> PreTrainedModel:
     return build_model("llama", seed=1, num_hidden_layers=1)
 
 
-def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _frozen_pair(
@@ -269,18 +259,6 @@ def _generate(model: PreTrainedModel, prompt: torch.Tensor, cache: QuantizedCali
     )
 
 
-def _count_calls(obj: Any, method: str) -> list[tuple[Any, ...]]:
-    calls: list[tuple[Any, ...]] = []
-    original: Callable[..., Any] = getattr(obj, method)
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args)
-        return original(*args, **kwargs)
-
-    setattr(obj, method, wrapper)
-    return calls
-
-
 GENERATE_MODES: dict[str, dict[str, Any]] = {
     "greedy": {"do_sample": False},
     "beams": {"do_sample": False, "num_beams": 3},
@@ -310,7 +288,7 @@ def test_generate_packed_equals_fake(
     if mode == "assisted-draft":  # another model drafts: many of its tokens are rejected and cropped away
         settings["assistant_model"] = draft
     prompt = _tokens(1, 8, seed=7)
-    reorders, crops = _count_calls(packed, "reorder_cache"), _count_calls(packed, "crop")
+    reorders, crops = count_calls(packed, "reorder_cache"), count_calls(packed, "crop")
     expected = _generate(model, prompt, fake, **dict(settings))
     got = _generate(model, prompt, packed, **dict(settings))
     assert torch.equal(got.sequences, expected.sequences)

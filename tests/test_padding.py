@@ -11,13 +11,13 @@ through the same path: their ranges clip inside min/max, their options are honou
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import HEAD_DIM, KV_HEADS
+from conftest import random_tokens as _tokens
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
@@ -34,22 +34,11 @@ METHODS: dict[str, dict[str, Any]] = {
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The models are tiny: extra intra-op threads only contend with each other and with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def models(llama: PreTrainedModel, gemma3: PreTrainedModel) -> dict[str, PreTrainedModel]:
-    return {"llama": llama, "gemma3": gemma3}
 
 
-def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _padded(rows: list[torch.Tensor], width: int, side: str) -> dict[str, torch.Tensor]:

@@ -10,13 +10,13 @@ be errors that help; an all-dynamic preset (nothing to calibrate, no tensors) mu
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conftest import HEAD_DIM
+from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
@@ -29,22 +29,11 @@ NAMES = sorted(PRESETS)
 ARCHS = ("llama", "gemma3")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The models are tiny: extra intra-op threads only contend with each other and with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def models(llama: PreTrainedModel, gemma3: PreTrainedModel) -> dict[str, PreTrainedModel]:
-    return {"llama": llama, "gemma3": gemma3}
 
 
-def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _row_bytes(args: QuantArgs) -> int:

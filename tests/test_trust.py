@@ -70,13 +70,7 @@ def _name(args: QuantArgs) -> str:
 
 
 # ================================================================================ helpers
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The tensors are tiny: torch's intra-op threads only contend with each other (and with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _states(seed: int, batch: int, seq: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from collections.abc import Callable
@@ -89,7 +90,9 @@ def test_a_pair_takes_keys_from_the_first_preset_and_values_from_the_second() ->
 
 
 def test_the_cli_default_schemes_are_the_librarys() -> None:
-    assert suggest_bits_command._DEFAULT_SCHEMES == DEFAULT_CANDIDATES
+    parser = argparse.ArgumentParser()
+    suggest_bits_command.add_parser(parser.add_subparsers())
+    assert parser.parse_args(["suggest-bits", "--budget", "4"]).schemes == list(DEFAULT_CANDIDATES)
 
 
 # ================================================================================ on a model

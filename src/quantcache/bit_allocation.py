@@ -32,13 +32,13 @@ from .cache import QuantizedCalibratingCache
 from .config import KVQuantConfig
 from .errors import ConfigError
 from .evaluation import _finite_or_none
-from .presets import PRESETS, preset_settings
+from .presets import MIX_CANDIDATES, PRESETS, preset_settings
 from .scheme import LayerOverride, QuantArgs
 from .sensitivity import _metrics_with, _quantized, _Reference, _run_search, _with_enabled
 
 __all__ = ["DEFAULT_CANDIDATES", "BitCandidate", "BitSuggestion", "LayerChoice", "parse_candidate", "suggest_bits"]
 
-DEFAULT_CANDIDATES = ("int8", "int8/int4", "int4", "int4/int2", "int3", "int2")
+DEFAULT_CANDIDATES = MIX_CANDIDATES
 UNQUANTIZED_BITS = 16
 
 

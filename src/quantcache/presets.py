@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "preset_settings"]
+__all__ = ["MIX_CANDIDATES", "PRESETS", "preset_settings"]
 
 _ROTATED = {"rotation": "hadamard", "rotation_seed": 0}
 
@@ -40,6 +40,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"dtype": "int2", "scope": "per_token", "dynamic": True, "symmetric": False, **_ROTATED},
     ),
 }
+
+
+MIX_CANDIDATES = ("int8", "int8/int4", "int4", "int4/int2", "int3", "int2")
+"""The schemes ``quantcache suggest-bits`` mixes by default: presets, or KEYS/VALUES pairs of them."""
 
 
 def preset_settings(name: str) -> dict[str, Any]:

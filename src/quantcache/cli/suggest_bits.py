@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import EXIT_OK
+from ..presets import MIX_CANDIDATES
 from ._common import add_data_options, add_model_options, check_data_usage, command_parser, note, positive_float
 from ._output import check_writable, write_text
 from ._steps import check_model_options, model_and_tokenizer, text_source, token_windows
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from ._common import Subparsers
 
 NAME = "suggest-bits"
-_DEFAULT_SCHEMES = ("int8", "int8/int4", "int4", "int4/int2", "int3", "int2")  # bit_allocation.DEFAULT_CANDIDATES
 
 
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
@@ -51,9 +51,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--schemes",
         nargs="+",
-        default=list(_DEFAULT_SCHEMES),
+        default=list(MIX_CANDIDATES),
         metavar="S",
-        help=f"candidate schemes (default: {' '.join(_DEFAULT_SCHEMES)})",
+        help=f"candidate schemes (default: {' '.join(MIX_CANDIDATES)})",
     )
     parser.add_argument("--exclude", nargs="+", default=(), metavar="PAT", help="attention modules left unquantized")
     parser.add_argument("-o", "--output", type=Path, metavar="YAML", help="write the suggested config here")

@@ -145,11 +145,13 @@ def prepare_params(
     params: QuantParams, granularity: Granularity, device: torch.device, *, zero_point: bool = True
 ) -> PreparedParams:
     """``params`` as float32 on ``device``, shaped to broadcast (``zero_point=False``: it is all zeros)."""
-    scale = granularity.broadcast(params.scale.to(device=device, dtype=torch.float32), params.scale)
-    if not zero_point:
-        return PreparedParams(scale, None)
-    offset = granularity.broadcast(params.zero_point.to(device=device, dtype=torch.float32), params.zero_point)
-    return PreparedParams(scale, offset)
+    scale = _broadcast(params.scale, granularity, device)
+    return PreparedParams(scale, _broadcast(params.zero_point, granularity, device) if zero_point else None)
+
+
+def _broadcast(param: torch.Tensor, granularity: Granularity, device: torch.device) -> torch.Tensor:
+    """One parameter tensor as float32 on ``device``, shaped to broadcast against the grouped states."""
+    return granularity.broadcast(param.to(device=device, dtype=torch.float32), param)
 
 
 def quantize(
@@ -183,10 +185,8 @@ def dequantize(
     granularity: Granularity = PER_CHANNEL,
 ) -> torch.Tensor:
     """Codes -> float states ``(codes - zero_point) * scale`` in ``dtype``."""
-    prepared = prepare_params(params, granularity, codes.device)
-    view = granularity.grouped(codes).to(torch.float32)
-    restored = view - prepared.zero_point if prepared.zero_point is not None else view.clone()
-    return granularity.ungrouped(restored.mul_(prepared.scale).to(dtype))
+    restored = granularity.grouped(codes).to(torch.float32) - _broadcast(params.zero_point, granularity, codes.device)
+    return granularity.ungrouped(restored.mul_(_broadcast(params.scale, granularity, codes.device)).to(dtype))
 
 
 def fake_quantize(
@@ -228,11 +228,9 @@ def saturated(
     states: torch.Tensor, params: QuantParams, granularity: Granularity = PER_CHANNEL, fmt: NumberFormat = INT8
 ) -> torch.Tensor:
     """Boolean mask of the elements that clip: ``x / scale + zero_point`` rounds outside the code range."""
-    view = granularity.grouped(states)
-    prepared = prepare_params(params, granularity, states.device)
-    levels = view.float() / prepared.scale
-    if prepared.zero_point is not None:
-        levels = levels + prepared.zero_point
+    view = granularity.grouped(states).float()
+    levels = view / _broadcast(params.scale, granularity, states.device)
+    levels = levels + _broadcast(params.zero_point, granularity, states.device)
     half_step = 0.0 if fmt.kind is FormatKind.FLOAT else 0.5
     return granularity.ungrouped((levels < fmt.qmin - half_step) | (levels > fmt.qmax + half_step))
 

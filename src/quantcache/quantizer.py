@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -40,7 +40,7 @@ from .quantization import (
     saturated,
 )
 from .rotation import rotate, rotation_matrix, unrotate
-from .scheme import QuantArgs, Rotation
+from .scheme import QuantArgs, QuantScope, Rotation
 
 __all__ = ["LayerQuantizer", "QuantizeHook", "StreamName", "StreamQuantizer"]
 
@@ -59,6 +59,14 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     if all(math.isfinite(float(tensor.sum())) for tensor in tensors):
         return True
     return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+class _FixedOnDevice(NamedTuple):
+    """A static stream's fixed parameters on one device, in the forms the hot paths read."""
+
+    params: QuantParams  # as saved: float32 scale, int32 zero point
+    prepared: PreparedParams  # float32, shaped to broadcast against the states
+    subtrahend: torch.Tensor | float  # offset + zero point: what decoding subtracts from a stored code
 
 
 class StreamQuantizer:
@@ -82,9 +90,7 @@ class StreamQuantizer:
         self.strict_finite = False
         self.on_quantize: QuantizeHook | None = None
         self._frozen = False
-        self._params_by_device: dict[torch.device, QuantParams] = {}
-        self._prepared_by_device: dict[torch.device, PreparedParams] = {}
-        self._subtrahend_by_device: dict[torch.device, torch.Tensor] = {}
+        self._fixed_by_device: dict[torch.device, _FixedOnDevice] = {}
         # An asymmetric integer scheme needs its zero point; symmetric and float8 ones have none.
         self._uses_zero_point = not self.args.symmetric and self.format.kind is FormatKind.INTEGER
         self._rotation: torch.Tensor | None = None
@@ -97,9 +103,7 @@ class StreamQuantizer:
         fresh = copy.copy(self)
         fresh.observer = copy.deepcopy(self.observer, memo)
         fresh.params = copy.deepcopy(self.params, memo)
-        fresh._params_by_device = {}
-        fresh._prepared_by_device = {}
-        fresh._subtrahend_by_device = {}
+        fresh._fixed_by_device = {}
         return fresh  # on_quantize is shared on purpose (see the module docstring)
 
     # ------------------------------------------------------------------ statistics
@@ -198,9 +202,7 @@ class StreamQuantizer:
         """Fix the parameters (frozen) or drop them (``None``: back to calibration)."""
         self.params = params
         self._frozen = params is not None
-        self._params_by_device = {}
-        self._prepared_by_device = {}
-        self._subtrahend_by_device = {}
+        self._fixed_by_device = {}
 
     def unfreeze(self) -> None:
         self.set_params(None)
@@ -214,22 +216,26 @@ class StreamQuantizer:
         """The parameters for states already in the quantizer's space: fixed ones on their device, or per token."""
         if self.dynamic:
             return dynamic_qparams(quant_space, self.granularity, symmetric=self.args.symmetric, fmt=self.format)
-        if self.params is None:
-            raise CalibrationError(f"{self.label}: not frozen")
-        params = self._params_by_device.get(quant_space.device)
-        if params is None:
-            params = self._params_by_device[quant_space.device] = self.params.to(quant_space.device)
-        return params
+        return self._fixed_on(quant_space.device).params
 
     def prepared_for(self, quant_space: torch.Tensor, params: QuantParams) -> PreparedParams:
         """``params`` (from :meth:`params_for`) ready to broadcast; fixed ones are prepared once per device."""
         if self.dynamic:
             return prepare_params(params, self.granularity, quant_space.device, zero_point=self._uses_zero_point)
-        prepared = self._prepared_by_device.get(quant_space.device)
-        if prepared is None:
-            prepared = prepare_params(params, self.granularity, quant_space.device, zero_point=self._uses_zero_point)
-            self._prepared_by_device[quant_space.device] = prepared
-        return prepared
+        return self._fixed_on(quant_space.device).prepared
+
+    def _fixed_on(self, device: torch.device) -> _FixedOnDevice:
+        """The fixed parameters on ``device`` in every form the hot paths use, made once per device."""
+        if self.params is None:
+            raise CalibrationError(f"{self.label}: not frozen")
+        fixed = self._fixed_by_device.get(device)
+        if fixed is None:
+            params = self.params.to(device)
+            prepared = prepare_params(params, self.granularity, device, zero_point=self._uses_zero_point)
+            offset = float(-self.format.qmin)
+            subtrahend = offset if prepared.zero_point is None else prepared.zero_point + offset
+            fixed = self._fixed_by_device[device] = _FixedOnDevice(params, prepared, subtrahend)
+        return fixed
 
     def _check_frozen(self, states: torch.Tensor) -> None:
         if not self._frozen:
@@ -326,7 +332,7 @@ class StreamQuantizer:
         else:
             stored = self.granularity.grouped(unpack_slots(rows[..., :code_bytes], fmt.bits, head_dim))
         if self.dynamic:  # the row's own fp16 scale (and int16 zero point) per group follow its codes
-            grouped = stored.dim() == 5 if stored is not None else view.dim() == 5
+            grouped = self.args.scope is QuantScope.GROUP
             groups = head_dim // (self.args.group_size or head_dim) if grouped else 1
             scale = rows[..., code_bytes : code_bytes + 2 * groups].contiguous().view(torch.float16).float()
             scale = scale.unsqueeze(-1) if grouped else scale
@@ -339,24 +345,15 @@ class StreamQuantizer:
                 view = torch.sub(stored, subtrahend)
             view.mul_(scale)
         else:
-            prepared = self.prepared_for(rows, self.params_for(rows))
+            fixed = self._fixed_on(rows.device)
             if stored is not None:
-                view = torch.sub(stored, self._decode_subtrahend(rows.device, prepared, offset))
-            view.mul_(prepared.scale)
+                view = torch.sub(stored, fixed.subtrahend)
+            view.mul_(fixed.prepared.scale)
             flags = rows[..., -1]
             if bool(flags.any()):
                 mask = flags.bool().view(*flags.shape, *([1] * (view.dim() - flags.dim())))
                 view.masked_fill_(mask, float("nan"))
         return self._model_space(self.granularity.ungrouped(view), dtype)
-
-    def _decode_subtrahend(self, device: torch.device, prepared: PreparedParams, offset: float) -> torch.Tensor | float:
-        """``offset + zero_point`` for static decoding (just ``offset`` when there is no zero point), cached."""
-        if prepared.zero_point is None:
-            return offset
-        cached = self._subtrahend_by_device.get(device)
-        if cached is None:
-            cached = self._subtrahend_by_device[device] = prepared.zero_point + offset
-        return cached
 
 
 class LayerQuantizer:

@@ -253,6 +253,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="worker for test_distributed.py (run under torch.distributed.run)")
     parser.add_argument("--worker", type=Path, required=True)
     worker(parser.parse_args().worker)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as quantcache.cli.entry does after a process group: teardown of its threads can abort
 
 
 def test_the_calibrate_command_under_torchrun_writes_the_single_process_state(
@@ -283,3 +286,21 @@ def test_the_calibrate_command_under_torchrun_writes_the_single_process_state(
     shared = read_state_file(tmp_path / "two" / "kv_scales.safetensors").tensors
     assert single.keys() == shared.keys() and all(torch.equal(single[k], shared[k]) for k in single)
     assert (tmp_path / "two" / "kv_scales.json").is_file() and (tmp_path / "two" / "kv_scales.md").is_file()
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_the_entry_point_skips_teardown_only_after_leaving_a_process_group(
+    monkeypatch: pytest.MonkeyPatch, left: bool
+) -> None:
+    """A rank that left the launcher's group ends with os._exit (libtorch's thread teardown can abort at
+    interpreter exit); any other run exits normally, with the same code either way."""
+    import quantcache.distributed as distributed
+    from quantcache import cli
+
+    exits: list[tuple[str, int]] = []
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(distributed, "_left_group", left)
+    monkeypatch.setattr(cli.os, "_exit", lambda code: exits.append(("os._exit", code)))
+    monkeypatch.setattr(cli.sys, "exit", lambda code: exits.append(("sys.exit", code)))
+    cli.entry()
+    assert exits == ([("os._exit", 3), ("sys.exit", 3)] if left else [("sys.exit", 3)])

@@ -1,8 +1,6 @@
 """``python -m quantcache``: the same command line as the ``quantcache`` script."""
 
-import sys
-
-from .cli import main
+from .cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -42,6 +42,7 @@ __all__ = [
     "ensure_process_group",
     "is_main_process",
     "launcher_process_group",
+    "left_a_process_group",
     "shard_batches",
 ]
 
@@ -86,16 +87,33 @@ def launcher_process_group(backend: str | None = None) -> Iterator[bool]:
     created = dist.is_available() and not dist.is_initialized()
     active = ensure_process_group(backend)
     created = created and dist.is_initialized()
+    global _left_group
     try:
         yield active
     except BaseException:
         if created:
             dist.destroy_process_group()
+            _left_group = True
         raise
     if created:
         if active:
             dist.barrier()
         dist.destroy_process_group()
+        _left_group = True
+
+
+_left_group = False
+
+
+def left_a_process_group() -> bool:
+    """Whether :func:`launcher_process_group` created and destroyed a group in this process.
+
+    Such a process should end with ``os._exit`` once its output is flushed (the command
+    line's entry point does): libtorch's teardown of the backend's threads at interpreter
+    exit can abort ("terminate called without an active exception", SIGABRT) after all
+    the work is done and written, which a launcher reports as a failed rank.
+    """
+    return _left_group
 
 
 def shard_batches(

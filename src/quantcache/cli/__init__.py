@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import EXIT_FETCH, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -36,6 +37,7 @@ __all__ = [
     "EXIT_USAGE",
     "Command",
     "build_parser",
+    "entry",
     "main",
 ]
 
@@ -135,6 +137,22 @@ def _chosen_command(arguments: Sequence[str]) -> str | None:
         if not argument.startswith("-"):
             return argument if argument in COMMANDS else None
     return None
+
+
+def entry() -> NoReturn:
+    """The ``quantcache`` script and ``python -m quantcache``: run :func:`main`, exit with its code.
+
+    After taking part in a launcher's process group (``torchrun ... -m quantcache calibrate``)
+    the process ends with ``os._exit`` once stdout and stderr are flushed, skipping
+    interpreter teardown (see :func:`quantcache.distributed.left_a_process_group`).
+    """
+    code = main()
+    distributed = sys.modules.get("quantcache.distributed")  # imported only if a command used it
+    if distributed is not None and distributed.left_a_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,8 +19,9 @@ LAYERS: list[set[str]] = [
     {"formats", "scheme", "config", "presets"},
     {"granularity", "quantization", "rotation", "packing", "accounting"},
     {"observers"},
+    {"state_fields"},
     {"serialization"},
-    {"quantizer", "layers", "model_info", "cache_state", "cache"},
+    {"quantizer", "layer_quantizer", "layers", "model_info", "cache_state", "cache"},
     {"calibration", "evaluation", "sensitivity", "bit_allocation", "distributed", "progress", "data", "fetch"}
     | {"models", "report"},
     {"export", "cli"},

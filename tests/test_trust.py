@@ -29,9 +29,10 @@ from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalib
 from quantcache.errors import EXIT_INPUT, CalibrationError, NonFiniteStateError
 from quantcache.formats import FORMATS, FormatKind, NumberFormat, QuantDtype
 from quantcache.granularity import Granularity
+from quantcache.layer_quantizer import LayerQuantizer
 from quantcache.observers import OBSERVERS, MinMaxObserver
 from quantcache.quantization import QuantParams, compute_qparams, fake_quantize, stream_minmax
-from quantcache.quantizer import LayerQuantizer, StreamQuantizer
+from quantcache.quantizer import StreamQuantizer
 from quantcache.scheme import QuantArgs, QuantMethod, QuantScope
 
 KV_HEADS, HEAD_DIM = 2, 16  # conftest.py's tiny models

@@ -6,6 +6,8 @@ For one stream of one layer holding ``seq_len`` tokens of ``kv_heads`` heads of
 * the code width (int3 codes are packed 8 to 3 bytes, so 3 bits; float8 is 8),
 * plus a dynamic scheme's per-row parameters: a float16 scale (and an int16 zero
   point when asymmetric) per group of ``group_size`` channels (``head_dim`` per token),
+* plus a centred dynamic scheme's calibrated float32 center (one per kv head and
+  channel), spread over every element it serves at this length,
 * plus a static scheme's flag byte per row (it marks rows holding NaN or Inf),
 * plus a static scheme's calibrated parameters (float32 scale, int32 zero point when
   asymmetric), spread over every element they serve at this length,
@@ -35,7 +37,8 @@ def stream_bits(args: QuantArgs, kv_heads: int, head_dim: int, seq_len: int) -> 
     granularity = Granularity.of(args)
     if args.dynamic:
         per_param = 16 + (0 if args.symmetric else 16)
-        return code + granularity.params_per_token(kv_heads, head_dim) * per_param / (kv_heads * head_dim)
+        center = kv_heads * head_dim * 32 / max(elements, 1) if args.center else 0.0
+        return code + granularity.params_per_token(kv_heads, head_dim) * per_param / (kv_heads * head_dim) + center
     params = 1
     for size in granularity.param_shape(kv_heads, head_dim):
         params *= size

@@ -31,9 +31,9 @@ from .accounting import effective_bits
 from .cache_state import CacheMode, CacheStateMixin
 from .config import KVQuantConfig
 from .errors import CalibrationError, ConfigError, QuantStateError
+from .layer_quantizer import LayerQuantizer
 from .layers import layer_memory, quantizing_layer
 from .model_info import CACHE_KEYWORD, attention_module_names, attention_shape, config_digest, text_config
-from .quantizer import LayerQuantizer
 from .scheme import Storage, enum_value
 
 __all__ = [

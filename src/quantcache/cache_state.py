@@ -22,21 +22,15 @@ from transformers import PretrainedConfig
 
 from .config import KVQuantConfig
 from .errors import CalibrationError, QuantStateError
+from .layer_quantizer import LayerQuantizer
 from .quantization import QuantParams
-from .quantizer import LayerQuantizer
-from .serialization import (
-    PARAMETER_FIELDS,
-    StateFile,
-    missing_fields,
-    parse_state_key,
-    read_state_file,
-    stream_problems,
-    write_state_file,
-)
+from .serialization import StateFile, parse_state_key, read_state_file, write_state_file
+from .state_fields import CENTER_FIELDS, PARAMETER_FIELDS, missing_fields, parameter_fields, stream_problems
 
 __all__ = ["CacheMode", "CacheStateMixin"]
 
 _Cache = TypeVar("_Cache", bound="CacheStateMixin")
+_FROZEN_FIELDS = (*PARAMETER_FIELDS, *CENTER_FIELDS)  # any of them in a state means it was frozen
 
 
 class CacheMode(str, Enum):
@@ -92,6 +86,8 @@ class CacheStateMixin:
                 if stream.params is not None:
                     state[f"{prefix}.scale"] = stream.params.scale.detach().clone()
                     state[f"{prefix}.zero_point"] = stream.params.zero_point.detach().clone()
+                if stream.center is not None:
+                    state[f"{prefix}.center"] = stream.center.detach().clone()
         return state
 
     def load_state_dict(
@@ -101,7 +97,7 @@ class CacheStateMixin:
 
         With ``strict`` (default) the state must cover exactly the quantized layers, with
         every field present, of the documented dtype and shape and consistent (see
-        :func:`quantcache.serialization.stream_problems`); otherwise the error names what
+        :func:`quantcache.state_fields.stream_problems`); otherwise the error names what
         does not fit. Non-strict loading skips unknown keys and returns them. ``origin`` other
         than ``calibrated`` (parameters imported from another tool) skips the check that the
         parameters are exactly what the statistics imply.
@@ -115,8 +111,8 @@ class CacheStateMixin:
                 continue
             index, stream_name, field = parsed
             stream = self.quantizers[index].key if stream_name == "key" else self.quantizers[index].value
-            if stream.dynamic or field not in (*stream.observer.fields, *PARAMETER_FIELDS):
-                unexpected.append(name)  # a dynamic stream saves nothing
+            if not stream.calibrates or field not in (*stream.observer.fields, *parameter_fields(stream.args)):
+                unexpected.append(name)  # an uncentred dynamic stream saves nothing
                 continue
             grouped.setdefault(index, {}).setdefault(stream_name, {})[field] = tensor
         if strict and unexpected:
@@ -124,12 +120,14 @@ class CacheStateMixin:
                 f"state has keys this cache does not use: {unexpected[:5]}"
                 f"{' ...' if len(unexpected) > 5 else ''} (quantized layers here: {self.quantized_layers})"
             )
-        has_params = any("scale" in fields for streams in grouped.values() for fields in streams.values())
+        has_params = any(
+            field in fields for streams in grouped.values() for fields in streams.values() for field in _FROZEN_FIELDS
+        )
         if strict:
             missing_layers = [
                 index
                 for index in self.quantized_layers
-                if index not in grouped and not all(stream.dynamic for _, stream in self.quantizers[index].streams)
+                if index not in grouped and any(stream.calibrates for _, stream in self.quantizers[index].streams)
             ]
             if missing_layers:
                 raise QuantStateError(
@@ -140,11 +138,14 @@ class CacheStateMixin:
         for index, streams in sorted(grouped.items()):
             quantizer = self.quantizers[index]
             for stream_name, stream in quantizer.streams:
-                if stream.dynamic:
+                if not stream.calibrates:
                     continue
                 fields = streams.get(stream_name, {})
                 prefix = f"layers.{index}.{stream_name}"
-                missing = missing_fields(prefix, fields, stream.observer.fields, frozen=has_params)
+                frozen_fields = parameter_fields(stream.args)
+                missing = missing_fields(
+                    prefix, fields, stream.observer.fields, frozen=has_params, parameter_fields=frozen_fields
+                )
                 if missing:
                     raise QuantStateError(f"state is missing {missing} for layer {index} ({quantizer.name})")
                 problems = stream_problems(
@@ -160,8 +161,9 @@ class CacheStateMixin:
                 if problems:
                     raise QuantStateError(f"layer {index} ({quantizer.name}): {'; '.join(problems[:3])}")
             updates.append((quantizer, streams))
-        for quantizer in self.quantizers:  # a layer whose streams are all dynamic has nothing to load
-            if quantizer.enabled and quantizer.index not in grouped and all(s.dynamic for _, s in quantizer.streams):
+        for quantizer in self.quantizers:  # a layer whose streams calibrate nothing has nothing to load
+            calibrates = any(stream.calibrates for _, stream in quantizer.streams)
+            if quantizer.enabled and quantizer.index not in grouped and not calibrates:
                 updates.append((quantizer, {}))
         if has_params:
             loaded = {quantizer.index for quantizer, _ in updates}
@@ -175,13 +177,17 @@ class CacheStateMixin:
         for quantizer, streams in updates:
             quantizer.reset()
             for stream_name, stream in quantizer.streams:
-                if stream.dynamic:
+                if not stream.calibrates:
                     if has_params:
                         stream.freeze()
                     continue
                 fields = streams[stream_name]
                 if all(field in fields for field in stream.observer.fields):
                     stream.observer.load({field: fields[field] for field in stream.observer.fields})
+                if stream.dynamic:  # centred: its frozen parameter is the mean
+                    if has_params:
+                        stream.freeze_centered(fields["center"].detach().to(torch.float32).clone())
+                    continue
                 if has_params:
                     stream.set_params(
                         QuantParams(
@@ -198,8 +204,9 @@ class CacheStateMixin:
         """Write the state to a safetensors file with JSON metadata (config, model shape, layer names)."""
         from . import __version__
 
-        all_dynamic = all(stream.dynamic for q in self.quantizers if q.enabled for _, stream in q.streams)
-        if not self.state_dict() and not (all_dynamic and self.is_frozen):
+        enabled = [quantizer for quantizer in self.quantizers if quantizer.enabled]
+        nothing_to_calibrate = not any(stream.calibrates for quantizer in enabled for _, stream in quantizer.streams)
+        if not self.state_dict() and not (nothing_to_calibrate and self.is_frozen):
             raise CalibrationError("nothing to save: the cache has observed no calibration data yet")
         return write_state_file(
             path,

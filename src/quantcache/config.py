@@ -58,6 +58,7 @@ _SHARED_FIELDS = (
     "observer_options",
     "rotation",
     "rotation_seed",
+    "center",
 )
 _ITEM_KEYS = ("type", "qconfig", "include", "exclude", "layers", "storage")
 _STREAMS = ("key", "value")
@@ -130,6 +131,7 @@ class KVQuantConfig:
     observer_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
     rotation: Rotation = Rotation.NONE
     rotation_seed: int = 0
+    center: bool = False
     key: QuantArgs | None = None
     value: QuantArgs | None = None
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
@@ -148,6 +150,7 @@ class KVQuantConfig:
             observer_options=self.observer_options,
             rotation=self.rotation,
             rotation_seed=self.rotation_seed,
+            center=self.center,
         )
         for name in _SHARED_FIELDS:
             set_(self, name, getattr(shared, name))
@@ -234,8 +237,7 @@ class KVQuantConfig:
                     if not match_module_names(pattern, module_names):
                         example = module_names[0] if module_names else "<no layers>"
                         warnings.warn(
-                            f"{kind} pattern {pattern!r} matches no attention module "
-                            f"(names look like {example!r})",
+                            f"{kind} pattern {pattern!r} matches no attention module (names look like {example!r})",
                             UserWarning,
                             stacklevel=3,
                         )

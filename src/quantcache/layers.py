@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .errors import CalibrationError
 from .formats import FormatKind
-from .quantizer import LayerQuantizer
+from .layer_quantizer import LayerQuantizer
 
 __all__ = [
     "MIN_ROOM_TOKENS",

@@ -26,6 +26,7 @@ from .scheme import QuantArgs, QuantMethod, short_repr
 __all__ = [
     "OBSERVERS",
     "AveragedRangeObserver",
+    "CenterObserver",
     "MSEObserver",
     "MinMaxObserver",
     "Observer",
@@ -50,9 +51,10 @@ class Observer:
     """Names of the ``observer_options`` this observer reads; any other is a config error."""
 
     def __init__(self, args: QuantArgs) -> None:
-        unknown = [name for name in args.options if name not in self.options]
+        options = self.allowed_options(args)
+        unknown = [name for name in args.options if name not in options]
         if unknown:
-            allowed = ", ".join(self.options) or "none"
+            allowed = ", ".join(options) or "none"
             raise ConfigError(
                 f"qconfig.observer_options: {short_repr(unknown[0])} is not an option of method "
                 f"{args.method.value!r} (options: {allowed})"
@@ -61,6 +63,11 @@ class Observer:
         self.granularity = Granularity.of(args)
         self.statistics: Statistics = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def allowed_options(cls, args: QuantArgs) -> tuple[str, ...]:
+        """The ``observer_options`` a stream with ``args`` may set (this observer's own, by default)."""
+        return cls.options
 
     # ------------------------------------------------------------------ what subclasses define
     def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
@@ -253,7 +260,46 @@ class MSEObserver(AveragedRangeObserver):
         return best_low, best_high
 
 
+class CenterObserver(Observer):
+    """The mean of every (kv_head, head_dim channel) over all real tokens: a dynamic stream's ``center``.
+
+    Fields ``center_sum`` and ``center_count``, each ``(kv_heads, head_dim)`` float32:
+    merging (and the all-reduce of distributed calibration) is a plain sum. Measured in
+    the model's space, before any rotation, so the mean is the model's own.
+    """
+
+    fields = ("center_sum", "center_count")
+
+    @classmethod
+    def allowed_options(cls, args: QuantArgs) -> tuple[str, ...]:
+        return OBSERVERS[args.method].options  # the method's own (``mse``: its per-token grid) stay valid
+
+    def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
+        values = states.detach().float()
+        if mask is None:
+            total = values.sum(dim=(0, 2))
+            count = torch.full_like(total, float(values.shape[0] * values.shape[2]))
+        else:
+            if not bool(mask.any()):
+                return {}
+            keep = mask[:, None, :, None].to(values.device)
+            total = torch.where(keep, values, 0.0).sum(dim=(0, 2))
+            count = torch.full_like(total, float(mask.sum()))
+        return {"center_sum": total, "center_count": count}
+
+    def combine(self, mine: Statistics, theirs: Statistics) -> Statistics:
+        return {name: mine[name] + theirs[name].to(mine[name].device) for name in self.fields}
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError("a center observer collects a mean, not a range")
+
+    def center(self) -> torch.Tensor:
+        """The ``(kv_heads, head_dim)`` float32 mean."""
+        return self.statistics["center_sum"] / self.statistics["center_count"]
+
 
 def make_observer(args: QuantArgs) -> Observer:
-    """The observer ``args.method`` names."""
+    """The observer ``args.method`` names (a centred dynamic stream's: its :class:`CenterObserver`)."""
+    if args.dynamic and args.center:
+        return CenterObserver(args)
     return OBSERVERS[args.method](args)

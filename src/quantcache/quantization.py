@@ -77,9 +77,7 @@ class QuantParams(NamedTuple):
         return QuantParams(self.scale.to(device), self.zero_point.to(device))
 
 
-def stream_minmax(
-    states: torch.Tensor, granularity: Granularity = PER_CHANNEL
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stream_minmax(states: torch.Tensor, granularity: Granularity = PER_CHANNEL) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of ``(batch, kv_heads, seq, head_dim)`` states over what shares a parameter.
 
     Returns two float32 tensors of the granularity's parameter shape. The reduction
@@ -236,7 +234,7 @@ def saturated(
 
 
 def dynamic_qparams(
-    states: torch.Tensor, granularity: Granularity, *, symmetric: bool, fmt: NumberFormat
+    states: torch.Tensor, granularity: Granularity, *, symmetric: bool, fmt: NumberFormat, search: int = 0
 ) -> QuantParams:
     """Per-token parameters of ``(batch, kv_heads, seq, head_dim)`` states, as a packed row stores them.
 
@@ -244,13 +242,49 @@ def dynamic_qparams(
     range) and zero points fit int16: the asymmetric relative floor is ``2**10`` here,
     which only limits a (near-)constant group far from zero to 0.1 % precision. NaN and
     Inf elements are left out of the range, so they do not spoil their neighbours.
+
+    ``search > 0`` (the dynamic ``mse`` method) also tries each group's range shrunk by
+    ``1 - i / (2 * search)`` for ``0 < i < search`` and keeps, per group, the candidate
+    whose stored parameters give the least squared error over its finite elements: a
+    few clipped extremes buy a finer step for everything else, which matters most at
+    2 to 4 bits. The stored form is the same, so decoding does not change.
     """
     finite = torch.isfinite(states)  # a NaN or Inf element must not spoil its finite neighbours' scale
     low = granularity.reduce(torch.where(finite, states, torch.inf).detach(), torch.amin).float()
     high = granularity.reduce(torch.where(finite, states, -torch.inf).detach(), torch.amax).float()
+    best = _stored_dynamic_params(low, high, symmetric=symmetric, fmt=fmt)
+    if search <= 0:
+        return best
+    view = granularity.grouped(torch.where(finite, states, 0.0).detach().float())
+    best_error = _group_error(view, best, fmt)
+    for step in range(1, search):
+        shrink = 1.0 - step / (2.0 * search)
+        candidate = _stored_dynamic_params(low * shrink, high * shrink, symmetric=symmetric, fmt=fmt)
+        error = _group_error(view, candidate, fmt)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = QuantParams(
+            torch.where(better, candidate.scale, best.scale), torch.where(better, candidate.zero_point, best.zero_point)
+        )
+    return best
+
+
+def _stored_dynamic_params(low: torch.Tensor, high: torch.Tensor, *, symmetric: bool, fmt: NumberFormat) -> QuantParams:
+    """Parameters of a ``[low, high]`` range as a packed row stores them: float16 scale, int16-sized zero point."""
     params = compute_qparams(low, high, symmetric=symmetric, fmt=fmt, max_offset=DYNAMIC_MAX_OFFSET)
     scale = (params.scale * (1.0 + 2.0**-10)).to(torch.float16).float()
     if not symmetric:  # the zero point follows the stored scale
         zero_point = (torch.round(-low / scale) + fmt.qmin).to(torch.int32)
         return QuantParams(scale, zero_point)
     return QuantParams(scale, params.zero_point)
+
+
+def _group_error(view: torch.Tensor, params: QuantParams, fmt: NumberFormat) -> torch.Tensor:
+    """Squared quantization error of every group of the grouped ``view`` under ``params`` (kept dims)."""
+    prepared = PreparedParams(params.scale, params.zero_point.float() if fmt.kind is FormatKind.INTEGER else None)
+    levels = _levels(view, prepared, fmt)
+    if fmt.kind is FormatKind.FLOAT:
+        levels = levels.to(fmt.storage_dtype).to(torch.float32)
+    elif prepared.zero_point is not None:
+        levels.sub_(prepared.zero_point)
+    return levels.mul_(prepared.scale).sub_(view).square_().sum(dim=-1, keepdim=True)

@@ -3,10 +3,10 @@
 A :class:`StreamQuantizer` owns one stream (the keys or the values of one attention
 layer): its :class:`~quantcache.scheme.QuantArgs`, an observer while calibrating
 (:mod:`quantcache.observers`), fixed :class:`~quantcache.quantization.QuantParams`
-once frozen (none for a dynamic scheme: those are computed per token). A
+once frozen (none for a dynamic scheme: those are computed per token; a centred dynamic
+scheme has its calibrated per-channel ``center`` instead). A
 :class:`LayerQuantizer` pairs the two streams of one layer and knows its name, so
-every error it raises says which layer is at fault. Cache layers only call
-:meth:`LayerQuantizer.process`.
+every error it raises says which layer is at fault (:mod:`quantcache.layer_quantizer`).
 
 Hook: ``StreamQuantizer.on_quantize``, when set, is called after each quantization
 as ``hook(stream, states, quantized, params)`` with the incoming states, what the
@@ -27,7 +27,7 @@ import torch
 from .errors import CalibrationError, NonFiniteStateError
 from .formats import FormatKind
 from .granularity import Granularity
-from .observers import Observer, make_observer
+from .observers import CenterObserver, Observer, make_observer
 from .packing import bits_per_slot, pack_codes, unpack_slots
 from .quantization import (
     PreparedParams,
@@ -40,11 +40,13 @@ from .quantization import (
     saturated,
 )
 from .rotation import rotate, rotation_matrix, unrotate
-from .scheme import QuantArgs, QuantScope, Rotation
+from .scheme import QuantArgs, QuantMethod, QuantScope, Rotation
 
-__all__ = ["LayerQuantizer", "QuantizeHook", "StreamName", "StreamQuantizer"]
+__all__ = ["DYNAMIC_MSE_GRID", "QuantizeHook", "StreamName", "StreamQuantizer"]
 
 StreamName = Literal["key", "value"]
+DYNAMIC_MSE_GRID = 8
+"""Shrink steps a dynamic ``mse`` stream tries per token unless ``observer_options.grid`` says otherwise."""
 QuantizeHook = Callable[["StreamQuantizer", torch.Tensor, torch.Tensor, QuantParams], None]
 
 
@@ -93,6 +95,12 @@ class StreamQuantizer:
         self._fixed_by_device: dict[torch.device, _FixedOnDevice] = {}
         # An asymmetric integer scheme needs its zero point; symmetric and float8 ones have none.
         self._uses_zero_point = not self.args.symmetric and self.format.kind is FormatKind.INTEGER
+        # The dynamic ``mse`` method: shrink steps tried per token (see quantization.dynamic_qparams).
+        self._search = int(self.args.options.get("grid", DYNAMIC_MSE_GRID)) if self._searches else 0
+        if self._searches and self._search < 1:
+            raise CalibrationError(f"{label}: observer_options.grid must be a positive integer, got {self._search}")
+        self.center: torch.Tensor | None = None
+        self._center_by_device: dict[torch.device, torch.Tensor] = {}
         self._rotation: torch.Tensor | None = None
         if self.args.rotation is not Rotation.NONE:
             if expected_shape is None:
@@ -103,13 +111,24 @@ class StreamQuantizer:
         fresh = copy.copy(self)
         fresh.observer = copy.deepcopy(self.observer, memo)
         fresh.params = copy.deepcopy(self.params, memo)
+        fresh.center = copy.deepcopy(self.center, memo)
         fresh._fixed_by_device = {}
+        fresh._center_by_device = {}
         return fresh  # on_quantize is shared on purpose (see the module docstring)
 
     # ------------------------------------------------------------------ statistics
     @property
     def dynamic(self) -> bool:
         return self.args.dynamic
+
+    @property
+    def _searches(self) -> bool:
+        return self.args.dynamic and self.args.method is QuantMethod.MSE
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether this stream learns anything from calibration: a static range, or a dynamic scheme's center."""
+        return not self.dynamic or self.args.center
 
     @property
     def statistics(self) -> dict[str, torch.Tensor]:
@@ -125,8 +144,8 @@ class StreamQuantizer:
 
     @property
     def observed(self) -> bool:
-        """Whether freezing can give parameters: always for a dynamic scheme (nothing to calibrate)."""
-        return self.dynamic or self.observer.observed
+        """Whether freezing can give parameters: always for a dynamic scheme with nothing to calibrate."""
+        return not self.calibrates or self.observer.observed
 
     @property
     def frozen(self) -> bool:
@@ -145,8 +164,20 @@ class StreamQuantizer:
                 f"(kv_heads, head_dim) = {expected}; the cache was built or calibrated for another model shape"
             )
 
+    def _center_on(self, device: torch.device) -> torch.Tensor | None:
+        """The center as float32 ``(1, kv_heads, 1, head_dim)`` on ``device``, or None (not centred or not frozen)."""
+        if self.center is None:
+            return None
+        center = self._center_by_device.get(device)
+        if center is None:
+            center = self._center_by_device[device] = self.center.to(device=device, dtype=torch.float32)[None, :, None]
+        return center
+
     def _quant_space(self, states: torch.Tensor) -> torch.Tensor:
-        """The states the quantizer works on: rotated (float32) when the scheme rotates, else as they are."""
+        """The states the quantizer works on: centred and rotated (float32) when the scheme says so, else as is."""
+        center = self._center_on(states.device)
+        if center is not None:
+            states = states.float() - center
         if self._rotation is None:
             return states
         if self._rotation.device != states.device:
@@ -156,6 +187,9 @@ class StreamQuantizer:
     def _model_space(self, quantized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self._rotation is not None:
             quantized = unrotate(quantized, self._rotation)
+        center = self._center_on(quantized.device)
+        if center is not None:
+            quantized = quantized.float() + center
         return quantized.to(dtype)
 
     @torch.no_grad()
@@ -164,10 +198,12 @@ class StreamQuantizer:
 
         ``mask``: bool ``(batch, seq)``, True where ``states`` hold a real token (not padding).
         """
-        if states.numel() == 0 or self.dynamic:
+        if states.numel() == 0 or not self.calibrates:
             return None
         self._check_shape(states)
-        measured = self.observer.measure(self._quant_space(states), mask)
+        # A center is the mean of the model's own states; a range is measured where the codes live.
+        space = states if self.dynamic else self._quant_space(states)
+        measured = self.observer.measure(space, mask)
         if not measured:
             return None
         if not _all_finite(measured.values()):
@@ -190,8 +226,16 @@ class StreamQuantizer:
     def freeze(self) -> None:
         """Turn the statistics into fixed parameters (a dynamic scheme needs none)."""
         if self.dynamic:
-            self.set_params(None)
-            self._frozen = True
+            center = None
+            if self.args.center:
+                if not self.observer.observed:
+                    raise CalibrationError(
+                        f"{self.label}: no calibration statistics (center: true learns each channel's mean "
+                        "from calibration text; calibrate before freezing)"
+                    )
+                assert isinstance(self.observer, CenterObserver)
+                center = self.observer.center()
+            self.freeze_centered(center)
             return
         if not self.observer.observed:
             raise CalibrationError(f"{self.label}: no calibration statistics")
@@ -203,6 +247,25 @@ class StreamQuantizer:
         self.params = params
         self._frozen = params is not None
         self._fixed_by_device = {}
+        if params is None:
+            self.set_center(None)
+
+    def freeze_centered(self, center: torch.Tensor | None) -> None:
+        """Freeze a dynamic stream with its ``(kv_heads, head_dim)`` center (``None`` when it does not centre)."""
+        if not self.dynamic:
+            raise CalibrationError(f"{self.label}: a static stream freezes with parameters, not a center")
+        if self.args.center and center is None:
+            raise CalibrationError(f"{self.label}: center: true needs its calibrated center to freeze")
+        self.set_params(None)
+        self.set_center(center)
+        self._frozen = True
+
+    def set_center(self, center: torch.Tensor | None) -> None:
+        """Fix a centred dynamic stream's ``(kv_heads, head_dim)`` mean (``None``: drop it)."""
+        if center is not None and not self.args.center:
+            raise CalibrationError(f"{self.label}: the scheme does not centre (center: false)")
+        self.center = None if center is None else center.detach().to(torch.float32)
+        self._center_by_device = {}
 
     def unfreeze(self) -> None:
         self.set_params(None)
@@ -215,7 +278,9 @@ class StreamQuantizer:
     def params_for(self, quant_space: torch.Tensor) -> QuantParams:
         """The parameters for states already in the quantizer's space: fixed ones on their device, or per token."""
         if self.dynamic:
-            return dynamic_qparams(quant_space, self.granularity, symmetric=self.args.symmetric, fmt=self.format)
+            return dynamic_qparams(
+                quant_space, self.granularity, symmetric=self.args.symmetric, fmt=self.format, search=self._search
+            )
         return self._fixed_on(quant_space.device).params
 
     def prepared_for(self, quant_space: torch.Tensor, params: QuantParams) -> PreparedParams:
@@ -255,7 +320,7 @@ class StreamQuantizer:
         space = self._quant_space(states)
         params = self.params_for(space)
         restored = fake_quantize_prepared(space, self.prepared_for(space, params), self.granularity, self.format)
-        if self._rotation is None:
+        if self._rotation is None and self.center is None:
             quantized = restored  # already in the states' dtype, non-finite elements kept
         else:  # a rotation spreads a non-finite element over its row: put the originals back
             quantized = torch.where(torch.isfinite(states), self._model_space(restored, states.dtype), states)
@@ -354,85 +419,3 @@ class StreamQuantizer:
                 mask = flags.bool().view(*flags.shape, *([1] * (view.dim() - flags.dim())))
                 view.masked_fill_(mask, float("nan"))
         return self._model_space(self.granularity.ungrouped(view), dtype)
-
-
-class LayerQuantizer:
-    """The key and value quantizers of one attention layer.
-
-    ``enabled`` is False for layers that the config's include/exclude leaves out (and
-    for layers that store no KV of their own): those pass through untouched and
-    collect nothing.
-    """
-
-    def __init__(
-        self,
-        index: int,
-        name: str,
-        *,
-        enabled: bool,
-        expected_shape: tuple[int, int] | None = None,
-        key_args: QuantArgs | None = None,
-        value_args: QuantArgs | None = None,
-    ) -> None:
-        self.index = index
-        self.name = name
-        self.enabled = enabled
-        self.token_mask: torch.Tensor | None = None
-        self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
-        self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
-
-    @property
-    def streams(self) -> tuple[tuple[StreamName, StreamQuantizer], ...]:
-        return (("key", self.key), ("value", self.value))
-
-    @property
-    def observed(self) -> bool:
-        return self.key.observed and self.value.observed
-
-    @property
-    def frozen(self) -> bool:
-        return self.key.frozen and self.value.frozen
-
-    def observe(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Fold new states into the statistics, leaving out positions :attr:`token_mask` marks as padding."""
-        mask = None
-        if self.token_mask is not None:
-            new = key_states.shape[2]
-            if self.token_mask.shape[0] != key_states.shape[0] or self.token_mask.shape[1] < new:
-                raise CalibrationError(
-                    f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
-                    f"{tuple(self.token_mask.shape)}, which does not cover states of shape {tuple(key_states.shape)}"
-                )
-            mask = self.token_mask[:, -new:]
-        # Validate both streams before changing either: a failed update leaves no half-update.
-        key_stats, value_stats = self.key.measure(key_states, mask), self.value.measure(value_states, mask)
-        self.key.merge(key_stats)
-        self.value.merge(value_stats)
-
-    def freeze(self) -> None:
-        self.key.freeze()
-        self.value.freeze()
-
-    def fake_quantize(
-        self, key_states: torch.Tensor, value_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.key.fake_quantize(key_states), self.value.fake_quantize(value_states)
-
-    def process(
-        self, key_states: torch.Tensor, value_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a cache layer does with new states: observe them (calibrating) or quantize them (frozen)."""
-        if not self.enabled:
-            return key_states, value_states
-        if self.frozen:
-            return self.fake_quantize(key_states, value_states)
-        self.observe(key_states, value_states)
-        return key_states, value_states
-
-    def reset(self) -> None:
-        self.key.reset()
-        self.value.reset()
-
-    def unfreeze(self) -> None:
-        self.key.unfreeze()
-        self.value.unfreeze()

@@ -84,6 +84,7 @@ STREAM_KEYS = (
     "observer_options",
     "rotation",
     "rotation_seed",
+    "center",
 )
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
 
@@ -134,6 +135,11 @@ class QuantArgs:
             Hadamard matrix before quantizing and back after (keys and values alike:
             what the cache returns is in the model's own space).
         rotation_seed: the seed of the rotation's random signs (saved with the config).
+        center: subtract a calibrated mean of every (kv_head, head_dim channel) before
+            quantizing and add it back after (dynamic schemes). Keys and values carry a
+            large constant offset per channel that would otherwise set every token's
+            range; for keys it even cancels in attention (``q . mean`` is the same for
+            every key), so the mean only has to be roughly right. Calibration collects it.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -145,10 +151,12 @@ class QuantArgs:
     observer_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
     rotation: Rotation = Rotation.NONE
     rotation_seed: int = 0
+    center: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "rotation", enum_value(Rotation, "rotation", self.rotation))
+        set_(self, "center", _flag("center", self.center))
         seed = self.rotation_seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ConfigError(f"qconfig.rotation_seed: expected a non-negative integer, got {short_repr(seed)}")
@@ -179,6 +187,16 @@ class QuantArgs:
         if self.dynamic and self.scope not in _DYNAMIC_SCOPES:
             allowed = ", ".join(repr(scope.value) for scope in _DYNAMIC_SCOPES)
             raise ConfigError(f"qconfig.dynamic: true works with scope {allowed}, not {self.scope.value!r}")
+        if self.center and not self.dynamic:
+            raise ConfigError(
+                "qconfig.center: true needs dynamic: true (a static range would have to be calibrated on "
+                "states centred by a mean that the same calibration is still collecting)"
+            )
+        if self.dynamic and self.method is QuantMethod.PERCENTILE:
+            raise ConfigError(
+                "qconfig.method 'percentile' is for static ranges; a dynamic scheme takes 'minmax' (each "
+                "token's own range) or 'mse' (each token's range clipped to the least error)"
+            )
         if self.format.kind is FormatKind.FLOAT and not self.symmetric:
             raise ConfigError(f"qconfig.symmetric: {self.dtype.value} is a float format and is symmetric only")
 
@@ -206,6 +224,7 @@ class QuantArgs:
                 "observer_options": self.options,
                 "rotation": self.rotation.value,
                 "rotation_seed": self.rotation_seed,
+                "center": self.center,
             }
         data: dict[str, Any] = {
             "scope": self.scope.value,
@@ -222,6 +241,8 @@ class QuantArgs:
         if self.rotation is not Rotation.NONE:
             data["rotation"] = self.rotation.value
             data["rotation_seed"] = self.rotation_seed
+        if self.center:
+            data["center"] = True
         return data
 
     @classmethod

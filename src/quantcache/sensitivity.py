@@ -29,7 +29,7 @@ from .evaluation import (
     _reference_cache,
     _TokenMetrics,
 )
-from .quantizer import LayerQuantizer
+from .layer_quantizer import LayerQuantizer
 
 __all__ = ["REFERENCE_STORE_BYTES", "ExcludeSuggestion", "LayerSensitivity", "layer_sensitivity", "suggest_exclude"]
 

@@ -43,9 +43,14 @@ from safetensors.torch import save_file
 
 from .config import KVQuantConfig
 from .errors import ConfigError, QuantStateError
-from .granularity import Granularity
-from .observers import OBSERVERS, make_observer
-from .quantization import compute_qparams
+from .state_fields import (
+    PARAMETER_FIELDS,
+    missing_fields,
+    parameter_fields,
+    saves_state,
+    statistic_fields,
+    stream_problems,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -53,10 +58,8 @@ __all__ = [
     "PARAMETER_FIELDS",
     "QuantStateError",
     "StateFile",
-    "missing_fields",
     "parse_state_key",
     "read_state_file",
-    "statistic_fields",
     "stream_problems",
     "validate_state",
     "write_state_file",
@@ -65,11 +68,7 @@ __all__ = [
 FORMAT_NAME = "quantcache.kv_state"
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
-PARAMETER_FIELDS = ("scale", "zero_point")
 _STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.([a-z_]+)$")
-_EPS = torch.finfo(torch.float32).eps
-# |zero_point - code range| an asymmetric scale can need (its relative floor, see quantization.py).
-_ZERO_POINT_REACH = 2**20 + 1
 _ENCODING = {
     "quantize": "q = clamp(round(x / scale + zero_point), qmin, qmax)",
     "dequantize": "x = (q - zero_point) * scale",
@@ -77,16 +76,6 @@ _ENCODING = {
     "layout": "states (batch, kv_heads, seq, head_dim); per_channel tensors (kv_heads, head_dim), head-major",
     "dtypes": {"zero_point": "I32", "every other tensor": "F32"},
 }
-
-
-def _field_dtype(field: str) -> torch.dtype:
-    """Documented dtype of a state tensor: int32 zero points, float32 for everything else."""
-    return torch.int32 if field == "zero_point" else torch.float32
-
-
-def statistic_fields(config: KVQuantConfig, stream: str, module_name: str | None = None) -> tuple[str, ...]:
-    """The statistics the stream's observer saves (``min``, ``max`` for ``minmax``), in layer ``module_name``."""
-    return OBSERVERS[config.stream_args(stream, module_name).method].fields
 
 
 def parse_state_key(name: str) -> tuple[int, str, str] | None:
@@ -158,97 +147,6 @@ def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) 
 
 
 # ---------------------------------------------------------------------------- validation
-def stream_problems(
-    prefix: str,
-    fields: Mapping[str, torch.Tensor],
-    config: KVQuantConfig,
-    stream: str,
-    kv_heads: int | None,
-    head_dim: int | None,
-    *,
-    derived: bool = True,
-    module_name: str | None = None,
-) -> list[str]:
-    """Everything wrong with one stream's tensors (``prefix`` is ``layers.{i}.{stream}``, in ``module_name``).
-
-    Checks the documented dtype of each field, the shape the scheme's granularity
-    gives, finiteness, ``min <= max``, scales at or above the float32-eps floor,
-    zero points inside the reach of the format (and 0 when symmetric), and, when
-    both statistics and parameters are present and ``derived`` (a state we calibrated),
-    that the parameters are exactly what the statistics imply.
-    """
-    args = config.stream_args(stream, module_name)
-    problems: list[str] = []
-    allowed = (*OBSERVERS[args.method].fields, *PARAMETER_FIELDS)
-    unknown = [name for name in fields if name not in allowed]
-    if unknown:
-        return [f"{prefix}.{unknown[0]} is not a field of method {args.method.value!r} (fields: {', '.join(allowed)})"]
-    for name, tensor in fields.items():
-        expected = _field_dtype(name)
-        if tensor.dtype != expected:
-            problems.append(f"{prefix}.{name} is {tensor.dtype}, expected {expected}")
-    if problems:
-        return problems
-    shapes = {name: tuple(tensor.shape) for name, tensor in fields.items()}
-    expected_shape: tuple[int, ...] | None = None
-    if kv_heads is not None and head_dim is not None and not args.dynamic:
-        try:
-            expected_shape = Granularity.of(args).param_shape(kv_heads, head_dim)
-        except ValueError as error:
-            return [f"{prefix}: {error}"]
-    if len(set(shapes.values())) > 1 or (expected_shape is not None and set(shapes.values()) != {expected_shape}):
-        return [
-            f"{prefix} tensors have shapes {shapes}, but this model's (kv_heads, head_dim) is "
-            f"{(kv_heads, head_dim)} (parameters {expected_shape}); the state was made for another model"
-        ]
-    for name, tensor in fields.items():
-        if name != "zero_point" and not bool(torch.isfinite(tensor).all()):
-            problems.append(f"{prefix}.{name} contains NaN or Inf")
-    if problems:
-        return problems
-    statistics = {name: tensor for name, tensor in fields.items() if name not in PARAMETER_FIELDS}
-    implied_range = None
-    if statistics and set(statistics) == set(OBSERVERS[args.method].fields):
-        if "weight" in statistics and bool((statistics["weight"] <= 0).any()):
-            return [f"{prefix}.weight holds zero or negative values; statistics are corrupted"]
-        observer = make_observer(args)
-        observer.load(statistics)
-        low, high = observer.range()
-        if bool((low > high).any()):
-            count = int((low > high).sum())
-            problems.append(f"{prefix}: min > max in {count} element(s); statistics are corrupted")
-        implied_range = (low, high)
-    if "scale" in fields and bool((fields["scale"] < _EPS).any()):
-        problems.append(f"{prefix}.scale holds zero, negative or values below the float32-eps floor")
-    if "zero_point" in fields:
-        zero_point = fields["zero_point"]
-        fmt = args.format
-        if args.symmetric and bool((zero_point != 0).any()):
-            problems.append(f"{prefix}.zero_point is not 0 although the scheme is symmetric")
-        elif bool(((zero_point < fmt.qmin - _ZERO_POINT_REACH) | (zero_point > fmt.qmax + _ZERO_POINT_REACH)).any()):
-            problems.append(f"{prefix}.zero_point holds values outside what {fmt.name} can need")
-    if derived and not problems and implied_range is not None and all(name in fields for name in PARAMETER_FIELDS):
-        implied = compute_qparams(*implied_range, symmetric=args.symmetric, fmt=args.format)
-        if not torch.equal(implied.scale, fields["scale"]) or not torch.equal(implied.zero_point, fields["zero_point"]):
-            problems.append(f"{prefix}: scale/zero_point differ from what its min/max imply; the state was altered")
-    return problems
-
-
-def missing_fields(
-    prefix: str, fields: Mapping[str, torch.Tensor], statistic_fields: tuple[str, ...], *, frozen: bool
-) -> list[str]:
-    """Names of the fields a stream lacks.
-
-    A calibrating stream needs its statistics; a frozen one needs its parameters and
-    either all of its statistics or none (a state imported from another tool carries
-    parameters only).
-    """
-    needed = list(PARAMETER_FIELDS) if frozen else []
-    if not frozen or any(field in fields for field in statistic_fields):
-        needed = list(statistic_fields) + needed
-    return [f"{prefix}.{field}" for field in needed if field not in fields]
-
-
 def validate_state(stored: StateFile) -> list[str]:
     """Every problem of a state (empty when it is valid): the one validator of loading and ``inspect``."""
     problems: list[str] = []
@@ -263,10 +161,11 @@ def validate_state(stored: StateFile) -> list[str]:
             problems.append(f"{name}: layer {index} is beyond the model's {stored.num_layers} layers")
             continue
         module = stored.layer_names[index]
-        if stored.config.stream_args(stream, module).dynamic:
+        args = stored.config.stream_args(stream, module)
+        if not saves_state(args):
             problems.append(f"unexpected tensor {name[:80]!r}: the {stream} stream is dynamic and saves nothing")
             continue
-        if field not in (*statistic_fields(stored.config, stream, module), *PARAMETER_FIELDS):
+        if field not in (*statistic_fields(stored.config, stream, module), *parameter_fields(args)):
             problems.append(f"unexpected tensor {name[:80]!r}")
             continue
         grouped.setdefault((index, stream), {})[field] = tensor
@@ -276,13 +175,20 @@ def validate_state(stored: StateFile) -> list[str]:
         if not stored.config.is_quantized(name):
             problems.append(f"layer {index} ({name}) has tensors but the stored config does not quantize it")
         for stream in ("key", "value"):
-            if stored.config.stream_args(stream, name).dynamic:
+            args = stored.config.stream_args(stream, name)
+            if not saves_state(args):
                 continue
             prefix = f"layers.{index}.{stream}"
             fields = grouped.get((index, stream), {})
-            if not frozen and any(field in fields for field in PARAMETER_FIELDS):
+            if not frozen and any(field in fields for field in parameter_fields(args)):
                 problems.append(f"{prefix}: parameters present although mode is 'calibrate'")
-            missing = missing_fields(prefix, fields, statistic_fields(stored.config, stream, name), frozen=frozen)
+            missing = missing_fields(
+                prefix,
+                fields,
+                statistic_fields(stored.config, stream, name),
+                frozen=frozen,
+                parameter_fields=parameter_fields(args),
+            )
             if missing:
                 short = ", ".join(name.rsplit(".", 1)[1] for name in missing)
                 problems.append(f"layer {index} {stream} lacks {short} (missing {missing}, mode {stored.mode})")
@@ -297,7 +203,7 @@ def validate_state(stored: StateFile) -> list[str]:
                 derived=stored.origin == "calibrated",
                 module_name=name,
             )
-    if not grouped and not all(args.dynamic for args in stored.config.all_stream_args()):
+    if not grouped and any(saves_state(args) for args in stored.config.all_stream_args()):
         problems.append("the state holds no layer")
     return problems
 

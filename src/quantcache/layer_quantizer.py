@@ -1,0 +1,94 @@
+"""The key and value quantizers of one attention layer: what a cache layer calls.
+
+A :class:`LayerQuantizer` pairs the two :class:`~quantcache.quantizer.StreamQuantizer`
+of one layer and knows its name, so every error it raises says which layer is at fault.
+Cache layers only call :meth:`LayerQuantizer.process`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CalibrationError
+from .quantizer import StreamName, StreamQuantizer
+from .scheme import QuantArgs
+
+__all__ = ["LayerQuantizer"]
+
+
+class LayerQuantizer:
+    """The key and value quantizers of one attention layer.
+
+    ``enabled`` is False for layers that the config's include/exclude leaves out (and
+    for layers that store no KV of their own): those pass through untouched and
+    collect nothing.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        *,
+        enabled: bool,
+        expected_shape: tuple[int, int] | None = None,
+        key_args: QuantArgs | None = None,
+        value_args: QuantArgs | None = None,
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.enabled = enabled
+        self.token_mask: torch.Tensor | None = None
+        self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
+        self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
+
+    @property
+    def streams(self) -> tuple[tuple[StreamName, StreamQuantizer], ...]:
+        return (("key", self.key), ("value", self.value))
+
+    @property
+    def observed(self) -> bool:
+        return self.key.observed and self.value.observed
+
+    @property
+    def frozen(self) -> bool:
+        return self.key.frozen and self.value.frozen
+
+    def observe(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Fold new states into the statistics, leaving out positions :attr:`token_mask` marks as padding."""
+        mask = None
+        if self.token_mask is not None:
+            new = key_states.shape[2]
+            if self.token_mask.shape[0] != key_states.shape[0] or self.token_mask.shape[1] < new:
+                raise CalibrationError(
+                    f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
+                    f"{tuple(self.token_mask.shape)}, which does not cover states of shape {tuple(key_states.shape)}"
+                )
+            mask = self.token_mask[:, -new:]
+        # Validate both streams before changing either: a failed update leaves no half-update.
+        key_stats, value_stats = self.key.measure(key_states, mask), self.value.measure(value_states, mask)
+        self.key.merge(key_stats)
+        self.value.merge(value_stats)
+
+    def freeze(self) -> None:
+        self.key.freeze()
+        self.value.freeze()
+
+    def fake_quantize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key.fake_quantize(key_states), self.value.fake_quantize(value_states)
+
+    def process(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a cache layer does with new states: observe them (calibrating) or quantize them (frozen)."""
+        if not self.enabled:
+            return key_states, value_states
+        if self.frozen:
+            return self.fake_quantize(key_states, value_states)
+        self.observe(key_states, value_states)
+        return key_states, value_states
+
+    def reset(self) -> None:
+        self.key.reset()
+        self.value.reset()
+
+    def unfreeze(self) -> None:
+        self.key.unfreeze()
+        self.value.unfreeze()

@@ -107,7 +107,7 @@ def suggestion(llama: PreTrainedModel) -> Any:
 def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedModel, suggestion: Any) -> None:
     config: KVQuantConfig = suggestion.config
     assert suggestion.effective_bits <= 5.0
-    cache = QuantizedCalibratingCache(llama, config).freeze()
+    cache = QuantizedCalibratingCache(llama, config)
     assert cache.effective_bits(48) == pytest.approx(suggestion.effective_bits)
     for layer in suggestion.layers:
         expected = parse_candidate(layer.scheme)
@@ -118,24 +118,25 @@ def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedMo
         assert layer.kl_alone == suggestion.kl_by_scheme[layer.scheme][layer.index]
     assert KVQuantConfig.from_yaml(config.to_yaml()) == config
     assert suggestion.kl_predicted == pytest.approx(sum(layer.kl_alone for layer in suggestion.layers))
-    # head_dim 16: a per-token fp16 scale and int16 zero point cost 2 bits, so int8 is 9, int4 6, int2 4 bits
+    # head_dim 16: a per-token fp16 scale and int16 zero point cost 2 bits, the float32 center 32 / 48 bits at
+    # 48 tokens, so int8 is 9.67, int4 6.67, int2 4.67 bits
     assert set(suggestion.kl_uniform) == {"int2"}
     assert json.loads(json.dumps(suggestion.to_dict()))["config"] == config.to_dict()
 
 
 def test_a_budget_below_every_mix_is_refused(llama: PreTrainedModel) -> None:
-    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(4\.000"):
+    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(4\.667"):
         suggest_bits(llama, _windows(1, 48, seed=1), budget=3.5, candidates=("int4", "int2"), progress=False)
 
 
 def test_excluded_layers_count_sixteen_bits(llama: PreTrainedModel) -> None:
     base = KVQuantConfig(exclude=("model.layers.0.self_attn",))
     result = suggest_bits(
-        llama, _windows(1, 48, seed=2), budget=11.0, candidates=("int4", "int2"), base_config=base, prefill=16,
+        llama, _windows(1, 48, seed=2), budget=11.5, candidates=("int4", "int2"), base_config=base, prefill=16,
         chunk=16, progress=False,
     )
     assert [layer.name for layer in result.layers] == ["model.layers.1.self_attn"]
-    assert result.layers[0].scheme == "int4" and result.effective_bits == pytest.approx((16 + 6) / 2)
+    assert result.layers[0].scheme == "int4" and result.effective_bits == pytest.approx((16 + 6 + 32 / 48) / 2)
     assert result.config.exclude == base.exclude
 
 
@@ -161,3 +162,26 @@ def test_suggest_bits_refuses_a_bad_scheme_before_loading_the_model(
     calls = use_model()
     assert cli.main(["suggest-bits", "--budget", "4", "--schemes", "int4", "seed", "-q"]) == cli.EXIT_INPUT
     assert "preset 'seed' is static" in capsys.readouterr().err and not calls
+
+
+def test_centred_candidates_learn_their_means_from_the_calibration_windows(
+    llama: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A centred preset is calibrated before it is measured (on ``calibration`` when given); fp8, which learns
+    nothing, is not; the written mix is calibrated the same way."""
+    import quantcache.bit_allocation as bit_allocation
+
+    seen: list[torch.Tensor] = []
+    real = bit_allocation.calibrate
+
+    def recording(model: Any, data: torch.Tensor, **kwargs: Any) -> Any:
+        seen.append(data)
+        return real(model, data, **kwargs)
+
+    monkeypatch.setattr(bit_allocation, "calibrate", recording)
+    calibration = _windows(1, 32, seed=9)
+    suggest_bits(
+        llama, _windows(1, 48, seed=3), budget=6.7, candidates=("int4", "fp8"), prefill=16, chunk=16,
+        progress=False, calibration=calibration,
+    )
+    assert len(seen) == 2 and all(data is calibration for data in seen)  # int4, then the mix (int4: fp8 is 9 bits)

@@ -44,7 +44,10 @@ SCENARIOS: dict[str, tuple[int, int, dict[str, Any]]] = {
     "even": (4, 1, {}),
     "uneven": (5, 2, {"symmetric": False, "exclude": ["model.layers.0.self_attn"]}),
     "lonely": (1, 1, {}),
+    # keys the static seed (MIN/MAX), values centred int4 (their mean's sum and count add up: SUM)
+    "centred": (4, 1, {"dtype": "int4", "scope": "per_token", "dynamic": True, "center": True, "key": {}}),
 }
+EXACT = ("even", "uneven", "lonely")  # min/max reductions: bit for bit
 
 
 def windows(count: int) -> torch.Tensor:
@@ -135,7 +138,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ================================================================================ two processes
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("scenario", EXACT)
 def test_two_gloo_ranks_freeze_to_the_single_process_state_bit_for_bit(
     scenario: str, two_ranks: Path, llama: PreTrainedModel
 ) -> None:
@@ -154,6 +157,26 @@ def test_two_gloo_ranks_freeze_to_the_single_process_state_bit_for_bit(
         assert source.keys() == expected.keys()
         for key, tensor in expected.items():
             assert source[key].dtype == tensor.dtype and torch.equal(source[key], tensor), (scenario, key)
+
+
+def test_two_ranks_centre_on_the_mean_of_all_their_tokens(two_ranks: Path, llama: PreTrainedModel) -> None:
+    """Centred streams sum their means' sums and counts over the ranks: every rank freezes to the single-process
+    center (float32 additions in another order), the seed keys of the same layers still bit for bit."""
+    count, batch_size, config = SCENARIOS["centred"]
+    with one_thread():
+        single = calibrate(
+            llama, windows(count), quant_config=KVQuantConfig(**config), batch_size=batch_size, progress=False
+        )
+    expected = single.state_dict()
+    assert {key.rsplit(".", 1)[1] for key in expected if ".value." in key} == {"center_sum", "center_count", "center"}
+    for rank in (0, 1):
+        tensors = read_state_file(two_ranks / f"centred-rank{rank}.safetensors").tensors
+        assert tensors.keys() == expected.keys()
+        for key, tensor in expected.items():
+            if ".key." in key or key.endswith("center_count"):
+                assert torch.equal(tensors[key], tensor), key
+            else:
+                torch.testing.assert_close(tensors[key], tensor, rtol=1e-5, atol=1e-5)
 
 
 def test_ranks_shared_the_batches_and_used_gloo(two_ranks: Path) -> None:

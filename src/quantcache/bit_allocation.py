@@ -10,9 +10,10 @@ cheapest candidate, and upgrades are taken in order of KL saved per bit spent al
 layer's lower convex hull, while the budget allows. The chosen mix is written as
 per-layer overrides (``KVQuantConfig.layers``) and measured once more as a whole.
 
-Candidates are dynamic schemes (they need no calibration): a preset name (``int4``) or a
-``KEYS/VALUES`` pair of preset names (``int8/int4``: keys as ``int8``, values as ``int4``),
-since keys and values rarely hurt alike.
+Candidates are dynamic schemes: a preset name (``int4``) or a ``KEYS/VALUES`` pair of preset
+names (``int8/int4``: keys as ``int8``, values as ``int4``), since keys and values rarely hurt
+alike. A centred candidate (``center: true``) learns its channel means from
+``calibration`` windows (by default the measured ones) before it is measured.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .accounting import stream_bits
 from .cache import QuantizedCalibratingCache
+from .calibration import calibrate
 from .config import KVQuantConfig
 from .errors import ConfigError
 from .evaluation import _finite_or_none
@@ -165,12 +167,14 @@ def suggest_bits(
     prefill: int = 256,
     chunk: int = 32,
     progress: bool = True,
+    calibration: torch.Tensor | None = None,
 ) -> BitSuggestion:
     """The per-layer mix of ``candidates`` with the least summed KL at ``<= budget`` effective bits.
 
     ``windows`` are ``(num_windows, seq_len)`` token ids; effective bits are counted at
     ``seq_len``. ``base_config`` contributes its include/exclude (excluded layers count
-    16 bits) and storage. See the module docstring for the method.
+    16 bits) and storage. ``calibration`` (token windows, default ``windows``) is what
+    centred candidates learn their means from. See the module docstring for the method.
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ConfigError(f"budget must be a positive number of bits, got {budget!r}")
@@ -178,10 +182,15 @@ def suggest_bits(
     if not parsed:
         raise ConfigError("no candidate schemes given")
     base = base_config if base_config is not None else KVQuantConfig()
-    caches = []
-    for candidate in parsed:
-        config = replace(base, key=candidate.key, value=candidate.value, layers=())
-        caches.append(QuantizedCalibratingCache(model, config, warn_unmatched=False).freeze())
+    calibration = windows if calibration is None else calibration
+
+    def frozen(config: KVQuantConfig) -> QuantizedCalibratingCache:
+        cache = QuantizedCalibratingCache(model, config, warn_unmatched=False)
+        if any(stream.calibrates for quantizer in cache.quantizers for _, stream in quantizer.streams):
+            return calibrate(model, calibration, cache=cache, progress=False)
+        return cache.freeze()
+
+    caches = [frozen(replace(base, key=c.key, value=c.value, layers=())) for c in parsed]
     first = caches[0]
     if first.kv_heads is None or first.head_dim is None:
         raise ConfigError("the model config does not say kv_heads and head_dim; cannot count bits")
@@ -216,7 +225,7 @@ def suggest_bits(
         picks = [parsed[c] for c in choice]
         names = [q.name for q in quantized]
         config = _mix_config(base, names, picks)
-        mixed = QuantizedCalibratingCache(model, config, warn_unmatched=False).freeze()
+        mixed = frozen(config)
         bar.total = (bar.total or 0) + int(reference.windows.numel()) * (1 + len(parsed))
         bar.refresh()
         measured = _metrics_with(model, mixed, reference, bar.update).kl_mean

@@ -153,10 +153,17 @@ def _reduction_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
+_CENTER_STATISTICS = ("center_sum", "center_count")
+
+
 def all_reduce_statistics(
     cache: QuantizedCalibratingCache, *, group: dist.ProcessGroup | None = None
 ) -> QuantizedCalibratingCache:
-    """Replace every rank's min/max statistics with the MIN/MAX over all ranks (in place; returns ``cache``).
+    """Replace every rank's statistics with those of all ranks together (in place; returns ``cache``).
+
+    Min/max statistics are reduced with MIN/MAX (bit for bit what one process would have
+    collected); a centred dynamic stream's ``center_sum`` and ``center_count`` with SUM
+    (the same mean, up to the order of float32 additions).
 
     Call it on every rank, after each rank calibrated its share and before ``freeze()``.
     A layer one rank never observed counts as ``+inf``/``-inf`` there, so any rank's
@@ -199,6 +206,7 @@ def all_reduce_statistics(
     heads, channels = (int(v) for v in largest)
     lows = torch.full((len(layers), 2, heads, channels), float("inf"), dtype=torch.float32, device=device)
     highs = torch.full_like(lows, float("-inf"))
+    sums = torch.zeros((len(layers), 2, 2, heads, channels), dtype=torch.float32, device=device)
     homes: dict[tuple[int, int], torch.device] = {}
     for row, index in enumerate(layers):
         for column, stream in enumerate(_STREAMS):
@@ -208,17 +216,34 @@ def all_reduce_statistics(
                 lows[row, column] = low.to(device)
                 highs[row, column] = high.to(device)
                 homes[(index, column)] = low.device
+            for slot, field in enumerate(_CENTER_STATISTICS):
+                tensor = state.get(f"layers.{index}.{stream}.{field}")
+                if tensor is not None:
+                    sums[row, column, slot] = tensor.to(device)
+                    homes[(index, column)] = tensor.device
     dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     fallback = next(iter(homes.values()), torch.device("cpu"))
     merged: dict[str, torch.Tensor] = {}
     for row, index in enumerate(layers):
-        if not bool(torch.isfinite(lows[row]).all()):
-            continue  # no rank observed this layer
-        for column, stream in enumerate(_STREAMS):
+        layer: dict[str, torch.Tensor] = {}
+        for column, (stream, stream_quantizer) in enumerate(cache.quantizers[index].streams):
             home = homes.get((index, column), fallback)
-            merged[f"layers.{index}.{stream}.min"] = lows[row, column].to(home)
-            merged[f"layers.{index}.{stream}.max"] = highs[row, column].to(home)
+            if not stream_quantizer.calibrates:
+                continue
+            if stream_quantizer.dynamic:  # centred: its mean's sum and count
+                if not bool((sums[row, column, 1] > 0).all()):
+                    break  # no rank observed this layer
+                for slot, field in enumerate(_CENTER_STATISTICS):
+                    layer[f"layers.{index}.{stream}.{field}"] = sums[row, column, slot].to(home)
+                continue
+            if not bool(torch.isfinite(lows[row, column]).all()):
+                break  # no rank observed this layer
+            layer[f"layers.{index}.{stream}.min"] = lows[row, column].to(home)
+            layer[f"layers.{index}.{stream}.max"] = highs[row, column].to(home)
+        else:
+            merged.update(layer)
     cache.load_state_dict(merged, strict=False)
     return cache
 

@@ -281,7 +281,7 @@ def quantizing_layer(template: Any, quantizer: LayerQuantizer, *, packed: bool =
 
 def layer_memory(layer: Any) -> dict[str, int]:
     """Bytes one cache layer holds: ``codes``, ``parameters`` (per-token parameters and row flags,
-    plus the quantizer's fixed scales and zero points), ``full_precision`` (states kept in the
+    plus the quantizer's fixed scales and zero points or centers), ``full_precision`` (states kept in the
     model dtype), ``reserved`` (room allocated for tokens still to come, see
     :class:`GrowingStorage`), and ``dynamic_cache`` (what a ``DynamicCache`` would hold for
     the same tokens).
@@ -299,6 +299,8 @@ def layer_memory(layer: Any) -> dict[str, int]:
                 if not stream.args.symmetric and stream.format.kind is FormatKind.INTEGER:
                     needed.append(stream.params.zero_point)
                 report["parameters"] += sum(t.numel() * t.element_size() for t in needed)
+            if stream.center is not None:  # a centred dynamic stream's calibrated mean
+                report["parameters"] += stream.center.numel() * stream.center.element_size()
     for stored, stream_name in ((keys, "key"), (values, "value")):
         if stored is None or not stored.numel():
             continue

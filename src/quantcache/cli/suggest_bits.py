@@ -36,8 +36,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
             "zero points, excluded layers at 16 bits) within --budget, and measure the mix. Prints\n"
             "the choice per layer and, with -o, writes a config with per-layer overrides that\n"
             "calibrate --config and KVQuantConfig.from_yaml accept.\n\n"
-            "Schemes are dynamic presets (no calibration needed): a preset name, or KEYS/VALUES\n"
-            "(int8/int4: keys as int8, values as int4)."
+            "Schemes are dynamic presets: a preset name, or KEYS/VALUES (int8/int4: keys as int8,\n"
+            "values as int4). Centred presets learn their channel means from the same text first."
         ),
         examples=(
             "  quantcache suggest-bits --budget 4.6 -o kv-mixed.yaml\n"

@@ -200,6 +200,9 @@ def suggest_bits(
     seq_len = int(windows.shape[1])
     held = first.held_tokens(seq_len)
     fixed = sum(2 * UNQUANTIZED_BITS * held[q.index] for q in first.quantizers if not q.enabled)
+    fixed += sum(  # the sink tokens' full-precision copies, whatever the scheme
+        2 * UNQUANTIZED_BITS * first._sinks_held(first.layers[q.index], seq_len) for q in quantized
+    )
     allowance = budget * sum(2 * tokens for tokens in held) - fixed
     costs = [
         [

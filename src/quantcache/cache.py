@@ -134,6 +134,8 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             )
             for index, name in enumerate(self.layer_names)
         ]
+        for quantizer in self.quantizers:
+            quantizer.sink_tokens = self.quant_config.sink_tokens
         self._install_layers()
         self.mode = CacheMode.CALIBRATE
         self.model_name: str | None = getattr(config, "_name_or_path", None) or None
@@ -256,8 +258,9 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
     def effective_bits(self, seq_len: int, *, unquantized_bits: int = 16) -> float:
         """Bits per cached element this scheme holds at ``seq_len`` tokens (see :mod:`quantcache.accounting`).
 
-        Codes, per-row parameters and flags, calibrated scales and zero points, and
-        ``unquantized_bits`` (the model dtype) for the layers left unquantized.
+        Codes, per-row parameters and flags, calibrated scales, zero points and centers,
+        and ``unquantized_bits`` (the model dtype) for the layers left unquantized and for
+        the sink tokens' full-precision copies.
         """
         if self.kv_heads is None or self.head_dim is None:
             raise CalibrationError("the model config does not say kv_heads and head_dim; cannot count bits")
@@ -271,7 +274,12 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             seq_len,
             unquantized_bits=unquantized_bits,
             layer_tokens=self.held_tokens(seq_len)[: len(layers)],
+            layer_sinks=[self._sinks_held(layer, seq_len) for layer in self.layers[: len(layers)]],
         )
+
+    def _sinks_held(self, layer: Any, seq_len: int) -> int:
+        """Sink tokens a layer keeps in full precision at ``seq_len`` (none in sliding-window layers)."""
+        return min(self.quant_config.sink_tokens, seq_len) if getattr(layer, "keeps_sinks", True) else 0
 
     def held_tokens(self, seq_len: int) -> list[int]:
         """Tokens each layer holds after ``seq_len`` tokens (a sliding-window layer keeps at most window - 1)."""

@@ -60,12 +60,13 @@ _SHARED_FIELDS = (
     "rotation_seed",
     "center",
 )
-_ITEM_KEYS = ("type", "qconfig", "include", "exclude", "layers", "storage")
+_ITEM_KEYS = ("type", "qconfig", "include", "exclude", "layers", "storage", "sink_tokens")
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
 # (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
 _MAX_PATTERNS = 1024
 _MAX_PATTERN_LENGTH = 512
+_MAX_SINK_TOKENS = 1024  # a handful is what helps; more is a full-precision window, not sinks
 
 
 def _key_text(key: Any) -> str:
@@ -118,6 +119,10 @@ class KVQuantConfig:
         storage: what a frozen cache keeps, ``fake`` (dequantized states in the model
             dtype, no memory saved; the default) or ``packed`` (codes, see
             :mod:`quantcache.layers`). Both return the same keys and values.
+        sink_tokens: the first tokens of every sequence, kept in full precision and out of
+            the statistics in full-attention layers (sliding windows evict them anyway):
+            the BOS "attention sink" draws much of every query's attention, and keeping
+            it costs one token of the model dtype whatever the context length.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -136,10 +141,16 @@ class KVQuantConfig:
     value: QuantArgs | None = None
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
     storage: Storage = Storage.FAKE
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "storage", enum_value(Storage, "storage", self.storage, section=""))
+        sinks = self.sink_tokens
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks <= _MAX_SINK_TOKENS:
+            raise ConfigError(
+                f"sink_tokens: expected a whole number of tokens from 0 to {_MAX_SINK_TOKENS}, got {short_repr(sinks)}"
+            )
         shared = QuantArgs(
             dtype=self.dtype,
             scope=self.scope,
@@ -265,6 +276,8 @@ class KVQuantConfig:
             data["layers"] = [override.to_dict() for override in self.layers]
         if self.storage is not Storage.FAKE:
             data["storage"] = self.storage.value
+        if self.sink_tokens:
+            data["sink_tokens"] = self.sink_tokens
         return data
 
     @classmethod
@@ -302,7 +315,7 @@ class KVQuantConfig:
                 if not isinstance(overrides, Mapping):
                     raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
                 kwargs[stream] = QuantArgs.from_dict({**shared.to_dict(), **overrides}, where=f"qconfig.{stream}")
-        for key in ("include", "exclude", "layers", "storage"):
+        for key in ("include", "exclude", "layers", "storage", "sink_tokens"):
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         return cls(**kwargs)

@@ -37,6 +37,7 @@ class LayerQuantizer:
         self.index = index
         self.name = name
         self.enabled = enabled
+        self.sink_tokens = 0  # the first tokens of a sequence, kept in full precision (the cache sets it)
         self.token_mask: torch.Tensor | None = None
         self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
         self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
@@ -53,17 +54,20 @@ class LayerQuantizer:
     def frozen(self) -> bool:
         return self.key.frozen and self.value.frozen
 
-    def observe(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Fold new states into the statistics, leaving out positions :attr:`token_mask` marks as padding."""
+    def observe(self, key_states: torch.Tensor, value_states: torch.Tensor, *, skipped: int = 0) -> None:
+        """Fold new states into the statistics, leaving out positions :attr:`token_mask` marks as padding.
+
+        ``skipped``: new tokens left out just before these (sink tokens), which the mask still covers.
+        """
         mask = None
         if self.token_mask is not None:
-            new = key_states.shape[2]
+            new = key_states.shape[2] + skipped
             if self.token_mask.shape[0] != key_states.shape[0] or self.token_mask.shape[1] < new:
                 raise CalibrationError(
                     f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
                     f"{tuple(self.token_mask.shape)}, which does not cover states of shape {tuple(key_states.shape)}"
                 )
-            mask = self.token_mask[:, -new:]
+            mask = self.token_mask[:, -new:][:, skipped:]
         # Validate both streams before changing either: a failed update leaves no half-update.
         key_stats, value_stats = self.key.measure(key_states, mask), self.value.measure(value_states, mask)
         self.key.merge(key_stats)
@@ -76,14 +80,35 @@ class LayerQuantizer:
     def fake_quantize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key.fake_quantize(key_states), self.value.fake_quantize(value_states)
 
-    def process(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a cache layer does with new states: observe them (calibrating) or quantize them (frozen)."""
+    def sinks_among(self, new_tokens: int, start: int | None) -> int:
+        """How many of ``new_tokens`` arriving at position ``start`` are sink tokens (``None``: no sinks here)."""
+        if start is None or not self.enabled or start >= self.sink_tokens:
+            return 0
+        return min(self.sink_tokens - start, new_tokens)
+
+    def process(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, start: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a cache layer does with new states: observe them (calibrating) or quantize them (frozen).
+
+        ``start`` is the position of the first new token in its sequence, given by layers
+        that keep :attr:`sink_tokens` (full-attention ones): those pass through unchanged
+        and unobserved.
+        """
         if not self.enabled:
             return key_states, value_states
-        if self.frozen:
-            return self.fake_quantize(key_states, value_states)
-        self.observe(key_states, value_states)
-        return key_states, value_states
+        sinks = self.sinks_among(key_states.shape[2], start)
+        if sinks == key_states.shape[2]:
+            return key_states, value_states
+        rest_keys, rest_values = key_states[:, :, sinks:], value_states[:, :, sinks:]
+        if not self.frozen:
+            self.observe(rest_keys, rest_values, skipped=sinks)
+            return key_states, value_states
+        keys, values = self.fake_quantize(rest_keys, rest_values)
+        if sinks:
+            keys = torch.cat([key_states[:, :, :sinks], keys], dim=2)
+            values = torch.cat([value_states[:, :, :sinks], values], dim=2)
+        return keys, values
 
     def reset(self) -> None:
         self.key.reset()

@@ -188,17 +188,29 @@ class QuantizingLayerMixin:
     """Passes new states through ``self.quantizer`` before the base layer stores them.
 
     ``quantizer`` is set by the cache that owns the layer; ``None`` (or a disabled
-    quantizer) leaves the layer a plain one.
+    quantizer) leaves the layer a plain one. Full-attention layers tell the quantizer
+    where the new tokens start, so it keeps the config's sink tokens in full precision;
+    sliding-window layers (``keeps_sinks = False``) evict those tokens anyway.
     """
 
     quantizer: LayerQuantizer | None = None
+    keeps_sinks = True
+
+    def _start(self) -> int | None:
+        """Position of the next new token in its sequence (the tokens held), or ``None`` where sinks do not apply."""
+        if not self.keeps_sinks:
+            return None
+        keys = getattr(self, "keys", None)
+        if keys is None or not getattr(self, "is_initialized", True):
+            return 0
+        return int(keys.shape[-2]) if keys.numel() else 0
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``key_states``/``value_states`` are the new ``(batch, kv_heads, new_tokens, head_dim)`` states."""
         if self.quantizer is not None:
-            key_states, value_states = self.quantizer.process(key_states, value_states)
+            key_states, value_states = self.quantizer.process(key_states, value_states, self._start())
         result: tuple[torch.Tensor, torch.Tensor] = super().update(  # type: ignore[misc]
             key_states, value_states, *args, **kwargs
         )
@@ -219,6 +231,10 @@ class PackingLayerMixin(QuantizingLayerMixin):
     """
 
     states_dtype: torch.dtype | None = None  # the model dtype the rows decode to
+    # The sink tokens' own full-precision states (batch, kv_heads, sinks, head_dim): their rows hold codes too,
+    # so the layer's length and the base class's cropping and reordering stay as they are.
+    sink_keys: torch.Tensor | None = None
+    sink_values: torch.Tensor | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -233,15 +249,73 @@ class PackingLayerMixin(QuantizingLayerMixin):
                 "a packed cache starts empty: continue with cache.empty_copy() after freeze()"
             )
         self.states_dtype = key_states.dtype
-        key_rows = quantizer.key.encode(key_states)
-        value_rows = quantizer.value.encode(value_states)
+        start = self._start()
+        sinks = quantizer.sinks_among(key_states.shape[2], start)
+        if sinks:
+            self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], int(start or 0))
+        key_rows = self._encode(quantizer.key, key_states, sinks)
+        value_rows = self._encode(quantizer.value, value_states, sinks)
         stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
             key_rows, value_rows, *args, **kwargs
         )
-        return (
-            quantizer.key.decode(stored_keys, key_states.dtype),
-            quantizer.value.decode(stored_values, value_states.dtype),
-        )
+        keys = quantizer.key.decode(stored_keys, key_states.dtype)
+        values = quantizer.value.decode(stored_values, value_states.dtype)
+        if self.sink_keys is not None and self.sink_values is not None:
+            held = min(self.sink_keys.shape[2], keys.shape[2])
+            keys[:, :, :held] = self.sink_keys[:, :, :held].to(keys.device)
+            values[:, :, :held] = self.sink_values[:, :, :held].to(values.device)
+        return keys, values
+
+    @staticmethod
+    def _encode(stream: Any, states: torch.Tensor, sinks: int) -> torch.Tensor:
+        """Packed rows of ``states``; the first ``sinks`` are placeholders (their states are kept apart)."""
+        if not sinks:
+            return stream.encode(states)  # type: ignore[no-any-return]
+        placeholder = stream.encode(states[:, :, :sinks], notify=False)
+        if sinks == states.shape[2]:
+            return placeholder  # type: ignore[no-any-return]
+        return torch.cat([placeholder, stream.encode(states[:, :, sinks:])], dim=2)
+
+    def _keep_sinks(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        if start == 0 or self.sink_keys is None or self.sink_values is None:
+            self.sink_keys, self.sink_values = keys.clone(), values.clone()
+        else:
+            self.sink_keys = torch.cat([self.sink_keys[:, :, :start], keys], dim=2)
+            self.sink_values = torch.cat([self.sink_values[:, :, :start], values], dim=2)
+
+    def sink_bytes(self) -> int:
+        """Bytes of the sink tokens' full-precision states."""
+        tensors = (self.sink_keys, self.sink_values)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # The sink states follow every operation that changes the base class's batch or length.
+    def reset(self) -> None:
+        self.sink_keys = self.sink_values = None
+        super().reset()  # type: ignore[misc]
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)  # type: ignore[misc]
+        keys = getattr(self, "keys", None)
+        if self.sink_keys is not None and self.sink_values is not None and keys is not None:
+            held = int(keys.shape[-2]) if keys.numel() else 0
+            self.sink_keys, self.sink_values = self.sink_keys[:, :, :held], self.sink_values[:, :, :held]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # type: ignore[misc]
+        if self.sink_keys is not None and self.sink_values is not None:
+            index = beam_idx.to(self.sink_keys.device)
+            self.sink_keys, self.sink_values = self.sink_keys[index], self.sink_values[index]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)  # type: ignore[misc]
+        if self.sink_keys is not None and self.sink_values is not None:
+            self.sink_keys = self.sink_keys.repeat_interleave(repeats, dim=0)
+            self.sink_values = self.sink_values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)  # type: ignore[misc]
+        if self.sink_keys is not None and self.sink_values is not None:
+            self.sink_keys, self.sink_values = self.sink_keys[indices, ...], self.sink_values[indices, ...]
 
 
 class QuantizedDynamicLayer(QuantizingLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
@@ -251,6 +325,8 @@ class QuantizedDynamicLayer(QuantizingLayerMixin, GrowingLayerMixin, DynamicLaye
 class QuantizedSlidingWindowLayer(QuantizingLayerMixin, DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
     """A ``DynamicSlidingWindowLayer`` whose new states are quantized (or observed) before they are stored."""
 
+    keeps_sinks = False
+
 
 class PackedDynamicLayer(PackingLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
     """A ``DynamicLayer`` that stores packed codes once frozen."""
@@ -258,6 +334,8 @@ class PackedDynamicLayer(PackingLayerMixin, GrowingLayerMixin, DynamicLayer):  #
 
 class PackedSlidingWindowLayer(PackingLayerMixin, DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
     """A ``DynamicSlidingWindowLayer`` that stores packed codes once frozen."""
+
+    keeps_sinks = False
 
 
 def quantizing_layer(template: Any, quantizer: LayerQuantizer, *, packed: bool = False) -> Any:
@@ -291,6 +369,8 @@ def layer_memory(layer: Any) -> dict[str, int]:
     report = {"codes": 0, "parameters": 0, "full_precision": 0, "reserved": 0, "dynamic_cache": 0}
     if isinstance(layer, GrowingLayerMixin):
         report["reserved"] = layer.reserved_bytes()
+    if isinstance(layer, PackingLayerMixin):
+        report["full_precision"] += layer.sink_bytes()
     quantizer: LayerQuantizer | None = getattr(layer, "quantizer", None)
     if quantizer is not None and quantizer.enabled:
         for _, stream in quantizer.streams:

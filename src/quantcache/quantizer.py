@@ -344,13 +344,14 @@ class StreamQuantizer:
         return head_dim * slot // 8
 
     @torch.no_grad()
-    def encode(self, states: torch.Tensor) -> torch.Tensor:
+    def encode(self, states: torch.Tensor, *, notify: bool = True) -> torch.Tensor:
         """``(batch, kv_heads, seq, head_dim)`` states -> packed ``uint8`` rows ``(batch, kv_heads, seq, row_bytes)``.
 
         Decoding the rows gives exactly what :meth:`fake_quantize` returns for finite
         states. A static scheme adds a flag byte that makes a row with a NaN or Inf
         element decode to NaN; a dynamic scheme's row parameters carry the NaN or Inf
-        themselves.
+        themselves. ``notify=False`` skips the :attr:`on_quantize` hook (rows that stand in for
+        states kept elsewhere, such as sink tokens).
         """
         self._check_frozen(states)
         space = self._quant_space(states)
@@ -373,7 +374,7 @@ class StreamQuantizer:
         else:
             parts.append((~torch.isfinite(states).all(dim=-1, keepdim=True)).to(torch.uint8))
         rows = torch.cat(parts, dim=-1)
-        if self.on_quantize is not None:
+        if notify and self.on_quantize is not None:
             self.on_quantize(self, states, self.decode(rows, states.dtype), params)
         return rows
 

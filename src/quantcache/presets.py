@@ -4,8 +4,9 @@
 symmetric min/max). The others are the schemes that measured best per bit on text
 unlike the calibration text (README, "Measured quality per bit"); their effective bits
 per element (at 1024 tokens, SmolLM2) are counted by :mod:`quantcache.accounting`. The
-centred ones learn one mean per kv head and channel from calibration text, so they
-need calibration as the seed does; ``fp8`` needs none.
+presets other than ``seed`` learn one mean per kv head and channel from calibration
+text (so they need calibration, as the seed does) and keep the first token of every
+sequence, the attention sink, in full precision (``sink_tokens: 1``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 __all__ = ["MIX_CANDIDATES", "PRESETS", "preset_settings"]
 
 _ROTATED = {"rotation": "hadamard", "rotation_seed": 0}
-# Dynamic, with a calibrated per-channel center and each token's range clipped to the least error.
-_CENTRED = {"dynamic": True, "center": True, "method": "mse"}
+# Dynamic, centred on calibrated channel means; the first token (the attention sink) kept in full precision.
+_CENTRED = {"dynamic": True, "center": True, "sink_tokens": 1}
+_SINK = "the first token in full precision"
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "seed": (
@@ -25,27 +27,28 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "int8": (
         "INT8 symmetric per token and kv head, centred on calibrated channel means, after a randomized "
-        "Hadamard rotation; ~8.28 bits",
-        {"dtype": "int8", "scope": "per_token", "symmetric": True, "dynamic": True, "center": True, **_ROTATED},
+        f"Hadamard rotation; ~8.28 bits + {_SINK}",
+        {"dtype": "int8", "scope": "per_token", "symmetric": True, **_CENTRED, **_ROTATED},
     ),
     "fp8": (
-        "FP8 e4m3 per token and kv head, scale = absmax / 448; ~8.25 bits",
-        {"dtype": "fp8_e4m3", "scope": "per_token", "dynamic": True, "symmetric": True},
+        f"FP8 e4m3 per token and kv head, scale = absmax / 448, centred on calibrated channel means; ~8.28 bits "
+        f"+ {_SINK}",
+        {"dtype": "fp8_e4m3", "scope": "per_token", "symmetric": True, **_CENTRED},
     ),
     "int4": (
         "INT4 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        "least error, after a randomized Hadamard rotation; ~4.53 bits",
-        {"dtype": "int4", "scope": "per_token", "symmetric": False, **_CENTRED, **_ROTATED},
+        f"least error, after a randomized Hadamard rotation; ~4.53 bits + {_SINK}",
+        {"dtype": "int4", "scope": "per_token", "symmetric": False, "method": "mse", **_CENTRED, **_ROTATED},
     ),
     "int3": (
         "INT3 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        "least error, after a randomized Hadamard rotation; ~3.53 bits",
-        {"dtype": "int3", "scope": "per_token", "symmetric": False, **_CENTRED, **_ROTATED},
+        f"least error, after a randomized Hadamard rotation; ~3.53 bits + {_SINK}",
+        {"dtype": "int3", "scope": "per_token", "symmetric": False, "method": "mse", **_CENTRED, **_ROTATED},
     ),
     "int2": (
         "INT2 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        "least error, after a randomized Hadamard rotation; ~2.53 bits",
-        {"dtype": "int2", "scope": "per_token", "symmetric": False, **_CENTRED, **_ROTATED},
+        f"least error, after a randomized Hadamard rotation; ~2.53 bits + {_SINK}",
+        {"dtype": "int2", "scope": "per_token", "symmetric": False, "method": "mse", **_CENTRED, **_ROTATED},
     ),
 }
 

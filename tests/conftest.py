@@ -164,3 +164,19 @@ def count_calls(obj: Any, method: str) -> list[tuple[Any, ...]]:
 
     setattr(obj, method, wrapper)
     return calls
+
+
+def generate_greedy(model: Any, cache: Any, prompt: torch.Tensor, **settings: Any) -> Any:
+    """Six greedy tokens after ``prompt`` with ``cache``, logits kept (``settings``: beams, an assistant ...)."""
+    from quantcache import CACHE_KEYWORD
+
+    return model.generate(
+        prompt,
+        max_new_tokens=6,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+        pad_token_id=0,
+        **{CACHE_KEYWORD: cache},
+        **settings,
+    )

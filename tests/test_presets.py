@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import HEAD_DIM
+from conftest import HEAD_DIM, generate_greedy
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
@@ -45,16 +45,7 @@ def _row_bytes(args: QuantArgs) -> int:
 
 
 def _generate(model: PreTrainedModel, cache: QuantizedCalibratingCache, **settings: Any) -> Any:
-    return model.generate(
-        _tokens(1, 8, seed=3),
-        max_new_tokens=6,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-        pad_token_id=0,
-        **{CACHE_KEYWORD: cache},
-        **settings,
-    )
+    return generate_greedy(model, cache, _tokens(1, 8, seed=3), **settings)
 
 
 MODES: dict[str, dict[str, Any]] = {"greedy": {}, "beams": {"num_beams": 2}, "assisted": {"assistant_model": None}}

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import generate_greedy
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
@@ -88,16 +89,7 @@ def test_the_padding_mask_still_lines_up_after_the_sinks(llama: PreTrainedModel)
 
 
 def _generate(model: PreTrainedModel, cache: QuantizedCalibratingCache, **settings: Any) -> Any:
-    return model.generate(
-        _tokens(1, 6, seed=4),
-        max_new_tokens=6,
-        do_sample=False,
-        return_dict_in_generate=True,
-        output_logits=True,
-        pad_token_id=0,
-        **{CACHE_KEYWORD: cache},
-        **settings,
-    )
+    return generate_greedy(model, cache, _tokens(1, 6, seed=4), **settings)
 
 
 @pytest.mark.parametrize("mode", [{}, {"num_beams": 2}, {"assistant_model": "self"}])

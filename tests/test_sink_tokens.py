@@ -97,6 +97,8 @@ def _generate(model: PreTrainedModel, cache: QuantizedCalibratingCache, **settin
 def test_packed_storage_generates_what_fake_storage_generates(
     request: pytest.FixtureRequest, arch: str, mode: dict[str, Any]
 ) -> None:
+    if arch == "gemma3" and "assistant_model" in mode and CACHE_KEYWORD != "cache":
+        pytest.skip("transformers 4.x cannot crop a sliding-window layer past its window (assisted decoding)")
     model = request.getfixturevalue(arch)
     settings = {**mode, "assistant_model": model} if "assistant_model" in mode else mode
     config = KVQuantConfig(**INT4, center=True, method="mse", rotation="hadamard", sink_tokens=2)

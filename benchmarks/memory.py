@@ -70,7 +70,7 @@ def main() -> None:
         for name in PRESETS:
             for storage in ("fake", "packed") if name == "seed" else ("packed",):
                 cache = QuantizedCalibratingCache(config, KVQuantConfig.preset(name), storage=storage)
-                if any(not stream.dynamic for q in cache.quantizers for _, stream in q.streams):
+                if any(stream.calibrates for q in cache.quantizers for _, stream in q.streams):
                     warm = cache.empty_copy()  # ranges from the same kind of states, so freeze() has statistics
                     _fill(warm, config, kv_heads, head_dim, 16, dtype)
                     cache = warm.freeze().empty_copy()

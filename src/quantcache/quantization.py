@@ -252,21 +252,17 @@ def dynamic_qparams(
     finite = torch.isfinite(states)  # a NaN or Inf element must not spoil its finite neighbours' scale
     low = granularity.reduce(torch.where(finite, states, torch.inf).detach(), torch.amin).float()
     high = granularity.reduce(torch.where(finite, states, -torch.inf).detach(), torch.amax).float()
-    best = _stored_dynamic_params(low, high, symmetric=symmetric, fmt=fmt)
     if search <= 0:
-        return best
+        return _stored_dynamic_params(low, high, symmetric=symmetric, fmt=fmt)
+    # Every candidate at once, along a new leading axis: a handful of tensor operations per update.
+    shrink = 1.0 - torch.arange(search, device=low.device, dtype=torch.float32) / (2.0 * search)
+    shrink = shrink.view(search, *([1] * low.dim()))
+    candidates = _stored_dynamic_params(low * shrink, high * shrink, symmetric=symmetric, fmt=fmt)
     view = granularity.grouped(torch.where(finite, states, 0.0).detach().float())
-    best_error = _group_error(view, best, fmt)
-    for step in range(1, search):
-        shrink = 1.0 - step / (2.0 * search)
-        candidate = _stored_dynamic_params(low * shrink, high * shrink, symmetric=symmetric, fmt=fmt)
-        error = _group_error(view, candidate, fmt)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best = QuantParams(
-            torch.where(better, candidate.scale, best.scale), torch.where(better, candidate.zero_point, best.zero_point)
-        )
-    return best
+    best = _group_error(view.unsqueeze(0), candidates, fmt).argmin(dim=0, keepdim=True)  # the first of equals
+    return QuantParams(
+        candidates.scale.gather(0, best).squeeze(0), candidates.zero_point.gather(0, best).squeeze(0)
+    )
 
 
 def _stored_dynamic_params(low: torch.Tensor, high: torch.Tensor, *, symmetric: bool, fmt: NumberFormat) -> QuantParams:

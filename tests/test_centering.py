@@ -337,3 +337,19 @@ def test_the_center_is_counted_in_effective_bits() -> None:
     extra = stream_bits(CENTRED, KV_HEADS, HEAD_DIM, 64) - stream_bits(plain, KV_HEADS, HEAD_DIM, 64)
     assert extra == pytest.approx(32 / 64)
     assert stream_bits(CENTRED, 3, 64, 1024) == pytest.approx(4.5 + 32 / 1024)
+
+
+def test_inspect_names_a_centred_scheme_and_its_quantized_layers(
+    llama: PreTrainedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quantcache import cli
+
+    config = KVQuantConfig(
+        key=CENTRED, value=QuantArgs(dtype="int8", scope="per_token", dynamic=True, rotation="hadamard"), sink_tokens=1
+    )
+    path = _calibrated_cache(llama, config).save(tmp_path / "kv.safetensors")
+    assert cli.main(["inspect", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 quantized: 0-1" in printed
+    assert "keys int4 per_token asymmetric minmax dynamic centred; values int8 per_token symmetric minmax " in printed
+    assert "dynamic hadamard; sink_tokens 1; include *" in printed

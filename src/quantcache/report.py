@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import KVQuantConfig
+from .scheme import QuantArgs, Rotation
 
 if TYPE_CHECKING:
     import torch
@@ -341,13 +342,26 @@ def layer_summaries(
 
 
 def config_text(config: KVQuantConfig) -> str:
-    """The scheme on one line: ``int8 per_channel symmetric minmax; include *; exclude -``."""
-    kind = "symmetric" if config.symmetric else "asymmetric"
+    """The scheme on one line: ``int8 per_channel symmetric minmax; include *; exclude -``.
+
+    Streams that differ are shown apart (``keys ...; values ...``); dynamic, rotated and
+    centred streams, sink tokens and per-layer overrides are named when present.
+    """
+    key, value = config.key_args, config.value_args
+    streams = _stream_text(key) if key == value else f"keys {_stream_text(key)}; values {_stream_text(value)}"
+    extras = [f"sink_tokens {config.sink_tokens}"] if config.sink_tokens else []
+    extras += [f"{len(config.layers)} per-layer override(s)"] if config.layers else []
     exclude = ", ".join(config.exclude) or "-"
-    return (
-        f"{config.dtype.value} {config.scope.value} {kind} {config.method.value}; "
-        f"include {', '.join(config.include)}; exclude {exclude}"
-    )
+    return "; ".join([streams, *extras, f"include {', '.join(config.include)}", f"exclude {exclude}"])
+
+
+def _stream_text(args: QuantArgs) -> str:
+    kind = "symmetric" if args.symmetric else "asymmetric"
+    words = [args.dtype.value, args.scope.value, kind, args.method.value]
+    words += ["dynamic"] if args.dynamic else []
+    words += [args.rotation.value] if args.rotation is not Rotation.NONE else []
+    words += ["centred"] if args.center else []
+    return " ".join(words)
 
 
 def index_ranges(indices: Sequence[int]) -> str:

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     layers = layer_summaries(
         stored.tensors, stored.layer_names, stored.config, top=args.top, factor=args.outlier_factor
     )
-    with_data = [layer["index"] for layer in layers if layer["key"] is not None]
+    with_data = [layer["index"] for layer in layers if layer["quantized"]]
     report: dict[str, Any] = {
         "path": str(path),
         "valid": True,

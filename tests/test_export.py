@@ -376,3 +376,13 @@ def test_a_scheme_engines_cannot_read_is_refused_by_name(
     with pytest.raises(QuantStateError, match=r"cannot be exported.*--preset seed"):
         export_checkpoint(cache, tmp_path / "out", format="vllm", scales_only=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_seed_state_with_sink_tokens_is_refused(llama: PreTrainedModel, tmp_path: Path) -> None:
+    """Engines quantize every token: a state whose sinks quantcache keeps in full precision would serve otherwise."""
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig(sink_tokens=1))
+    llama(torch.randint(3, 128, (1, 12)), **{CACHE_KEYWORD: cache})
+    cache.freeze()
+    with pytest.raises(QuantStateError, match=r"keeps sink_tokens: 1 in full precision.*without sink_tokens"):
+        export_checkpoint(cache, tmp_path / "out", format="vllm", scales_only=True)
+    assert not (tmp_path / "out").exists()

@@ -145,6 +145,11 @@ class KVState:
                     "static per-channel (or per-tensor/per-head) ranges, so calibrate with the seed scheme "
                     "(quantcache calibrate --preset seed) for deployment"
                 )
+        if config.sink_tokens:
+            raise QuantStateError(
+                f"{source}: the state keeps sink_tokens: {config.sink_tokens} in full precision, which serving "
+                "engines do not do (they quantize every token); calibrate without sink_tokens for deployment"
+            )
         fields = ("min", "max", "scale", "zero_point")
         indices = sorted({int(name.split(".")[1]) for name in tensors if name.startswith("layers.")})
         if not indices:

@@ -209,17 +209,22 @@ def fake_quantize_prepared(
     stored integer code gives back); float8 levels do go through their type. NaN
     propagates through every step; only an infinite element needs putting back.
     """
-    levels = _levels(granularity.grouped(states), prepared, fmt)
+    restored = granularity.ungrouped(_round_trip(granularity.grouped(states), prepared, fmt)).to(states.dtype)
+    if bool(torch.isinf(states).any()):
+        restored = torch.where(torch.isinf(states), states, restored)
+    return restored
+
+
+def _round_trip(view: torch.Tensor, prepared: PreparedParams, fmt: NumberFormat) -> torch.Tensor:
+    """A new float32 tensor of the grouped ``view`` quantized and dequantized (see :func:`fake_quantize_prepared`)."""
+    levels = _levels(view, prepared, fmt)
     if fmt.kind is FormatKind.FLOAT:
         levels = levels.to(fmt.storage_dtype).to(torch.float32)
     else:
         if prepared.zero_point is not None:
             levels.sub_(prepared.zero_point)
         levels.add_(0.0)
-    restored = granularity.ungrouped(levels.mul_(prepared.scale)).to(states.dtype)
-    if bool(torch.isinf(states).any()):
-        restored = torch.where(torch.isinf(states), states, restored)
-    return restored
+    return levels.mul_(prepared.scale)
 
 
 def saturated(
@@ -278,9 +283,4 @@ def _stored_dynamic_params(low: torch.Tensor, high: torch.Tensor, *, symmetric: 
 def _group_error(view: torch.Tensor, params: QuantParams, fmt: NumberFormat) -> torch.Tensor:
     """Squared quantization error of every group of the grouped ``view`` under ``params`` (kept dims)."""
     prepared = PreparedParams(params.scale, params.zero_point.float() if fmt.kind is FormatKind.INTEGER else None)
-    levels = _levels(view, prepared, fmt)
-    if fmt.kind is FormatKind.FLOAT:
-        levels = levels.to(fmt.storage_dtype).to(torch.float32)
-    elif prepared.zero_point is not None:
-        levels.sub_(prepared.zero_point)
-    return levels.mul_(prepared.scale).sub_(view).square_().sum(dim=-1, keepdim=True)
+    return _round_trip(view, prepared, fmt).sub_(view).square_().sum(dim=-1, keepdim=True)

@@ -35,6 +35,7 @@ from .cache import QuantizedCalibratingCache
 from .calibration import calibrate
 from .config import KVQuantConfig
 from .errors import QuantStateError
+from .observers import CenterObserver
 
 __all__ = [
     "all_reduce_statistics",
@@ -153,9 +154,6 @@ def _reduction_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-_CENTER_STATISTICS = ("center_sum", "center_count")
-
-
 def all_reduce_statistics(
     cache: QuantizedCalibratingCache, *, group: dist.ProcessGroup | None = None
 ) -> QuantizedCalibratingCache:
@@ -216,7 +214,7 @@ def all_reduce_statistics(
                 lows[row, column] = low.to(device)
                 highs[row, column] = high.to(device)
                 homes[(index, column)] = low.device
-            for slot, field in enumerate(_CENTER_STATISTICS):
+            for slot, field in enumerate(CenterObserver.fields):
                 tensor = state.get(f"layers.{index}.{stream}.{field}")
                 if tensor is not None:
                     sums[row, column, slot] = tensor.to(device)
@@ -235,7 +233,7 @@ def all_reduce_statistics(
             if stream_quantizer.dynamic:  # centred: its mean's sum and count
                 if not bool((sums[row, column, 1] > 0).all()):
                     break  # no rank observed this layer
-                for slot, field in enumerate(_CENTER_STATISTICS):
+                for slot, field in enumerate(CenterObserver.fields):
                     layer[f"layers.{index}.{stream}.{field}"] = sums[row, column, slot].to(home)
                 continue
             if not bool(torch.isfinite(lows[row, column]).all()):

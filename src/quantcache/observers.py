@@ -31,6 +31,7 @@ __all__ = [
     "MinMaxObserver",
     "Observer",
     "PercentileObserver",
+    "SummedObserver",
     "make_observer",
     "register_observer",
 ]
@@ -162,7 +163,14 @@ class MinMaxObserver(Observer):
         return self.statistics["min"], self.statistics["max"]
 
 
-class AveragedRangeObserver(Observer):
+class SummedObserver(Observer):
+    """Statistics that are sums: merging two sets of observations (or ranks) adds them field by field."""
+
+    def combine(self, mine: Statistics, theirs: Statistics) -> Statistics:
+        return {name: mine[name] + theirs[name].to(mine[name].device) for name in self.fields}
+
+
+class AveragedRangeObserver(SummedObserver):
     """A range estimated on each batch, averaged over batches (weighted by their token count).
 
     Fields: ``low`` and ``high`` (the weighted sums of the per-batch ranges) and
@@ -183,9 +191,6 @@ class AveragedRangeObserver(Observer):
         low, high = self.batch_range(states.detach().float(), keep)
         weight = torch.full_like(low, float(tokens))
         return {"low": low * weight, "high": high * weight, "weight": weight}
-
-    def combine(self, mine: Statistics, theirs: Statistics) -> Statistics:
-        return {name: mine[name] + theirs[name].to(mine[name].device) for name in self.fields}
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         weight = self.statistics["weight"]
@@ -260,7 +265,7 @@ class MSEObserver(AveragedRangeObserver):
         return best_low, best_high
 
 
-class CenterObserver(Observer):
+class CenterObserver(SummedObserver):
     """The mean of every (kv_head, head_dim channel) over all real tokens: a dynamic stream's ``center``.
 
     Fields ``center_sum`` and ``center_count``, each ``(kv_heads, head_dim)`` float32:
@@ -286,9 +291,6 @@ class CenterObserver(Observer):
             total = torch.where(keep, values, 0.0).sum(dim=(0, 2))
             count = torch.full_like(total, float(mask.sum()))
         return {"center_sum": total, "center_count": count}
-
-    def combine(self, mine: Statistics, theirs: Statistics) -> Statistics:
-        return {name: mine[name] + theirs[name].to(mine[name].device) for name in self.fields}
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("a center observer collects a mean, not a range")

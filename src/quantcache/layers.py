@@ -22,6 +22,7 @@ never written again (after a crop, the next append moves to a fresh buffer).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -231,10 +232,17 @@ class PackingLayerMixin(QuantizingLayerMixin):
     """
 
     states_dtype: torch.dtype | None = None  # the model dtype the rows decode to
-    # The sink tokens' own full-precision states (batch, kv_heads, sinks, head_dim): their rows hold codes too,
-    # so the layer's length and the base class's cropping and reordering stay as they are.
-    sink_keys: torch.Tensor | None = None
-    sink_values: torch.Tensor | None = None
+    # The sink tokens' own full-precision (keys, values), each (batch, kv_heads, sinks, head_dim): their rows
+    # hold codes too, so the layer's length and the base class's cropping and reordering stay as they are.
+    _sinks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def sink_keys(self) -> torch.Tensor | None:
+        return None if self._sinks is None else self._sinks[0]
+
+    @property
+    def sink_values(self) -> torch.Tensor | None:
+        return None if self._sinks is None else self._sinks[1]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -260,10 +268,10 @@ class PackingLayerMixin(QuantizingLayerMixin):
         )
         keys = quantizer.key.decode(stored_keys, key_states.dtype)
         values = quantizer.value.decode(stored_values, value_states.dtype)
-        if self.sink_keys is not None and self.sink_values is not None:
-            held = min(self.sink_keys.shape[2], keys.shape[2])
-            keys[:, :, :held] = self.sink_keys[:, :, :held].to(keys.device)
-            values[:, :, :held] = self.sink_values[:, :, :held].to(values.device)
+        if self._sinks is not None:
+            held = min(self._sinks[0].shape[2], keys.shape[2])
+            keys[:, :, :held] = self._sinks[0][:, :, :held].to(keys.device)
+            values[:, :, :held] = self._sinks[1][:, :, :held].to(values.device)
         return keys, values
 
     @staticmethod
@@ -277,45 +285,46 @@ class PackingLayerMixin(QuantizingLayerMixin):
         return torch.cat([placeholder, stream.encode(states[:, :, sinks:])], dim=2)
 
     def _keep_sinks(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        if start == 0 or self.sink_keys is None or self.sink_values is None:
-            self.sink_keys, self.sink_values = keys.clone(), values.clone()
+        if start == 0 or self._sinks is None:
+            self._sinks = (keys.clone(), values.clone())
         else:
-            self.sink_keys = torch.cat([self.sink_keys[:, :, :start], keys], dim=2)
-            self.sink_values = torch.cat([self.sink_values[:, :, :start], values], dim=2)
+            self._sinks = (
+                torch.cat([self._sinks[0][:, :, :start], keys], dim=2),
+                torch.cat([self._sinks[1][:, :, :start], values], dim=2),
+            )
+
+    def _map_sinks(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``change`` to both sink tensors, when there are any."""
+        if self._sinks is not None:
+            self._sinks = (change(self._sinks[0]), change(self._sinks[1]))
 
     def sink_bytes(self) -> int:
         """Bytes of the sink tokens' full-precision states."""
-        tensors = (self.sink_keys, self.sink_values)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return 0 if self._sinks is None else sum(t.numel() * t.element_size() for t in self._sinks)
 
     # The sink states follow every operation that changes the base class's batch or length.
     def reset(self) -> None:
-        self.sink_keys = self.sink_values = None
+        self._sinks = None
         super().reset()  # type: ignore[misc]
 
     def crop(self, max_length: int) -> None:
         super().crop(max_length)  # type: ignore[misc]
         keys = getattr(self, "keys", None)
-        if self.sink_keys is not None and self.sink_values is not None and keys is not None:
+        if keys is not None:
             held = int(keys.shape[-2]) if keys.numel() else 0
-            self.sink_keys, self.sink_values = self.sink_keys[:, :, :held], self.sink_values[:, :, :held]
+            self._map_sinks(lambda sink: sink[:, :, :held])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)  # type: ignore[misc]
-        if self.sink_keys is not None and self.sink_values is not None:
-            index = beam_idx.to(self.sink_keys.device)
-            self.sink_keys, self.sink_values = self.sink_keys[index], self.sink_values[index]
+        self._map_sinks(lambda sink: sink[beam_idx.to(sink.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)  # type: ignore[misc]
-        if self.sink_keys is not None and self.sink_values is not None:
-            self.sink_keys = self.sink_keys.repeat_interleave(repeats, dim=0)
-            self.sink_values = self.sink_values.repeat_interleave(repeats, dim=0)
+        self._map_sinks(lambda sink: sink.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)  # type: ignore[misc]
-        if self.sink_keys is not None and self.sink_values is not None:
-            self.sink_keys, self.sink_values = self.sink_keys[indices, ...], self.sink_values[indices, ...]
+        self._map_sinks(lambda sink: sink[indices, ...])
 
 
 class QuantizedDynamicLayer(QuantizingLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]

@@ -150,6 +150,8 @@ def test_effective_bits_count_the_sinks_a_packed_cache_holds(
     without = QuantizedCalibratingCache(model, KVQuantConfig(**INT4, storage=storage))
     cache = QuantizedCalibratingCache(model, config).freeze()
     full = sum(getattr(layer, "keeps_sinks", True) for layer in cache.layers)
+    assert cache.sinks_held(40) == [3 if getattr(layer, "keeps_sinks", True) else 0 for layer in cache.layers]
+    assert cache.sinks_held(2) == [2 if getattr(layer, "keeps_sinks", True) else 0 for layer in cache.layers]
     added = cache.effective_bits(40, unquantized_bits=32) - without.effective_bits(40, unquantized_bits=32)
     held = sum(cache.held_tokens(40))
     assert added == pytest.approx(full * 2 * 32 * 3 / (2 * held))

@@ -200,9 +200,8 @@ def suggest_bits(
     seq_len = int(windows.shape[1])
     held = first.held_tokens(seq_len)
     fixed = sum(2 * UNQUANTIZED_BITS * held[q.index] for q in first.quantizers if not q.enabled)
-    fixed += sum(  # the sink tokens' full-precision copies, whatever the scheme
-        2 * UNQUANTIZED_BITS * first._sinks_held(first.layers[q.index], seq_len) for q in quantized
-    )
+    sinks = first.sinks_held(seq_len)
+    fixed += sum(2 * UNQUANTIZED_BITS * sinks[q.index] for q in quantized)  # the sinks' copies, whatever the scheme
     allowance = budget * sum(2 * tokens for tokens in held) - fixed
     costs = [
         [

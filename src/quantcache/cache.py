@@ -274,12 +274,13 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             seq_len,
             unquantized_bits=unquantized_bits,
             layer_tokens=self.held_tokens(seq_len)[: len(layers)],
-            layer_sinks=[self._sinks_held(layer, seq_len) for layer in self.layers[: len(layers)]],
+            layer_sinks=self.sinks_held(seq_len)[: len(layers)],
         )
 
-    def _sinks_held(self, layer: Any, seq_len: int) -> int:
-        """Sink tokens a layer keeps in full precision at ``seq_len`` (none in sliding-window layers)."""
-        return min(self.quant_config.sink_tokens, seq_len) if getattr(layer, "keeps_sinks", True) else 0
+    def sinks_held(self, seq_len: int) -> list[int]:
+        """Sink tokens each layer keeps in full precision after ``seq_len`` tokens (none in sliding-window layers)."""
+        sinks = min(self.quant_config.sink_tokens, seq_len)
+        return [sinks if getattr(layer, "keeps_sinks", True) else 0 for layer in self.layers[: len(self.quantizers)]]
 
     def held_tokens(self, seq_len: int) -> list[int]:
         """Tokens each layer holds after ``seq_len`` tokens (a sliding-window layer keeps at most window - 1)."""

@@ -127,8 +127,8 @@ class StreamQuantizer:
 
     @property
     def calibrates(self) -> bool:
-        """Whether this stream learns anything from calibration: a static range, or a dynamic scheme's center."""
-        return not self.dynamic or self.args.center
+        """Whether this stream learns anything from calibration (see :attr:`QuantArgs.calibrates`)."""
+        return self.args.calibrates
 
     @property
     def statistics(self) -> dict[str, torch.Tensor]:

@@ -201,6 +201,14 @@ class QuantArgs:
             raise ConfigError(f"qconfig.symmetric: {self.dtype.value} is a float format and is symmetric only")
 
     @property
+    def calibrates(self) -> bool:
+        """Whether calibration teaches this stream anything: a static range, or a centred dynamic stream's mean.
+
+        A stream that calibrates holds tensors in a saved state; one that does not saves nothing.
+        """
+        return not self.dynamic or self.center
+
+    @property
     def format(self) -> NumberFormat:
         """The number format's row of the table."""
         return FORMATS[self.dtype]

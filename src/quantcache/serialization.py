@@ -47,7 +47,6 @@ from .state_fields import (
     PARAMETER_FIELDS,
     missing_fields,
     parameter_fields,
-    saves_state,
     statistic_fields,
     stream_problems,
 )
@@ -162,7 +161,7 @@ def validate_state(stored: StateFile) -> list[str]:
             continue
         module = stored.layer_names[index]
         args = stored.config.stream_args(stream, module)
-        if not saves_state(args):
+        if not args.calibrates:
             problems.append(f"unexpected tensor {name[:80]!r}: the {stream} stream is dynamic and saves nothing")
             continue
         if field not in (*statistic_fields(stored.config, stream, module), *parameter_fields(args)):
@@ -176,7 +175,7 @@ def validate_state(stored: StateFile) -> list[str]:
             problems.append(f"layer {index} ({name}) has tensors but the stored config does not quantize it")
         for stream in ("key", "value"):
             args = stored.config.stream_args(stream, name)
-            if not saves_state(args):
+            if not args.calibrates:
                 continue
             prefix = f"layers.{index}.{stream}"
             fields = grouped.get((index, stream), {})
@@ -203,7 +202,7 @@ def validate_state(stored: StateFile) -> list[str]:
                 derived=stored.origin == "calibrated",
                 module_name=name,
             )
-    if not grouped and any(saves_state(args) for args in stored.config.all_stream_args()):
+    if not grouped and any(args.calibrates for args in stored.config.all_stream_args()):
         problems.append("the state holds no layer")
     return problems
 

@@ -25,7 +25,6 @@ __all__ = [
     "PARAMETER_FIELDS",
     "missing_fields",
     "parameter_fields",
-    "saves_state",
     "statistic_fields",
     "stream_problems",
 ]
@@ -45,12 +44,7 @@ def _field_dtype(field: str) -> torch.dtype:
 def statistic_fields(config: KVQuantConfig, stream: str, module_name: str | None = None) -> tuple[str, ...]:
     """The statistics the stream's observer saves (``min``, ``max`` for ``minmax``), in layer ``module_name``."""
     args = config.stream_args(stream, module_name)
-    return make_observer(args).fields if saves_state(args) else ()
-
-
-def saves_state(args: QuantArgs) -> bool:
-    """Whether a stream has tensors in a state: a static range, or a centred dynamic stream's mean."""
-    return not args.dynamic or args.center
+    return make_observer(args).fields if args.calibrates else ()
 
 
 def parameter_fields(args: QuantArgs) -> tuple[str, ...]:
@@ -58,7 +52,6 @@ def parameter_fields(args: QuantArgs) -> tuple[str, ...]:
     if not args.dynamic:
         return PARAMETER_FIELDS
     return CENTER_FIELDS if args.center else ()
-
 
 
 # ---------------------------------------------------------------------------- validation

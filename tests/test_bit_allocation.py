@@ -117,6 +117,7 @@ def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedMo
         )
         assert layer.kl_alone == suggestion.kl_by_scheme[layer.scheme][layer.index]
     assert KVQuantConfig.from_yaml(config.to_yaml()) == config
+    assert (config.sink_tokens, config.pre_rope_keys) == (1, True)  # the presets' whole-cache settings
     assert suggestion.kl_predicted == pytest.approx(sum(layer.kl_alone for layer in suggestion.layers))
     # head_dim 16: a per-token fp16 scale and int16 zero point cost 2 bits, the float32 center 32 / 48 bits at
     # 48 tokens, so int8 is 9.67, int4 6.67, int2 4.67 bits
@@ -125,7 +126,8 @@ def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedMo
 
 
 def test_a_budget_below_every_mix_is_refused(llama: PreTrainedModel) -> None:
-    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(4\.667"):
+    # int2 is 4.667 bits at 48 tokens; the default base keeps the presets' sink token, 16 / 48 bits more.
+    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(5\.000"):
         suggest_bits(llama, _windows(1, 48, seed=1), budget=3.5, candidates=("int4", "int2"), progress=False)
 
 

@@ -16,8 +16,8 @@ PACKAGE = ROOT / "src" / "quantcache"
 # Inner layers first; a module may import only from its own layer or inner ones (README, "Layout").
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"formats", "scheme", "config", "presets"},
-    {"granularity", "quantization", "rotation", "packing", "accounting"},
+    {"formats", "patterns", "scheme", "config", "presets"},
+    {"granularity", "quantization", "rotation", "rope", "packing", "accounting"},
     {"observers"},
     {"state_fields"},
     {"serialization"},

@@ -145,6 +145,9 @@ def test_each_preset_is_what_its_settings_say_and_round_trips(name: str) -> None
     settings = preset_settings(name)
     for field, value in settings.items():
         actual = getattr(config, field)
+        if field in ("key", "value"):  # a stream of its own, given as QuantArgs' fields
+            assert actual == QuantArgs.from_dict(value), field
+            continue
         assert getattr(actual, "value", actual) == value, field
     settings["dtype"] = "int2"
     assert KVQuantConfig.preset(name) == config
@@ -161,6 +164,9 @@ def test_each_description_says_what_its_scheme_is(name: str) -> None:
     assert args.dtype.value.replace("_", " ") in description
     assert ("hadamard" in description) == (args.rotation.value == "hadamard")
     assert ("asymmetric" in description) == (not args.symmetric)
+    value_args = KVQuantConfig.preset(name).value_args
+    if value_args.symmetric != args.symmetric:  # streams that differ are named apart
+        assert "keys asymmetric, values symmetric" in description
     assert ("per token" in description) == (args.scope is QuantScope.PER_TOKEN)
     assert ("per-channel" in description) == (args.scope is QuantScope.PER_CHANNEL)
     assert ("static" in description) == (not args.dynamic)
@@ -171,14 +177,17 @@ def test_each_description_says_what_its_scheme_is(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_bits_a_description_promises_are_the_accounted_bits(name: str) -> None:
-    """Descriptions quote bits per element for a real model's head_dim (64); the accounting must agree."""
+    """Descriptions quote bits per element (keys and values together) for a real model's head_dim (64); the
+    accounting must agree."""
     description = PRESETS[name][0]
     promised = re.search(r"~([\d.]+) bits", description)
     if promised is None:
         assert name == "seed"  # static: its bits depend on the length the scales are spread over
         return
-    args = KVQuantConfig.preset(name).key_args
-    assert round(stream_bits(args, kv_heads=3, head_dim=64, seq_len=1024), 2) == float(promised.group(1))
+    config = KVQuantConfig.preset(name)
+    streams = (config.key_args, config.value_args)
+    bits = sum(stream_bits(args, kv_heads=3, head_dim=64, seq_len=1024) for args in streams) / 2
+    assert round(bits, 2) == float(promised.group(1))
 
 
 def test_overrides_apply_on_top_of_the_preset(llama: PreTrainedModel) -> None:

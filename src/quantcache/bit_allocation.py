@@ -34,7 +34,7 @@ from .calibration import calibrate
 from .config import KVQuantConfig
 from .errors import ConfigError
 from .evaluation import _finite_or_none
-from .presets import MIX_CANDIDATES, PRESETS, preset_settings
+from .presets import CACHE_SETTINGS, MIX_CANDIDATES, PRESETS, preset_settings
 from .scheme import LayerOverride, QuantArgs
 from .sensitivity import _metrics_with, _quantized, _Reference, _run_search, _with_enabled
 
@@ -173,7 +173,8 @@ def suggest_bits(
 
     ``windows`` are ``(num_windows, seq_len)`` token ids; effective bits are counted at
     ``seq_len``. ``base_config`` contributes its include/exclude (excluded layers count
-    16 bits) and storage. ``calibration`` (token windows, default ``windows``) is what
+    16 bits), storage and whole-cache settings (default: the presets', one sink token
+    and keys before RoPE). ``calibration`` (token windows, default ``windows``) is what
     centred candidates learn their means from. See the module docstring for the method.
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
@@ -181,7 +182,7 @@ def suggest_bits(
     parsed = [parse_candidate(spec) for spec in dict.fromkeys(candidates)]
     if not parsed:
         raise ConfigError("no candidate schemes given")
-    base = base_config if base_config is not None else KVQuantConfig()
+    base = base_config if base_config is not None else KVQuantConfig(**CACHE_SETTINGS)
     calibration = windows if calibration is None else calibration
 
     def frozen(config: KVQuantConfig) -> QuantizedCalibratingCache:

@@ -34,6 +34,7 @@ from .errors import CalibrationError, ConfigError, QuantStateError
 from .layer_quantizer import LayerQuantizer
 from .layers import layer_memory, quantizing_layer
 from .model_info import CACHE_KEYWORD, attention_module_names, attention_shape, config_digest, text_config
+from .rope import RopeTable, rope_frequencies
 from .scheme import Storage, enum_value
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "QuantizedCalibratingCache",
     "attention_module_names",
 ]
+
 
 class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
     """A drop-in ``DynamicCache`` that calibrates, freezes and applies INT8 KV quantization.
@@ -108,7 +110,8 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         self.model_type: str | None = getattr(config, "model_type", None)
         self.kv_heads, self.head_dim = attention_shape(decoder_config)
         self.layer_names = (
-            attention_module_names(model, num_layers) if model is not None
+            attention_module_names(model, num_layers)
+            if model is not None
             else [f"model.layers.{index}.self_attn" for index in range(num_layers)]
         )
         selected = self.quant_config.select(self.layer_names, warn_unmatched=warn_unmatched)
@@ -136,6 +139,8 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         ]
         for quantizer in self.quantizers:
             quantizer.sink_tokens = self.quant_config.sink_tokens
+        if self.quant_config.pre_rope_keys:
+            self._set_key_rope(decoder_config)
         self._install_layers()
         self.mode = CacheMode.CALIBRATE
         self.model_name: str | None = getattr(config, "_name_or_path", None) or None
@@ -276,6 +281,20 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             layer_tokens=self.held_tokens(seq_len)[: len(layers)],
             layer_sinks=self.sinks_held(seq_len)[: len(layers)],
         )
+
+    def _set_key_rope(self, decoder_config: PretrainedConfig) -> None:
+        """Give every quantized layer its RoPE angles (one table per distinct set of frequencies)."""
+        layer_types = getattr(decoder_config, "layer_types", None) or [None] * len(self.quantizers)
+        tables: dict[tuple[float, ...], RopeTable] = {}
+        for quantizer, layer_type in zip(self.quantizers, layer_types, strict=False):
+            if quantizer.enabled:
+                inv_freq = rope_frequencies(decoder_config, layer_type)
+                if self.head_dim is not None and inv_freq.numel() * 2 > self.head_dim:
+                    raise ConfigError(
+                        f"pre_rope_keys: the config's RoPE turns {inv_freq.numel() * 2} channels, more than "
+                        f"head_dim {self.head_dim}; set pre_rope_keys: false for this model"
+                    )
+                quantizer.key_rope = tables.setdefault(tuple(inv_freq.tolist()), RopeTable(inv_freq))
 
     def sinks_held(self, seq_len: int) -> list[int]:
         """Sink tokens each layer keeps in full precision after ``seq_len`` tokens (none in sliding-window layers)."""

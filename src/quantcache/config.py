@@ -8,8 +8,6 @@ says how it was made.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .patterns import expand_braces, match_module_names, matches_any
 from .scheme import (
     STREAM_KEYS,
     LayerOverride,
@@ -60,7 +59,7 @@ _SHARED_FIELDS = (
     "rotation_seed",
     "center",
 )
-_ITEM_KEYS = ("type", "qconfig", "include", "exclude", "layers", "storage", "sink_tokens")
+_ITEM_KEYS = ("type", "qconfig", "include", "exclude", "layers", "storage", "sink_tokens", "pre_rope_keys")
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
 # (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
@@ -123,6 +122,10 @@ class KVQuantConfig:
             the statistics in full-attention layers (sliding windows evict them anyway):
             the BOS "attention sink" draws much of every query's attention, and keeping
             it costs one token of the model dtype whatever the context length.
+        pre_rope_keys: quantize keys as they were before the rotary position embedding,
+            where channel offsets stand still instead of turning with the position (see
+            :mod:`quantcache.rope`). Needs a model with RoPE; not exported (serving
+            engines quantize keys after RoPE).
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -142,6 +145,7 @@ class KVQuantConfig:
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
     storage: Storage = Storage.FAKE
     sink_tokens: int = 0
+    pre_rope_keys: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -151,6 +155,8 @@ class KVQuantConfig:
             raise ConfigError(
                 f"sink_tokens: expected a whole number of tokens from 0 to {_MAX_SINK_TOKENS}, got {short_repr(sinks)}"
             )
+        if not isinstance(self.pre_rope_keys, bool):
+            raise ConfigError(f"pre_rope_keys: expected true or false, got {short_repr(self.pre_rope_keys)}")
         shared = QuantArgs(
             dtype=self.dtype,
             scope=self.scope,
@@ -221,7 +227,7 @@ class KVQuantConfig:
         if stream not in _STREAMS:
             raise ValueError(f"stream must be 'key' or 'value', got {stream!r}")
         for override in self.layers if module_name is not None else ():
-            if _matches_any(module_name, override.include):  # type: ignore[arg-type]
+            if matches_any(module_name, override.include):  # type: ignore[arg-type]
                 return override.key if stream == "key" else override.value
         return self.key_args if stream == "key" else self.value_args
 
@@ -232,7 +238,7 @@ class KVQuantConfig:
     # ------------------------------------------------------------------ layer selection
     def is_quantized(self, module_name: str) -> bool:
         """Whether the attention module called ``module_name`` gets its KV cache quantized."""
-        return _matches_any(module_name, self.include) and not _matches_any(module_name, self.exclude)
+        return matches_any(module_name, self.include) and not matches_any(module_name, self.exclude)
 
     def select(self, module_names: Sequence[str], *, warn_unmatched: bool = True) -> list[bool]:
         """Which of ``module_names`` are quantized; warn about patterns that match none of them.
@@ -278,6 +284,8 @@ class KVQuantConfig:
             data["storage"] = self.storage.value
         if self.sink_tokens:
             data["sink_tokens"] = self.sink_tokens
+        if self.pre_rope_keys:
+            data["pre_rope_keys"] = True
         return data
 
     @classmethod
@@ -315,7 +323,7 @@ class KVQuantConfig:
                 if not isinstance(overrides, Mapping):
                     raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
                 kwargs[stream] = QuantArgs.from_dict({**shared.to_dict(), **overrides}, where=f"qconfig.{stream}")
-        for key in ("include", "exclude", "layers", "storage", "sink_tokens"):
+        for key in ("include", "exclude", "layers", "storage", "sink_tokens", "pre_rope_keys"):
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         return cls(**kwargs)
@@ -422,39 +430,3 @@ class _BoundedLoader(yaml.SafeLoader):
                     f"config uses YAML aliases more than {self._MAX_ALIAS_USES} times; refusing it as malformed"
                 )
         return super().compose_node(parent, index)
-
-
-# ---------------------------------------------------------------------- pattern matching
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand ``{a,b}`` alternatives (nesting allowed) into plain glob patterns.
-
-    >>> expand_braces("model.layers.{0,1}.self_attn")
-    ['model.layers.0.self_attn', 'model.layers.1.self_attn']
-    """
-    match = _BRACE.search(pattern)
-    if match is None:
-        if "{" in pattern or "}" in pattern:
-            raise ConfigError(f"pattern {pattern!r} has unbalanced braces")
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    expanded: list[str] = []
-    for alternative in match.group(1).split(","):
-        expanded.extend(expand_braces(head + alternative + tail))
-    return expanded
-
-
-def _matches(name: str, pattern: str) -> bool:
-    # fnmatch's ``*`` already crosses dots; ``fnmatchcase`` keeps it case-sensitive on every OS.
-    return any(fnmatch.fnmatchcase(name, glob) for glob in expand_braces(pattern))
-
-
-def _matches_any(name: str, patterns: Iterable[str]) -> bool:
-    return any(_matches(name, pattern) for pattern in patterns)
-
-
-def match_module_names(pattern: str, module_names: Iterable[str]) -> list[str]:
-    """The names among ``module_names`` that ``pattern`` matches."""
-    return [name for name in module_names if _matches(name, pattern)]

@@ -11,6 +11,7 @@ import torch
 
 from .errors import CalibrationError
 from .quantizer import StreamName, StreamQuantizer
+from .rope import RopeTable
 from .scheme import QuantArgs
 
 __all__ = ["LayerQuantizer"]
@@ -21,7 +22,8 @@ class LayerQuantizer:
 
     ``enabled`` is False for layers that the config's include/exclude leaves out (and
     for layers that store no KV of their own): those pass through untouched and
-    collect nothing.
+    collect nothing. With :attr:`key_rope` set (``pre_rope_keys``), keys are observed
+    and quantized as they were before RoPE, and turned back after.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class LayerQuantizer:
         self.enabled = enabled
         self.sink_tokens = 0  # the first tokens of a sequence, kept in full precision (the cache sets it)
         self.token_mask: torch.Tensor | None = None
+        self.key_rope: RopeTable | None = None  # the layer's RoPE angles, when keys are quantized before RoPE
         self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
         self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
 
@@ -86,25 +89,35 @@ class LayerQuantizer:
             return 0
         return min(self.sink_tokens - start, new_tokens)
 
+    def keys_before_rope(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """``keys`` at positions ``start..`` as the quantizer sees them: turned back before RoPE when configured."""
+        return keys if self.key_rope is None else self.key_rope.rotate(keys, start, undo=True)
+
+    def keys_after_rope(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """The inverse of :meth:`keys_before_rope`: what attention reads."""
+        return keys if self.key_rope is None else self.key_rope.rotate(keys, start)
+
     def process(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, start: int | None = None
+        self, key_states: torch.Tensor, value_states: torch.Tensor, start: int = 0, *, keeps_sinks: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What a cache layer does with new states: observe them (calibrating) or quantize them (frozen).
 
-        ``start`` is the position of the first new token in its sequence, given by layers
-        that keep :attr:`sink_tokens` (full-attention ones): those pass through unchanged
-        and unobserved.
+        ``start`` is the position of the first new token in its sequence (the tokens the
+        layer has seen). Layers that keep :attr:`sink_tokens` (full-attention ones,
+        ``keeps_sinks``) pass those through unchanged and unobserved.
         """
         if not self.enabled:
             return key_states, value_states
-        sinks = self.sinks_among(key_states.shape[2], start)
+        sinks = self.sinks_among(key_states.shape[2], start if keeps_sinks else None)
         if sinks == key_states.shape[2]:
             return key_states, value_states
-        rest_keys, rest_values = key_states[:, :, sinks:], value_states[:, :, sinks:]
+        rest_keys = self.keys_before_rope(key_states[:, :, sinks:], start + sinks)
+        rest_values = value_states[:, :, sinks:]
         if not self.frozen:
             self.observe(rest_keys, rest_values, skipped=sinks)
             return key_states, value_states
         keys, values = self.fake_quantize(rest_keys, rest_values)
+        keys = self.keys_after_rope(keys, start + sinks)
         if sinks:
             keys = torch.cat([key_states[:, :, :sinks], keys], dim=2)
             values = torch.cat([value_states[:, :, :sinks], values], dim=2)

@@ -39,7 +39,12 @@ __all__ = [
     "PackedDynamicLayer",
     "PackedSlidingWindowLayer",
     "PackingLayerMixin",
-    "QuantizedDynamicLayer", "QuantizedSlidingWindowLayer", "QuantizingLayerMixin", "layer_memory", "quantizing_layer"]
+    "QuantizedDynamicLayer",
+    "QuantizedSlidingWindowLayer",
+    "QuantizingLayerMixin",
+    "layer_memory",
+    "quantizing_layer",
+]
 
 
 MIN_ROOM_TOKENS = 16
@@ -88,9 +93,7 @@ class GrowingStorage:
             length = history.shape[-2] if history is not None else 0
             needed = length + added
             capacity = needed + max(MIN_ROOM_TOKENS, needed // ROOM_FRACTION)
-            buffer = torch.empty(
-                (*new.shape[:2], capacity, new.shape[3]), dtype=new.dtype, device=new.device
-            )
+            buffer = torch.empty((*new.shape[:2], capacity, new.shape[3]), dtype=new.dtype, device=new.device)
             if history is not None:
                 buffer[:, :, :length].copy_(history)
             self.buffer, self.filled = buffer, length
@@ -197,21 +200,20 @@ class QuantizingLayerMixin:
     quantizer: LayerQuantizer | None = None
     keeps_sinks = True
 
-    def _start(self) -> int | None:
-        """Position of the next new token in its sequence (the tokens held), or ``None`` where sinks do not apply."""
-        if not self.keeps_sinks:
-            return None
-        keys = getattr(self, "keys", None)
-        if keys is None or not getattr(self, "is_initialized", True):
+    def _position(self) -> int:
+        """Position of the next new token in its sequence: the tokens this layer has seen."""
+        if not getattr(self, "is_initialized", True) or getattr(self, "keys", None) is None:
             return 0
-        return int(keys.shape[-2]) if keys.numel() else 0
+        return int(self.get_seq_length())  # type: ignore[attr-defined]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``key_states``/``value_states`` are the new ``(batch, kv_heads, new_tokens, head_dim)`` states."""
         if self.quantizer is not None:
-            key_states, value_states = self.quantizer.process(key_states, value_states, self._start())
+            key_states, value_states = self.quantizer.process(
+                key_states, value_states, self._position(), keeps_sinks=self.keeps_sinks
+            )
         result: tuple[torch.Tensor, torch.Tensor] = super().update(  # type: ignore[misc]
             key_states, value_states, *args, **kwargs
         )
@@ -257,16 +259,18 @@ class PackingLayerMixin(QuantizingLayerMixin):
                 "a packed cache starts empty: continue with cache.empty_copy() after freeze()"
             )
         self.states_dtype = key_states.dtype
-        start = self._start()
-        sinks = quantizer.sinks_among(key_states.shape[2], start)
+        start = self._position()
+        sinks = quantizer.sinks_among(key_states.shape[2], start if self.keeps_sinks else None)
         if sinks:
-            self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], int(start or 0))
-        key_rows = self._encode(quantizer.key, key_states, sinks)
+            self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], start)
+        key_rows = self._encode(quantizer.key, quantizer.keys_before_rope(key_states, start), sinks)
         value_rows = self._encode(quantizer.value, value_states, sinks)
         stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
             key_rows, value_rows, *args, **kwargs
         )
         keys = quantizer.key.decode(stored_keys, key_states.dtype)
+        # The rows returned end with the newest token: they start that many positions before the end.
+        keys = quantizer.keys_after_rope(keys, self._position() - keys.shape[2])
         values = quantizer.value.decode(stored_values, value_states.dtype)
         if self._sinks is not None:
             held = min(self._sinks[0].shape[2], keys.shape[2])

@@ -5,20 +5,26 @@ symmetric min/max). The others are the schemes that measured best per bit on tex
 unlike the calibration text (README, "Measured quality per bit"); their effective bits
 per element (at 1024 tokens, SmolLM2) are counted by :mod:`quantcache.accounting`. The
 presets other than ``seed`` learn one mean per kv head and channel from calibration
-text (so they need calibration, as the seed does) and keep the first token of every
-sequence, the attention sink, in full precision (``sink_tokens: 1``).
+text (so they need calibration, as the seed does), keep the first token of every
+sequence, the attention sink, in full precision (``sink_tokens: 1``) and quantize keys
+as they were before RoPE (``pre_rope_keys``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["MIX_CANDIDATES", "PRESETS", "preset_settings"]
+__all__ = ["CACHE_SETTINGS", "MIX_CANDIDATES", "PRESETS", "preset_settings"]
 
+CACHE_SETTINGS: dict[str, Any] = {"sink_tokens": 1, "pre_rope_keys": True}
+"""The whole-cache settings of every preset but ``seed`` (``suggest-bits`` mixes its schemes under them)."""
 _ROTATED = {"rotation": "hadamard", "rotation_seed": 0}
 # Dynamic, centred on calibrated channel means; the first token (the attention sink) kept in full precision.
-_CENTRED = {"dynamic": True, "center": True, "sink_tokens": 1}
-_SINK = "the first token in full precision"
+_CENTRED = {"dynamic": True, "center": True, **CACHE_SETTINGS}
+_SINK = "the first token in full precision; keys quantized before RoPE"
+
+# Keys before RoPE keep a wider, lopsided range than values: an int8 zero point pays for itself there.
+_INT8 = {"dtype": "int8", "scope": "per_token", "dynamic": True, "center": True, **_ROTATED}
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "seed": (
@@ -26,9 +32,9 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {},
     ),
     "int8": (
-        "INT8 symmetric per token and kv head, centred on calibrated channel means, after a randomized "
-        f"Hadamard rotation; ~8.28 bits + {_SINK}",
-        {"dtype": "int8", "scope": "per_token", "symmetric": True, **_CENTRED, **_ROTATED},
+        "INT8 per token and kv head (keys asymmetric, values symmetric), centred on calibrated channel means, "
+        f"after a randomized Hadamard rotation; ~8.41 bits + {_SINK}",
+        {**_INT8, "symmetric": True, "key": {**_INT8, "symmetric": False}, **CACHE_SETTINGS},
     ),
     "fp8": (
         f"FP8 e4m3 per token and kv head, scale = absmax / 448, centred on calibrated channel means; ~8.28 bits "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import EXIT_OK
-from ..presets import MIX_CANDIDATES
+from ..presets import CACHE_SETTINGS, MIX_CANDIDATES
 from ._common import add_data_options, add_model_options, check_data_usage, command_parser, note, positive_float
 from ._output import check_writable, write_text
 from ._steps import check_model_options, model_and_tokenizer, text_source, token_windows
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     check_data_usage(args)
     for spec in args.schemes:
         parse_candidate(spec)  # a bad scheme fails before the model loads
-    base = KVQuantConfig(exclude=tuple(args.exclude))
+    base = KVQuantConfig(exclude=tuple(args.exclude), **CACHE_SETTINGS)
     check_writable(args.output, "-o")
     check_writable(args.json, "--json")
     check_model_options(args)

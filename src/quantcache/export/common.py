@@ -150,6 +150,11 @@ class KVState:
                 f"{source}: the state keeps sink_tokens: {config.sink_tokens} in full precision, which serving "
                 "engines do not do (they quantize every token); calibrate without sink_tokens for deployment"
             )
+        if config.pre_rope_keys:
+            raise QuantStateError(
+                f"{source}: the state quantizes keys before RoPE (pre_rope_keys), but serving engines quantize "
+                "them after it; calibrate without pre_rope_keys for deployment"
+            )
         fields = ("min", "max", "scale", "zero_point")
         indices = sorted({int(name.split(".")[1]) for name in tensors if name.startswith("layers.")})
         if not indices:

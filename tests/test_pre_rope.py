@@ -117,6 +117,19 @@ def test_rotating_back_inverts_rotating_and_keeps_each_pairs_norm(
     assert torch.equal(RopeTable(inv_freq).rotate(keys, start), turned)
 
 
+@settings(max_examples=40, deadline=None)
+@given(start=st.integers(0, 100_000), length=st.integers(1, 300))
+def test_the_angles_are_position_times_frequency_for_any_range(start: int, length: int) -> None:
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(32, dtype=torch.float64) / 32)
+    table = RopeTable(inv_freq.float())
+    cos, sin = table._angles(start, start + length, torch.device("cpu"))
+    angles = torch.arange(start, start + length, dtype=torch.float64)[:, None] * inv_freq.float().double()[None]
+    torch.testing.assert_close(cos.double(), angles.cos(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=2e-6)
+    # What it keeps grows with the number of blocks, not of positions.
+    assert table._block[0].shape[0] <= max(16, 2 * (-(-(start + length) // RopeTable.BLOCK)))
+
+
 def test_rotation_keeps_the_states_dtype_and_refuses_too_few_channels() -> None:
     table = RopeTable(torch.tensor([1.0, 0.1]))
     keys = torch.randn(1, 1, 3, 4, dtype=torch.bfloat16)

@@ -86,31 +86,48 @@ def rope_frequencies(config: Any, layer_type: str | None = None) -> torch.Tensor
 
 
 class RopeTable:
-    """Cosines and sines of ``position * inv_freq`` for positions ``0..n-1``, grown on demand.
+    """Cosines and sines of ``position * inv_freq`` for any range of positions, without a per-position table.
 
-    One table serves every layer with the same frequencies; it doubles when a longer
-    position is asked for, so a decode step reads it instead of recomputing angles for
-    the whole history.
+    The cache holds no table that grows with the context: a table as long as the
+    context would add 4 % to a packed int4 cache of SmolLM2. Angles are split into a
+    block start (a multiple of :data:`BLOCK`, its table grown on demand, ``1 / BLOCK`` of
+    the context) and an offset within the block (a fixed table), and combined with the
+    angle-addition identities. Each range is computed the same way whenever it is
+    asked for, so undoing and redoing the turn agree to float32 rounding.
     """
+
+    BLOCK = 64
 
     def __init__(self, inv_freq: torch.Tensor) -> None:
         if inv_freq.ndim != 1 or not inv_freq.numel():
             raise ValueError(f"inv_freq must be a non-empty vector, got shape {tuple(inv_freq.shape)}")
         self.inv_freq = inv_freq.to(torch.float32)
-        self._cos = torch.empty(0, inv_freq.numel())
-        self._sin = torch.empty(0, inv_freq.numel())
+        offsets = torch.arange(self.BLOCK, dtype=torch.float64)[:, None] * self.inv_freq.double()[None]
+        self._offset = (offsets.cos().float(), offsets.sin().float())  # (BLOCK, rotary/2) each
+        self._block = (torch.empty(0, inv_freq.numel()), torch.empty(0, inv_freq.numel()))
 
     @property
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.numel()
 
+    def _blocks(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines at the first ``count`` block starts (at least), on ``device``."""
+        cos = self._block[0]
+        if count > cos.shape[0] or cos.device != device:
+            size = max(count, 2 * cos.shape[0], 16)
+            starts = torch.arange(size, dtype=torch.float64)[:, None] * self.BLOCK * self.inv_freq.double()[None]
+            self._block = (starts.cos().float().to(device), starts.sin().float().to(device))
+        return self._block
+
     def _angles(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if end > self._cos.shape[0] or self._cos.device != device:
-            size = max(end, 2 * self._cos.shape[0], 64)
-            # As the model computes them: float32 positions times float32 frequencies.
-            angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None]
-            self._cos, self._sin = angles.cos(), angles.sin()
-        return self._cos[start:end], self._sin[start:end]
+        """``(cos, sin)`` of positions ``start..end-1``, each ``(end - start, rotary/2)``, float32."""
+        first, last = start // self.BLOCK, -(-end // self.BLOCK)
+        block_cos, block_sin = (t[first:last, None] for t in self._blocks(last, device))
+        offset_cos, offset_sin = (t.to(device)[None] for t in self._offset)
+        cos = (block_cos * offset_cos - block_sin * offset_sin).reshape(-1, self.inv_freq.numel())
+        sin = (block_sin * offset_cos + block_cos * offset_sin).reshape(-1, self.inv_freq.numel())
+        skip = start - first * self.BLOCK
+        return cos[skip : skip + end - start], sin[skip : skip + end - start]
 
     def rotate(self, keys: torch.Tensor, start: int, *, undo: bool = False) -> torch.Tensor:
         """``keys`` ``(batch, kv_heads, seq, head_dim)`` at positions ``start..start+seq-1``, turned by RoPE.
@@ -122,9 +139,12 @@ class RopeTable:
             raise ValueError(f"keys have head_dim {keys.shape[-1]}, fewer than the {self.rotary_dim} rotary channels")
         cos, sin = self._angles(start, start + keys.shape[-2], keys.device)
         half = self.inv_freq.numel()
+        sign = -1.0 if undo else 1.0
         states = keys.to(torch.float32)
-        first, second, rest = states[..., :half], states[..., half : 2 * half], states[..., 2 * half :]
-        if undo:
-            sin = -sin
-        turned = torch.cat([first * cos - second * sin, second * cos + first * sin, rest], dim=-1)
+        first, second = states[..., :half], states[..., half : 2 * half]
+        turned = torch.empty_like(states)
+        turned_first, turned_second = turned[..., :half], turned[..., half : 2 * half]
+        torch.mul(first, cos, out=turned_first).addcmul_(second, sin, value=-sign)
+        torch.mul(second, cos, out=turned_second).addcmul_(first, sin, value=sign)
+        turned[..., 2 * half :] = states[..., 2 * half :]
         return turned.to(keys.dtype)

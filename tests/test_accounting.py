@@ -52,7 +52,8 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     "int4-per-token": (KVQuantConfig.preset("int4"), 64, 4 + 32 / HEAD_DIM + 32 / 64 + 16 / 64),
     "int3-per-token": (KVQuantConfig.preset("int3"), 64, 3 + 32 / HEAD_DIM + 32 / 64 + 16 / 64),
     "int2-per-token": (KVQuantConfig.preset("int2"), 64, 2 + 32 / HEAD_DIM + 32 / 64 + 16 / 64),
-    "int8-per-token": (KVQuantConfig.preset("int8"), 64, 8 + 16 / HEAD_DIM + 32 / 64 + 16 / 64),
+    # int8: keys asymmetric (scale and zero point), values symmetric (a scale): 24 bits a row on average
+    "int8-per-token": (KVQuantConfig.preset("int8"), 64, 8 + 24 / HEAD_DIM + 32 / 64 + 16 / 64),
     "int4-per-token-1024": (KVQuantConfig.preset("int4"), 1024, 4 + 32 / HEAD_DIM + 32 / 1024 + 16 / 1024),
     "fp8-per-token": (KVQuantConfig.preset("fp8"), 64, 8 + 16 / HEAD_DIM + 32 / 64 + 16 / 64),
     "fp8-per-token-uncentred": (KVQuantConfig(dtype="fp8_e4m3", scope="per_token", dynamic=True), 64, 9.0),

@@ -130,6 +130,19 @@ def test_the_angles_are_position_times_frequency_for_any_range(start: int, lengt
     assert table._block[0].shape[0] <= max(16, 2 * (-(-(start + length) // RopeTable.BLOCK)))
 
 
+def test_keys_that_carry_gradients_turn_the_same(llama: PreTrainedModel) -> None:
+    """A model run without ``torch.no_grad()`` hands the cache keys that require grad."""
+    table = RopeTable(rope_frequencies(llama.config))
+    keys = torch.randn(1, 2, 5, 16, requires_grad=True)
+    turned = table.rotate(keys, 7, undo=True)
+    assert turned.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(turned, table.rotate(keys, 7, undo=True))
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig.preset("int4"))
+    llama(_tokens(1, 6, seed=9), **{CACHE_KEYWORD: cache})  # calibrating with gradients on
+    llama(_tokens(1, 6, seed=9), **{CACHE_KEYWORD: cache.freeze().empty_copy()})
+
+
 def test_rotation_keeps_the_states_dtype_and_refuses_too_few_channels() -> None:
     table = RopeTable(torch.tensor([1.0, 0.1]))
     keys = torch.randn(1, 1, 3, 4, dtype=torch.bfloat16)

@@ -142,6 +142,10 @@ class RopeTable:
         sign = -1.0 if undo else 1.0
         states = keys.to(torch.float32)
         first, second = states[..., :half], states[..., half : 2 * half]
+        if states.requires_grad and torch.is_grad_enabled():  # autograd cannot follow the in-place form
+            sin = sin * sign
+            turned = torch.cat([first * cos - second * sin, second * cos + first * sin, states[..., 2 * half :]], -1)
+            return turned.to(keys.dtype)
         turned = torch.empty_like(states)
         turned_first, turned_second = turned[..., :half], turned[..., half : 2 * half]
         torch.mul(first, cos, out=turned_first).addcmul_(second, sin, value=-sign)

@@ -5,7 +5,7 @@ by ``position * inv_freq[i]``. What sets a key apart per channel (a large consta
 offset, a channel that is always big) is a property of the key before that turn:
 after it, the offset circles with the position, so a calibrated channel mean misses
 it and per-token ranges widen. Quantizing ``R(-position) k`` and storing ``R(position)``
-of the result removes that, exactly invertibly, without a hook: the cache knows each
+of the result removes that (the turns cancel to float32 rounding) without a hook: the cache knows each
 token's position (the tokens it already holds).
 
 The frequencies come from the model config (``rope_parameters`` in transformers 5,

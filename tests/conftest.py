@@ -9,6 +9,7 @@ mode under ``torch.no_grad``; tests must not modify them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -180,3 +181,27 @@ def generate_greedy(model: Any, cache: Any, prompt: torch.Tensor, **settings: An
         **{CACHE_KEYWORD: cache},
         **settings,
     )
+
+
+GENERATION_MODES: list[dict[str, Any]] = [{}, {"num_beams": 2}, {"assistant_model": "self"}]
+"""Greedy, beam search, and assisted decoding with the model as its own assistant (it crops the cache)."""
+
+
+def assert_packed_generates_like_fake(
+    model: Any, config: Any, calibration: torch.Tensor, prompt: torch.Tensor, mode: dict[str, Any]
+) -> None:
+    """Packed storage generates bit-exactly what fake storage does, under one of :data:`GENERATION_MODES`."""
+    from quantcache import CACHE_KEYWORD, QuantizedCalibratingCache
+    from quantcache.calibration import calibrate
+
+    sliding = "sliding_attention" in (getattr(model.config, "layer_types", None) or ())
+    if sliding and "assistant_model" in mode and CACHE_KEYWORD != "cache":
+        pytest.skip("transformers 4.x cannot crop a sliding-window layer past its window (assisted decoding)")
+    settings = {**mode, "assistant_model": model} if "assistant_model" in mode else mode
+    fake = calibrate(model, calibration, quant_config=config, progress=False)
+    packed = QuantizedCalibratingCache(model, replace(config, storage="packed"))
+    packed.load_state_dict(fake.state_dict())
+    expected = generate_greedy(model, fake.empty_copy(), prompt, **settings)
+    got = generate_greedy(model, packed, prompt, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))

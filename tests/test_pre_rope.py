@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import build_model, gemma3_config, generate_greedy, llama_config, qwen3_config
+from conftest import (
+    GENERATION_MODES,
+    assert_packed_generates_like_fake,
+    build_model,
+    gemma3_config,
+    llama_config,
+    qwen3_config,
+)
 from conftest import random_tokens as _tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -277,21 +284,12 @@ def test_qwen3_config_helper_is_rope_default() -> None:
     assert rope_frequencies(gemma3_config(), "full_attention").numel() * 2 == gemma3_config().head_dim
 
 
-@pytest.mark.parametrize("mode", [{}, {"num_beams": 2}, {"assistant_model": "self"}])
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_packed_storage_generates_exactly_what_fake_storage_generates(
     request: pytest.FixtureRequest, arch: str, mode: dict[str, Any]
 ) -> None:
     """Beam reordering and assisted decoding's crops move tokens; their positions must follow, bit for bit."""
-    if arch == "gemma3" and "assistant_model" in mode and CACHE_KEYWORD != "cache":
-        pytest.skip("transformers 4.x cannot crop a sliding-window layer past its window (assisted decoding)")
     model = request.getfixturevalue(arch)
-    settings = {**mode, "assistant_model": model} if "assistant_model" in mode else mode
     config = KVQuantConfig.preset("int4")
-    fake = calibrate(model, _tokens(2, 16, seed=10), quant_config=config, progress=False)
-    packed = QuantizedCalibratingCache(model, KVQuantConfig.preset("int4", storage="packed"))
-    packed.load_state_dict(fake.state_dict())
-    expected = generate_greedy(model, fake.empty_copy(), _tokens(1, 6, seed=11), **settings)
-    got = generate_greedy(model, packed, _tokens(1, 6, seed=11), **settings)
-    assert torch.equal(got.sequences, expected.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))
+    assert_packed_generates_like_fake(model, config, _tokens(2, 16, seed=10), _tokens(1, 6, seed=11), mode)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import generate_greedy
+from conftest import GENERATION_MODES, assert_packed_generates_like_fake
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
@@ -88,27 +88,14 @@ def test_the_padding_mask_still_lines_up_after_the_sinks(llama: PreTrainedModel)
                 torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def _generate(model: PreTrainedModel, cache: QuantizedCalibratingCache, **settings: Any) -> Any:
-    return generate_greedy(model, cache, _tokens(1, 6, seed=4), **settings)
-
-
-@pytest.mark.parametrize("mode", [{}, {"num_beams": 2}, {"assistant_model": "self"}])
+@pytest.mark.parametrize("mode", GENERATION_MODES)
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_packed_storage_generates_what_fake_storage_generates(
     request: pytest.FixtureRequest, arch: str, mode: dict[str, Any]
 ) -> None:
-    if arch == "gemma3" and "assistant_model" in mode and CACHE_KEYWORD != "cache":
-        pytest.skip("transformers 4.x cannot crop a sliding-window layer past its window (assisted decoding)")
-    model = request.getfixturevalue(arch)
-    settings = {**mode, "assistant_model": model} if "assistant_model" in mode else mode
     config = KVQuantConfig(**INT4, center=True, method="mse", rotation="hadamard", sink_tokens=2)
-    fake = calibrate(model, _tokens(2, 16, seed=1), quant_config=config, progress=False)
-    packed = QuantizedCalibratingCache(model, KVQuantConfig(**{**config.__dict__, "storage": "packed"}))
-    packed.load_state_dict(fake.state_dict())
-    expected = _generate(model, fake.empty_copy(), **settings)
-    got = _generate(model, packed, **settings)
-    assert torch.equal(got.sequences, expected.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))
+    model = request.getfixturevalue(arch)
+    assert_packed_generates_like_fake(model, config, _tokens(2, 16, seed=1), _tokens(1, 6, seed=4), mode)
 
 
 def test_batch_operations_carry_the_sinks_along(llama: PreTrainedModel) -> None:

@@ -283,18 +283,21 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         )
 
     def _set_key_rope(self, decoder_config: PretrainedConfig) -> None:
-        """Give every quantized layer its RoPE angles (one table per distinct set of frequencies)."""
+        """Give every quantized layer its RoPE angles: one table per layer type, shared by its layers."""
         layer_types = getattr(decoder_config, "layer_types", None) or [None] * len(self.quantizers)
-        tables: dict[tuple[float, ...], RopeTable] = {}
+        tables: dict[str | None, RopeTable] = {}
         for quantizer, layer_type in zip(self.quantizers, layer_types, strict=False):
-            if quantizer.enabled:
+            if not quantizer.enabled:
+                continue
+            if layer_type not in tables:
                 inv_freq = rope_frequencies(decoder_config, layer_type)
                 if self.head_dim is not None and inv_freq.numel() * 2 > self.head_dim:
                     raise ConfigError(
                         f"pre_rope_keys: the config's RoPE turns {inv_freq.numel() * 2} channels, more than "
                         f"head_dim {self.head_dim}; set pre_rope_keys: false for this model"
                     )
-                quantizer.key_rope = tables.setdefault(tuple(inv_freq.tolist()), RopeTable(inv_freq))
+                tables[layer_type] = RopeTable(inv_freq)
+            quantizer.key_rope = tables[layer_type]
 
     def sinks_held(self, seq_len: int) -> list[int]:
         """Sink tokens each layer keeps in full precision after ``seq_len`` tokens (none in sliding-window layers)."""

@@ -83,9 +83,9 @@ class LayerQuantizer:
     def fake_quantize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key.fake_quantize(key_states), self.value.fake_quantize(value_states)
 
-    def sinks_among(self, new_tokens: int, start: int | None) -> int:
-        """How many of ``new_tokens`` arriving at position ``start`` are sink tokens (``None``: no sinks here)."""
-        if start is None or not self.enabled or start >= self.sink_tokens:
+    def sinks_among(self, new_tokens: int, start: int, *, keeps_sinks: bool = True) -> int:
+        """How many of ``new_tokens`` arriving at position ``start`` are sink tokens (none unless ``keeps_sinks``)."""
+        if not keeps_sinks or not self.enabled or start >= self.sink_tokens:
             return 0
         return min(self.sink_tokens - start, new_tokens)
 
@@ -108,7 +108,7 @@ class LayerQuantizer:
         """
         if not self.enabled:
             return key_states, value_states
-        sinks = self.sinks_among(key_states.shape[2], start if keeps_sinks else None)
+        sinks = self.sinks_among(key_states.shape[2], start, keeps_sinks=keeps_sinks)
         if sinks == key_states.shape[2]:
             return key_states, value_states
         rest_keys = self.keys_before_rope(key_states[:, :, sinks:], start + sinks)

@@ -202,8 +202,6 @@ class QuantizingLayerMixin:
 
     def _position(self) -> int:
         """Position of the next new token in its sequence: the tokens this layer has seen."""
-        if not getattr(self, "is_initialized", True) or getattr(self, "keys", None) is None:
-            return 0
         return int(self.get_seq_length())  # type: ignore[attr-defined]
 
     def update(
@@ -260,7 +258,7 @@ class PackingLayerMixin(QuantizingLayerMixin):
             )
         self.states_dtype = key_states.dtype
         start = self._position()
-        sinks = quantizer.sinks_among(key_states.shape[2], start if self.keeps_sinks else None)
+        sinks = quantizer.sinks_among(key_states.shape[2], start, keeps_sinks=self.keeps_sinks)
         if sinks:
             self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], start)
         key_rows = self._encode(quantizer.key, quantizer.keys_before_rope(key_states, start), sinks)

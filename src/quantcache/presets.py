@@ -19,12 +19,13 @@ __all__ = ["CACHE_SETTINGS", "MIX_CANDIDATES", "PRESETS", "preset_settings"]
 CACHE_SETTINGS: dict[str, Any] = {"sink_tokens": 1, "pre_rope_keys": True}
 """The whole-cache settings of every preset but ``seed`` (``suggest-bits`` mixes its schemes under them)."""
 _ROTATED = {"rotation": "hadamard", "rotation_seed": 0}
-# Dynamic, centred on calibrated channel means; the first token (the attention sink) kept in full precision.
-_CENTRED = {"dynamic": True, "center": True, **CACHE_SETTINGS}
+_DYNAMIC_CENTRED = {"dynamic": True, "center": True}  # a stream's: per-token ranges around calibrated means
+# ... and the whole cache's: the first token (the attention sink) in full precision, keys before RoPE.
+_CENTRED = {**_DYNAMIC_CENTRED, **CACHE_SETTINGS}
 _SINK = "the first token in full precision; keys quantized before RoPE"
 
 # Keys before RoPE keep a wider, lopsided range than values: an int8 zero point pays for itself there.
-_INT8 = {"dtype": "int8", "scope": "per_token", "dynamic": True, "center": True, **_ROTATED}
+_INT8 = {"dtype": "int8", "scope": "per_token", **_DYNAMIC_CENTRED, **_ROTATED}
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "seed": (

@@ -110,20 +110,22 @@ class RopeTable:
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.numel()
 
-    def _blocks(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosines and sines at the first ``count`` block starts (at least), on ``device``."""
-        cos = self._block[0]
-        if count > cos.shape[0] or cos.device != device:
-            size = max(count, 2 * cos.shape[0], 16)
+    def _tables(self, blocks: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(block_cos, block_sin, offset_cos, offset_sin)`` on ``device``, covering ``blocks`` block starts."""
+        if blocks > self._block[0].shape[0]:
+            size = max(blocks, 2 * self._block[0].shape[0], 16)
             starts = torch.arange(size, dtype=torch.float64)[:, None] * self.BLOCK * self.inv_freq.double()[None]
-            self._block = (starts.cos().float().to(device), starts.sin().float().to(device))
-        return self._block
+            self._block = (starts.cos().float(), starts.sin().float())
+        if self._block[0].device != device or self._offset[0].device != device:  # moved once, not every call
+            self._block = (self._block[0].to(device), self._block[1].to(device))
+            self._offset = (self._offset[0].to(device), self._offset[1].to(device))
+        return (*self._block, *self._offset)
 
     def _angles(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of positions ``start..end-1``, each ``(end - start, rotary/2)``, float32."""
         first, last = start // self.BLOCK, -(-end // self.BLOCK)
-        block_cos, block_sin = (t[first:last, None] for t in self._blocks(last, device))
-        offset_cos, offset_sin = (t.to(device)[None] for t in self._offset)
+        block_cos, block_sin, offset_cos, offset_sin = self._tables(last, device)
+        block_cos, block_sin = block_cos[first:last, None], block_sin[first:last, None]
         cos = (block_cos * offset_cos - block_sin * offset_sin).reshape(-1, self.inv_freq.numel())
         sin = (block_sin * offset_cos + block_cos * offset_sin).reshape(-1, self.inv_freq.numel())
         skip = start - first * self.BLOCK

@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"observers"},
     {"state_fields"},
     {"serialization"},
-    {"quantizer", "layer_quantizer", "layers", "model_info", "cache_state", "cache"},
+    {"quantizer", "layer_quantizer", "growing_storage", "layers", "model_info", "cache_state", "cache"},
     {"calibration", "evaluation", "sensitivity", "bit_allocation", "distributed", "progress", "data", "fetch"}
     | {"models", "report"},
     {"export", "cli"},

@@ -13,7 +13,8 @@ For one stream of one layer holding ``seq_len`` tokens of ``kv_heads`` heads of
   asymmetric), spread over every element they serve at this length,
 
 and a layer the config leaves unquantized costs the model dtype's bits, as do the sink
-tokens a quantized layer keeps in full precision (on top of their rows). The result is
+tokens and the residual window a quantized layer keeps in full precision (on top of
+their rows). The result is
 what a packed cache holds; a fake-quantized cache keeps states in the model dtype but
 measures the same scheme.
 """
@@ -55,27 +56,27 @@ def effective_bits(
     *,
     unquantized_bits: int = 16,
     layer_tokens: Sequence[int] | None = None,
-    layer_sinks: Sequence[int] | None = None,
+    layer_copies: Sequence[int] | None = None,
 ) -> float:
     """Bits per held element over layers and both streams; ``None`` marks an unquantized layer.
 
     ``layer_tokens`` is how many tokens each layer holds (a sliding-window layer keeps
     fewer than ``seq_len``); layers are weighted by it. Default: ``seq_len`` everywhere.
-    ``layer_sinks`` is how many of them a quantized layer also keeps in full precision
-    (sink tokens, ``unquantized_bits`` each). Default: none.
+    ``layer_copies`` is how many of them a quantized layer also keeps in full precision
+    (sink tokens and the residual window, ``unquantized_bits`` each). Default: none.
     """
     if not layer_args:
         raise ValueError("no layers to count")
     tokens = list(layer_tokens) if layer_tokens is not None else [seq_len] * len(layer_args)
-    sinks = list(layer_sinks) if layer_sinks is not None else [0] * len(layer_args)
+    copies = list(layer_copies) if layer_copies is not None else [0] * len(layer_args)
     total = weight = 0.0
-    for entry, held, sink in zip(layer_args, tokens, sinks, strict=True):
+    for entry, held, copied in zip(layer_args, tokens, copies, strict=True):
         if held <= 0:
             continue
         if entry is None:
             total += 2 * unquantized_bits * held
         else:
             total += sum(stream_bits(args, kv_heads, head_dim, held) for args in entry) * held
-            total += 2 * unquantized_bits * min(sink, held)
+            total += 2 * unquantized_bits * copied
         weight += 2 * held
     return total / weight if weight else 0.0

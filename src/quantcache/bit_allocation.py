@@ -201,8 +201,8 @@ def suggest_bits(
     seq_len = int(windows.shape[1])
     held = first.held_tokens(seq_len)
     fixed = sum(2 * UNQUANTIZED_BITS * held[q.index] for q in first.quantizers if not q.enabled)
-    sinks = first.sinks_held(seq_len)
-    fixed += sum(2 * UNQUANTIZED_BITS * sinks[q.index] for q in quantized)  # the sinks' copies, whatever the scheme
+    copies = first.full_precision_held(seq_len)
+    fixed += sum(2 * UNQUANTIZED_BITS * copies[q.index] for q in quantized)  # sinks and window, whatever the scheme
     allowance = budget * sum(2 * tokens for tokens in held) - fixed
     costs = [
         [

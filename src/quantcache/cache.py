@@ -139,6 +139,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         ]
         for quantizer in self.quantizers:
             quantizer.sink_tokens = self.quant_config.sink_tokens
+            quantizer.residual_window = self.quant_config.residual_window
         if self.quant_config.pre_rope_keys:
             self._set_key_rope(decoder_config)
         self._install_layers()
@@ -265,7 +266,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
 
         Codes, per-row parameters and flags, calibrated scales, zero points and centers,
         and ``unquantized_bits`` (the model dtype) for the layers left unquantized and for
-        the sink tokens' full-precision copies.
+        the full-precision copies of sink tokens and of the residual window.
         """
         if self.kv_heads is None or self.head_dim is None:
             raise CalibrationError("the model config does not say kv_heads and head_dim; cannot count bits")
@@ -279,7 +280,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             seq_len,
             unquantized_bits=unquantized_bits,
             layer_tokens=self.held_tokens(seq_len)[: len(layers)],
-            layer_sinks=self.sinks_held(seq_len)[: len(layers)],
+            layer_copies=self.full_precision_held(seq_len)[: len(layers)],
         )
 
     def _set_key_rope(self, decoder_config: PretrainedConfig) -> None:
@@ -303,6 +304,19 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         """Sink tokens each layer keeps in full precision after ``seq_len`` tokens (none in sliding-window layers)."""
         sinks = min(self.quant_config.sink_tokens, seq_len)
         return [sinks if getattr(layer, "keeps_sinks", True) else 0 for layer in self.layers[: len(self.quantizers)]]
+
+    def full_precision_held(self, seq_len: int) -> list[int]:
+        """Tokens each layer keeps in full precision on top of their codes after ``seq_len`` tokens.
+
+        Its sink tokens (:meth:`sinks_held`) and its residual window, the newest
+        ``residual_window`` of the tokens it holds (the two are counted apart even where they
+        overlap in a short sequence: both copies are kept).
+        """
+        window = self.quant_config.residual_window
+        return [
+            sinks + min(window, held)
+            for sinks, held in zip(self.sinks_held(seq_len), self.held_tokens(seq_len), strict=True)
+        ]
 
     def held_tokens(self, seq_len: int) -> list[int]:
         """Tokens each layer holds after ``seq_len`` tokens (a sliding-window layer keeps at most window - 1)."""

@@ -59,13 +59,24 @@ _SHARED_FIELDS = (
     "rotation_seed",
     "center",
 )
-_ITEM_KEYS = ("type", "qconfig", "include", "exclude", "layers", "storage", "sink_tokens", "pre_rope_keys")
+_ITEM_KEYS = (
+    "type",
+    "qconfig",
+    "include",
+    "exclude",
+    "layers",
+    "storage",
+    "sink_tokens",
+    "residual_window",
+    "pre_rope_keys",
+)
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
 # (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
 _MAX_PATTERNS = 1024
 _MAX_PATTERN_LENGTH = 512
 _MAX_SINK_TOKENS = 1024  # a handful is what helps; more is a full-precision window, not sinks
+_MAX_RESIDUAL_WINDOW = 65536  # tokens; a window that long is an unquantized cache, not a window
 
 
 def _key_text(key: Any) -> str:
@@ -122,6 +133,11 @@ class KVQuantConfig:
             the statistics in full-attention layers (sliding windows evict them anyway):
             the BOS "attention sink" draws much of every query's attention, and keeping
             it costs one token of the model dtype whatever the context length.
+        residual_window: the most recent tokens of every layer, returned in full precision
+            until that many newer tokens have followed them (KIVI's residual): queries
+            attend most to their nearest keys. Every token is still stored quantized when it
+            arrives, so the window is a full-precision copy on top of its codes, counted in
+            effective bits; a token is read back from its codes once it leaves the window.
         pre_rope_keys: quantize keys as they were before the rotary position embedding,
             where channel offsets stand still instead of turning with the position (see
             :mod:`quantcache.rope`). Needs a model with RoPE; not exported (serving
@@ -145,6 +161,7 @@ class KVQuantConfig:
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
     storage: Storage = Storage.FAKE
     sink_tokens: int = 0
+    residual_window: int = 0
     pre_rope_keys: bool = False
 
     def __post_init__(self) -> None:
@@ -154,6 +171,12 @@ class KVQuantConfig:
         if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks <= _MAX_SINK_TOKENS:
             raise ConfigError(
                 f"sink_tokens: expected a whole number of tokens from 0 to {_MAX_SINK_TOKENS}, got {short_repr(sinks)}"
+            )
+        window = self.residual_window
+        if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= _MAX_RESIDUAL_WINDOW:
+            raise ConfigError(
+                f"residual_window: expected a whole number of tokens from 0 to {_MAX_RESIDUAL_WINDOW}, "
+                f"got {short_repr(window)}"
             )
         if not isinstance(self.pre_rope_keys, bool):
             raise ConfigError(f"pre_rope_keys: expected true or false, got {short_repr(self.pre_rope_keys)}")
@@ -284,6 +307,8 @@ class KVQuantConfig:
             data["storage"] = self.storage.value
         if self.sink_tokens:
             data["sink_tokens"] = self.sink_tokens
+        if self.residual_window:
+            data["residual_window"] = self.residual_window
         if self.pre_rope_keys:
             data["pre_rope_keys"] = True
         return data
@@ -323,7 +348,7 @@ class KVQuantConfig:
                 if not isinstance(overrides, Mapping):
                     raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
                 kwargs[stream] = QuantArgs.from_dict({**shared.to_dict(), **overrides}, where=f"qconfig.{stream}")
-        for key in ("include", "exclude", "layers", "storage", "sink_tokens", "pre_rope_keys"):
+        for key in _ITEM_KEYS[2:]:
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         return cls(**kwargs)

@@ -40,6 +40,7 @@ class LayerQuantizer:
         self.name = name
         self.enabled = enabled
         self.sink_tokens = 0  # the first tokens of a sequence, kept in full precision (the cache sets it)
+        self.residual_window = 0  # the newest tokens, read back in full precision (the cache sets it)
         self.token_mask: torch.Tensor | None = None
         self.key_rope: RopeTable | None = None  # the layer's RoPE angles, when keys are quantized before RoPE
         self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)

@@ -9,19 +9,12 @@ its base class's own logic, so sliding windows, cropping, beam reordering and ba
 expansion stay exactly Transformers'. A storage that keeps codes instead of
 dequantized states is one more class here.
 
-Appending: ``DynamicLayer`` concatenates the whole history with each new token
-(``torch.cat``), which copies every stored byte at every decode step. The non-sliding
-layers here append into room reserved ahead (:class:`GrowingStorage`): a decode step
-copies only its new tokens, and the reserved room is 1/:data:`ROOM_FRACTION` of the
-tokens held (at least :data:`MIN_ROOM_TOKENS`), reported by ``memory_report`` as
-``reserved``.
-What ``update`` returns is a view of the filled part; a tensor returned earlier is
-never written again (after a crop, the next append moves to a fresh buffer).
+Appending into room reserved ahead (instead of re-concatenating the history at every
+decode step) is :mod:`quantcache.growing_storage`.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +23,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .errors import CalibrationError
 from .formats import FormatKind
+from .growing_storage import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingLayerMixin, GrowingStorage
 from .layer_quantizer import LayerQuantizer
 
 __all__ = [
@@ -47,147 +41,6 @@ __all__ = [
 ]
 
 
-MIN_ROOM_TOKENS = 16
-ROOM_FRACTION = 64  # room ahead, as a fraction of the history: 1.6 % more bytes, one history copy per 64 steps
-
-
-class GrowingStorage:
-    """One stream's history ``(batch, kv_heads, seq, row)`` kept in a buffer with room to append.
-
-    ``self.buffer`` is ``(batch, kv_heads, capacity, row)``; the layer's ``keys`` (or
-    ``values``) is the view ``buffer[..., :length, :]``. An append copies into the room
-    when the stored tensor is still that view and covers every position written so far;
-    anything else (a first update, a crop, a beam reorder or batch change that replaced
-    the tensor, offloading, a buffer made under ``torch.inference_mode`` used outside it)
-    moves the history into a new buffer, sized ``needed + max(MIN_ROOM_TOKENS, needed // ROOM_FRACTION)``.
-    """
-
-    __slots__ = ("buffer", "filled")
-
-    def __init__(self) -> None:
-        self.buffer: torch.Tensor | None = None
-        self.filled = 0
-
-    def _holds(self, stored: torch.Tensor) -> bool:
-        buffer = self.buffer
-        return (
-            buffer is not None
-            and stored.dim() == 4
-            and stored.data_ptr() == buffer.data_ptr()
-            and stored.shape[-2] == self.filled
-            and stored.stride() == buffer.stride()
-            and stored.shape[:2] == buffer.shape[:2]
-            and stored.shape[3] == buffer.shape[3]
-            and stored.dtype == buffer.dtype
-            and stored.device == buffer.device
-            and (not buffer.is_inference() or torch.is_inference_mode_enabled())
-        )
-
-    def append(self, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """``stored`` (the layer's current history, possibly empty) followed by ``new``, as a view."""
-        added = new.shape[-2]
-        if self._holds(stored) and self.buffer is not None and self.filled + added <= self.buffer.shape[-2]:
-            buffer = self.buffer
-        else:
-            history = stored if stored.numel() else None
-            length = history.shape[-2] if history is not None else 0
-            needed = length + added
-            capacity = needed + max(MIN_ROOM_TOKENS, needed // ROOM_FRACTION)
-            buffer = torch.empty((*new.shape[:2], capacity, new.shape[3]), dtype=new.dtype, device=new.device)
-            if history is not None:
-                buffer[:, :, :length].copy_(history)
-            self.buffer, self.filled = buffer, length
-        start = self.filled
-        buffer[:, :, start : start + added].copy_(new)
-        self.filled = start + added
-        return buffer[:, :, : self.filled]
-
-    def reserved_bytes(self, stored: torch.Tensor | None) -> int:
-        """Bytes of the buffer beyond ``stored`` (0 when ``stored`` is not a view of it)."""
-        buffer = self.buffer
-        if buffer is None or stored is None or stored.data_ptr() != buffer.data_ptr():
-            return 0
-        return (buffer.numel() - stored.numel()) * buffer.element_size()
-
-    def release(self) -> None:
-        self.buffer, self.filled = None, 0
-
-
-class GrowingLayerMixin:
-    """``DynamicLayer`` storage that appends into reserved room instead of re-concatenating (see the module docstring).
-
-    Falls back to the base layer's concatenation for states that require grad (an
-    in-place copy would tie the buffer into the autograd graph).
-    """
-
-    _key_storage: GrowingStorage | None = None
-    _value_storage: GrowingStorage | None = None
-    keys: Any  # the base layer's stored tensors (None before the first update)
-    values: Any
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new ``(batch, kv_heads, new_tokens, row)`` states; return the whole history (views)."""
-        if key_states.requires_grad or value_states.requires_grad:
-            self.release_storage()
-            result: tuple[torch.Tensor, torch.Tensor] = super().update(  # type: ignore[misc]
-                key_states, value_states, *args, **kwargs
-            )
-            return result
-        if self.keys is None or not getattr(self, "is_initialized", True):
-            self._initialize(key_states, value_states)
-        if self._key_storage is None or self._value_storage is None:
-            self._key_storage, self._value_storage = GrowingStorage(), GrowingStorage()
-        self.keys = self._key_storage.append(self.keys, key_states)
-        self.values = self._value_storage.append(self.values, value_states)
-        return self.keys, self.values
-
-    def _initialize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """The base layer's lazy initialization: ``(keys, values)`` from transformers 5, ``(keys)`` in 4.x."""
-        initialize = self.lazy_initialization  # type: ignore[attr-defined]
-        if len(inspect.signature(initialize).parameters) >= 2:
-            initialize(key_states, value_states)
-        else:
-            initialize(key_states)
-
-    def reserved_bytes(self) -> int:
-        """Bytes reserved for tokens not yet written."""
-        total = 0
-        for storage, stored in ((self._key_storage, self.keys), (self._value_storage, self.values)):
-            if storage is not None:
-                total += storage.reserved_bytes(stored)
-        return total
-
-    def release_storage(self) -> None:
-        """Forget the buffers (the next append moves the history into new ones)."""
-        for storage in (self._key_storage, self._value_storage):
-            if storage is not None:
-                storage.release()
-
-    # Operations that replace ``keys``/``values`` drop the buffers they no longer view, so the
-    # old ones are not kept alive next to the new tensors until the next append.
-    def reset(self) -> None:
-        self.release_storage()
-        super().reset()  # type: ignore[misc]
-
-    def offload(self) -> None:
-        self.release_storage()
-        super().offload()  # type: ignore[misc]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)  # type: ignore[misc]
-        self.release_storage()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)  # type: ignore[misc]
-        self.release_storage()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)  # type: ignore[misc]
-        self.release_storage()
-
-
 class QuantizingLayerMixin:
     """Passes new states through ``self.quantizer`` before the base layer stores them.
 
@@ -195,27 +48,114 @@ class QuantizingLayerMixin:
     quantizer) leaves the layer a plain one. Full-attention layers tell the quantizer
     where the new tokens start, so it keeps the config's sink tokens in full precision;
     sliding-window layers (``keeps_sinks = False``) evict those tokens anyway.
+
+    Residual window (``residual_window: R``): every token is stored quantized when it
+    arrives, and the layer also keeps the full-precision states of the last ``R`` tokens,
+    which it returns in place of their stored ones. A token is therefore read back from
+    its codes once ``R`` newer tokens have followed it, whether they came one at a time or
+    in one chunk. The copy follows cropping, beam reordering and batch changes; a crop
+    shortens it (the tokens before it were stored quantized and stay so).
     """
 
     quantizer: LayerQuantizer | None = None
     keeps_sinks = True
+    # The residual window's full-precision (keys, values), each (batch, kv_heads, <= window, head_dim).
+    _recent: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _position(self) -> int:
         """Position of the next new token in its sequence: the tokens this layer has seen."""
         return int(self.get_seq_length())  # type: ignore[attr-defined]
 
+    def _window(self) -> int:
+        """The residual window this layer keeps now: only a frozen, enabled quantizer's."""
+        quantizer = self.quantizer
+        if quantizer is None or not quantizer.enabled or not quantizer.frozen:
+            return 0
+        return quantizer.residual_window
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``key_states``/``value_states`` are the new ``(batch, kv_heads, new_tokens, head_dim)`` states."""
+        window = self._window()
+        new_keys, new_values = key_states, value_states
         if self.quantizer is not None:
-            key_states, value_states = self.quantizer.process(
+            new_keys, new_values = self.quantizer.process(
                 key_states, value_states, self._position(), keeps_sinks=self.keeps_sinks
             )
-        result: tuple[torch.Tensor, torch.Tensor] = super().update(  # type: ignore[misc]
-            key_states, value_states, *args, **kwargs
+        keys, values = super().update(new_keys, new_values, *args, **kwargs)  # type: ignore[misc]
+        if not window:
+            return keys, values
+        self._keep_recent(key_states, value_states, window)
+        return self._with_recent(keys, values, in_place=False)
+
+    def _keep_recent(self, key_states: torch.Tensor, value_states: torch.Tensor, window: int) -> None:
+        """Add new full-precision states to the residual window and keep its last ``window`` tokens."""
+        if self._recent is not None:
+            key_states = torch.cat([self._recent[0].to(key_states.device), key_states], dim=2)
+            value_states = torch.cat([self._recent[1].to(value_states.device), value_states], dim=2)
+        self._recent = (key_states[:, :, -window:].clone(), value_states[:, :, -window:].clone())
+
+    def _with_recent(
+        self, keys: torch.Tensor, values: torch.Tensor, *, in_place: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history with its newest tokens replaced by the residual window's full-precision states.
+
+        ``in_place`` writes into ``keys``/``values`` (fresh tensors, such as decoded rows); otherwise the
+        result is new tensors, since the base layer's may be views of what it stores.
+        """
+        if self._recent is None:
+            return keys, values
+        held = min(self._recent[0].shape[2], keys.shape[2])
+        if not held:
+            return keys, values
+        recent_keys = self._recent[0][:, :, -held:].to(device=keys.device, dtype=keys.dtype)
+        recent_values = self._recent[1][:, :, -held:].to(device=values.device, dtype=values.dtype)
+        if in_place:
+            keys[:, :, -held:] = recent_keys
+            values[:, :, -held:] = recent_values
+            return keys, values
+        return (
+            torch.cat([keys[:, :, : keys.shape[2] - held], recent_keys], dim=2),
+            torch.cat([values[:, :, : values.shape[2] - held], recent_values], dim=2),
         )
-        return result
+
+    def _map_copies(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``change`` to every full-precision copy the layer keeps (a batch operation)."""
+        if self._recent is not None:
+            self._recent = (change(self._recent[0]), change(self._recent[1]))
+
+    def recent_bytes(self) -> int:
+        """Bytes of the residual window's full-precision states."""
+        return 0 if self._recent is None else sum(t.numel() * t.element_size() for t in self._recent)
+
+    # The full-precision copies follow every operation that changes the base class's batch or length.
+    def reset(self) -> None:
+        self._recent = None
+        super().reset()  # type: ignore[misc]
+
+    def crop(self, max_length: int) -> None:
+        before = self._position()
+        super().crop(max_length)  # type: ignore[misc]
+        self._cropped(before - self._position())
+
+    def _cropped(self, removed: int) -> None:
+        """Drop the copies of the ``removed`` newest tokens."""
+        if self._recent is not None and removed > 0:
+            kept = max(self._recent[0].shape[2] - removed, 0)
+            self._recent = (self._recent[0][:, :, :kept], self._recent[1][:, :, :kept])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # type: ignore[misc]
+        self._map_copies(lambda copy: copy[beam_idx.to(copy.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)  # type: ignore[misc]
+        self._map_copies(lambda copy: copy.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)  # type: ignore[misc]
+        self._map_copies(lambda copy: copy[indices, ...])
 
 
 class PackingLayerMixin(QuantizingLayerMixin):
@@ -274,6 +214,10 @@ class PackingLayerMixin(QuantizingLayerMixin):
             held = min(self._sinks[0].shape[2], keys.shape[2])
             keys[:, :, :held] = self._sinks[0][:, :, :held].to(keys.device)
             values[:, :, :held] = self._sinks[1][:, :, :held].to(values.device)
+        window = quantizer.residual_window
+        if window:
+            self._keep_recent(key_states, value_states, window)
+            keys, values = self._with_recent(keys, values, in_place=True)
         return keys, values
 
     @staticmethod
@@ -295,8 +239,8 @@ class PackingLayerMixin(QuantizingLayerMixin):
                 torch.cat([self._sinks[1][:, :, :start], values], dim=2),
             )
 
-    def _map_sinks(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply ``change`` to both sink tensors, when there are any."""
+    def _map_copies(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super()._map_copies(change)
         if self._sinks is not None:
             self._sinks = (change(self._sinks[0]), change(self._sinks[1]))
 
@@ -304,29 +248,16 @@ class PackingLayerMixin(QuantizingLayerMixin):
         """Bytes of the sink tokens' full-precision states."""
         return 0 if self._sinks is None else sum(t.numel() * t.element_size() for t in self._sinks)
 
-    # The sink states follow every operation that changes the base class's batch or length.
     def reset(self) -> None:
         self._sinks = None
-        super().reset()  # type: ignore[misc]
+        super().reset()
 
-    def crop(self, max_length: int) -> None:
-        super().crop(max_length)  # type: ignore[misc]
+    def _cropped(self, removed: int) -> None:
+        super()._cropped(removed)
         keys = getattr(self, "keys", None)
-        if keys is not None:
+        if self._sinks is not None and keys is not None:
             held = int(keys.shape[-2]) if keys.numel() else 0
-            self._map_sinks(lambda sink: sink[:, :, :held])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)  # type: ignore[misc]
-        self._map_sinks(lambda sink: sink[beam_idx.to(sink.device)])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)  # type: ignore[misc]
-        self._map_sinks(lambda sink: sink.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)  # type: ignore[misc]
-        self._map_sinks(lambda sink: sink[indices, ...])
+            self._sinks = (self._sinks[0][:, :, :held], self._sinks[1][:, :, :held])
 
 
 class QuantizedDynamicLayer(QuantizingLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
@@ -380,6 +311,8 @@ def layer_memory(layer: Any) -> dict[str, int]:
     report = {"codes": 0, "parameters": 0, "full_precision": 0, "reserved": 0, "dynamic_cache": 0}
     if isinstance(layer, GrowingLayerMixin):
         report["reserved"] = layer.reserved_bytes()
+    if isinstance(layer, QuantizingLayerMixin):
+        report["full_precision"] += layer.recent_bytes()
     if isinstance(layer, PackingLayerMixin):
         report["full_precision"] += layer.sink_bytes()
     quantizer: LayerQuantizer | None = getattr(layer, "quantizer", None)

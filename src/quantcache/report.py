@@ -345,11 +345,13 @@ def config_text(config: KVQuantConfig) -> str:
     """The scheme on one line: ``int8 per_channel symmetric minmax; include *; exclude -``.
 
     Streams that differ are shown apart (``keys ...; values ...``); dynamic, rotated and
-    centred streams, sink tokens, keys quantized before RoPE and per-layer overrides are named when present.
+    centred streams, sink tokens, the residual window, keys quantized before RoPE and per-layer
+    overrides are named when present.
     """
     key, value = config.key_args, config.value_args
     streams = _stream_text(key) if key == value else f"keys {_stream_text(key)}; values {_stream_text(value)}"
     extras = [f"sink_tokens {config.sink_tokens}"] if config.sink_tokens else []
+    extras += [f"residual_window {config.residual_window}"] if config.residual_window else []
     extras += ["keys before RoPE"] if config.pre_rope_keys else []
     extras += [f"{len(config.layers)} per-layer override(s)"] if config.layers else []
     exclude = ", ".join(config.exclude) or "-"

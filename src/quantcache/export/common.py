@@ -150,6 +150,11 @@ class KVState:
                 f"{source}: the state keeps sink_tokens: {config.sink_tokens} in full precision, which serving "
                 "engines do not do (they quantize every token); calibrate without sink_tokens for deployment"
             )
+        if config.residual_window:
+            raise QuantStateError(
+                f"{source}: the state reads its newest {config.residual_window} tokens back in full precision "
+                "(residual_window), which serving engines do not do; calibrate without residual_window for deployment"
+            )
         if config.pre_rope_keys:
             raise QuantStateError(
                 f"{source}: the state quantizes keys before RoPE (pre_rope_keys), but serving engines quantize "

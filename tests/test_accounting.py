@@ -46,15 +46,18 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     # seed: 8 + 8/16 + 32 * (2 * 16) / (2 * 16 * 64)
     "seed-64": (KVQuantConfig(), 64, 8 + 0.5 + 0.5),
     "seed-1024": (KVQuantConfig(), 1024, 8 + 0.5 + 32 / 1024),
-    # int4 per token, asymmetric: fp16 scale + int16 zero point per row of 16, + the float32 center of
+    # int3 per token, asymmetric: fp16 scale + int16 zero point per row of 16, + the float32 center of
     # every kv head and channel over the 64 tokens (32 / 64 bits per element), + the preset's one sink token
     # in full precision (16 bits per element of one of the 64 tokens)
-    "int4-per-token": (KVQuantConfig.preset("int4"), 64, 4 + 32 / HEAD_DIM + 32 / 64 + 16 / 64),
     "int3-per-token": (KVQuantConfig.preset("int3"), 64, 3 + 32 / HEAD_DIM + 32 / 64 + 16 / 64),
+    # int4 per token, symmetric: fp16 scale per row, the center, the sink, and its residual window of 16 tokens
+    "int4-per-token": (KVQuantConfig.preset("int4"), 64, 4 + 16 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 * 16 / 64),
     "int2-per-token": (KVQuantConfig.preset("int2"), 64, 2 + 32 / HEAD_DIM + 32 / 64 + 16 / 64),
     # int8: keys asymmetric (scale and zero point), values symmetric (a scale): 24 bits a row on average
     "int8-per-token": (KVQuantConfig.preset("int8"), 64, 8 + 24 / HEAD_DIM + 32 / 64 + 16 / 64),
-    "int4-per-token-1024": (KVQuantConfig.preset("int4"), 1024, 4 + 32 / HEAD_DIM + 32 / 1024 + 16 / 1024),
+    "int4-per-token-1024": (
+        KVQuantConfig.preset("int4"), 1024, 4 + 16 / HEAD_DIM + 32 / 1024 + 16 / 1024 + 16 * 16 / 1024
+    ),
     "fp8-per-token": (KVQuantConfig.preset("fp8"), 64, 8 + 16 / HEAD_DIM + 32 / 64 + 16 / 64),
     "fp8-per-token-uncentred": (KVQuantConfig(dtype="fp8_e4m3", scope="per_token", dynamic=True), 64, 9.0),
     # int3 static asymmetric per channel: 3 packed bits + flag + (32 + 32) * 32 params over 32 * 64 elements

@@ -138,7 +138,8 @@ def test_excluded_layers_count_sixteen_bits(llama: PreTrainedModel) -> None:
         chunk=16, progress=False,
     )
     assert [layer.name for layer in result.layers] == ["model.layers.1.self_attn"]
-    assert result.layers[0].scheme == "int4" and result.effective_bits == pytest.approx((16 + 6 + 32 / 48) / 2)
+    # int4: 4-bit codes and a float16 scale per 16-channel row (5 bits), and its float32 center over 48 tokens.
+    assert result.layers[0].scheme == "int4" and result.effective_bits == pytest.approx((16 + 5 + 32 / 48) / 2)
     assert result.config.exclude == base.exclude
 
 

@@ -32,10 +32,6 @@ ARCHS = ("llama", "gemma3")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
-
-
-
 def _row_bytes(args: QuantArgs) -> int:
     codes = HEAD_DIM * args.format.bits // 8
     if not args.dynamic:
@@ -101,15 +97,16 @@ def test_presets_lose_more_the_fewer_bits_they_spend(models: dict[str, PreTraine
     """Each preset quantizes (logits move) and the error ranks with the code width: int8 < int4 < int3 < int2,
     and dynamic int8 beats the static seed. A preset wired to the wrong scheme breaks the ranking."""
     model = models[arch]
-    prompt = _tokens(2, 16, seed=2)
+    prompt = _tokens(2, 40, seed=2)  # longer than int4's residual window: most of the history is quantized
     with torch.no_grad():
-        reference = model(prompt, **{CACHE_KEYWORD: DynamicCache(config=model.config)}).logits[:, 8:]
+        reference = model(prompt, **{CACHE_KEYWORD: DynamicCache(config=model.config)}).logits[:, 32:]
     errors: dict[str, float] = {}
     for name in NAMES:
         cache = calibrate(model, _tokens(4, 24, seed=1), quant_config=KVQuantConfig.preset(name), progress=False)
         with torch.no_grad():  # the second chunk attends to a quantized history
-            model(prompt[:, :8], **{CACHE_KEYWORD: cache})
-            logits = model(prompt[:, 8:], position_ids=torch.arange(8, 16).expand(2, -1), **{CACHE_KEYWORD: cache})
+            model(prompt[:, :32], **{CACHE_KEYWORD: cache})
+            positions = torch.arange(32, 40).expand(2, -1)
+            logits = model(prompt[:, 32:], position_ids=positions, **{CACHE_KEYWORD: cache})
         errors[name] = float((logits.logits - reference).square().mean().sqrt())
     assert all(error > 0 for error in errors.values()), errors
     assert errors["int8"] < errors["int4"] < errors["int3"] < errors["int2"], errors
@@ -173,6 +170,8 @@ def test_each_description_says_what_its_scheme_is(name: str) -> None:
     assert ("centred on calibrated channel means" in description) == args.center
     assert ("clipped to the least error" in description) == (args.method.value == "mse")
     assert args.method.value in ("minmax", "mse")
+    window = KVQuantConfig.preset(name).residual_window
+    assert (f"newest {window} tokens" in description) == bool(window)
 
 
 @pytest.mark.parametrize("name", NAMES)

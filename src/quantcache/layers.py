@@ -87,7 +87,9 @@ class QuantizingLayerMixin:
         if not window:
             return keys, values
         self._keep_recent(key_states, value_states, window)
-        return self._with_recent(keys, values, in_place=False)
+        keys, values = self._with_recent(keys, values, in_place=False)
+        self._trim_recent()
+        return keys, values
 
     def _keep_recent(self, key_states: torch.Tensor, value_states: torch.Tensor, window: int) -> None:
         """Add new full-precision states to the residual window and keep its last ``window`` tokens."""
@@ -95,6 +97,15 @@ class QuantizingLayerMixin:
             key_states = torch.cat([self._recent[0].to(key_states.device), key_states], dim=2)
             value_states = torch.cat([self._recent[1].to(value_states.device), value_states], dim=2)
         self._recent = (key_states[:, :, -window:].clone(), value_states[:, :, -window:].clone())
+
+    def _trim_recent(self) -> None:
+        """Keep copies only of tokens the base layer still holds (a sliding window evicts its oldest)."""
+        stored = getattr(self, "keys", None)
+        if self._recent is None or stored is None:
+            return
+        surplus = self._recent[0].shape[2] - int(stored.shape[-2])
+        if surplus > 0:
+            self._recent = (self._recent[0][:, :, surplus:], self._recent[1][:, :, surplus:])
 
     def _with_recent(
         self, keys: torch.Tensor, values: torch.Tensor, *, in_place: bool
@@ -218,6 +229,7 @@ class PackingLayerMixin(QuantizingLayerMixin):
         if window:
             self._keep_recent(key_states, value_states, window)
             keys, values = self._with_recent(keys, values, in_place=True)
+            self._trim_recent()
         return keys, values
 
     @staticmethod

@@ -7,7 +7,9 @@ per element (at 1024 tokens, SmolLM2) are counted by :mod:`quantcache.accounting
 presets other than ``seed`` learn one mean per kv head and channel from calibration
 text (so they need calibration, as the seed does), keep the first token of every
 sequence, the attention sink, in full precision (``sink_tokens: 1``) and quantize keys
-as they were before RoPE (``pre_rope_keys``).
+as they were before RoPE (``pre_rope_keys``). ``int4`` also reads its newest 16 tokens
+back in full precision (``residual_window: 16``), paid for by symmetric ranges: the
+zero points' bits buy more there.
 """
 
 from __future__ import annotations
@@ -43,9 +45,18 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"dtype": "fp8_e4m3", "scope": "per_token", "symmetric": True, **_CENTRED},
     ),
     "int4": (
-        "INT4 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; ~4.53 bits + {_SINK}",
-        {"dtype": "int4", "scope": "per_token", "symmetric": False, "method": "mse", **_CENTRED, **_ROTATED},
+        "INT4 symmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
+        f"least error, after a randomized Hadamard rotation; ~4.28 bits + {_SINK}; the newest 16 tokens read "
+        "back in full precision",
+        {
+            "dtype": "int4",
+            "scope": "per_token",
+            "symmetric": True,
+            "method": "mse",
+            **_CENTRED,
+            **_ROTATED,
+            "residual_window": 16,
+        },
     ),
     "int3": (
         "INT3 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "

@@ -86,8 +86,21 @@ class QuantizingLayerMixin:
         keys, values = super().update(new_keys, new_values, *args, **kwargs)  # type: ignore[misc]
         if not window:
             return keys, values
+        return self._read_through_window(key_states, value_states, keys, values, window, in_place=False)
+
+    def _read_through_window(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        window: int,
+        *,
+        in_place: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new full-precision states to the window; return the history with the window's in place."""
         self._keep_recent(key_states, value_states, window)
-        keys, values = self._with_recent(keys, values, in_place=False)
+        keys, values = self._with_recent(keys, values, in_place=in_place)
         self._trim_recent()
         return keys, values
 
@@ -226,10 +239,8 @@ class PackingLayerMixin(QuantizingLayerMixin):
             keys[:, :, :held] = self._sinks[0][:, :, :held].to(keys.device)
             values[:, :, :held] = self._sinks[1][:, :, :held].to(values.device)
         window = quantizer.residual_window
-        if window:
-            self._keep_recent(key_states, value_states, window)
-            keys, values = self._with_recent(keys, values, in_place=True)
-            self._trim_recent()
+        if window:  # the decoded history is a fresh tensor: the window's states are written into it
+            keys, values = self._read_through_window(key_states, value_states, keys, values, window, in_place=True)
         return keys, values
 
     @staticmethod

@@ -41,6 +41,18 @@ __all__ = [
 ]
 
 
+_StatePair = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (batch, kv_heads, tokens, head_dim)
+
+
+def _mapped(pair: _StatePair | None, change: Callable[[torch.Tensor], torch.Tensor]) -> _StatePair | None:
+    """``change`` applied to both tensors of a full-precision copy (``None``: no copy)."""
+    return None if pair is None else (change(pair[0]), change(pair[1]))
+
+
+def _pair_bytes(pair: _StatePair | None) -> int:
+    return 0 if pair is None else sum(tensor.numel() * tensor.element_size() for tensor in pair)
+
+
 class QuantizingLayerMixin:
     """Passes new states through ``self.quantizer`` before the base layer stores them.
 
@@ -60,7 +72,7 @@ class QuantizingLayerMixin:
     quantizer: LayerQuantizer | None = None
     keeps_sinks = True
     # The residual window's full-precision (keys, values), each (batch, kv_heads, <= window, head_dim).
-    _recent: tuple[torch.Tensor, torch.Tensor] | None = None
+    _recent: _StatePair | None = None
 
     def _position(self) -> int:
         """Position of the next new token in its sequence: the tokens this layer has seen."""
@@ -118,7 +130,7 @@ class QuantizingLayerMixin:
             return
         surplus = self._recent[0].shape[2] - int(stored.shape[-2])
         if surplus > 0:
-            self._recent = (self._recent[0][:, :, surplus:], self._recent[1][:, :, surplus:])
+            self._recent = _mapped(self._recent, lambda copy: copy[:, :, surplus:])
 
     def _with_recent(
         self, keys: torch.Tensor, values: torch.Tensor, *, in_place: bool
@@ -146,12 +158,11 @@ class QuantizingLayerMixin:
 
     def _map_copies(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``change`` to every full-precision copy the layer keeps (a batch operation)."""
-        if self._recent is not None:
-            self._recent = (change(self._recent[0]), change(self._recent[1]))
+        self._recent = _mapped(self._recent, change)
 
     def recent_bytes(self) -> int:
         """Bytes of the residual window's full-precision states."""
-        return 0 if self._recent is None else sum(t.numel() * t.element_size() for t in self._recent)
+        return _pair_bytes(self._recent)
 
     # The full-precision copies follow every operation that changes the base class's batch or length.
     def reset(self) -> None:
@@ -167,7 +178,7 @@ class QuantizingLayerMixin:
         """Drop the copies of the ``removed`` newest tokens."""
         if self._recent is not None and removed > 0:
             kept = max(self._recent[0].shape[2] - removed, 0)
-            self._recent = (self._recent[0][:, :, :kept], self._recent[1][:, :, :kept])
+            self._recent = _mapped(self._recent, lambda copy: copy[:, :, :kept])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)  # type: ignore[misc]
@@ -198,7 +209,7 @@ class PackingLayerMixin(QuantizingLayerMixin):
     states_dtype: torch.dtype | None = None  # the model dtype the rows decode to
     # The sink tokens' own full-precision (keys, values), each (batch, kv_heads, sinks, head_dim): their rows
     # hold codes too, so the layer's length and the base class's cropping and reordering stay as they are.
-    _sinks: tuple[torch.Tensor, torch.Tensor] | None = None
+    _sinks: _StatePair | None = None
 
     @property
     def sink_keys(self) -> torch.Tensor | None:
@@ -264,12 +275,11 @@ class PackingLayerMixin(QuantizingLayerMixin):
 
     def _map_copies(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super()._map_copies(change)
-        if self._sinks is not None:
-            self._sinks = (change(self._sinks[0]), change(self._sinks[1]))
+        self._sinks = _mapped(self._sinks, change)
 
     def sink_bytes(self) -> int:
         """Bytes of the sink tokens' full-precision states."""
-        return 0 if self._sinks is None else sum(t.numel() * t.element_size() for t in self._sinks)
+        return _pair_bytes(self._sinks)
 
     def reset(self) -> None:
         self._sinks = None
@@ -280,7 +290,7 @@ class PackingLayerMixin(QuantizingLayerMixin):
         keys = getattr(self, "keys", None)
         if self._sinks is not None and keys is not None:
             held = int(keys.shape[-2]) if keys.numel() else 0
-            self._sinks = (self._sinks[0][:, :, :held], self._sinks[1][:, :, :held])
+            self._sinks = _mapped(self._sinks, lambda sink: sink[:, :, :held])
 
 
 class QuantizedDynamicLayer(QuantizingLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]

@@ -14,9 +14,8 @@ For one stream of one layer holding ``seq_len`` tokens of ``kv_heads`` heads of
 
 and a layer the config leaves unquantized costs the model dtype's bits, as do the sink
 tokens and the residual window a quantized layer keeps in full precision (on top of
-their rows). The result is
-what a packed cache holds; a fake-quantized cache keeps states in the model dtype but
-measures the same scheme.
+their rows). The result is what a packed cache holds; a fake-quantized cache keeps
+states in the model dtype but measures the same scheme.
 """
 
 from __future__ import annotations

@@ -84,6 +84,12 @@ def _key_text(key: Any) -> str:
     return key[:80] if isinstance(key, str) else short_repr(key)
 
 
+def _check_token_count(key: str, value: Any, maximum: int) -> None:
+    """A whole number of tokens from 0 to ``maximum``, or a ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise ConfigError(f"{key}: expected a whole number of tokens from 0 to {maximum}, got {short_repr(value)}")
+
+
 def _pattern_tuple(key: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
@@ -167,17 +173,8 @@ class KVQuantConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "storage", enum_value(Storage, "storage", self.storage, section=""))
-        sinks = self.sink_tokens
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks <= _MAX_SINK_TOKENS:
-            raise ConfigError(
-                f"sink_tokens: expected a whole number of tokens from 0 to {_MAX_SINK_TOKENS}, got {short_repr(sinks)}"
-            )
-        window = self.residual_window
-        if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window <= _MAX_RESIDUAL_WINDOW:
-            raise ConfigError(
-                f"residual_window: expected a whole number of tokens from 0 to {_MAX_RESIDUAL_WINDOW}, "
-                f"got {short_repr(window)}"
-            )
+        _check_token_count("sink_tokens", self.sink_tokens, _MAX_SINK_TOKENS)
+        _check_token_count("residual_window", self.residual_window, _MAX_RESIDUAL_WINDOW)
         if not isinstance(self.pre_rope_keys, bool):
             raise ConfigError(f"pre_rope_keys: expected true or false, got {short_repr(self.pre_rope_keys)}")
         shared = QuantArgs(

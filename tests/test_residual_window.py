@@ -194,18 +194,23 @@ def test_after_a_crop_the_window_refills_with_new_tokens_only(llama: PreTrainedM
     assert torch.equal(keys[:, :, :3], quantized[-1][0][:, :, :3])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_effective_bits_count_the_window_a_packed_cache_holds(request: pytest.FixtureRequest, arch: str) -> None:
+# (model, window): a window shorter than every layer's history, and one as long as Gemma 3's sliding window,
+# which its sliding layers hold only in part (they keep sliding_window - 1 tokens).
+@pytest.mark.parametrize(("arch", "window"), [("llama", 5), ("gemma3", 5), ("gemma3", SLIDING_WINDOW)])
+def test_effective_bits_count_the_window_a_packed_cache_holds(
+    request: pytest.FixtureRequest, arch: str, window: int
+) -> None:
     """The honest count: the window's copies are full_precision bytes in memory_report, and effective bits agree."""
     model = request.getfixturevalue(arch)
-    config = KVQuantConfig(**INT4, sink_tokens=1, residual_window=5, storage="packed")
+    config = KVQuantConfig(**INT4, sink_tokens=1, residual_window=window, storage="packed")
     without = QuantizedCalibratingCache(model, replace(config, residual_window=0))
     cache = QuantizedCalibratingCache(model, config).freeze()
     held = cache.held_tokens(40)
-    assert cache.full_precision_held(40) == [s + 5 for s in cache.sinks_held(40)]
+    copies = [min(window, tokens) for tokens in held]
+    assert cache.full_precision_held(40) == [s + c for s, c in zip(cache.sinks_held(40), copies, strict=True)]
     assert cache.full_precision_held(3) == [s + 3 for s in cache.sinks_held(3)]
     added = cache.effective_bits(40, unquantized_bits=32) - without.effective_bits(40, unquantized_bits=32)
-    assert added == pytest.approx(len(held) * 2 * 32 * 5 / (2 * sum(held)))
+    assert added == pytest.approx(2 * 32 * sum(copies) / (2 * sum(held)))
     _run(model, cache, _tokens(1, 40, seed=8))
     report = cache.memory_report()
     assert all(entry["full_precision"] > 0 for entry in report)

@@ -47,16 +47,25 @@ _SCOPES: dict[str, dict[str, Any]] = {
 def _scheme_id(args: QuantArgs) -> str:
     scope = ("dyn-" if args.dynamic else "") + args.scope.value.replace("per_", "") + str(args.group_size or "")
     rotated = ["rot"] if args.rotation.value != "none" else []
-    return "-".join([args.dtype.value, scope, "sym" if args.symmetric else "asym", *rotated])
+    scale = [args.scale_format.value] if args.scale_format.value != "float16" else []
+    return "-".join([args.dtype.value, scope, "sym" if args.symmetric else "asym", *rotated, *scale])
 
 
+# One-byte (log8) scales, for the dynamic rows of every width: byte, packed nibbles, 3-bit words, fp8.
+LOG8_SCHEMES = [
+    QuantArgs(scope="per_token", dynamic=True, scale_format="log8"),
+    QuantArgs(dtype="int4", scope="per_token", dynamic=True, rotation="hadamard", scale_format="log8"),
+    QuantArgs(dtype="int3", scope="group", group_size=8, dynamic=True, symmetric=False, scale_format="log8"),
+    QuantArgs(dtype="int2", scope="per_token", dynamic=True, symmetric=False, method="mse", scale_format="log8"),
+    QuantArgs(dtype="fp8_e4m3", scope="group", group_size=8, dynamic=True, scale_format="log8"),
+]
 MATRIX = [
     QuantArgs(dtype=dtype, symmetric=symmetric, rotation=rotation, **scope)
     for dtype in QuantDtype
     for scope in _SCOPES.values()
     for symmetric in ((True,) if FORMATS[dtype].kind is FormatKind.FLOAT else (True, False))
     for rotation in ("none", "hadamard")
-]
+] + LOG8_SCHEMES
 
 # The drop-in matrix uses fewer schemes: a static one (flag byte, calibrated zero points) and a mixed one
 # (keys: 3-bit codes in grouped dynamic rows, rotated; values: static float8 per head) whose two streams
@@ -122,12 +131,14 @@ def _assert_same_content(fake: QuantizedCalibratingCache, packed: QuantizedCalib
 
 
 def _row_bytes(args: QuantArgs) -> int:
-    """The documented row: packed codes, then 1 flag byte (static) or fp16 scale (+ int16 zero point) per group."""
+    """The documented row: packed codes, then 1 flag byte (static) or a scale (2 bytes float16, 1 log8; + an
+    int16 zero point) per group."""
     codes = HEAD_DIM * args.format.bits // 8
     if not args.dynamic:
         return codes + 1
     groups = 1 if args.scope is QuantScope.PER_TOKEN else HEAD_DIM // (args.group_size or HEAD_DIM)
-    return codes + groups * (2 if args.symmetric else 4)
+    scale = 1 if args.scale_format.value == "log8" else 2
+    return codes + groups * (scale + (0 if args.symmetric else 2))
 
 
 def _assert_packed_rows(cache: QuantizedCalibratingCache, key: QuantArgs, value: QuantArgs) -> None:
@@ -447,6 +458,11 @@ RATIOS: dict[str, tuple[QuantArgs, float]] = {
     "int4-per-token-asym": (QuantArgs(dtype="int4", scope="per_token", dynamic=True, symmetric=False), 12 / 64),
     "int2-per-token-asym": (QuantArgs(dtype="int2", scope="per_token", dynamic=True, symmetric=False), 8 / 64),
     "int3-group8-asym": (QuantArgs(dtype="int3", scope="group", group_size=8, dynamic=True, symmetric=False), 14 / 64),
+    "int8-per-token-log8": (QuantArgs(scope="per_token", dynamic=True, scale_format="log8"), 17 / 64),
+    "int4-per-token-asym-log8": (
+        QuantArgs(dtype="int4", scope="per_token", dynamic=True, symmetric=False, scale_format="log8"),
+        11 / 64,
+    ),
 }
 
 
@@ -482,6 +498,7 @@ NON_FINITE_SCHEMES = [
     QuantArgs(dtype="int4", scope="per_token", dynamic=True, symmetric=False, rotation="hadamard"),
     QuantArgs(dtype="int2", scope="group", group_size=8, dynamic=True, symmetric=False),
     QuantArgs(dtype="fp8_e5m2", scope="per_token", dynamic=True),
+    *LOG8_SCHEMES,
 ]
 
 

@@ -4,8 +4,9 @@ For one stream of one layer holding ``seq_len`` tokens of ``kv_heads`` heads of
 ``head_dim`` channels (batch 1), the bits per element are
 
 * the code width (int3 codes are packed 8 to 3 bytes, so 3 bits; float8 is 8),
-* plus a dynamic scheme's per-row parameters: a float16 scale (and an int16 zero
-  point when asymmetric) per group of ``group_size`` channels (``head_dim`` per token),
+* plus a dynamic scheme's per-row parameters: a scale (16 bits as float16, 8 as
+  ``log8``, the ``scale_format``) and an int16 zero point when asymmetric, per group of
+  ``group_size`` channels (``head_dim`` per token),
 * plus a centred dynamic scheme's calibrated float32 center (one per kv head and
   channel), spread over every element it serves at this length,
 * plus a static scheme's flag byte per row (it marks rows holding NaN or Inf),
@@ -37,7 +38,7 @@ def stream_bits(args: QuantArgs, kv_heads: int, head_dim: int, seq_len: int) -> 
     elements = kv_heads * head_dim * seq_len
     granularity = Granularity.of(args)
     if args.dynamic:
-        per_param = 16 + (0 if args.symmetric else 16)
+        per_param = args.scale_format.bits + (0 if args.symmetric else 16)
         center = kv_heads * head_dim * 32 / max(elements, 1) if args.center else 0.0
         return code + granularity.params_per_token(kv_heads, head_dim) * per_param / (kv_heads * head_dim) + center
     params = 1

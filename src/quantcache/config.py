@@ -26,6 +26,7 @@ from .scheme import (
     QuantMethod,
     QuantScope,
     Rotation,
+    ScaleFormat,
     Storage,
     enum_value,
     short_repr,
@@ -39,6 +40,7 @@ __all__ = [
     "QuantDtype",
     "QuantMethod",
     "QuantScope",
+    "ScaleFormat",
     "Storage",
     "expand_braces",
     "match_module_names",
@@ -58,6 +60,7 @@ _SHARED_FIELDS = (
     "rotation",
     "rotation_seed",
     "center",
+    "scale_format",
 )
 _ITEM_KEYS = (
     "type",
@@ -127,7 +130,7 @@ class KVQuantConfig:
         include: glob patterns on attention module names (``model.layers.0.self_attn``);
             ``*`` crosses dots and ``{a,b}`` lists alternatives.
         exclude: patterns removed from ``include``; exclude wins.
-        dynamic, group_size: see :class:`~quantcache.scheme.QuantArgs`.
+        dynamic, group_size, scale_format: see :class:`~quantcache.scheme.QuantArgs`.
         key, value: per-stream arguments that replace the flat fields for that stream.
         layers: per-layer overrides (:class:`~quantcache.scheme.LayerOverride`, or their
             ``{include, qconfig}`` mappings, merged onto ``key``/``value`` when read): a
@@ -162,6 +165,7 @@ class KVQuantConfig:
     rotation: Rotation = Rotation.NONE
     rotation_seed: int = 0
     center: bool = False
+    scale_format: ScaleFormat = ScaleFormat.FLOAT16
     key: QuantArgs | None = None
     value: QuantArgs | None = None
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
@@ -177,18 +181,7 @@ class KVQuantConfig:
         _check_token_count("residual_window", self.residual_window, _MAX_RESIDUAL_WINDOW)
         if not isinstance(self.pre_rope_keys, bool):
             raise ConfigError(f"pre_rope_keys: expected true or false, got {short_repr(self.pre_rope_keys)}")
-        shared = QuantArgs(
-            dtype=self.dtype,
-            scope=self.scope,
-            symmetric=self.symmetric,
-            method=self.method,
-            dynamic=self.dynamic,
-            group_size=self.group_size,
-            observer_options=self.observer_options,
-            rotation=self.rotation,
-            rotation_seed=self.rotation_seed,
-            center=self.center,
-        )
+        shared = QuantArgs(**{name: getattr(self, name) for name in _SHARED_FIELDS})
         for name in _SHARED_FIELDS:
             set_(self, name, getattr(shared, name))
         for stream in _STREAMS:

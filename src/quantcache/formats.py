@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FORMATS", "FormatKind", "NumberFormat", "QuantDtype", "format_spec"]
+__all__ = ["FORMATS", "FormatKind", "NumberFormat", "QuantDtype", "ScaleFormat", "format_spec"]
 
 
 class QuantDtype(str, Enum):
@@ -27,6 +27,24 @@ class QuantDtype(str, Enum):
     INT2 = "int2"
     FP8_E4M3 = "fp8_e4m3"
     FP8_E5M2 = "fp8_e5m2"
+
+
+class ScaleFormat(str, Enum):
+    """How a dynamic scheme stores each token's scale in its packed row (the config's ``scale_format``).
+
+    ``float16``: two bytes, rounded up to the next float16. ``log8``: one byte, the scale
+    rounded up to the next power of ``2 ** (1 / 8)`` between ``2 ** -16`` and ``2 ** 15.75``
+    (a step at most 9 % coarser than the exact one, which the ``mse`` search already
+    varies by more), so every per-token parameter costs half the bits.
+    """
+
+    FLOAT16 = "float16"
+    LOG8 = "log8"
+
+    @property
+    def bits(self) -> int:
+        """Bits one stored scale takes."""
+        return 16 if self is ScaleFormat.FLOAT16 else 8
 
 
 class FormatKind(str, Enum):

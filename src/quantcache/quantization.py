@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype
+from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ScaleFormat
 from .granularity import Granularity
 
 __all__ = [
@@ -239,12 +239,19 @@ def saturated(
 
 
 def dynamic_qparams(
-    states: torch.Tensor, granularity: Granularity, *, symmetric: bool, fmt: NumberFormat, search: int = 0
+    states: torch.Tensor,
+    granularity: Granularity,
+    *,
+    symmetric: bool,
+    fmt: NumberFormat,
+    search: int = 0,
+    scale_format: ScaleFormat = ScaleFormat.FLOAT16,
 ) -> QuantParams:
     """Per-token parameters of ``(batch, kv_heads, seq, head_dim)`` states, as a packed row stores them.
 
-    Scales are float16 (rounded up, so the row's extreme still maps inside the code
-    range) and zero points fit int16: the asymmetric relative floor is ``2**10`` here,
+    Scales are rounded up to what ``scale_format`` stores (so the row's extreme still
+    maps inside the code range; see :func:`stored_scale`) and zero points fit int16: the
+    asymmetric relative floor is ``2**10`` here,
     which only limits a (near-)constant group far from zero to 0.1 % precision. NaN and
     Inf elements are left out of the range, so they do not spoil their neighbours.
 
@@ -258,11 +265,13 @@ def dynamic_qparams(
     low = granularity.reduce(torch.where(finite, states, torch.inf).detach(), torch.amin).float()
     high = granularity.reduce(torch.where(finite, states, -torch.inf).detach(), torch.amax).float()
     if search <= 0:
-        return _stored_dynamic_params(low, high, symmetric=symmetric, fmt=fmt)
+        return _stored_dynamic_params(low, high, symmetric=symmetric, fmt=fmt, scale_format=scale_format)
     # Every candidate at once, along a new leading axis: a handful of tensor operations per update.
     shrink = 1.0 - torch.arange(search, device=low.device, dtype=torch.float32) / (2.0 * search)
     shrink = shrink.view(search, *([1] * low.dim()))
-    candidates = _stored_dynamic_params(low * shrink, high * shrink, symmetric=symmetric, fmt=fmt)
+    candidates = _stored_dynamic_params(
+        low * shrink, high * shrink, symmetric=symmetric, fmt=fmt, scale_format=scale_format
+    )
     view = granularity.grouped(torch.where(finite, states, 0.0).detach().float())
     best = _group_error(view.unsqueeze(0), candidates, fmt).argmin(dim=0, keepdim=True)  # the first of equals
     return QuantParams(
@@ -270,10 +279,12 @@ def dynamic_qparams(
     )
 
 
-def _stored_dynamic_params(low: torch.Tensor, high: torch.Tensor, *, symmetric: bool, fmt: NumberFormat) -> QuantParams:
-    """Parameters of a ``[low, high]`` range as a packed row stores them: float16 scale, int16-sized zero point."""
+def _stored_dynamic_params(
+    low: torch.Tensor, high: torch.Tensor, *, symmetric: bool, fmt: NumberFormat, scale_format: ScaleFormat
+) -> QuantParams:
+    """Parameters of a ``[low, high]`` range as a packed row stores them: its scale, an int16-sized zero point."""
     params = compute_qparams(low, high, symmetric=symmetric, fmt=fmt, max_offset=DYNAMIC_MAX_OFFSET)
-    scale = (params.scale * (1.0 + 2.0**-10)).to(torch.float16).float()
+    scale = stored_scale(params.scale, scale_format)
     if not symmetric:  # the zero point follows the stored scale
         zero_point = (torch.round(-low / scale) + fmt.qmin).to(torch.int32)
         return QuantParams(scale, zero_point)
@@ -284,3 +295,38 @@ def _group_error(view: torch.Tensor, params: QuantParams, fmt: NumberFormat) -> 
     """Squared quantization error of every group of the grouped ``view`` under ``params`` (kept dims)."""
     prepared = PreparedParams(params.scale, params.zero_point.float() if fmt.kind is FormatKind.INTEGER else None)
     return _round_trip(view, prepared, fmt).sub_(view).square_().sum(dim=-1, keepdim=True)
+
+
+# ``log8`` scale codes: ``scale = 2 ** ((code - LOG8_BIAS) / LOG8_STEPS)`` for codes 0..254; 255 marks a NaN row.
+LOG8_STEPS = 8
+LOG8_BIAS = 128
+LOG8_NAN = 255
+# Every code's scale, made once: decoding looks scales up instead of computing ``exp2``, whose last bit can
+# differ between the vectorised and the scalar kernels, so a row decodes to the same bits whatever its batch.
+_LOG8_SCALES = torch.exp2((torch.arange(LOG8_NAN, dtype=torch.float64) - LOG8_BIAS) / LOG8_STEPS).float()
+_LOG8_TABLE = torch.cat([_LOG8_SCALES, torch.tensor([torch.nan])])
+
+
+def stored_scale(scale: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor:
+    """``scale`` (float32) rounded up to the nearest value ``scale_format`` can store, as float32.
+
+    float16: up by a relative ``2**-10`` first, so rounding to nearest never lands below.
+    log8: up to the next power of ``2 ** (1 / 8)``, clamped to ``[2**-16, 2**15.75]``; a
+    scale above the top (states beyond about ``5e4 * qmax``) is stored as the top, and its
+    extremes saturate, as they would overflow a float16 scale.
+    """
+    if scale_format is ScaleFormat.FLOAT16:
+        return (scale * (1.0 + 2.0**-10)).to(torch.float16).float()
+    return log8_decode(log8_encode(scale))
+
+
+def log8_encode(scale: torch.Tensor) -> torch.Tensor:
+    """Positive float32 scales -> ``uint8`` codes of the smallest stored scale not below each (NaN -> 255)."""
+    table = _LOG8_SCALES.to(scale.device)
+    code = torch.searchsorted(table, scale.float().contiguous()).clamp_(max=LOG8_NAN - 1)
+    return torch.where(torch.isnan(scale), LOG8_NAN, code).to(torch.uint8)
+
+
+def log8_decode(code: torch.Tensor) -> torch.Tensor:
+    """``uint8`` codes -> float32 scales (:data:`LOG8_NAN` -> NaN)."""
+    return _LOG8_TABLE.to(code.device)[code.long()]

@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from .errors import CalibrationError, NonFiniteStateError
-from .formats import FormatKind
+from .formats import FormatKind, ScaleFormat
 from .granularity import Granularity
 from .observers import CenterObserver, Observer, make_observer
 from .packing import bits_per_slot, pack_codes, unpack_slots
@@ -35,6 +35,8 @@ from .quantization import (
     compute_qparams,
     dynamic_qparams,
     fake_quantize_prepared,
+    log8_decode,
+    log8_encode,
     prepare_params,
     quantize_prepared,
     saturated,
@@ -279,7 +281,12 @@ class StreamQuantizer:
         """The parameters for states already in the quantizer's space: fixed ones on their device, or per token."""
         if self.dynamic:
             return dynamic_qparams(
-                quant_space, self.granularity, symmetric=self.args.symmetric, fmt=self.format, search=self._search
+                quant_space,
+                self.granularity,
+                symmetric=self.args.symmetric,
+                fmt=self.format,
+                search=self._search,
+                scale_format=self.args.scale_format,
             )
         return self._fixed_on(quant_space.device).params
 
@@ -365,7 +372,9 @@ class StreamQuantizer:
         if self.dynamic:  # (b, h, s, 1) per token, (b, h, s, groups, 1) per group -> (b, h, s, groups)
             # a group holding NaN or Inf stores a NaN scale: it decodes to NaN, as the flag byte does for static rows
             finite = self.granularity.reduce(torch.isfinite(space).to(torch.float32), torch.amin) > 0
-            per_row = [torch.where(finite, params.scale, torch.nan).to(torch.float16)]
+            scale = torch.where(finite, params.scale, torch.nan)
+            log8 = self.args.scale_format is ScaleFormat.LOG8
+            per_row = [log8_encode(scale) if log8 else scale.to(torch.float16)]
             if not self.args.symmetric:
                 per_row.append(params.zero_point.to(torch.int16))
             for tensor in per_row:
@@ -397,15 +406,18 @@ class StreamQuantizer:
             stored = None
         else:
             stored = self.granularity.grouped(unpack_slots(rows[..., :code_bytes], fmt.bits, head_dim))
-        if self.dynamic:  # the row's own fp16 scale (and int16 zero point) per group follow its codes
+        if self.dynamic:  # the row's own scale (and int16 zero point) per group follow its codes
             grouped = self.args.scope is QuantScope.GROUP
             groups = head_dim // (self.args.group_size or head_dim) if grouped else 1
-            scale = rows[..., code_bytes : code_bytes + 2 * groups].contiguous().view(torch.float16).float()
+            start = code_bytes + self.args.scale_format.bits // 8 * groups
+            if self.args.scale_format is ScaleFormat.LOG8:
+                scale = log8_decode(rows[..., code_bytes:start])
+            else:
+                scale = rows[..., code_bytes:start].contiguous().view(torch.float16).float()
             scale = scale.unsqueeze(-1) if grouped else scale
             if stored is not None:
                 subtrahend: torch.Tensor | float = offset
                 if not self.args.symmetric:
-                    start = code_bytes + 2 * groups
                     zero_point = rows[..., start : start + 2 * groups].contiguous().view(torch.int16).float()
                     subtrahend = (zero_point.unsqueeze(-1) if grouped else zero_point) + offset
                 view = torch.sub(stored, subtrahend)

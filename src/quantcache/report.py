@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import KVQuantConfig
-from .scheme import QuantArgs, Rotation
+from .scheme import QuantArgs, Rotation, ScaleFormat
 
 if TYPE_CHECKING:
     import torch
@@ -364,6 +364,7 @@ def _stream_text(args: QuantArgs) -> str:
     words += ["dynamic"] if args.dynamic else []
     words += [args.rotation.value] if args.rotation is not Rotation.NONE else []
     words += ["centred"] if args.center else []
+    words += [f"{args.scale_format.value} scales"] if args.scale_format is not ScaleFormat.FLOAT16 else []
     return " ".join(words)
 
 

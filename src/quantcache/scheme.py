@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any
 
 from .errors import ConfigError
-from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype
+from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ScaleFormat
 
 __all__ = [
     "STREAM_KEYS",
@@ -26,6 +26,7 @@ __all__ = [
     "QuantMethod",
     "QuantScope",
     "Rotation",
+    "ScaleFormat",
     "Storage",
     "enum_value",
     "short_repr",
@@ -85,6 +86,7 @@ STREAM_KEYS = (
     "rotation",
     "rotation_seed",
     "center",
+    "scale_format",
 )
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
 
@@ -140,6 +142,9 @@ class QuantArgs:
             large constant offset per channel that would otherwise set every token's
             range; for keys it even cancels in attention (``q . mean`` is the same for
             every key), so the mean only has to be roughly right. Calibration collects it.
+        scale_format: how a dynamic scheme stores each token's scale: ``float16`` (two
+            bytes) or ``log8`` (one byte, a power of ``2 ** (1 / 8)``; see
+            :class:`~quantcache.formats.ScaleFormat`). Static scales are float32 in the state.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -152,9 +157,11 @@ class QuantArgs:
     rotation: Rotation = Rotation.NONE
     rotation_seed: int = 0
     center: bool = False
+    scale_format: ScaleFormat = ScaleFormat.FLOAT16
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "scale_format", enum_value(ScaleFormat, "scale_format", self.scale_format))
         set_(self, "rotation", enum_value(Rotation, "rotation", self.rotation))
         set_(self, "center", _flag("center", self.center))
         seed = self.rotation_seed
@@ -197,6 +204,12 @@ class QuantArgs:
                 "qconfig.method 'percentile' is for static ranges; a dynamic scheme takes 'minmax' (each "
                 "token's own range) or 'mse' (each token's range clipped to the least error)"
             )
+        if self.scale_format is not ScaleFormat.FLOAT16 and not self.dynamic:
+            raise ConfigError(
+                f"qconfig.scale_format {self.scale_format.value!r} is how a dynamic scheme stores each token's "
+                "scale; a static scheme's scales are calibrated once and kept in float32: set dynamic: true "
+                "or leave scale_format out"
+            )
         if self.format.kind is FormatKind.FLOAT and not self.symmetric:
             raise ConfigError(f"qconfig.symmetric: {self.dtype.value} is a float format and is symmetric only")
 
@@ -233,6 +246,7 @@ class QuantArgs:
                 "rotation": self.rotation.value,
                 "rotation_seed": self.rotation_seed,
                 "center": self.center,
+                "scale_format": self.scale_format.value,
             }
         data: dict[str, Any] = {
             "scope": self.scope.value,
@@ -251,6 +265,8 @@ class QuantArgs:
             data["rotation_seed"] = self.rotation_seed
         if self.center:
             data["center"] = True
+        if self.scale_format is not ScaleFormat.FLOAT16:
+            data["scale_format"] = self.scale_format.value
         return data
 
     @classmethod

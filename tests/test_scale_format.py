@@ -1,0 +1,205 @@
+"""One-byte per-token scales (``scale_format: log8``): the math, the rows, the count and the config.
+
+A dynamic scheme stores each token's scale (per kv head, or per group) in its packed row.
+``float16`` takes two bytes; ``log8`` takes one, the scale rounded up to a power of
+``2 ** (1 / 8)``, so the per-token parameters cost half the bits. Rounding up keeps every
+element of a token inside the code range; decoding looks the scale up, so a row gives the
+same bits whatever else is decoded with it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_tokens
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from transformers import PreTrainedModel
+
+from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.accounting import stream_bits
+from quantcache.formats import ScaleFormat, format_spec
+from quantcache.granularity import Granularity
+from quantcache.quantization import (
+    LOG8_NAN,
+    dynamic_qparams,
+    fake_quantize,
+    log8_decode,
+    log8_encode,
+    stored_scale,
+)
+from quantcache.report import config_text
+from quantcache.scheme import QuantArgs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SETTINGS = settings(max_examples=80, deadline=None)
+STEP = 2.0 ** (1 / 8)
+LOWEST, HIGHEST = 2.0**-16, 2.0 ** (126 / 8)
+INT4_LOG8 = {"dtype": "int4", "scope": "per_token", "dynamic": True, "scale_format": "log8"}
+
+
+# ---------------------------------------------------------------------------- the scale codes
+def test_every_code_decodes_to_its_power_and_encodes_back() -> None:
+    codes = torch.arange(LOG8_NAN, dtype=torch.uint8)
+    scales = log8_decode(codes)
+    expected = torch.tensor([2.0 ** ((code - 128) / 8) for code in range(LOG8_NAN)], dtype=torch.float32)
+    assert torch.equal(scales, expected)
+    assert torch.equal(log8_encode(scales), codes)
+    assert scales[0] == LOWEST and scales[-1] == pytest.approx(HIGHEST, rel=1e-7)
+
+
+def test_nan_has_its_own_code() -> None:
+    assert log8_encode(torch.tensor([math.nan, 1.0])).tolist() == [LOG8_NAN, 128]
+    assert torch.isnan(log8_decode(torch.tensor([LOG8_NAN], dtype=torch.uint8))).all()
+
+
+@SETTINGS
+@given(st.floats(LOWEST, 50000.0, width=32))
+def test_a_scale_is_rounded_up_by_less_than_one_step(scale: float) -> None:
+    exact = torch.tensor([scale], dtype=torch.float32)
+    stored = stored_scale(exact, ScaleFormat.LOG8)
+    assert exact <= stored < exact * STEP * (1 + 1e-6)
+    assert torch.equal(stored_scale(stored, ScaleFormat.LOG8), stored)  # a stored scale stays itself
+
+
+@pytest.mark.parametrize(("scale", "expected"), [(1e-30, LOWEST), (2.0**-20, LOWEST), (1e9, None), (math.inf, None)])
+def test_scales_outside_the_range_clamp_to_its_ends(scale: float, expected: float | None) -> None:
+    stored = stored_scale(torch.tensor([scale]), ScaleFormat.LOG8)
+    top = log8_decode(torch.tensor([LOG8_NAN - 1], dtype=torch.uint8))
+    assert stored == (expected if expected is not None else top)
+
+
+def test_float16_scales_are_rounded_up_as_before() -> None:
+    exact = torch.tensor([0.1, 1.0, 3.3])
+    stored = stored_scale(exact, ScaleFormat.FLOAT16)
+    assert (stored >= exact).all() and torch.equal(stored, stored.half().float())
+
+
+# ---------------------------------------------------------------------------- per-token parameters
+def _tokens_states(max_abs: float = 100.0) -> st.SearchStrategy[np.ndarray]:
+    return hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=4, max_dims=4, min_side=1, max_side=4).map(lambda s: (*s[:3], 8)),
+        elements=st.floats(-max_abs, max_abs, width=32, allow_nan=False, allow_infinity=False),
+    )
+
+
+@SETTINGS
+@given(_tokens_states(), st.sampled_from(["int8", "int4", "int3", "int2"]), st.booleans())
+def test_log8_codes_cover_every_token_within_half_a_step(x: np.ndarray, dtype: str, symmetric: bool) -> None:
+    """Rounding the scale up never clips: every element comes back within half its token's step."""
+    states = torch.from_numpy(x)
+    fmt = format_spec(dtype)
+    granularity = Granularity.of(QuantArgs(dtype=dtype, scope="per_token", dynamic=True))
+    params = dynamic_qparams(states, granularity, symmetric=symmetric, fmt=fmt, scale_format=ScaleFormat.LOG8)
+    assert torch.equal(log8_decode(log8_encode(params.scale)), params.scale)
+    exact = dynamic_qparams(states, granularity, symmetric=symmetric, fmt=fmt).scale
+    assert (params.scale >= exact / (1 + 2.0**-10)).all()  # float16 rounds up by at most that
+    restored = fake_quantize(states, params, granularity, fmt)
+    assert ((restored - states).abs() <= params.scale * 0.5 * (1 + 1e-5) + 1e-30).all()
+
+
+def test_mse_search_keeps_to_stored_scales() -> None:
+    states = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0))
+    args = QuantArgs(dtype="int4", scope="per_token", dynamic=True, method="mse", scale_format="log8")
+    params = dynamic_qparams(
+        states, Granularity.of(args), symmetric=True, fmt=args.format, search=8, scale_format=ScaleFormat.LOG8
+    )
+    assert torch.equal(log8_decode(log8_encode(params.scale)), params.scale)
+
+
+def test_a_row_decodes_to_the_same_bits_whatever_is_decoded_with_it(llama: PreTrainedModel) -> None:
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4_LOG8, storage="packed")).freeze()
+    stream = cache.layers[0].quantizer.key
+    states = torch.randn(1, 2, 37, 16, generator=torch.Generator().manual_seed(1)) * 3
+    rows = stream.encode(states)
+    whole = stream.decode(rows, torch.float32)
+    for token in (0, 17, 36):
+        assert torch.equal(stream.decode(rows[:, :, token : token + 1], torch.float32), whole[:, :, token : token + 1])
+    assert torch.equal(whole, stream.fake_quantize(states))
+
+
+# ---------------------------------------------------------------------------- rows and the count
+@pytest.mark.parametrize(
+    ("args", "saved"),
+    [
+        (QuantArgs(dtype="int4", scope="per_token", dynamic=True), 8 / 64),
+        (QuantArgs(dtype="int4", scope="per_token", dynamic=True, symmetric=False), 8 / 64),
+        (QuantArgs(dtype="int2", scope="group", group_size=16, dynamic=True, symmetric=False), 8 / 16),
+        (QuantArgs(scope="per_token", dynamic=True), 8 / 64),
+    ],
+)
+def test_a_log8_scale_counts_eight_bits_fewer_per_group(args: QuantArgs, saved: float) -> None:
+    one_byte = replace(args, scale_format=ScaleFormat.LOG8)
+    assert stream_bits(args, 3, 64, 1024) - stream_bits(one_byte, 3, 64, 1024) == pytest.approx(saved)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_effective_bits_are_what_a_packed_log8_cache_holds(request: pytest.FixtureRequest, arch: str) -> None:
+    model = request.getfixturevalue(arch)
+    config = KVQuantConfig(**INT4_LOG8, symmetric=False, storage="packed")
+    cache = QuantizedCalibratingCache(model, config).freeze()
+    two_bytes = QuantizedCalibratingCache(model, replace(config, scale_format="float16")).freeze()
+    with torch.no_grad():
+        model(random_tokens(1, 40, seed=3), **{CACHE_KEYWORD: cache})
+    report = cache.memory_report()
+    elements = sum(entry["dynamic_cache"] for entry in report) // 4
+    counted = sum(entry["total"] - entry["reserved"] for entry in report) * 8 / elements
+    assert counted == pytest.approx(cache.effective_bits(40, unquantized_bits=32), rel=1e-12)
+    head_dim = model.config.head_dim
+    saved = two_bytes.effective_bits(40, unquantized_bits=32) - cache.effective_bits(40, unquantized_bits=32)
+    assert saved == pytest.approx(8 / head_dim)
+
+
+# ---------------------------------------------------------------------------- the config
+def test_log8_round_trips_through_yaml_and_is_named() -> None:
+    config = KVQuantConfig(**INT4_LOG8)
+    assert config.to_dict()["qconfig"]["scale_format"] == "log8"
+    assert "scale_format" not in KVQuantConfig(**{**INT4_LOG8, "scale_format": "float16"}).to_dict()["qconfig"]
+    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
+    assert "log8 scales" in config_text(config) and "scales" not in config_text(KVQuantConfig())
+
+
+def test_keys_and_values_may_store_their_scales_apart() -> None:
+    config = KVQuantConfig(**INT4_LOG8, value={**INT4_LOG8, "scale_format": "float16"})
+    assert config.key_args.scale_format is ScaleFormat.LOG8 and config.value_args.scale_format is ScaleFormat.FLOAT16
+    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
+
+
+def test_a_layer_override_may_change_the_scale_format() -> None:
+    config = KVQuantConfig(
+        **INT4_LOG8, layers=[{"include": ["model.layers.0.self_attn"], "qconfig": {"scale_format": "float16"}}]
+    )
+    override = config.stream_args("key", "model.layers.0.self_attn")
+    assert override.scale_format is ScaleFormat.FLOAT16
+    assert config.stream_args("key", "model.layers.1.self_attn").scale_format is ScaleFormat.LOG8
+
+
+def test_a_static_scheme_has_no_per_token_scale_to_store() -> None:
+    with pytest.raises(ConfigError, match=r"scale_format 'log8' is how a dynamic scheme stores .* set dynamic: true"):
+        KVQuantConfig(dtype="int4", scale_format="log8")
+
+
+def test_an_unknown_scale_format_names_the_allowed_ones() -> None:
+    message = "qconfig.scale_format: unsupported value 'int8'; allowed: 'float16', 'log8'"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        KVQuantConfig(**{**INT4_LOG8, "scale_format": "int8"})
+
+
+def test_a_saved_log8_state_reloads_with_its_format(llama: PreTrainedModel, tmp_path: pytest.TempPathFactory) -> None:
+    config = KVQuantConfig(**INT4_LOG8, center=True)
+    cache = QuantizedCalibratingCache(llama, config)
+    with torch.no_grad():
+        llama(random_tokens(1, 12, seed=4), **{CACHE_KEYWORD: cache})
+    path = cache.freeze().save(tmp_path / "log8.safetensors")  # type: ignore[operator]
+    loaded = QuantizedCalibratingCache.from_file(path, llama)
+    assert loaded.quant_config == config
+    with pytest.raises(Exception, match="config"):
+        QuantizedCalibratingCache(llama, replace(config, scale_format="float16")).load(path)

@@ -27,7 +27,9 @@ from quantcache.accounting import stream_bits
 from quantcache.formats import ScaleFormat, format_spec
 from quantcache.granularity import Granularity
 from quantcache.quantization import (
+    DYNAMIC_MAX_OFFSET,
     LOG8_NAN,
+    compute_qparams,
     dynamic_qparams,
     fake_quantize,
     log8_decode,
@@ -100,8 +102,10 @@ def test_log8_codes_cover_every_token_within_half_a_step(x: np.ndarray, dtype: s
     granularity = Granularity.of(QuantArgs(dtype=dtype, scope="per_token", dynamic=True))
     params = dynamic_qparams(states, granularity, symmetric=symmetric, fmt=fmt, scale_format=ScaleFormat.LOG8)
     assert torch.equal(log8_decode(log8_encode(params.scale)), params.scale)
-    exact = dynamic_qparams(states, granularity, symmetric=symmetric, fmt=fmt).scale
-    assert (params.scale >= exact / (1 + 2.0**-10)).all()  # float16 rounds up by at most that
+    low, high = granularity.reduce(states, torch.amin), granularity.reduce(states, torch.amax)
+    exact = compute_qparams(low, high, symmetric=symmetric, fmt=fmt, max_offset=DYNAMIC_MAX_OFFSET).scale
+    assert (exact <= params.scale).all()
+    assert (params.scale < torch.clamp(exact, min=LOWEST) * STEP * (1 + 1e-6)).all()  # the range starts at 2**-16
     restored = fake_quantize(states, params, granularity, fmt)
     assert ((restored - states).abs() <= params.scale * 0.5 * (1 + 1e-5) + 1e-30).all()
 

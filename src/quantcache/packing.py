@@ -6,8 +6,8 @@ A packed cache layer keeps, per stream, one ``uint8`` tensor of shape
 * the codes of its ``head_dim`` elements, packed to their bit width when the format
   has fewer than 8 bits (two int4 codes per byte, eight int3 codes in three bytes,
   four int2 codes per byte),
-* the row's own parameters when the scheme is dynamic (float32 scale and zero point
-  per group, as raw bytes),
+* the row's own parameters when the scheme is dynamic (per group, as raw bytes: its
+  scale, float16 or one ``log8`` byte, then an int16 zero point when asymmetric),
 * one flag byte that marks a row whose states held NaN or Inf (it decodes to NaN).
 
 Because everything a row needs lives in the row, the base layer's own operations

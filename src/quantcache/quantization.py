@@ -26,6 +26,7 @@ Non-finite states stay non-finite: a NaN or Inf element comes back as it went in
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -303,8 +304,8 @@ LOG8_BIAS = 128
 LOG8_NAN = 255
 # Every code's scale, made once: decoding looks scales up instead of computing ``exp2``, whose last bit can
 # differ between the vectorised and the scalar kernels, so a row decodes to the same bits whatever its batch.
-_LOG8_SCALES = torch.exp2((torch.arange(LOG8_NAN, dtype=torch.float64) - LOG8_BIAS) / LOG8_STEPS).float()
-_LOG8_TABLE = torch.cat([_LOG8_SCALES, torch.tensor([torch.nan])])
+_LOG8_POWERS = torch.exp2((torch.arange(LOG8_NAN, dtype=torch.float64) - LOG8_BIAS) / LOG8_STEPS).float()
+_LOG8_TABLE = torch.cat([_LOG8_POWERS, torch.tensor([torch.nan])])
 
 
 def stored_scale(scale: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor:
@@ -320,13 +321,19 @@ def stored_scale(scale: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor
     return log8_decode(log8_encode(scale))
 
 
+@functools.cache
+def _log8_table(device: torch.device) -> torch.Tensor:
+    """The code -> scale table on ``device``, copied there once (decoding runs at every step)."""
+    return _LOG8_TABLE.to(device)
+
+
 def log8_encode(scale: torch.Tensor) -> torch.Tensor:
     """Positive float32 scales -> ``uint8`` codes of the smallest stored scale not below each (NaN -> 255)."""
-    table = _LOG8_SCALES.to(scale.device)
-    code = torch.searchsorted(table, scale.float().contiguous()).clamp_(max=LOG8_NAN - 1)
+    powers = _log8_table(scale.device)[:LOG8_NAN]
+    code = torch.searchsorted(powers, scale.float().contiguous()).clamp_(max=LOG8_NAN - 1)
     return torch.where(torch.isnan(scale), LOG8_NAN, code).to(torch.uint8)
 
 
 def log8_decode(code: torch.Tensor) -> torch.Tensor:
     """``uint8`` codes -> float32 scales (:data:`LOG8_NAN` -> NaN)."""
-    return _LOG8_TABLE.to(code.device)[code.long()]
+    return _log8_table(code.device)[code.long()]

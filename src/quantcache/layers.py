@@ -118,6 +118,8 @@ class QuantizingLayerMixin:
 
     def _keep_recent(self, key_states: torch.Tensor, value_states: torch.Tensor, window: int) -> None:
         """Add new full-precision states to the residual window and keep its last ``window`` tokens."""
+        # Only the newest ``window`` of a long chunk (a prefill) can stay: the rest is never copied.
+        key_states, value_states = key_states[:, :, -window:], value_states[:, :, -window:]
         if self._recent is not None:
             key_states = torch.cat([self._recent[0].to(key_states.device), key_states], dim=2)
             value_states = torch.cat([self._recent[1].to(value_states.device), value_states], dim=2)

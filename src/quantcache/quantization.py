@@ -337,3 +337,18 @@ def log8_encode(scale: torch.Tensor) -> torch.Tensor:
 def log8_decode(code: torch.Tensor) -> torch.Tensor:
     """``uint8`` codes -> float32 scales (:data:`LOG8_NAN` -> NaN)."""
     return _log8_table(code.device)[code.long()]
+
+
+def scale_to_bytes(scale: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor:
+    """Stored float32 scales ``(..., 1)`` -> the ``uint8`` bytes a packed row keeps, ``(..., scale_format.bits // 8)``
+    (NaN stays NaN: it marks a row that held NaN or Inf)."""
+    if scale_format is ScaleFormat.LOG8:
+        return log8_encode(scale)
+    return scale.to(torch.float16).contiguous().view(torch.uint8)
+
+
+def scale_from_bytes(raw: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor:
+    """Inverse of :func:`scale_to_bytes`: ``uint8`` ``(..., groups * bytes)`` -> float32 scales ``(..., groups)``."""
+    if scale_format is ScaleFormat.LOG8:
+        return log8_decode(raw)
+    return raw.contiguous().view(torch.float16).float()

@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from .errors import CalibrationError, NonFiniteStateError
-from .formats import FormatKind, ScaleFormat
+from .formats import FormatKind
 from .granularity import Granularity
 from .observers import CenterObserver, Observer, make_observer
 from .packing import bits_per_slot, pack_codes, unpack_slots
@@ -35,11 +35,11 @@ from .quantization import (
     compute_qparams,
     dynamic_qparams,
     fake_quantize_prepared,
-    log8_decode,
-    log8_encode,
     prepare_params,
     quantize_prepared,
     saturated,
+    scale_from_bytes,
+    scale_to_bytes,
 )
 from .rotation import rotate, rotation_matrix, unrotate
 from .scheme import QuantArgs, QuantMethod, QuantScope, Rotation
@@ -372,14 +372,11 @@ class StreamQuantizer:
         if self.dynamic:  # (b, h, s, 1) per token, (b, h, s, groups, 1) per group -> (b, h, s, groups)
             # a group holding NaN or Inf stores a NaN scale: it decodes to NaN, as the flag byte does for static rows
             finite = self.granularity.reduce(torch.isfinite(space).to(torch.float32), torch.amin) > 0
-            scale = torch.where(finite, params.scale, torch.nan)
-            log8 = self.args.scale_format is ScaleFormat.LOG8
-            per_row = [log8_encode(scale) if log8 else scale.to(torch.float16)]
+            per_row = [scale_to_bytes(torch.where(finite, params.scale, torch.nan), self.args.scale_format)]
             if not self.args.symmetric:
-                per_row.append(params.zero_point.to(torch.int16))
+                per_row.append(params.zero_point.to(torch.int16).contiguous().view(torch.uint8))
             for tensor in per_row:
-                flat = tensor.flatten(-2) if tensor.dim() == 5 else tensor
-                parts.append(flat.contiguous().view(torch.uint8))
+                parts.append(tensor.flatten(-2) if tensor.dim() == 5 else tensor)
         else:
             parts.append((~torch.isfinite(states).all(dim=-1, keepdim=True)).to(torch.uint8))
         rows = torch.cat(parts, dim=-1)
@@ -410,10 +407,7 @@ class StreamQuantizer:
             grouped = self.args.scope is QuantScope.GROUP
             groups = head_dim // (self.args.group_size or head_dim) if grouped else 1
             start = code_bytes + self.args.scale_format.bits // 8 * groups
-            if self.args.scale_format is ScaleFormat.LOG8:
-                scale = log8_decode(rows[..., code_bytes:start])
-            else:
-                scale = rows[..., code_bytes:start].contiguous().view(torch.float16).float()
+            scale = scale_from_bytes(rows[..., code_bytes:start], self.args.scale_format)
             scale = scale.unsqueeze(-1) if grouped else scale
             if stored is not None:
                 subtrahend: torch.Tensor | float = offset

@@ -154,6 +154,17 @@ def random_tokens(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def packed_row_bytes(args: Any) -> int:
+    """The documented packed row of ``args`` (a ``QuantArgs``) at :data:`HEAD_DIM`: packed codes, then 1 flag byte
+    (static) or, per group, a scale (2 bytes float16, 1 log8) and an int16 zero point when asymmetric."""
+    codes = HEAD_DIM * args.format.bits // 8
+    if not args.dynamic:
+        return codes + 1
+    groups = 1 if args.scope.value == "per_token" else HEAD_DIM // (args.group_size or HEAD_DIM)
+    scale = 1 if args.scale_format.value == "log8" else 2
+    return codes + groups * (scale + (0 if args.symmetric else 2))
+
+
 def count_calls(obj: Any, method: str) -> list[tuple[Any, ...]]:
     """Wrap ``obj.method`` on the instance and record every call's arguments."""
     calls: list[tuple[Any, ...]] = []

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import HEAD_DIM, KV_HEADS, SLIDING_WINDOW, build_model, count_calls
+from conftest import HEAD_DIM, KV_HEADS, SLIDING_WINDOW, build_model, count_calls, packed_row_bytes
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
@@ -130,22 +130,11 @@ def _assert_same_content(fake: QuantizedCalibratingCache, packed: QuantizedCalib
             assert torch.equal(values, ref_values), f"layer {index} values"
 
 
-def _row_bytes(args: QuantArgs) -> int:
-    """The documented row: packed codes, then 1 flag byte (static) or a scale (2 bytes float16, 1 log8; + an
-    int16 zero point) per group."""
-    codes = HEAD_DIM * args.format.bits // 8
-    if not args.dynamic:
-        return codes + 1
-    groups = 1 if args.scope is QuantScope.PER_TOKEN else HEAD_DIM // (args.group_size or HEAD_DIM)
-    scale = 1 if args.scale_format.value == "log8" else 2
-    return codes + groups * (scale + (0 if args.symmetric else 2))
-
-
 def _assert_packed_rows(cache: QuantizedCalibratingCache, key: QuantArgs, value: QuantArgs) -> None:
     for layer in cache.layers:
         assert isinstance(layer, PackedDynamicLayer | PackedSlidingWindowLayer)
         assert layer.keys.dtype == torch.uint8 and layer.values.dtype == torch.uint8
-        assert layer.keys.shape[-1] == _row_bytes(key) and layer.values.shape[-1] == _row_bytes(value)
+        assert layer.keys.shape[-1] == packed_row_bytes(key) and layer.values.shape[-1] == packed_row_bytes(value)
         assert layer.keys.shape[1] == KV_HEADS
 
 
@@ -426,7 +415,7 @@ def test_memory_report_against_a_real_dynamic_cache(
             key_codes, value_codes = HEAD_DIM * 3 // 8, HEAD_DIM // 2
             assert entry["codes"] == rows * (key_codes + value_codes)
             fixed = KV_HEADS * (4 + 4)
-            assert entry["parameters"] == rows * (_row_bytes(key) - key_codes + 1) + fixed
+            assert entry["parameters"] == rows * (packed_row_bytes(key) - key_codes + 1) + fixed
             assert entry["full_precision"] == 0
             assert entry["dynamic_cache"] == 2 * rows * HEAD_DIM * element
         # Room ahead: the 12-token prefill made a buffer of 12 + MIN_ROOM_TOKENS tokens, the decode step took one.

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import HEAD_DIM, generate_greedy
+from conftest import generate_greedy, packed_row_bytes
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
@@ -30,14 +30,6 @@ ARCHS = ("llama", "gemma3")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _row_bytes(args: QuantArgs) -> int:
-    codes = HEAD_DIM * args.format.bits // 8
-    if not args.dynamic:
-        return codes + 1
-    groups = 1 if args.scope is QuantScope.PER_TOKEN else HEAD_DIM // (args.group_size or HEAD_DIM)
-    return codes + groups * (2 if args.symmetric else 4)
 
 
 def _generate(model: PreTrainedModel, cache: QuantizedCalibratingCache, **settings: Any) -> Any:
@@ -80,8 +72,8 @@ def test_every_preset_calibrates_freezes_and_generates_fake_and_packed(
                 stored = layer.keys
                 if storage == "packed":
                     assert stored.dtype == torch.uint8
-                    assert stored.shape[-1] == _row_bytes(key_args)
-                    assert layer.values.shape[-1] == _row_bytes(value_args)
+                    assert stored.shape[-1] == packed_row_bytes(key_args)
+                    assert layer.values.shape[-1] == packed_row_bytes(value_args)
                 else:
                     assert stored.dtype == torch.float32
     for mode in MODES:

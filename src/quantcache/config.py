@@ -62,17 +62,9 @@ _SHARED_FIELDS = (
     "center",
     "scale_format",
 )
-_ITEM_KEYS = (
-    "type",
-    "qconfig",
-    "include",
-    "exclude",
-    "layers",
-    "storage",
-    "sink_tokens",
-    "residual_window",
-    "pre_rope_keys",
-)
+# The processor item's own keys beside ``type`` and ``qconfig``: each is a KVQuantConfig field of that name.
+_ITEM_FIELDS = ("include", "exclude", "layers", "storage", "sink_tokens", "residual_window", "pre_rope_keys")
+_ITEM_KEYS = ("type", "qconfig", *_ITEM_FIELDS)
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
 # (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
@@ -338,7 +330,7 @@ class KVQuantConfig:
                 if not isinstance(overrides, Mapping):
                     raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
                 kwargs[stream] = QuantArgs.from_dict({**shared.to_dict(), **overrides}, where=f"qconfig.{stream}")
-        for key in _ITEM_KEYS[2:]:
+        for key in _ITEM_FIELDS:
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         return cls(**kwargs)

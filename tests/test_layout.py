@@ -17,13 +17,13 @@ PACKAGE = ROOT / "src" / "quantcache"
 LAYERS: list[set[str]] = [
     {"errors"},
     {"formats", "patterns", "scheme", "config", "presets"},
-    {"granularity", "quantization", "rotation", "rope", "packing", "accounting"},
+    {"granularity", "quantization", "rotation", "stream_space", "rope", "packing", "accounting"},
     {"observers"},
     {"state_fields"},
     {"serialization"},
     {"quantizer", "layer_quantizer", "growing_storage", "layers", "model_info", "cache_state", "cache"},
     {"calibration", "evaluation", "sensitivity", "bit_allocation", "distributed", "progress", "data", "fetch"}
-    | {"models", "report"},
+    | {"models", "report", "queries"},
     {"export", "cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -8,7 +8,8 @@ For one stream of one layer holding ``seq_len`` tokens of ``kv_heads`` heads of
   ``log8``, the ``scale_format``) and an int16 zero point when asymmetric, per group of
   ``group_size`` channels (``head_dim`` per token),
 * plus a centred dynamic scheme's calibrated float32 center (one per kv head and
-  channel), spread over every element it serves at this length,
+  channel), and a query-aware one's float32 channel scale likewise, spread over every
+  element they serve at this length,
 * plus a static scheme's flag byte per row (it marks rows holding NaN or Inf),
 * plus a static scheme's calibrated parameters (float32 scale, int32 zero point when
   asymmetric), spread over every element they serve at this length,
@@ -39,7 +40,8 @@ def stream_bits(args: QuantArgs, kv_heads: int, head_dim: int, seq_len: int) -> 
     granularity = Granularity.of(args)
     if args.dynamic:
         per_param = args.scale_format.bits + (0 if args.symmetric else 16)
-        center = kv_heads * head_dim * 32 / max(elements, 1) if args.center else 0.0
+        per_channel = (32 if args.center else 0) + (32 if args.query_aware else 0)
+        center = kv_heads * head_dim * per_channel / max(elements, 1)
         return code + granularity.params_per_token(kv_heads, head_dim) * per_param / (kv_heads * head_dim) + center
     params = 1
     for size in granularity.param_shape(kv_heads, head_dim):

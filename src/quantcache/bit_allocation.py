@@ -58,19 +58,19 @@ def parse_candidate(spec: str) -> BitCandidate:
     parts = spec.split("/") if isinstance(spec, str) else []
     if len(parts) not in (1, 2) or not all(parts):
         raise ConfigError(f"scheme {spec!r}: expected a preset name or KEYS/VALUES preset names, such as int8/int4")
-    args = []
+    configs = []
     for part in parts:
         if part not in PRESETS:
             raise ConfigError(f"scheme {spec!r}: unknown preset {part!r}; choose from {', '.join(PRESETS)}")
-        stream = KVQuantConfig(**preset_settings(part)).key_args
-        if not stream.dynamic:
+        config = KVQuantConfig(**preset_settings(part))
+        if not config.key_args.dynamic:
             dynamic = [name for name in PRESETS if KVQuantConfig(**preset_settings(name)).key_args.dynamic]
             raise ConfigError(
                 f"scheme {spec!r}: preset {part!r} is static and needs calibration; suggest-bits mixes dynamic "
                 f"presets ({', '.join(dynamic)})"
             )
-        args.append(stream)
-    return BitCandidate(spec, args[0], args[-1])
+        configs.append(config)
+    return BitCandidate(spec, configs[0].key_args, configs[-1].value_args)
 
 
 @dataclass

@@ -203,6 +203,28 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             quantizer.token_mask = mask
         return self
 
+    @property
+    def observes_queries(self) -> bool:
+        """Whether a quantized layer's keys are query-aware, so calibration must show it the queries."""
+        return any(quantizer.enabled and quantizer.key.args.query_aware for quantizer in self.quantizers)
+
+    def observe_queries(self, layer_idx: int, query_states: torch.Tensor) -> None:
+        """Fold one layer's ``(batch, heads, seq, head_dim)`` queries into its query-aware key statistics.
+
+        The queries attention computed in the forward pass that just updated this layer
+        (before or after RoPE: what is kept is each RoPE pair's energy, which the position
+        does not change); :func:`quantcache.queries.observe_queries` computes them from the
+        model's hidden states. Pad positions set with :meth:`set_attention_mask` are left out;
+        layers whose keys are not query-aware (or not quantized) ignore the call.
+        """
+        if self.is_frozen:
+            raise CalibrationError("observe_queries collects calibration statistics; the cache is frozen")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.quantizers):
+            raise ValueError(f"layer_idx must be a layer index from 0 to {len(self.quantizers) - 1}, got {layer_idx!r}")
+        quantizer = self.quantizers[layer_idx]
+        if quantizer.key.args.query_aware:
+            quantizer.observe_queries(query_states)
+
     # ------------------------------------------------------------------ mode changes
     def freeze(self) -> QuantizedCalibratingCache:
         """Turn the collected statistics into fixed parameters; from now on ``update`` quantizes.

@@ -88,6 +88,8 @@ class CacheStateMixin:
                     state[f"{prefix}.zero_point"] = stream.params.zero_point.detach().clone()
                 if stream.center is not None:
                     state[f"{prefix}.center"] = stream.center.detach().clone()
+                if stream.channel_scale is not None:
+                    state[f"{prefix}.channel_scale"] = stream.channel_scale.detach().clone()
         return state
 
     def load_state_dict(
@@ -184,9 +186,13 @@ class CacheStateMixin:
                 fields = streams[stream_name]
                 if all(field in fields for field in stream.observer.fields):
                     stream.observer.load({field: fields[field] for field in stream.observer.fields})
-                if stream.dynamic:  # centred: its frozen parameter is the mean
+                if stream.dynamic:  # centred: its frozen parameters are the mean (and, query-aware, channel scale)
                     if has_params:
-                        stream.freeze_centered(fields["center"].detach().to(torch.float32).clone())
+                        scale = fields.get("channel_scale")
+                        stream.freeze_centered(
+                            fields["center"].detach().to(torch.float32).clone(),
+                            None if scale is None else scale.detach().to(torch.float32).clone(),
+                        )
                     continue
                 if has_params:
                     stream.set_params(

@@ -5,6 +5,8 @@ would otherwise write by hand: one forward pass per batch of token ids, each int
 :meth:`~quantcache.cache.QuantizedCalibratingCache.empty_copy` of the cache, so the per-channel
 statistics accumulate over all batches while no batch ever sees another batch's keys and
 values as a prefix. The result is frozen (ready to quantize) and holds no KV content.
+A scheme with query-aware keys also needs each layer's queries, which the loop
+recomputes from the model's hidden states (:mod:`quantcache.queries`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .cache import CACHE_KEYWORD, QuantizedCalibratingCache
 from .config import KVQuantConfig
 from .data import DataError
 from .progress import progress_bar
+from .queries import observe_queries
 
 __all__ = ["calibrate", "check_token_batch", "model_device"]
 
@@ -164,6 +167,8 @@ def calibrate(
     device = model_device(model)
     vocab_size = _vocab_size(model)
     forward_kwargs: dict[str, Any] = {"use_cache": True}
+    if stats.observes_queries:
+        forward_kwargs["output_hidden_states"] = True
     if _accepts_logits_to_keep(model):
         forward_kwargs["logits_to_keep"] = 1  # calibration needs the KV states, not the logits
     batches, total = _batches(data, batch_size)
@@ -185,7 +190,9 @@ def calibrate(
                     mask = mask.to(device)
                     masked = {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
                 run.set_attention_mask(mask)
-                model(ids.to(device), **{CACHE_KEYWORD: run}, **masked, **forward_kwargs)
+                outputs = model(ids.to(device), **{CACHE_KEYWORD: run}, **masked, **forward_kwargs)
+                if stats.observes_queries:
+                    observe_queries(run, model, outputs.hidden_states)
                 stats = run
                 seen_batches += 1
                 bar.update(int(ids.numel()))

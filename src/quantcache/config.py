@@ -61,6 +61,7 @@ _SHARED_FIELDS = (
     "rotation_seed",
     "center",
     "scale_format",
+    "query_aware",
 )
 # The processor item's own keys beside ``type`` and ``qconfig``: each is a KVQuantConfig field of that name.
 _ITEM_FIELDS = ("include", "exclude", "layers", "storage", "sink_tokens", "residual_window", "pre_rope_keys")
@@ -122,7 +123,7 @@ class KVQuantConfig:
         include: glob patterns on attention module names (``model.layers.0.self_attn``);
             ``*`` crosses dots and ``{a,b}`` lists alternatives.
         exclude: patterns removed from ``include``; exclude wins.
-        dynamic, group_size, scale_format: see :class:`~quantcache.scheme.QuantArgs`.
+        dynamic, group_size, scale_format, query_aware: see :class:`~quantcache.scheme.QuantArgs`.
         key, value: per-stream arguments that replace the flat fields for that stream.
         layers: per-layer overrides (:class:`~quantcache.scheme.LayerOverride`, or their
             ``{include, qconfig}`` mappings, merged onto ``key``/``value`` when read): a
@@ -158,6 +159,7 @@ class KVQuantConfig:
     rotation_seed: int = 0
     center: bool = False
     scale_format: ScaleFormat = ScaleFormat.FLOAT16
+    query_aware: bool = False
     key: QuantArgs | None = None
     value: QuantArgs | None = None
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
@@ -196,6 +198,11 @@ class KVQuantConfig:
                 item = LayerOverride.from_dict(item, key=self.key_args, value=self.value_args, where=where)
             overrides.append(LayerOverride(_pattern_tuple(f"{where}.include", item.include), item.key, item.value))
         set_(self, "layers", tuple(overrides))
+        if any(args.query_aware for args in (self.value_args, *(o.value for o in overrides))):
+            raise ConfigError(
+                "qconfig.value.query_aware: values are weighed by attention, not read by queries, so only keys "
+                "can be query-aware; set query_aware under qconfig.key (a flat query_aware applies to both streams)"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> KVQuantConfig:

@@ -35,7 +35,7 @@ from .cache import QuantizedCalibratingCache
 from .calibration import calibrate
 from .config import KVQuantConfig
 from .errors import QuantStateError
-from .observers import CenterObserver
+from .observers import QueryAwareCenterObserver
 
 __all__ = [
     "all_reduce_statistics",
@@ -160,8 +160,9 @@ def all_reduce_statistics(
     """Replace every rank's statistics with those of all ranks together (in place; returns ``cache``).
 
     Min/max statistics are reduced with MIN/MAX (bit for bit what one process would have
-    collected); a centred dynamic stream's ``center_sum`` and ``center_count`` with SUM
-    (the same mean, up to the order of float32 additions).
+    collected); a centred dynamic stream's ``center_sum`` and ``center_count`` (and a
+    query-aware one's key and query sums) with SUM (the same means, up to the order of
+    float32 additions).
 
     Call it on every rank, after each rank calibrated its share and before ``freeze()``.
     A layer one rank never observed counts as ``+inf``/``-inf`` there, so any rank's
@@ -204,7 +205,8 @@ def all_reduce_statistics(
     heads, channels = (int(v) for v in largest)
     lows = torch.full((len(layers), 2, heads, channels), float("inf"), dtype=torch.float32, device=device)
     highs = torch.full_like(lows, float("-inf"))
-    sums = torch.zeros((len(layers), 2, 2, heads, channels), dtype=torch.float32, device=device)
+    summed = QueryAwareCenterObserver.fields  # every summed field; a centred stream uses the first two
+    sums = torch.zeros((len(layers), 2, len(summed), heads, channels), dtype=torch.float32, device=device)
     homes: dict[tuple[int, int], torch.device] = {}
     for row, index in enumerate(layers):
         for column, stream in enumerate(_STREAMS):
@@ -214,7 +216,7 @@ def all_reduce_statistics(
                 lows[row, column] = low.to(device)
                 highs[row, column] = high.to(device)
                 homes[(index, column)] = low.device
-            for slot, field in enumerate(CenterObserver.fields):
+            for slot, field in enumerate(summed):
                 tensor = state.get(f"layers.{index}.{stream}.{field}")
                 if tensor is not None:
                     sums[row, column, slot] = tensor.to(device)
@@ -233,8 +235,8 @@ def all_reduce_statistics(
             if stream_quantizer.dynamic:  # centred: its mean's sum and count
                 if not bool((sums[row, column, 1] > 0).all()):
                     break  # no rank observed this layer
-                for slot, field in enumerate(CenterObserver.fields):
-                    layer[f"layers.{index}.{stream}.{field}"] = sums[row, column, slot].to(home)
+                for field in stream_quantizer.observer.fields:
+                    layer[f"layers.{index}.{stream}.{field}"] = sums[row, column, summed.index(field)].to(home)
                 continue
             if not bool(torch.isfinite(lows[row, column]).all()):
                 break  # no rank observed this layer

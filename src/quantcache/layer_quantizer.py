@@ -63,19 +63,31 @@ class LayerQuantizer:
 
         ``skipped``: new tokens left out just before these (sink tokens), which the mask still covers.
         """
-        mask = None
-        if self.token_mask is not None:
-            new = key_states.shape[2] + skipped
-            if self.token_mask.shape[0] != key_states.shape[0] or self.token_mask.shape[1] < new:
-                raise CalibrationError(
-                    f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
-                    f"{tuple(self.token_mask.shape)}, which does not cover states of shape {tuple(key_states.shape)}"
-                )
-            mask = self.token_mask[:, -new:][:, skipped:]
+        mask = self._mask_for(key_states, skipped)
         # Validate both streams before changing either: a failed update leaves no half-update.
         key_stats, value_stats = self.key.measure(key_states, mask), self.value.measure(value_states, mask)
         self.key.merge(key_stats)
         self.value.merge(value_stats)
+
+    def _mask_for(self, states: torch.Tensor, skipped: int = 0) -> torch.Tensor | None:
+        """The columns of :attr:`token_mask` for the newest ``seq`` positions of ``states`` after ``skipped``."""
+        if self.token_mask is None:
+            return None
+        new = states.shape[2] + skipped
+        if self.token_mask.shape[0] != states.shape[0] or self.token_mask.shape[1] < new:
+            raise CalibrationError(
+                f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
+                f"{tuple(self.token_mask.shape)}, which does not cover states of shape {tuple(states.shape)}"
+            )
+        return self.token_mask[:, -new:][:, skipped:]
+
+    def observe_queries(self, query_states: torch.Tensor) -> None:
+        """Fold ``(batch, heads, seq, head_dim)`` queries into a query-aware key stream's statistics.
+
+        Pad positions (:attr:`token_mask`) are left out. A layer left unquantized ignores them.
+        """
+        if self.enabled:
+            self.key.merge(self.key.measure_queries(query_states, self._mask_for(query_states)))
 
     def freeze(self) -> None:
         self.key.freeze()

@@ -358,8 +358,9 @@ def layer_memory(layer: Any) -> dict[str, int]:
                 if not stream.args.symmetric and stream.format.kind is FormatKind.INTEGER:
                     needed.append(stream.params.zero_point)
                 report["parameters"] += sum(t.numel() * t.element_size() for t in needed)
-            if stream.center is not None:  # a centred dynamic stream's calibrated mean
-                report["parameters"] += stream.center.numel() * stream.center.element_size()
+            for calibrated in (stream.center, stream.channel_scale):  # a centred stream's mean, a query-aware scale
+                if calibrated is not None:
+                    report["parameters"] += calibrated.numel() * calibrated.element_size()
     for stored, stream_name in ((keys, "key"), (values, "value")):
         if stored is None or not stored.numel():
             continue

@@ -31,8 +31,10 @@ __all__ = [
     "MinMaxObserver",
     "Observer",
     "PercentileObserver",
+    "QueryAwareCenterObserver",
     "SummedObserver",
     "make_observer",
+    "query_aware_scale",
     "register_observer",
 ]
 
@@ -273,7 +275,7 @@ class CenterObserver(SummedObserver):
     the model's space, before any rotation, so the mean is the model's own.
     """
 
-    fields = ("center_sum", "center_count")
+    fields: ClassVar[tuple[str, ...]] = ("center_sum", "center_count")
 
     @classmethod
     def allowed_options(cls, args: QuantArgs) -> tuple[str, ...]:
@@ -300,8 +302,117 @@ class CenterObserver(SummedObserver):
         return self.statistics["center_sum"] / self.statistics["center_count"]
 
 
+QUERY_AWARE_SCALE_LIMIT = 8.0
+"""How far a query-aware channel scale may stray from its head's RMS scale, either way."""
+
+
+def query_aware_scale(key_variance: torch.Tensor, query_energy: torch.Tensor) -> torch.Tensor:
+    """Per-channel key scales ``(kv_heads, head_dim)`` that minimise the logit error of per-token quantization.
+
+    A dynamic scheme's per-token range, after a rotation, is set by the scaled keys'
+    total energy ``sum_j s_j^2 v_j``; the error a query sees is ``sum_j Q_j e_j^2 / s_j^2``
+    for the (then white) quantization error ``e``. Their product is least for
+    ``s_j^2 = sqrt(Q_j / v_j)`` (Cauchy-Schwarz), i.e. ``s_j = (Q_j / v_j) ** (1 / 4)``.
+    Both are averaged over each RoPE pair (channels ``j`` and ``j + head_dim / 2``, which
+    the position turns into each other). Each head's scales are divided by their RMS (a
+    per-token range makes only their ratios matter) and kept within
+    :data:`QUERY_AWARE_SCALE_LIMIT` of it either way, so that a channel that calibration
+    queries hardly read still gets a usable step on other text.
+
+    Args:
+        key_variance: ``(kv_heads, head_dim)`` variance of the keys about their means.
+        query_energy: ``(kv_heads, head_dim)`` mean squared query, summed over the query
+            heads that read each kv head.
+    """
+    variance, energy = key_variance.double().clamp(min=0), query_energy.double().clamp(min=0)
+    if variance.shape[-1] % 2 == 0:
+        half = variance.shape[-1] // 2
+        variance = 0.5 * (variance + variance.roll(half, -1))
+        energy = 0.5 * (energy + energy.roll(half, -1))
+    tiny = torch.finfo(torch.float32).tiny
+    variance = variance + 1e-4 * variance.mean(-1, keepdim=True) + tiny
+    energy = energy + 1e-4 * energy.mean(-1, keepdim=True) + tiny
+    scale = (energy / variance).pow(0.25)
+    scale = scale / scale.square().mean(-1, keepdim=True).sqrt()
+    return scale.clamp(1 / QUERY_AWARE_SCALE_LIMIT, QUERY_AWARE_SCALE_LIMIT).to(torch.float32)
+
+
+class QueryAwareCenterObserver(CenterObserver):
+    """A query-aware key stream's statistics: its channel means and what its channel scales weigh.
+
+    Fields beside the center's, each ``(kv_heads, head_dim)`` float32 and a sum:
+    ``key_square_sum`` (squared keys, over the tokens ``center_count`` counts),
+    ``query_square_sum`` (squared queries, summed over the query heads that read the kv
+    head) and ``query_count`` (query tokens). A measurement of keys carries zero query
+    sums and one of queries zero key sums, so a merge, and the all-reduce of distributed
+    calibration, stays a plain SUM of every field.
+    """
+
+    fields = (*CenterObserver.fields, "key_square_sum", "query_square_sum", "query_count")
+
+    @property
+    def observed(self) -> bool:
+        """Whether keys were observed (queries alone give no center)."""
+        return bool(self.statistics) and bool((self.statistics["center_count"] > 0).all())
+
+    @property
+    def queries_observed(self) -> bool:
+        return bool(self.statistics) and bool((self.statistics["query_count"] > 0).all())
+
+    def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
+        measured = super().measure(states, mask)
+        if not measured:
+            return measured
+        squares = states.detach().float().square()
+        if mask is not None:
+            squares = torch.where(mask[:, None, :, None].to(squares.device), squares, 0.0)
+        zeros = torch.zeros_like(measured["center_sum"])
+        return {
+            **measured,
+            "key_square_sum": squares.sum(dim=(0, 2)),
+            "query_square_sum": zeros,
+            "query_count": zeros.clone(),
+        }
+
+    def measure_queries(self, queries: torch.Tensor, kv_heads: int, mask: torch.Tensor | None = None) -> Statistics:
+        """Statistics of ``(batch, heads, seq, head_dim)`` queries.
+
+        The ``heads / kv_heads`` query heads from ``g * heads / kv_heads`` on read kv head ``g``;
+        ``mask`` (bool ``(batch, seq)``) leaves padding out, as for keys.
+        """
+        batch, heads, seq, head_dim = queries.shape
+        squares = queries.detach().float().square()
+        if mask is not None:
+            if not bool(mask.any()):
+                return {}
+            squares = torch.where(mask[:, None, :, None].to(squares.device), squares, 0.0)
+        energy = squares.reshape(batch, kv_heads, heads // kv_heads, seq, head_dim).sum(dim=(0, 2, 3))
+        tokens = float(batch * seq if mask is None else int(mask.sum()))
+        zeros = torch.zeros_like(energy)
+        return {
+            "center_sum": zeros,
+            "center_count": zeros.clone(),
+            "key_square_sum": zeros.clone(),
+            "query_square_sum": energy,
+            "query_count": torch.full_like(energy, tokens),
+        }
+
+    def channel_scale(self) -> torch.Tensor:
+        """The ``(kv_heads, head_dim)`` float32 key scales (:func:`query_aware_scale`) the statistics imply."""
+        return self.channel_scale_from(self.statistics)
+
+    @staticmethod
+    def channel_scale_from(statistics: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`channel_scale` of saved ``statistics`` (the fields of this observer)."""
+        count = statistics["center_count"].double()
+        mean = statistics["center_sum"].double() / count
+        variance = statistics["key_square_sum"].double() / count - mean.square()
+        energy = statistics["query_square_sum"].double() / statistics["query_count"].double()
+        return query_aware_scale(variance, energy)
+
+
 def make_observer(args: QuantArgs) -> Observer:
     """The observer ``args.method`` names (a centred dynamic stream's: its :class:`CenterObserver`)."""
     if args.dynamic and args.center:
-        return CenterObserver(args)
+        return QueryAwareCenterObserver(args) if args.query_aware else CenterObserver(args)
     return OBSERVERS[args.method](args)

@@ -4,7 +4,8 @@ A :class:`StreamQuantizer` owns one stream (the keys or the values of one attent
 layer): its :class:`~quantcache.scheme.QuantArgs`, an observer while calibrating
 (:mod:`quantcache.observers`), fixed :class:`~quantcache.quantization.QuantParams`
 once frozen (none for a dynamic scheme: those are computed per token; a centred dynamic
-scheme has its calibrated per-channel ``center`` instead). A
+scheme has its calibrated per-channel ``center`` instead, and a query-aware key stream
+its ``channel_scale`` too). A
 :class:`LayerQuantizer` pairs the two streams of one layer and knows its name, so
 every error it raises says which layer is at fault (:mod:`quantcache.layer_quantizer`).
 
@@ -27,7 +28,7 @@ import torch
 from .errors import CalibrationError, NonFiniteStateError
 from .formats import FormatKind
 from .granularity import Granularity
-from .observers import CenterObserver, Observer, make_observer
+from .observers import CenterObserver, Observer, QueryAwareCenterObserver, make_observer
 from .packing import bits_per_slot, pack_codes, unpack_slots
 from .quantization import (
     PreparedParams,
@@ -41,8 +42,8 @@ from .quantization import (
     scale_from_bytes,
     scale_to_bytes,
 )
-from .rotation import rotate, rotation_matrix, unrotate
 from .scheme import QuantArgs, QuantMethod, QuantScope, Rotation
+from .stream_space import StreamSpace
 
 __all__ = ["DYNAMIC_MSE_GRID", "QuantizeHook", "StreamName", "StreamQuantizer"]
 
@@ -101,21 +102,19 @@ class StreamQuantizer:
         self._search = int(self.args.options.get("grid", DYNAMIC_MSE_GRID)) if self._searches else 0
         if self._searches and self._search < 1:
             raise CalibrationError(f"{label}: observer_options.grid must be a positive integer, got {self._search}")
-        self.center: torch.Tensor | None = None
-        self._center_by_device: dict[torch.device, torch.Tensor] = {}
-        self._rotation: torch.Tensor | None = None
-        if self.args.rotation is not Rotation.NONE:
-            if expected_shape is None:
-                raise CalibrationError(f"{label}: a rotation needs the model's head_dim")
-            self._rotation = rotation_matrix(expected_shape[1], self.args.rotation_seed)
+        rotated = self.args.rotation is not Rotation.NONE
+        if rotated and expected_shape is None:
+            raise CalibrationError(f"{label}: a rotation needs the model's head_dim")
+        self.space = StreamSpace(
+            expected_shape[1] if expected_shape else None, self.args.rotation_seed if rotated else None
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> StreamQuantizer:
         fresh = copy.copy(self)
         fresh.observer = copy.deepcopy(self.observer, memo)
         fresh.params = copy.deepcopy(self.params, memo)
-        fresh.center = copy.deepcopy(self.center, memo)
+        fresh.space = self.space.copy()
         fresh._fixed_by_device = {}
-        fresh._center_by_device = {}
         return fresh  # on_quantize is shared on purpose (see the module docstring)
 
     # ------------------------------------------------------------------ statistics
@@ -166,33 +165,15 @@ class StreamQuantizer:
                 f"(kv_heads, head_dim) = {expected}; the cache was built or calibrated for another model shape"
             )
 
-    def _center_on(self, device: torch.device) -> torch.Tensor | None:
-        """The center as float32 ``(1, kv_heads, 1, head_dim)`` on ``device``, or None (not centred or not frozen)."""
-        if self.center is None:
-            return None
-        center = self._center_by_device.get(device)
-        if center is None:
-            center = self._center_by_device[device] = self.center.to(device=device, dtype=torch.float32)[None, :, None]
-        return center
+    @property
+    def center(self) -> torch.Tensor | None:
+        """A centred dynamic stream's calibrated ``(kv_heads, head_dim)`` mean once frozen, else None."""
+        return self.space.center
 
-    def _quant_space(self, states: torch.Tensor) -> torch.Tensor:
-        """The states the quantizer works on: centred and rotated (float32) when the scheme says so, else as is."""
-        center = self._center_on(states.device)
-        if center is not None:
-            states = states.float() - center
-        if self._rotation is None:
-            return states
-        if self._rotation.device != states.device:
-            self._rotation = self._rotation.to(states.device)
-        return rotate(states, self._rotation)
-
-    def _model_space(self, quantized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self._rotation is not None:
-            quantized = unrotate(quantized, self._rotation)
-        center = self._center_on(quantized.device)
-        if center is not None:
-            quantized = quantized.float() + center
-        return quantized.to(dtype)
+    @property
+    def channel_scale(self) -> torch.Tensor | None:
+        """A query-aware key stream's calibrated ``(kv_heads, head_dim)`` channel scale once frozen, else None."""
+        return self.space.channel_scale
 
     @torch.no_grad()
     def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
@@ -204,7 +185,7 @@ class StreamQuantizer:
             return None
         self._check_shape(states)
         # A center is the mean of the model's own states; a range is measured where the codes live.
-        space = states if self.dynamic else self._quant_space(states)
+        space = states if self.dynamic else self.space.forward(states)
         measured = self.observer.measure(space, mask)
         if not measured:
             return None
@@ -214,6 +195,37 @@ class StreamQuantizer:
                 "(fp16 overflow is common: try bfloat16 or float32) or exclude this layer"
             )
         return measured
+
+    @torch.no_grad()
+    def measure_queries(
+        self, queries: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """A query-aware key stream's statistics of ``(batch, heads, seq, head_dim)`` queries (nothing stored).
+
+        ``heads`` must be a multiple of the layer's kv heads (query heads ``g * heads / kv_heads``
+        onwards read kv head ``g``); ``mask`` leaves padding out, as in :meth:`measure`.
+        """
+        if not self.args.query_aware:
+            raise CalibrationError(f"{self.label}: only a query-aware key stream (query_aware: true) observes queries")
+        expected = self.expected_shape
+        if queries.dim() != 4 or (
+            expected is not None and (queries.shape[3] != expected[1] or queries.shape[1] % expected[0] != 0)
+        ):
+            raise CalibrationError(
+                f"{self.label}: queries of shape {tuple(queries.shape)} do not fit this layer's (kv_heads, head_dim) "
+                f"= {expected}; expected (batch, heads, seq, head_dim) with heads a multiple of kv_heads"
+            )
+        if queries.numel() == 0:
+            return None
+        assert isinstance(self.observer, QueryAwareCenterObserver)
+        kv_heads = expected[0] if expected is not None else queries.shape[1]
+        measured = self.observer.measure_queries(queries, kv_heads, mask)
+        if measured and not _all_finite(measured.values()):
+            raise CalibrationError(
+                f"{self.label}: calibration queries contain NaN or Inf; check the model's dtype "
+                "(fp16 overflow is common: try bfloat16 or float32) or exclude this layer"
+            )
+        return measured or None
 
     def merge(self, measured: Mapping[str, torch.Tensor] | None) -> None:
         """Fold a :meth:`measure` result into the running statistics (thread-safe)."""
@@ -237,7 +249,17 @@ class StreamQuantizer:
                     )
                 assert isinstance(self.observer, CenterObserver)
                 center = self.observer.center()
-            self.freeze_centered(center)
+            channel_scale = None
+            if self.args.query_aware:
+                assert isinstance(self.observer, QueryAwareCenterObserver)
+                if not self.observer.queries_observed:
+                    raise CalibrationError(
+                        f"{self.label}: query_aware: true weighs each key channel by the queries that read it, and "
+                        "calibration saw no queries: calibrate with quantcache.calibrate(model, ...), which "
+                        "computes them, or call quantcache.queries.observe_queries after each forward pass"
+                    )
+                channel_scale = self.observer.channel_scale()
+            self.freeze_centered(center, channel_scale)
             return
         if not self.observer.observed:
             raise CalibrationError(f"{self.label}: no calibration statistics")
@@ -252,22 +274,28 @@ class StreamQuantizer:
         if params is None:
             self.set_center(None)
 
-    def freeze_centered(self, center: torch.Tensor | None) -> None:
-        """Freeze a dynamic stream with its ``(kv_heads, head_dim)`` center (``None`` when it does not centre)."""
+    def freeze_centered(self, center: torch.Tensor | None, channel_scale: torch.Tensor | None = None) -> None:
+        """Freeze a dynamic stream with its ``(kv_heads, head_dim)`` center and, query-aware, channel scale.
+
+        Both are ``None`` for a stream that does not centre.
+        """
         if not self.dynamic:
             raise CalibrationError(f"{self.label}: a static stream freezes with parameters, not a center")
         if self.args.center and center is None:
             raise CalibrationError(f"{self.label}: center: true needs its calibrated center to freeze")
+        if self.args.query_aware and channel_scale is None:
+            raise CalibrationError(f"{self.label}: query_aware: true needs its calibrated channel_scale to freeze")
         self.set_params(None)
-        self.set_center(center)
+        self.set_center(center, channel_scale)
         self._frozen = True
 
-    def set_center(self, center: torch.Tensor | None) -> None:
-        """Fix a centred dynamic stream's ``(kv_heads, head_dim)`` mean (``None``: drop it)."""
+    def set_center(self, center: torch.Tensor | None, channel_scale: torch.Tensor | None = None) -> None:
+        """Fix a centred dynamic stream's ``(kv_heads, head_dim)`` mean and channel scale (``None``: drop them)."""
         if center is not None and not self.args.center:
             raise CalibrationError(f"{self.label}: the scheme does not centre (center: false)")
-        self.center = None if center is None else center.detach().to(torch.float32)
-        self._center_by_device = {}
+        if channel_scale is not None and not self.args.query_aware:
+            raise CalibrationError(f"{self.label}: the scheme is not query-aware (query_aware: false)")
+        self.space.set(center, channel_scale)
 
     def unfreeze(self) -> None:
         self.set_params(None)
@@ -324,20 +352,20 @@ class StreamQuantizer:
     def fake_quantize(self, states: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize ``states`` (new tokens only); non-finite elements stay non-finite."""
         self._check_frozen(states)
-        space = self._quant_space(states)
+        space = self.space.forward(states)
         params = self.params_for(space)
         restored = fake_quantize_prepared(space, self.prepared_for(space, params), self.granularity, self.format)
-        if self._rotation is None and self.center is None:
+        if self.space.identity:
             quantized = restored  # already in the states' dtype, non-finite elements kept
         else:  # a rotation spreads a non-finite element over its row: put the originals back
-            quantized = torch.where(torch.isfinite(states), self._model_space(restored, states.dtype), states)
+            quantized = torch.where(torch.isfinite(states), self.space.inverse(restored, states.dtype), states)
         if self.on_quantize is not None:
             self.on_quantize(self, states, quantized, params)
         return quantized
 
     def saturated(self, states: torch.Tensor, params: QuantParams) -> torch.Tensor:
         """Mask of the elements of ``states`` that clip (counted in the quantizer's own space)."""
-        return saturated(self._quant_space(states), params, self.granularity, self.format)
+        return saturated(self.space.forward(states), params, self.granularity, self.format)
 
     # ------------------------------------------------------------------ packed rows (see packing.py)
     def code_bytes(self, head_dim: int) -> int:
@@ -361,7 +389,7 @@ class StreamQuantizer:
         states kept elsewhere, such as sink tokens).
         """
         self._check_frozen(states)
-        space = self._quant_space(states)
+        space = self.space.forward(states)
         params = self.params_for(space)
         codes = quantize_prepared(space, self.prepared_for(space, params), self.granularity, self.format)
         fmt = self.format
@@ -425,4 +453,4 @@ class StreamQuantizer:
             if bool(flags.any()):
                 mask = flags.bool().view(*flags.shape, *([1] * (view.dim() - flags.dim())))
                 view.masked_fill_(mask, float("nan"))
-        return self._model_space(self.granularity.ungrouped(view), dtype)
+        return self.space.inverse(self.granularity.ungrouped(view), dtype)

@@ -364,6 +364,7 @@ def _stream_text(args: QuantArgs) -> str:
     words += ["dynamic"] if args.dynamic else []
     words += [args.rotation.value] if args.rotation is not Rotation.NONE else []
     words += ["centred"] if args.center else []
+    words += ["query-aware"] if args.query_aware else []
     words += [f"{args.scale_format.value} scales"] if args.scale_format is not ScaleFormat.FLOAT16 else []
     return " ".join(words)
 

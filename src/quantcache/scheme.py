@@ -87,6 +87,7 @@ STREAM_KEYS = (
     "rotation_seed",
     "center",
     "scale_format",
+    "query_aware",
 )
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
 
@@ -145,6 +146,16 @@ class QuantArgs:
         scale_format: how a dynamic scheme stores each token's scale: ``float16`` (two
             bytes) or ``log8`` (one byte, a power of ``2 ** (1 / 8)``; see
             :class:`~quantcache.formats.ScaleFormat`). Static scales are float32 in the state.
+        query_aware: keys only, with ``center``: scale every centred key channel by
+            ``(query energy / key variance) ** (1 / 4)`` before quantizing and back after,
+            both calibrated (the energy summed over the query heads that read the kv head
+            and, like the variance, averaged over each RoPE pair of channels ``j`` and
+            ``j + head_dim / 2``, which the position mixes). Quantization error then lands
+            where queries look least: of all per-channel scalings, this one minimises the
+            expected squared error of the attention logits ``q . k`` that the keys' error
+            causes (a per-token range is set by the scaled channels' total energy, the
+            logit error by the energy-weighted error). Calibration must see the queries
+            (:func:`quantcache.calibration.calibrate` computes them).
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -158,9 +169,11 @@ class QuantArgs:
     rotation_seed: int = 0
     center: bool = False
     scale_format: ScaleFormat = ScaleFormat.FLOAT16
+    query_aware: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "query_aware", _flag("query_aware", self.query_aware))
         set_(self, "scale_format", enum_value(ScaleFormat, "scale_format", self.scale_format))
         set_(self, "rotation", enum_value(Rotation, "rotation", self.rotation))
         set_(self, "center", _flag("center", self.center))
@@ -198,6 +211,11 @@ class QuantArgs:
             raise ConfigError(
                 "qconfig.center: true needs dynamic: true (a static range would have to be calibrated on "
                 "states centred by a mean that the same calibration is still collecting)"
+            )
+        if self.query_aware and not self.center:
+            raise ConfigError(
+                "qconfig.query_aware: true needs dynamic: true and center: true (each key channel's scale "
+                "weighs its variance around the calibrated mean; a static per-channel range would absorb it)"
             )
         if self.dynamic and self.method is QuantMethod.PERCENTILE:
             raise ConfigError(
@@ -247,6 +265,7 @@ class QuantArgs:
                 "rotation_seed": self.rotation_seed,
                 "center": self.center,
                 "scale_format": self.scale_format.value,
+                "query_aware": self.query_aware,
             }
         data: dict[str, Any] = {
             "scope": self.scope.value,
@@ -267,6 +286,8 @@ class QuantArgs:
             data["center"] = True
         if self.scale_format is not ScaleFormat.FLOAT16:
             data["scale_format"] = self.scale_format.value
+        if self.query_aware:
+            data["query_aware"] = True
         return data
 
     @classmethod

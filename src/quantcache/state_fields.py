@@ -2,10 +2,12 @@
 
 A stream's fields are its observer's statistics (``min``, ``max`` for ``minmax``; ``low``,
 ``high``, ``weight`` for the averaged observers; ``center_sum``, ``center_count`` for a
-centred dynamic stream) and, once frozen, its parameters (``scale``, ``zero_point``, or a
-centred dynamic stream's ``center``). The loader (:mod:`quantcache.cache_state`) and the
-file validator (:func:`quantcache.serialization.validate_state`) both check streams here,
-so a state is judged the same way wherever it comes from.
+centred dynamic stream, and ``key_square_sum``, ``query_square_sum``, ``query_count`` for a
+query-aware one) and, once frozen, its parameters (``scale``, ``zero_point``, or a
+centred dynamic stream's ``center``, and a query-aware one's ``channel_scale``). The
+loader (:mod:`quantcache.cache_state`) and the file validator
+(:func:`quantcache.serialization.validate_state`) both check streams here, so a state is
+judged the same way wherever it comes from.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from .config import KVQuantConfig
 from .granularity import Granularity
-from .observers import OBSERVERS, make_observer
+from .observers import OBSERVERS, QueryAwareCenterObserver, make_observer
 from .quantization import compute_qparams
 from .scheme import QuantArgs
 
@@ -31,6 +33,7 @@ __all__ = [
 
 PARAMETER_FIELDS = ("scale", "zero_point")
 CENTER_FIELDS = ("center",)
+QUERY_AWARE_FIELDS = (*CENTER_FIELDS, "channel_scale")
 _EPS = torch.finfo(torch.float32).eps
 # |zero_point - code range| an asymmetric scale can need (its relative floor, see quantization.py).
 _ZERO_POINT_REACH = 2**20 + 1
@@ -48,9 +51,14 @@ def statistic_fields(config: KVQuantConfig, stream: str, module_name: str | None
 
 
 def parameter_fields(args: QuantArgs) -> tuple[str, ...]:
-    """The fields a frozen stream adds: ``scale``, ``zero_point`` (static), ``center`` (centred dynamic), or none."""
+    """The fields a frozen stream adds: ``scale``, ``zero_point`` (static), ``center`` (centred dynamic), or none.
+
+    A query-aware key stream adds ``channel_scale`` to its ``center``.
+    """
     if not args.dynamic:
         return PARAMETER_FIELDS
+    if args.query_aware:
+        return QUERY_AWARE_FIELDS
     return CENTER_FIELDS if args.center else ()
 
 
@@ -154,11 +162,22 @@ def _center_problems(
     problems = [f"{prefix}.{name} contains NaN or Inf" for name, t in fields.items() if not torch.isfinite(t).all()]
     if problems:
         return problems
-    if "center_count" in fields and bool((fields["center_count"] <= 0).any()):
-        return [f"{prefix}.center_count holds zero or negative values; statistics are corrupted"]
+    for name in ("center_count", "query_count"):
+        if name in fields and bool((fields[name] <= 0).any()):
+            return [f"{prefix}.{name} holds zero or negative values; statistics are corrupted"]
+    for name in ("key_square_sum", "query_square_sum", "channel_scale"):
+        if name in fields and bool((fields[name] < 0).any()):
+            return [f"{prefix}.{name} holds negative values; the state is corrupted"]
+    if "channel_scale" in fields and bool((fields["channel_scale"] == 0).any()):
+        return [f"{prefix}.channel_scale holds zeros, which no key could be read back through"]
     complete = all(name in fields for name in ("center_sum", "center_count", "center"))
     if derived and complete and not torch.equal(fields["center_sum"] / fields["center_count"], fields["center"]):
         problems.append(f"{prefix}: center differs from center_sum / center_count; the state was altered")
+    if derived and "channel_scale" in fields and all(name in fields for name in QueryAwareCenterObserver.fields):
+        implied = QueryAwareCenterObserver.channel_scale_from(fields)
+        # Recomputed on another device the fourth root may differ in its last bits; an edit does not.
+        if not torch.allclose(implied, fields["channel_scale"].to(implied.device), rtol=1e-5, atol=0.0):
+            problems.append(f"{prefix}: channel_scale differs from what its statistics imply; the state was altered")
     return problems
 
 

@@ -33,11 +33,15 @@ def _config(model: str) -> object:
 
 
 def _fill(cache: DynamicCache, config: object, kv_heads: int, head_dim: int, context: int, dtype: torch.dtype) -> None:
-    layers = config.get_text_config().num_hidden_layers  # type: ignore[attr-defined]
+    """Hand every layer ``context`` random tokens; a calibrating cache with query-aware keys gets queries too."""
+    text = config.get_text_config()  # type: ignore[attr-defined]
     generator = torch.Generator().manual_seed(0)
-    for index in range(layers):
+    for index in range(text.num_hidden_layers):
         keys = torch.randn(1, kv_heads, context, head_dim, generator=generator).to(dtype)
         cache.update(keys, keys.clone(), index)
+        if isinstance(cache, QuantizedCalibratingCache) and cache.observes_queries and not cache.is_frozen:
+            queries = torch.randn(1, text.num_attention_heads, context, head_dim, generator=generator)
+            cache.observe_queries(index, queries)
 
 
 def _dynamic_bytes(cache: DynamicCache) -> int:

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.accounting import effective_bits, stream_bits
+from quantcache.calibration import calibrate
 from quantcache.scheme import QuantArgs
 
 LAYER0 = "model.layers.0.self_attn"
@@ -32,10 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _frozen(model: PreTrainedModel, config: KVQuantConfig) -> QuantizedCalibratingCache:
-    cache = QuantizedCalibratingCache(model, config)
-    with torch.no_grad():
-        model(_tokens(2, 16, seed=1), **{CACHE_KEYWORD: cache})
-    return cache.freeze().empty_copy()
+    return calibrate(model, _tokens(2, 16, seed=1), quant_config=config, batch_size=2, progress=False)
 
 
 # ================================================================================ hand-counted values
@@ -48,15 +46,24 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     "seed-1024": (KVQuantConfig(), 1024, 8 + 0.5 + 32 / 1024),
     # int3 per token, asymmetric: fp16 scale + int16 zero point per row of 16, + the float32 center of
     # every kv head and channel over the 64 tokens (32 / 64 bits per element), + the preset's one sink token
-    # in full precision (16 bits per element of one of the 64 tokens)
-    "int3-per-token": (KVQuantConfig.preset("int3"), 64, 3 + 32 / HEAD_DIM + 32 / 64 + 16 / 64),
-    # int4 per token, symmetric: fp16 scale per row, the center, the sink, and its residual window of 16 tokens
-    "int4-per-token": (KVQuantConfig.preset("int4"), 64, 4 + 16 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 * 16 / 64),
-    "int2-per-token": (KVQuantConfig.preset("int2"), 64, 2 + 32 / HEAD_DIM + 32 / 64 + 16 / 64),
+    # in full precision (16 bits per element of one of the 64 tokens), + the keys' float32 channel scales
+    # (query-aware: 32 / 64 bits per key element, 16 / 64 over both streams)
+    "int3-per-token": (KVQuantConfig.preset("int3"), 64, 3 + 32 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64),
+    # int4 per token, symmetric: a one-byte (log8) scale per row, the center, the sink, the channel scales and
+    # its residual window of 24 tokens
+    "int4-per-token": (
+        KVQuantConfig.preset("int4"), 64, 4 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 16 * 24 / 64
+    ),
+    # int2: a one-byte scale and an int16 zero point per row, and an 8-token window
+    "int2-per-token": (
+        KVQuantConfig.preset("int2"), 64, 2 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 16 * 8 / 64
+    ),
     # int8: keys asymmetric (scale and zero point), values symmetric (a scale): 24 bits a row on average
-    "int8-per-token": (KVQuantConfig.preset("int8"), 64, 8 + 24 / HEAD_DIM + 32 / 64 + 16 / 64),
+    "int8-per-token": (KVQuantConfig.preset("int8"), 64, 8 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64),
     "int4-per-token-1024": (
-        KVQuantConfig.preset("int4"), 1024, 4 + 16 / HEAD_DIM + 32 / 1024 + 16 / 1024 + 16 * 16 / 1024
+        KVQuantConfig.preset("int4"),
+        1024,
+        4 + 8 / HEAD_DIM + 32 / 1024 + 16 / 1024 + 16 / 1024 + 16 * 24 / 1024,
     ),
     "fp8-per-token": (KVQuantConfig.preset("fp8"), 64, 8 + 16 / HEAD_DIM + 32 / 64 + 16 / 64),
     "fp8-per-token-uncentred": (KVQuantConfig(dtype="fp8_e4m3", scope="per_token", dynamic=True), 64, 9.0),

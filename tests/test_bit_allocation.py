@@ -119,15 +119,16 @@ def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedMo
     assert KVQuantConfig.from_yaml(config.to_yaml()) == config
     assert (config.sink_tokens, config.pre_rope_keys) == (1, True)  # the presets' whole-cache settings
     assert suggestion.kl_predicted == pytest.approx(sum(layer.kl_alone for layer in suggestion.layers))
-    # head_dim 16: a per-token fp16 scale and int16 zero point cost 2 bits, the float32 center 32 / 48 bits at
-    # 48 tokens, so int8 is 9.67, int4 6.67, int2 4.67 bits
+    # head_dim 16 at 48 tokens: a one-byte scale costs 0.5 bits, a float16 one 1, an int16 zero point 1, the
+    # float32 center 32 / 48 bits and the keys' float32 channel scales 16 / 48 over both streams, so int8 is
+    # 10.5, int4 5.5 and int2 4.5 bits, before the sink token (16 / 48 more)
     assert set(suggestion.kl_uniform) == {"int2"}
     assert json.loads(json.dumps(suggestion.to_dict()))["config"] == config.to_dict()
 
 
 def test_a_budget_below_every_mix_is_refused(llama: PreTrainedModel) -> None:
-    # int2 is 4.667 bits at 48 tokens; the default base keeps the presets' sink token, 16 / 48 bits more.
-    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(5\.000"):
+    # int2 is 4.5 bits at 48 tokens; the default base keeps the presets' sink token, 16 / 48 bits more.
+    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(4\.833"):
         suggest_bits(llama, _windows(1, 48, seed=1), budget=3.5, candidates=("int4", "int2"), progress=False)
 
 
@@ -138,8 +139,10 @@ def test_excluded_layers_count_sixteen_bits(llama: PreTrainedModel) -> None:
         chunk=16, progress=False,
     )
     assert [layer.name for layer in result.layers] == ["model.layers.1.self_attn"]
-    # int4: 4-bit codes and a float16 scale per 16-channel row (5 bits), and its float32 center over 48 tokens.
-    assert result.layers[0].scheme == "int4" and result.effective_bits == pytest.approx((16 + 5 + 32 / 48) / 2)
+    # int4: 4-bit codes and a one-byte scale per 16-channel row (4.5 bits), its float32 center over 48 tokens and
+    # the keys' float32 channel scales (16 / 48 over both streams).
+    assert result.layers[0].scheme == "int4"
+    assert result.effective_bits == pytest.approx((16 + 4.5 + 32 / 48 + 16 / 48) / 2)
     assert result.config.exclude == base.exclude
 
 

@@ -28,6 +28,7 @@ from transformers import DynamicCache, GPT2Config, LlamaConfig, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
 from quantcache.calibration import calibrate
+from quantcache.queries import observe_queries
 from quantcache.report import config_text
 from quantcache.rope import RopeTable, rope_frequencies
 
@@ -146,7 +147,8 @@ def test_keys_that_carry_gradients_turn_the_same(llama: PreTrainedModel) -> None
     with torch.no_grad():
         torch.testing.assert_close(turned, table.rotate(keys, 7, undo=True))
     cache = QuantizedCalibratingCache(llama, KVQuantConfig.preset("int4"))
-    llama(_tokens(1, 6, seed=9), **{CACHE_KEYWORD: cache})  # calibrating with gradients on
+    outputs = llama(_tokens(1, 6, seed=9), output_hidden_states=True, **{CACHE_KEYWORD: cache})  # gradients on
+    observe_queries(cache, llama, outputs.hidden_states)  # its query-aware keys' queries carry gradients too
     llama(_tokens(1, 6, seed=9), **{CACHE_KEYWORD: cache.freeze().empty_copy()})
 
 

@@ -7,9 +7,11 @@ per element (at 1024 tokens, SmolLM2) are counted by :mod:`quantcache.accounting
 presets other than ``seed`` learn one mean per kv head and channel from calibration
 text (so they need calibration, as the seed does), keep the first token of every
 sequence, the attention sink, in full precision (``sink_tokens: 1``) and quantize keys
-as they were before RoPE (``pre_rope_keys``). ``int4`` also reads its newest 16 tokens
-back in full precision (``residual_window: 16``), paid for by symmetric ranges: the
-zero points' bits buy more there.
+as they were before RoPE (``pre_rope_keys``). The integer ones also weigh each key
+channel by the calibrated energy of the queries that read it (``query_aware``). ``int4``
+reads its newest 24 tokens back in full precision (``residual_window: 24``), paid for by
+symmetric ranges and one-byte scales (``scale_format: log8``); ``int2`` its newest 8,
+paid for by one-byte scales.
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ _DYNAMIC_CENTRED = {"dynamic": True, "center": True}  # a stream's: per-token ra
 # ... and the whole cache's: the first token (the attention sink) in full precision, keys before RoPE.
 _CENTRED = {**_DYNAMIC_CENTRED, **CACHE_SETTINGS}
 _SINK = "the first token in full precision; keys quantized before RoPE"
+_AWARE = "key channels weighed by calibrated query energy"
+
+
+def _with_aware_keys(stream: dict[str, Any]) -> dict[str, Any]:
+    """``stream``'s settings for both streams, and for the keys the same made query-aware."""
+    return {**stream, "key": {**stream, "query_aware": True}}
+
 
 # Keys before RoPE keep a wider, lopsided range than values: an int8 zero point pays for itself there.
 _INT8 = {"dtype": "int8", "scope": "per_token", **_DYNAMIC_CENTRED, **_ROTATED}
+_INT4 = {"dtype": "int4", "scope": "per_token", "symmetric": True, "method": "mse", "scale_format": "log8"}
+_INT4.update({**_DYNAMIC_CENTRED, **_ROTATED})
+_ASYMMETRIC_MSE = {"scope": "per_token", "symmetric": False, "method": "mse", **_DYNAMIC_CENTRED, **_ROTATED}
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "seed": (
@@ -36,8 +48,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "int8": (
         "INT8 per token and kv head (keys asymmetric, values symmetric), centred on calibrated channel means, "
-        f"after a randomized Hadamard rotation; ~8.41 bits + {_SINK}",
-        {**_INT8, "symmetric": True, "key": {**_INT8, "symmetric": False}, **CACHE_SETTINGS},
+        f"after a randomized Hadamard rotation; {_AWARE}; ~8.42 bits + {_SINK}",
+        {**_INT8, "symmetric": True, "key": {**_INT8, "symmetric": False, "query_aware": True}, **CACHE_SETTINGS},
     ),
     "fp8": (
         f"FP8 e4m3 per token and kv head, scale = absmax / 448, centred on calibrated channel means; ~8.28 bits "
@@ -46,30 +58,26 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "int4": (
         "INT4 symmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; ~4.28 bits + {_SINK}; the newest 16 tokens read "
-        "back in full precision",
-        {
-            "dtype": "int4",
-            "scope": "per_token",
-            "symmetric": True,
-            "method": "mse",
-            **_CENTRED,
-            **_ROTATED,
-            "residual_window": 16,
-        },
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; one-byte scales; ~4.17 bits + {_SINK}; "
+        "the newest 24 tokens read back in full precision",
+        {**_with_aware_keys(_INT4), **CACHE_SETTINGS, "residual_window": 24},
     ),
     "int3": (
         "INT3 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; ~3.53 bits + {_SINK}",
-        {"dtype": "int3", "scope": "per_token", "symmetric": False, "method": "mse", **_CENTRED, **_ROTATED},
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; ~3.55 bits + {_SINK}",
+        {**_with_aware_keys({"dtype": "int3", **_ASYMMETRIC_MSE}), **CACHE_SETTINGS},
     ),
     "int2": (
         "INT2 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; ~2.53 bits + {_SINK}",
-        {"dtype": "int2", "scope": "per_token", "symmetric": False, "method": "mse", **_CENTRED, **_ROTATED},
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; one-byte scales; ~2.42 bits + {_SINK}; "
+        "the newest 8 tokens read back in full precision",
+        {
+            **_with_aware_keys({"dtype": "int2", "scale_format": "log8", **_ASYMMETRIC_MSE}),
+            **CACHE_SETTINGS,
+            "residual_window": 8,
+        },
     ),
 }
-
 
 MIX_CANDIDATES = ("int8", "int8/int4", "int4", "int4/int2", "int3", "int2")
 """The schemes ``quantcache suggest-bits`` mixes by default: presets, or KEYS/VALUES pairs of them."""

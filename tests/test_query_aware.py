@@ -210,6 +210,20 @@ def test_freezing_without_queries_says_how_to_get_them(llama: PreTrainedModel) -
     assert all(q.key.channel_scale is not None for q in cache.quantizers)
 
 
+def test_a_calibrating_state_saved_before_any_query_reloads_and_still_asks_for_them(
+    llama: PreTrainedModel, tmp_path: Path
+) -> None:
+    cache = QuantizedCalibratingCache(llama, CONFIG)
+    with torch.no_grad():
+        llama(_tokens(1, 8, seed=2), **{CACHE_KEYWORD: cache})
+    assert float(cache.state_dict()["layers.0.key.query_count"].max()) == 0.0
+    path = cache.save(tmp_path / "calibrating.safetensors")
+    reloaded = QuantizedCalibratingCache.from_file(path, llama)
+    assert not reloaded.is_frozen
+    with pytest.raises(CalibrationError, match="calibration saw no queries"):
+        reloaded.freeze()
+
+
 def test_observe_queries_refuses_what_it_cannot_use(llama: PreTrainedModel) -> None:
     cache = QuantizedCalibratingCache(llama, CONFIG)
     with pytest.raises(CalibrationError, match="run the model with output_hidden_states=True"):
@@ -287,8 +301,11 @@ def test_state_round_trips_and_alterations_are_refused(llama: PreTrainedModel, t
         broken = {**state, "layers.1.key.channel_scale": torch.full_like(state["layers.1.key.channel_scale"], value)}
         with pytest.raises(QuantStateError, match=message):
             QuantizedCalibratingCache(llama, CONFIG).load_state_dict(broken)
+    broken = {**state, "layers.0.key.query_count": -state["layers.0.key.query_count"]}
+    with pytest.raises(QuantStateError, match="query_count holds negative values"):
+        QuantizedCalibratingCache(llama, CONFIG).load_state_dict(broken)
     broken = {**state, "layers.0.key.query_count": torch.zeros_like(state["layers.0.key.query_count"])}
-    with pytest.raises(QuantStateError, match="query_count holds zero"):
+    with pytest.raises(QuantStateError, match="channel_scale differs"):  # frozen: its scale needs queries
         QuantizedCalibratingCache(llama, CONFIG).load_state_dict(broken)
     missing = {k: v for k, v in state.items() if k != "layers.0.key.channel_scale"}
     with pytest.raises(QuantStateError, match="channel_scale"):

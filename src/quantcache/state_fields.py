@@ -162,10 +162,10 @@ def _center_problems(
     problems = [f"{prefix}.{name} contains NaN or Inf" for name, t in fields.items() if not torch.isfinite(t).all()]
     if problems:
         return problems
-    for name in ("center_count", "query_count"):
-        if name in fields and bool((fields[name] <= 0).any()):
-            return [f"{prefix}.{name} holds zero or negative values; statistics are corrupted"]
-    for name in ("key_square_sum", "query_square_sum", "channel_scale"):
+    if "center_count" in fields and bool((fields["center_count"] <= 0).any()):
+        return [f"{prefix}.center_count holds zero or negative values; statistics are corrupted"]
+    # query_count may be 0: a calibrating state saved before any query was observed.
+    for name in ("query_count", "key_square_sum", "query_square_sum", "channel_scale"):
         if name in fields and bool((fields[name] < 0).any()):
             return [f"{prefix}.{name} holds negative values; the state is corrupted"]
     if "channel_scale" in fields and bool((fields["channel_scale"] == 0).any()):

@@ -206,7 +206,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
     @property
     def observes_queries(self) -> bool:
         """Whether a quantized layer's keys are query-aware, so calibration must show it the queries."""
-        return any(quantizer.enabled and quantizer.key.args.query_aware for quantizer in self.quantizers)
+        return any(quantizer.observes_queries for quantizer in self.quantizers)
 
     def observe_queries(self, layer_idx: int, query_states: torch.Tensor) -> None:
         """Fold one layer's ``(batch, heads, seq, head_dim)`` queries into its query-aware key statistics.
@@ -221,9 +221,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
             raise CalibrationError("observe_queries collects calibration statistics; the cache is frozen")
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.quantizers):
             raise ValueError(f"layer_idx must be a layer index from 0 to {len(self.quantizers) - 1}, got {layer_idx!r}")
-        quantizer = self.quantizers[layer_idx]
-        if quantizer.key.args.query_aware:
-            quantizer.observe_queries(query_states)
+        self.quantizers[layer_idx].observe_queries(query_states)
 
     # ------------------------------------------------------------------ mode changes
     def freeze(self) -> QuantizedCalibratingCache:

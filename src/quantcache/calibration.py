@@ -167,7 +167,8 @@ def calibrate(
     device = model_device(model)
     vocab_size = _vocab_size(model)
     forward_kwargs: dict[str, Any] = {"use_cache": True}
-    if stats.observes_queries:
+    needs_queries = stats.observes_queries
+    if needs_queries:
         forward_kwargs["output_hidden_states"] = True
     if _accepts_logits_to_keep(model):
         forward_kwargs["logits_to_keep"] = 1  # calibration needs the KV states, not the logits
@@ -191,7 +192,7 @@ def calibrate(
                     masked = {"attention_mask": mask, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
                 run.set_attention_mask(mask)
                 outputs = model(ids.to(device), **{CACHE_KEYWORD: run}, **masked, **forward_kwargs)
-                if stats.observes_queries:
+                if needs_queries:
                     observe_queries(run, model, outputs.hidden_states)
                 stats = run
                 seen_batches += 1

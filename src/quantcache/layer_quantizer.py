@@ -81,12 +81,18 @@ class LayerQuantizer:
             )
         return self.token_mask[:, -new:][:, skipped:]
 
+    @property
+    def observes_queries(self) -> bool:
+        """Whether calibration must show this layer its queries: it is quantized and its keys are query-aware."""
+        return self.enabled and self.key.args.query_aware
+
     def observe_queries(self, query_states: torch.Tensor) -> None:
         """Fold ``(batch, heads, seq, head_dim)`` queries into a query-aware key stream's statistics.
 
-        Pad positions (:attr:`token_mask`) are left out. A layer left unquantized ignores them.
+        Pad positions (:attr:`token_mask`) are left out. A layer that does not
+        :attr:`observes_queries` ignores them.
         """
-        if self.enabled:
+        if self.observes_queries:
             self.key.merge(self.key.measure_queries(query_states, self._mask_for(query_states)))
 
     def freeze(self) -> None:

@@ -267,6 +267,19 @@ class MSEObserver(AveragedRangeObserver):
         return best_low, best_high
 
 
+def _real_tokens(values: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, float] | None:
+    """``(batch, heads, seq, head_dim)`` float ``values`` with padding zeroed, and how many real tokens they hold.
+
+    ``mask`` (bool ``(batch, seq)``, True for real tokens) says which are padding; a mask that
+    leaves nothing gives None.
+    """
+    if mask is None:
+        return values, float(values.shape[0] * values.shape[2])
+    if not bool(mask.any()):
+        return None
+    return torch.where(mask[:, None, :, None].to(values.device), values, 0.0), float(mask.sum())
+
+
 class CenterObserver(SummedObserver):
     """The mean of every (kv_head, head_dim channel) over all real tokens: a dynamic stream's ``center``.
 
@@ -282,17 +295,11 @@ class CenterObserver(SummedObserver):
         return OBSERVERS[args.method].options  # the method's own (``mse``: its per-token grid) stay valid
 
     def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
-        values = states.detach().float()
-        if mask is None:
-            total = values.sum(dim=(0, 2))
-            count = torch.full_like(total, float(values.shape[0] * values.shape[2]))
-        else:
-            if not bool(mask.any()):
-                return {}
-            keep = mask[:, None, :, None].to(values.device)
-            total = torch.where(keep, values, 0.0).sum(dim=(0, 2))
-            count = torch.full_like(total, float(mask.sum()))
-        return {"center_sum": total, "center_count": count}
+        real = _real_tokens(states.detach().float(), mask)
+        if real is None:
+            return {}
+        total = real[0].sum(dim=(0, 2))
+        return {"center_sum": total, "center_count": torch.full_like(total, real[1])}
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("a center observer collects a mean, not a range")
@@ -361,18 +368,12 @@ class QueryAwareCenterObserver(CenterObserver):
 
     def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
         measured = super().measure(states, mask)
-        if not measured:
+        real = _real_tokens(states.detach().float().square(), mask)
+        if real is None:
             return measured
-        squares = states.detach().float().square()
-        if mask is not None:
-            squares = torch.where(mask[:, None, :, None].to(squares.device), squares, 0.0)
-        zeros = torch.zeros_like(measured["center_sum"])
-        return {
-            **measured,
-            "key_square_sum": squares.sum(dim=(0, 2)),
-            "query_square_sum": zeros,
-            "query_count": zeros.clone(),
-        }
+        squares = real[0].sum(dim=(0, 2))
+        zeros = torch.zeros_like(squares)
+        return {**measured, "key_square_sum": squares, "query_square_sum": zeros, "query_count": zeros.clone()}
 
     def measure_queries(self, queries: torch.Tensor, kv_heads: int, mask: torch.Tensor | None = None) -> Statistics:
         """Statistics of ``(batch, heads, seq, head_dim)`` queries.
@@ -380,14 +381,12 @@ class QueryAwareCenterObserver(CenterObserver):
         The ``heads / kv_heads`` query heads from ``g * heads / kv_heads`` on read kv head ``g``;
         ``mask`` (bool ``(batch, seq)``) leaves padding out, as for keys.
         """
-        batch, heads, seq, head_dim = queries.shape
-        squares = queries.detach().float().square()
-        if mask is not None:
-            if not bool(mask.any()):
-                return {}
-            squares = torch.where(mask[:, None, :, None].to(squares.device), squares, 0.0)
+        real = _real_tokens(queries.detach().float().square(), mask)
+        if real is None:
+            return {}
+        squares, tokens = real
+        batch, heads, seq, head_dim = squares.shape
         energy = squares.reshape(batch, kv_heads, heads // kv_heads, seq, head_dim).sum(dim=(0, 2, 3))
-        tokens = float(batch * seq if mask is None else int(mask.sum()))
         zeros = torch.zeros_like(energy)
         return {
             "center_sum": zeros,

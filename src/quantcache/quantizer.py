@@ -186,15 +186,7 @@ class StreamQuantizer:
         self._check_shape(states)
         # A center is the mean of the model's own states; a range is measured where the codes live.
         space = states if self.dynamic else self.space.forward(states)
-        measured = self.observer.measure(space, mask)
-        if not measured:
-            return None
-        if not _all_finite(measured.values()):
-            raise CalibrationError(
-                f"{self.label}: calibration states contain NaN or Inf; check the model's dtype "
-                "(fp16 overflow is common: try bfloat16 or float32) or exclude this layer"
-            )
-        return measured
+        return self._finite(self.observer.measure(space, mask), "states")
 
     @torch.no_grad()
     def measure_queries(
@@ -219,13 +211,18 @@ class StreamQuantizer:
             return None
         assert isinstance(self.observer, QueryAwareCenterObserver)
         kv_heads = expected[0] if expected is not None else queries.shape[1]
-        measured = self.observer.measure_queries(queries, kv_heads, mask)
-        if measured and not _all_finite(measured.values()):
+        return self._finite(self.observer.measure_queries(queries, kv_heads, mask), "queries")
+
+    def _finite(self, measured: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor] | None:
+        """``measured`` (None when it is empty), or an error naming NaN or Inf among the calibration ``what``."""
+        if not measured:
+            return None
+        if not _all_finite(measured.values()):
             raise CalibrationError(
-                f"{self.label}: calibration queries contain NaN or Inf; check the model's dtype "
+                f"{self.label}: calibration {what} contain NaN or Inf; check the model's dtype "
                 "(fp16 overflow is common: try bfloat16 or float32) or exclude this layer"
             )
-        return measured or None
+        return measured
 
     def merge(self, measured: Mapping[str, torch.Tensor] | None) -> None:
         """Fold a :meth:`measure` result into the running statistics (thread-safe)."""

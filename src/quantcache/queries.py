@@ -69,7 +69,7 @@ def observe_queries(cache: QuantizedCalibratingCache, model: nn.Module, hidden_s
         )
     with torch.inference_mode():
         for quantizer in layers:
-            if not (quantizer.enabled and quantizer.key.args.query_aware):
+            if not quantizer.observes_queries:
                 continue
             shape = quantizer.key.expected_shape
             if shape is None:

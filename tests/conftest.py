@@ -156,13 +156,15 @@ def random_tokens(batch: int, length: int, seed: int) -> torch.Tensor:
 
 def packed_row_bytes(args: Any) -> int:
     """The documented packed row of ``args`` (a ``QuantArgs``) at :data:`HEAD_DIM`: packed codes, then 1 flag byte
-    (static) or, per group, a scale (2 bytes float16, 1 log8) and an int16 zero point when asymmetric."""
+    (static) or, per group, a scale (2 bytes float16, 1 log8) and a zero point when asymmetric (2 bytes int16, 1
+    int8)."""
     codes = HEAD_DIM * args.format.bits // 8
     if not args.dynamic:
         return codes + 1
-    groups = 1 if args.scope.value == "per_token" else HEAD_DIM // (args.group_size or HEAD_DIM)
+    groups = 1 if args.scope.value == "per_token" else -(-HEAD_DIM // args.group_size)  # a last group may be short
     scale = 1 if args.scale_format.value == "log8" else 2
-    return codes + groups * (scale + (0 if args.symmetric else 2))
+    zero_point = 2 if args.zero_point_format.value == "int16" else 1
+    return codes + groups * (scale + (0 if args.symmetric else zero_point))
 
 
 def count_calls(obj: Any, method: str) -> list[tuple[Any, ...]]:

@@ -44,22 +44,26 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     # seed: 8 + 8/16 + 32 * (2 * 16) / (2 * 16 * 64)
     "seed-64": (KVQuantConfig(), 64, 8 + 0.5 + 0.5),
     "seed-1024": (KVQuantConfig(), 1024, 8 + 0.5 + 32 / 1024),
-    # int3 per token, asymmetric: fp16 scale + int16 zero point per row of 16, + the float32 center of
+    # int3 per token, asymmetric: fp16 scale + int8 zero point per row of 16, + the float32 center of
     # every kv head and channel over the 64 tokens (32 / 64 bits per element), + the preset's one sink token
     # in full precision (16 bits per element of one of the 64 tokens), + the keys' float32 channel scales
     # (query-aware: 32 / 64 bits per key element, 16 / 64 over both streams)
-    "int3-per-token": (KVQuantConfig.preset("int3"), 64, 3 + 32 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64),
+    # ... and its residual window of 8 tokens
+    "int3-per-token": (
+        KVQuantConfig.preset("int3"), 64, 3 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 16 * 8 / 64
+    ),
     # int4 per token, symmetric: a one-byte (log8) scale per row, the center, the sink, the channel scales and
     # its residual window of 24 tokens
     "int4-per-token": (
         KVQuantConfig.preset("int4"), 64, 4 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 16 * 24 / 64
     ),
-    # int2: a one-byte scale and an int16 zero point per row, and an 8-token window
+    # int2: a one-byte scale and a one-byte zero point per row, and a 16-token window
     "int2-per-token": (
-        KVQuantConfig.preset("int2"), 64, 2 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 16 * 8 / 64
+        KVQuantConfig.preset("int2"), 64, 2 + 16 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 16 * 16 / 64
     ),
-    # int8: keys asymmetric (scale and zero point), values symmetric (a scale): 24 bits a row on average
-    "int8-per-token": (KVQuantConfig.preset("int8"), 64, 8 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64),
+    # int8: keys asymmetric in groups of 32 channels (one group of a 16-channel head: a one-byte scale and zero
+    # point), values symmetric per row (a float16 scale): 16 bits a row
+    "int8-per-token": (KVQuantConfig.preset("int8"), 64, 8 + 16 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64),
     "int4-per-token-1024": (
         KVQuantConfig.preset("int4"),
         1024,

@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.formats import FORMATS, FormatKind, NumberFormat, QuantDtype, format_spec
+from quantcache.formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ZeroPointFormat, format_spec
 from quantcache.granularity import Granularity
 from quantcache.quantization import (
     QuantParams,
     compute_qparams,
     dequantize,
+    dynamic_qparams,
     fake_quantize,
     quantize,
     saturated,
@@ -134,21 +135,49 @@ def test_broadcast_gives_every_element_its_own_parameter(
     param_shape = granularity.param_shape(shape[1], shape[3])
     param = torch.arange(math.prod(param_shape), dtype=torch.float32).reshape(param_shape)
     view = granularity.grouped(_states(seed, shape))
-    spread = granularity.ungrouped(granularity.broadcast(param, view).expand_as(view))
+    spread = granularity.ungrouped(granularity.broadcast(param, view).expand_as(view), shape[3])
     assert torch.equal(spread, _reference_expand(granularity, param, shape))
     x = _states(seed, shape)
-    assert torch.equal(granularity.ungrouped(granularity.grouped(x)), x)  # grouping loses nothing
+    assert torch.equal(granularity.ungrouped(granularity.grouped(x), shape[3]), x)  # grouping loses nothing
 
 
-def test_group_size_that_does_not_divide_head_dim_is_a_clear_error() -> None:
+def test_group_size_that_does_not_divide_head_dim_is_a_clear_error_for_calibrated_groups() -> None:
     """The message names both numbers, for the shape and for the states."""
     granularity = Granularity(QuantScope.GROUP, False, 5)
     with pytest.raises(ValueError, match="group_size 5 does not divide head_dim 16"):
         granularity.param_shape(2, 16)
     with pytest.raises(ValueError, match="group_size 5 does not divide head_dim 16"):
         granularity.grouped(torch.zeros(1, 2, 3, 16))
-    with pytest.raises(ValueError, match="group_size 5 does not divide head_dim 16"):
-        Granularity(QuantScope.GROUP, True, 5).params_per_token(2, 16)
+
+
+@MATH
+@given(
+    size=st.integers(1, 40),
+    head_dim=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    symmetric=st.booleans(),
+    dtype=st.sampled_from(["int8", "int4", "int2"]),
+)
+def test_a_dynamic_group_that_does_not_divide_head_dim_is_a_shorter_last_group(
+    size: int, head_dim: int, seed: int, symmetric: bool, dtype: str
+) -> None:
+    """``ceil(head_dim / g)`` groups per token; the last, shorter one is quantized exactly as if it stood alone
+    (with a range that takes in zero: the padding), and the padding comes back out."""
+    granularity = Granularity(QuantScope.GROUP, True, size)
+    groups = -(-head_dim // size)
+    assert granularity.groups(head_dim) == groups and granularity.params_per_token(3, head_dim) == 3 * groups
+    x = _states(seed, (2, 3, 4, head_dim))
+    view = granularity.grouped(x)
+    assert view.shape == (2, 3, 4, groups, size)
+    assert torch.equal(granularity.ungrouped(view, head_dim), x)
+    fmt = format_spec(dtype)
+    params = dynamic_qparams(x, granularity, symmetric=symmetric, fmt=fmt, zero_point_format=ZeroPointFormat.INT8)
+    restored = fake_quantize(x, params, granularity, fmt)
+    assert restored.shape == x.shape
+    last = x[..., (groups - 1) * size :]
+    alone = Granularity(QuantScope.PER_TOKEN, True)
+    last_params = dynamic_qparams(last, alone, symmetric=symmetric, fmt=fmt, zero_point_format=ZeroPointFormat.INT8)
+    assert torch.equal(restored[..., (groups - 1) * size :], fake_quantize(last, last_params, alone, fmt))
 
 
 def test_group_size_that_does_not_divide_the_models_head_dim_is_refused_when_the_cache_is_built(
@@ -177,7 +206,7 @@ def _params_for(
 
 def _spread(granularity: Granularity, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     view = granularity.grouped(x)
-    return granularity.ungrouped(granularity.broadcast(param.float(), view).expand_as(view))
+    return granularity.ungrouped(granularity.broadcast(param.float(), view).expand_as(view), x.shape[-1])
 
 
 @MATH

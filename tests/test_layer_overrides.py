@@ -100,12 +100,18 @@ def test_an_override_pattern_that_matches_no_module_warns(llama: PreTrainedModel
         QuantizedCalibratingCache(llama, config)
 
 
-def test_a_group_size_in_an_override_must_divide_head_dim(llama: PreTrainedModel) -> None:
-    config = KVQuantConfig(
-        layers=[{"include": [LAYER1], "qconfig": {"scope": "group", "group_size": 5, "dtype": "int4", "dynamic": True}}]
-    )
+def test_a_calibrated_group_size_in_an_override_must_divide_head_dim(llama: PreTrainedModel) -> None:
+    qconfig = {"scope": "group", "group_size": 5, "dtype": "int4"}
+    config = KVQuantConfig(layers=[{"include": [LAYER1], "qconfig": qconfig}])
     with pytest.raises(ConfigError, match=rf"group_size 5 does not divide this model's head_dim {HEAD_DIM}"):
         QuantizedCalibratingCache(llama, config)
+
+
+def test_a_dynamic_group_size_in_an_override_need_not_divide_head_dim(llama: PreTrainedModel) -> None:
+    qconfig = {"scope": "group", "group_size": 5, "dtype": "int4", "dynamic": True}
+    config = KVQuantConfig(layers=[{"include": [LAYER1], "qconfig": qconfig}], storage="packed")
+    cache = QuantizedCalibratingCache(llama, config)
+    assert cache.layers[1].quantizer.key.granularity.groups(HEAD_DIM) == -(-HEAD_DIM // 5)
 
 
 # ================================================================================ in the cache

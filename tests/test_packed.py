@@ -48,7 +48,8 @@ def _scheme_id(args: QuantArgs) -> str:
     scope = ("dyn-" if args.dynamic else "") + args.scope.value.replace("per_", "") + str(args.group_size or "")
     rotated = ["rot"] if args.rotation.value != "none" else []
     scale = [args.scale_format.value] if args.scale_format.value != "float16" else []
-    return "-".join([args.dtype.value, scope, "sym" if args.symmetric else "asym", *rotated, *scale])
+    zero_point = [f"zp{args.zero_point_format.value}"] if args.zero_point_format.value != "int16" else []
+    return "-".join([args.dtype.value, scope, "sym" if args.symmetric else "asym", *rotated, *scale, *zero_point])
 
 
 # One-byte (log8) scales, for the dynamic rows of every width: byte, packed nibbles, 3-bit words, fp8.
@@ -59,13 +60,25 @@ LOG8_SCHEMES = [
     QuantArgs(dtype="int2", scope="per_token", dynamic=True, symmetric=False, method="mse", scale_format="log8"),
     QuantArgs(dtype="fp8_e4m3", scope="group", group_size=8, dynamic=True, scale_format="log8"),
 ]
+# One-byte zero points (zero_point_format int8): a signed byte after the scale, for codes of every width.
+ONE_BYTE = {"scale_format": "log8", "zero_point_format": "int8"}
+INT8_ZERO_POINT_SCHEMES = [
+    QuantArgs(scope="per_token", dynamic=True, symmetric=False, zero_point_format="int8"),
+    QuantArgs(scope="group", group_size=8, dynamic=True, symmetric=False, rotation="hadamard", **ONE_BYTE),
+    QuantArgs(dtype="int3", scope="group", group_size=8, dynamic=True, symmetric=False, zero_point_format="int8"),
+    QuantArgs(dtype="int2", scope="per_token", dynamic=True, symmetric=False, method="mse", zero_point_format="int8"),
+    # groups that do not divide head_dim 16: a shorter last group (12 + 4), and one group longer than the head
+    QuantArgs(dtype="int4", scope="group", group_size=12, dynamic=True, symmetric=False, zero_point_format="int8"),
+    QuantArgs(scope="group", group_size=32, dynamic=True, symmetric=False, rotation="hadamard", **ONE_BYTE),
+    QuantArgs(dtype="int3", scope="group", group_size=24, dynamic=True, method="mse"),
+]
 MATRIX = [
     QuantArgs(dtype=dtype, symmetric=symmetric, rotation=rotation, **scope)
     for dtype in QuantDtype
     for scope in _SCOPES.values()
     for symmetric in ((True,) if FORMATS[dtype].kind is FormatKind.FLOAT else (True, False))
     for rotation in ("none", "hadamard")
-] + LOG8_SCHEMES
+] + LOG8_SCHEMES + INT8_ZERO_POINT_SCHEMES
 
 # The drop-in matrix uses fewer schemes: a static one (flag byte, calibrated zero points) and a mixed one
 # (keys: 3-bit codes in grouped dynamic rows, rotated; values: static float8 per head) whose two streams
@@ -452,6 +465,10 @@ RATIOS: dict[str, tuple[QuantArgs, float]] = {
         QuantArgs(dtype="int4", scope="per_token", dynamic=True, symmetric=False, scale_format="log8"),
         11 / 64,
     ),
+    "int8-group8-asym-log8-zpint8": (
+        QuantArgs(scope="group", group_size=8, dynamic=True, symmetric=False, **ONE_BYTE),
+        20 / 64,
+    ),
 }
 
 
@@ -488,6 +505,7 @@ NON_FINITE_SCHEMES = [
     QuantArgs(dtype="int2", scope="group", group_size=8, dynamic=True, symmetric=False),
     QuantArgs(dtype="fp8_e5m2", scope="per_token", dynamic=True),
     *LOG8_SCHEMES,
+    *INT8_ZERO_POINT_SCHEMES,
 ]
 
 
@@ -510,9 +528,13 @@ def test_a_non_finite_state_never_comes_back_finite(llama: PreTrainedModel, args
         assert packed.layers[0].keys[1, 0, 3, -1] == 1 and packed.layers[0].keys[..., -1].sum() == 1
     elif args.scope is QuantScope.PER_TOKEN or args.rotation.value != "none":
         assert not torch.isfinite(row).any()
-    else:
-        assert not torch.isfinite(row[:8]).any()
-        assert torch.equal(row[8:], fake_keys[1, 0, 3, 8:])
+    else:  # the group of element 5, which may be a shorter last group
+        size = args.group_size or HEAD_DIM
+        start, end = 5 // size * size, min(5 // size * size + size, HEAD_DIM)
+        assert not torch.isfinite(row[start:end]).any()
+        outside = torch.ones(HEAD_DIM, dtype=torch.bool)
+        outside[start:end] = False
+        assert torch.equal(row[outside], fake_keys[1, 0, 3][outside])
     clean = torch.ones(keys.shape[:-1], dtype=torch.bool)
     clean[1, 0, 3] = False
     assert torch.equal(keys[clean], fake_keys[clean])

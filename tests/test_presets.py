@@ -160,7 +160,8 @@ def test_each_description_says_what_its_scheme_is(name: str) -> None:
     value_args = KVQuantConfig.preset(name).value_args
     if value_args.symmetric != args.symmetric:  # streams that differ are named apart
         assert "keys asymmetric, values symmetric" in description
-    assert ("per token" in description) == (args.scope is QuantScope.PER_TOKEN)
+    assert ("per token" in description) == (args.scope in (QuantScope.PER_TOKEN, QuantScope.GROUP))
+    assert (f"groups of {args.group_size} channels" in description) == (args.scope is QuantScope.GROUP)
     assert ("per-channel" in description) == (args.scope is QuantScope.PER_CHANNEL)
     assert ("static" in description) == (not args.dynamic)
     assert ("centred on calibrated channel means" in description) == args.center
@@ -171,6 +172,8 @@ def test_each_description_says_what_its_scheme_is(name: str) -> None:
     assert ("weighed by calibrated query energy" in description) == args.query_aware
     assert not value_args.query_aware
     assert ("one-byte scales" in description) == (args.scale_format.value == "log8")
+    one_byte_zero_points = "one-byte scales and zero points" in description or "one-byte zero points" in description
+    assert one_byte_zero_points == (args.zero_point_format.value == "int8")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -104,7 +104,7 @@ def _affected_groups(args: QuantArgs, dirty: torch.Tensor) -> torch.Tensor:
     if not granularity.dynamic:
         return torch.zeros_like(bad, dtype=torch.bool)
     view = granularity.grouped(bad)
-    return granularity.ungrouped(granularity.reduce(bad, torch.amax).expand_as(view)).bool()
+    return granularity.ungrouped(granularity.reduce(bad, torch.amax).expand_as(view), bad.shape[-1]).bool()
 
 
 def _params(args: QuantArgs, clean: torch.Tensor) -> QuantParams:

@@ -5,8 +5,9 @@ For one stream of one layer holding ``seq_len`` tokens of ``kv_heads`` heads of
 
 * the code width (int3 codes are packed 8 to 3 bytes, so 3 bits; float8 is 8),
 * plus a dynamic scheme's per-row parameters: a scale (16 bits as float16, 8 as
-  ``log8``, the ``scale_format``) and an int16 zero point when asymmetric, per group of
-  ``group_size`` channels (``head_dim`` per token),
+  ``log8``, the ``scale_format``) and a zero point when asymmetric (16 bits, or 8 with
+  ``zero_point_format: int8``), per group of ``group_size`` channels (``head_dim`` per
+  token),
 * plus a centred dynamic scheme's calibrated float32 center (one per kv head and
   channel), and a query-aware one's float32 channel scale likewise, spread over every
   element they serve at this length,
@@ -39,7 +40,7 @@ def stream_bits(args: QuantArgs, kv_heads: int, head_dim: int, seq_len: int) -> 
     elements = kv_heads * head_dim * seq_len
     granularity = Granularity.of(args)
     if args.dynamic:
-        per_param = args.scale_format.bits + (0 if args.symmetric else 16)
+        per_param = args.scale_format.bits + (0 if args.symmetric else args.zero_point_format.bits)
         per_channel = (32 if args.center else 0) + (32 if args.query_aware else 0)
         center = kv_heads * head_dim * per_channel / max(elements, 1)
         return code + granularity.params_per_token(kv_heads, head_dim) * per_param / (kv_heads * head_dim) + center

@@ -121,10 +121,11 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         if self.head_dim is not None:
             for args in self.quant_config.all_stream_args():
                 size = args.group_size
-                if size is not None and self.head_dim % size:
+                if size is not None and self.head_dim % size and not args.dynamic:
                     raise ConfigError(
                         f"qconfig.group_size {size} does not divide this model's head_dim {self.head_dim}; "
-                        f"choose a divisor of {self.head_dim}"
+                        f"choose a divisor of {self.head_dim} (a calibrated group must be whole; a dynamic "
+                        "scheme's last group may be shorter)"
                     )
         self.quantizers = [
             LayerQuantizer(

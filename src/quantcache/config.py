@@ -28,6 +28,7 @@ from .scheme import (
     Rotation,
     ScaleFormat,
     Storage,
+    ZeroPointFormat,
     enum_value,
     short_repr,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "QuantScope",
     "ScaleFormat",
     "Storage",
+    "ZeroPointFormat",
     "expand_braces",
     "match_module_names",
 ]
@@ -61,6 +63,7 @@ _SHARED_FIELDS = (
     "rotation_seed",
     "center",
     "scale_format",
+    "zero_point_format",
     "query_aware",
 )
 # The processor item's own keys beside ``type`` and ``qconfig``: each is a KVQuantConfig field of that name.
@@ -123,7 +126,8 @@ class KVQuantConfig:
         include: glob patterns on attention module names (``model.layers.0.self_attn``);
             ``*`` crosses dots and ``{a,b}`` lists alternatives.
         exclude: patterns removed from ``include``; exclude wins.
-        dynamic, group_size, scale_format, query_aware: see :class:`~quantcache.scheme.QuantArgs`.
+        dynamic, group_size, scale_format, zero_point_format, query_aware: see
+            :class:`~quantcache.scheme.QuantArgs`.
         key, value: per-stream arguments that replace the flat fields for that stream.
         layers: per-layer overrides (:class:`~quantcache.scheme.LayerOverride`, or their
             ``{include, qconfig}`` mappings, merged onto ``key``/``value`` when read): a
@@ -159,6 +163,7 @@ class KVQuantConfig:
     rotation_seed: int = 0
     center: bool = False
     scale_format: ScaleFormat = ScaleFormat.FLOAT16
+    zero_point_format: ZeroPointFormat = ZeroPointFormat.INT16
     query_aware: bool = False
     key: QuantArgs | None = None
     value: QuantArgs | None = None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FORMATS", "FormatKind", "NumberFormat", "QuantDtype", "ScaleFormat", "format_spec"]
+__all__ = ["FORMATS", "FormatKind", "NumberFormat", "QuantDtype", "ScaleFormat", "ZeroPointFormat", "format_spec"]
 
 
 class QuantDtype(str, Enum):
@@ -45,6 +45,34 @@ class ScaleFormat(str, Enum):
     def bits(self) -> int:
         """Bits one stored scale takes."""
         return 16 if self is ScaleFormat.FLOAT16 else 8
+
+
+class ZeroPointFormat(str, Enum):
+    """How a dynamic asymmetric scheme stores each token's zero point (the config's ``zero_point_format``).
+
+    ``int16``: two bytes, the zero point of the group's own ``[min, max]`` range, which
+    need not hold zero (a group far from zero gets a zero point far outside the codes).
+    ``int8``: one byte, the usual asymmetric convention: the range is widened to take in
+    zero, so the zero point is itself one of the codes (``[qmin, qmax]``). Centred
+    states hold values of both signs in every group, so the range, and with it every
+    code, is the same as ``int16``'s there, for half the bytes.
+    """
+
+    INT16 = "int16"
+    INT8 = "int8"
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The integer type a packed row stores the zero point in."""
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.value)
+        return dtype
+
+    @property
+    def bits(self) -> int:
+        """Bits one stored zero point takes."""
+        return 16 if self is ZeroPointFormat.INT16 else 8
 
 
 class FormatKind(str, Enum):

@@ -18,6 +18,12 @@ group         yes      ``(batch, kv_heads, seq, d // g)`` token, kv head and cha
 The math works on the *grouped view* of the states: ``(batch, kv_heads, seq,
 head_dim // g, g)`` for ``group`` and the states themselves otherwise, so a group is
 just one more axis to reduce over.
+
+A dynamic group size need not divide ``head_dim``: the last group is shorter (the
+only group, when ``g`` exceeds ``head_dim``). The grouped view pads it with zeros,
+which leave a symmetric range unchanged and sit inside every range that takes in zero
+(``zero_point_format: int8``); the codes of the padding are never stored. Calibrated
+(static) groups must divide ``head_dim``: padding would enter their statistics.
 """
 
 from __future__ import annotations
@@ -67,21 +73,30 @@ class Granularity:
 
     def _group(self, head_dim: int) -> int:
         size = self.group_size
-        if size is None or head_dim % size:
+        if size is None or (head_dim % size and not self.dynamic):
             raise ValueError(f"group_size {size} does not divide head_dim {head_dim}")
         return size
 
+    def groups(self, head_dim: int) -> int:
+        """Groups per kv head: ``ceil(head_dim / g)`` (1 outside the ``group`` scope)."""
+        return -(-head_dim // self._group(head_dim)) if self.scope is QuantScope.GROUP else 1
+
     def grouped(self, states: torch.Tensor) -> torch.Tensor:
-        """The view the math works on: ``(b, h, s, d // g, g)`` for groups, the states otherwise."""
+        """The view the math works on: ``(b, h, s, ceil(d / g), g)`` for groups, the states otherwise."""
         if self.scope is not QuantScope.GROUP:
             return states
         head_dim = states.shape[-1]
-        size = self._group(head_dim)
-        return states.reshape(*states.shape[:-1], head_dim // size, size)
+        size, groups = self._group(head_dim), self.groups(head_dim)
+        if groups * size != head_dim:  # a shorter last group, padded with zeros (see the module docstring)
+            states = torch.nn.functional.pad(states, (0, groups * size - head_dim))
+        return states.reshape(*states.shape[:-1], groups, size)
 
-    def ungrouped(self, grouped: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`grouped`: back to ``(b, h, s, head_dim)``."""
-        return grouped.flatten(-2) if self.scope is QuantScope.GROUP else grouped
+    def ungrouped(self, grouped: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """Inverse of :meth:`grouped`: back to ``(b, h, s, head_dim)``, without the padding."""
+        if self.scope is not QuantScope.GROUP:
+            return grouped
+        flat = grouped.flatten(-2)
+        return flat if flat.shape[-1] == head_dim else flat[..., :head_dim]
 
     # ------------------------------------------------------------------ reductions
     def reduce(self, states: torch.Tensor, op: Callable[..., torch.Tensor]) -> torch.Tensor:
@@ -109,6 +124,4 @@ class Granularity:
         """Parameters a dynamic scheme stores per token (per kv-head group of each token); 0 if static."""
         if not self.dynamic:
             return 0
-        if self.scope is QuantScope.PER_TOKEN:
-            return kv_heads
-        return kv_heads * (head_dim // self._group(head_dim))
+        return kv_heads * self.groups(head_dim)

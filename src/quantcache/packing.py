@@ -7,7 +7,8 @@ A packed cache layer keeps, per stream, one ``uint8`` tensor of shape
   has fewer than 8 bits (two int4 codes per byte, eight int3 codes in three bytes,
   four int2 codes per byte),
 * the row's own parameters when the scheme is dynamic (per group, as raw bytes: its
-  scale, float16 or one ``log8`` byte, then an int16 zero point when asymmetric),
+  scale, float16 or one ``log8`` byte, then its zero point when asymmetric, int16 or,
+  with ``zero_point_format: int8``, one byte),
 * one flag byte that marks a row whose states held NaN or Inf (it decodes to NaN).
 
 Because everything a row needs lives in the row, the base layer's own operations

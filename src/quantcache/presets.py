@@ -10,8 +10,10 @@ sequence, the attention sink, in full precision (``sink_tokens: 1``) and quantiz
 as they were before RoPE (``pre_rope_keys``). The integer ones also weigh each key
 channel by the calibrated energy of the queries that read it (``query_aware``). ``int4``
 reads its newest 24 tokens back in full precision (``residual_window: 24``), paid for by
-symmetric ranges and one-byte scales (``scale_format: log8``); ``int2`` its newest 8,
-paid for by one-byte scales.
+symmetric ranges and one-byte scales (``scale_format: log8``); ``int2`` its newest 16,
+paid for by one-byte scales and zero points (``zero_point_format: int8``); ``int3`` its
+newest 8, paid for by one-byte zero points. ``int8`` spends what one-byte scales and
+zero points save on keys in groups of 32 channels.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def _with_aware_keys(stream: dict[str, Any]) -> dict[str, Any]:
 
 # Keys before RoPE keep a wider, lopsided range than values: an int8 zero point pays for itself there.
 _INT8 = {"dtype": "int8", "scope": "per_token", **_DYNAMIC_CENTRED, **_ROTATED}
+# ... and in groups of 32 channels, which one-byte scales and zero points pay for (8.5 bits in all).
+_ONE_BYTE = {"scale_format": "log8", "zero_point_format": "int8"}
+_INT8_KEYS = {**_INT8, "symmetric": False, "scope": "group", "group_size": 32, **_ONE_BYTE, "query_aware": True}
 _INT4 = {"dtype": "int4", "scope": "per_token", "symmetric": True, "method": "mse", "scale_format": "log8"}
 _INT4.update({**_DYNAMIC_CENTRED, **_ROTATED})
 _ASYMMETRIC_MSE = {"scope": "per_token", "symmetric": False, "method": "mse", **_DYNAMIC_CENTRED, **_ROTATED}
@@ -47,9 +52,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {},
     ),
     "int8": (
-        "INT8 per token and kv head (keys asymmetric, values symmetric), centred on calibrated channel means, "
-        f"after a randomized Hadamard rotation; {_AWARE}; ~8.42 bits + {_SINK}",
-        {**_INT8, "symmetric": True, "key": {**_INT8, "symmetric": False, "query_aware": True}, **CACHE_SETTINGS},
+        "INT8 per token (keys asymmetric, values symmetric), keys in groups of 32 channels with one-byte scales "
+        "and zero points, values per kv head, centred on calibrated channel means, after a randomized Hadamard "
+        f"rotation; {_AWARE}; ~8.42 bits + {_SINK}",
+        {**_INT8, "symmetric": True, "key": _INT8_KEYS, **CACHE_SETTINGS},
     ),
     "fp8": (
         f"FP8 e4m3 per token and kv head, scale = absmax / 448, centred on calibrated channel means; ~8.28 bits "
@@ -64,17 +70,22 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "int3": (
         "INT3 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; {_AWARE}; ~3.55 bits + {_SINK}",
-        {**_with_aware_keys({"dtype": "int3", **_ASYMMETRIC_MSE}), **CACHE_SETTINGS},
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; one-byte zero points; ~3.42 bits + "
+        f"{_SINK}; the newest 8 tokens read back in full precision",
+        {
+            **_with_aware_keys({"dtype": "int3", "zero_point_format": "int8", **_ASYMMETRIC_MSE}),
+            **CACHE_SETTINGS,
+            "residual_window": 8,
+        },
     ),
     "int2": (
         "INT2 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; {_AWARE}; one-byte scales; ~2.42 bits + {_SINK}; "
-        "the newest 8 tokens read back in full precision",
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; one-byte scales and zero points; "
+        f"~2.30 bits + {_SINK}; the newest 16 tokens read back in full precision",
         {
-            **_with_aware_keys({"dtype": "int2", "scale_format": "log8", **_ASYMMETRIC_MSE}),
+            **_with_aware_keys({"dtype": "int2", **_ONE_BYTE, **_ASYMMETRIC_MSE}),
             **CACHE_SETTINGS,
-            "residual_window": 8,
+            "residual_window": 16,
         },
     ),
 }

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ScaleFormat
+from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ScaleFormat, ZeroPointFormat
 from .granularity import Granularity
 
 __all__ = [
@@ -164,7 +164,8 @@ def quantize_prepared(
     states: torch.Tensor, prepared: PreparedParams, granularity: Granularity, fmt: NumberFormat
 ) -> torch.Tensor:
     """:func:`quantize` with parameters already prepared."""
-    return granularity.ungrouped(_levels(granularity.grouped(states), prepared, fmt).to(fmt.storage_dtype))
+    codes = _levels(granularity.grouped(states), prepared, fmt).to(fmt.storage_dtype)
+    return granularity.ungrouped(codes, states.shape[-1])
 
 
 def _levels(view: torch.Tensor, prepared: PreparedParams, fmt: NumberFormat) -> torch.Tensor:
@@ -185,7 +186,8 @@ def dequantize(
 ) -> torch.Tensor:
     """Codes -> float states ``(codes - zero_point) * scale`` in ``dtype``."""
     restored = granularity.grouped(codes).to(torch.float32) - _broadcast(params.zero_point, granularity, codes.device)
-    return granularity.ungrouped(restored.mul_(_broadcast(params.scale, granularity, codes.device)).to(dtype))
+    restored.mul_(_broadcast(params.scale, granularity, codes.device))
+    return granularity.ungrouped(restored, codes.shape[-1]).to(dtype)
 
 
 def fake_quantize(
@@ -210,7 +212,8 @@ def fake_quantize_prepared(
     stored integer code gives back); float8 levels do go through their type. NaN
     propagates through every step; only an infinite element needs putting back.
     """
-    restored = granularity.ungrouped(_round_trip(granularity.grouped(states), prepared, fmt)).to(states.dtype)
+    restored = _round_trip(granularity.grouped(states), prepared, fmt)
+    restored = granularity.ungrouped(restored, states.shape[-1]).to(states.dtype)
     if bool(torch.isinf(states).any()):
         restored = torch.where(torch.isinf(states), states, restored)
     return restored
@@ -236,7 +239,7 @@ def saturated(
     levels = view / _broadcast(params.scale, granularity, states.device)
     levels = levels + _broadcast(params.zero_point, granularity, states.device)
     half_step = 0.0 if fmt.kind is FormatKind.FLOAT else 0.5
-    return granularity.ungrouped((levels < fmt.qmin - half_step) | (levels > fmt.qmax + half_step))
+    return granularity.ungrouped((levels < fmt.qmin - half_step) | (levels > fmt.qmax + half_step), states.shape[-1])
 
 
 def dynamic_qparams(
@@ -247,14 +250,16 @@ def dynamic_qparams(
     fmt: NumberFormat,
     search: int = 0,
     scale_format: ScaleFormat = ScaleFormat.FLOAT16,
+    zero_point_format: ZeroPointFormat = ZeroPointFormat.INT16,
 ) -> QuantParams:
     """Per-token parameters of ``(batch, kv_heads, seq, head_dim)`` states, as a packed row stores them.
 
     Scales are rounded up to what ``scale_format`` stores (so the row's extreme still
-    maps inside the code range; see :func:`stored_scale`) and zero points fit int16: the
-    asymmetric relative floor is ``2**10`` here,
-    which only limits a (near-)constant group far from zero to 0.1 % precision. NaN and
-    Inf elements are left out of the range, so they do not spoil their neighbours.
+    maps inside the code range; see :func:`stored_scale`). Asymmetric zero points fit
+    ``zero_point_format``: for ``int16`` the asymmetric relative floor is ``2**10`` here,
+    which only limits a (near-)constant group far from zero to 0.1 % precision; for
+    ``int8`` each range is first widened to take in zero, so the zero point is a code.
+    NaN and Inf elements are left out of the range, so they do not spoil their neighbours.
 
     ``search > 0`` (the dynamic ``mse`` method) also tries each group's range shrunk by
     ``1 - i / (2 * search)`` for ``0 < i < search`` and keeps, per group, the candidate
@@ -265,14 +270,17 @@ def dynamic_qparams(
     finite = torch.isfinite(states)  # a NaN or Inf element must not spoil its finite neighbours' scale
     low = granularity.reduce(torch.where(finite, states, torch.inf).detach(), torch.amin).float()
     high = granularity.reduce(torch.where(finite, states, -torch.inf).detach(), torch.amax).float()
+    zero_in_codes = zero_point_format is ZeroPointFormat.INT8 and not symmetric  # the zero point is one of the codes
+    if zero_in_codes:
+        low, high = low.clamp(max=0.0), high.clamp(min=0.0)
+    stored = functools.partial(
+        _stored_dynamic_params, symmetric=symmetric, fmt=fmt, scale_format=scale_format, zero_in_codes=zero_in_codes
+    )
     if search <= 0:
-        return _stored_dynamic_params(low, high, symmetric=symmetric, fmt=fmt, scale_format=scale_format)
+        return stored(low, high)
     # Every candidate at once, along a new leading axis: a handful of tensor operations per update.
     shrink = 1.0 - torch.arange(search, device=low.device, dtype=torch.float32) / (2.0 * search)
-    shrink = shrink.view(search, *([1] * low.dim()))
-    candidates = _stored_dynamic_params(
-        low * shrink, high * shrink, symmetric=symmetric, fmt=fmt, scale_format=scale_format
-    )
+    candidates = stored(*(bound * shrink.view(search, *([1] * low.dim())) for bound in (low, high)))
     view = granularity.grouped(torch.where(finite, states, 0.0).detach().float())
     best = _group_error(view.unsqueeze(0), candidates, fmt).argmin(dim=0, keepdim=True)  # the first of equals
     return QuantParams(
@@ -281,14 +289,26 @@ def dynamic_qparams(
 
 
 def _stored_dynamic_params(
-    low: torch.Tensor, high: torch.Tensor, *, symmetric: bool, fmt: NumberFormat, scale_format: ScaleFormat
+    low: torch.Tensor,
+    high: torch.Tensor,
+    *,
+    symmetric: bool,
+    fmt: NumberFormat,
+    scale_format: ScaleFormat,
+    zero_in_codes: bool = False,
 ) -> QuantParams:
-    """Parameters of a ``[low, high]`` range as a packed row stores them: its scale, an int16-sized zero point."""
+    """Parameters of a ``[low, high]`` range as a packed row stores them: its scale and zero point.
+
+    The zero point is int16-sized, or with ``zero_in_codes`` (a range that holds zero) one
+    of the codes: clamped to them, which only bites where ``log8`` clamped a huge scale.
+    """
     params = compute_qparams(low, high, symmetric=symmetric, fmt=fmt, max_offset=DYNAMIC_MAX_OFFSET)
     scale = stored_scale(params.scale, scale_format)
     if not symmetric:  # the zero point follows the stored scale
-        zero_point = (torch.round(-low / scale) + fmt.qmin).to(torch.int32)
-        return QuantParams(scale, zero_point)
+        zero_point = torch.round(-low / scale) + fmt.qmin
+        if zero_in_codes:
+            zero_point = zero_point.clamp(fmt.qmin, fmt.qmax)
+        return QuantParams(scale, zero_point.to(torch.int32))
     return QuantParams(scale, params.zero_point)
 
 

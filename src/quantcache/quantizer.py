@@ -312,6 +312,7 @@ class StreamQuantizer:
                 fmt=self.format,
                 search=self._search,
                 scale_format=self.args.scale_format,
+                zero_point_format=self.args.zero_point_format,
             )
         return self._fixed_on(quant_space.device).params
 
@@ -396,10 +397,11 @@ class StreamQuantizer:
             parts = [pack_codes(codes, fmt.bits, int(-fmt.qmin))]
         if self.dynamic:  # (b, h, s, 1) per token, (b, h, s, groups, 1) per group -> (b, h, s, groups)
             # a group holding NaN or Inf stores a NaN scale: it decodes to NaN, as the flag byte does for static rows
-            finite = self.granularity.reduce(torch.isfinite(space).to(torch.float32), torch.amin) > 0
+            finite = self.granularity.reduce((~torch.isfinite(space)).to(torch.float32), torch.amax) == 0
             per_row = [scale_to_bytes(torch.where(finite, params.scale, torch.nan), self.args.scale_format)]
             if not self.args.symmetric:
-                per_row.append(params.zero_point.to(torch.int16).contiguous().view(torch.uint8))
+                zero_point_dtype = self.args.zero_point_format.storage_dtype
+                per_row.append(params.zero_point.to(zero_point_dtype).contiguous().view(torch.uint8))
             for tensor in per_row:
                 parts.append(tensor.flatten(-2) if tensor.dim() == 5 else tensor)
         else:
@@ -428,16 +430,18 @@ class StreamQuantizer:
             stored = None
         else:
             stored = self.granularity.grouped(unpack_slots(rows[..., :code_bytes], fmt.bits, head_dim))
-        if self.dynamic:  # the row's own scale (and int16 zero point) per group follow its codes
+        if self.dynamic:  # the row's own scale (and zero point) per group follow its codes
             grouped = self.args.scope is QuantScope.GROUP
-            groups = head_dim // (self.args.group_size or head_dim) if grouped else 1
+            groups = self.granularity.groups(head_dim)
             start = code_bytes + self.args.scale_format.bits // 8 * groups
             scale = scale_from_bytes(rows[..., code_bytes:start], self.args.scale_format)
             scale = scale.unsqueeze(-1) if grouped else scale
             if stored is not None:
                 subtrahend: torch.Tensor | float = offset
                 if not self.args.symmetric:
-                    zero_point = rows[..., start : start + 2 * groups].contiguous().view(torch.int16).float()
+                    stored_as = self.args.zero_point_format
+                    zero_point = rows[..., start : start + stored_as.bits // 8 * groups].contiguous()
+                    zero_point = zero_point.view(stored_as.storage_dtype).float()
                     subtrahend = (zero_point.unsqueeze(-1) if grouped else zero_point) + offset
                 view = torch.sub(stored, subtrahend)
             view.mul_(scale)
@@ -450,4 +454,4 @@ class StreamQuantizer:
             if bool(flags.any()):
                 mask = flags.bool().view(*flags.shape, *([1] * (view.dim() - flags.dim())))
                 view.masked_fill_(mask, float("nan"))
-        return self.space.inverse(self.granularity.ungrouped(view), dtype)
+        return self.space.inverse(self.granularity.ungrouped(view, head_dim), dtype)

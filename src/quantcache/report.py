@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import KVQuantConfig
-from .scheme import QuantArgs, Rotation, ScaleFormat
+from .scheme import QuantArgs, Rotation, ScaleFormat, ZeroPointFormat
 
 if TYPE_CHECKING:
     import torch
@@ -366,6 +366,8 @@ def _stream_text(args: QuantArgs) -> str:
     words += ["centred"] if args.center else []
     words += ["query-aware"] if args.query_aware else []
     words += [f"{args.scale_format.value} scales"] if args.scale_format is not ScaleFormat.FLOAT16 else []
+    one_byte_zero_points = args.zero_point_format is not ZeroPointFormat.INT16
+    words += [f"{args.zero_point_format.value} zero points"] if one_byte_zero_points else []
     return " ".join(words)
 
 

@@ -16,7 +16,7 @@ from enum import Enum
 from typing import Any
 
 from .errors import ConfigError
-from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ScaleFormat
+from .formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ScaleFormat, ZeroPointFormat
 
 __all__ = [
     "STREAM_KEYS",
@@ -28,6 +28,7 @@ __all__ = [
     "Rotation",
     "ScaleFormat",
     "Storage",
+    "ZeroPointFormat",
     "enum_value",
     "short_repr",
 ]
@@ -87,6 +88,7 @@ STREAM_KEYS = (
     "rotation_seed",
     "center",
     "scale_format",
+    "zero_point_format",
     "query_aware",
 )
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
@@ -146,6 +148,9 @@ class QuantArgs:
         scale_format: how a dynamic scheme stores each token's scale: ``float16`` (two
             bytes) or ``log8`` (one byte, a power of ``2 ** (1 / 8)``; see
             :class:`~quantcache.formats.ScaleFormat`). Static scales are float32 in the state.
+        zero_point_format: how a dynamic asymmetric scheme stores each token's zero point:
+            ``int16`` (two bytes, the group's own range) or ``int8`` (one byte, the range
+            widened to take in zero; see :class:`~quantcache.formats.ZeroPointFormat`).
         query_aware: keys only, with ``center``: scale every centred key channel by
             ``(query energy / key variance) ** (1 / 4)`` before quantizing and back after,
             both calibrated (the energy summed over the query heads that read the kv head
@@ -169,10 +174,12 @@ class QuantArgs:
     rotation_seed: int = 0
     center: bool = False
     scale_format: ScaleFormat = ScaleFormat.FLOAT16
+    zero_point_format: ZeroPointFormat = ZeroPointFormat.INT16
     query_aware: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "zero_point_format", enum_value(ZeroPointFormat, "zero_point_format", self.zero_point_format))
         set_(self, "query_aware", _flag("query_aware", self.query_aware))
         set_(self, "scale_format", enum_value(ScaleFormat, "scale_format", self.scale_format))
         set_(self, "rotation", enum_value(Rotation, "rotation", self.rotation))
@@ -230,6 +237,14 @@ class QuantArgs:
             )
         if self.format.kind is FormatKind.FLOAT and not self.symmetric:
             raise ConfigError(f"qconfig.symmetric: {self.dtype.value} is a float format and is symmetric only")
+        if self.zero_point_format is not ZeroPointFormat.INT16 and (self.symmetric or not self.dynamic):
+            raise ConfigError(
+                f"qconfig.zero_point_format {self.zero_point_format.value!r} is how a dynamic asymmetric scheme "
+                "stores each token's zero point; this stream "
+                + ("is symmetric and stores none" if self.symmetric else "is static (its zero points are calibrated)")
+                + ": leave zero_point_format out, or set "
+                + ("symmetric: false" if self.symmetric else "dynamic: true")
+            )
 
     @property
     def calibrates(self) -> bool:
@@ -265,6 +280,7 @@ class QuantArgs:
                 "rotation_seed": self.rotation_seed,
                 "center": self.center,
                 "scale_format": self.scale_format.value,
+                "zero_point_format": self.zero_point_format.value,
                 "query_aware": self.query_aware,
             }
         data: dict[str, Any] = {
@@ -286,6 +302,8 @@ class QuantArgs:
             data["center"] = True
         if self.scale_format is not ScaleFormat.FLOAT16:
             data["scale_format"] = self.scale_format.value
+        if self.zero_point_format is not ZeroPointFormat.INT16:
+            data["zero_point_format"] = self.zero_point_format.value
         if self.query_aware:
             data["query_aware"] = True
         return data

@@ -1,0 +1,233 @@
+"""One-byte per-token zero points (``zero_point_format: int8``): the math, the rows, the count and the config.
+
+An asymmetric dynamic scheme stores each token's zero point (per kv head, or per group) in
+its packed row. ``int16`` takes two bytes and quantizes the group's own ``[min, max]``;
+``int8`` takes one, the usual convention: the range is widened to take in zero, so the zero
+point is one of the codes. Centred states hold both signs in every group, where the two
+give the same codes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_tokens
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from transformers import PreTrainedModel
+
+from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.accounting import stream_bits
+from quantcache.formats import ScaleFormat, ZeroPointFormat, format_spec
+from quantcache.granularity import Granularity
+from quantcache.quantization import dynamic_qparams, fake_quantize
+from quantcache.report import config_text
+from quantcache.scheme import QuantArgs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SETTINGS = settings(max_examples=80, deadline=None)
+DTYPES = ["int8", "int4", "int3", "int2"]
+INT4_ZP8 = {"dtype": "int4", "scope": "per_token", "dynamic": True, "symmetric": False, "zero_point_format": "int8"}
+PER_TOKEN = Granularity.of(QuantArgs(scope="per_token", dynamic=True))
+
+
+def _states(max_abs: float = 100.0) -> st.SearchStrategy[np.ndarray]:
+    """``(batch, kv_heads, seq, 8)`` finite states of any signs."""
+    return hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=4, max_dims=4, min_side=1, max_side=4).map(lambda s: (*s[:3], 8)),
+        elements=st.floats(-max_abs, max_abs, width=32, allow_nan=False, allow_infinity=False),
+    )
+
+
+def _params(states: torch.Tensor, dtype: str, zero_point_format: str, **options: object) -> tuple:
+    fmt = format_spec(dtype)
+    params = dynamic_qparams(
+        states, PER_TOKEN, symmetric=False, fmt=fmt, zero_point_format=ZeroPointFormat(zero_point_format), **options
+    )
+    return fmt, params
+
+
+# ---------------------------------------------------------------------------- the math
+@SETTINGS
+@given(_states(), st.sampled_from(DTYPES), st.sampled_from(["float16", "log8"]), st.sampled_from([0, 8]))
+def test_an_int8_zero_point_is_a_code_and_every_element_is_within_half_a_step(
+    x: np.ndarray, dtype: str, scale_format: str, search: int
+) -> None:
+    """Whatever the signs, the zero point fits the codes (so one byte holds it), and without the ``mse`` search
+    nothing clips: every element comes back within half its token's step."""
+    states = torch.from_numpy(x)
+    fmt, params = _params(states, dtype, "int8", scale_format=ScaleFormat(scale_format), search=search)
+    assert ((params.zero_point >= fmt.qmin) & (params.zero_point <= fmt.qmax)).all()
+    restored = fake_quantize(states, params, PER_TOKEN, fmt)
+    if search == 0:
+        assert ((restored - states).abs() <= params.scale * 0.5 * (1 + 1e-5) + 1e-30).all()
+    zero = fake_quantize(torch.zeros_like(states), params, PER_TOKEN, fmt)
+    assert torch.equal(zero, torch.zeros_like(states))  # zero is exact: it is a code
+
+
+@SETTINGS
+@given(_states(), st.sampled_from(DTYPES), st.sampled_from([0, 8]), st.floats(1e-3, 10.0))
+def test_where_a_token_holds_both_signs_int8_and_int16_zero_points_agree(
+    x: np.ndarray, dtype: str, search: int, margin: float
+) -> None:
+    """Centred states straddle zero in every group: there the one-byte format changes no scale and no code."""
+    states = torch.from_numpy(x).clone()
+    states[..., 0] = -states[..., 0].abs() - margin
+    states[..., 1] = states[..., 1].abs() + margin
+    fmt, narrow = _params(states, dtype, "int8", search=search)
+    _, wide = _params(states, dtype, "int16", search=search)
+    assert torch.equal(narrow.scale, wide.scale) and torch.equal(narrow.zero_point, wide.zero_point)
+    assert torch.equal(fake_quantize(states, narrow, PER_TOKEN, fmt), fake_quantize(states, wide, PER_TOKEN, fmt))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_token_of_one_sign_is_widened_to_zero(dtype: str) -> None:
+    """All positive: ``int16`` quantizes ``[min, max]`` (a zero point below the codes), ``int8`` ``[0, max]``
+    (zero point ``qmin``); all negative: ``[min, 0]`` (zero point ``qmax``)."""
+    positive = torch.linspace(4.0, 6.0, 8).view(1, 1, 1, 8)
+    fmt, narrow = _params(positive, dtype, "int8")
+    _, wide = _params(positive, dtype, "int16")
+    assert narrow.zero_point.item() == fmt.qmin and wide.zero_point.item() < fmt.qmin
+    assert narrow.scale.item() == pytest.approx(6.0 / (fmt.qmax - fmt.qmin), rel=3e-3)
+    assert wide.scale.item() == pytest.approx(2.0 / (fmt.qmax - fmt.qmin), rel=3e-3)
+    _, negative = _params(-positive, dtype, "int8")
+    assert negative.zero_point.item() == fmt.qmax
+
+
+def test_a_scale_clamped_by_log8_keeps_the_zero_point_inside_the_codes() -> None:
+    """``log8`` tops out at ``2 ** 15.75``: a range far beyond it saturates, and its zero point stays a code."""
+    states = torch.tensor([-3.0e9, 1.0, 2.0, 5.0e9, 0.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 8)
+    for dtype in DTYPES:
+        fmt, params = _params(states, dtype, "int8", scale_format=ScaleFormat.LOG8)
+        assert fmt.qmin <= params.zero_point.item() <= fmt.qmax
+
+
+# ---------------------------------------------------------------------------- rows and the count
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_store_zero_points_at_both_ends_of_the_codes(llama: PreTrainedModel, dtype: str) -> None:
+    """A one-byte zero point is a signed byte: ``qmin`` (a token of positive states) and ``qmax`` (negative ones)
+    survive the row, and a row decodes to what the fake cache returns."""
+    config = KVQuantConfig(**{**INT4_ZP8, "dtype": dtype}, storage="packed")
+    stream = QuantizedCalibratingCache(llama, config).freeze().layers[0].quantizer.key
+    states = torch.rand(1, 2, 6, 16, generator=torch.Generator().manual_seed(2)) + 0.5
+    states[:, :, 3:] *= -1
+    rows = stream.encode(states)
+    assert rows.shape[-1] == 16 * format_spec(dtype).bits // 8 + 2 + 1
+    assert torch.equal(stream.decode(rows, torch.float32), stream.fake_quantize(states))
+    fmt = format_spec(dtype)
+    params = stream.params_for(states)
+    assert (params.zero_point[:, :, :3] == fmt.qmin).all() and (params.zero_point[:, :, 3:] == fmt.qmax).all()
+
+
+@pytest.mark.parametrize(
+    ("args", "saved"),
+    [
+        (QuantArgs(dtype="int4", scope="per_token", dynamic=True, symmetric=False), 8 / 64),
+        (QuantArgs(dtype="int2", scope="group", group_size=16, dynamic=True, symmetric=False), 8 / 16),
+        (QuantArgs(scope="per_token", dynamic=True, symmetric=False, scale_format="log8"), 8 / 64),
+    ],
+)
+def test_an_int8_zero_point_counts_eight_bits_fewer_per_group(args: QuantArgs, saved: float) -> None:
+    one_byte = replace(args, zero_point_format=ZeroPointFormat.INT8)
+    assert stream_bits(args, 3, 64, 1024) - stream_bits(one_byte, 3, 64, 1024) == pytest.approx(saved)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_effective_bits_are_what_a_packed_cache_with_int8_zero_points_holds(
+    request: pytest.FixtureRequest, arch: str
+) -> None:
+    model = request.getfixturevalue(arch)
+    config = KVQuantConfig(**INT4_ZP8, storage="packed")
+    cache = QuantizedCalibratingCache(model, config).freeze()
+    two_bytes = QuantizedCalibratingCache(model, replace(config, zero_point_format="int16")).freeze()
+    with torch.no_grad():
+        model(random_tokens(1, 40, seed=3), **{CACHE_KEYWORD: cache})
+    report = cache.memory_report()
+    elements = sum(entry["dynamic_cache"] for entry in report) // 4
+    counted = sum(entry["total"] - entry["reserved"] for entry in report) * 8 / elements
+    assert counted == pytest.approx(cache.effective_bits(40, unquantized_bits=32), rel=1e-12)
+    saved = two_bytes.effective_bits(40, unquantized_bits=32) - cache.effective_bits(40, unquantized_bits=32)
+    assert saved == pytest.approx(8 / model.config.head_dim)
+
+
+def test_centred_states_give_the_same_cache_output_as_int16_zero_points(llama: PreTrainedModel) -> None:
+    """Through a whole model: a centred, rotated scheme's keys and values are the same bits with either format."""
+    base = {**INT4_ZP8, "center": True, "rotation": "hadamard", "method": "mse"}
+    outputs = []
+    for zero_point_format in ("int8", "int16"):
+        cache = QuantizedCalibratingCache(llama, KVQuantConfig(**{**base, "zero_point_format": zero_point_format}))
+        with torch.no_grad():
+            llama(random_tokens(1, 24, seed=5), **{CACHE_KEYWORD: cache})
+        cache.freeze()
+        with torch.no_grad():
+            llama(random_tokens(1, 9, seed=6), **{CACHE_KEYWORD: cache})
+        outputs.append(torch.cat([layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+# ---------------------------------------------------------------------------- the config
+def test_int8_zero_points_round_trip_through_yaml_and_are_named() -> None:
+    config = KVQuantConfig(**INT4_ZP8)
+    assert config.to_dict()["qconfig"]["zero_point_format"] == "int8"
+    assert "zero_point_format" not in KVQuantConfig(**{**INT4_ZP8, "zero_point_format": "int16"}).to_dict()["qconfig"]
+    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
+    assert "int8 zero points" in config_text(config) and "zero points" not in config_text(KVQuantConfig())
+
+
+def test_keys_alone_may_take_int8_zero_points() -> None:
+    config = KVQuantConfig(dtype="int4", scope="per_token", dynamic=True, key=INT4_ZP8)
+    assert config.key_args.zero_point_format is ZeroPointFormat.INT8
+    assert config.value_args.zero_point_format is ZeroPointFormat.INT16
+    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
+
+
+def test_a_layer_override_may_change_the_zero_point_format() -> None:
+    layers = [{"include": ["model.layers.0.self_attn"], "qconfig": {"zero_point_format": "int16"}}]
+    config = KVQuantConfig(**INT4_ZP8, layers=layers)
+    assert config.stream_args("key", "model.layers.0.self_attn").zero_point_format is ZeroPointFormat.INT16
+    assert config.stream_args("key", "model.layers.1.self_attn").zero_point_format is ZeroPointFormat.INT8
+    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
+
+
+@pytest.mark.parametrize(
+    ("settings_", "message"),
+    [
+        (
+            {**INT4_ZP8, "symmetric": True},
+            r"zero_point_format 'int8' .* is symmetric and stores none: .* symmetric: false",
+        ),
+        (
+            {"dtype": "int4", "symmetric": False, "zero_point_format": "int8"},
+            r"zero_point_format 'int8' .* is static .*: leave zero_point_format out, or set dynamic: true",
+        ),
+        (
+            {"dtype": "fp8_e4m3", "scope": "per_token", "dynamic": True, "zero_point_format": "int8"},
+            r"is symmetric and stores none",
+        ),
+        ({**INT4_ZP8, "zero_point_format": "log8"}, re.escape("unsupported value 'log8'; allowed: 'int16', 'int8'")),
+    ],
+)
+def test_a_zero_point_format_where_no_zero_point_is_stored_is_refused(settings_: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        KVQuantConfig(**settings_)
+
+
+def test_a_saved_state_with_int8_zero_points_reloads_with_its_format(
+    llama: PreTrainedModel, tmp_path: pytest.TempPathFactory
+) -> None:
+    config = KVQuantConfig(**INT4_ZP8, center=True)
+    cache = QuantizedCalibratingCache(llama, config)
+    with torch.no_grad():
+        llama(random_tokens(1, 12, seed=4), **{CACHE_KEYWORD: cache})
+    path = cache.freeze().save(tmp_path / "zp8.safetensors")  # type: ignore[operator]
+    loaded = QuantizedCalibratingCache.from_file(path, llama)
+    assert loaded.quant_config == config
+    with pytest.raises(Exception, match="config"):
+        QuantizedCalibratingCache(llama, replace(config, zero_point_format="int16")).load(path)

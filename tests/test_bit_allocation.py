@@ -119,9 +119,9 @@ def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedMo
     assert KVQuantConfig.from_yaml(config.to_yaml()) == config
     assert (config.sink_tokens, config.pre_rope_keys) == (1, True)  # the presets' whole-cache settings
     assert suggestion.kl_predicted == pytest.approx(sum(layer.kl_alone for layer in suggestion.layers))
-    # head_dim 16 at 48 tokens: a one-byte scale costs 0.5 bits, a float16 one 1, an int16 zero point 1, the
-    # float32 center 32 / 48 bits and the keys' float32 channel scales 16 / 48 over both streams, so int8 is
-    # 10.5, int4 5.5 and int2 4.5 bits, before the sink token (16 / 48 more)
+    # head_dim 16 at 48 tokens: a one-byte scale or zero point costs 0.5 bits, a float16 scale 1, the float32
+    # center 32 / 48 bits and the keys' float32 channel scales 16 / 48 over both streams, so int8 is 10, int4
+    # 5.5 and int2 4 bits, before the sink token (16 / 48 more)
     assert set(suggestion.kl_uniform) == {"int2"}
     assert json.loads(json.dumps(suggestion.to_dict()))["config"] == config.to_dict()
 

@@ -84,6 +84,28 @@ def test_float16_scales_are_rounded_up_as_before() -> None:
     assert (stored >= exact).all() and torch.equal(stored, stored.half().float())
 
 
+@SETTINGS
+@given(st.one_of(st.floats(2.0**-23, 2.0**-14, width=32), st.floats(2.0**-14, 60000.0, width=32)))
+def test_a_float16_scale_is_never_rounded_down_even_where_float16_is_subnormal(scale: float) -> None:
+    """Below ``2**-14`` float16 steps are ``2**-24`` apart: a relative nudge alone would round a scale such as
+    ``2**-14 / 255`` down, and the group's extreme would then saturate a step outside the codes."""
+    exact = torch.tensor([scale], dtype=torch.float32)
+    stored = stored_scale(exact, ScaleFormat.FLOAT16)
+    assert stored >= exact and torch.equal(stored, stored.half().float())
+    assert stored <= exact * (1 + 2.0**-9) + 2.0**-23  # at most a step or two above
+
+
+def test_a_subnormal_float16_scale_keeps_a_constant_token_inside_the_codes() -> None:
+    """The case that exposed it: an int8 token of equal values ``2**-14`` with zero in its range."""
+    states = torch.full((1, 1, 1, 8), 2.0**-14)
+    args = QuantArgs(scope="per_token", dynamic=True, symmetric=False, zero_point_format="int8")
+    params = dynamic_qparams(
+        states, Granularity.of(args), symmetric=False, fmt=args.format, zero_point_format=args.zero_point_format
+    )
+    restored = fake_quantize(states, params, Granularity.of(args), args.format)
+    assert ((restored - states).abs() <= params.scale * 0.5).all()
+
+
 # ---------------------------------------------------------------------------- per-token parameters
 def _tokens_states(max_abs: float = 100.0) -> st.SearchStrategy[np.ndarray]:
     return hnp.arrays(

@@ -53,9 +53,9 @@ class ZeroPointFormat(str, Enum):
     ``int16``: two bytes, the zero point of the group's own ``[min, max]`` range, which
     need not hold zero (a group far from zero gets a zero point far outside the codes).
     ``int8``: one byte, the usual asymmetric convention: the range is widened to take in
-    zero, so the zero point is itself one of the codes (``[qmin, qmax]``). Centred
-    states hold values of both signs in every group, so the range, and with it every
-    code, is the same as ``int16``'s there, for half the bytes.
+    zero, so the zero point is itself one of the codes (``[qmin, qmax]``). A group of
+    centred states almost always holds values of both signs, and then its range, and
+    with it every code, is the same as ``int16``'s, for half the bytes.
     """
 
     INT16 = "int16"

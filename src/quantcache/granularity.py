@@ -22,8 +22,9 @@ just one more axis to reduce over.
 A dynamic group size need not divide ``head_dim``: the last group is shorter (the
 only group, when ``g`` exceeds ``head_dim``). The grouped view pads it with zeros,
 which leave a symmetric range unchanged and sit inside every range that takes in zero
-(``zero_point_format: int8``); the codes of the padding are never stored. Calibrated
-(static) groups must divide ``head_dim``: padding would enter their statistics.
+(``zero_point_format: int8``); an ``int16`` asymmetric range of that group is widened
+to zero by them. The codes of the padding are never stored. Calibrated (static)
+groups must divide ``head_dim``: padding would enter their statistics.
 """
 
 from __future__ import annotations

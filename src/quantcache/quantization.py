@@ -331,13 +331,17 @@ _LOG8_TABLE = torch.cat([_LOG8_POWERS, torch.tensor([torch.nan])])
 def stored_scale(scale: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor:
     """``scale`` (float32) rounded up to the nearest value ``scale_format`` can store, as float32.
 
-    float16: up by a relative ``2**-10`` first, so rounding to nearest never lands below.
-    log8: up to the next power of ``2 ** (1 / 8)``, clamped to ``[2**-16, 2**15.75]``; a
-    scale above the top (states beyond about ``5e4 * qmax``) is stored as the top, and its
+    float16: up by a relative ``2**-10`` first, so rounding to nearest lands at or above
+    it, and where it still lands below, the next float16 up (subnormal float16 values,
+    under ``2**-14``, are spaced ``2**-24`` apart, which no relative nudge covers). log8:
+    up to the next power of ``2 ** (1 / 8)``, clamped to ``[2**-16, 2**15.75]``; a scale
+    above the top (states beyond about ``5e4 * qmax``) is stored as the top, and its
     extremes saturate, as they would overflow a float16 scale.
     """
     if scale_format is ScaleFormat.FLOAT16:
-        return (scale * (1.0 + 2.0**-10)).to(torch.float16).float()
+        nudged = (scale * (1.0 + 2.0**-10)).to(torch.float16)
+        above = torch.nextafter(nudged, torch.full_like(nudged, torch.inf))
+        return torch.where(nudged.float() < scale, above, nudged).float()
     return log8_decode(log8_encode(scale))
 
 

@@ -4,7 +4,9 @@ A dynamic scheme stores each token's scale (per kv head, or per group) in its pa
 ``float16`` takes two bytes; ``log8`` takes one, the scale rounded up to a power of
 ``2 ** (1 / 8)``, so the per-token parameters cost half the bits. Rounding up keeps every
 element of a token inside the code range; decoding looks the scale up, so a row gives the
-same bits whatever else is decoded with it.
+same bits whatever else is decoded with it. What both one-byte formats share (YAML,
+overrides, the state file, the count against a packed cache) is tested in
+``test_row_parameter_formats.py``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import random_tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.accounting import stream_bits
 from quantcache.formats import ScaleFormat, format_spec
 from quantcache.granularity import Granularity
@@ -36,7 +37,6 @@ from quantcache.quantization import (
     log8_encode,
     stored_scale,
 )
-from quantcache.report import config_text
 from quantcache.scheme import QuantArgs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -167,45 +167,13 @@ def test_a_log8_scale_counts_eight_bits_fewer_per_group(args: QuantArgs, saved: 
     assert stream_bits(args, 3, 64, 1024) - stream_bits(one_byte, 3, 64, 1024) == pytest.approx(saved)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_effective_bits_are_what_a_packed_log8_cache_holds(request: pytest.FixtureRequest, arch: str) -> None:
-    model = request.getfixturevalue(arch)
-    config = KVQuantConfig(**INT4_LOG8, symmetric=False, storage="packed")
-    cache = QuantizedCalibratingCache(model, config).freeze()
-    two_bytes = QuantizedCalibratingCache(model, replace(config, scale_format="float16")).freeze()
-    with torch.no_grad():
-        model(random_tokens(1, 40, seed=3), **{CACHE_KEYWORD: cache})
-    report = cache.memory_report()
-    elements = sum(entry["dynamic_cache"] for entry in report) // 4
-    counted = sum(entry["total"] - entry["reserved"] for entry in report) * 8 / elements
-    assert counted == pytest.approx(cache.effective_bits(40, unquantized_bits=32), rel=1e-12)
-    head_dim = model.config.head_dim
-    saved = two_bytes.effective_bits(40, unquantized_bits=32) - cache.effective_bits(40, unquantized_bits=32)
-    assert saved == pytest.approx(8 / head_dim)
 
 
 # ---------------------------------------------------------------------------- the config
-def test_log8_round_trips_through_yaml_and_is_named() -> None:
-    config = KVQuantConfig(**INT4_LOG8)
-    assert config.to_dict()["qconfig"]["scale_format"] == "log8"
-    assert "scale_format" not in KVQuantConfig(**{**INT4_LOG8, "scale_format": "float16"}).to_dict()["qconfig"]
-    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
-    assert "log8 scales" in config_text(config) and "scales" not in config_text(KVQuantConfig())
 
 
-def test_keys_and_values_may_store_their_scales_apart() -> None:
-    config = KVQuantConfig(**INT4_LOG8, value={**INT4_LOG8, "scale_format": "float16"})
-    assert config.key_args.scale_format is ScaleFormat.LOG8 and config.value_args.scale_format is ScaleFormat.FLOAT16
-    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
 
 
-def test_a_layer_override_may_change_the_scale_format() -> None:
-    config = KVQuantConfig(
-        **INT4_LOG8, layers=[{"include": ["model.layers.0.self_attn"], "qconfig": {"scale_format": "float16"}}]
-    )
-    override = config.stream_args("key", "model.layers.0.self_attn")
-    assert override.scale_format is ScaleFormat.FLOAT16
-    assert config.stream_args("key", "model.layers.1.self_attn").scale_format is ScaleFormat.LOG8
 
 
 def test_a_static_scheme_has_no_per_token_scale_to_store() -> None:
@@ -218,14 +186,3 @@ def test_an_unknown_scale_format_names_the_allowed_ones() -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         KVQuantConfig(**{**INT4_LOG8, "scale_format": "int8"})
 
-
-def test_a_saved_log8_state_reloads_with_its_format(llama: PreTrainedModel, tmp_path: pytest.TempPathFactory) -> None:
-    config = KVQuantConfig(**INT4_LOG8, center=True)
-    cache = QuantizedCalibratingCache(llama, config)
-    with torch.no_grad():
-        llama(random_tokens(1, 12, seed=4), **{CACHE_KEYWORD: cache})
-    path = cache.freeze().save(tmp_path / "log8.safetensors")  # type: ignore[operator]
-    loaded = QuantizedCalibratingCache.from_file(path, llama)
-    assert loaded.quant_config == config
-    with pytest.raises(Exception, match="config"):
-        QuantizedCalibratingCache(llama, replace(config, scale_format="float16")).load(path)

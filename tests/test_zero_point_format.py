@@ -1,10 +1,11 @@
-"""One-byte per-token zero points (``zero_point_format: int8``): the math, the rows, the count and the config.
+"""One-byte per-token zero points (``zero_point_format: int8``): the math, the rows, the count and the errors.
 
 An asymmetric dynamic scheme stores each token's zero point (per kv head, or per group) in
 its packed row. ``int16`` takes two bytes and quantizes the group's own ``[min, max]``;
 ``int8`` takes one, the usual convention: the range is widened to take in zero, so the zero
 point is one of the codes. Centred states hold both signs in every group, where the two
-give the same codes.
+give the same codes. What both one-byte formats share (YAML, overrides, the state file,
+the count against a packed cache) is tested in ``test_row_parameter_formats.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from quantcache.accounting import stream_bits
 from quantcache.formats import ScaleFormat, ZeroPointFormat, format_spec
 from quantcache.granularity import Granularity
 from quantcache.quantization import dynamic_qparams, fake_quantize
-from quantcache.report import config_text
 from quantcache.scheme import QuantArgs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -139,22 +139,6 @@ def test_an_int8_zero_point_counts_eight_bits_fewer_per_group(args: QuantArgs, s
     assert stream_bits(args, 3, 64, 1024) - stream_bits(one_byte, 3, 64, 1024) == pytest.approx(saved)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_effective_bits_are_what_a_packed_cache_with_int8_zero_points_holds(
-    request: pytest.FixtureRequest, arch: str
-) -> None:
-    model = request.getfixturevalue(arch)
-    config = KVQuantConfig(**INT4_ZP8, storage="packed")
-    cache = QuantizedCalibratingCache(model, config).freeze()
-    two_bytes = QuantizedCalibratingCache(model, replace(config, zero_point_format="int16")).freeze()
-    with torch.no_grad():
-        model(random_tokens(1, 40, seed=3), **{CACHE_KEYWORD: cache})
-    report = cache.memory_report()
-    elements = sum(entry["dynamic_cache"] for entry in report) // 4
-    counted = sum(entry["total"] - entry["reserved"] for entry in report) * 8 / elements
-    assert counted == pytest.approx(cache.effective_bits(40, unquantized_bits=32), rel=1e-12)
-    saved = two_bytes.effective_bits(40, unquantized_bits=32) - cache.effective_bits(40, unquantized_bits=32)
-    assert saved == pytest.approx(8 / model.config.head_dim)
 
 
 def test_centred_states_give_the_same_cache_output_as_int16_zero_points(llama: PreTrainedModel) -> None:
@@ -173,27 +157,10 @@ def test_centred_states_give_the_same_cache_output_as_int16_zero_points(llama: P
 
 
 # ---------------------------------------------------------------------------- the config
-def test_int8_zero_points_round_trip_through_yaml_and_are_named() -> None:
-    config = KVQuantConfig(**INT4_ZP8)
-    assert config.to_dict()["qconfig"]["zero_point_format"] == "int8"
-    assert "zero_point_format" not in KVQuantConfig(**{**INT4_ZP8, "zero_point_format": "int16"}).to_dict()["qconfig"]
-    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
-    assert "int8 zero points" in config_text(config) and "zero points" not in config_text(KVQuantConfig())
 
 
-def test_keys_alone_may_take_int8_zero_points() -> None:
-    config = KVQuantConfig(dtype="int4", scope="per_token", dynamic=True, key=INT4_ZP8)
-    assert config.key_args.zero_point_format is ZeroPointFormat.INT8
-    assert config.value_args.zero_point_format is ZeroPointFormat.INT16
-    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
 
 
-def test_a_layer_override_may_change_the_zero_point_format() -> None:
-    layers = [{"include": ["model.layers.0.self_attn"], "qconfig": {"zero_point_format": "int16"}}]
-    config = KVQuantConfig(**INT4_ZP8, layers=layers)
-    assert config.stream_args("key", "model.layers.0.self_attn").zero_point_format is ZeroPointFormat.INT16
-    assert config.stream_args("key", "model.layers.1.self_attn").zero_point_format is ZeroPointFormat.INT8
-    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
 
 
 @pytest.mark.parametrize(
@@ -218,16 +185,3 @@ def test_a_zero_point_format_where_no_zero_point_is_stored_is_refused(settings_:
     with pytest.raises(ConfigError, match=message):
         KVQuantConfig(**settings_)
 
-
-def test_a_saved_state_with_int8_zero_points_reloads_with_its_format(
-    llama: PreTrainedModel, tmp_path: pytest.TempPathFactory
-) -> None:
-    config = KVQuantConfig(**INT4_ZP8, center=True)
-    cache = QuantizedCalibratingCache(llama, config)
-    with torch.no_grad():
-        llama(random_tokens(1, 12, seed=4), **{CACHE_KEYWORD: cache})
-    path = cache.freeze().save(tmp_path / "zp8.safetensors")  # type: ignore[operator]
-    loaded = QuantizedCalibratingCache.from_file(path, llama)
-    assert loaded.quant_config == config
-    with pytest.raises(Exception, match="config"):
-        QuantizedCalibratingCache(llama, replace(config, zero_point_format="int16")).load(path)

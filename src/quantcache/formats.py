@@ -29,6 +29,14 @@ class QuantDtype(str, Enum):
     FP8_E5M2 = "fp8_e5m2"
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    """``torch.<name>``, imported only when asked for: the rest of this module does without torch."""
+    import torch
+
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
+
+
 class ScaleFormat(str, Enum):
     """How a dynamic scheme stores each token's scale in its packed row (the config's ``scale_format``).
 
@@ -64,10 +72,7 @@ class ZeroPointFormat(str, Enum):
     @property
     def storage_dtype(self) -> torch.dtype:
         """The integer type a packed row stores the zero point in."""
-        import torch
-
-        dtype: torch.dtype = getattr(torch, self.value)
-        return dtype
+        return _torch_dtype(self.value)
 
     @property
     def bits(self) -> int:
@@ -108,10 +113,7 @@ class NumberFormat:
     @property
     def storage_dtype(self) -> torch.dtype:
         """The torch dtype of unpacked codes."""
-        import torch
-
-        dtype: torch.dtype = getattr(torch, self.storage)
-        return dtype
+        return _torch_dtype(self.storage)
 
     @property
     def levels(self) -> int:

@@ -31,6 +31,7 @@ from .accounting import effective_bits
 from .cache_state import CacheMode, CacheStateMixin
 from .config import KVQuantConfig
 from .errors import CalibrationError, ConfigError, QuantStateError
+from .granularity import Granularity
 from .layer_quantizer import LayerQuantizer
 from .layers import layer_memory, quantizing_layer
 from .model_info import CACHE_KEYWORD, attention_module_names, attention_shape, config_digest, text_config
@@ -120,13 +121,14 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         )
         if self.head_dim is not None:
             for args in self.quant_config.all_stream_args():
-                size = args.group_size
-                if size is not None and self.head_dim % size and not args.dynamic:
+                try:  # the granularity owns the rule: a calibrated group must be whole, a dynamic one need not
+                    Granularity.of(args).groups(self.head_dim)
+                except ValueError:
                     raise ConfigError(
-                        f"qconfig.group_size {size} does not divide this model's head_dim {self.head_dim}; "
-                        f"choose a divisor of {self.head_dim} (a calibrated group must be whole; a dynamic "
-                        "scheme's last group may be shorter)"
-                    )
+                        f"qconfig.group_size {args.group_size} does not divide this model's head_dim "
+                        f"{self.head_dim}; choose a divisor of {self.head_dim} (a calibrated group must be whole; "
+                        "a dynamic scheme's last group may be shorter)"
+                    ) from None
         self.quantizers = [
             LayerQuantizer(
                 index,

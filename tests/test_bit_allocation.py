@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -120,30 +121,34 @@ def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedMo
     assert (config.sink_tokens, config.pre_rope_keys) == (1, True)  # the presets' whole-cache settings
     assert suggestion.kl_predicted == pytest.approx(sum(layer.kl_alone for layer in suggestion.layers))
     # head_dim 16 at 48 tokens: a one-byte scale or zero point costs 0.5 bits, a float16 scale 1, the float32
-    # center 32 / 48 bits and the keys' float32 channel scales 16 / 48 over both streams, so int8 is 10, int4
-    # 5.5 and int2 4 bits, before the sink token (16 / 48 more)
+    # center 32 / 48 bits, the keys' float32 channel scales 16 / 48 and (int4, int2) the keys' query model 32 / 48
+    # over both streams, so int8 is 10, int4 6.17 and int2 4.67 bits, before the sink token (16 / 48 more)
     assert set(suggestion.kl_uniform) == {"int2"}
     assert json.loads(json.dumps(suggestion.to_dict()))["config"] == config.to_dict()
 
 
 def test_a_budget_below_every_mix_is_refused(llama: PreTrainedModel) -> None:
-    # int2 is 4.0 bits at 48 tokens (2-bit codes, a one-byte scale and zero point per 16-channel row, the
-    # center, the keys' channel scales); the default base keeps the presets' sink token, 16 / 48 bits more.
-    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(4\.333"):
+    # int2 is 4.67 bits at 48 tokens (2-bit codes, a one-byte scale and zero point per 16-channel row, the
+    # center, the keys' channel scales and query model); the default base keeps the presets' sink token, 16 / 48
+    # bits more.
+    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(5\.000"):
         suggest_bits(llama, _windows(1, 48, seed=1), budget=3.5, candidates=("int4", "int2"), progress=False)
 
 
 def test_excluded_layers_count_sixteen_bits(llama: PreTrainedModel) -> None:
     base = KVQuantConfig(exclude=("model.layers.0.self_attn",))
+    with pytest.raises(ConfigError, match=r"scheme 'int4' under the base config: .*set pre_rope_keys: true"):
+        suggest_bits(llama, _windows(1, 48, seed=2), budget=9, candidates=["int4"], base_config=base, progress=False)
+    base = replace(base, pre_rope_keys=True)  # the int4 and int2 presets round their keys before RoPE
     result = suggest_bits(
         llama, _windows(1, 48, seed=2), budget=11.5, candidates=("int4", "int2"), base_config=base, prefill=16,
         chunk=16, progress=False,
     )
     assert [layer.name for layer in result.layers] == ["model.layers.1.self_attn"]
-    # int4: 4-bit codes and a one-byte scale per 16-channel row (4.5 bits), its float32 center over 48 tokens and
-    # the keys' float32 channel scales (16 / 48 over both streams).
+    # int4: 4-bit codes and a one-byte scale per 16-channel row (4.5 bits), its float32 center over 48 tokens, the
+    # keys' float32 channel scales (16 / 48 over both streams) and query model (32 / 48).
     assert result.layers[0].scheme == "int4"
-    assert result.effective_bits == pytest.approx((16 + 4.5 + 32 / 48 + 16 / 48) / 2)
+    assert result.effective_bits == pytest.approx((16 + 4.5 + 32 / 48 + 16 / 48 + 32 / 48) / 2)
     assert result.config.exclude == base.exclude
 
 

@@ -46,7 +46,7 @@ SCENARIOS: dict[str, tuple[int, int, dict[str, Any]]] = {
     "lonely": (1, 1, {}),
     # keys the static seed (MIN/MAX), values centred int4 (their mean's sum and count add up: SUM)
     "centred": (4, 1, {"dtype": "int4", "scope": "per_token", "dynamic": True, "center": True, "key": {}}),
-    # keys query-aware (their key and query sums add up too: SUM), values centred
+    # keys query-aware and rounding so (their key and query sums and query moments add up too: SUM), values centred
     "query-aware": (
         4,
         1,
@@ -55,7 +55,15 @@ SCENARIOS: dict[str, tuple[int, int, dict[str, Any]]] = {
             "scope": "per_token",
             "dynamic": True,
             "center": True,
-            "key": {"dtype": "int4", "scope": "per_token", "dynamic": True, "center": True, "query_aware": True},
+            "pre_rope_keys": True,
+            "key": {
+                "dtype": "int4",
+                "scope": "per_token",
+                "dynamic": True,
+                "center": True,
+                "query_aware": True,
+                "rounding": "query_aware",
+            },
         },
     ),
 }
@@ -192,21 +200,23 @@ def test_two_ranks_centre_on_the_mean_of_all_their_tokens(two_ranks: Path, llama
 
 
 def test_two_ranks_weigh_keys_by_the_queries_of_all_their_tokens(two_ranks: Path, llama: PreTrainedModel) -> None:
-    """Query-aware keys sum their key and query statistics over the ranks: every rank freezes to the
-    single-process channel scales (float32 additions in another order)."""
+    """Query-aware keys sum their key and query statistics (and query moments) over the ranks: every rank freezes to
+    the single-process channel scales and query model (float32 additions in another order)."""
     count, batch_size, config = SCENARIOS["query-aware"]
     with one_thread():
         single = calibrate(
             llama, windows(count), quant_config=KVQuantConfig(**config), batch_size=batch_size, progress=False
         )
     expected = single.state_dict()
-    assert "layers.0.key.channel_scale" in expected and "layers.0.key.query_square_sum" in expected
+    assert "layers.0.key.channel_scale" in expected and "layers.0.key.query_moment_sum" in expected
     for rank in (0, 1):
         tensors = read_state_file(two_ranks / f"query-aware-rank{rank}.safetensors").tensors
         assert tensors.keys() == expected.keys()
         for key, tensor in expected.items():
             if key.endswith("count"):
                 assert torch.equal(tensors[key], tensor), key
+            elif key.endswith("query_factor"):  # an eigenvector: compared as the matrix it models
+                torch.testing.assert_close(tensors[key] @ tensors[key].mT, tensor @ tensor.mT, rtol=1e-4, atol=1e-4)
             else:
                 torch.testing.assert_close(tensors[key], tensor, rtol=1e-5, atol=1e-5)
 

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "src" / "quantcache"
 LAYERS: list[set[str]] = [
     {"errors"},
     {"formats", "patterns", "scheme", "config", "presets"},
-    {"granularity", "quantization", "rotation", "stream_space", "rope", "packing", "accounting"},
+    {"granularity", "quantization", "rotation", "stream_space", "rounding", "rope", "packing", "accounting"},
     {"observers"},
     {"state_fields"},
     {"serialization"},

@@ -434,7 +434,8 @@ def test_memory_report_against_a_real_dynamic_cache(
         # Room ahead: the 12-token prefill made a buffer of 12 + MIN_ROOM_TOKENS tokens, the decode step took one.
         per_token = (entry["codes"] + entry["parameters"] - fixed + entry["full_precision"]) // entry["tokens"]
         assert entry["reserved"] == (0 if layer.is_sliding else (12 + MIN_ROOM_TOKENS - 13) * per_token)
-        assert entry["total"] == entry["codes"] + entry["parameters"] + entry["full_precision"] + entry["reserved"]
+        parts = entry["codes"] + entry["parameters"] + entry["full_precision"] + entry["reserved"] + entry["encoder"]
+        assert entry["total"] == parts
         assert entry["name"] == f"model.layers.{entry['index']}.self_attn"
 
 
@@ -481,7 +482,7 @@ def test_packed_bytes_over_dynamic_cache_bytes_is_the_layout_ratio(llama: PreTra
     with torch.no_grad():
         llama(_tokens(1, _TOKENS, seed=15), **{CACHE_KEYWORD: packed})
     report = packed.memory_report()
-    held = sum(entry["total"] - entry["reserved"] for entry in report)
+    held = sum(entry["total"] - entry["reserved"] - entry["encoder"] for entry in report)
     dynamic = sum(entry["dynamic_cache"] for entry in report)
     assert dynamic == len(report) * 2 * _ROWS * HEAD_DIM * 4
     assert held / dynamic == pytest.approx(expected, rel=1e-12)

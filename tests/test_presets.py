@@ -218,14 +218,17 @@ def test_an_override_that_contradicts_the_preset_is_a_config_error() -> None:
 def test_a_dynamic_preset_saves_and_reloads_frozen(
     gemma3: PreTrainedModel, name: str, storage: str, tmp_path: Path
 ) -> None:
-    """A dynamic preset saves only its channel means and scales (a centred one) or no tensor at all: the file records
-    the scheme, and reloads ready to quantize (fake or packed), generating what the saved cache generates."""
+    """A dynamic preset saves only its channel means, scales and query model (a centred one) or no tensor at all: the
+    file records the scheme, and reloads ready to quantize (fake or packed), generating what the saved cache
+    generates."""
     frozen = calibrate(gemma3, _tokens(1, 8, seed=4), quant_config=KVQuantConfig.preset(name), progress=False)
     fields = {key.rsplit(".", 1)[1] for key in frozen.state_dict()}
     config = KVQuantConfig.preset(name)
     expected = {"center_sum", "center_count", "center"} if config.key_args.center else set()
     if config.key_args.query_aware:  # and the channel scales, with the key and query sums they came from
         expected |= {"key_square_sum", "query_square_sum", "query_count", "channel_scale"}
+    if config.key_args.rounding.value == "query_aware":  # and the query model, with the moments it came from
+        expected |= {"query_moment_sum", "query_diag", "query_factor"}
     assert fields == expected
     path = frozen.save(tmp_path / f"{name}.safetensors")
     reloaded = QuantizedCalibratingCache.from_file(path, gemma3, storage=storage)

@@ -10,7 +10,8 @@ For one stream of one layer holding ``seq_len`` tokens of ``kv_heads`` heads of
   token),
 * plus a centred dynamic scheme's calibrated float32 center (one per kv head and
   channel), and a query-aware one's float32 channel scale likewise, spread over every
-  element they serve at this length,
+  element they serve at this length, and query-aware rounding's float32 query model
+  (``1 + rank`` values per kv head and channel, see :mod:`quantcache.rounding`) too,
 * plus a static scheme's flag byte per row (it marks rows holding NaN or Inf),
 * plus a static scheme's calibrated parameters (float32 scale, int32 zero point when
   asymmetric), spread over every element they serve at this length,
@@ -28,7 +29,8 @@ from collections.abc import Sequence
 from .formats import FormatKind
 from .granularity import Granularity
 from .packing import bits_per_slot
-from .scheme import QuantArgs
+from .rounding import QUERY_MODEL_RANK
+from .scheme import QuantArgs, Rounding
 
 __all__ = ["effective_bits", "stream_bits"]
 
@@ -42,6 +44,7 @@ def stream_bits(args: QuantArgs, kv_heads: int, head_dim: int, seq_len: int) -> 
     if args.dynamic:
         per_param = args.scale_format.bits + (0 if args.symmetric else args.zero_point_format.bits)
         per_channel = (32 if args.center else 0) + (32 if args.query_aware else 0)
+        per_channel += 32 * (1 + QUERY_MODEL_RANK) if args.rounding is Rounding.QUERY_AWARE else 0
         center = kv_heads * head_dim * per_channel / max(elements, 1)
         return code + granularity.params_per_token(kv_heads, head_dim) * per_param / (kv_heads * head_dim) + center
     params = 1

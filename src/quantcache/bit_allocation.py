@@ -191,7 +191,13 @@ def suggest_bits(
             return calibrate(model, calibration, cache=cache, progress=False)
         return cache.freeze()
 
-    caches = [frozen(replace(base, key=c.key, value=c.value, layers=())) for c in parsed]
+    def configured(candidate: BitCandidate) -> KVQuantConfig:
+        try:
+            return replace(base, key=candidate.key, value=candidate.value, layers=())
+        except ConfigError as error:  # e.g. query-aware rounding under a base config with keys after RoPE
+            raise ConfigError(f"scheme {candidate.name!r} under the base config: {error}") from None
+
+    caches = [frozen(configured(c)) for c in parsed]
     first = caches[0]
     if first.kv_heads is None or first.head_dim is None:
         raise ConfigError("the model config does not say kv_heads and head_dim; cannot count bits")

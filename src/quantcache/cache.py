@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 
+_HELD_PARTS = ("codes", "parameters", "full_precision", "reserved", "encoder")
+
+
 class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
     """A drop-in ``DynamicCache`` that calibrates, freezes and applies INT8 KV quantization.
 
@@ -322,6 +325,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
                     )
                 tables[layer_type] = RopeTable(inv_freq)
             quantizer.key_rope = tables[layer_type]
+            quantizer.key.space.rope_frequencies = tables[layer_type].inv_freq  # what query-aware rounding averages
 
     def sinks_held(self, seq_len: int) -> list[int]:
         """Sink tokens each layer keeps in full precision after ``seq_len`` tokens (none in sliding-window layers)."""
@@ -357,8 +361,10 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
         parameters and row flags), ``full_precision`` (states in the model dtype: every
         state of a fake-quantized or unquantized layer), ``reserved`` (room allocated
         for the tokens still to come: appending does not re-concatenate the history,
-        see :mod:`quantcache.layers`), ``total``, and ``dynamic_cache``: what a
-        ``DynamicCache`` in the model dtype would hold for the same tokens.
+        see :mod:`quantcache.layers`), ``encoder`` (query-aware rounding's feedback
+        matrices: read only to write tokens, derived from the parameters; not in the
+        effective bits), ``total``, and ``dynamic_cache``: what a ``DynamicCache`` in the
+        model dtype would hold for the same tokens.
         """
         entries = []
         for quantizer, layer in zip(self.quantizers, self.layers, strict=False):
@@ -370,7 +376,7 @@ class QuantizedCalibratingCache(CacheStateMixin, DynamicCache):
                     "quantized": quantizer.enabled,
                     "tokens": _stored_tokens(layer),
                     **sizes,
-                    "total": sizes["codes"] + sizes["parameters"] + sizes["full_precision"] + sizes["reserved"],
+                    "total": sum(sizes[part] for part in _HELD_PARTS),
                 }
             )
         return entries

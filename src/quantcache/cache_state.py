@@ -25,7 +25,14 @@ from .errors import CalibrationError, QuantStateError
 from .layer_quantizer import LayerQuantizer
 from .quantization import QuantParams
 from .serialization import StateFile, parse_state_key, read_state_file, write_state_file
-from .state_fields import CENTER_FIELDS, PARAMETER_FIELDS, missing_fields, parameter_fields, stream_problems
+from .state_fields import (
+    CENTER_FIELDS,
+    PARAMETER_FIELDS,
+    QUERY_MODEL_FIELDS,
+    missing_fields,
+    parameter_fields,
+    stream_problems,
+)
 
 __all__ = ["CacheMode", "CacheStateMixin"]
 
@@ -90,6 +97,8 @@ class CacheStateMixin:
                     state[f"{prefix}.center"] = stream.center.detach().clone()
                 if stream.channel_scale is not None:
                     state[f"{prefix}.channel_scale"] = stream.channel_scale.detach().clone()
+                for field, tensor in zip(QUERY_MODEL_FIELDS, stream.space.query_model or (), strict=False):
+                    state[f"{prefix}.{field}"] = tensor.detach().clone()
         return state
 
     def load_state_dict(
@@ -188,10 +197,11 @@ class CacheStateMixin:
                     stream.observer.load({field: fields[field] for field in stream.observer.fields})
                 if stream.dynamic:  # centred: its frozen parameters are the mean (and, query-aware, channel scale)
                     if has_params:
-                        scale = fields.get("channel_scale")
+                        scale, diag = fields.get("channel_scale"), fields.get("query_diag")
                         stream.freeze_centered(
                             fields["center"].detach().to(torch.float32).clone(),
                             None if scale is None else scale.detach().to(torch.float32).clone(),
+                            None if diag is None else (diag.clone(), fields["query_factor"].clone()),
                         )
                     continue
                 if has_params:

@@ -26,6 +26,7 @@ from .scheme import (
     QuantMethod,
     QuantScope,
     Rotation,
+    Rounding,
     ScaleFormat,
     Storage,
     ZeroPointFormat,
@@ -65,6 +66,7 @@ _SHARED_FIELDS = (
     "scale_format",
     "zero_point_format",
     "query_aware",
+    "rounding",
 )
 # The processor item's own keys beside ``type`` and ``qconfig``: each is a KVQuantConfig field of that name.
 _ITEM_FIELDS = ("include", "exclude", "layers", "storage", "sink_tokens", "residual_window", "pre_rope_keys")
@@ -126,7 +128,7 @@ class KVQuantConfig:
         include: glob patterns on attention module names (``model.layers.0.self_attn``);
             ``*`` crosses dots and ``{a,b}`` lists alternatives.
         exclude: patterns removed from ``include``; exclude wins.
-        dynamic, group_size, scale_format, zero_point_format, query_aware: see
+        dynamic, group_size, scale_format, zero_point_format, query_aware, rounding: see
             :class:`~quantcache.scheme.QuantArgs`.
         key, value: per-stream arguments that replace the flat fields for that stream.
         layers: per-layer overrides (:class:`~quantcache.scheme.LayerOverride`, or their
@@ -165,6 +167,7 @@ class KVQuantConfig:
     scale_format: ScaleFormat = ScaleFormat.FLOAT16
     zero_point_format: ZeroPointFormat = ZeroPointFormat.INT16
     query_aware: bool = False
+    rounding: Rounding = Rounding.NEAREST
     key: QuantArgs | None = None
     value: QuantArgs | None = None
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
@@ -207,6 +210,12 @@ class KVQuantConfig:
             raise ConfigError(
                 "qconfig.value.query_aware: values are weighed by attention, not read by queries, so only keys "
                 "can be query-aware; set query_aware under qconfig.key (a flat query_aware applies to both streams)"
+            )
+        roundings = {args.rounding for args in (self.key_args, *(o.key for o in overrides))}
+        if not self.pre_rope_keys and Rounding.QUERY_AWARE in roundings:
+            raise ConfigError(
+                "qconfig.key.rounding 'query_aware' weighs a key's error by queries that reach it through RoPE, "
+                "which the cache can follow only for keys it holds before RoPE: set pre_rope_keys: true"
             )
 
     @classmethod

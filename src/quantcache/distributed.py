@@ -162,7 +162,7 @@ def all_reduce_statistics(
     Min/max statistics are reduced with MIN/MAX (bit for bit what one process would have
     collected); a centred dynamic stream's ``center_sum`` and ``center_count`` (and a
     query-aware one's key and query sums) with SUM (the same means, up to the order of
-    float32 additions).
+    float32 additions), as is the query moment of query-aware rounding.
 
     Call it on every rank, after each rank calibrated its share and before ``freeze()``.
     A layer one rank never observed counts as ``+inf``/``-inf`` there, so any rank's
@@ -207,6 +207,7 @@ def all_reduce_statistics(
     highs = torch.full_like(lows, float("-inf"))
     summed = QueryAwareCenterObserver.fields  # every summed field; a centred stream uses the first two
     sums = torch.zeros((len(layers), 2, len(summed), heads, channels), dtype=torch.float32, device=device)
+    moments = torch.zeros((len(layers), heads, channels, channels), dtype=torch.float32, device=device)  # keys'
     homes: dict[tuple[int, int], torch.device] = {}
     for row, index in enumerate(layers):
         for column, stream in enumerate(_STREAMS):
@@ -221,9 +222,14 @@ def all_reduce_statistics(
                 if tensor is not None:
                     sums[row, column, slot] = tensor.to(device)
                     homes[(index, column)] = tensor.device
+            moment = state.get(f"layers.{index}.{stream}.query_moment_sum")
+            if moment is not None:
+                moments[row] = moment.to(device)
     dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    if any(quantizer.key.args.rounding.value == "query_aware" for quantizer in cache.quantizers):
+        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=group)
     fallback = next(iter(homes.values()), torch.device("cpu"))
     merged: dict[str, torch.Tensor] = {}
     for row, index in enumerate(layers):
@@ -236,7 +242,8 @@ def all_reduce_statistics(
                 if not bool((sums[row, column, 1] > 0).all()):
                     break  # no rank observed this layer
                 for field in stream_quantizer.observer.fields:
-                    layer[f"layers.{index}.{stream}.{field}"] = sums[row, column, summed.index(field)].to(home)
+                    reduced = moments[row] if field == "query_moment_sum" else sums[row, column, summed.index(field)]
+                    layer[f"layers.{index}.{stream}.{field}"] = reduced.to(home)
                 continue
             if not bool(torch.isfinite(lows[row, column]).all()):
                 break  # no rank observed this layer

@@ -338,12 +338,13 @@ def layer_memory(layer: Any) -> dict[str, int]:
     """Bytes one cache layer holds: ``codes``, ``parameters`` (per-token parameters and row flags,
     plus the quantizer's fixed scales and zero points or centers), ``full_precision`` (states kept in the
     model dtype), ``reserved`` (room allocated for tokens still to come, see
-    :class:`GrowingStorage`), and ``dynamic_cache`` (what a ``DynamicCache`` would hold for
-    the same tokens).
+    :class:`GrowingStorage`), ``encoder`` (what only writing new tokens reads: query-aware
+    rounding's feedback matrices, a fixed cost per layer that the stored parameters determine),
+    and ``dynamic_cache`` (what a ``DynamicCache`` would hold for the same tokens).
     """
     keys: torch.Tensor | None = getattr(layer, "keys", None)
     values: torch.Tensor | None = getattr(layer, "values", None)
-    report = {"codes": 0, "parameters": 0, "full_precision": 0, "reserved": 0, "dynamic_cache": 0}
+    report = {"codes": 0, "parameters": 0, "full_precision": 0, "reserved": 0, "encoder": 0, "dynamic_cache": 0}
     if isinstance(layer, GrowingLayerMixin):
         report["reserved"] = layer.reserved_bytes()
     if isinstance(layer, QuantizingLayerMixin):
@@ -358,9 +359,11 @@ def layer_memory(layer: Any) -> dict[str, int]:
                 if not stream.args.symmetric and stream.format.kind is FormatKind.INTEGER:
                     needed.append(stream.params.zero_point)
                 report["parameters"] += sum(t.numel() * t.element_size() for t in needed)
-            for calibrated in (stream.center, stream.channel_scale):  # a centred stream's mean, a query-aware scale
-                if calibrated is not None:
-                    report["parameters"] += calibrated.numel() * calibrated.element_size()
+            # a centred stream's mean, a query-aware scale, query-aware rounding's query model
+            for tensor in (stream.center, stream.channel_scale, *(stream.space.query_model or ())):
+                if tensor is not None:
+                    report["parameters"] += tensor.numel() * tensor.element_size()
+            report["encoder"] += sum(t.numel() * t.element_size() for t in stream.space.feedback_matrices())
     for stored, stream_name in ((keys, "key"), (values, "value")):
         if stored is None or not stored.numel():
             continue

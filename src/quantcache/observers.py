@@ -21,7 +21,7 @@ import torch
 from .errors import ConfigError
 from .granularity import Granularity
 from .quantization import stream_minmax
-from .scheme import QuantArgs, QuantMethod, short_repr
+from .scheme import QuantArgs, QuantMethod, Rounding, short_repr
 
 __all__ = [
     "OBSERVERS",
@@ -32,6 +32,7 @@ __all__ = [
     "Observer",
     "PercentileObserver",
     "QueryAwareCenterObserver",
+    "QueryMomentObserver",
     "SummedObserver",
     "make_observer",
     "query_aware_scale",
@@ -410,8 +411,49 @@ class QueryAwareCenterObserver(CenterObserver):
         return query_aware_scale(variance, energy)
 
 
+class QueryMomentObserver(QueryAwareCenterObserver):
+    """A query-aware key stream's statistics when it also rounds query-aware (``rounding: query_aware``).
+
+    One field beside :class:`QueryAwareCenterObserver`'s: ``query_moment_sum``,
+    ``(kv_heads, head_dim, head_dim)`` float32, the sum of ``q q^T`` over the query
+    tokens and the query heads that read each kv head (its diagonal is
+    ``query_square_sum``), merged by a plain SUM like the others.
+    """
+
+    fields = (*QueryAwareCenterObserver.fields, "query_moment_sum")
+
+    def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
+        measured = super().measure(states, mask)
+        if not measured:
+            return measured
+        heads, head_dim = measured["center_sum"].shape
+        return {**measured, "query_moment_sum": measured["center_sum"].new_zeros(heads, head_dim, head_dim)}
+
+    def measure_queries(self, queries: torch.Tensor, kv_heads: int, mask: torch.Tensor | None = None) -> Statistics:
+        measured = super().measure_queries(queries, kv_heads, mask)
+        if not measured:
+            return measured
+        real = _real_tokens(queries.detach().float(), mask)
+        assert real is not None  # the energy above found real tokens
+        batch, heads, seq, head_dim = real[0].shape
+        grouped = real[0].reshape(batch, kv_heads, heads // kv_heads * seq, head_dim).transpose(0, 1)
+        grouped = grouped.reshape(kv_heads, -1, head_dim)
+        return {**measured, "query_moment_sum": grouped.transpose(1, 2) @ grouped}
+
+    def query_moment(self) -> torch.Tensor:
+        """The ``(kv_heads, head_dim, head_dim)`` mean ``q q^T`` per query token (summed over the heads)."""
+        return self.query_moment_from(self.statistics)
+
+    @staticmethod
+    def query_moment_from(statistics: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`query_moment` of saved ``statistics``."""
+        return statistics["query_moment_sum"] / statistics["query_count"][:, :1, None]
+
+
 def make_observer(args: QuantArgs) -> Observer:
     """The observer ``args.method`` names (a centred dynamic stream's: its :class:`CenterObserver`)."""
     if args.dynamic and args.center:
+        if args.rounding is Rounding.QUERY_AWARE:
+            return QueryMomentObserver(args)
         return QueryAwareCenterObserver(args) if args.query_aware else CenterObserver(args)
     return OBSERVERS[args.method](args)

@@ -8,7 +8,9 @@ presets other than ``seed`` learn one mean per kv head and channel from calibrat
 text (so they need calibration, as the seed does), keep the first token of every
 sequence, the attention sink, in full precision (``sink_tokens: 1``) and quantize keys
 as they were before RoPE (``pre_rope_keys``). The integer ones also weigh each key
-channel by the calibrated energy of the queries that read it (``query_aware``). ``int4``
+channel by the calibrated energy of the queries that read it (``query_aware``); ``int4``,
+``int3`` and ``int2`` also choose each key's codes for the logits those queries compute
+(``rounding: query_aware``, at ``2 * 32 / L`` bits per key element at ``L`` tokens). ``int4``
 reads its newest 24 tokens back in full precision (``residual_window: 24``), paid for by
 symmetric ranges and one-byte scales (``scale_format: log8``); ``int2`` its newest 16,
 paid for by one-byte scales and zero points (``zero_point_format: int8``); ``int3`` its
@@ -30,11 +32,13 @@ _DYNAMIC_CENTRED = {"dynamic": True, "center": True}  # a stream's: per-token ra
 _CENTRED = {**_DYNAMIC_CENTRED, **CACHE_SETTINGS}
 _SINK = "the first token in full precision; keys quantized before RoPE"
 _AWARE = "key channels weighed by calibrated query energy"
+_ROUNDED = "query_aware"  # keys' codes chosen for the logits under the calibrated queries (issue 7's sub-8-bit bars)
+_ROUNDS = "keys rounded for the logits the calibrated queries compute"
 
 
-def _with_aware_keys(stream: dict[str, Any]) -> dict[str, Any]:
-    """``stream``'s settings for both streams, and for the keys the same made query-aware."""
-    return {**stream, "key": {**stream, "query_aware": True}}
+def _with_aware_keys(stream: dict[str, Any], rounding: str = "nearest") -> dict[str, Any]:
+    """``stream``'s settings for both streams, and for the keys the same made query-aware (rounded as told)."""
+    return {**stream, "key": {**stream, "query_aware": True, "rounding": rounding}}
 
 
 # Keys before RoPE keep a wider, lopsided range than values: an int8 zero point pays for itself there.
@@ -64,26 +68,27 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "int4": (
         "INT4 symmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; {_AWARE}; one-byte scales; ~4.17 bits + {_SINK}; "
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte scales; ~4.20 bits + "
+        f"{_SINK}; "
         "the newest 24 tokens read back in full precision",
-        {**_with_aware_keys(_INT4), **CACHE_SETTINGS, "residual_window": 24},
+        {**_with_aware_keys(_INT4, _ROUNDED), **CACHE_SETTINGS, "residual_window": 24},
     ),
     "int3": (
         "INT3 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; {_AWARE}; one-byte zero points; ~3.42 bits + "
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte zero points; ~3.45 bits + "
         f"{_SINK}; the newest 8 tokens read back in full precision",
         {
-            **_with_aware_keys({"dtype": "int3", "zero_point_format": "int8", **_ASYMMETRIC_MSE}),
+            **_with_aware_keys({"dtype": "int3", "zero_point_format": "int8", **_ASYMMETRIC_MSE}, _ROUNDED),
             **CACHE_SETTINGS,
             "residual_window": 8,
         },
     ),
     "int2": (
         "INT2 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; {_AWARE}; one-byte scales and zero points; "
-        f"~2.30 bits + {_SINK}; the newest 16 tokens read back in full precision",
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte scales and zero "
+        f"points; ~2.33 bits + {_SINK}; the newest 16 tokens read back in full precision",
         {
-            **_with_aware_keys({"dtype": "int2", **_ONE_BYTE, **_ASYMMETRIC_MSE}),
+            **_with_aware_keys({"dtype": "int2", **_ONE_BYTE, **_ASYMMETRIC_MSE}, _ROUNDED),
             **CACHE_SETTINGS,
             "residual_window": 16,
         },

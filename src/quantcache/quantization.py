@@ -27,6 +27,8 @@ Non-finite states stay non-finite: a NaN or Inf element comes back as it went in
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -39,6 +41,7 @@ __all__ = [
     "INT8_MIN",
     "PreparedParams",
     "QuantParams",
+    "all_finite",
     "channel_minmax",
     "compute_qparams",
     "dequantize",
@@ -76,6 +79,19 @@ class QuantParams(NamedTuple):
     def to(self, device: torch.device | str) -> QuantParams:
         """The same parameters on ``device``."""
         return QuantParams(self.scale.to(device), self.zero_point.to(device))
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether no element of ``tensors`` is NaN or Inf.
+
+    One sum per tensor on the hot path of calibration: a sum of finite values is finite
+    unless it overflows, and only then (or when something is not finite) is each
+    element checked.
+    """
+    tensors = list(tensors)
+    if all(math.isfinite(float(tensor.sum())) for tensor in tensors):
+        return True
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def stream_minmax(states: torch.Tensor, granularity: Granularity = PER_CHANNEL) -> tuple[torch.Tensor, torch.Tensor]:

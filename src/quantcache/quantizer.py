@@ -4,10 +4,10 @@ A :class:`StreamQuantizer` owns one stream (the keys or the values of one attent
 layer): its :class:`~quantcache.scheme.QuantArgs`, an observer while calibrating
 (:mod:`quantcache.observers`), fixed :class:`~quantcache.quantization.QuantParams`
 once frozen (none for a dynamic scheme: those are computed per token; a centred dynamic
-scheme has its calibrated per-channel ``center`` instead, and a query-aware key stream
-its ``channel_scale`` too). A
-:class:`LayerQuantizer` pairs the two streams of one layer and knows its name, so
-every error it raises says which layer is at fault (:mod:`quantcache.layer_quantizer`).
+scheme has its calibrated per-channel ``center`` instead, a query-aware key stream its
+``channel_scale`` too, and query-aware rounding its query model; see :mod:`quantcache.stream_space`).
+A :class:`LayerQuantizer` pairs the two streams of one layer and knows its name, so every
+error it raises says which layer is at fault (:mod:`quantcache.layer_quantizer`).
 
 Hook: ``StreamQuantizer.on_quantize``, when set, is called after each quantization
 as ``hook(stream, states, quantized, params)`` with the incoming states, what the
@@ -19,8 +19,7 @@ the error through it; it is a plain function attribute, shared (not copied) by
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -28,11 +27,12 @@ import torch
 from .errors import CalibrationError, NonFiniteStateError
 from .formats import FormatKind
 from .granularity import Granularity
-from .observers import CenterObserver, Observer, QueryAwareCenterObserver, make_observer
+from .observers import CenterObserver, Observer, QueryAwareCenterObserver, QueryMomentObserver, make_observer
 from .packing import bits_per_slot, pack_codes, unpack_slots
 from .quantization import (
     PreparedParams,
     QuantParams,
+    all_finite,
     compute_qparams,
     dynamic_qparams,
     fake_quantize_prepared,
@@ -42,7 +42,8 @@ from .quantization import (
     scale_from_bytes,
     scale_to_bytes,
 )
-from .scheme import QuantArgs, QuantMethod, QuantScope, Rotation
+from .rounding import QueryModel, query_model
+from .scheme import QuantArgs, QuantMethod, QuantScope, Rotation, Rounding
 from .stream_space import StreamSpace
 
 __all__ = ["DYNAMIC_MSE_GRID", "QuantizeHook", "StreamName", "StreamQuantizer"]
@@ -51,19 +52,6 @@ StreamName = Literal["key", "value"]
 DYNAMIC_MSE_GRID = 8
 """Shrink steps a dynamic ``mse`` stream tries per token unless ``observer_options.grid`` says otherwise."""
 QuantizeHook = Callable[["StreamQuantizer", torch.Tensor, torch.Tensor, QuantParams], None]
-
-
-def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether no element of ``tensors`` is NaN or Inf.
-
-    One sum per tensor on the hot path of calibration: a sum of finite values is finite
-    unless it overflows, and only then (or when something is not finite) is each
-    element checked.
-    """
-    tensors = list(tensors)
-    if all(math.isfinite(float(tensor.sum())) for tensor in tensors):
-        return True
-    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 class _FixedOnDevice(NamedTuple):
@@ -105,9 +93,8 @@ class StreamQuantizer:
         rotated = self.args.rotation is not Rotation.NONE
         if rotated and expected_shape is None:
             raise CalibrationError(f"{label}: a rotation needs the model's head_dim")
-        self.space = StreamSpace(
-            expected_shape[1] if expected_shape else None, self.args.rotation_seed if rotated else None
-        )
+        head_dim = expected_shape[1] if expected_shape else None
+        self.space = StreamSpace(head_dim, self.args.rotation_seed if rotated else None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> StreamQuantizer:
         fresh = copy.copy(self)
@@ -217,7 +204,7 @@ class StreamQuantizer:
         """``measured`` (None when it is empty), or an error naming NaN or Inf among the calibration ``what``."""
         if not measured:
             return None
-        if not _all_finite(measured.values()):
+        if not all_finite(measured.values()):
             raise CalibrationError(
                 f"{self.label}: calibration {what} contain NaN or Inf; check the model's dtype "
                 "(fp16 overflow is common: try bfloat16 or float32) or exclude this layer"
@@ -246,7 +233,7 @@ class StreamQuantizer:
                     )
                 assert isinstance(self.observer, CenterObserver)
                 center = self.observer.center()
-            channel_scale = None
+            channel_scale = model = None
             if self.args.query_aware:
                 assert isinstance(self.observer, QueryAwareCenterObserver)
                 if not self.observer.queries_observed:
@@ -256,7 +243,9 @@ class StreamQuantizer:
                         "computes them, or call quantcache.queries.observe_queries after each forward pass"
                     )
                 channel_scale = self.observer.channel_scale()
-            self.freeze_centered(center, channel_scale)
+                if isinstance(self.observer, QueryMomentObserver):
+                    model = query_model(self.observer.query_moment())
+            self.freeze_centered(center, channel_scale, model)
             return
         if not self.observer.observed:
             raise CalibrationError(f"{self.label}: no calibration statistics")
@@ -271,10 +260,13 @@ class StreamQuantizer:
         if params is None:
             self.set_center(None)
 
-    def freeze_centered(self, center: torch.Tensor | None, channel_scale: torch.Tensor | None = None) -> None:
+    def freeze_centered(
+        self, center: torch.Tensor | None, channel_scale: torch.Tensor | None = None, model: QueryModel | None = None
+    ) -> None:
         """Freeze a dynamic stream with its ``(kv_heads, head_dim)`` center and, query-aware, channel scale.
 
-        Both are ``None`` for a stream that does not centre.
+        Both are ``None`` for a stream that does not centre; ``model`` is the query model
+        of query-aware rounding (:func:`quantcache.rounding.query_model`).
         """
         if not self.dynamic:
             raise CalibrationError(f"{self.label}: a static stream freezes with parameters, not a center")
@@ -282,17 +274,21 @@ class StreamQuantizer:
             raise CalibrationError(f"{self.label}: center: true needs its calibrated center to freeze")
         if self.args.query_aware and channel_scale is None:
             raise CalibrationError(f"{self.label}: query_aware: true needs its calibrated channel_scale to freeze")
+        if (self.args.rounding is Rounding.QUERY_AWARE) != (model is not None):
+            raise CalibrationError(f"{self.label}: a query model is what rounding: query_aware needs, and only it")
         self.set_params(None)
-        self.set_center(center, channel_scale)
+        self.set_center(center, channel_scale, model)
         self._frozen = True
 
-    def set_center(self, center: torch.Tensor | None, channel_scale: torch.Tensor | None = None) -> None:
-        """Fix a centred dynamic stream's ``(kv_heads, head_dim)`` mean and channel scale (``None``: drop them)."""
+    def set_center(
+        self, center: torch.Tensor | None, channel_scale: torch.Tensor | None = None, model: QueryModel | None = None
+    ) -> None:
+        """Fix a centred dynamic stream's ``(kv_heads, head_dim)`` mean, channel scale, query model (``None``: drop)."""
         if center is not None and not self.args.center:
             raise CalibrationError(f"{self.label}: the scheme does not centre (center: false)")
         if channel_scale is not None and not self.args.query_aware:
             raise CalibrationError(f"{self.label}: the scheme is not query-aware (query_aware: false)")
-        self.space.set(center, channel_scale)
+        self.space.set(center, channel_scale, model)
 
     def unfreeze(self) -> None:
         self.set_params(None)
@@ -352,7 +348,9 @@ class StreamQuantizer:
         self._check_frozen(states)
         space = self.space.forward(states)
         params = self.params_for(space)
-        restored = fake_quantize_prepared(space, self.prepared_for(space, params), self.granularity, self.format)
+        prepared = self.prepared_for(space, params)
+        space = self.space.with_feedback(space, self._round_trip(prepared))
+        restored = fake_quantize_prepared(space, prepared, self.granularity, self.format)
         if self.space.identity:
             quantized = restored  # already in the states' dtype, non-finite elements kept
         else:  # a rotation spreads a non-finite element over its row: put the originals back
@@ -360,6 +358,9 @@ class StreamQuantizer:
         if self.on_quantize is not None:
             self.on_quantize(self, states, quantized, params)
         return quantized
+
+    def _round_trip(self, prepared: PreparedParams) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda space: fake_quantize_prepared(space, prepared, self.granularity, self.format)  # what rounds
 
     def saturated(self, states: torch.Tensor, params: QuantParams) -> torch.Tensor:
         """Mask of the elements of ``states`` that clip (counted in the quantizer's own space)."""
@@ -389,7 +390,9 @@ class StreamQuantizer:
         self._check_frozen(states)
         space = self.space.forward(states)
         params = self.params_for(space)
-        codes = quantize_prepared(space, self.prepared_for(space, params), self.granularity, self.format)
+        prepared = self.prepared_for(space, params)
+        space = self.space.with_feedback(space, self._round_trip(prepared))  # NaN and Inf stay where they were
+        codes = quantize_prepared(space, prepared, self.granularity, self.format)
         fmt = self.format
         if fmt.kind is FormatKind.FLOAT:
             parts = [codes.view(torch.uint8)]

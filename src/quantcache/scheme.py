@@ -26,6 +26,7 @@ __all__ = [
     "QuantMethod",
     "QuantScope",
     "Rotation",
+    "Rounding",
     "ScaleFormat",
     "Storage",
     "ZeroPointFormat",
@@ -63,6 +64,13 @@ class Rotation(str, Enum):
     HADAMARD = "hadamard"
 
 
+class Rounding(str, Enum):
+    """How a value becomes its code: the ``nearest`` one, or ``query_aware`` (keys; see :mod:`quantcache.rounding`)."""
+
+    NEAREST = "nearest"
+    QUERY_AWARE = "query_aware"
+
+
 class QuantMethod(str, Enum):
     """How calibration statistics become a range (the observer, see :mod:`quantcache.observers`)."""
 
@@ -90,6 +98,7 @@ STREAM_KEYS = (
     "scale_format",
     "zero_point_format",
     "query_aware",
+    "rounding",
 )
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
 
@@ -161,6 +170,12 @@ class QuantArgs:
             causes (a per-token range is set by the scaled channels' total energy, the
             logit error by the energy-weighted error). Calibration must see the queries
             (:func:`quantcache.calibration.calibrate` computes them).
+        rounding: ``nearest`` code per element, or ``query_aware`` (keys only, with
+            ``query_aware``, and the cache's ``pre_rope_keys``): each key's codes chosen
+            together for the least expected error of the logits, under the calibrated
+            queries' second moment seen through RoPE (:mod:`quantcache.rounding`). Codes,
+            row parameters and decoding keep their format; the moment's model is stored
+            (``(1 + rank) * head_dim`` float32 per kv head, counted in the effective bits).
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -176,9 +191,11 @@ class QuantArgs:
     scale_format: ScaleFormat = ScaleFormat.FLOAT16
     zero_point_format: ZeroPointFormat = ZeroPointFormat.INT16
     query_aware: bool = False
+    rounding: Rounding = Rounding.NEAREST
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "rounding", enum_value(Rounding, "rounding", self.rounding))
         set_(self, "zero_point_format", enum_value(ZeroPointFormat, "zero_point_format", self.zero_point_format))
         set_(self, "query_aware", _flag("query_aware", self.query_aware))
         set_(self, "scale_format", enum_value(ScaleFormat, "scale_format", self.scale_format))
@@ -223,6 +240,11 @@ class QuantArgs:
             raise ConfigError(
                 "qconfig.query_aware: true needs dynamic: true and center: true (each key channel's scale "
                 "weighs its variance around the calibrated mean; a static per-channel range would absorb it)"
+            )
+        if self.rounding is Rounding.QUERY_AWARE and not self.query_aware:
+            raise ConfigError(
+                "qconfig.rounding 'query_aware' weighs each key's rounding error by the calibrated queries: it "
+                "needs query_aware: true on the keys (with dynamic: true and center: true)"
             )
         if self.dynamic and self.method is QuantMethod.PERCENTILE:
             raise ConfigError(
@@ -282,6 +304,7 @@ class QuantArgs:
                 "scale_format": self.scale_format.value,
                 "zero_point_format": self.zero_point_format.value,
                 "query_aware": self.query_aware,
+                "rounding": self.rounding.value,
             }
         data: dict[str, Any] = {
             "scope": self.scope.value,
@@ -306,6 +329,8 @@ class QuantArgs:
             data["zero_point_format"] = self.zero_point_format.value
         if self.query_aware:
             data["query_aware"] = True
+        if self.rounding is not Rounding.NEAREST:
+            data["rounding"] = self.rounding.value
         return data
 
     @classmethod

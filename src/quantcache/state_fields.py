@@ -3,8 +3,10 @@
 A stream's fields are its observer's statistics (``min``, ``max`` for ``minmax``; ``low``,
 ``high``, ``weight`` for the averaged observers; ``center_sum``, ``center_count`` for a
 centred dynamic stream, and ``key_square_sum``, ``query_square_sum``, ``query_count`` for a
-query-aware one) and, once frozen, its parameters (``scale``, ``zero_point``, or a
-centred dynamic stream's ``center``, and a query-aware one's ``channel_scale``). The
+query-aware one, and ``query_moment_sum`` for one that rounds query-aware) and, once frozen,
+its parameters (``scale``, ``zero_point``, or a centred dynamic stream's ``center``, a
+query-aware one's ``channel_scale``, and ``query_diag``, ``query_factor`` for query-aware
+rounding). The
 loader (:mod:`quantcache.cache_state`) and the file validator
 (:func:`quantcache.serialization.validate_state`) both check streams here, so a state is
 judged the same way wherever it comes from.
@@ -20,11 +22,13 @@ from .config import KVQuantConfig
 from .granularity import Granularity
 from .observers import OBSERVERS, QueryAwareCenterObserver, make_observer
 from .quantization import compute_qparams
-from .scheme import QuantArgs
+from .rounding import QUERY_MODEL_RANK, query_model
+from .scheme import QuantArgs, Rounding
 
 __all__ = [
     "CENTER_FIELDS",
     "PARAMETER_FIELDS",
+    "QUERY_MODEL_FIELDS",
     "missing_fields",
     "parameter_fields",
     "statistic_fields",
@@ -34,6 +38,7 @@ __all__ = [
 PARAMETER_FIELDS = ("scale", "zero_point")
 CENTER_FIELDS = ("center",)
 QUERY_AWARE_FIELDS = (*CENTER_FIELDS, "channel_scale")
+QUERY_MODEL_FIELDS = ("query_diag", "query_factor")
 _EPS = torch.finfo(torch.float32).eps
 # |zero_point - code range| an asymmetric scale can need (its relative floor, see quantization.py).
 _ZERO_POINT_REACH = 2**20 + 1
@@ -53,10 +58,13 @@ def statistic_fields(config: KVQuantConfig, stream: str, module_name: str | None
 def parameter_fields(args: QuantArgs) -> tuple[str, ...]:
     """The fields a frozen stream adds: ``scale``, ``zero_point`` (static), ``center`` (centred dynamic), or none.
 
-    A query-aware key stream adds ``channel_scale`` to its ``center``.
+    A query-aware key stream adds ``channel_scale`` to its ``center``, and ``query_diag``,
+    ``query_factor`` when it rounds query-aware.
     """
     if not args.dynamic:
         return PARAMETER_FIELDS
+    if args.rounding is Rounding.QUERY_AWARE:
+        return (*QUERY_AWARE_FIELDS, *QUERY_MODEL_FIELDS)
     if args.query_aware:
         return QUERY_AWARE_FIELDS
     return CENTER_FIELDS if args.center else ()
@@ -152,9 +160,16 @@ def _center_problems(
     ]
     if problems:
         return problems
+    # Every field is (kv_heads, head_dim) but the query moment's (..., head_dim) and the factor's (..., rank).
+    trailing = {"query_moment_sum": head_dim, "query_factor": QUERY_MODEL_RANK}
     shapes = {name: tuple(tensor.shape) for name, tensor in fields.items()}
-    expected = (kv_heads, head_dim) if kv_heads is not None and head_dim is not None else None
-    if len(set(shapes.values())) > 1 or (expected is not None and set(shapes.values()) != {expected}):
+    if kv_heads is not None and head_dim is not None:
+        extra = {name: (trailing[name],) if name in trailing else () for name in shapes}
+        consistent = all(shape == (kv_heads, head_dim, *extra[name]) for name, shape in shapes.items())
+    else:  # no model to check against: the fields must agree among themselves
+        ranks = all(len(shape) == 2 + (name in trailing) for name, shape in shapes.items())
+        consistent = ranks and len({shape[:2] for shape in shapes.values()}) <= 1
+    if not consistent:
         return [
             f"{prefix} tensors have shapes {shapes}, but this model's (kv_heads, head_dim) is "
             f"{(kv_heads, head_dim)}; the state was made for another model"
@@ -165,7 +180,7 @@ def _center_problems(
     if "center_count" in fields and bool((fields["center_count"] <= 0).any()):
         return [f"{prefix}.center_count holds zero or negative values; statistics are corrupted"]
     # query_count may be 0: a calibrating state saved before any query was observed.
-    for name in ("query_count", "key_square_sum", "query_square_sum", "channel_scale"):
+    for name in ("query_count", "key_square_sum", "query_square_sum", "channel_scale", "query_diag"):
         if name in fields and bool((fields[name] < 0).any()):
             return [f"{prefix}.{name} holds negative values; the state is corrupted"]
     if "channel_scale" in fields and bool((fields["channel_scale"] == 0).any()):
@@ -173,6 +188,18 @@ def _center_problems(
     complete = all(name in fields for name in ("center_sum", "center_count", "center"))
     if derived and complete and not torch.equal(fields["center_sum"] / fields["center_count"], fields["center"]):
         problems.append(f"{prefix}: center differs from center_sum / center_count; the state was altered")
+    if derived and all(name in fields for name in (*QUERY_MODEL_FIELDS, "query_moment_sum", "query_count")):
+        moment = fields["query_moment_sum"] / fields["query_count"][:, :1, None]
+        # Compared as the matrices they model: an eigenvector's sign may differ on another device.
+        diag, factor = (tensor.to(moment.device) for tensor in query_model(moment))
+        tolerance = float(moment.diagonal(dim1=-2, dim2=-1).abs().max()) * 1e-4
+        saved_diag, saved_factor = fields["query_diag"], fields["query_factor"]
+        low_rank, saved_low_rank = factor @ factor.mT, saved_factor @ saved_factor.mT
+        if not (
+            torch.allclose(diag, saved_diag, rtol=1e-4, atol=tolerance)
+            and torch.allclose(low_rank, saved_low_rank, rtol=1e-4, atol=tolerance)
+        ):
+            problems.append(f"{prefix}: query_diag/query_factor differ from what its query_moment_sum implies")
     if derived and "channel_scale" in fields and all(name in fields for name in QueryAwareCenterObserver.fields):
         implied = QueryAwareCenterObserver.channel_scale_from(fields)
         # Recomputed on another device the fourth root may differ in its last bits; an edit does not.

@@ -1,0 +1,367 @@
+"""Query-aware rounding of keys (issue 7): codes chosen per key for the logits, not per coordinate.
+
+``rounding: query_aware`` on a query-aware key stream rounds each key's coordinates in
+turn and feeds every rounding error forward through the calibrated queries' second
+moment (RoPE-averaged). It must: be refused where it cannot work, with a message that
+says what to set; compute exactly the sequential rounding it stands for (a fixed point
+reached in at most head_dim + 1 rounds), and nearest rounding when queries weigh
+coordinates apart; average RoPE as the cache turns keys; cut the logit error it is
+built for; keep fake and packed storage bit-exact; round-trip through state files and
+refuse altered ones; count its stored bits and its memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import GENERATION_MODES, HEAD_DIM, KV_HEADS, assert_packed_generates_like_fake
+from conftest import random_tokens as _tokens
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import PreTrainedModel
+
+from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.accounting import stream_bits
+from quantcache.calibration import calibrate
+from quantcache.errors import QuantStateError
+from quantcache.layers import layer_memory
+from quantcache.observers import QueryAwareCenterObserver, QueryMomentObserver
+from quantcache.quantizer import StreamQuantizer
+from quantcache.report import config_text
+from quantcache.rope import RopeTable
+from quantcache.rounding import (
+    QUERY_MODEL_RANK,
+    ROUNDING_DAMPING,
+    feedback_matrix,
+    query_model,
+    rope_averaged_moment,
+    round_with_feedback,
+)
+from quantcache.scheme import QuantArgs
+from quantcache.serialization import read_state_file, validate_state
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CENTRED = QuantArgs(dtype="int4", scope="per_token", dynamic=True, symmetric=False, center=True, rotation="hadamard")
+AWARE = replace(CENTRED, query_aware=True)
+ROUNDED = replace(AWARE, rounding="query_aware")
+CONFIG = KVQuantConfig(key=ROUNDED, value=CENTRED, pre_rope_keys=True)
+
+
+# ---------------------------------------------------------------------------- config
+def test_rounding_is_refused_where_it_cannot_work() -> None:
+    with pytest.raises(ConfigError, match="needs query_aware: true on the keys"):
+        replace(CENTRED, rounding="query_aware")
+    with pytest.raises(ConfigError, match=r"qconfig\.rounding: unsupported value 'best'; allowed: 'nearest', "):
+        QuantArgs(rounding="best")
+    with pytest.raises(ConfigError, match="set pre_rope_keys: true"):
+        KVQuantConfig(key=ROUNDED, value=CENTRED)
+    with pytest.raises(ConfigError, match="set pre_rope_keys: true"):  # a per-layer override's keys too
+        KVQuantConfig(key=AWARE, value=CENTRED, layers=[{"include": ["*0*"], "qconfig": {"key": ROUNDED.to_dict()}}])
+    with pytest.raises(ConfigError, match="only keys"):  # a flat setting reaches the values, which have no queries
+        KVQuantConfig(**{**ROUNDED.to_dict(full=True), "pre_rope_keys": True})
+
+
+def test_rounding_round_trips_through_yaml_and_reads_in_reports() -> None:
+    assert KVQuantConfig.from_yaml(CONFIG.to_yaml()) == CONFIG
+    assert "rounding: query_aware" in CONFIG.to_yaml()
+    assert "rounding" not in AWARE.to_dict() and AWARE.to_dict(full=True)["rounding"] == "nearest"
+    assert "query-aware rounding" in config_text(CONFIG)
+    assert "rounding" not in config_text(KVQuantConfig(key=AWARE, value=CENTRED))
+
+
+# ---------------------------------------------------------------------------- the math
+def _weight(generator: torch.Generator, heads: int, dim: int, coupling: float) -> torch.Tensor:
+    """A random ``(heads, dim, dim)`` error weight: ``coupling`` scales the off-diagonal part."""
+    factor = torch.randn(heads, dim, dim, generator=generator, dtype=torch.float64)
+    dense = factor @ factor.mT / dim
+    return torch.diag_embed(torch.rand(heads, dim, generator=generator, dtype=torch.float64) + 0.1) + coupling * dense
+
+
+def _round_trip(levels: int) -> Any:
+    return lambda x: torch.clamp(torch.round(x), -levels, levels - 1)
+
+
+def _sequential(x: torch.Tensor, weight: torch.Tensor, round_trip: Any) -> torch.Tensor:
+    """The rounding spelled out: coordinates in falling order of the damped ``diag(H)``, each error fed forward."""
+    dim = weight.shape[-1]
+    damped = weight + ROUNDING_DAMPING * weight.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(dim)
+    result = torch.empty_like(x)
+    for head in range(weight.shape[0]):
+        order = torch.argsort(damped[head].diagonal(), descending=True, stable=True)
+        upper = torch.linalg.cholesky(torch.linalg.inv(damped[head][order][:, order]), upper=True)
+        rows = x[:, head][..., order].double().clone()
+        for i in range(dim):
+            code = round_trip(rows[..., i])
+            error = (rows[..., i] - code) / upper[i, i]
+            rows[..., i + 1 :] -= error[..., None] * upper[i, i + 1 :]
+            result[:, head, :, order[i]] = code.to(result.dtype)
+    return result
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([2, 8]), st.integers(1, 9), st.floats(0.0, 4.0))
+def test_the_fixed_point_is_the_sequential_rounding(seed: int, levels: int, dim: int, coupling: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    weight = _weight(generator, 2, dim, coupling)
+    states = torch.randn(1, 2, 7, dim, generator=generator) * levels
+    round_trip = _round_trip(levels)
+    moved = round_with_feedback(states, round_trip, feedback_matrix(weight))
+    codes = round_trip(moved)
+    assert torch.equal(codes, _sequential(states, weight, round_trip))
+    feedback = feedback_matrix(weight)
+    assert torch.equal(round_trip(states + (states - codes) @ feedback[None]), codes)  # a fixed point
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 16))
+def test_queries_that_weigh_coordinates_apart_leave_nearest_rounding(seed: int, dim: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.diag_embed(torch.rand(3, dim, generator=generator, dtype=torch.float64) + 1e-3)
+    feedback = feedback_matrix(weight)
+    assert not bool(feedback.any())
+    states = torch.randn(2, 3, 5, dim, generator=generator) * 4
+    assert torch.equal(round_with_feedback(states, _round_trip(8), feedback), states)
+
+
+def test_feedback_is_strictly_triangular_in_the_order_of_falling_weight() -> None:
+    weight = _weight(torch.Generator().manual_seed(1), 2, 12, 2.0)
+    feedback = feedback_matrix(weight)
+    for head in range(2):
+        order = torch.argsort(weight[head].diagonal(), descending=True, stable=True)
+        ordered = feedback[head][order][:, order]
+        assert torch.equal(ordered, ordered.triu(diagonal=1)) and bool(ordered.any())
+
+
+def test_feedback_cuts_the_weighted_error_of_rounding() -> None:
+    generator = torch.Generator().manual_seed(2)
+    weight = _weight(generator, 2, 16, 3.0)
+    states = torch.randn(1, 2, 512, 16, generator=generator) * 3
+    round_trip = _round_trip(8)
+
+    def cost(error: torch.Tensor) -> float:
+        return float(torch.einsum("bhsi,hij,bhsj->", error.double(), weight, error.double()))
+
+    nearest = cost(states - round_trip(states))
+    fed = cost(states - round_trip(round_with_feedback(states, round_trip, feedback_matrix(weight))))
+    assert fed < 0.75 * nearest
+
+
+def test_non_finite_elements_pass_through_and_pass_no_error_on() -> None:
+    weight = _weight(torch.Generator().manual_seed(3), 1, 8, 2.0)
+    states = torch.randn(1, 1, 4, 8) * 3
+    spoiled = states.clone()
+    spoiled[0, 0, 1, 2], spoiled[0, 0, 2, 5] = float("nan"), float("inf")
+    feedback = feedback_matrix(weight)
+    moved = round_with_feedback(spoiled, _round_trip(8), feedback)
+    assert torch.isnan(moved[0, 0, 1, 2]) and moved[0, 0, 2, 5] == float("inf")
+    assert int(torch.isfinite(moved).sum()) == 30
+    zeroed = torch.where(torch.isfinite(spoiled), spoiled, 0.0)
+    expected = round_with_feedback(zeroed, _round_trip(8), feedback)
+    finite = torch.isfinite(spoiled)
+    assert torch.equal(moved[finite], expected[finite])
+    assert torch.equal(moved[0, 0, [0, 3]], round_with_feedback(states, _round_trip(8), feedback)[0, 0, [0, 3]])
+
+
+@pytest.mark.parametrize("rotary", [16, 8])
+def test_rope_average_is_the_turn_the_cache_applies_averaged_over_causal_distances(rotary: int) -> None:
+    """Checked against the cache's own RoPE table turning basis vectors, partial RoPE included."""
+    generator = torch.Generator().manual_seed(4)
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, rotary, 2, dtype=torch.float32) / rotary))
+    diag, factor = torch.rand(2, 16, generator=generator), torch.randn(2, 16, 2, generator=generator)
+    horizon = 40
+    averaged = rope_averaged_moment(diag, factor, inv_freq, horizon)
+    moment = torch.diag_embed(diag.double()) + factor.double() @ factor.double().mT
+    table = RopeTable(inv_freq)
+    expected = torch.zeros(2, 16, 16, dtype=torch.float64)
+    for distance in range(horizon):
+        # Each basis vector as its own head at one position: row i is (R e_i)^T, so the stack is R^T.
+        turn = table.rotate(torch.eye(16)[None, :, None, :], distance)[0, :, 0, :].double().T
+        expected += (horizon - distance) * (turn @ moment @ turn.T)
+    expected /= sum(range(1, horizon + 1))
+    torch.testing.assert_close(averaged, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_query_model_keeps_the_diagonal_and_the_leading_direction() -> None:
+    generator = torch.Generator().manual_seed(5)
+    direction = torch.randn(2, 6, 1, generator=generator)
+    noise = torch.rand(2, 6, generator=generator)
+    moment = 10 * direction @ direction.mT + torch.diag_embed(noise)
+    diag, factor = query_model(moment)
+    assert factor.shape == (2, 6, QUERY_MODEL_RANK) and diag.shape == (2, 6)
+    modelled = torch.diag_embed(diag) + factor @ factor.mT
+    torch.testing.assert_close(modelled.diagonal(dim1=-2, dim2=-1), moment.diagonal(dim1=-2, dim2=-1))
+    assert torch.equal(query_model(-moment * -1)[1], factor)  # reproducible: the largest entry is positive
+    assert bool((torch.gather(factor, 1, factor.abs().argmax(dim=1, keepdim=True)) > 0).all())
+    exact_diag, exact_factor = query_model(direction @ direction.mT)  # a rank-one moment is modelled exactly
+    torch.testing.assert_close(exact_factor @ exact_factor.mT, direction @ direction.mT, rtol=1e-5, atol=1e-5)
+    assert float(exact_diag.abs().max()) < 1e-5
+
+
+def test_the_space_weighs_an_error_by_the_logit_error_it_makes_in_the_models_space() -> None:
+    """``H`` in the quantizer's space is ``J M J^T`` with ``J`` the linear part of the way back (rows: where each
+    basis error lands among the keys), found here by sending basis vectors through ``inverse``."""
+    generator = torch.Generator().manual_seed(8)
+    stream = StreamQuantizer("layer 0 keys", ROUNDED, (KV_HEADS, HEAD_DIM))
+    center = torch.randn(KV_HEADS, HEAD_DIM, generator=generator)
+    scale = torch.rand(KV_HEADS, HEAD_DIM, generator=generator) + 0.5
+    model = (
+        torch.rand(KV_HEADS, HEAD_DIM, generator=generator),
+        torch.randn(KV_HEADS, HEAD_DIM, 1, generator=generator),
+    )
+    stream.freeze_centered(center, scale, model)
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
+    stream.space.rope_frequencies = inv_freq
+    basis = torch.eye(HEAD_DIM)[None, None].expand(1, KV_HEADS, HEAD_DIM, HEAD_DIM)
+    way_back = (stream.space.inverse(basis, torch.float64) - stream.space.inverse(basis * 0, torch.float64))[0]
+    weight = way_back @ rope_averaged_moment(*model, inv_freq) @ way_back.mT
+    torch.testing.assert_close(
+        stream.space.feedback_on(torch.device("cpu")), feedback_matrix(weight), rtol=1e-4, atol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------- statistics
+def test_observer_sums_the_query_moment_of_each_kv_head_and_leaves_padding_out() -> None:
+    observer = QueryMomentObserver(ROUNDED)
+    keys, queries = torch.randn(2, 2, 5, 4), torch.randn(2, 6, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    observer.merge(observer.measure(keys, mask))
+    observer.merge(observer.measure_queries(queries, 2, mask))
+    stats = observer.statistics
+    kept = torch.where(mask[:, None, :, None], queries, 0.0).reshape(2, 2, 3, 5, 4)
+    expected = torch.einsum("bgtsi,bgtsj->gij", kept, kept)
+    torch.testing.assert_close(stats["query_moment_sum"], expected)
+    torch.testing.assert_close(stats["query_moment_sum"].diagonal(dim1=-2, dim2=-1), stats["query_square_sum"])
+    torch.testing.assert_close(observer.query_moment(), expected / 8)
+    assert set(QueryMomentObserver.fields) == {*QueryAwareCenterObserver.fields, "query_moment_sum"}
+
+
+def test_calibration_freezes_the_query_model_its_moments_imply(llama: PreTrainedModel) -> None:
+    cache = calibrate(llama, _tokens(2, 12, seed=6), quant_config=CONFIG, batch_size=2, progress=False)
+    for quantizer in cache.quantizers:
+        key = quantizer.key
+        assert isinstance(key.observer, QueryMomentObserver)
+        expected = query_model(key.observer.query_moment())
+        assert key.space.query_model is not None
+        assert all(torch.equal(a, b) for a, b in zip(key.space.query_model, expected, strict=True))
+        assert key.space.rope_frequencies is not None and quantizer.value.space.query_model is None
+
+
+def test_freezing_needs_the_query_model_and_refuses_one_it_cannot_use() -> None:
+    stream = StreamQuantizer("layer 0 keys", ROUNDED, (KV_HEADS, HEAD_DIM))
+    center, scale = torch.zeros(KV_HEADS, HEAD_DIM), torch.ones(KV_HEADS, HEAD_DIM)
+    with pytest.raises(CalibrationError, match="layer 0 keys: a query model is what rounding: query_aware needs"):
+        stream.freeze_centered(center, scale)
+    plain = StreamQuantizer("layer 0 keys", AWARE, (KV_HEADS, HEAD_DIM))
+    model = (torch.ones(KV_HEADS, HEAD_DIM), torch.ones(KV_HEADS, HEAD_DIM, 1))
+    with pytest.raises(CalibrationError, match="a query model is what rounding: query_aware needs, and only it"):
+        plain.freeze_centered(center, scale, model)
+    stream.freeze_centered(center, scale, model)  # frozen, but no RoPE frequencies: outside a cache
+    with pytest.raises(ValueError, match="needs the query model, channel scales and RoPE frequencies"):
+        stream.fake_quantize(torch.randn(1, KV_HEADS, 2, HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------- what it buys
+def test_rounding_cuts_the_logit_error_of_correlated_queries() -> None:
+    """Queries that all look along one direction: feeding errors forward moves them off it, so the logit error
+    ``q . (k - k')`` falls, at the same codes' width, while the keys' own error rises."""
+    generator = torch.Generator().manual_seed(7)
+    direction = torch.randn(HEAD_DIM, generator=generator)
+    keys = torch.randn(1, KV_HEADS, 256, HEAD_DIM, generator=generator)
+    queries = direction * torch.randn(1, 2 * KV_HEADS, 256, 1, generator=generator) + 0.05 * torch.randn(
+        1, 2 * KV_HEADS, 256, HEAD_DIM, generator=generator
+    )
+    errors = {}
+    for args in (AWARE, ROUNDED):
+        stream = StreamQuantizer("layer 0 keys", args, (KV_HEADS, HEAD_DIM))
+        stream.space.rope_frequencies = torch.zeros(HEAD_DIM // 2)  # no turn: the queries' own directions
+        stream.merge(stream.measure(keys))
+        stream.merge(stream.measure_queries(queries))
+        stream.freeze()
+        error = stream.fake_quantize(keys) - keys
+        errors[args.rounding.value] = (float((error @ direction).square().sum()), float(error.square().sum()))
+    assert errors["query_aware"][0] < 0.5 * errors["nearest"][0]
+    assert errors["query_aware"][1] > errors["nearest"][1]
+
+
+# ---------------------------------------------------------------------------- state, storage, bits
+def test_state_round_trips_and_alterations_are_refused(llama: PreTrainedModel, tmp_path: Path) -> None:
+    cache = calibrate(llama, _tokens(2, 8, seed=3), quant_config=CONFIG, progress=False)
+    state = cache.state_dict()
+    assert {k.rsplit(".", 1)[1] for k in state if ".key." in k} == {
+        *QueryMomentObserver.fields,
+        "center",
+        "channel_scale",
+        "query_diag",
+        "query_factor",
+    }
+    path = cache.save(tmp_path / "rounded.safetensors")
+    loaded = QuantizedCalibratingCache.from_file(path, llama)
+    ids = _tokens(1, 9, seed=4)
+    with torch.no_grad():
+        expected = llama(ids, **{CACHE_KEYWORD: cache.empty_copy()}).logits
+        assert torch.equal(llama(ids, **{CACHE_KEYWORD: loaded}).logits, expected)
+        nearest = QuantizedCalibratingCache(llama, replace(CONFIG, key=AWARE))
+        rounding_fields = ("query_moment_sum", "query_diag", "query_factor")
+        nearest.load_state_dict({k: v for k, v in state.items() if not k.endswith(rounding_fields)})
+        assert not torch.equal(llama(ids, **{CACHE_KEYWORD: nearest}).logits, expected)  # the rounding did something
+    stored = read_state_file(path)
+    assert validate_state(stored) == []
+    for field, change in (("query_diag", 1.01), ("query_factor", 1.01)):
+        bad = {**state, f"layers.0.key.{field}": state[f"layers.0.key.{field}"] * change}
+        altered = type(stored)(**{**stored.__dict__, "tensors": bad})
+        assert any("differ from what its query_moment_sum implies" in p for p in validate_state(altered))
+        with pytest.raises(QuantStateError, match="query_diag/query_factor differ"):
+            QuantizedCalibratingCache(llama, CONFIG).load_state_dict(bad)
+    flipped = {**state, "layers.0.key.query_factor": -state["layers.0.key.query_factor"]}
+    QuantizedCalibratingCache(llama, CONFIG).load_state_dict(flipped)  # the same model, the other sign
+    wrong = {**state, "layers.0.key.query_factor": torch.ones(KV_HEADS, HEAD_DIM, 2)}
+    with pytest.raises(QuantStateError, match="tensors have shapes"):
+        QuantizedCalibratingCache(llama, CONFIG).load_state_dict(wrong)
+    negative = {**state, "layers.0.key.query_diag": -state["layers.0.key.query_diag"] - 1}
+    with pytest.raises(QuantStateError, match="query_diag holds negative values"):
+        QuantizedCalibratingCache(llama, CONFIG).load_state_dict(negative)
+    missing = {k: v for k, v in state.items() if k != "layers.1.key.query_factor"}
+    with pytest.raises(QuantStateError, match="query_factor"):
+        QuantizedCalibratingCache(llama, CONFIG).load_state_dict(missing)
+    imported = {k: v for k, v in state.items() if k.endswith(("center", "channel_scale", "query_diag", "query_factor"))}
+    QuantizedCalibratingCache(llama, CONFIG).load_state_dict(imported)  # parameters alone load
+
+
+@pytest.mark.parametrize("mode", GENERATION_MODES, ids=["greedy", "beam", "assisted"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_packed_generates_exactly_what_fake_generates(arch: str, mode: dict[str, Any], request: Any) -> None:
+    model = request.getfixturevalue(arch)
+    config = KVQuantConfig(
+        key=replace(ROUNDED, scale_format="log8", zero_point_format="int8"),
+        value=replace(CENTRED, scale_format="log8"),
+        residual_window=3,
+        sink_tokens=1,
+        pre_rope_keys=True,
+    )
+    assert_packed_generates_like_fake(model, config, _tokens(2, 12, seed=9), _tokens(1, 6, seed=10), mode)
+
+
+def test_bits_count_the_query_model_and_memory_the_feedback(llama: PreTrainedModel) -> None:
+    for seq_len in (16, 1024):
+        extra = stream_bits(ROUNDED, KV_HEADS, HEAD_DIM, seq_len) - stream_bits(AWARE, KV_HEADS, HEAD_DIM, seq_len)
+        assert extra == pytest.approx(32 * (1 + QUERY_MODEL_RANK) / seq_len)
+    cache = calibrate(llama, _tokens(1, 8, seed=3), quant_config=replace(CONFIG, storage="packed"), progress=False)
+    plain_config = replace(CONFIG, key=AWARE, storage="packed")
+    plain = calibrate(llama, _tokens(1, 8, seed=3), quant_config=plain_config, progress=False)
+    with torch.no_grad():
+        for each in (cache, plain):
+            llama(_tokens(1, 5, seed=8), **{CACHE_KEYWORD: each})
+    model_bytes = KV_HEADS * HEAD_DIM * (1 + QUERY_MODEL_RANK) * 4
+    feedback_bytes = KV_HEADS * HEAD_DIM * HEAD_DIM * 4
+    for mine, theirs in zip(cache.layers, plain.layers, strict=False):
+        assert layer_memory(mine)["parameters"] - layer_memory(theirs)["parameters"] == model_bytes
+        assert (layer_memory(mine)["encoder"], layer_memory(theirs)["encoder"]) == (feedback_bytes, 0)
+    report = cache.memory_report()[0]
+    assert report["total"] == sum(
+        report[part] for part in ("codes", "parameters", "full_precision", "reserved", "encoder")
+    )

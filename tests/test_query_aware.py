@@ -314,12 +314,16 @@ def test_state_round_trips_and_alterations_are_refused(llama: PreTrainedModel, t
     QuantizedCalibratingCache(llama, CONFIG).load_state_dict(imported)  # parameters alone load
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "query_aware"])
 @pytest.mark.parametrize("mode", GENERATION_MODES, ids=["greedy", "beam", "assisted"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_packed_generates_exactly_what_fake_generates(arch: str, mode: dict[str, Any], request: Any) -> None:
+def test_packed_generates_exactly_what_fake_generates(
+    arch: str, mode: dict[str, Any], rounding: str, request: Any
+) -> None:
+    """Query-aware keys, rounded to nearest or query-aware (:mod:`quantcache.rounding`), in generation."""
     model = request.getfixturevalue(arch)
     config = KVQuantConfig(
-        key=replace(AWARE, scale_format="log8"),
+        key=replace(AWARE, scale_format="log8", rounding=rounding),
         value=replace(CENTRED, scale_format="log8"),
         residual_window=3,
         sink_tokens=1,

@@ -36,6 +36,7 @@ from .calibration import calibrate
 from .config import KVQuantConfig
 from .errors import QuantStateError
 from .observers import QueryAwareCenterObserver
+from .scheme import Rounding
 
 __all__ = [
     "all_reduce_statistics",
@@ -228,7 +229,7 @@ def all_reduce_statistics(
     dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    if any(quantizer.key.args.rounding.value == "query_aware" for quantizer in cache.quantizers):
+    if any(quantizer.key.args.rounding is Rounding.QUERY_AWARE for quantizer in cache.quantizers):
         dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=group)
     fallback = next(iter(homes.values()), torch.device("cpu"))
     merged: dict[str, torch.Tensor] = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import KVQuantConfig
-from .scheme import QuantArgs, Rotation, ScaleFormat, ZeroPointFormat
+from .scheme import QuantArgs, Rotation, Rounding, ScaleFormat, ZeroPointFormat
 
 if TYPE_CHECKING:
     import torch
@@ -365,7 +365,7 @@ def _stream_text(args: QuantArgs) -> str:
     words += [args.rotation.value] if args.rotation is not Rotation.NONE else []
     words += ["centred"] if args.center else []
     words += ["query-aware"] if args.query_aware else []
-    words += ["query-aware rounding"] if args.rounding.value == "query_aware" else []
+    words += ["query-aware rounding"] if args.rounding is Rounding.QUERY_AWARE else []
     words += [f"{args.scale_format.value} scales"] if args.scale_format is not ScaleFormat.FLOAT16 else []
     one_byte_zero_points = args.zero_point_format is not ZeroPointFormat.INT16
     words += [f"{args.zero_point_format.value} zero points"] if one_byte_zero_points else []

@@ -6,8 +6,9 @@ key (a ``(head_dim,)`` row in the quantizer's space) the expected squared logit 
 is ``e H e^T`` with ``H`` the second moment of the queries that read it, seen through
 RoPE and the quantizer's space. Choosing the codes one coordinate at a time and handing
 each rounding error on to the coordinates still to come through ``H`` (the method of
-GPTQ and OBQ, here on one key instead of a weight row) lowers that error at no stored
-cost: the codes, scales and zero points keep their format, and decoding is unchanged.
+GPTQ and OBQ, here on one key instead of a weight row) lowers that error; the codes,
+scales and zero points keep their format, and decoding is unchanged. What it stores is
+the query model below, once per layer.
 
 What calibration keeps (:func:`query_model`): the second moment ``Q`` of the pre-RoPE
 queries per kv head as ``diag(d) + V V^T`` with ``V`` of rank :data:`QUERY_MODEL_RANK`

@@ -165,7 +165,10 @@ def test_each_description_says_what_its_scheme_is(name: str) -> None:
     assert ("per-channel" in description) == (args.scope is QuantScope.PER_CHANNEL)
     assert ("static" in description) == (not args.dynamic)
     assert ("centred on calibrated channel means" in description) == args.center
-    assert ("clipped to the least error" in description) == (args.method.value == "mse")
+    clipped = {stream.method.value == "mse" for stream in (args, value_args)}
+    assert ("clipped to the least error" in description) == (True in clipped)
+    if len(clipped) == 2:  # streams that differ are named apart
+        assert "value ranges clipped" in description and "keys take their whole range" in description
     assert args.method.value in ("minmax", "mse")
     window = KVQuantConfig.preset(name).residual_window
     assert (f"newest {window} tokens" in description) == bool(window)

@@ -10,9 +10,7 @@ sequence, the attention sink, in full precision (``sink_tokens: 1``) and quantiz
 as they were before RoPE (``pre_rope_keys``). The integer ones also weigh each key
 channel by the calibrated energy of the queries that read it (``query_aware``); ``int4``,
 ``int3`` and ``int2`` also choose each key's codes for the logits those queries compute
-(``rounding: query_aware``, at ``2 * 32 / L`` bits per key element at ``L`` tokens; ``int2``'s
-keys take their whole per-token range, which measured better with that rounding than a
-clipped one). ``int4``
+(``rounding: query_aware``, at ``2 * 32 / L`` bits per key element at ``L`` tokens). ``int4``
 reads its newest 24 tokens back in full precision (``residual_window: 24``), paid for by
 symmetric ranges and one-byte scales (``scale_format: log8``); ``int2`` its newest 16,
 paid for by one-byte scales and zero points (``zero_point_format: int8``); ``int3`` its
@@ -38,9 +36,9 @@ _ROUNDED = "query_aware"  # keys' codes chosen for the logits under the calibrat
 _ROUNDS = "keys rounded for the logits the calibrated queries compute"
 
 
-def _with_aware_keys(stream: dict[str, Any], rounding: str = "nearest", **keys: Any) -> dict[str, Any]:
+def _with_aware_keys(stream: dict[str, Any], rounding: str = "nearest") -> dict[str, Any]:
     """``stream``'s settings for both streams, and for the keys the same made query-aware (rounded as told)."""
-    return {**stream, "key": {**stream, "query_aware": True, "rounding": rounding, **keys}}
+    return {**stream, "key": {**stream, "query_aware": True, "rounding": rounding}}
 
 
 # Keys before RoPE keep a wider, lopsided range than values: an int8 zero point pays for itself there.
@@ -86,12 +84,11 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "int2": (
-        "INT2 asymmetric per token and kv head, centred on calibrated channel means, value ranges clipped to "
-        f"the least error (keys take their whole range, which their rounding uses), after a randomized Hadamard "
-        f"rotation; {_AWARE}; {_ROUNDS}; one-byte scales and zero points; ~2.33 bits + {_SINK}; the newest 16 "
-        "tokens read back in full precision",
+        "INT2 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
+        f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte scales and zero "
+        f"points; ~2.33 bits + {_SINK}; the newest 16 tokens read back in full precision",
         {
-            **_with_aware_keys({"dtype": "int2", **_ONE_BYTE, **_ASYMMETRIC_MSE}, _ROUNDED, method="minmax"),
+            **_with_aware_keys({"dtype": "int2", **_ONE_BYTE, **_ASYMMETRIC_MSE}, _ROUNDED),
             **CACHE_SETTINGS,
             "residual_window": 16,
         },

@@ -69,8 +69,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "int4": (
         "INT4 symmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
         f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte scales; ~4.20 bits + "
-        f"{_SINK}; "
-        "the newest 24 tokens read back in full precision",
+        f"{_SINK}; the newest 24 tokens read back in full precision",
         {**_with_aware_keys(_INT4, _ROUNDED), **CACHE_SETTINGS, "residual_window": 24},
     ),
     "int3": (

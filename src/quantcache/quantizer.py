@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -345,11 +346,7 @@ class StreamQuantizer:
     @torch.no_grad()
     def fake_quantize(self, states: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize ``states`` (new tokens only); non-finite elements stay non-finite."""
-        self._check_frozen(states)
-        space = self.space.forward(states)
-        params = self.params_for(space)
-        prepared = self.prepared_for(space, params)
-        space = self.space.with_feedback(space, self._round_trip(prepared))
+        space, params, prepared = self._to_quantize(states)
         restored = fake_quantize_prepared(space, prepared, self.granularity, self.format)
         if self.space.identity:
             quantized = restored  # already in the states' dtype, non-finite elements kept
@@ -359,8 +356,15 @@ class StreamQuantizer:
             self.on_quantize(self, states, quantized, params)
         return quantized
 
-    def _round_trip(self, prepared: PreparedParams) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda space: fake_quantize_prepared(space, prepared, self.granularity, self.format)  # what rounds
+    def _to_quantize(self, states: torch.Tensor) -> tuple[torch.Tensor, QuantParams, PreparedParams]:
+        """What fake and packed storage both quantize: frozen-checked ``states`` in the quantizer's space (moved by
+        query-aware rounding for the codes it chooses; NaN and Inf stay where they were), and their parameters."""
+        self._check_frozen(states)
+        space = self.space.forward(states)
+        params = self.params_for(space)
+        prepared = self.prepared_for(space, params)
+        round_trip = partial(fake_quantize_prepared, prepared=prepared, granularity=self.granularity, fmt=self.format)
+        return self.space.with_feedback(space, round_trip), params, prepared
 
     def saturated(self, states: torch.Tensor, params: QuantParams) -> torch.Tensor:
         """Mask of the elements of ``states`` that clip (counted in the quantizer's own space)."""
@@ -387,11 +391,7 @@ class StreamQuantizer:
         themselves. ``notify=False`` skips the :attr:`on_quantize` hook (rows that stand in for
         states kept elsewhere, such as sink tokens).
         """
-        self._check_frozen(states)
-        space = self.space.forward(states)
-        params = self.params_for(space)
-        prepared = self.prepared_for(space, params)
-        space = self.space.with_feedback(space, self._round_trip(prepared))  # NaN and Inf stay where they were
+        space, params, prepared = self._to_quantize(states)
         codes = quantize_prepared(space, prepared, self.granularity, self.format)
         fmt = self.format
         if fmt.kind is FormatKind.FLOAT:

@@ -20,7 +20,7 @@ import torch
 
 from .config import KVQuantConfig
 from .granularity import Granularity
-from .observers import OBSERVERS, QueryAwareCenterObserver, make_observer
+from .observers import OBSERVERS, QueryAwareCenterObserver, QueryMomentObserver, make_observer
 from .quantization import compute_qparams
 from .rounding import QUERY_MODEL_RANK, query_model
 from .scheme import QuantArgs, Rounding
@@ -189,7 +189,7 @@ def _center_problems(
     if derived and complete and not torch.equal(fields["center_sum"] / fields["center_count"], fields["center"]):
         problems.append(f"{prefix}: center differs from center_sum / center_count; the state was altered")
     if derived and all(name in fields for name in (*QUERY_MODEL_FIELDS, "query_moment_sum", "query_count")):
-        moment = fields["query_moment_sum"] / fields["query_count"][:, :1, None]
+        moment = QueryMomentObserver.query_moment_from(fields)
         # Compared as the matrices they model: an eigenvector's sign may differ on another device.
         diag, factor = (tensor.to(moment.device) for tensor in query_model(moment))
         tolerance = float(moment.diagonal(dim1=-2, dim2=-1).abs().max()) * 1e-4

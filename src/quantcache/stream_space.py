@@ -80,7 +80,7 @@ class StreamSpace:
             moment = rope_averaged_moment(*self.query_model, self.rope_frequencies)
             head_dim = moment.shape[-1]
             eye = torch.eye(head_dim, dtype=torch.float64)
-            undone = eye if self.rotation is None else eye @ self.rotation.double().cpu()
+            undone = eye if self.rotation is None else self.rotation.double().cpu()  # unrotate(e) = e @ rotation
             back = undone[None] / self.channel_scale.double().cpu()[:, None, :]
             found = feedback_matrix(back @ moment.cpu() @ back.transpose(-1, -2)).to(device)
             self._feedback_by_device[device] = found

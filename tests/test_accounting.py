@@ -58,9 +58,9 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     "int4-per-token": (
         KVQuantConfig.preset("int4"), 64, 4 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 24 / 64
     ),
-    # int2: a one-byte scale and a one-byte zero point per row, the query model, and a 16-token window
+    # int2: a one-byte scale per row and no zero point (the mid-rise grid), the query model, and a 24-token window
     "int2-per-token": (
-        KVQuantConfig.preset("int2"), 64, 2 + 16 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 16 / 64
+        KVQuantConfig.preset("int2"), 64, 2 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 24 / 64
     ),
     # int8: keys asymmetric in groups of 32 channels (one group of a 16-channel head: a one-byte scale and zero
     # point), values symmetric per row (a float16 scale): 16 bits a row

@@ -128,10 +128,10 @@ def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedMo
 
 
 def test_a_budget_below_every_mix_is_refused(llama: PreTrainedModel) -> None:
-    # int2 is 4.67 bits at 48 tokens (2-bit codes, a one-byte scale and zero point per 16-channel row, the
+    # int2 is 4.17 bits at 48 tokens (2-bit codes, a one-byte scale per 16-channel row and no zero point, the
     # center, the keys' channel scales and query model); the default base keeps the presets' sink token, 16 / 48
     # bits more.
-    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(5\.000"):
+    with pytest.raises(ConfigError, match=r"budget 3\.5 bits is below the cheapest mix of these schemes \(4\.500"):
         suggest_bits(llama, _windows(1, 48, seed=1), budget=3.5, candidates=("int4", "int2"), progress=False)
 
 

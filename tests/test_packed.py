@@ -49,7 +49,8 @@ def _scheme_id(args: QuantArgs) -> str:
     rotated = ["rot"] if args.rotation.value != "none" else []
     scale = [args.scale_format.value] if args.scale_format.value != "float16" else []
     zero_point = [f"zp{args.zero_point_format.value}"] if args.zero_point_format.value != "int16" else []
-    return "-".join([args.dtype.value, scope, "sym" if args.symmetric else "asym", *rotated, *scale, *zero_point])
+    grid = "sym" if args.zero_level else "midrise"
+    return "-".join([args.dtype.value, scope, grid if args.symmetric else "asym", *rotated, *scale, *zero_point])
 
 
 # One-byte (log8) scales, for the dynamic rows of every width: byte, packed nibbles, 3-bit words, fp8.
@@ -60,6 +61,7 @@ LOG8_SCHEMES = [
     QuantArgs(dtype="int2", scope="per_token", dynamic=True, symmetric=False, method="mse", scale_format="log8"),
     QuantArgs(dtype="fp8_e4m3", scope="group", group_size=8, dynamic=True, scale_format="log8"),
 ]
+LOG8 = {"scale_format": "log8"}
 # One-byte zero points (zero_point_format int8): a signed byte after the scale, for codes of every width.
 ONE_BYTE = {"scale_format": "log8", "zero_point_format": "int8"}
 INT8_ZERO_POINT_SCHEMES = [
@@ -72,13 +74,20 @@ INT8_ZERO_POINT_SCHEMES = [
     QuantArgs(scope="group", group_size=32, dynamic=True, symmetric=False, rotation="hadamard", **ONE_BYTE),
     QuantArgs(dtype="int3", scope="group", group_size=24, dynamic=True, method="mse"),
 ]
+# The mid-rise grid (zero_level false): symmetric rows without a zero point, decoded half a step off the codes.
+MID_RISE_SCHEMES = [
+    QuantArgs(dtype="int2", scope="per_token", dynamic=True, method="mse", zero_level=False, **LOG8),
+    QuantArgs(dtype="int3", scope="group", group_size=8, dynamic=True, rotation="hadamard", zero_level=False),
+    QuantArgs(dtype="int4", scope="group", group_size=12, dynamic=True, zero_level=False, **LOG8),
+    QuantArgs(scope="per_token", dynamic=True, rotation="hadamard", zero_level=False),
+]
 MATRIX = [
     QuantArgs(dtype=dtype, symmetric=symmetric, rotation=rotation, **scope)
     for dtype in QuantDtype
     for scope in _SCOPES.values()
     for symmetric in ((True,) if FORMATS[dtype].kind is FormatKind.FLOAT else (True, False))
     for rotation in ("none", "hadamard")
-] + LOG8_SCHEMES + INT8_ZERO_POINT_SCHEMES
+] + LOG8_SCHEMES + INT8_ZERO_POINT_SCHEMES + MID_RISE_SCHEMES
 
 # The drop-in matrix uses fewer schemes: a static one (flag byte, calibrated zero points) and a mixed one
 # (keys: 3-bit codes in grouped dynamic rows, rotated; values: static float8 per head) whose two streams

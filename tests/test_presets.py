@@ -93,16 +93,16 @@ def test_presets_lose_more_the_fewer_bits_they_spend(models: dict[str, PreTraine
     """Each preset quantizes (logits move) and the error ranks with the code width: int8 < int4 < int3 < int2,
     and dynamic int8 beats the static seed. A preset wired to the wrong scheme breaks the ranking."""
     model = models[arch]
-    prompt = _tokens(2, 40, seed=2)  # longer than int4's residual window: most of the history is quantized
+    prompt = _tokens(2, 136, seed=2)  # five times the longest residual window: most of the history is quantized
     with torch.no_grad():
-        reference = model(prompt, **{CACHE_KEYWORD: DynamicCache(config=model.config)}).logits[:, 32:]
+        reference = model(prompt, **{CACHE_KEYWORD: DynamicCache(config=model.config)}).logits[:, 128:]
     errors: dict[str, float] = {}
     for name in NAMES:
         cache = calibrate(model, _tokens(4, 24, seed=1), quant_config=KVQuantConfig.preset(name), progress=False)
         with torch.no_grad():  # the second chunk attends to a quantized history
-            model(prompt[:, :32], **{CACHE_KEYWORD: cache})
-            positions = torch.arange(32, 40).expand(2, -1)
-            logits = model(prompt[:, 32:], position_ids=positions, **{CACHE_KEYWORD: cache})
+            model(prompt[:, :128], **{CACHE_KEYWORD: cache})
+            positions = torch.arange(128, 136).expand(2, -1)
+            logits = model(prompt[:, 128:], position_ids=positions, **{CACHE_KEYWORD: cache})
         errors[name] = float((logits.logits - reference).square().mean().sqrt())
     assert all(error > 0 for error in errors.values()), errors
     assert errors["int8"] < errors["int4"] < errors["int3"] < errors["int2"], errors
@@ -157,6 +157,8 @@ def test_each_description_says_what_its_scheme_is(name: str) -> None:
     assert args.dtype.value.replace("_", " ") in description
     assert ("hadamard" in description) == (args.rotation.value == "hadamard")
     assert ("asymmetric" in description) == (not args.symmetric)
+    assert ("mid-rise" in description) == (not args.zero_level)
+    assert KVQuantConfig.preset(name).value_args.zero_level == args.zero_level  # both streams, or say which
     value_args = KVQuantConfig.preset(name).value_args
     if value_args.symmetric != args.symmetric:  # streams that differ are named apart
         assert "keys asymmetric, values symmetric" in description

@@ -329,12 +329,15 @@ def test_the_query_model_round_trips_and_alterations_are_refused(llama: PreTrain
 
 
 @pytest.mark.parametrize("group_size", [None, 8, 6])
-@pytest.mark.parametrize("dtype", ["int4", "int2", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", ["int4", "int2", "int2-mid-rise", "fp8_e4m3"])
 def test_packed_rows_decode_to_what_fake_quantization_gives(group_size: int | None, dtype: str) -> None:
-    """Per token or per group (a ragged last one too), integer or float8 codes: the feedback moves the states
-    before the one quantization both storages share, so their results agree bit for bit, NaN and Inf included."""
+    """Per token or per group (a ragged last one too), integer (on either grid) or float8 codes: the feedback moves
+    the states before the one quantization both storages share, so their results agree bit for bit, NaN and Inf
+    included."""
     scope = {"scope": "group", "group_size": group_size} if group_size else {"scope": "per_token"}
-    args = replace(ROUNDED, dtype=dtype, symmetric=dtype.startswith("fp8"), **scope)
+    mid_rise = dtype.endswith("mid-rise")
+    grid = {"symmetric": True, "zero_level": False} if mid_rise else {"symmetric": dtype.startswith("fp8")}
+    args = replace(ROUNDED, dtype=dtype.removesuffix("-mid-rise"), **grid, **scope)
     generator = torch.Generator().manual_seed(9)
     stream = StreamQuantizer("layer 0 keys", args, (KV_HEADS, HEAD_DIM))
     model = (

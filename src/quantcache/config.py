@@ -52,22 +52,7 @@ __all__ = [
 
 _PROCESSOR_TYPE = "dynamic_cache"
 # The flat fields of KVQuantConfig that describe both streams (QuantArgs' fields).
-_SHARED_FIELDS = (
-    "dtype",
-    "scope",
-    "symmetric",
-    "method",
-    "dynamic",
-    "group_size",
-    "observer_options",
-    "rotation",
-    "rotation_seed",
-    "center",
-    "scale_format",
-    "zero_point_format",
-    "query_aware",
-    "rounding",
-)
+_SHARED_FIELDS = STREAM_KEYS
 # The processor item's own keys beside ``type`` and ``qconfig``: each is a KVQuantConfig field of that name.
 _ITEM_FIELDS = ("include", "exclude", "layers", "storage", "sink_tokens", "residual_window", "pre_rope_keys")
 _ITEM_KEYS = ("type", "qconfig", *_ITEM_FIELDS)
@@ -128,7 +113,7 @@ class KVQuantConfig:
         include: glob patterns on attention module names (``model.layers.0.self_attn``);
             ``*`` crosses dots and ``{a,b}`` lists alternatives.
         exclude: patterns removed from ``include``; exclude wins.
-        dynamic, group_size, scale_format, zero_point_format, query_aware, rounding: see
+        dynamic, group_size, scale_format, zero_point_format, query_aware, rounding, zero_level: see
             :class:`~quantcache.scheme.QuantArgs`.
         key, value: per-stream arguments that replace the flat fields for that stream.
         layers: per-layer overrides (:class:`~quantcache.scheme.LayerOverride`, or their
@@ -168,6 +153,7 @@ class KVQuantConfig:
     zero_point_format: ZeroPointFormat = ZeroPointFormat.INT16
     query_aware: bool = False
     rounding: Rounding = Rounding.NEAREST
+    zero_level: bool = True
     key: QuantArgs | None = None
     value: QuantArgs | None = None
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)

@@ -12,10 +12,12 @@ channel by the calibrated energy of the queries that read it (``query_aware``); 
 ``int3`` and ``int2`` also choose each key's codes for the logits those queries compute
 (``rounding: query_aware``, at ``2 * 32 / L`` bits per key element at ``L`` tokens). ``int4``
 reads its newest 24 tokens back in full precision (``residual_window: 24``), paid for by
-symmetric ranges and one-byte scales (``scale_format: log8``); ``int2`` its newest 16,
-paid for by one-byte scales and zero points (``zero_point_format: int8``); ``int3`` its
-newest 8, paid for by one-byte zero points. ``int8`` spends what one-byte scales and
-zero points save on keys in groups of 32 channels.
+symmetric ranges and one-byte scales (``scale_format: log8``); ``int2`` its newest 24,
+paid for by one-byte scales and the mid-rise grid (``zero_level: false``), which stores
+no zero point; ``int3`` its newest 8, paid for by one-byte zero points. ``int8`` spends
+what one-byte scales and zero points save on keys in groups of 32 channels. ``int2``'s
+keys take their whole per-token range (``method: minmax``): a clipped coordinate's error
+is the one error query-aware rounding cannot hand on.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ _INT8_KEYS = {**_INT8, "symmetric": False, "scope": "group", "group_size": 32, *
 _INT4 = {"dtype": "int4", "scope": "per_token", "symmetric": True, "method": "mse", "scale_format": "log8"}
 _INT4.update({**_DYNAMIC_CENTRED, **_ROTATED})
 _ASYMMETRIC_MSE = {"scope": "per_token", "symmetric": False, "method": "mse", **_DYNAMIC_CENTRED, **_ROTATED}
+# Four levels at +-1/2 and +-3/2 steps: a tenth less error than four around a zero, and no zero point to store.
+_MID_RISE_INT2 = {"dtype": "int2", "scope": "per_token", "symmetric": True, "zero_level": False, "method": "mse"}
+_MID_RISE_INT2.update({"scale_format": "log8", **_DYNAMIC_CENTRED, **_ROTATED})
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "seed": (
@@ -83,13 +88,15 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "int2": (
-        "INT2 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
-        f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte scales and zero "
-        f"points; ~2.33 bits + {_SINK}; the newest 16 tokens read back in full precision",
+        "INT2 on the mid-rise grid (levels at half steps, no zero level, no zero point) per token and kv head, "
+        "centred on calibrated channel means, after a randomized Hadamard rotation; keys take their whole range, "
+        f"value ranges clipped to the least error; {_AWARE}; {_ROUNDS}; one-byte scales; ~2.20 bits + "
+        f"{_SINK}; the newest 24 tokens read back in full precision",
         {
-            **_with_aware_keys({"dtype": "int2", **_ONE_BYTE, **_ASYMMETRIC_MSE}, _ROUNDED),
+            **_MID_RISE_INT2,
+            "key": {**_MID_RISE_INT2, "method": "minmax", "query_aware": True, "rounding": _ROUNDED},
             **CACHE_SETTINGS,
-            "residual_window": 16,
+            "residual_window": 24,
         },
     ),
 }

@@ -17,6 +17,10 @@ The formulas, for an integer format with codes ``[qmin, qmax]`` (INT8: -128, 127
 * quantize: ``q = clamp(round(x / scale + zero_point), qmin, qmax)``;
 * dequantize: ``(q - zero_point) * scale``.
 
+The mid-rise grid (``zero_level: false``, dynamic symmetric integer schemes) is the same
+formulas with ``zero_point = -1/2`` and ``scale = max|x| / (levels / 2)``: levels at
+``(q + 1/2) * scale``, symmetric about zero, every code used, zero not among them.
+
 Float8 formats are symmetric: ``scale = absmax / finfo.max`` (what serving engines
 expect), ``q = clamp(x / scale, -finfo.max, finfo.max)`` cast to the float8 type.
 
@@ -63,6 +67,8 @@ _EPS = torch.finfo(torch.float32).eps
 # Largest |x / scale| an asymmetric scale allows: float32 still resolves 1/8 of a step there.
 _ASYMMETRIC_MAX_OFFSET = float(2**20)
 DYNAMIC_MAX_OFFSET = float(2**10)
+MID_RISE_ZERO_POINT = -0.5
+"""The mid-rise grid's zero point: code ``q`` decodes to ``(q + 1/2) * scale``."""
 
 
 class QuantParams(NamedTuple):
@@ -70,7 +76,7 @@ class QuantParams(NamedTuple):
 
     ``scale`` is float32; ``zero_point`` holds integers as int32 (an asymmetric
     channel whose whole range lies far from zero can need a zero point outside the
-    code range).
+    code range), or ``-1/2`` as float32 for the mid-rise grid.
     """
 
     scale: torch.Tensor
@@ -267,6 +273,7 @@ def dynamic_qparams(
     search: int = 0,
     scale_format: ScaleFormat = ScaleFormat.FLOAT16,
     zero_point_format: ZeroPointFormat = ZeroPointFormat.INT16,
+    zero_level: bool = True,
 ) -> QuantParams:
     """Per-token parameters of ``(batch, kv_heads, seq, head_dim)`` states, as a packed row stores them.
 
@@ -275,6 +282,7 @@ def dynamic_qparams(
     ``zero_point_format``: for ``int16`` the asymmetric relative floor is ``2**10`` here,
     which only limits a (near-)constant group far from zero to 0.1 % precision; for
     ``int8`` each range is first widened to take in zero, so the zero point is a code.
+    ``zero_level=False`` (symmetric only) gives the mid-rise grid's parameters.
     NaN and Inf elements are left out of the range, so they do not spoil their neighbours.
 
     ``search > 0`` (the dynamic ``mse`` method) also tries each group's range shrunk by
@@ -292,6 +300,8 @@ def dynamic_qparams(
     stored = functools.partial(
         _stored_dynamic_params, symmetric=symmetric, fmt=fmt, scale_format=scale_format, zero_in_codes=zero_in_codes
     )
+    if not zero_level:
+        stored = functools.partial(_stored_mid_rise_params, fmt=fmt, scale_format=scale_format)
     if search <= 0:
         return stored(low, high)
     # Every candidate at once, along a new leading axis: a handful of tensor operations per update.
@@ -299,9 +309,7 @@ def dynamic_qparams(
     candidates = stored(*(bound * shrink.view(search, *([1] * low.dim())) for bound in (low, high)))
     view = granularity.grouped(torch.where(finite, states, 0.0).detach().float())
     best = _group_error(view.unsqueeze(0), candidates, fmt).argmin(dim=0, keepdim=True)  # the first of equals
-    return QuantParams(
-        candidates.scale.gather(0, best).squeeze(0), candidates.zero_point.gather(0, best).squeeze(0)
-    )
+    return QuantParams(candidates.scale.gather(0, best).squeeze(0), candidates.zero_point.gather(0, best).squeeze(0))
 
 
 def _stored_dynamic_params(
@@ -326,6 +334,19 @@ def _stored_dynamic_params(
             zero_point = zero_point.clamp(fmt.qmin, fmt.qmax)
         return QuantParams(scale, zero_point.to(torch.int32))
     return QuantParams(scale, params.zero_point)
+
+
+def _stored_mid_rise_params(
+    low: torch.Tensor, high: torch.Tensor, *, fmt: NumberFormat, scale_format: ScaleFormat
+) -> QuantParams:
+    """The mid-rise grid's parameters of a ``[low, high]`` range as a packed row stores them.
+
+    ``max(|low|, |high|)`` is the outer edge of the outermost level's interval, half a
+    step beyond it, so the extreme's error is at most half a step, like any other element.
+    """
+    half_levels = fmt.levels / 2.0
+    scale = stored_scale(torch.clamp(torch.maximum(low.abs(), high.abs()) / half_levels, min=_EPS), scale_format)
+    return QuantParams(scale, torch.full_like(scale, MID_RISE_ZERO_POINT))
 
 
 def _group_error(view: torch.Tensor, params: QuantParams, fmt: NumberFormat) -> torch.Tensor:

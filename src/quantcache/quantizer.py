@@ -1,11 +1,10 @@
 """One object per layer: the observers, parameters and quantization of its K and V streams.
 
-A :class:`StreamQuantizer` owns one stream (the keys or the values of one attention
-layer): its :class:`~quantcache.scheme.QuantArgs`, an observer while calibrating
-(:mod:`quantcache.observers`), fixed :class:`~quantcache.quantization.QuantParams`
-once frozen (none for a dynamic scheme: those are computed per token; a centred dynamic
-scheme has its calibrated per-channel ``center`` instead, a query-aware key stream its
-``channel_scale`` too, and query-aware rounding its query model; see :mod:`quantcache.stream_space`).
+A :class:`StreamQuantizer` owns one stream (the keys or the values of one attention layer): its
+:class:`~quantcache.scheme.QuantArgs`, an observer while calibrating (:mod:`quantcache.observers`), fixed
+:class:`~quantcache.quantization.QuantParams` once frozen (none for a dynamic scheme: those are computed per
+token; a centred dynamic scheme has its calibrated per-channel ``center`` instead, a query-aware key stream
+its ``channel_scale`` too, and query-aware rounding its query model; see :mod:`quantcache.stream_space`).
 A :class:`LayerQuantizer` pairs the two streams of one layer and knows its name, so every
 error it raises says which layer is at fault (:mod:`quantcache.layer_quantizer`).
 
@@ -31,6 +30,7 @@ from .granularity import Granularity
 from .observers import CenterObserver, Observer, QueryAwareCenterObserver, QueryMomentObserver, make_observer
 from .packing import bits_per_slot, pack_codes, unpack_slots
 from .quantization import (
+    MID_RISE_ZERO_POINT,
     PreparedParams,
     QuantParams,
     all_finite,
@@ -75,7 +75,7 @@ class StreamQuantizer:
         self, label: str, args: QuantArgs | None = None, expected_shape: tuple[int, int] | None = None
     ) -> None:
         self.label = label
-        self.args = args if args is not None else QuantArgs()
+        self.args = args = args if args is not None else QuantArgs()
         self.expected_shape = expected_shape
         self.granularity = Granularity.of(self.args)
         self.format = self.args.format
@@ -85,8 +85,8 @@ class StreamQuantizer:
         self.on_quantize: QuantizeHook | None = None
         self._frozen = False
         self._fixed_by_device: dict[torch.device, _FixedOnDevice] = {}
-        # An asymmetric integer scheme needs its zero point; symmetric and float8 ones have none.
-        self._uses_zero_point = not self.args.symmetric and self.format.kind is FormatKind.INTEGER
+        # An asymmetric integer scheme needs its zero point, a mid-rise one its -1/2; others have none.
+        self._uses_zero_point = self.format.kind is FormatKind.INTEGER and not (args.symmetric and args.zero_level)
         # The dynamic ``mse`` method: shrink steps tried per token (see quantization.dynamic_qparams).
         self._search = int(self.args.options.get("grid", DYNAMIC_MSE_GRID)) if self._searches else 0
         if self._searches and self._search < 1:
@@ -94,8 +94,7 @@ class StreamQuantizer:
         rotated = self.args.rotation is not Rotation.NONE
         if rotated and expected_shape is None:
             raise CalibrationError(f"{label}: a rotation needs the model's head_dim")
-        head_dim = expected_shape[1] if expected_shape else None
-        self.space = StreamSpace(head_dim, self.args.rotation_seed if rotated else None)
+        self.space = StreamSpace(expected_shape[1] if expected_shape else None, args.rotation_seed if rotated else None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> StreamQuantizer:
         fresh = copy.copy(self)
@@ -310,6 +309,7 @@ class StreamQuantizer:
                 search=self._search,
                 scale_format=self.args.scale_format,
                 zero_point_format=self.args.zero_point_format,
+                zero_level=self.args.zero_level,
             )
         return self._fixed_on(quant_space.device).params
 
@@ -440,7 +440,7 @@ class StreamQuantizer:
             scale = scale_from_bytes(rows[..., code_bytes:start], self.args.scale_format)
             scale = scale.unsqueeze(-1) if grouped else scale
             if stored is not None:
-                subtrahend: torch.Tensor | float = offset
+                subtrahend: torch.Tensor | float = offset + (0.0 if self.args.zero_level else MID_RISE_ZERO_POINT)
                 if not self.args.symmetric:
                     stored_as = self.args.zero_point_format
                     zero_point = rows[..., start : start + stored_as.bits // 8 * groups].contiguous()

@@ -359,7 +359,7 @@ def config_text(config: KVQuantConfig) -> str:
 
 
 def _stream_text(args: QuantArgs) -> str:
-    kind = "symmetric" if args.symmetric else "asymmetric"
+    kind = ("symmetric" if args.zero_level else "mid-rise") if args.symmetric else "asymmetric"
     words = [args.dtype.value, args.scope.value, kind, args.method.value]
     words += ["dynamic"] if args.dynamic else []
     words += [args.rotation.value] if args.rotation is not Rotation.NONE else []

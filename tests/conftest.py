@@ -154,6 +154,20 @@ def random_tokens(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def frozen_cache_states(model: Any, config: Any) -> torch.Tensor:
+    """Every layer's keys and values, concatenated, held by a ``QuantizedCalibratingCache`` of ``config`` that
+    calibrated on 24 tokens, froze and then took 9 more (seeded tokens: the same for every config)."""
+    from quantcache import CACHE_KEYWORD, QuantizedCalibratingCache
+
+    cache = QuantizedCalibratingCache(model, config)
+    with torch.no_grad():
+        model(random_tokens(1, 24, seed=5), **{CACHE_KEYWORD: cache})
+    cache.freeze()
+    with torch.no_grad():
+        model(random_tokens(1, 9, seed=6), **{CACHE_KEYWORD: cache})
+    return torch.cat([layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers])
+
+
 def packed_row_bytes(args: Any) -> int:
     """The documented packed row of ``args`` (a ``QuantArgs``) at :data:`HEAD_DIM`: packed codes, then 1 flag byte
     (static) or, per group, a scale (2 bytes float16, 1 log8) and a zero point when asymmetric (2 bytes int16, 1

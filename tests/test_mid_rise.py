@@ -15,13 +15,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import random_tokens
+from conftest import frozen_cache_states
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.accounting import stream_bits
 from quantcache.formats import ScaleFormat, ZeroPointFormat, format_spec
 from quantcache.granularity import Granularity
@@ -167,16 +167,9 @@ def test_it_counts_what_a_symmetric_row_does(args: QuantArgs) -> None:
 def test_a_mid_rise_cache_differs_from_the_zero_level_one_and_generates(llama: PreTrainedModel) -> None:
     """Through a whole model, keys and values rotated and centred: the grid changes what the cache returns."""
     base = {**MID_RISE, "dtype": "int2", "center": True, "rotation": "hadamard", "method": "mse"}
-    outputs = []
-    for zero_level in (False, True):
-        cache = QuantizedCalibratingCache(llama, KVQuantConfig(**{**base, "zero_level": zero_level}))
-        with torch.no_grad():
-            llama(random_tokens(1, 24, seed=5), **{CACHE_KEYWORD: cache})
-        cache.freeze()
-        with torch.no_grad():
-            llama(random_tokens(1, 9, seed=6), **{CACHE_KEYWORD: cache})
-        outputs.append(torch.cat([layer.keys for layer in cache.layers] + [layer.values for layer in cache.layers]))
-    assert outputs[0].shape == outputs[1].shape and not torch.equal(outputs[0], outputs[1])
+    mid_rise = frozen_cache_states(llama, KVQuantConfig(**base))
+    zero_level = frozen_cache_states(llama, KVQuantConfig(**base | {"zero_level": True}))
+    assert mid_rise.shape == zero_level.shape and not torch.equal(mid_rise, zero_level)
 
 
 # ---------------------------------------------------------------------------- the config

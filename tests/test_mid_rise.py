@@ -136,6 +136,13 @@ def test_the_mse_search_clips_mid_rise_ranges_too() -> None:
     assert plain.scale.item() == pytest.approx(10.0 / 2, rel=1e-3)
 
 
+@pytest.mark.parametrize(("dtype", "symmetric"), [("int2", False), ("fp8_e4m3", True)])
+def test_the_math_refuses_a_mid_rise_grid_that_is_not_symmetric_and_integer(dtype: str, symmetric: bool) -> None:
+    states = torch.ones(1, 1, 1, 8)
+    with pytest.raises(ValueError, match=r"mid-rise grid .* is symmetric and integer"):
+        dynamic_qparams(states, PER_TOKEN, symmetric=symmetric, fmt=format_spec(dtype), zero_level=False)
+
+
 # ---------------------------------------------------------------------------- rows, the cache and the count
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_hold_codes_and_a_scale_only_and_decode_to_the_fake_cache(llama: PreTrainedModel, dtype: str) -> None:

@@ -301,6 +301,8 @@ def dynamic_qparams(
         _stored_dynamic_params, symmetric=symmetric, fmt=fmt, scale_format=scale_format, zero_in_codes=zero_in_codes
     )
     if not zero_level:
+        if not symmetric or fmt.kind is not FormatKind.INTEGER:
+            raise ValueError(f"the mid-rise grid (zero_level=False) is symmetric and integer: {fmt.name}, {symmetric=}")
         stored = functools.partial(_stored_mid_rise_params, fmt=fmt, scale_format=scale_format)
     if search <= 0:
         return stored(low, high)

@@ -38,9 +38,10 @@ _ROUNDED = "query_aware"  # keys' codes chosen for the logits under the calibrat
 _ROUNDS = "keys rounded for the logits the calibrated queries compute"
 
 
-def _with_aware_keys(stream: dict[str, Any], rounding: str = "nearest") -> dict[str, Any]:
-    """``stream``'s settings for both streams, and for the keys the same made query-aware (rounded as told)."""
-    return {**stream, "key": {**stream, "query_aware": True, "rounding": rounding}}
+def _with_rounded_keys(stream: dict[str, Any], **key_settings: Any) -> dict[str, Any]:
+    """``stream``'s settings for both streams, and for the keys the same made query-aware and rounded for the
+    logits (with ``key_settings`` on top)."""
+    return {**stream, "key": {**stream, "query_aware": True, "rounding": _ROUNDED, **key_settings}}
 
 
 # Keys before RoPE keep a wider, lopsided range than values: an int8 zero point pays for itself there.
@@ -75,14 +76,14 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "INT4 symmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
         f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte scales; ~4.20 bits + "
         f"{_SINK}; the newest 24 tokens read back in full precision",
-        {**_with_aware_keys(_INT4, _ROUNDED), **CACHE_SETTINGS, "residual_window": 24},
+        {**_with_rounded_keys(_INT4), **CACHE_SETTINGS, "residual_window": 24},
     ),
     "int3": (
         "INT3 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
         f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte zero points; ~3.45 bits + "
         f"{_SINK}; the newest 8 tokens read back in full precision",
         {
-            **_with_aware_keys({"dtype": "int3", "zero_point_format": "int8", **_ASYMMETRIC_MSE}, _ROUNDED),
+            **_with_rounded_keys({"dtype": "int3", "zero_point_format": "int8", **_ASYMMETRIC_MSE}),
             **CACHE_SETTINGS,
             "residual_window": 8,
         },
@@ -93,8 +94,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         f"value ranges clipped to the least error; {_AWARE}; {_ROUNDS}; one-byte scales; ~2.20 bits + "
         f"{_SINK}; the newest 24 tokens read back in full precision",
         {
-            **_MID_RISE_INT2,
-            "key": {**_MID_RISE_INT2, "method": "minmax", "query_aware": True, "rounding": _ROUNDED},
+            **_with_rounded_keys(_MID_RISE_INT2, method="minmax"),
             **CACHE_SETTINGS,
             "residual_window": 24,
         },

@@ -99,7 +99,7 @@ def rope_averaged_moment(
     weighted_cos, weighted_sin = cos * weight[:, None], sin * weight[:, None]
     moment = moment.to("cpu")
     swapped_rows, swapped_columns = moment[:, partner], moment[:, :, partner]
-    both = moment[:, partner][:, :, partner]
+    both = swapped_rows[:, :, partner]
     averaged = (
         (weighted_cos.T @ cos) * moment
         + (weighted_cos.T @ sin) * swapped_columns

@@ -78,9 +78,8 @@ class StreamSpace:
             if self.query_model is None or self.rope_frequencies is None or self.channel_scale is None:
                 raise ValueError("query-aware rounding needs the query model, channel scales and RoPE frequencies")
             moment = rope_averaged_moment(*self.query_model, self.rope_frequencies)
-            head_dim = moment.shape[-1]
-            eye = torch.eye(head_dim, dtype=torch.float64)
-            undone = eye if self.rotation is None else self.rotation.double().cpu()  # unrotate(e) = e @ rotation
+            rotation = self.rotation  # unrotate(e) = e @ rotation
+            undone = torch.eye(moment.shape[-1], dtype=torch.float64) if rotation is None else rotation.double().cpu()
             back = undone[None] / self.channel_scale.double().cpu()[:, None, :]
             found = feedback_matrix(back @ moment.cpu() @ back.transpose(-1, -2)).to(device)
             self._feedback_by_device[device] = found

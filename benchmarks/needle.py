@@ -37,8 +37,8 @@ from schemes import DEFAULT_WIKITEXT
 from torch import nn
 from transformers import DynamicCache
 
-from quantcache.cache import CACHE_KEYWORD
-from quantcache.models import load_model
+from quantcache.cache.cache import CACHE_KEYWORD
+from quantcache.models.catalog import load_model
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "

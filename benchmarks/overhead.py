@@ -26,8 +26,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import QuantizedCalibratingCache
-from quantcache.calibration import calibrate
-from quantcache.models import load_model
+from quantcache.calibration.calibrate import calibrate
+from quantcache.models.catalog import load_model
 
 
 def _kv_bytes(cache: DynamicCache) -> int:

@@ -9,7 +9,7 @@ peers of ``benchmarks/peers.py`` (Transformers' ``QuantizedCache`` with quanto a
 FP8, TurboQuant, KIVI). Evaluated on WikiText-2 ``test.txt`` and on each text of
 ``benchmarks/texts/`` (Python source, legal prose, a software manual).
 
-Protocol (quantcache.evaluation's): each window runs as generation uses a cache: a prefill of
+Protocol (quantcache.analysis.evaluation's): each window runs as generation uses a cache: a prefill of
 ``--prefill`` tokens, then chunks of ``--chunk`` tokens, each continuing the cache; every
 position predicts the next token. Per contender: perplexity against the reference's
 (ΔPPL), mean KL divergence of its next-token distribution from the reference's, top-1
@@ -17,7 +17,7 @@ agreement, and effective bits per element at the window length (codes, scales, z
 points, norms and full-precision tokens, from each contender's settings; see peers.py).
 The reference run is computed once per chunk and shared by all contenders; the metrics
 are the library's formulas. With ``--library-check`` (default: the first window of the
-first text) each quantcache scheme is also run through ``quantcache.evaluation.evaluate``
+first text) each quantcache scheme is also run through ``quantcache.analysis.evaluation.evaluate``
 and the two results are compared, to prove the loop here is the library's protocol.
 Transformers' quantized layers (quanto, HQQ, FP8) hand the prefill forward its own
 unquantized states, so their prefill predictions are exact; ``--exclude-prefill`` scores
@@ -55,10 +55,10 @@ from schemes import DEFAULT_WIKITEXT, calibrated, calibration_windows, effective
 from torch import nn
 from transformers import DynamicCache
 
-from quantcache.cache import CACHE_KEYWORD
-from quantcache.data import DataError, TextSource, token_windows
-from quantcache.evaluation import evaluate
-from quantcache.models import load_model
+from quantcache.analysis.evaluation import evaluate
+from quantcache.cache.cache import CACHE_KEYWORD
+from quantcache.models.catalog import load_model
+from quantcache.models.data import DataError, TextSource, token_windows
 
 TEXTS_DIR = Path(__file__).resolve().parent / "texts"
 
@@ -73,7 +73,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # ---------------------------------------------------------------------------- metrics
 class Metrics:
-    """Running sums over predicted tokens, the same formulas as ``quantcache.evaluation``.
+    """Running sums over predicted tokens, the same formulas as ``quantcache.analysis.evaluation``.
 
     Per chunk: ``log_softmax`` of float32 logits, KL(reference || contender) summed over the
     vocabulary, both negative log-likelihoods of the true next token, and whether the two
@@ -441,7 +441,7 @@ def parse_args() -> argparse.Namespace:
                         "the unquantized states on their first update, so their prefill predictions are exact; the "
                         "library protocol (the default) counts them. Disables --library-check")
     parser.add_argument("--library-check", choices=["none", "first", "all"], default="first", help="also run "
-                        "quantcache.evaluation.evaluate on the first window of the first text (first), on every "
+                        "quantcache.analysis.evaluation.evaluate on the first window of the first text (first), on every "
                         "window of every text (all) or never (none), and compare")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
@@ -537,7 +537,7 @@ def main() -> None:
     if dequantized:
         print(f"- stored dequantized in the model dtype on this backend (no memory saved): {', '.join(dequantized)}")
     if checks:
-        print("\nLibrary check (quantcache.evaluation.evaluate on the same windows):")
+        print("\nLibrary check (quantcache.analysis.evaluation.evaluate on the same windows):")
         for check in checks:
             print(f"- {check['model']} {check['contender']}: {check['verdict']}")
     if args.json is not None:

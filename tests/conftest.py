@@ -219,7 +219,7 @@ def assert_packed_generates_like_fake(
 ) -> None:
     """Packed storage generates bit-exactly what fake storage does, under one of :data:`GENERATION_MODES`."""
     from quantcache import CACHE_KEYWORD, QuantizedCalibratingCache
-    from quantcache.calibration import calibrate
+    from quantcache.calibration.calibrate import calibrate
 
     sliding = "sliding_attention" in (getattr(model.config, "layer_types", None) or ())
     if sliding and "assistant_model" in mode and CACHE_KEYWORD != "cache":

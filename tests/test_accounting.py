@@ -20,9 +20,9 @@ from conftest import random_tokens as _tokens
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.accounting import effective_bits, stream_bits
-from quantcache.calibration import calibrate
-from quantcache.scheme import QuantArgs
+from quantcache.calibration.calibrate import calibrate
+from quantcache.ops.bits import effective_bits, stream_bits
+from quantcache.scheme.args import QuantArgs
 
 LAYER0 = "model.layers.0.self_attn"
 

@@ -18,9 +18,9 @@ from test_cli import CALIBRATE_SMALL, EVALUATE_SMALL, tokenizer, use_model  # no
 from transformers import PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, cli
-from quantcache.bit_allocation import DEFAULT_CANDIDATES, _choose, parse_candidate, suggest_bits
+from quantcache.analysis.bit_allocation import DEFAULT_CANDIDATES, _choose, parse_candidate, suggest_bits
 from quantcache.cli import suggest_bits as suggest_bits_command
-from quantcache.serialization import read_state_file
+from quantcache.state.file import read_state_file
 
 
 def _windows(count: int, length: int, seed: int) -> torch.Tensor:
@@ -181,7 +181,7 @@ def test_centred_candidates_learn_their_means_from_the_calibration_windows(
 ) -> None:
     """Each centred preset is calibrated before it is measured, on ``calibration`` when given, and so is the
     mix that is measured at the end."""
-    import quantcache.bit_allocation as bit_allocation
+    import quantcache.analysis.bit_allocation as bit_allocation
 
     seen: list[torch.Tensor] = []
     real = bit_allocation.calibrate

@@ -33,8 +33,8 @@ from quantcache import (
     QuantStateError,
     attention_module_names,
 )
-from quantcache.layers import QuantizingLayerMixin
-from quantcache.serialization import read_state_file, write_state_file
+from quantcache.cache.storage_layers import QuantizingLayerMixin
+from quantcache.state.file import read_state_file, write_state_file
 
 # the shapes of conftest.py's tiny models
 VOCAB = 128

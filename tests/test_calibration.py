@@ -16,8 +16,8 @@ from conftest import VOCAB
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CacheMode, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.calibration import calibrate
-from quantcache.data import DataError
+from quantcache.calibration.calibrate import calibrate
+from quantcache.models.data import DataError
 
 
 def _ids(seed: int, samples: int = 4, length: int = 20) -> torch.Tensor:

@@ -21,15 +21,15 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.accounting import stream_bits
+from quantcache.cache.stream import StreamQuantizer
 from quantcache.errors import QuantStateError
-from quantcache.formats import FORMATS, QuantDtype
-from quantcache.granularity import Granularity
-from quantcache.observers import CenterObserver
-from quantcache.quantization import dynamic_qparams
-from quantcache.quantizer import StreamQuantizer
-from quantcache.scheme import QuantArgs, QuantMethod, QuantScope
-from quantcache.serialization import read_state_file, validate_state, write_state_file
+from quantcache.ops.bits import stream_bits
+from quantcache.ops.granularity import Granularity
+from quantcache.ops.observers import CenterObserver
+from quantcache.ops.quantize import dynamic_qparams
+from quantcache.scheme.args import QuantArgs, QuantMethod, QuantScope
+from quantcache.scheme.number_formats import FORMATS, QuantDtype
+from quantcache.state.file import read_state_file, validate_state, write_state_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

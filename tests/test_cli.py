@@ -30,15 +30,15 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache, __version__, cli
-from quantcache.calibration import calibrate
+from quantcache.analysis.evaluation import evaluate
+from quantcache.analysis.report import to_json
+from quantcache.calibration.calibrate import calibrate
 from quantcache.cli import _steps
-from quantcache.data import TextSource, token_windows
 from quantcache.errors import QuantcacheError
-from quantcache.evaluation import evaluate
-from quantcache.models import ModelFetchError
-from quantcache.quantization import compute_qparams
-from quantcache.report import to_json
-from quantcache.serialization import read_state_file, write_state_file
+from quantcache.models.catalog import ModelFetchError
+from quantcache.models.data import TextSource, token_windows
+from quantcache.ops.quantize import compute_qparams
+from quantcache.state.file import read_state_file, write_state_file
 
 CALIBRATE_SMALL = ["--samples", "2", "--seq-len", "48", "-q"]
 EVALUATE_SMALL = ["--samples", "2", "--context", "64", "--prefill", "32", "--chunk", "16", "-q"]
@@ -944,7 +944,7 @@ def test_an_interrupted_calibrate_leaves_the_previous_set_untouched(
     def interrupted(summary: Any) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("quantcache.report.calibration_markdown", interrupted)
+    monkeypatch.setattr("quantcache.analysis.report.calibration_markdown", interrupted)
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "--asymmetric", "-o", str(out)]) == cli.EXIT_INTERRUPTED
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert read_state_file(out / "kv_scales.safetensors").config.symmetric is True

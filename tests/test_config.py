@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from quantcache import ConfigError, KVQuantConfig, QuantDtype, QuantMethod, QuantScope
-from quantcache.config import expand_braces, match_module_names
+from quantcache.scheme.config import expand_braces, match_module_names
 
 NAMES = [f"model.layers.{i}.self_attn" for i in range(4)]
 

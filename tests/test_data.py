@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from quantcache import data
-from quantcache.data import (
+from quantcache.models.data import (
     DataError,
     TextSource,
     builtin_corpus,

@@ -1,4 +1,4 @@
-"""quantcache.distributed: calibration across processes, and models split across devices.
+"""quantcache.calibration.distributed: calibration across processes, and models split across devices.
 
 The central claim is exactness: two gloo processes, each calibrating its share of the
 batches and all-reducing with MIN/MAX, must freeze to the very tensors one process gets on
@@ -27,8 +27,8 @@ from test_cli import char_tokenizer
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
-from quantcache.calibration import calibrate
-from quantcache.distributed import (
+from quantcache.calibration.calibrate import calibrate
+from quantcache.calibration.distributed import (
     all_reduce_statistics,
     calibrate_distributed,
     ensure_process_group,
@@ -36,7 +36,7 @@ from quantcache.distributed import (
     launcher_process_group,
     shard_batches,
 )
-from quantcache.serialization import read_state_file
+from quantcache.state.file import read_state_file
 
 WINDOWS = 5
 # name -> (number of windows, batch size, config): even, uneven and "one rank gets nothing"
@@ -359,7 +359,7 @@ def test_the_entry_point_skips_teardown_only_after_leaving_a_process_group(
 ) -> None:
     """A rank that left the launcher's group ends with os._exit (libtorch's thread teardown can abort at
     interpreter exit); any other run exits normally, with the same code either way."""
-    import quantcache.distributed as distributed
+    import quantcache.calibration.distributed as distributed
     from quantcache import cli
 
     exits: list[tuple[str, int]] = []

@@ -1,4 +1,4 @@
-"""quantcache.evaluation and quantcache.report on tiny random models (conftest.py).
+"""quantcache.analysis.evaluation and quantcache.analysis.report on tiny random models (conftest.py).
 
 Each number evaluate() reports is checked against an independent computation: the
 reference perplexity against one plain full-sequence forward, SQNR and clipping against
@@ -30,9 +30,8 @@ from quantcache import (
     fake_quantize,
 )
 from quantcache import sensitivity as sensitivity_module
-from quantcache.calibration import calibrate
-from quantcache.evaluation import EvaluationResult, LayerError, evaluate
-from quantcache.report import (
+from quantcache.analysis.evaluation import EvaluationResult, LayerError, evaluate
+from quantcache.analysis.report import (
     format_suggestion,
     format_table,
     plot_layers,
@@ -40,7 +39,8 @@ from quantcache.report import (
     to_json,
     to_markdown,
 )
-from quantcache.sensitivity import ExcludeSuggestion, LayerSensitivity, layer_sensitivity, suggest_exclude
+from quantcache.analysis.sensitivity import ExcludeSuggestion, LayerSensitivity, layer_sensitivity, suggest_exclude
+from quantcache.calibration.calibrate import calibrate
 
 PREFILL, CHUNK, LENGTH = 16, 8, 61  # the last chunk is a partial one
 

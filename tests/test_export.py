@@ -25,13 +25,13 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
-from quantcache.calibration import calibrate
+from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import InputError
 from quantcache.export import FORMATS, export_checkpoint, get_format, import_checkpoint
 from quantcache.export.ascend import DESCRIPTION_NAME
 from quantcache.export.checkpoint import INDEX_FRAGMENT, INDEX_NAME, NOTE_NAME, SCALE_SHARD, tensor_locations
 from quantcache.export.common import KVState, UnsupportedSchemeError
-from quantcache.serialization import read_state_file
+from quantcache.state.file import read_state_file
 
 KV_HEADS, HEAD_DIM = 2, 16
 PARAMS = ("scale", "zero_point")

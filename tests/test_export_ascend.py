@@ -29,7 +29,7 @@ from quantcache.export import export_checkpoint, get_format, import_checkpoint
 from quantcache.export.ascend import DESCRIPTION_NAME, _int8_offsets
 from quantcache.export.checkpoint import INDEX_NAME, SCALE_SHARD
 from quantcache.export.common import KVState, StreamParams, UnsupportedSchemeError
-from quantcache.quantization import INT8_MAX, INT8_MIN, compute_qparams, dequantize, quantize
+from quantcache.ops.quantize import INT8_MAX, INT8_MIN, compute_qparams, dequantize, quantize
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from conftest import VOCAB, build_model
 from transformers import PreTrainedModel
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache, cli
-from quantcache.calibration import calibrate
+from quantcache.calibration.calibrate import calibrate
 from quantcache.cli import _steps
-from quantcache.serialization import read_state_file
+from quantcache.state.file import read_state_file
 
 PARAMS = ("scale", "zero_point")
 

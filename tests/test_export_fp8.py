@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache, QuantStateError
-from quantcache.calibration import calibrate
+from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import InputError
 from quantcache.export import export_checkpoint, get_format, import_checkpoint
 from quantcache.export.checkpoint import INDEX_NAME, SCALE_SHARD

@@ -22,9 +22,8 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ZeroPointFormat, format_spec
-from quantcache.granularity import Granularity
-from quantcache.quantization import (
+from quantcache.ops.granularity import Granularity
+from quantcache.ops.quantize import (
     QuantParams,
     compute_qparams,
     dequantize,
@@ -34,7 +33,8 @@ from quantcache.quantization import (
     saturated,
     stream_minmax,
 )
-from quantcache.scheme import QuantArgs, QuantMethod, QuantScope
+from quantcache.scheme.args import QuantArgs, QuantMethod, QuantScope
+from quantcache.scheme.number_formats import FORMATS, FormatKind, NumberFormat, QuantDtype, ZeroPointFormat, format_spec
 
 INT8 = FORMATS[QuantDtype.INT8]
 INTEGER_FORMATS = [row for row in FORMATS.values() if row.kind is FormatKind.INTEGER]

@@ -1,4 +1,4 @@
-"""Appending into reserved room (``quantcache.layers.GrowingStorage``) instead of re-concatenating the history.
+"""Appending into reserved room (``quantcache.cache.storage_layers.GrowingStorage``) instead of re-concatenating the history.
 
 What must hold: the states a layer returns are exactly what ``DynamicCache`` returns, in
 every mode and through every cache operation; a tensor returned earlier never changes;
@@ -15,8 +15,8 @@ from conftest import HEAD_DIM, KV_HEADS
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, QuantizedCalibratingCache
-from quantcache.calibration import calibrate
-from quantcache.layers import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingStorage
+from quantcache.cache.storage_layers import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingStorage
+from quantcache.calibration.calibrate import calibrate
 
 
 def _tokens(batch: int, length: int, seed: int) -> torch.Tensor:

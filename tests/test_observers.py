@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.granularity import Granularity
-from quantcache.observers import OBSERVERS, MinMaxObserver, Observer, make_observer, register_observer
-from quantcache.quantization import QuantParams, fake_quantize
-from quantcache.quantizer import StreamQuantizer
-from quantcache.scheme import QuantArgs, QuantMethod, QuantScope
+from quantcache.cache.stream import StreamQuantizer
+from quantcache.ops.granularity import Granularity
+from quantcache.ops.observers import OBSERVERS, MinMaxObserver, Observer, make_observer, register_observer
+from quantcache.ops.quantize import QuantParams, fake_quantize
+from quantcache.scheme.args import QuantArgs, QuantMethod, QuantScope
 
 KV_HEADS, HEAD_DIM = 2, 16  # conftest.py's tiny models
 STATIC_ARGS = [

@@ -25,9 +25,9 @@ from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.formats import FORMATS, FormatKind, QuantDtype
-from quantcache.layers import MIN_ROOM_TOKENS, PackedDynamicLayer, PackedSlidingWindowLayer
-from quantcache.scheme import QuantArgs, QuantScope
+from quantcache.cache.storage_layers import MIN_ROOM_TOKENS, PackedDynamicLayer, PackedSlidingWindowLayer
+from quantcache.scheme.args import QuantArgs, QuantScope
+from quantcache.scheme.number_formats import FORMATS, FormatKind, QuantDtype
 
 ARCHS = ("llama", "gemma3")  # Llama: full attention only; Gemma 3: sliding-window layers (window 8) and full ones
 PROMPT = 10  # longer than Gemma 3's window, so its sliding layers trim packed rows from the first update

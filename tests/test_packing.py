@@ -1,4 +1,4 @@
-"""Bit packing of codes into bytes (``quantcache.packing``): the layout packed cache rows rely on."""
+"""Bit packing of codes into bytes (``quantcache.ops.packing``): the layout packed cache rows rely on."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantcache.packing import bits_per_slot, pack_codes, unpack_codes, unpack_slots
+from quantcache.ops.packing import bits_per_slot, pack_codes, unpack_codes, unpack_slots
 
 BITS = [2, 3, 4, 8]
 

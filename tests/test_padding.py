@@ -21,7 +21,7 @@ from conftest import random_tokens as _tokens
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.calibration import calibrate
+from quantcache.calibration.calibrate import calibrate
 
 ARCHS = ("llama", "gemma3")
 PAD = 0  # the tiny models' pad_token_id

@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, GPT2Config, LlamaConfig, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
-from quantcache.calibration import calibrate
-from quantcache.queries import observe_queries
-from quantcache.report import config_text
-from quantcache.rope import RopeTable, rope_frequencies
+from quantcache.analysis.report import config_text
+from quantcache.calibration.calibrate import calibrate
+from quantcache.calibration.queries import observe_queries
+from quantcache.ops.rope import RopeTable, rope_frequencies
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,7 +1,7 @@
 """Presets (issue 7): every named scheme is a valid config that runs end to end, fake and packed.
 
 ``KVQuantConfig.preset(name)`` is what the CLI's ``--preset`` and the quality benchmark hand to users, so
-each name in :data:`quantcache.presets.PRESETS` must calibrate, freeze and drive every ``generate`` mode
+each name in :data:`quantcache.scheme.presets.PRESETS` must calibrate, freeze and drive every ``generate`` mode
 (greedy, beams, assisted) on a full-attention and a sliding-window model, with identical results in fake
 and packed storage. ``seed`` must stay msModelSlim's scheme exactly; unknown names and bad overrides must
 be errors that help; a dynamic preset (its channel means, or no tensor at all) must still save and reload.
@@ -20,10 +20,10 @@ from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.accounting import stream_bits
-from quantcache.calibration import calibrate
-from quantcache.presets import PRESETS, preset_settings
-from quantcache.scheme import QuantArgs, QuantScope
+from quantcache.calibration.calibrate import calibrate
+from quantcache.ops.bits import stream_bits
+from quantcache.scheme.args import QuantArgs, QuantScope
+from quantcache.scheme.presets import PRESETS, preset_settings
 
 NAMES = sorted(PRESETS)
 ARCHS = ("llama", "gemma3")

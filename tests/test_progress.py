@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from quantcache.calibration import calibrate
+from quantcache.calibration.calibrate import calibrate
 from quantcache.progress import PlainLineProgress, progress_bar
 
 

@@ -1,4 +1,4 @@
-"""Property tests of the INT8 per-channel quantization math (``quantcache.quantization``).
+"""Property tests of the INT8 per-channel quantization math (``quantcache.ops.quantize``).
 
 States are ``(batch, kv_heads, seq, head_dim)``; parameters are ``(kv_heads, head_dim)``.
 Most tests calibrate on the very tensor they then quantize, so every value lies inside
@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from quantcache import QuantParams, channel_minmax, compute_qparams, dequantize, fake_quantize, quantize
-from quantcache.quantization import INT8_MAX, INT8_MIN
-from quantcache.quantizer import StreamQuantizer
-from quantcache.scheme import QuantArgs
+from quantcache.cache.stream import StreamQuantizer
+from quantcache.ops.quantize import INT8_MAX, INT8_MIN
+from quantcache.scheme.args import QuantArgs
 
 EPS = torch.finfo(torch.float32).eps
 MAX_ABS = 100.0

@@ -24,14 +24,14 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.accounting import stream_bits
-from quantcache.calibration import calibrate
+from quantcache.analysis.report import config_text
+from quantcache.calibration.calibrate import calibrate
+from quantcache.calibration.queries import layer_queries, observe_queries
 from quantcache.errors import QuantStateError
-from quantcache.observers import QUERY_AWARE_SCALE_LIMIT, QueryAwareCenterObserver, query_aware_scale
-from quantcache.queries import layer_queries, observe_queries
-from quantcache.report import config_text
-from quantcache.scheme import QuantArgs
-from quantcache.serialization import read_state_file, validate_state
+from quantcache.ops.bits import stream_bits
+from quantcache.ops.observers import QUERY_AWARE_SCALE_LIMIT, QueryAwareCenterObserver, query_aware_scale
+from quantcache.scheme.args import QuantArgs
+from quantcache.state.file import read_state_file, validate_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -252,7 +252,7 @@ def test_observe_queries_refuses_what_it_cannot_use(llama: PreTrainedModel) -> N
 def test_query_aware_keys_cut_the_error_queries_see() -> None:
     """Keys whose variance lies where queries hardly look: weighing channels by query energy moves the error there,
     so the logit error ``q . (k - k')`` falls several times over, while the keys' own error rises."""
-    from quantcache.quantizer import StreamQuantizer
+    from quantcache.cache.stream import StreamQuantizer
 
     generator = torch.Generator().manual_seed(0)
     spread = torch.ones(HEAD_DIM)
@@ -323,7 +323,7 @@ def test_state_round_trips_and_alterations_are_refused(llama: PreTrainedModel, t
 def test_packed_generates_exactly_what_fake_generates(
     arch: str, mode: dict[str, Any], rounding: str, request: Any
 ) -> None:
-    """Query-aware keys, rounded to nearest or query-aware (:mod:`quantcache.rounding`), in generation."""
+    """Query-aware keys, rounded to nearest or query-aware (:mod:`quantcache.ops.rounding`), in generation."""
     model = request.getfixturevalue(arch)
     config = KVQuantConfig(
         key=replace(AWARE, scale_format="log8", rounding=rounding),

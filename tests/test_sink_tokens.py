@@ -17,7 +17,7 @@ from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.calibration import calibrate
+from quantcache.calibration.calibrate import calibrate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
-from quantcache.scheme import QuantArgs
-from quantcache.serialization import StateFile, read_state_file, validate_state, write_state_file
+from quantcache.scheme.args import QuantArgs
+from quantcache.state.file import StateFile, read_state_file, validate_state, write_state_file
 
 DATA = Path(__file__).parent / "data"
 V1_FILES = sorted(DATA.glob("v1_*.safetensors"))

@@ -26,14 +26,14 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.layer import LayerQuantizer
+from quantcache.cache.stream import StreamQuantizer
 from quantcache.errors import EXIT_INPUT, CalibrationError, NonFiniteStateError
-from quantcache.formats import FORMATS, FormatKind, NumberFormat, QuantDtype
-from quantcache.granularity import Granularity
-from quantcache.layer_quantizer import LayerQuantizer
-from quantcache.observers import OBSERVERS, MinMaxObserver
-from quantcache.quantization import QuantParams, compute_qparams, fake_quantize, stream_minmax
-from quantcache.quantizer import StreamQuantizer
-from quantcache.scheme import QuantArgs, QuantMethod, QuantScope
+from quantcache.ops.granularity import Granularity
+from quantcache.ops.observers import OBSERVERS, MinMaxObserver
+from quantcache.ops.quantize import QuantParams, compute_qparams, fake_quantize, stream_minmax
+from quantcache.scheme.args import QuantArgs, QuantMethod, QuantScope
+from quantcache.scheme.number_formats import FORMATS, FormatKind, NumberFormat, QuantDtype
 
 KV_HEADS, HEAD_DIM = 2, 16  # conftest.py's tiny models
 NON_FINITE = (math.nan, math.inf, -math.inf)

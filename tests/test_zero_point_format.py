@@ -23,11 +23,11 @@ from hypothesis.extra import numpy as hnp
 from transformers import PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.accounting import stream_bits
-from quantcache.formats import ScaleFormat, ZeroPointFormat, format_spec
-from quantcache.granularity import Granularity
-from quantcache.quantization import dynamic_qparams, fake_quantize
-from quantcache.scheme import QuantArgs
+from quantcache.ops.bits import stream_bits
+from quantcache.ops.granularity import Granularity
+from quantcache.ops.quantize import dynamic_qparams, fake_quantize
+from quantcache.scheme.args import QuantArgs
+from quantcache.scheme.number_formats import ScaleFormat, ZeroPointFormat, format_spec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,9 +1,12 @@
 """quantcache: calibrated KV-cache quantization for Hugging Face Transformers.
 
-The core is three steps on one object: build a :class:`QuantizedCalibratingCache`
-from the model, run calibration text through ``model(..., cache=cache)``,
-then :meth:`~QuantizedCalibratingCache.freeze` it; the frozen cache quantizes
-every new key/value state and saves to a safetensors file that reloads exactly.
+A :class:`KVQuantizer` holds one calibration: the scheme (:class:`KVQuantConfig`) and,
+per attention layer, the statistics and frozen parameters of its keys and values.
+:func:`calibrate` makes one from token windows; ``quantizer.new_cache()`` gives a
+:class:`QuantizedCalibratingCache` (a ``transformers.DynamicCache``) that holds one
+conversation and quantizes every new key/value state with the quantizer's parameters;
+``quantizer.save()`` writes a checksummed safetensors file that ``KVQuantizer.load``
+reads back exactly.
 
 The package imports lazily (PEP 562): ``import quantcache`` loads neither torch nor
 transformers until a name that needs them is used, so the command line starts fast.
@@ -16,48 +19,42 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it (users import these; everything else is reached by its module path)
 _EXPORTS: dict[str, str] = {
-    "CACHE_KEYWORD": "cache",
-    "CacheMode": "cache",
-    "QuantizedCalibratingCache": "cache",
-    "attention_module_names": "cache",
+    "KVQuantizer": "cache.kv_quantizer",
+    "QuantizedCalibratingCache": "cache.cache",
+    "CacheMode": "cache.kv_quantizer",
+    "KVQuantConfig": "scheme.config",
+    "QuantArgs": "scheme.args",
+    "QuantDtype": "scheme.args",
+    "QuantMethod": "scheme.args",
+    "QuantScope": "scheme.args",
+    "calibrate": "calibration.calibrate",
+    "evaluate": "analysis.evaluation",
+    "load_model": "models.catalog",
     "CalibrationError": "errors",
     "ConfigError": "errors",
     "QuantStateError": "errors",
     "QuantcacheError": "errors",
-    "KVQuantConfig": "config",
-    "QuantDtype": "config",
-    "QuantMethod": "config",
-    "QuantScope": "config",
-    "QuantParams": "quantization",
-    "channel_minmax": "quantization",
-    "compute_qparams": "quantization",
-    "dequantize": "quantization",
-    "fake_quantize": "quantization",
-    "quantize": "quantization",
 }
 
 __all__ = [
-    "CACHE_KEYWORD",
     "CacheMode",
     "CalibrationError",
     "ConfigError",
     "KVQuantConfig",
+    "KVQuantizer",
+    "QuantArgs",
     "QuantDtype",
     "QuantMethod",
-    "QuantParams",
     "QuantScope",
     "QuantStateError",
     "QuantcacheError",
     "QuantizedCalibratingCache",
     "__version__",
-    "attention_module_names",
-    "channel_minmax",
-    "compute_qparams",
-    "dequantize",
-    "fake_quantize",
-    "quantize",
+    "calibrate",
+    "evaluate",
+    "load_model",
 ]
 
 
@@ -75,7 +72,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers see the eager imports
-    from .cache import CACHE_KEYWORD, CacheMode, QuantizedCalibratingCache, attention_module_names
-    from .config import KVQuantConfig, QuantDtype, QuantMethod, QuantScope
+    from .analysis.evaluation import evaluate
+    from .cache.cache import QuantizedCalibratingCache
+    from .cache.kv_quantizer import CacheMode, KVQuantizer
+    from .calibration.calibrate import calibrate
     from .errors import CalibrationError, ConfigError, QuantcacheError, QuantStateError
-    from .quantization import QuantParams, channel_minmax, compute_qparams, dequantize, fake_quantize, quantize
+    from .models.catalog import load_model
+    from .scheme.args import QuantArgs, QuantDtype, QuantMethod, QuantScope
+    from .scheme.config import KVQuantConfig

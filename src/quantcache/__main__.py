@@ -1,6 +1,6 @@
 """``python -m quantcache``: the same command line as the ``quantcache`` script."""
 
-from .cli import entry
+from quantcache.cli import entry
 
 if __name__ == "__main__":
     entry()

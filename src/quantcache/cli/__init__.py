@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NoReturn
 
-from .. import __version__
-from ..errors import EXIT_FETCH, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from quantcache import __version__
+from quantcache.errors import EXIT_FETCH, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
 from ._common import EXIT_CODES_TEXT, PROG, HelpFormatter, add_verbosity, run_command
 
 __all__ = [
@@ -144,10 +145,10 @@ def entry() -> NoReturn:
 
     After taking part in a launcher's process group (``torchrun ... -m quantcache calibrate``)
     the process ends with ``os._exit`` once stdout and stderr are flushed, skipping
-    interpreter teardown (see :func:`quantcache.distributed.left_a_process_group`).
+    interpreter teardown (see :func:`quantcache.calibration.distributed.left_a_process_group`).
     """
     code = main()
-    distributed = sys.modules.get("quantcache.distributed")  # imported only if a command used it
+    distributed = sys.modules.get("quantcache.calibration.distributed")  # imported only if a command used it
     if distributed is not None and distributed.left_a_process_group():
         sys.stdout.flush()
         sys.stderr.flush()

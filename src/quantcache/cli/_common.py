@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ..errors import (
+from quantcache.errors import (
     EXIT_FETCH,
     EXIT_INPUT,
     EXIT_INTERNAL,
@@ -105,7 +105,7 @@ def model_dtype(text: str) -> str:
     value = text.lower()
     if value in MODEL_DTYPES:
         return value
-    from ..config import QuantDtype  # only on this error path, so parsing stays light
+    from quantcache.scheme.config import QuantDtype  # only on this error path, so parsing stays light
 
     if value in {member.value for member in QuantDtype}:
         raise argparse.ArgumentTypeError(
@@ -165,7 +165,7 @@ def command_parser(subparsers: Subparsers, name: str, *, description: str, examp
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device``, ``--dtype``, ``--cache-dir``."""
-    from ..models import DEFAULT_MODEL, KNOWN_MODELS
+    from quantcache.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
 
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -197,7 +197,9 @@ def add_data_options(
     parser: argparse.ArgumentParser, *, samples: int, seq_len: int, default_source: str, evaluation: bool
 ) -> None:
     """The text source and its windows; ``evaluation`` adds ``--context``, ``--prefill`` and ``--chunk``."""
-    from ..data import DEFAULT_JSONL_FIELD  # quantcache.data imports torch only when it cuts windows
+    from quantcache.models.data import (
+        DEFAULT_JSONL_FIELD,  # quantcache.models.data imports torch only when it cuts windows
+    )
 
     group = parser.add_argument_group(
         "data",

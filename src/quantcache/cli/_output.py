@@ -19,7 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import InputError
+from quantcache.errors import InputError
+
 from ._common import STATE_FILE_NAME, note, state_path
 
 __all__ = ["check_writable", "output_state_path", "write_file_set", "write_text", "write_with"]

@@ -16,14 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputError, QuantStateError
+from quantcache.errors import InputError, QuantStateError
+
 from ._common import note, state_path
 
 if TYPE_CHECKING:
     import torch
 
-    from ..cache import QuantizedCalibratingCache
-    from ..data import Split, TextSource
+    from quantcache.cache.cache import QuantizedCalibratingCache
+    from quantcache.models.data import Split, TextSource
 
 
 def read_frozen_state(value: str | Path) -> Path:
@@ -33,8 +34,8 @@ def read_frozen_state(value: str | Path) -> Path:
     would mean freezing it here, silently, with whatever its statistics imply (an
     inconsistent min/max would give eps scales). It is refused with the way out instead.
     """
-    from ..data import require_file
-    from ..serialization import read_state_file
+    from quantcache.models.data import require_file
+    from quantcache.state.file import read_state_file
 
     path = require_file(state_path(value), "state file")
     stored = read_state_file(path)
@@ -49,7 +50,7 @@ def read_frozen_state(value: str | Path) -> Path:
 
 def frozen_cache(model: Any, path: Path) -> QuantizedCalibratingCache:
     """The frozen cache stored at ``path`` (checked by :func:`read_frozen_state`) for ``model``."""
-    from ..cache import QuantizedCalibratingCache
+    from quantcache.cache.cache import QuantizedCalibratingCache
 
     cache = QuantizedCalibratingCache.from_file(path, model)
     if not cache.is_frozen:  # the file changed since it was checked
@@ -77,8 +78,8 @@ def _resolve_device(args: argparse.Namespace) -> str:
 
 def check_model_options(args: argparse.Namespace) -> None:
     """Fail in milliseconds, before any data or weights load, on a --model or --device that cannot work."""
-    from ..errors import ModelFetchError
-    from ..models import resolve_model_source
+    from quantcache.errors import ModelFetchError
+    from quantcache.models.catalog import resolve_model_source
 
     try:
         resolve_model_source(args.model)
@@ -91,7 +92,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for ``args``: the one place the commands touch model loading."""
     import torch
 
-    from ..models import load_model
+    from quantcache.models.catalog import load_model
 
     return load_model(
         args.model,
@@ -120,7 +121,7 @@ def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
 
 def model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, float]:
     """Load the model (with a note) and check ``--seq-len`` against it; returns the load time too."""
-    from ..progress import stream_is_terminal
+    from quantcache.progress import stream_is_terminal
 
     note(args, f"loading model {args.model} ({args.dtype}, {args.device}) ...")
     start = time.perf_counter()
@@ -147,7 +148,7 @@ def _check_seq_len(args: argparse.Namespace, model: Any) -> None:
 
 def text_source(args: argparse.Namespace, *, calibration: bool) -> TextSource:
     """The text source the data options name (the built-in corpus when none is given)."""
-    from ..data import TextSource
+    from quantcache.models.data import TextSource
 
     split: Split = "calibration" if calibration else "evaluation"
     if args.text_file is not None:
@@ -161,6 +162,6 @@ def text_source(args: argparse.Namespace, *, calibration: bool) -> TextSource:
 
 def token_windows(args: argparse.Namespace, tokenizer: Any, documents: list[str]) -> torch.Tensor:
     """``--samples`` windows of ``--seq-len`` tokens drawn with ``--seed``."""
-    from ..data import token_windows as make_windows
+    from quantcache.models.data import token_windows as make_windows
 
     return make_windows(tokenizer, documents, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed)

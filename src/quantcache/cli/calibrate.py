@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_OK, ConfigError
+from quantcache.errors import EXIT_OK, ConfigError
+
 from ._common import (
     STATE_FILE_NAME,
     add_data_options,
@@ -29,16 +30,17 @@ from ._output import check_writable, output_state_path, write_file_set
 from ._steps import check_model_options, model_and_tokenizer, text_source, token_windows
 
 if TYPE_CHECKING:
-    from ..config import KVQuantConfig
+    from quantcache.scheme.config import KVQuantConfig
+
     from ._common import Subparsers
 
 NAME = "calibrate"
 
 
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
-    """Define ``calibrate`` and its options (the config's choices come from :mod:`quantcache.config`)."""
-    from ..config import QuantDtype, QuantMethod, QuantScope, Storage
-    from ..presets import PRESETS
+    """Define ``calibrate`` and its options (the config's choices come from :mod:`quantcache.scheme.config`)."""
+    from quantcache.scheme.config import QuantDtype, QuantMethod, QuantScope, Storage
+    from quantcache.scheme.presets import PRESETS
 
     parser = command_parser(
         subparsers,
@@ -126,8 +128,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 def _read_config(path: Path) -> KVQuantConfig:
     """The YAML at ``path``; read here so that every way of not being a UTF-8 text file is named."""
-    from ..config import KVQuantConfig
-    from ..data import read_text_file
+    from quantcache.models.data import read_text_file
+    from quantcache.scheme.config import KVQuantConfig
 
     text = read_text_file(path, what="config file")
     try:
@@ -138,7 +140,7 @@ def _read_config(path: Path) -> KVQuantConfig:
 
 def quant_config(args: argparse.Namespace) -> KVQuantConfig:
     """``--config`` (or the defaults) with the explicitly given options applied on top."""
-    from ..config import KVQuantConfig
+    from quantcache.scheme.config import KVQuantConfig
 
     if args.config is not None:
         config = _read_config(args.config)
@@ -164,7 +166,7 @@ def quant_config(args: argparse.Namespace) -> KVQuantConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Calibrate, freeze, save the state and its summaries; print what was written."""
-    from ..distributed import launcher_process_group
+    from quantcache.calibration.distributed import launcher_process_group
 
     # Under torchrun / accelerate launch each process calibrates its share and the ranges are
     # all-reduced; rank 0 writes the output set and every rank leaves the group together.
@@ -174,10 +176,10 @@ def run(args: argparse.Namespace) -> int:
 
 def calibrate_and_write(args: argparse.Namespace, distributed: bool) -> int:
     """The body of :func:`run`, inside the launcher's process group when there is one."""
-    from .. import __version__
-    from ..calibration import calibrate
-    from ..distributed import calibrate_distributed, is_main_process
-    from ..report import calibration_markdown, layer_summaries
+    from quantcache import __version__
+    from quantcache.analysis.report import calibration_markdown, layer_summaries
+    from quantcache.calibration.calibrate import calibrate
+    from quantcache.calibration.distributed import calibrate_distributed, is_main_process
 
     started = time.perf_counter()
     check_data_usage(args)

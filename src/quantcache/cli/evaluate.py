@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EXIT_OK, InputError
+from quantcache.errors import EXIT_OK, InputError
+
 from ._common import UsageError, add_data_options, add_model_options, check_data_usage, command_parser, note
 from ._output import check_writable, write_text, write_with
 from ._steps import (
@@ -81,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     windows = token_windows(args, tokenizer, documents)
     note(args, f"evaluating on {windows.shape[0]} x {windows.shape[1]} tokens from {source.describe()} ...")
 
-    from ..evaluation import evaluate
-    from ..report import format_table, plot_layers, to_json, to_markdown
+    from quantcache.analysis.evaluation import evaluate
+    from quantcache.analysis.report import format_table, plot_layers, to_json, to_markdown
 
     result = evaluate(model, cache, windows, prefill=args.prefill, chunk=args.chunk, progress=not args.quiet)
     table_stream = sys.stderr if "-" in (args.json, args.markdown) else sys.stdout

@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_OK, InputError
-from ..export import FORMATS
+from quantcache.errors import EXIT_OK, InputError
+from quantcache.export import FORMATS
+
 from . import _steps
 from ._common import add_model_options, command_parser, note
 from ._steps import check_model_options, read_frozen_state
@@ -114,9 +115,10 @@ def _check_output(path: Path, force: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, then print what was written and how to serve it."""
-    from ..export import export_checkpoint, get_format
+    from quantcache.export import export_checkpoint, get_format
+    from quantcache.models.catalog import DEFAULT_MODEL, resolve_model_source
+
     from ..export.common import KVState
-    from ..models import DEFAULT_MODEL, resolve_model_source
 
     state = KVState.load(read_frozen_state(args.scales))
     _check_output(args.output, args.force)

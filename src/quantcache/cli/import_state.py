@@ -15,8 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_OK
-from ..export import FORMATS
+from quantcache.errors import EXIT_OK
+from quantcache.export import FORMATS
+
 from ._common import command_parser, note
 from ._output import check_writable, output_state_path, write_file_set
 
@@ -61,8 +62,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Import, write the state and its summary, print what was read."""
-    from .. import __version__
-    from ..export import import_checkpoint
+    from quantcache import __version__
+    from quantcache.export import import_checkpoint
 
     output = output_state_path(args.output)
     check_writable(output, "-o")

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_INPUT, EXIT_OK
+from quantcache.errors import EXIT_INPUT, EXIT_OK
+
 from ._common import command_parser, non_negative_int, positive_float, state_path
 
 if TYPE_CHECKING:
@@ -59,9 +60,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the state, then print its description as text or JSON."""
-    from ..data import require_file
-    from ..report import config_text, index_ranges, layer_summaries, outlier_lines, range_table
-    from ..serialization import FORMAT_NAME, read_state_file
+    from quantcache.analysis.report import config_text, index_ranges, layer_summaries, outlier_lines, range_table
+    from quantcache.models.data import require_file
+    from quantcache.state.file import FORMAT_NAME, read_state_file
 
     path = require_file(state_path(args.scales), "state file")
     stored = read_state_file(path)  # verifies the checksum and runs serialization.validate_state

@@ -11,14 +11,16 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EXIT_OK
-from ..presets import CACHE_SETTINGS, MIX_CANDIDATES
+from quantcache.errors import EXIT_OK
+from quantcache.scheme.presets import CACHE_SETTINGS, MIX_CANDIDATES
+
 from ._common import add_data_options, add_model_options, check_data_usage, command_parser, note, positive_float
 from ._output import check_writable, write_text
 from ._steps import check_model_options, model_and_tokenizer, text_source, token_windows
 
 if TYPE_CHECKING:
-    from ..bit_allocation import BitSuggestion
+    from quantcache.analysis.bit_allocation import BitSuggestion
+
     from ._common import Subparsers
 
 NAME = "suggest-bits"
@@ -85,8 +87,8 @@ def format_bits(suggestion: BitSuggestion) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, choose, print; write the YAML with ``-o`` and the measurements with ``--json``."""
-    from ..bit_allocation import parse_candidate, suggest_bits
-    from ..config import KVQuantConfig
+    from quantcache.analysis.bit_allocation import parse_candidate, suggest_bits
+    from quantcache.scheme.config import KVQuantConfig
 
     check_data_usage(args)
     for spec in args.schemes:

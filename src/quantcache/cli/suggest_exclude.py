@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EXIT_OK
+from quantcache.errors import EXIT_OK
+
 from ._common import (
     add_data_options,
     add_model_options,
@@ -83,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     windows = token_windows(args, tokenizer, documents)
     note(args, f"measuring layer sensitivity on {windows.shape[0]} x {windows.shape[1]} tokens ...")
 
-    from ..report import format_suggestion, suggestion_to_yaml
-    from ..sensitivity import suggest_exclude
+    from quantcache.analysis.report import format_suggestion, suggestion_to_yaml
+    from quantcache.analysis.sensitivity import suggest_exclude
 
     suggestion = suggest_exclude(
         model, cache, windows, kl_budget=args.kl_budget, prefill=args.prefill, chunk=args.chunk, progress=not args.quiet

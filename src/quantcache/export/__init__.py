@@ -57,7 +57,7 @@ def get_format(name: str) -> KVFormat:
     """The format object registered as ``name``; an unknown name is a ConfigError listing the known ones."""
     entry = FORMATS.get(name)
     if entry is None:
-        from ..errors import ConfigError
+        from quantcache.errors import ConfigError
 
         raise ConfigError(f"unknown export format {name!r}; choose one of: {', '.join(FORMATS)}")
     module_name, class_name = entry.target.split(":")

@@ -3,7 +3,7 @@
 :func:`export_checkpoint` runs every refusal a format has *before* copying weights
 (gigabytes), then builds the directory beside its destination and moves it into place.
 :func:`import_checkpoint` reads only a checkpoint's config and its KV scale tensors and
-returns a frozen :class:`~quantcache.cache.QuantizedCalibratingCache`, so ``quantcache
+returns a frozen :class:`~quantcache.cache.cache.QuantizedCalibratingCache`, so ``quantcache
 evaluate`` can measure someone else's calibration on the same text as ours.
 """
 
@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 
-from ..cache import QuantizedCalibratingCache
-from ..config import KVQuantConfig
-from ..errors import InputError, QuantStateError
-from ..quantization import compute_qparams
+from quantcache.cache.cache import QuantizedCalibratingCache
+from quantcache.errors import InputError, QuantStateError
+from quantcache.ops.quantize import compute_qparams
+from quantcache.scheme.config import KVQuantConfig
+
 from . import FORMATS, get_format
 from .checkpoint import (
     INDEX_FRAGMENT,
@@ -58,7 +59,7 @@ def _model_directory(model: Any) -> Path | None:
         if not path.is_dir():
             raise InputError(
                 f"{path} is not a model directory; for a Hub id, a .gguf file or a known model name, load "
-                "it first (quantcache.models.load_model) and pass the model object"
+                "it first (quantcache.models.catalog.load_model) and pass the model object"
             )
         if not (path / "config.json").is_file():
             raise InputError(f"{path} has no config.json; pass a Hugging Face model directory")
@@ -180,7 +181,7 @@ def export_checkpoint(
                 f"the model checkpoint already holds KV scale tensors ({clash[0]} ...); engines would load "
                 "both. Export from a checkpoint without KV scales"
             )
-        from .. import __version__
+        from quantcache import __version__
 
         metadata = {"quantcache_format": fmt.name, "quantcache_version": __version__}
         add_scale_shard(staging, tensors, metadata, update_index=not scales_only)

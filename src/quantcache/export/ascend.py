@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, QuantStateError
-from ..quantization import INT8_MAX, INT8_MIN, compute_qparams
+from quantcache.errors import InputError, QuantStateError
+from quantcache.ops.quantize import INT8_MAX, INT8_MIN, compute_qparams
+
 from .checkpoint import INDEX_FRAGMENT, INDEX_NAME, SCALE_SHARD, read_json, read_tensors, write_json
 from .common import ImportedScales, KVFormat, KVState, StreamName, StreamParams, UnsupportedSchemeError
 

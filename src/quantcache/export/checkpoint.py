@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import InputError, QuantStateError
+from quantcache.errors import InputError, QuantStateError
 
 __all__ = [
     "INDEX_FRAGMENT",

@@ -8,7 +8,7 @@ common, so that a new format is one module and one registry entry.
 
 Shapes: every per-stream tensor of a :class:`KVState` is ``(kv_heads, head_dim)`` float32
 (``zero_point`` int32) on the CPU, one row per KV head, as in
-:meth:`~quantcache.cache.QuantizedCalibratingCache.state_dict`.
+:meth:`~quantcache.cache.cache.QuantizedCalibratingCache.state_dict`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..config import KVQuantConfig
-from ..errors import ConfigError, QuantStateError
-from ..serialization import StateFile, read_state_file
+from quantcache.errors import ConfigError, QuantStateError
+from quantcache.scheme.config import KVQuantConfig
+from quantcache.state.file import StateFile, read_state_file
 
 __all__ = [
     "FP8_E4M3_MAX",
@@ -194,7 +194,7 @@ class KVState:
     @classmethod
     def load(cls, source: Any) -> KVState:
         """Accept a frozen ``QuantizedCalibratingCache``, a ``StateFile``, a state file path or a run directory."""
-        from ..cache import QuantizedCalibratingCache
+        from quantcache.cache.cache import QuantizedCalibratingCache
 
         if isinstance(source, KVState):
             return source

@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, QuantStateError
+from quantcache.errors import InputError, QuantStateError
+
 from .checkpoint import INDEX_FRAGMENT, INDEX_NAME, SCALE_SHARD, read_json, read_tensors, write_json
 from .common import (
     ImportedScales,

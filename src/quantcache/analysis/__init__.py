@@ -1,0 +1,1 @@
+"""Evaluation, layer sensitivity, bit allocation and reports."""

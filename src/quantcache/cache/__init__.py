@@ -1,0 +1,1 @@
+"""The calibrated quantizer and the DynamicCache subclass that holds one conversation with it."""

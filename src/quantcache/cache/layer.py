@@ -1,0 +1,151 @@
+"""The key and value quantizers of one attention layer: what a cache layer calls.
+
+A :class:`LayerQuantizer` pairs the two :class:`~quantcache.cache.stream.StreamQuantizer`
+of one layer and knows its name, so every error it raises says which layer is at fault.
+Cache layers only call :meth:`LayerQuantizer.process`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantcache.cache.stream import StreamName, StreamQuantizer
+from quantcache.errors import CalibrationError
+from quantcache.ops.rope import RopeTable
+from quantcache.scheme.args import QuantArgs
+
+__all__ = ["LayerQuantizer"]
+
+
+class LayerQuantizer:
+    """The key and value quantizers of one attention layer.
+
+    ``enabled`` is False for layers that the config's include/exclude leaves out (and
+    for layers that store no KV of their own): those pass through untouched and
+    collect nothing. With :attr:`key_rope` set (``pre_rope_keys``), keys are observed
+    and quantized as they were before RoPE, and turned back after.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        *,
+        enabled: bool,
+        expected_shape: tuple[int, int] | None = None,
+        key_args: QuantArgs | None = None,
+        value_args: QuantArgs | None = None,
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.enabled = enabled
+        self.sink_tokens = 0  # the first tokens of a sequence, kept in full precision (the cache sets it)
+        self.residual_window = 0  # the newest tokens, read back in full precision (the cache sets it)
+        self.token_mask: torch.Tensor | None = None
+        self.key_rope: RopeTable | None = None  # the layer's RoPE angles, when keys are quantized before RoPE
+        self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
+        self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
+
+    @property
+    def streams(self) -> tuple[tuple[StreamName, StreamQuantizer], ...]:
+        return (("key", self.key), ("value", self.value))
+
+    @property
+    def observed(self) -> bool:
+        return self.key.observed and self.value.observed
+
+    @property
+    def frozen(self) -> bool:
+        return self.key.frozen and self.value.frozen
+
+    def observe(self, key_states: torch.Tensor, value_states: torch.Tensor, *, skipped: int = 0) -> None:
+        """Fold new states into the statistics, leaving out positions :attr:`token_mask` marks as padding.
+
+        ``skipped``: new tokens left out just before these (sink tokens), which the mask still covers.
+        """
+        mask = self._mask_for(key_states, skipped)
+        # Validate both streams before changing either: a failed update leaves no half-update.
+        key_stats, value_stats = self.key.measure(key_states, mask), self.value.measure(value_states, mask)
+        self.key.merge(key_stats)
+        self.value.merge(value_stats)
+
+    def _mask_for(self, states: torch.Tensor, skipped: int = 0) -> torch.Tensor | None:
+        """The columns of :attr:`token_mask` for the newest ``seq`` positions of ``states`` after ``skipped``."""
+        if self.token_mask is None:
+            return None
+        new = states.shape[2] + skipped
+        if self.token_mask.shape[0] != states.shape[0] or self.token_mask.shape[1] < new:
+            raise CalibrationError(
+                f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
+                f"{tuple(self.token_mask.shape)}, which does not cover states of shape {tuple(states.shape)}"
+            )
+        return self.token_mask[:, -new:][:, skipped:]
+
+    @property
+    def observes_queries(self) -> bool:
+        """Whether calibration must show this layer its queries: it is quantized and its keys are query-aware."""
+        return self.enabled and self.key.args.query_aware
+
+    def observe_queries(self, query_states: torch.Tensor) -> None:
+        """Fold ``(batch, heads, seq, head_dim)`` queries into a query-aware key stream's statistics.
+
+        Pad positions (:attr:`token_mask`) are left out. A layer that does not
+        :attr:`observes_queries` ignores them.
+        """
+        if self.observes_queries:
+            self.key.merge(self.key.measure_queries(query_states, self._mask_for(query_states)))
+
+    def freeze(self) -> None:
+        self.key.freeze()
+        self.value.freeze()
+
+    def fake_quantize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key.fake_quantize(key_states), self.value.fake_quantize(value_states)
+
+    def sinks_among(self, new_tokens: int, start: int, *, keeps_sinks: bool = True) -> int:
+        """How many of ``new_tokens`` arriving at position ``start`` are sink tokens (none unless ``keeps_sinks``)."""
+        if not keeps_sinks or not self.enabled or start >= self.sink_tokens:
+            return 0
+        return min(self.sink_tokens - start, new_tokens)
+
+    def keys_before_rope(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """``keys`` at positions ``start..`` as the quantizer sees them: turned back before RoPE when configured."""
+        return keys if self.key_rope is None else self.key_rope.rotate(keys, start, undo=True)
+
+    def keys_after_rope(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """The inverse of :meth:`keys_before_rope`: what attention reads."""
+        return keys if self.key_rope is None else self.key_rope.rotate(keys, start)
+
+    def process(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, start: int = 0, *, keeps_sinks: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a cache layer does with new states: observe them (calibrating) or quantize them (frozen).
+
+        ``start`` is the position of the first new token in its sequence (the tokens the
+        layer has seen). Layers that keep :attr:`sink_tokens` (full-attention ones,
+        ``keeps_sinks``) pass those through unchanged and unobserved.
+        """
+        if not self.enabled:
+            return key_states, value_states
+        sinks = self.sinks_among(key_states.shape[2], start, keeps_sinks=keeps_sinks)
+        if sinks == key_states.shape[2]:
+            return key_states, value_states
+        rest_keys = self.keys_before_rope(key_states[:, :, sinks:], start + sinks)
+        rest_values = value_states[:, :, sinks:]
+        if not self.frozen:
+            self.observe(rest_keys, rest_values, skipped=sinks)
+            return key_states, value_states
+        keys, values = self.fake_quantize(rest_keys, rest_values)
+        keys = self.keys_after_rope(keys, start + sinks)
+        if sinks:
+            keys = torch.cat([key_states[:, :, :sinks], keys], dim=2)
+            values = torch.cat([value_states[:, :, :sinks], values], dim=2)
+        return keys, values
+
+    def reset(self) -> None:
+        self.key.reset()
+        self.value.reset()
+
+    def unfreeze(self) -> None:
+        self.key.unfreeze()
+        self.value.unfreeze()

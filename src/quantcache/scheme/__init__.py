@@ -1,0 +1,1 @@
+"""What a scheme is: number formats, per-stream arguments, the config, presets and module patterns."""

@@ -1,0 +1,359 @@
+"""The calibration state: one schema, one validator, one safetensors file with JSON metadata.
+
+A state is what calibration produced for one model: the config, the model it was made
+for, and per layer and stream the observer's statistics (``min``, ``max``) and, once
+frozen, the parameters (``scale``, ``zero_point``). In memory it is a flat tensor dict
+(:meth:`QuantizedCalibratingCache.state_dict`, keys ``layers.{i}.{key,value}.{field}``)
+plus a :class:`StateFile`; on disk it is a safetensors file (no pickle) whose metadata
+values are each one JSON document (format version 2, see README's "State file format"):
+
+=====================  ======================================================================
+``format``             ``"quantcache.kv_state"``
+``format_version``     ``2``
+``checksum``           ``"sha256:..."`` of every tensor (name, dtype, shape, bytes) and every
+                       other metadata field; any flipped byte is refused on read
+``config``             the :class:`~quantcache.scheme.config.KVQuantConfig` (``to_dict``)
+``mode``               ``"calibrate"`` (statistics only) or ``"frozen"`` (with parameters)
+``model``              ``model_type``, ``num_layers``, ``kv_heads``, ``head_dim``,
+                       ``layer_names``, and where known ``name``, ``revision``, ``config_sha256``
+``encoding``           value range, rounding, dequantization formula and tensor axis layout
+=====================  ======================================================================
+
+Version 1 files (before the checksum) still load; anything newer than this reader
+is refused with the version named. Reading and :func:`validate_state` check all of
+it, so a truncated, corrupted, inconsistent or foreign file fails with a message that
+names the problem instead of loading garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quantcache.errors import ConfigError, QuantStateError
+from quantcache.scheme.config import KVQuantConfig
+from quantcache.state.fields import (
+    PARAMETER_FIELDS,
+    missing_fields,
+    parameter_fields,
+    statistic_fields,
+    stream_problems,
+)
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "PARAMETER_FIELDS",
+    "QuantStateError",
+    "StateFile",
+    "parse_state_key",
+    "read_state_file",
+    "stream_problems",
+    "validate_state",
+    "write_state_file",
+]
+
+FORMAT_NAME = "quantcache.kv_state"
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.([a-z_]+)$")
+_ENCODING = {
+    "quantize": "q = clamp(round(x / scale + zero_point), qmin, qmax)",
+    "dequantize": "x = (q - zero_point) * scale",
+    "rounding": "round half to even (torch.round), in float32",
+    "layout": "states (batch, kv_heads, seq, head_dim); per_channel tensors (kv_heads, head_dim), head-major",
+    "dtypes": {"zero_point": "I32", "every other tensor": "F32"},
+}
+
+
+def parse_state_key(name: str) -> tuple[int, str, str] | None:
+    """``layers.3.key.scale`` -> ``(3, "key", "scale")``; ``None`` for any other name."""
+    match = _STATE_KEY.match(name)
+    return None if match is None else (int(match.group(1)), match.group(2), match.group(3))
+
+
+@dataclass(frozen=True)
+class StateFile:
+    """What a state file holds: its tensors and the description of the model and scheme."""
+
+    tensors: dict[str, torch.Tensor]
+    config: KVQuantConfig
+    mode: str
+    num_layers: int
+    kv_heads: int | None
+    head_dim: int | None
+    layer_names: list[str]
+    model_type: str | None
+    quantcache_version: str
+    model_name: str | None = None
+    model_revision: str | None = None
+    model_config_sha256: str | None = None
+    format_version: int = FORMAT_VERSION
+    origin: str = "calibrated"
+    """``calibrated`` (parameters derive from the statistics) or ``imported from FORMAT`` (parameters
+    read from another tool's checkpoint, with the range they represent as statistics)."""
+
+    def model(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "layer_names": self.layer_names,
+            "name": self.model_name,
+            "revision": self.model_revision,
+            "config_sha256": self.model_config_sha256,
+        }
+
+    def metadata(self) -> dict[str, str]:
+        """The file's metadata, checksum included (every value one JSON document)."""
+        fields = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "quantcache_version": self.quantcache_version,
+            "config": self.config.to_dict(),
+            "mode": self.mode,
+            "model": self.model(),
+            "encoding": _ENCODING,
+            "origin": self.origin,
+        }
+        metadata = {key: json.dumps(value, sort_keys=True) for key, value in fields.items()}
+        metadata["checksum"] = json.dumps(_checksum(self.tensors, metadata))
+        return metadata
+
+
+def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "checksum":
+            digest.update(f"{key}={metadata[key]}\n".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- validation
+def validate_state(stored: StateFile) -> list[str]:
+    """Every problem of a state (empty when it is valid): the one validator of loading and ``inspect``."""
+    problems: list[str] = []
+    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in stored.tensors.items():
+        parsed = parse_state_key(name)
+        if parsed is None:
+            problems.append(f"unexpected tensor {name[:80]!r}")
+            continue
+        index, stream, field = parsed
+        if index >= stored.num_layers:
+            problems.append(f"{name}: layer {index} is beyond the model's {stored.num_layers} layers")
+            continue
+        module = stored.layer_names[index]
+        args = stored.config.stream_args(stream, module)
+        if not args.calibrates:
+            problems.append(f"unexpected tensor {name[:80]!r}: the {stream} stream is dynamic and saves nothing")
+            continue
+        if field not in (*statistic_fields(stored.config, stream, module), *parameter_fields(args)):
+            problems.append(f"unexpected tensor {name[:80]!r}")
+            continue
+        grouped.setdefault((index, stream), {})[field] = tensor
+    frozen = stored.mode == "frozen"
+    for index in sorted({index for index, _ in grouped}):
+        name = stored.layer_names[index]
+        if not stored.config.is_quantized(name):
+            problems.append(f"layer {index} ({name}) has tensors but the stored config does not quantize it")
+        for stream in ("key", "value"):
+            args = stored.config.stream_args(stream, name)
+            if not args.calibrates:
+                continue
+            prefix = f"layers.{index}.{stream}"
+            fields = grouped.get((index, stream), {})
+            if not frozen and any(field in fields for field in parameter_fields(args)):
+                problems.append(f"{prefix}: parameters present although mode is 'calibrate'")
+            missing = missing_fields(
+                prefix,
+                fields,
+                statistic_fields(stored.config, stream, name),
+                frozen=frozen,
+                parameter_fields=parameter_fields(args),
+            )
+            if missing:
+                short = ", ".join(name.rsplit(".", 1)[1] for name in missing)
+                problems.append(f"layer {index} {stream} lacks {short} (missing {missing}, mode {stored.mode})")
+                continue
+            problems += stream_problems(
+                prefix,
+                fields,
+                stored.config,
+                stream,
+                stored.kv_heads,
+                stored.head_dim,
+                derived=stored.origin == "calibrated",
+                module_name=name,
+            )
+    if not grouped and any(args.calibrates for args in stored.config.all_stream_args()):
+        problems.append("the state holds no layer")
+    return problems
+
+
+# ---------------------------------------------------------------------------- files
+def write_state_file(path: str | os.PathLike[str], state: StateFile) -> Path:
+    """Write atomically (temporary file, then rename): a crash never leaves half a state.
+
+    The file gets the permissions any new file gets under the process umask.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise QuantStateError(f"{target} is a directory; give a file name such as {target / 'kv_scales.safetensors'}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.tensors.items()}
+    handle, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(temporary_name)
+    try:
+        save_file(tensors, str(temporary), metadata=StateFile(**{**state.__dict__, "tensors": tensors}).metadata())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return target
+
+
+def _json_field(metadata: Mapping[str, str], key: str, path: Path) -> Any:
+    if key not in metadata:
+        raise QuantStateError(f"{path}: metadata lacks {key!r}; the file was not written by quantcache")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as error:
+        raise QuantStateError(f"{path}: metadata field {key!r} is corrupted ({error})") from error
+
+
+def _open(source: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    if not source.exists():
+        raise QuantStateError(f"state file not found: {source}")
+    if source.is_dir():
+        raise QuantStateError(f"{source} is a directory, not a state file (give kv_scales.safetensors inside it)")
+    try:
+        with safe_open(str(source), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except PermissionError as error:
+        raise QuantStateError(f"{source}: permission denied") from error
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise QuantStateError(
+            f"{source}: not a readable safetensors file (truncated or corrupted?): {str(error)[:200]}"
+        ) from error
+    return metadata, tensors
+
+
+def read_state_file(path: str | os.PathLike[str]) -> StateFile:
+    """Read a state file, verify its checksum, and validate its metadata and tensors."""
+    source = Path(path)
+    metadata, tensors = _open(source)
+    version_1 = metadata.get("format") == FORMAT_NAME  # version 1 wrote format and version as plain strings
+    declared = metadata.get("format_version", "?") if version_1 else _loads_or_none(metadata.get("format", ""))
+    if not version_1 and declared != FORMAT_NAME:
+        raise QuantStateError(
+            f"{source}: not a quantcache KV state (format {metadata.get('format')!r}, expected {FORMAT_NAME!r})"
+        )
+    version = declared if version_1 else _loads_or_none(metadata.get("format_version", ""))
+    if str(version) not in {str(known) for known in _READABLE_VERSIONS} or (version_1 and str(version) != "1"):
+        raise QuantStateError(
+            f"{source}: state format version {version} is not supported by this quantcache "
+            f"(reads versions {', '.join(map(str, _READABLE_VERSIONS))}); upgrade quantcache"
+        )
+    stored = _read_v1(metadata, tensors, source) if version_1 else _read_v2(metadata, tensors, source)
+    problems = validate_state(stored)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise QuantStateError(f"{source}: invalid state: {'; '.join(problems[:3])}{more}")
+    return stored
+
+
+def _loads_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _config(data: Any, source: Path) -> KVQuantConfig:
+    try:
+        return KVQuantConfig.from_dict(data)
+    except ConfigError as error:
+        raise QuantStateError(f"{source}: stored config is invalid: {error}") from error
+
+
+def _mode(mode: Any, source: Path) -> str:
+    if mode not in ("calibrate", "frozen"):
+        raise QuantStateError(f"{source}: metadata 'mode' is {mode!r}, expected 'calibrate' or 'frozen'")
+    return str(mode)
+
+
+def _model_facts(num_layers: Any, layer_names: Any, source: Path) -> tuple[int, list[str]]:
+    if not isinstance(num_layers, int) or not isinstance(layer_names, list) or len(layer_names) != num_layers:
+        raise QuantStateError(f"{source}: metadata num_layers/layer_names are inconsistent")
+    return num_layers, [str(name) for name in layer_names]
+
+
+def _read_v2(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source: Path) -> StateFile:
+    config = _config(_json_field(metadata, "config", source), source)
+    mode = _mode(_json_field(metadata, "mode", source), source)
+    model = _json_field(metadata, "model", source)
+    if not isinstance(model, dict):
+        raise QuantStateError(f"{source}: metadata 'model' is corrupted")
+    num_layers, layer_names = _model_facts(model.get("num_layers"), model.get("layer_names"), source)
+    if _json_field(metadata, "checksum", source) != _checksum(tensors, metadata):
+        raise QuantStateError(
+            f"{source}: checksum mismatch: the file was altered or damaged after it was written; recalibrate "
+            "or restore it from a copy"
+        )
+    return StateFile(
+        tensors=tensors,
+        config=config,
+        mode=mode,
+        num_layers=num_layers,
+        kv_heads=model.get("kv_heads"),
+        head_dim=model.get("head_dim"),
+        layer_names=layer_names,
+        model_type=model.get("model_type"),
+        quantcache_version=str(_json_field(metadata, "quantcache_version", source)),
+        model_name=model.get("name"),
+        model_revision=model.get("revision"),
+        model_config_sha256=model.get("config_sha256"),
+        origin=str(_json_field(metadata, "origin", source)),
+    )
+
+
+def _read_v1(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source: Path) -> StateFile:
+    """Format version 1: plain-string format fields, JSON elsewhere, no checksum."""
+    config = _config(_json_field(metadata, "config", source), source)
+    mode = _mode(metadata.get("mode"), source)
+    num_layers, layer_names = _model_facts(
+        _json_field(metadata, "num_layers", source), _json_field(metadata, "layer_names", source), source
+    )
+    return StateFile(
+        tensors=tensors,
+        config=config,
+        mode=mode,
+        num_layers=num_layers,
+        kv_heads=_json_field(metadata, "kv_heads", source),
+        head_dim=_json_field(metadata, "head_dim", source),
+        layer_names=layer_names,
+        model_type=_json_field(metadata, "model_type", source),
+        quantcache_version=metadata.get("quantcache_version", "unknown"),
+        format_version=1,
+    )

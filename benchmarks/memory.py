@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache
-from quantcache.models.catalog import load_model
+from quantcache.models.loading import load_model
 from quantcache.scheme.presets import PRESETS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from quantcache.cache.cache import CACHE_KEYWORD
-from quantcache.models.catalog import load_model
+from quantcache.models.loading import load_model
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "

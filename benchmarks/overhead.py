@@ -27,7 +27,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import QuantizedCalibratingCache
 from quantcache.calibration.calibrate import calibrate
-from quantcache.models.catalog import load_model
+from quantcache.models.loading import load_model
 
 
 def _kv_bytes(cache: DynamicCache) -> int:

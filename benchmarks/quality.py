@@ -57,7 +57,7 @@ from transformers import DynamicCache
 
 from quantcache.analysis.evaluation import evaluate
 from quantcache.cache.cache import CACHE_KEYWORD
-from quantcache.models.catalog import load_model
+from quantcache.models.loading import load_model
 from quantcache.models.data import DataError, TextSource, token_windows
 
 TEXTS_DIR = Path(__file__).resolve().parent / "texts"

@@ -11,7 +11,6 @@ those functions a new API is the only edit a new feature needs.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
@@ -149,18 +148,13 @@ def calibrated(model: nn.Module, scheme: Scheme, windows: torch.Tensor) -> Quant
 def packed_variant(model: nn.Module, frozen: QuantizedCalibratingCache) -> QuantizedCalibratingCache | None:
     """An empty frozen cache like ``frozen`` that stores codes (``storage="packed"``), or ``None`` while there is none.
 
-    Tries, in order: a ``storage`` field of ``KVQuantConfig`` (a cache built for ``model``
-    from the replaced config, with the calibrated state loaded into it), then a ``storage``
-    keyword of ``empty_copy`` and of ``freeze``. Adjust this one function if the option
-    lands elsewhere.
+    Tries, in order: a new cache of the same calibration (``frozen.quantizer.new_cache(storage=...)``;
+    storage is chosen per cache, not in the scheme), then a ``storage`` keyword of ``empty_copy``
+    and of ``freeze``. Adjust this one function if the option lands elsewhere.
     """
-    config = frozen.quant_config
-    fields = {field.name for field in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
-    if "storage" in fields:
-        packed = QuantizedCalibratingCache(model, dataclasses.replace(config, storage="packed"), warn_unmatched=False)
-        packed.load_state_dict(frozen.state_dict())
-        if not packed.is_frozen:
-            packed.freeze()
+    quantizer = getattr(frozen, "quantizer", None)
+    if quantizer is not None and "storage" in _parameters(quantizer.new_cache):
+        packed: QuantizedCalibratingCache = quantizer.new_cache(storage="packed")
         return packed
     if "storage" in _parameters(frozen.empty_copy):
         return frozen.empty_copy(storage="packed")  # type: ignore[call-arg]
@@ -200,12 +194,10 @@ def effective_bits(cache: QuantizedCalibratingCache, seq_len: int, dtype: torch.
     elif isinstance(own, (int, float)):
         return float(own), "quantcache's own effective_bits"
     config = cache.quant_config
-    seed_like = dataclasses.replace(
-        KVQuantConfig(), symmetric=config.symmetric, include=config.include, exclude=config.exclude
-    )
+    symmetric = bool(config.key.symmetric)
+    seed_like = KVQuantConfig(symmetric=symmetric, include=config.include, exclude=config.exclude)
     if config != seed_like:
         return math.nan, "unknown: this quantcache gives no effective_bits for a non-seed scheme"
-    symmetric = bool(config.symmetric)
     param_bits = 32 if symmetric else 64
     per_layer = [(8.0 + param_bits / seq_len) if q.enabled else float(full) for q in cache.quantizers]
     formula = f"8 + {param_bits} / L (INT8 codes; fp32 scale{'' if symmetric else ' + int32 zero point'} per channel)"

@@ -66,7 +66,7 @@ from transformers import DynamicCache
 from quantcache import QuantizedCalibratingCache
 from quantcache.cache.cache import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
-from quantcache.models.catalog import load_model
+from quantcache.models.loading import load_model
 
 SECTIONS = ("decode", "calibration", "fit", "peak")
 DEFAULT_SPEED_PEERS = ("quanto-int4", "hqq-int4", "hqq-int8", "fp8")

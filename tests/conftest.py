@@ -157,7 +157,8 @@ def random_tokens(batch: int, length: int, seed: int) -> torch.Tensor:
 def frozen_cache_states(model: Any, config: Any) -> torch.Tensor:
     """Every layer's keys and values, concatenated, held by a ``QuantizedCalibratingCache`` of ``config`` that
     calibrated on 24 tokens, froze and then took 9 more (seeded tokens: the same for every config)."""
-    from quantcache import CACHE_KEYWORD, QuantizedCalibratingCache
+    from quantcache import QuantizedCalibratingCache
+    from quantcache.cache.model_facts import CACHE_KEYWORD
 
     cache = QuantizedCalibratingCache(model, config)
     with torch.no_grad():
@@ -196,7 +197,7 @@ def count_calls(obj: Any, method: str) -> list[tuple[Any, ...]]:
 
 def generate_greedy(model: Any, cache: Any, prompt: torch.Tensor, **settings: Any) -> Any:
     """Six greedy tokens after ``prompt`` with ``cache``, logits kept (``settings``: beams, an assistant ...)."""
-    from quantcache import CACHE_KEYWORD
+    from quantcache.cache.model_facts import CACHE_KEYWORD
 
     return model.generate(
         prompt,
@@ -218,17 +219,31 @@ def assert_packed_generates_like_fake(
     model: Any, config: Any, calibration: torch.Tensor, prompt: torch.Tensor, mode: dict[str, Any]
 ) -> None:
     """Packed storage generates bit-exactly what fake storage does, under one of :data:`GENERATION_MODES`."""
-    from quantcache import CACHE_KEYWORD, QuantizedCalibratingCache
+    from quantcache import QuantizedCalibratingCache
+    from quantcache.cache.model_facts import CACHE_KEYWORD
     from quantcache.calibration.calibrate import calibrate
 
     sliding = "sliding_attention" in (getattr(model.config, "layer_types", None) or ())
     if sliding and "assistant_model" in mode and CACHE_KEYWORD != "cache":
         pytest.skip("transformers 4.x cannot crop a sliding-window layer past its window (assisted decoding)")
     settings = {**mode, "assistant_model": model} if "assistant_model" in mode else mode
-    fake = calibrate(model, calibration, quant_config=config, progress=False)
-    packed = QuantizedCalibratingCache(model, replace(config, storage="packed"))
+    fake = calibrate(model, calibration, quant_config=config, progress=False).new_cache()
+    packed = QuantizedCalibratingCache(model, config, storage="packed")
     packed.load_state_dict(fake.state_dict())
     expected = generate_greedy(model, fake.empty_copy(), prompt, **settings)
     got = generate_greedy(model, packed, prompt, **settings)
     assert torch.equal(got.sequences, expected.sequences)
     assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits, strict=True))
+
+
+def forge_state_file(path: Any, stored: Any) -> Any:
+    """Write ``stored`` (a ``StateFile``) with a valid checksum but past the validator, as a bug or a hand edit
+    could: ``write_state_file`` refuses an invalid state, so only the reader's validator stands between such a
+    file and a cache."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in stored.tensors.items()}
+    save_file(tensors, str(path), metadata=replace(stored, tensors=tensors).metadata())
+    return Path(path)

@@ -19,7 +19,8 @@ from conftest import HEAD_DIM, KV_HEADS
 from conftest import random_tokens as _tokens
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.ops.bits import effective_bits, stream_bits
 from quantcache.scheme.args import QuantArgs
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _frozen(model: PreTrainedModel, config: KVQuantConfig) -> QuantizedCalibratingCache:
-    return calibrate(model, _tokens(2, 16, seed=1), quant_config=config, batch_size=2, progress=False)
+    return calibrate(model, _tokens(2, 16, seed=1), quant_config=config, batch_size=2, progress=False).new_cache()
 
 
 # ================================================================================ hand-counted values

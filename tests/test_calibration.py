@@ -15,7 +15,8 @@ import torch
 from conftest import VOCAB
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, CacheMode, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CacheMode, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.models.data import DataError
 
@@ -26,7 +27,7 @@ def _ids(seed: int, samples: int = 4, length: int = 20) -> torch.Tensor:
 
 
 def _manual(model: PreTrainedModel, batches: list[torch.Tensor], config: KVQuantConfig) -> QuantizedCalibratingCache:
-    """The loop calibrate() replaces, written out as the cache's docstring shows it."""
+    """The loop calibrate().new_cache() replaces, written out as the cache's docstring shows it."""
     cache = QuantizedCalibratingCache(model, config)
     with torch.no_grad():
         for batch in batches:
@@ -49,7 +50,7 @@ def _assert_same_state(first: QuantizedCalibratingCache, second: QuantizedCalibr
 def test_calibrate_equals_the_manual_loop(llama: PreTrainedModel, symmetric: bool) -> None:
     data = _ids(0)
     config = KVQuantConfig(symmetric=symmetric)
-    cache = calibrate(llama, data, quant_config=config, progress=False)
+    cache = calibrate(llama, data, quant_config=config, progress=False).new_cache()
     _assert_same_state(cache, _manual(llama, list(data.split(1)), config), exact=True)
     assert cache.is_frozen and cache.quant_config == config
 
@@ -57,9 +58,9 @@ def test_calibrate_equals_the_manual_loop(llama: PreTrainedModel, symmetric: boo
 def test_statistics_span_every_sample(llama: PreTrainedModel) -> None:
     """More samples can only widen the ranges; each single sample's range lies inside."""
     data = _ids(1)
-    everything = calibrate(llama, data, freeze=False, progress=False)
+    everything = calibrate(llama, data, freeze=False, progress=False).new_cache()
     for row in data:
-        alone = calibrate(llama, row.unsqueeze(0), freeze=False, progress=False)
+        alone = calibrate(llama, row.unsqueeze(0), freeze=False, progress=False).new_cache()
         for mine, theirs in zip(everything.quantizers, alone.quantizers, strict=True):
             for (_, wide), (_, narrow) in zip(mine.streams, theirs.streams, strict=True):
                 assert wide.min is not None and wide.max is not None
@@ -69,22 +70,22 @@ def test_statistics_span_every_sample(llama: PreTrainedModel) -> None:
 
 def test_batches_as_iterable_or_tensor_give_the_same_statistics(llama: PreTrainedModel) -> None:
     data = _ids(2)
-    from_tensor = calibrate(llama, data, batch_size=2, progress=False)
-    from_list = calibrate(llama, [data[:2], data[2:]], progress=False)
+    from_tensor = calibrate(llama, data, batch_size=2, progress=False).new_cache()
+    from_list = calibrate(llama, [data[:2], data[2:]], progress=False).new_cache()
 
     def generate() -> Iterator[torch.Tensor]:
         yield data[:2]
         yield data[2:]
 
-    from_generator = calibrate(llama, generate(), progress=False)
+    from_generator = calibrate(llama, generate(), progress=False).new_cache()
     _assert_same_state(from_tensor, from_list, exact=True)
     _assert_same_state(from_tensor, from_generator, exact=True)
     # Batching changes only the float rounding of the forward pass, not which states are seen.
-    _assert_same_state(from_tensor, calibrate(llama, data, batch_size=1, progress=False), exact=False)
+    _assert_same_state(from_tensor, calibrate(llama, data, batch_size=1, progress=False).new_cache(), exact=False)
 
 
 def test_result_is_empty_frozen_and_editable(llama: PreTrainedModel) -> None:
-    cache = calibrate(llama, _ids(3), progress=False)
+    cache = calibrate(llama, _ids(3), progress=False).new_cache()
     assert cache.get_seq_length() == 0
     assert cache.mode is CacheMode.FROZEN
     for quantizer in cache.quantizers:
@@ -95,28 +96,28 @@ def test_result_is_empty_frozen_and_editable(llama: PreTrainedModel) -> None:
 
 def test_unfrozen_result_and_continuing_from_a_cache(llama: PreTrainedModel) -> None:
     data = _ids(4)
-    first = calibrate(llama, data[:2], freeze=False, progress=False)
+    first = calibrate(llama, data[:2], freeze=False, progress=False).new_cache()
     assert first.mode is CacheMode.CALIBRATE
     before = first.state_dict()
-    continued = calibrate(llama, data[2:], cache=first, progress=False)
+    continued = calibrate(llama, data[2:], cache=first, progress=False).new_cache()
     assert continued is not first
     after = first.state_dict()  # the cache passed in is left as it was
     assert all(torch.equal(before[name], after[name]) for name in before)
-    _assert_same_state(continued, calibrate(llama, data, progress=False), exact=True)
+    _assert_same_state(continued, calibrate(llama, data, progress=False).new_cache(), exact=True)
 
 
 def test_excluded_layers_collect_nothing(llama: PreTrainedModel) -> None:
     config = KVQuantConfig(exclude=("model.layers.0.self_attn",))
-    cache = calibrate(llama, _ids(5), quant_config=config, progress=False)
+    cache = calibrate(llama, _ids(5), quant_config=config, progress=False).new_cache()
     assert cache.quantized_layers == [1]
     assert {name.split(".")[1] for name in cache.state_dict()} == {"1"}
 
 
 def test_progress_goes_to_stderr(llama: PreTrainedModel, capsys: pytest.CaptureFixture[str]) -> None:
-    calibrate(llama, _ids(6), progress=True)
+    calibrate(llama, _ids(6), progress=True).new_cache()
     shown = capsys.readouterr()
     assert "tok" in shown.err and shown.out == ""
-    calibrate(llama, _ids(6), progress=False)
+    calibrate(llama, _ids(6), progress=False).new_cache()
     assert capsys.readouterr().err == ""
 
 
@@ -139,18 +140,18 @@ BAD_DATA = {
 def test_bad_data_is_a_value_error(llama: PreTrainedModel, case: str) -> None:
     data, message = BAD_DATA[case]
     with pytest.raises(ValueError, match=message) as raised:
-        calibrate(llama, data, progress=False)  # type: ignore[arg-type]
+        calibrate(llama, data, progress=False).new_cache()  # type: ignore[arg-type]
     assert isinstance(raised.value, DataError)
 
 
 def test_bad_arguments(llama: PreTrainedModel) -> None:
     data = _ids(7)
     with pytest.raises(ValueError, match="batch_size"):
-        calibrate(llama, data, batch_size=0, progress=False)
-    frozen = calibrate(llama, data, progress=False)
+        calibrate(llama, data, batch_size=0, progress=False).new_cache()
+    frozen = calibrate(llama, data, progress=False).new_cache()
     with pytest.raises(ValueError, match="frozen"):
-        calibrate(llama, data, cache=frozen, progress=False)
+        calibrate(llama, data, cache=frozen, progress=False).new_cache()
     with pytest.raises(ValueError, match="differ"):
-        calibrate(llama, data, cache=frozen.unfreeze(), quant_config=KVQuantConfig(symmetric=False), progress=False)
+        calibrate(llama, data, cache=frozen.unfreeze(), quant_config=KVQuantConfig(symmetric=False), progress=False).new_cache()
     with pytest.raises(CalibrationError, match="no layer is selected"):
-        calibrate(llama, data, quant_config=KVQuantConfig(exclude=("*",)), progress=False)
+        calibrate(llama, data, quant_config=KVQuantConfig(exclude=("*",)), progress=False).new_cache()

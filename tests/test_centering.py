@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HEAD_DIM, KV_HEADS
+from conftest import HEAD_DIM, KV_HEADS, forge_state_file
 from conftest import random_tokens as _tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.cache.stream import StreamQuantizer
 from quantcache.errors import QuantStateError
 from quantcache.ops.bits import stream_bits
@@ -29,7 +30,7 @@ from quantcache.ops.observers import CenterObserver
 from quantcache.ops.quantize import dynamic_qparams
 from quantcache.scheme.args import QuantArgs, QuantMethod, QuantScope
 from quantcache.scheme.number_formats import FORMATS, QuantDtype
-from quantcache.state.file import read_state_file, validate_state, write_state_file
+from quantcache.state.file import read_state_file, validate_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -128,10 +129,9 @@ def test_grid_is_an_option_only_of_the_mse_method() -> None:
     assert StreamQuantizer("keys", searched, SHAPE)._search == 4
 
 
-def test_a_grid_below_one_is_refused() -> None:
-    args = QuantArgs(dtype="int4", scope="per_token", dynamic=True, method="mse", observer_options={"grid": 0})
-    with pytest.raises(CalibrationError, match="grid must be a positive integer"):
-        StreamQuantizer("keys", args, SHAPE)
+def test_a_grid_below_one_is_refused_with_the_config() -> None:
+    with pytest.raises(ConfigError, match=r"observer_options\.grid: expected a whole number in \[1, 1024\]"):
+        QuantArgs(dtype="int4", scope="per_token", dynamic=True, method="mse", observer_options={"grid": 0})
 
 
 # ---------------------------------------------------------------------------- quantizer
@@ -277,7 +277,7 @@ def test_an_uncalibrated_centred_cache_cannot_freeze(llama: PreTrainedModel) -> 
 
 def test_packed_and_fake_storage_agree_when_centred(llama: PreTrainedModel) -> None:
     fake = _calibrated_cache(llama, _centred_config(method="mse"))
-    packed = QuantizedCalibratingCache(llama, _centred_config(method="mse", storage="packed"))
+    packed = QuantizedCalibratingCache(llama, _centred_config(method="mse"), storage="packed")
     packed.load_state_dict(fake.state_dict())
     tokens = _tokens(1, 12, seed=7)
     with torch.no_grad():
@@ -306,7 +306,7 @@ def test_an_altered_centred_state_is_refused(llama: PreTrainedModel, tmp_path: P
     altered = type(stored)(**{**stored.__dict__, "tensors": tensors})
     assert any(message in problem for problem in validate_state(altered)), validate_state(altered)
     with pytest.raises(QuantStateError, match=message):
-        read_state_file(write_state_file(tmp_path / "altered.safetensors", altered))
+        read_state_file(forge_state_file(tmp_path / "altered.safetensors", altered))
 
 
 def test_a_calibrating_state_with_a_center_is_refused(llama: PreTrainedModel, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ in a subprocess; one ``slow`` test runs the real default model.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import math
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, forge_state_file
 from tokenizers import Regex, Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -34,7 +35,7 @@ from quantcache.analysis.evaluation import evaluate
 from quantcache.analysis.report import to_json
 from quantcache.calibration.calibrate import calibrate
 from quantcache.cli import _steps
-from quantcache.errors import QuantcacheError
+from quantcache.errors import QuantcacheError, QuantStateError
 from quantcache.models.catalog import ModelFetchError
 from quantcache.models.data import TextSource, token_windows
 from quantcache.ops.quantize import compute_qparams
@@ -207,7 +208,7 @@ def test_config_single_item_yaml(tmp_path: Path, use_model: Callable[..., Any]) 
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "--config", str(config), "-o", str(tmp_path / "run")]) == 0
     stored = read_state_file(tmp_path / "run" / "kv_scales.safetensors")
     assert stored.config == KVQuantConfig.from_yaml(config)
-    assert stored.config.symmetric is False
+    assert stored.config.key.symmetric is False
     assert {name.split(".")[1] for name in stored.tensors} == {"1"}
 
 
@@ -216,7 +217,7 @@ def test_config_full_msmodelslim_document(tmp_path: Path, use_model: Callable[..
     config.write_text(FULL_DOCUMENT, encoding="utf-8")
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "--config", str(config), "-o", str(tmp_path / "run")]) == 0
     stored = read_state_file(tmp_path / "run" / "kv_scales.safetensors")
-    assert stored.config.symmetric is False and stored.config.exclude == ("model.layers.0.self_attn",)
+    assert stored.config.key.symmetric is False and stored.config.exclude == ("model.layers.0.self_attn",)
     assert {name.split(".")[1] for name in stored.tensors} == {"1"}
 
 
@@ -226,13 +227,13 @@ def test_explicit_flags_override_the_config(tmp_path: Path, use_model: Callable[
     arguments = ["--config", str(config), "--symmetric", "--exclude", "-o", str(tmp_path / "run")]
     assert cli.main(["calibrate", *CALIBRATE_SMALL, *arguments]) == 0
     stored = read_state_file(tmp_path / "run" / "kv_scales.safetensors")
-    assert stored.config.symmetric is True and stored.config.exclude == ()  # a bare --exclude clears the YAML's
-    assert stored.config.scope.value == "per_channel"  # untouched keys keep the YAML's values
+    assert stored.config.key.symmetric is True and stored.config.exclude == ()  # a bare --exclude clears the YAML's
+    assert stored.config.key.scope.value == "per_channel"  # untouched keys keep the YAML's values
 
     arguments = ["--config", str(config), "--exclude", "model.layers.1.*", "--include", "model.layers.*"]
     assert cli.main(["calibrate", *CALIBRATE_SMALL, *arguments, "-o", str(tmp_path / "other")]) == 0
     stored = read_state_file(tmp_path / "other" / "kv_scales.safetensors")
-    assert stored.config.symmetric is False
+    assert stored.config.key.symmetric is False
     assert stored.config.include == ("model.layers.*",) and stored.config.exclude == ("model.layers.1.*",)
     assert {name.split(".")[1] for name in stored.tensors} == {"0"}
 
@@ -438,12 +439,12 @@ def test_inspect_rejects_inconsistent_tensors(
     tensors = {name: tensor.clone() for name, tensor in stored.tensors.items()}
     tensors["layers.0.value.min"][0, 0] = tensors["layers.0.value.max"][0, 0] + 1.0
     state = tmp_path / "swapped.safetensors"
-    write_state_file(state, _with_tensors(stored, tensors))
+    forge_state_file(state, _with_tensors(stored, tensors))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
     assert "min > max" in error_line(capsys.readouterr())
 
     tensors = {name: tensor for name, tensor in stored.tensors.items() if name != "layers.1.key.scale"}
-    write_state_file(state, _with_tensors(stored, tensors))
+    forge_state_file(state, _with_tensors(stored, tensors))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
     assert "layer 1 key lacks scale" in error_line(capsys.readouterr())
 
@@ -500,7 +501,7 @@ def test_inspect_refuses_each_kind_of_bad_tensor(
     tensors = {name: tensor.clone() for name, tensor in stored.tensors.items()}
     mutate(tensors)
     state = tmp_path / "bad.safetensors"
-    write_state_file(state, _with_tensors(stored, tensors))
+    forge_state_file(state, _with_tensors(stored, tensors))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
     line = error_line(capsys.readouterr())
     assert "invalid state" in line and message in line
@@ -514,7 +515,7 @@ def test_inspect_refuses_tensors_of_a_layer_the_config_does_not_quantize(
     stored = read_state_file(calibrated / "kv_scales.safetensors")
     config = replace(stored.config, exclude=("model.layers.1.self_attn",))
     state = tmp_path / "excluded.safetensors"
-    write_state_file(state, replace(stored, config=config))
+    forge_state_file(state, replace(stored, config=config))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
     assert "layer 1 (model.layers.1.self_attn) has tensors but the stored config does not quantize it" in error_line(
         capsys.readouterr()
@@ -530,16 +531,53 @@ def test_inspect_refuses_streams_whose_tensors_disagree_in_shape(
     tensors = {name: tensor.clone() for name, tensor in stored.tensors.items()}
     tensors["layers.0.value.scale"] = torch.ones(4, 8)
     state = tmp_path / "ragged.safetensors"  # without a recorded shape only agreement can be checked
-    write_state_file(state, replace(stored, tensors=tensors, kv_heads=None, head_dim=None))
+    forge_state_file(state, replace(stored, tensors=tensors, kv_heads=None, head_dim=None))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
     assert "layers.0.value tensors have shapes" in error_line(capsys.readouterr())
+
+
+NO_LAYER_1 = "quantized layers [1] (model.layers.1.self_attn ...) have no tensors"
+
+
+@pytest.mark.parametrize(
+    ("keep", "mode", "message"),
+    [
+        (tuple(f"layers.0.{s}.{f}" for s in ("key", "value") for f in ("min", "max")), "calibrate", NO_LAYER_1),
+        (("layers.0.",), "frozen", NO_LAYER_1),
+        ((".scale", ".zero_point"), "frozen", "layers.0.key: frozen parameters without the statistics"),
+    ],
+    ids=["calibrating state that saw layer 0 only", "frozen state of layer 0 only", "calibrated without statistics"],
+)
+def test_inspect_judges_a_state_as_writing_and_loading_do(
+    keep: tuple[str, ...],
+    mode: str,
+    message: str,
+    tmp_path: Path,
+    calibrated: Path,
+    llama: PreTrainedModel,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What inspect calls valid a cache loads, and what a cache refuses neither inspect nor the writer accepts."""
+    from dataclasses import replace
+
+    stored = read_state_file(calibrated / "kv_scales.safetensors")
+    kept = {name: t for name, t in stored.tensors.items() if name.startswith(keep) or name.endswith(keep)}
+    state = replace(stored, tensors=kept, mode=mode)
+    path = forge_state_file(tmp_path / "forged.safetensors", state)
+    assert cli.main(["inspect", str(path)]) == cli.EXIT_INPUT
+    assert message in error_line(capsys.readouterr())
+    with pytest.raises(QuantStateError, match=re.escape(message)):
+        QuantizedCalibratingCache.from_file(path, llama)
+    with pytest.raises(QuantStateError, match=re.escape(message)):
+        write_state_file(tmp_path / "written.safetensors", state)
+    assert not (tmp_path / "written.safetensors").exists()
 
 
 def test_inspect_counts_further_problems(tmp_path: Path, calibrated: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stored = read_state_file(calibrated / "kv_scales.safetensors")
     tensors = {name: tensor for name, tensor in stored.tensors.items() if not name.endswith(".scale")}
     state = tmp_path / "unscaled.safetensors"
-    write_state_file(state, _with_tensors(stored, tensors))
+    forge_state_file(state, _with_tensors(stored, tensors))
     assert cli.main(["inspect", str(state)]) == cli.EXIT_INPUT
     line = error_line(capsys.readouterr())
     assert "layer 0 key lacks scale" in line and "(and 1 more)" in line
@@ -559,9 +597,9 @@ def test_suggest_exclude_writes_yaml_that_calibrate_reads(
     # A budget just under the all-quantized KL: excluding the most sensitive layer is enough.
     kl_all = float(re.search(r"KL, all quantized:\s+(\S+)", printed).group(1))  # type: ignore[union-attr]
     budget = f"{kl_all * 0.999:.6e}"
-    assert cli.main(["suggest-exclude", *EVALUATE_SMALL, *arguments, "--kl-budget", budget]) == 0
+    assert cli.main(["suggest-exclude", *EVALUATE_SMALL, *arguments, "--kl-budget", budget, "--force"]) == 0
     config = KVQuantConfig.from_yaml(suggested)
-    assert len(config.exclude) == 1 and config.symmetric is True
+    assert len(config.exclude) == 1 and config.key.symmetric is True
     assert suggested.read_text().startswith("# KV-cache quantization config suggested by quantcache")
 
     out = tmp_path / "run"
@@ -722,7 +760,7 @@ def test_evaluate_refuses_a_state_saved_before_freeze(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     windows = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    state = calibrate(llama, windows, freeze=False, progress=False).save(tmp_path / "statistics.safetensors")
+    state = calibrate(llama, windows, freeze=False, progress=False).new_cache().save(tmp_path / "statistics.safetensors")
     assert read_state_file(state).mode == "calibrate"
     calls = use_model()
     for command in (["evaluate"], ["suggest-exclude", "--kl-budget", "1e-3"]):
@@ -735,7 +773,7 @@ def test_evaluate_refuses_a_state_saved_before_freeze(
 def test_asymmetric_flag_reaches_the_saved_state(tmp_path: Path, use_model: Callable[..., Any]) -> None:
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "--asymmetric", "-o", str(tmp_path / "asym")]) == 0
     stored = read_state_file(tmp_path / "asym" / "kv_scales.safetensors")
-    assert stored.config.symmetric is False
+    assert stored.config.key.symmetric is False
     assert any(bool(tensor.ne(0).any()) for name, tensor in stored.tensors.items() if name.endswith("zero_point"))
     summary = json.loads((tmp_path / "asym" / "kv_scales.json").read_text())
     assert summary["config"]["qconfig"]["symmetric"] is False
@@ -743,7 +781,7 @@ def test_asymmetric_flag_reaches_the_saved_state(tmp_path: Path, use_model: Call
 
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "sym")]) == 0
     stored = read_state_file(tmp_path / "sym" / "kv_scales.safetensors")
-    assert stored.config.symmetric is True
+    assert stored.config.key.symmetric is True
     assert all(not tensor.any() for name, tensor in stored.tensors.items() if name.endswith("zero_point"))
 
 
@@ -922,16 +960,61 @@ def _umask() -> int:
     return mask
 
 
-def test_calibrate_outputs_respect_the_umask(tmp_path: Path, use_model: Callable[..., Any]) -> None:
-    previous = os.umask(0o027)
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_calibrate_and_report_outputs_respect_the_umask(
+    mask: int, tmp_path: Path, calibrated: Path, use_model: Callable[..., Any]
+) -> None:
+    reports = tmp_path / "reports"
+    evaluate = ["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated)]
+    previous = os.umask(mask)
     try:
         assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "run")]) == 0
+        outputs = [f"--{kind}={reports / name}" for kind, name in (("json", "e.json"), ("markdown", "e.md"))]
+        assert cli.main([*evaluate, *outputs, "--plot", str(reports / "p.png")]) == 0
+        arguments = ["--scales", str(calibrated), "--kl-budget", "1", "-o", str(reports / "s.yaml")]
+        assert cli.main(["suggest-exclude", *EVALUATE_SMALL, *arguments]) == 0
     finally:
         os.umask(previous)
-    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o750
-    for name in ("kv_scales.safetensors", "kv_scales.json", "kv_scales.md"):
-        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o640, name
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # no staging directory left
+    for directory, names in (
+        (tmp_path / "run", ["kv_scales.json", "kv_scales.md", "kv_scales.safetensors"]),
+        (reports, ["e.json", "e.md", "p.png", "s.yaml"]),
+    ):
+        assert directory.stat().st_mode & 0o777 == 0o777 & ~mask
+        assert sorted(path.name for path in directory.iterdir()) == names  # no staging or temporary file left
+        for name in names:
+            assert (directory / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["reports", "run"]
+
+
+@pytest.mark.parametrize("failure", ["OSError", "SafetensorError"])
+def test_a_full_disk_during_calibrate_exits_3_and_leaves_no_partial_run(
+    failure: str,
+    tmp_path: Path,
+    use_model: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from safetensors import SafetensorError
+
+    def full(tensors: Any, path: str, metadata: Any = None) -> None:
+        Path(path).write_bytes(b"\0" * 100)  # a first part made it to disk
+        if failure == "OSError":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr("quantcache.state.file.save_file", full)
+    for out in (tmp_path / "new", tmp_path / "existing"):
+        if out.name == "existing":
+            out.mkdir()
+            (out / "eval.json").write_text("{}")
+        assert cli.main(["calibrate", *CALIBRATE_SMALL, "--force", "-o", str(out)]) == cli.EXIT_INPUT
+        assert error_line(capsys.readouterr()) == (
+            f"quantcache: error: cannot write the output set of {out / 'kv_scales.safetensors'}: No space left on "
+            "device; free space on that file system or write somewhere else (the destination was left as it was)"
+        )
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["eval.json", "existing"]
 
 
 def test_an_interrupted_calibrate_leaves_the_previous_set_untouched(
@@ -945,9 +1028,71 @@ def test_an_interrupted_calibrate_leaves_the_previous_set_untouched(
         raise KeyboardInterrupt
 
     monkeypatch.setattr("quantcache.analysis.report.calibration_markdown", interrupted)
-    assert cli.main(["calibrate", *CALIBRATE_SMALL, "--asymmetric", "-o", str(out)]) == cli.EXIT_INTERRUPTED
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "--asymmetric", "--force", "-o", str(out)]) == cli.EXIT_INTERRUPTED
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
-    assert read_state_file(out / "kv_scales.safetensors").config.symmetric is True
+    assert read_state_file(out / "kv_scales.safetensors").config.key.symmetric is True
+
+
+REPLACING = "exists and is not empty; choose another path or pass --force to replace it"
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "existing"),
+    [
+        (["calibrate", *CALIBRATE_SMALL, "-o", "{dir}/run"], "-o", "run/kv_scales.safetensors"),
+        (["calibrate", *CALIBRATE_SMALL, "-o", "{dir}/run"], "-o", "run/kv_scales.md"),
+        (["calibrate", *CALIBRATE_SMALL, "-o", "{dir}/kv.safetensors"], "-o", "kv.json"),
+        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--json", "{dir}/eval.json"], "--json", "eval.json"),
+        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--markdown", "{dir}/e.md"], "--markdown", "e.md"),
+        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--plot", "{dir}/p.png"], "--plot", "p.png"),
+        (
+            ["suggest-exclude", *EVALUATE_SMALL, "--scales", "{scales}", "--kl-budget", "1", "-o", "{dir}/s.yaml"],
+            "-o",
+            "s.yaml",
+        ),
+        (["suggest-bits", *EVALUATE_SMALL, "--budget", "4", "-o", "{dir}/b.yaml"], "-o", "b.yaml"),
+        (["suggest-bits", *EVALUATE_SMALL, "--budget", "4", "--json", "{dir}/b.json"], "--json", "b.json"),
+    ],
+)
+def test_every_command_refuses_to_replace_an_existing_output_without_force(
+    command: list[str],
+    option: str,
+    existing: str,
+    tmp_path: Path,
+    calibrated: Path,
+    use_model: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One rule, one message: an earlier result is never replaced without a word (export and import: see
+    tests/test_export_cli.py)."""
+    calls = use_model()
+    arguments = [part.format(dir=tmp_path, scales=calibrated) for part in command]
+    old = tmp_path / existing
+    old.parent.mkdir(exist_ok=True)
+    old.write_text("an earlier result")
+    assert cli.main(arguments) == cli.EXIT_INPUT
+    value = arguments[arguments.index(option) + 1]
+    where = "" if Path(value) == old else f"{old} "
+    assert error_line(capsys.readouterr()) == f"quantcache: error: {option} {value}: {where}{REPLACING}"
+    assert not calls and old.read_text() == "an earlier result"  # refused before the model loaded
+
+
+def test_force_replaces_and_empty_outputs_need_no_force(
+    tmp_path: Path, calibrated: Path, use_model: Callable[..., Any]
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()  # an empty directory holds nothing to lose
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(out)]) == 0
+    first = (out / "kv_scales.json").read_text()
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(out)]) == cli.EXIT_INPUT
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, "--seed", "1", "--force", "-o", str(out)]) == 0
+    assert (out / "kv_scales.json").read_text() != first
+    report = tmp_path / "eval.json"
+    report.touch()  # an empty file (mktemp's) is not an earlier result
+    arguments = ["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--json", str(report)]
+    assert cli.main(arguments) == 0 and json.loads(report.read_text())["num_tokens"] == 126
+    assert cli.main(arguments) == cli.EXIT_INPUT
+    assert cli.main([*arguments, "--force"]) == 0
 
 
 def test_an_output_set_never_pairs_a_new_state_with_an_old_summary(

@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from quantcache import data
+from quantcache.models import data
 from quantcache.models.data import (
     DataError,
     TextSource,

@@ -26,7 +26,8 @@ from conftest import VOCAB, build_model
 from test_cli import char_tokenizer
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache import KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.calibration.distributed import (
     all_reduce_statistics,
@@ -125,7 +126,7 @@ def scenarios(out: Path, rank: int) -> None:
     cache.freeze().save(out / f"handmade-rank{rank}.safetensors")
     # Ranks that calibrate different model shapes must be told so, on every rank.
     other = build_model("llama", num_key_value_heads=4) if rank == 1 else model
-    clash = calibrate(other, windows(1), freeze=False, progress=False)
+    clash = calibrate(other, windows(1), freeze=False, progress=False).new_cache()
     try:
         all_reduce_statistics(clash)
     except QuantStateError as error:
@@ -166,7 +167,7 @@ def test_two_gloo_ranks_freeze_to_the_single_process_state_bit_for_bit(
     with one_thread():
         single = calibrate(
             llama, windows(count), quant_config=KVQuantConfig(**config), batch_size=batch_size, progress=False
-        )
+        ).new_cache()
     written = read_state_file(two_ranks / f"{scenario}.safetensors")
     assert written.mode == "frozen" and written.config == single.quant_config
     expected = single.state_dict()
@@ -186,7 +187,7 @@ def test_two_ranks_centre_on_the_mean_of_all_their_tokens(two_ranks: Path, llama
     with one_thread():
         single = calibrate(
             llama, windows(count), quant_config=KVQuantConfig(**config), batch_size=batch_size, progress=False
-        )
+        ).new_cache()
     expected = single.state_dict()
     assert {key.rsplit(".", 1)[1] for key in expected if ".value." in key} == {"center_sum", "center_count", "center"}
     for rank in (0, 1):
@@ -206,7 +207,7 @@ def test_two_ranks_weigh_keys_by_the_queries_of_all_their_tokens(two_ranks: Path
     with one_thread():
         single = calibrate(
             llama, windows(count), quant_config=KVQuantConfig(**config), batch_size=batch_size, progress=False
-        )
+        ).new_cache()
     expected = single.state_dict()
     assert "layers.0.key.channel_scale" in expected and "layers.0.key.query_moment_sum" in expected
     for rank in (0, 1):
@@ -256,7 +257,7 @@ def test_shard_batches_deals_whole_batches_round_robin() -> None:
     assert shard_batches(listed, rank=1, world_size=2) == [listed[1]]
     assert len(shard_batches(data)) == 5  # no group: everything, one row per batch
     flat = data[0]
-    assert shard_batches(flat, rank=0, world_size=2)[0] is flat  # left whole for calibrate() to reject
+    assert shard_batches(flat, rank=0, world_size=2)[0] is flat  # left whole for calibrate().new_cache() to reject
     with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
         shard_batches(data, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
@@ -268,19 +269,19 @@ def test_without_a_process_group_everything_is_single_process(llama: PreTrainedM
     with launcher_process_group() as active:
         assert not active
     assert not torch.distributed.is_initialized()
-    cache = calibrate(llama, windows(3), freeze=False, progress=False)
+    cache = calibrate(llama, windows(3), freeze=False, progress=False).new_cache()
     before = cache.state_dict()
     assert all_reduce_statistics(cache) is cache
     assert all(torch.equal(before[k], v) for k, v in cache.state_dict().items())
     result = calibrate_distributed(llama, windows(3), output=tmp_path / "kv.safetensors", progress=False)
-    reference = calibrate(llama, windows(3), progress=False).state_dict()
+    reference = calibrate(llama, windows(3), progress=False).new_cache().state_dict()
     saved = read_state_file(tmp_path / "kv.safetensors").tensors
     assert all(torch.equal(saved[k], v) and torch.equal(result.state_dict()[k], v) for k, v in reference.items())
 
 
 def test_all_reduce_refuses_a_frozen_cache(llama: PreTrainedModel) -> None:
     with pytest.raises(QuantStateError, match=r"before freeze\(\).*unfreeze\(\)"):
-        all_reduce_statistics(calibrate(llama, windows(1), progress=False))
+        all_reduce_statistics(calibrate(llama, windows(1), progress=False).new_cache())
 
 
 # ================================================================================ split models
@@ -301,8 +302,8 @@ def test_a_model_with_layers_offloaded_to_disk_calibrates_to_the_same_state(
         split, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path / "offload")
     )
     assert split.model.layers[1].self_attn.k_proj.weight.device.type == "meta"  # streamed from disk per forward
-    reference = calibrate(llama, windows(3), progress=False)
-    dispatched = calibrate(split, windows(3), progress=False)
+    reference = calibrate(llama, windows(3), progress=False).new_cache()
+    dispatched = calibrate(split, windows(3), progress=False).new_cache()
     for key, tensor in reference.state_dict().items():
         assert torch.equal(dispatched.state_dict()[key], tensor), key
         assert dispatched.state_dict()[key].device == tensor.device

@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import InputError
 from quantcache.export import FORMATS, export_checkpoint, get_format, import_checkpoint
@@ -43,7 +44,7 @@ def _windows(seed: int = 0, count: int = 3, length: int = 20) -> torch.Tensor:
 
 
 def frozen(model: PreTrainedModel, **config: Any) -> QuantizedCalibratingCache:
-    return calibrate(model, _windows(), quant_config=KVQuantConfig(**config), progress=False)
+    return calibrate(model, _windows(), quant_config=KVQuantConfig(**config), progress=False).new_cache()
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +371,7 @@ def test_a_scheme_engines_cannot_read_is_refused_by_name(
 ) -> None:
     """Engines read static INT8-derived per-channel ranges; anything else is refused before writing, naming the
     scheme and the way out (the seed scheme)."""
-    cache = calibrate(llama, torch.randint(3, 128, (1, 12)), quant_config=config, progress=False)
+    cache = calibrate(llama, torch.randint(3, 128, (1, 12)), quant_config=config, progress=False).new_cache()
     with pytest.raises(QuantStateError, match=r"cannot be exported.*--preset seed"):
         export_checkpoint(cache, tmp_path / "out", format="vllm", scales_only=True)
     assert not (tmp_path / "out").exists()

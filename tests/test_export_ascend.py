@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 from test_export import HEAD_DIM, KV_HEADS, _c8_checkpoint, _source_with, frozen, params
 from transformers import PreTrainedModel
 
-from quantcache import QuantizedCalibratingCache, QuantParams, QuantStateError
+from quantcache import QuantizedCalibratingCache, QuantStateError
 from quantcache.errors import InputError
 from quantcache.export import export_checkpoint, get_format, import_checkpoint
 from quantcache.export.ascend import DESCRIPTION_NAME, _int8_offsets
 from quantcache.export.checkpoint import INDEX_NAME, SCALE_SHARD
 from quantcache.export.common import KVState, StreamParams, UnsupportedSchemeError
-from quantcache.ops.quantize import INT8_MAX, INT8_MIN, compute_qparams, dequantize, quantize
+from quantcache.ops.quantize import INT8_MAX, INT8_MIN, QuantParams, compute_qparams, dequantize, quantize
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_ascend_round_trip_is_bit_exact_for_symmetric_and_asymmetric_states(
         out = tmp_path / name
         export_checkpoint(cache, out, format="ascend", model=model_dir, **options)
         imported = import_checkpoint(out, format="ascend")
-        assert imported.symmetric is cache.quant_config.symmetric and imported.layers == [0, 1]
+        assert imported.symmetric is cache.quant_config.key.symmetric and imported.layers == [0, 1]
         assert imported.cache.is_frozen
         original, back = params(cache), params(imported.cache)
         assert original.keys() == back.keys()

@@ -35,7 +35,7 @@ def _windows() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def run_dir(llama: PreTrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    calibrate(llama, _windows(), progress=False).save(run / "kv_scales.safetensors")
+    calibrate(llama, _windows(), progress=False).new_cache().save(run / "kv_scales.safetensors")
     return run
 
 
@@ -145,17 +145,17 @@ def test_refusals_come_before_any_model_is_loaded(
 ) -> None:
     assert main("export", "--scales", tmp_path / "missing", "--format", "vllm", "-o", tmp_path / "o") == 3
     assert "state file not found" in _error(capsys)
-    unfrozen = calibrate(llama, _windows(), freeze=False, progress=False).save(tmp_path / "cal.safetensors")
+    unfrozen = calibrate(llama, _windows(), freeze=False, progress=False).new_cache().save(tmp_path / "cal.safetensors")
     assert main("export", "--scales", unfrozen, "--format", "vllm", "-o", tmp_path / "o") == 3
     assert "saved before freeze()" in _error(capsys)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
     assert main("export", "--scales", run_dir, "--format", "vllm", "-o", busy) == 3
-    assert "is not empty; choose a new directory or pass --force" in _error(capsys)
+    assert f"-o {busy}: exists and is not empty; choose another path or pass --force to replace it" in _error(capsys)
     assert main("export", "--scales", run_dir, "--format", "ascend", "--strategy", "tensor", "-o", tmp_path / "o") == 3
     assert "format 'ascend' has no option 'strategy'" in _error(capsys)
-    asymmetric = calibrate(llama, _windows(), quant_config=KVQuantConfig(symmetric=False), progress=False)
+    asymmetric = calibrate(llama, _windows(), quant_config=KVQuantConfig(symmetric=False), progress=False).new_cache()
     path = asymmetric.save(tmp_path / "asym" / "kv_scales.safetensors")
     assert main("export", "--scales", path, "--format", "ascend", "-o", tmp_path / "o") == 3
     assert "(--allow-asymmetric)" in _error(capsys)
@@ -186,3 +186,43 @@ def test_import_errors_exit_3(model_dir: Path, tmp_path: Path, capsys: pytest.Ca
     assert main("import", "--format", "ascend", model_dir, "-o", tmp_path / "run.txt") == 3
     assert "ending in .safetensors" in _error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_export_of_a_modelopt_checkpoint_as_vllm_exits_3_naming_the_modelopt_format(
+    run_dir: Path, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "modelopt-fp8"
+    source.mkdir()
+    for entry in model_dir.iterdir():
+        (source / entry.name).write_bytes(entry.read_bytes())
+    (source / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    assert main("export", "--scales", run_dir, "--model", source, "--format", "vllm", "-o", tmp_path / "o", "-q") == 3
+    line = _error(capsys)
+    assert line.startswith(f"quantcache: error: {source} is a ModelOpt checkpoint") and "--format modelopt" in line
+    assert not (tmp_path / "o").exists()
+    assert main("export", "--scales", run_dir, "--model", source, "--format", "modelopt", "-o", tmp_path / "o") == 0
+
+
+def test_export_and_import_refuse_to_replace_an_earlier_result_without_force(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "kv"
+    export = ["export", "--scales", run_dir, "--format", "ascend", "--scales-only", "-o", out, "-q"]
+    assert main(*export) == 0
+    (out / "note.txt").write_text("from the first export")
+    assert main(*export) == 3
+    assert _error(capsys) == (
+        f"quantcache: error: -o {out}: exists and is not empty; choose another path or pass --force to replace it\n"
+    )
+    assert main(*export, "--force") == 0 and not (out / "note.txt").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "kv_scales.json").write_text("{}")  # an earlier import's summary alone is enough to refuse
+    (out / "config.json").write_text(json.dumps(build_model("llama").config.to_dict()))
+    assert main("import", "--format", "ascend", out, "-o", run, "-q") == 3
+    assert _error(capsys) == (
+        f"quantcache: error: -o {run}: {run / 'kv_scales.json'} exists and is not empty; choose another path or pass "
+        "--force to replace it\n"
+    )
+    assert main("import", "--format", "ascend", out, "-o", run, "-q", "--force") == 0
+    assert read_state_file(run / "kv_scales.safetensors").origin == "imported from ascend"

@@ -42,7 +42,7 @@ def _windows(seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def cache(llama: PreTrainedModel) -> QuantizedCalibratingCache:
-    return calibrate(llama, _windows(), progress=False)
+    return calibrate(llama, _windows(), progress=False).new_cache()
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_vllm_refuses_per_channel_scales_naming_what_carries_them(
 
 
 def test_vllm_skips_excluded_layers_in_the_serve_command(llama: PreTrainedModel, tmp_path: Path) -> None:
-    excluded = calibrate(llama, _windows(), quant_config=KVQuantConfig(exclude=["model.layers.0.*"]), progress=False)
+    excluded = calibrate(llama, _windows(), quant_config=KVQuantConfig(exclude=["model.layers.0.*"]), progress=False).new_cache()
     result = export_checkpoint(excluded, tmp_path / "x", format="vllm", scales_only=True)
     assert result.serve_command == "vllm serve CKPT --kv-cache-dtype fp8 --kv-cache-dtype-skip-layers 0"
     assert any("--kv-cache-dtype-skip-layers" in warning for warning in result.warnings)
@@ -356,6 +356,20 @@ def test_modelopt_export_keeps_the_weight_scheme_and_adds_scalar_kv_scales(
     )
 
 
+def test_vllm_refuses_a_modelopt_checkpoint_whose_weights_only_hf_quant_config_describes(
+    cache: QuantizedCalibratingCache, modelopt_dir: Path, tmp_path: Path
+) -> None:
+    """Its config.json has no quantization_config: the compressed-tensors one vllm would add makes vLLM load
+    the FP8 weights as plain ones. Refused before anything is copied, naming the format that fits."""
+    for options in ({}, {"scales_only": True}):
+        with pytest.raises(UnsupportedSchemeError, match=r"ModelOpt checkpoint.*\(FP8\).*unquantized.*format modelopt"):
+            export_checkpoint(cache, tmp_path / "x", format="vllm", model=modelopt_dir, **options)
+    assert not (tmp_path / "x").exists()
+    edit_json(modelopt_dir / HF_QUANT_CONFIG, quantization={"kv_cache_quant_algo": "FP8"})  # weights not quantized
+    export_checkpoint(cache, tmp_path / "x", format="vllm", model=modelopt_dir)
+    assert "kv_cache_scheme" in json.loads((tmp_path / "x" / "config.json").read_text())["quantization_config"]
+
+
 def test_modelopt_updates_an_inline_config_in_both_styles(
     cache: QuantizedCalibratingCache, modelopt_dir: Path, tmp_path: Path
 ) -> None:
@@ -386,7 +400,7 @@ def test_modelopt_refuses_unquantized_weights_naming_the_alternatives(
 def test_modelopt_refuses_excluded_layers_and_fused_projections(
     llama: PreTrainedModel, cache: QuantizedCalibratingCache, tmp_path: Path
 ) -> None:
-    excluded = calibrate(llama, _windows(), quant_config=KVQuantConfig(exclude=["model.layers.1.*"]), progress=False)
+    excluded = calibrate(llama, _windows(), quant_config=KVQuantConfig(exclude=["model.layers.1.*"]), progress=False).new_cache()
     with pytest.raises(UnsupportedSchemeError, match=r"layers \[1\].*every attention layer.*--format vllm"):
         export_checkpoint(excluded, tmp_path / "x", format="modelopt", scales_only=True)
     fmt = get_format("modelopt")

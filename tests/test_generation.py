@@ -35,7 +35,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from quantcache import CACHE_KEYWORD, CacheMode, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CacheMode, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 
 _VOCAB = 128
 _HIDDEN = 64

@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.ops.granularity import Granularity
 from quantcache.ops.quantize import (
     QuantParams,
@@ -401,7 +402,7 @@ def test_valid_combinations_and_their_granularity() -> None:
     assert QuantArgs(scope="GROUP", group_size=8).scope is QuantScope.GROUP  # case-insensitive enum names
     assert Granularity.of(QuantArgs(scope="per_token", dynamic=True)) == Granularity(QuantScope.PER_TOKEN, True)
     assert Granularity.of(QuantArgs(scope="group", dynamic=True, group_size=4)).params_per_token(2, 16) == 8
-    assert QuantArgs(observer_options={"b": 1, "a": 2}).observer_options == (("a", 2), ("b", 1))
+    assert QuantArgs(method="mse", observer_options={"grid": 4}).observer_options == (("grid", 4),)
 
 
 def test_from_dict_refuses_unknown_keys_and_non_mappings() -> None:
@@ -426,7 +427,7 @@ def test_seed_config_writes_exactly_msmodelslims_four_qconfig_keys() -> None:
         data = config.to_dict()
         assert data == SEED_DICT
         assert list(data["qconfig"]) == ["scope", "dtype", "symmetric", "method"]
-        assert config.key is None and config.value is None  # per-stream args equal to the shared ones collapse
+        assert config.key == config.value == QuantArgs()
     assert KVQuantConfig.from_yaml(KVQuantConfig().to_yaml()) == KVQuantConfig()
 
 
@@ -456,15 +457,14 @@ def test_per_stream_config_round_trips_through_dict_json_and_yaml(
     key: QuantArgs | None, value: QuantArgs | None, shared: QuantArgs, exclude: list[str]
 ) -> None:
     """What the state file stores (JSON of ``to_dict``) and what ``--config`` reads (YAML) rebuild the same
-    config, per-stream overrides included. (Shared arguments with non-default ``dynamic`` / ``group_size``
-    are the xfail below.)"""
+    config, per-stream arguments included: flat keywords for both streams, a stream given as a mapping on
+    top of them."""
+    flat = {"scope": shared.scope, "symmetric": shared.symmetric, "dynamic": shared.dynamic}
     config = KVQuantConfig(
-        scope=shared.scope,
-        symmetric=shared.symmetric,
-        dynamic=shared.dynamic,
+        **flat,
         group_size=shared.group_size,
-        key=key,
-        value=value,
+        key=None if key is None else key.to_dict(full=True),
+        value=None if value is None else value.to_dict(full=True),
         exclude=exclude,
     )
     assert config.key_args == (key or shared) and config.value_args == (value or shared)
@@ -486,11 +486,11 @@ def test_per_stream_config_round_trips_through_dict_json_and_yaml(
 def test_a_static_override_of_dynamic_or_grouped_shared_arguments_round_trips(
     shared: dict[str, object], override: QuantArgs
 ) -> None:
-    """``KVQuantConfig(scope="per_token", dynamic=True, value=QuantArgs(scope="per_tensor"))`` is valid, but its
-    ``to_dict`` writes ``qconfig.value`` without ``dynamic: false``, so ``from_dict`` merges the shared
-    ``dynamic: true`` in and refuses it: the state file saved with this config cannot be read back
-    ("stored config is invalid")."""
-    config = KVQuantConfig(**shared, value=override)  # type: ignore[arg-type]
+    """``KVQuantConfig(scope="per_token", dynamic=True, value={...every field of a static per-tensor stream})``
+    is valid, and its ``to_dict`` must write ``qconfig.value`` with ``dynamic: false``: otherwise ``from_dict``
+    merges the flat ``dynamic: true`` in and refuses it, and the state file saved with this config cannot be
+    read back ("stored config is invalid")."""
+    config = KVQuantConfig(**shared, value=override.to_dict(full=True))
     assert config.value_args == override
     assert KVQuantConfig.from_dict(config.to_dict()) == config
 

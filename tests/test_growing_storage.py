@@ -14,7 +14,8 @@ import torch
 from conftest import HEAD_DIM, KV_HEADS
 from transformers import DynamicCache, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, QuantizedCalibratingCache
+from quantcache import QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.cache.storage_layers import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingStorage
 from quantcache.calibration.calibrate import calibrate
 
@@ -30,7 +31,7 @@ def _states(batch: int, length: int, seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module", params=["calibrate", "fake", "packed"])
 def make_cache(request: pytest.FixtureRequest, llama: PreTrainedModel):  # type: ignore[no-untyped-def]
     """A factory of empty caches of one mode on the tiny Llama."""
-    frozen = calibrate(llama, _tokens(2, 16, seed=0), progress=False)
+    frozen = calibrate(llama, _tokens(2, 16, seed=0), progress=False).new_cache()
     if request.param == "calibrate":
         return lambda: QuantizedCalibratingCache(llama)
     storage = "fake" if request.param == "fake" else "packed"

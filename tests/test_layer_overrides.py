@@ -17,7 +17,8 @@ import torch
 from conftest import HEAD_DIM, KV_HEADS
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.ops.bits import stream_bits
 from quantcache.scheme.args import LayerOverride, QuantArgs, QuantDtype, QuantScope
@@ -66,7 +67,8 @@ def test_overrides_round_trip_through_dict_json_and_yaml() -> None:
     assert KVQuantConfig.from_yaml(config.to_yaml()) == config
     assert all(isinstance(override, LayerOverride) for override in config.layers)
     # resolved when read: changing the config's own arguments later leaves the overrides as they were
-    again = KVQuantConfig(**{**_fields(config), "dtype": "int8", "scope": "per_channel", "dynamic": False})
+    again = config.with_stream_args(dtype="int8", scope="per_channel", dynamic=False)
+    assert again.stream_args("key") == QuantArgs(dtype="int8", symmetric=False)
     assert again.stream_args("key", LAYER1) == config.stream_args("key", LAYER1)
 
 
@@ -109,8 +111,8 @@ def test_a_calibrated_group_size_in_an_override_must_divide_head_dim(llama: PreT
 
 def test_a_dynamic_group_size_in_an_override_need_not_divide_head_dim(llama: PreTrainedModel) -> None:
     qconfig = {"scope": "group", "group_size": 5, "dtype": "int4", "dynamic": True}
-    config = KVQuantConfig(layers=[{"include": [LAYER1], "qconfig": qconfig}], storage="packed")
-    cache = QuantizedCalibratingCache(llama, config)
+    config = KVQuantConfig(layers=[{"include": [LAYER1], "qconfig": qconfig}])
+    cache = QuantizedCalibratingCache(llama, config, storage="packed")
     assert cache.layers[1].quantizer.key.granularity.groups(HEAD_DIM) == -(-HEAD_DIM // 5)
 
 
@@ -134,7 +136,7 @@ def mixed(llama: PreTrainedModel) -> QuantizedCalibratingCache:
     config = KVQuantConfig.from_yaml(MIXED_YAML)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return calibrate(llama, _tokens(2, 16, seed=0), quant_config=config, progress=False)
+        return calibrate(llama, _tokens(2, 16, seed=0), quant_config=config, progress=False).new_cache()
 
 
 def test_a_mixed_state_saves_validates_and_reloads_exactly(
@@ -187,7 +189,7 @@ def test_export_refuses_a_non_seed_override(llama: PreTrainedModel, tmp_path: Pa
     from quantcache.export.common import KVState
 
     config = KVQuantConfig(layers=[{"include": [LAYER1], "qconfig": {"dtype": "int4"}}])
-    cache = calibrate(llama, _tokens(1, 16, seed=2), quant_config=config, progress=False)
+    cache = calibrate(llama, _tokens(1, 16, seed=2), quant_config=config, progress=False).new_cache()
     with pytest.raises(QuantStateError, match=r"cannot be exported"):
         KVState.from_tensors(
             cache.state_dict(),

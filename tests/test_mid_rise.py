@@ -146,8 +146,8 @@ def test_the_math_refuses_a_mid_rise_grid_that_is_not_symmetric_and_integer(dtyp
 # ---------------------------------------------------------------------------- rows, the cache and the count
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_hold_codes_and_a_scale_only_and_decode_to_the_fake_cache(llama: PreTrainedModel, dtype: str) -> None:
-    config = KVQuantConfig(**MID_RISE, dtype=dtype, scale_format="log8", rotation="hadamard", storage="packed")
-    stream = QuantizedCalibratingCache(llama, config).freeze().layers[0].quantizer.key
+    config = KVQuantConfig(**MID_RISE, dtype=dtype, scale_format="log8", rotation="hadamard")
+    stream = QuantizedCalibratingCache(llama, config, storage="packed").freeze().layers[0].quantizer.key
     states = torch.randn(1, 2, 6, 16, generator=torch.Generator().manual_seed(2))
     rows = stream.encode(states)
     assert rows.shape[-1] == 16 * format_spec(dtype).bits // 8 + 1
@@ -181,7 +181,7 @@ def test_a_mid_rise_cache_differs_from_the_zero_level_one_and_generates(llama: P
 
 # ---------------------------------------------------------------------------- the config
 def test_it_round_trips_through_yaml_and_is_written_only_when_set() -> None:
-    config = KVQuantConfig(dtype="int2", **MID_RISE, value={"dtype": "int2", "scope": "per_token", "dynamic": True})
+    config = KVQuantConfig(dtype="int2", **MID_RISE, value={"zero_level": True})
     assert config.key_args.zero_level is False and config.value_args.zero_level is True
     assert KVQuantConfig.from_yaml(config.to_yaml()) == config
     assert "zero_level" not in KVQuantConfig(dtype="int2", scope="per_token", dynamic=True).to_yaml()
@@ -208,6 +208,6 @@ def test_a_mid_rise_grid_that_cannot_be_is_refused(settings_: dict, message: str
 
 
 def test_reports_name_the_grid() -> None:
-    config = KVQuantConfig(dtype="int2", **MID_RISE, value={"dtype": "int2", "scope": "per_token", "dynamic": True})
+    config = KVQuantConfig(dtype="int2", **MID_RISE, value={"zero_level": True})
     text = config_text(config)
     assert text.startswith("keys int2 per_token mid-rise minmax dynamic; values int2 per_token symmetric")

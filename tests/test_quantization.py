@@ -19,10 +19,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from quantcache import QuantParams, channel_minmax, compute_qparams, dequantize, fake_quantize, quantize
 from quantcache.cache.stream import StreamQuantizer
-from quantcache.ops.quantize import INT8_MAX, INT8_MIN
+from quantcache.ops.packing import pack_codes, unpack_codes
+from quantcache.ops.quantize import (
+    INT8_MAX,
+    INT8_MIN,
+    QuantParams,
+    channel_minmax,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    quantize,
+)
 from quantcache.scheme.args import QuantArgs
+from quantcache.scheme.number_formats import FORMATS, QuantDtype
 
 EPS = torch.finfo(torch.float32).eps
 MAX_ABS = 100.0
@@ -424,3 +434,54 @@ def test_channel_minmax_rejects_bad_shapes() -> None:
         channel_minmax(torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="empty"):
         channel_minmax(torch.zeros(1, 2, 0, 4))
+
+
+# ---------------------------------------------------------------------------------- ties round half to even
+# x / scale + zero_point landing exactly on a half: the state file's ``encoding`` documents round half to even
+# (torch.round), and a reader of an exported or packed cache must get the same codes. Half up (floor(v + 0.5)) and
+# half away from zero each differ from it on at least two of these.
+TIES = [0.5, 1.5, 2.5, -0.5, -1.5]
+HALF_TO_EVEN = [0.0, 2.0, 2.0, 0.0, -2.0]
+TIE_SCALE = 0.25  # a power of two: x = level * scale and x / scale are exact in float32
+
+
+def _at_ties(zero_point: int) -> tuple[torch.Tensor, QuantParams]:
+    """States ``(1, 1, 5, 1)`` whose ``x / scale + zero_point`` are exactly :data:`TIES`, and those parameters."""
+    states = ((torch.tensor(TIES) - zero_point) * TIE_SCALE).reshape(1, 1, -1, 1)
+    params = QuantParams(torch.tensor([[TIE_SCALE]]), torch.tensor([[zero_point]], dtype=torch.int32))
+    return states, params
+
+
+@pytest.mark.parametrize("zero_point", [0, 3, -5])
+def test_exact_ties_round_half_to_even_when_quantizing_and_fake_quantizing(zero_point: int) -> None:
+    states, params = _at_ties(zero_point)
+    assert quantize(states, params).flatten().tolist() == HALF_TO_EVEN
+    expected = [(level - zero_point) * TIE_SCALE for level in HALF_TO_EVEN]
+    assert fake_quantize(states, params).flatten().tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", [QuantDtype.INT4, QuantDtype.INT3, QuantDtype.INT2])
+def test_exact_ties_round_half_to_even_in_packed_codes(dtype: QuantDtype) -> None:
+    """The packed path: codes quantized at a narrower format, packed to its width and unpacked."""
+    fmt = FORMATS[dtype]
+    states, params = _at_ties(0)
+    states = torch.cat([states, torch.zeros(1, 1, 3, 1)], dim=2).reshape(1, 1, 1, 8)  # one row of 8 codes
+    params = QuantParams(torch.full((1, 8), TIE_SCALE), torch.zeros(1, 8, dtype=torch.int32))
+    codes = quantize(states, params, fmt=fmt)
+    offset = -int(fmt.qmin)
+    unpacked = unpack_codes(pack_codes(codes, fmt.bits, offset), fmt.bits, offset, 8)
+    expected = [min(max(level, fmt.qmin), fmt.qmax) for level in HALF_TO_EVEN] + [0.0] * 3
+    assert unpacked.flatten().tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "zero_point"),
+    [
+        (-62.5 * 0.0625, 192.5 * 0.0625, 62 - 128),  # -min / scale = 62.5: even 62 (half up: 63)
+        (1.5 * 0.0625, 256.5 * 0.0625, -2 - 128),  # -min / scale = -1.5: even -2 (half up: -1)
+    ],
+)
+def test_an_asymmetric_zero_point_on_a_tie_rounds_half_to_even(low: float, high: float, zero_point: int) -> None:
+    params = compute_qparams(torch.tensor([[low]]), torch.tensor([[high]]), symmetric=False)
+    assert params.scale.item() == 0.0625  # (high - low) / 255, exactly
+    assert params.zero_point.item() == zero_point

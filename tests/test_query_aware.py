@@ -23,8 +23,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.analysis.report import config_text
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.calibration.queries import layer_queries, observe_queries
 from quantcache.errors import QuantStateError
@@ -174,7 +175,7 @@ def test_queries_recomputed_from_hidden_states_are_the_models_own(arch: str, req
 def test_calibration_collects_the_energy_of_the_real_queries(llama: PreTrainedModel) -> None:
     ids = _tokens(2, 12, seed=6)
     captured = _captured_queries(llama, ids)
-    cache = calibrate(llama, ids, quant_config=CONFIG, batch_size=2, freeze=False, progress=False)
+    cache = calibrate(llama, ids, quant_config=CONFIG, batch_size=2, freeze=False, progress=False).new_cache()
     for index, queries in enumerate(captured):
         stats = cache.quantizers[index].key.statistics
         expected = queries.square().reshape(2, KV_HEADS, -1, 12, HEAD_DIM).sum(dim=(0, 2, 3))
@@ -190,11 +191,11 @@ def test_calibration_collects_the_energy_of_the_real_queries(llama: PreTrainedMo
 
 def test_padding_a_batch_leaves_the_query_statistics_alone(llama: PreTrainedModel) -> None:
     ids = _tokens(1, 10, seed=8)
-    plain = calibrate(llama, ids, quant_config=CONFIG, freeze=False, progress=False)
+    plain = calibrate(llama, ids, quant_config=CONFIG, freeze=False, progress=False).new_cache()
     padded_ids = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], dim=1)
     batch = {"input_ids": padded_ids, "attention_mask": mask}
-    padded = calibrate(llama, [batch], quant_config=CONFIG, freeze=False, progress=False)
+    padded = calibrate(llama, [batch], quant_config=CONFIG, freeze=False, progress=False).new_cache()
     for mine, theirs in zip(plain.quantizers, padded.quantizers, strict=True):
         for field in ("query_square_sum", "query_count", "key_square_sum", "center_count"):
             torch.testing.assert_close(mine.key.statistics[field], theirs.key.statistics[field], rtol=1e-4, atol=1e-4)
@@ -243,7 +244,7 @@ def test_observe_queries_refuses_what_it_cannot_use(llama: PreTrainedModel) -> N
     plain.observe_queries(0, torch.full((1, 4, 2, HEAD_DIM), float("nan")))  # not query-aware: ignored
     with pytest.raises(CalibrationError, match="only a query-aware key stream"):
         plain.quantizers[0].key.measure_queries(torch.zeros(1, 4, 2, HEAD_DIM))
-    frozen = calibrate(llama, _tokens(1, 8, seed=2), quant_config=CONFIG, progress=False)
+    frozen = calibrate(llama, _tokens(1, 8, seed=2), quant_config=CONFIG, progress=False).new_cache()
     with pytest.raises(CalibrationError, match="the cache is frozen"):
         frozen.observe_queries(0, torch.zeros(1, 4, 2, HEAD_DIM))
 
@@ -276,7 +277,7 @@ def test_query_aware_keys_cut_the_error_queries_see() -> None:
 
 # ---------------------------------------------------------------------------- state and storage
 def test_state_round_trips_and_alterations_are_refused(llama: PreTrainedModel, tmp_path: Path) -> None:
-    cache = calibrate(llama, _tokens(2, 8, seed=3), quant_config=CONFIG, progress=False)
+    cache = calibrate(llama, _tokens(2, 8, seed=3), quant_config=CONFIG, progress=False).new_cache()
     state = cache.state_dict()
     assert {k.rsplit(".", 1)[1] for k in state if ".key." in k} == {
         *QueryAwareCenterObserver.fields,

@@ -24,8 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.analysis.report import config_text
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.cache.storage_layers import layer_memory
 from quantcache.cache.stream import StreamQuantizer
 from quantcache.calibration.calibrate import calibrate
@@ -241,7 +242,7 @@ def test_observer_sums_the_query_moment_of_each_kv_head_and_leaves_padding_out()
 
 
 def test_calibration_freezes_the_query_model_its_moments_imply(llama: PreTrainedModel) -> None:
-    cache = calibrate(llama, _tokens(2, 12, seed=6), quant_config=CONFIG, batch_size=2, progress=False)
+    cache = calibrate(llama, _tokens(2, 12, seed=6), quant_config=CONFIG, batch_size=2, progress=False).new_cache()
     for quantizer in cache.quantizers:
         key = quantizer.key
         assert isinstance(key.observer, QueryMomentObserver)
@@ -290,7 +291,7 @@ def test_rounding_cuts_the_logit_error_of_correlated_queries() -> None:
 
 # ---------------------------------------------------------------------------- state, storage, bits
 def test_the_query_model_round_trips_and_alterations_are_refused(llama: PreTrainedModel, tmp_path: Path) -> None:
-    state = calibrate(llama, _tokens(2, 8, seed=3), quant_config=CONFIG, progress=False).state_dict()
+    state = calibrate(llama, _tokens(2, 8, seed=3), quant_config=CONFIG, progress=False).new_cache().state_dict()
     saved = {k.rsplit(".", 1)[1] for k in state if ".key." in k} - set(QueryMomentObserver.fields)
     assert saved == {"center", "channel_scale", "query_diag", "query_factor"}
     cache = QuantizedCalibratingCache(llama, CONFIG)
@@ -362,9 +363,9 @@ def test_bits_count_the_query_model_and_memory_the_feedback(llama: PreTrainedMod
     for seq_len in (16, 1024):
         extra = stream_bits(ROUNDED, KV_HEADS, HEAD_DIM, seq_len) - stream_bits(AWARE, KV_HEADS, HEAD_DIM, seq_len)
         assert extra == pytest.approx(32 * (1 + QUERY_MODEL_RANK) / seq_len)
-    cache = calibrate(llama, _tokens(1, 8, seed=3), quant_config=replace(CONFIG, storage="packed"), progress=False)
+    cache = calibrate(llama, _tokens(1, 8, seed=3), quant_config=replace(CONFIG, storage="packed"), progress=False).new_cache()
     plain_config = replace(CONFIG, key=AWARE, storage="packed")
-    plain = calibrate(llama, _tokens(1, 8, seed=3), quant_config=plain_config, progress=False)
+    plain = calibrate(llama, _tokens(1, 8, seed=3), quant_config=plain_config, progress=False).new_cache()
     with torch.no_grad():
         for each in (cache, plain):
             llama(_tokens(1, 5, seed=8), **{CACHE_KEYWORD: each})

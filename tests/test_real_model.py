@@ -19,8 +19,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from quantcache import KVQuantConfig, QuantizedCalibratingCache
 from quantcache.analysis.evaluation import evaluate
 from quantcache.calibration.calibrate import calibrate
-from quantcache.models.catalog import load_model
 from quantcache.models.data import TextSource, token_windows
+from quantcache.models.loading import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def frozen_symmetric(
     smollm2: tuple[PreTrainedModel, PreTrainedTokenizerBase], wikitext_windows: tuple[torch.Tensor, torch.Tensor]
 ) -> QuantizedCalibratingCache:
     model, _ = smollm2
-    return calibrate(model, wikitext_windows[0], quant_config=KVQuantConfig(symmetric=True), progress=False)
+    return calibrate(model, wikitext_windows[0], quant_config=KVQuantConfig(symmetric=True), progress=False).new_cache()
 
 
 def test_smollm2_shape_as_the_cache_sees_it(frozen_symmetric: QuantizedCalibratingCache) -> None:

@@ -19,8 +19,9 @@ from conftest import GENERATION_MODES, SLIDING_WINDOW, assert_packed_generates_l
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.analysis.report import config_text
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import QuantStateError
 from quantcache.export import export_checkpoint
@@ -76,10 +77,11 @@ def test_the_newest_tokens_are_exact_and_older_ones_read_back_from_their_codes(
 ) -> None:
     """After each update, the last ``window`` positions equal the unquantized cache's; every other position
     equals what the same frozen scheme without a window returns (the token's codes)."""
-    config = KVQuantConfig(**INT4, storage=storage, pre_rope_keys=pre_rope_keys)
+    config = KVQuantConfig(**INT4, pre_rope_keys=pre_rope_keys)
     tokens = _tokens(2, sum(chunks), seed=1)
-    reference, plain = DynamicCache(config=llama.config), QuantizedCalibratingCache(llama, config).freeze()
-    windowed = QuantizedCalibratingCache(llama, replace(config, residual_window=window)).freeze()
+    reference = DynamicCache(config=llama.config)
+    plain = QuantizedCalibratingCache(llama, config, storage=storage).freeze()
+    windowed = QuantizedCalibratingCache(llama, replace(config, residual_window=window), storage=storage).freeze()
     # Layer 0: its new states depend on the tokens alone, whatever the caches did before.
     exact, quantized, got = _returns(reference, 0), _returns(plain, 0), _returns(windowed, 0)
     start = 0
@@ -96,9 +98,9 @@ def test_the_newest_tokens_are_exact_and_older_ones_read_back_from_their_codes(
 
 @pytest.mark.parametrize("storage", ["fake", "packed"])
 def test_sliding_window_layers_keep_the_window_past_their_own(gemma3: PreTrainedModel, storage: str) -> None:
-    config = KVQuantConfig(**INT4, storage=storage, residual_window=3, sink_tokens=1)
-    plain = QuantizedCalibratingCache(gemma3, replace(config, residual_window=0)).freeze()
-    windowed = QuantizedCalibratingCache(gemma3, config).freeze()
+    config = KVQuantConfig(**INT4, residual_window=3, sink_tokens=1)
+    plain = QuantizedCalibratingCache(gemma3, replace(config, residual_window=0), storage=storage).freeze()
+    windowed = QuantizedCalibratingCache(gemma3, config, storage=storage).freeze()
     sliding = 0  # the first layer slides; its new states depend on the tokens alone
     assert not windowed.layers[sliding].keeps_sinks
     reference = DynamicCache(config=gemma3.config)
@@ -118,8 +120,8 @@ def test_calibration_ignores_the_window(llama: PreTrainedModel) -> None:
     """Every token is quantized in the end, so every token is observed, window or not."""
     tokens = _tokens(2, 12, seed=3)
     config = KVQuantConfig(**INT4, center=True)
-    plain = calibrate(llama, tokens, quant_config=config, progress=False)
-    windowed = calibrate(llama, tokens, quant_config=replace(config, residual_window=4), progress=False)
+    plain = calibrate(llama, tokens, quant_config=config, progress=False).new_cache()
+    windowed = calibrate(llama, tokens, quant_config=replace(config, residual_window=4), progress=False).new_cache()
     for name, tensor in plain.state_dict().items():
         assert torch.equal(windowed.state_dict()[name], tensor), name
 
@@ -157,7 +159,7 @@ def test_generation_with_a_window_differs_from_generation_without(llama: PreTrai
 
 @pytest.mark.parametrize("storage", ["fake", "packed"])
 def test_batch_operations_carry_the_window_along(llama: PreTrainedModel, storage: str) -> None:
-    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4, residual_window=3, storage=storage)).freeze()
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4, residual_window=3), storage=storage).freeze()
     _run(llama, cache, _tokens(2, 6, seed=6))
     layer = cache.layers[0]
     first = layer._recent[0].clone()
@@ -179,10 +181,10 @@ def test_batch_operations_carry_the_window_along(llama: PreTrainedModel, storage
 @pytest.mark.parametrize("storage", ["fake", "packed"])
 def test_after_a_crop_the_window_refills_with_new_tokens_only(llama: PreTrainedModel, storage: str) -> None:
     """Tokens before a shortened window were stored quantized and stay so; the window grows back from new ones."""
-    config = KVQuantConfig(**INT4, storage=storage)
+    config = KVQuantConfig(**INT4)
     tokens = _tokens(1, 8, seed=7)
-    plain = QuantizedCalibratingCache(llama, config).freeze()
-    windowed = QuantizedCalibratingCache(llama, replace(config, residual_window=3)).freeze()
+    plain = QuantizedCalibratingCache(llama, config, storage=storage).freeze()
+    windowed = QuantizedCalibratingCache(llama, replace(config, residual_window=3), storage=storage).freeze()
     reference = DynamicCache(config=llama.config)
     exact, quantized, got = _returns(reference, 0), _returns(plain, 0), _returns(windowed, 0)
     for cache in (reference, plain, windowed):
@@ -202,9 +204,9 @@ def test_effective_bits_count_the_window_a_packed_cache_holds(
 ) -> None:
     """The honest count: the window's copies are full_precision bytes in memory_report, and effective bits agree."""
     model = request.getfixturevalue(arch)
-    config = KVQuantConfig(**INT4, sink_tokens=1, residual_window=window, storage="packed")
-    without = QuantizedCalibratingCache(model, replace(config, residual_window=0))
-    cache = QuantizedCalibratingCache(model, config).freeze()
+    config = KVQuantConfig(**INT4, sink_tokens=1, residual_window=window)
+    without = QuantizedCalibratingCache(model, replace(config, residual_window=0), storage="packed")
+    cache = QuantizedCalibratingCache(model, config, storage="packed").freeze()
     held = cache.held_tokens(40)
     copies = [min(window, tokens) for tokens in held]
     assert cache.full_precision_held(40) == [s + c for s, c in zip(cache.sinks_held(40), copies, strict=True)]
@@ -220,8 +222,8 @@ def test_effective_bits_count_the_window_a_packed_cache_holds(
 
 
 def test_an_unquantized_layer_keeps_no_window(llama: PreTrainedModel) -> None:
-    config = KVQuantConfig(**INT4, residual_window=2, exclude=("model.layers.0.self_attn",), storage="packed")
-    cache = QuantizedCalibratingCache(llama, config).freeze()
+    config = KVQuantConfig(**INT4, residual_window=2, exclude=("model.layers.0.self_attn",))
+    cache = QuantizedCalibratingCache(llama, config, storage="packed").freeze()
     _run(llama, cache, _tokens(1, 5, seed=9))
     assert cache.layers[0]._recent is None and cache.layers[1]._recent is not None
 

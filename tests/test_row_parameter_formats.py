@@ -9,15 +9,15 @@ changed by a layer override. The math of each format has its own module
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 import torch
 from conftest import random_tokens
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import KVQuantConfig, QuantizedCalibratingCache
 from quantcache.analysis.report import config_text
+from quantcache.cache.model_facts import CACHE_KEYWORD
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,9 +38,10 @@ def _one_byte(setting: str, **more: object) -> dict[str, object]:
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_effective_bits_are_what_a_packed_cache_holds(request: pytest.FixtureRequest, arch: str, setting: str) -> None:
     model = request.getfixturevalue(arch)
-    config = KVQuantConfig(**_one_byte(setting), storage="packed")
-    cache = QuantizedCalibratingCache(model, config).freeze()
-    two_bytes = QuantizedCalibratingCache(model, replace(config, **{setting: SETTINGS[setting][1]})).freeze()
+    config = KVQuantConfig(**_one_byte(setting))
+    cache = QuantizedCalibratingCache(model, config, storage="packed").freeze()
+    two_bytes = config.with_stream_args(**{setting: SETTINGS[setting][1]})
+    two_bytes = QuantizedCalibratingCache(model, two_bytes, storage="packed").freeze()
     with torch.no_grad():
         model(random_tokens(1, 40, seed=3), **{CACHE_KEYWORD: cache})
     report = cache.memory_report()
@@ -92,4 +93,4 @@ def test_a_saved_state_reloads_with_its_format(
     loaded = QuantizedCalibratingCache.from_file(path, llama)
     assert loaded.quant_config == config
     with pytest.raises(Exception, match="config"):
-        QuantizedCalibratingCache(llama, replace(config, **{setting: SETTINGS[setting][1]})).load(path)
+        QuantizedCalibratingCache(llama, config.with_stream_args(**{setting: SETTINGS[setting][1]})).load(path)

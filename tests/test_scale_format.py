@@ -142,7 +142,7 @@ def test_mse_search_keeps_to_stored_scales() -> None:
 
 
 def test_a_row_decodes_to_the_same_bits_whatever_is_decoded_with_it(llama: PreTrainedModel) -> None:
-    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4_LOG8, storage="packed")).freeze()
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4_LOG8), storage="packed").freeze()
     stream = cache.layers[0].quantizer.key
     states = torch.randn(1, 2, 37, 16, generator=torch.Generator().manual_seed(1)) * 3
     rows = stream.encode(states)

@@ -16,7 +16,8 @@ from conftest import GENERATION_MODES, assert_packed_generates_like_fake
 from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +46,7 @@ def test_sink_tokens_survive_the_yaml_round_trip() -> None:
 def test_the_sink_tokens_are_kept_exactly_and_the_rest_quantized(llama: PreTrainedModel, storage: str) -> None:
     tokens = _tokens(2, 5, seed=1)
     reference = DynamicCache()
-    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4, sink_tokens=2, storage=storage)).freeze()
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4, sink_tokens=2), storage=storage).freeze()
     layer = cache.layers[1]
     returned: list[tuple[torch.Tensor, torch.Tensor]] = []
     update = layer.update
@@ -64,7 +65,7 @@ def test_calibration_leaves_the_sink_tokens_out(llama: PreTrainedModel) -> None:
     tokens = _tokens(2, 12, seed=2)
     reference = DynamicCache()
     _run(llama, reference, tokens)
-    cache = calibrate(llama, tokens, quant_config=KVQuantConfig(sink_tokens=3), freeze=False, progress=False)
+    cache = calibrate(llama, tokens, quant_config=KVQuantConfig(sink_tokens=3), freeze=False, progress=False).new_cache()
     for index, layer in enumerate(reference.layers):
         stream = cache.quantizers[index].key
         rest = layer.keys[:, :, 3:]
@@ -74,7 +75,7 @@ def test_calibration_leaves_the_sink_tokens_out(llama: PreTrainedModel) -> None:
 
 def test_the_padding_mask_still_lines_up_after_the_sinks(llama: PreTrainedModel) -> None:
     tokens = _tokens(1, 10, seed=3)
-    plain = calibrate(llama, tokens, quant_config=KVQuantConfig(sink_tokens=1), freeze=False, progress=False)
+    plain = calibrate(llama, tokens, quant_config=KVQuantConfig(sink_tokens=1), freeze=False, progress=False).new_cache()
     padded = QuantizedCalibratingCache(llama, KVQuantConfig(sink_tokens=1))
     ids = torch.cat([tokens, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     mask = torch.cat([torch.ones_like(tokens), torch.zeros(1, 3, dtype=torch.long)], dim=1)
@@ -99,7 +100,7 @@ def test_packed_storage_generates_what_fake_storage_generates(
 
 
 def test_batch_operations_carry_the_sinks_along(llama: PreTrainedModel) -> None:
-    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4, sink_tokens=2, storage="packed")).freeze()
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4, sink_tokens=2), storage="packed").freeze()
     _run(llama, cache, _tokens(2, 5, seed=5))
     layer = cache.layers[0]
     first = layer.sink_keys.clone()
@@ -118,7 +119,7 @@ def test_batch_operations_carry_the_sinks_along(llama: PreTrainedModel) -> None:
 
 
 def test_sliding_window_layers_keep_no_sinks(gemma3: PreTrainedModel) -> None:
-    cache = QuantizedCalibratingCache(gemma3, KVQuantConfig(**INT4, sink_tokens=2, storage="packed")).freeze()
+    cache = QuantizedCalibratingCache(gemma3, KVQuantConfig(**INT4, sink_tokens=2), storage="packed").freeze()
     _run(gemma3, cache, _tokens(1, 6, seed=6))
     kinds = [getattr(layer, "keeps_sinks", True) for layer in cache.layers]
     assert False in kinds and True in kinds
@@ -133,9 +134,9 @@ def test_effective_bits_count_the_sinks_a_packed_cache_holds(
 ) -> None:
     """The honest count: sink copies are full_precision bytes in memory_report, and effective bits agree."""
     model = request.getfixturevalue(arch)
-    config = KVQuantConfig(**INT4, sink_tokens=3, storage=storage)
-    without = QuantizedCalibratingCache(model, KVQuantConfig(**INT4, storage=storage))
-    cache = QuantizedCalibratingCache(model, config).freeze()
+    config = KVQuantConfig(**INT4, sink_tokens=3)
+    without = QuantizedCalibratingCache(model, KVQuantConfig(**INT4), storage=storage)
+    cache = QuantizedCalibratingCache(model, config, storage=storage).freeze()
     full = sum(getattr(layer, "keeps_sinks", True) for layer in cache.layers)
     assert cache.sinks_held(40) == [3 if getattr(layer, "keeps_sinks", True) else 0 for layer in cache.layers]
     assert cache.sinks_held(2) == [2 if getattr(layer, "keeps_sinks", True) else 0 for layer in cache.layers]

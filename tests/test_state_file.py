@@ -4,10 +4,11 @@ Issue 10 found states that loaded without a word although a byte was flipped or 
 parameters contradicted the statistics. Two defences exist and each is tested on its
 own: the sha256 checksum (any flipped bit of the file is refused, fuzzed here over the
 whole file, header included) and the one validator, ``validate_state`` /
-``stream_problems`` (each of its rules is tested with a state rewritten through
-``write_state_file``, so the checksum is valid and only the validator can refuse it;
-the same rules are exercised through ``load_state_dict`` for in-memory dicts). Also:
-the file respects the umask, and version-1 files still load and validate.
+``stream_problems`` (each of its rules is tested with a forged file, its checksum valid,
+so only the validator can refuse it; ``write_state_file`` refuses to write such a state
+in the first place, and the same rules are exercised through ``load_state_dict`` for
+in-memory dicts). Also: the file respects the umask, and version-1 files still load and
+validate.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import forge_state_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache import KVQuantConfig, QuantizedCalibratingCache, QuantStateError
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.scheme.args import QuantArgs
 from quantcache.state.file import StateFile, read_state_file, validate_state, write_state_file
 
@@ -334,11 +339,14 @@ def _broken(rule: Rule, states: dict[str, StateFile]) -> StateFile:
 def test_each_validator_rule_refuses_a_file_with_a_valid_checksum(
     rule: Rule, states: dict[str, StateFile], llama: PreTrainedModel, tmp_path: Path
 ) -> None:
-    """Rewritten through ``write_state_file`` the checksum is right, so only the validator stands between
-    the file and a silently wrong cache; ``inspect`` (``validate_state``) must name the same problem."""
+    """Forged with a valid checksum, only the validator stands between the file and a silently wrong cache;
+    the writer, the reader, the loaders and ``inspect`` (``validate_state``) must name the same problem."""
     broken = _broken(rule, states)
     assert any(rule.message in problem for problem in validate_state(broken)), validate_state(broken)
-    path = write_state_file(tmp_path / "broken.safetensors", broken)
+    with pytest.raises(QuantStateError, match=re.escape(rule.message)):
+        write_state_file(tmp_path / "refused.safetensors", broken)  # the writer asks the same validator
+    assert not (tmp_path / "refused.safetensors").exists()
+    path = forge_state_file(tmp_path / "broken.safetensors", broken)
     with pytest.raises(QuantStateError, match=re.escape(rule.message)):
         read_state_file(path)
     with pytest.raises(QuantStateError, match=re.escape(rule.message)):
@@ -426,6 +434,129 @@ def test_tensors_for_a_dynamic_stream_are_reported(states: dict[str, StateFile])
     tensors["layers.0.key.scale"] = torch.full((2, 16), float("nan"))
     tensors["layers.0.key.zero_point"] = torch.full((2, 16), 1e12, dtype=torch.float64)
     assert validate_state(replace(good, config=config, tensors=tensors)) != []
+
+
+# ================================================================================ 3. the state as a whole
+def _rewrite_metadata(source: Path, target: Path, **changes: str) -> Path:
+    """``source`` copied to ``target`` with metadata values replaced and the old checksum kept (a hand edit)."""
+    with safe_open(str(source), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    save_file(tensors, str(target), metadata={**metadata, **changes})
+    return target
+
+
+def test_an_edited_origin_is_refused_by_the_checksum(
+    frozen_file: tuple[Path, bytes], llama: PreTrainedModel, tmp_path: Path
+) -> None:
+    """``origin`` decides whether the parameters must be what the statistics imply: a state relabelled
+    'imported' would let altered parameters through, so the checksum must cover it."""
+    source, _ = frozen_file
+    target = _rewrite_metadata(source, tmp_path / "relabelled.safetensors", origin=json.dumps("imported from ascend"))
+    for load in (read_state_file, lambda path: QuantizedCalibratingCache.from_file(path, llama)):
+        with pytest.raises(QuantStateError, match="checksum mismatch"):
+            load(target)
+    untouched = _rewrite_metadata(source, tmp_path / "same.safetensors", origin=json.dumps("calibrated"))
+    assert read_state_file(untouched).origin == "calibrated"
+
+
+@pytest.mark.parametrize("origin", ["imported", "imported from ", "calibrated by hand", ""])
+def test_an_origin_this_reader_does_not_know_is_a_problem(states: dict[str, StateFile], origin: str) -> None:
+    assert validate_state(replace(states["sym"], origin=origin)) == [
+        f"origin {origin!r} is neither 'calibrated' nor 'imported from FORMAT'"
+    ]
+
+
+def _parameters_only(stored: StateFile) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in stored.tensors.items() if name.endswith((".scale", ".zero_point"))}
+
+
+def test_a_calibrated_frozen_state_must_carry_its_statistics(
+    states: dict[str, StateFile], llama: PreTrainedModel, tmp_path: Path
+) -> None:
+    """Without min/max nothing can show that a calibrated state's parameters are what calibration made (a
+    scale 1000x too large would load), so such a state is refused everywhere, naming the ways out."""
+    stripped = replace(states["asym"], tensors=_parameters_only(states["asym"]))
+    problems = validate_state(stripped)
+    assert len(problems) == 4  # two layers, two streams
+    assert problems[0].startswith(
+        "layers.0.key: frozen parameters without the statistics they were calibrated from (min, max)"
+    )
+    assert "recalibrate" in problems[0] and "origin='imported from TOOL'" in problems[0]
+    with pytest.raises(QuantStateError, match="without the statistics they were calibrated from"):
+        write_state_file(tmp_path / "refused.safetensors", stripped)
+    assert not (tmp_path / "refused.safetensors").exists()
+    forged = forge_state_file(tmp_path / "stripped.safetensors", stripped)
+    for load in (read_state_file, lambda path: QuantizedCalibratingCache.from_file(path, llama)):
+        with pytest.raises(QuantStateError, match="without the statistics they were calibrated from"):
+            load(forged)
+
+
+def test_an_imported_frozen_state_may_lack_statistics(
+    states: dict[str, StateFile], llama: PreTrainedModel, tmp_path: Path
+) -> None:
+    """Another tool's checkpoint holds parameters only; what they came from is not ours to check."""
+    imported = replace(states["asym"], tensors=_parameters_only(states["asym"]), origin="imported from ascend")
+    assert validate_state(imported) == []
+    path = write_state_file(tmp_path / "imported.safetensors", imported)
+    assert read_state_file(path).origin == "imported from ascend"
+    assert QuantizedCalibratingCache.from_file(path, llama).is_frozen
+
+
+def _observe_layer_zero(llama: PreTrainedModel) -> QuantizedCalibratingCache:
+    """A calibrating cache whose layer 0 saw states and layer 1 none (as when a caller drives ``update`` itself)."""
+    cache = QuantizedCalibratingCache(llama)
+    states = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(0))
+    cache.update(states, states, 0)
+    return cache
+
+
+MISSING_LAYER = "quantized layers [1] (model.layers.1.self_attn ...) have no tensors"
+
+
+def test_a_state_without_a_quantized_layer_is_refused_by_save_read_and_load(
+    llama: PreTrainedModel, states: dict[str, StateFile], tmp_path: Path
+) -> None:
+    """Save, read, load and ``inspect`` (tests/test_cli.py) decide alike: a cache cannot load a state that
+    leaves a quantized layer without statistics, so neither may it be written nor called valid."""
+    cache = _observe_layer_zero(llama)
+    with pytest.raises(QuantStateError, match=re.escape(MISSING_LAYER)) as refused:
+        cache.save(tmp_path / "partial.safetensors")
+    assert "run the calibration text through the whole model" in str(refused.value)
+    assert not (tmp_path / "partial.safetensors").exists()
+    for name in ("calib", "sym"):
+        layer_zero = {key: t for key, t in states[name].tensors.items() if key.startswith("layers.0.")}
+        (problem,) = validate_state(replace(states[name], tensors=layer_zero))
+        assert problem.startswith(MISSING_LAYER)
+        partial = replace(states[name], tensors=layer_zero)
+        forged = forge_state_file(tmp_path / f"{name}.safetensors", partial)
+        for load in (read_state_file, lambda path: QuantizedCalibratingCache.from_file(path, llama)):
+            with pytest.raises(QuantStateError, match=re.escape(MISSING_LAYER)):
+                load(forged)
+
+
+def test_recorded_quantized_layers_decide_which_layers_a_state_must_cover(
+    states: dict[str, StateFile], tmp_path: Path
+) -> None:
+    """A layer the config quantizes may still hold no KV of its own (it shares another's, or is a linear-attention
+    layer): the writer records the layers it quantized, and the validator expects exactly those."""
+    layer_zero = {key: t for key, t in states["sym"].tensors.items() if key.startswith("layers.0.")}
+    recorded = replace(states["sym"], tensors=layer_zero, quantized_layers=[0])
+    assert validate_state(recorded) == []
+    back = read_state_file(write_state_file(tmp_path / "recorded.safetensors", recorded))
+    assert back.quantized_layers == [0] and back.tensors.keys() == layer_zero.keys()
+    assert read_state_file(write_state_file(tmp_path / "plain.safetensors", states["sym"])).quantized_layers is None
+    (problem,) = validate_state(replace(recorded, quantized_layers=[0, 1]))
+    assert problem.startswith(MISSING_LAYER)
+    excluded = replace(recorded, config=KVQuantConfig(exclude=("model.layers.1.self_attn",)))
+    assert validate_state(excluded) == []
+    assert validate_state(replace(excluded, quantized_layers=[0, 1])) == [
+        "model.quantized_layers names layers [1] (model.layers.1.self_attn ...) that the stored config does not "
+        "quantize"
+    ]
+    for bad in ([1, 0], [0, 0], [2], [-1], ["0"]):
+        (problem,) = validate_state(replace(recorded, quantized_layers=bad))  # type: ignore[arg-type]
+        assert problem.startswith("model.quantized_layers") and "ascending list of layer indices below 2" in problem
 
 
 # ================================================================================ 5. permissions follow the umask

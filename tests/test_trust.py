@@ -25,8 +25,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, PreTrainedModel
 
-from quantcache import CACHE_KEYWORD, ConfigError, KVQuantConfig, QuantizedCalibratingCache
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
 from quantcache.cache.layer import LayerQuantizer
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.cache.stream import StreamQuantizer
 from quantcache.errors import EXIT_INPUT, CalibrationError, NonFiniteStateError
 from quantcache.ops.granularity import Granularity
@@ -223,7 +224,7 @@ def packed_caches(
     caches: dict[str, QuantizedCalibratingCache] = {}
     for args in SCHEMES:
         fake = frozen_caches[_name(args)]
-        cache = QuantizedCalibratingCache(llama, KVQuantConfig(key=args, value=args, storage="packed"))
+        cache = QuantizedCalibratingCache(llama, KVQuantConfig(key=args, value=args), storage="packed")
         cache.load_state_dict(fake.state_dict())
         if not cache.is_frozen:  # all-dynamic schemes save no parameters: freezing needs no statistics
             cache.freeze()

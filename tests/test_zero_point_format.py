@@ -114,8 +114,8 @@ def test_a_scale_clamped_by_log8_keeps_the_zero_point_inside_the_codes() -> None
 def test_rows_store_zero_points_at_both_ends_of_the_codes(llama: PreTrainedModel, dtype: str) -> None:
     """A one-byte zero point is a signed byte: ``qmin`` (a token of positive states) and ``qmax`` (negative ones)
     survive the row, and a row decodes to what the fake cache returns."""
-    config = KVQuantConfig(**{**INT4_ZP8, "dtype": dtype}, storage="packed")
-    stream = QuantizedCalibratingCache(llama, config).freeze().layers[0].quantizer.key
+    config = KVQuantConfig(**{**INT4_ZP8, "dtype": dtype})
+    stream = QuantizedCalibratingCache(llama, config, storage="packed").freeze().layers[0].quantizer.key
     states = torch.rand(1, 2, 6, 16, generator=torch.Generator().manual_seed(2)) + 0.5
     states[:, :, 3:] *= -1
     rows = stream.encode(states)

@@ -31,7 +31,7 @@ _EXPORTS: dict[str, str] = {
     "QuantScope": "scheme.args",
     "calibrate": "calibration.calibrate",
     "evaluate": "analysis.evaluation",
-    "load_model": "models.catalog",
+    "load_model": "models.loading",
     "CalibrationError": "errors",
     "ConfigError": "errors",
     "QuantStateError": "errors",
@@ -77,6 +77,6 @@ if TYPE_CHECKING:  # static type checkers see the eager imports
     from .cache.kv_quantizer import CacheMode, KVQuantizer
     from .calibration.calibrate import calibrate
     from .errors import CalibrationError, ConfigError, QuantcacheError, QuantStateError
-    from .models.catalog import load_model
+    from .models.loading import load_model
     from .scheme.args import QuantArgs, QuantDtype, QuantMethod, QuantScope
     from .scheme.config import KVQuantConfig

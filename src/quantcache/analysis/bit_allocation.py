@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from quantcache.analysis.evaluation import _finite_or_none
 from quantcache.analysis.sensitivity import _metrics_with, _quantized, _Reference, _run_search, _with_enabled
 from quantcache.cache.cache import QuantizedCalibratingCache
+from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import ConfigError
 from quantcache.ops.bits import stream_bits
@@ -153,8 +154,7 @@ def _mix_config(base: KVQuantConfig, names: Sequence[str], picks: Sequence[BitCa
         chosen = next(candidate for candidate in picks if candidate.name == pick)
         modules = tuple(name for name, candidate in zip(names, picks, strict=True) if candidate.name == pick)
         overrides.append(LayerOverride(modules, chosen.key, chosen.value))
-    shared = {field: getattr(top.key, field) for field in top.key.__dataclass_fields__}
-    return replace(base, **shared, key=top.key, value=top.value, layers=tuple(overrides))
+    return replace(base, key=top.key, value=top.value, layers=tuple(overrides))
 
 
 def suggest_bits(
@@ -186,10 +186,10 @@ def suggest_bits(
     calibration = windows if calibration is None else calibration
 
     def frozen(config: KVQuantConfig) -> QuantizedCalibratingCache:
-        cache = QuantizedCalibratingCache(model, config, warn_unmatched=False)
-        if any(stream.calibrates for quantizer in cache.quantizers for _, stream in quantizer.streams):
-            return calibrate(model, calibration, cache=cache, progress=False)
-        return cache.freeze()
+        quantizer = KVQuantizer(model, config, warn_unmatched=False)
+        if quantizer.needs_calibration:
+            quantizer = calibrate(model, calibration, quantizer=quantizer, progress=False)
+        return quantizer.freeze().new_cache()
 
     def configured(candidate: BitCandidate) -> KVQuantConfig:
         try:
@@ -206,17 +206,17 @@ def suggest_bits(
         raise ConfigError("the config quantizes no layer")
     seq_len = int(windows.shape[1])
     held = first.held_tokens(seq_len)
-    fixed = sum(2 * UNQUANTIZED_BITS * held[q.index] for q in first.quantizers if not q.enabled)
+    plain = set(range(len(held))) - set(first.quantized_layers)
+    fixed = sum(2 * UNQUANTIZED_BITS * held[i] for i in plain)
     copies = first.full_precision_held(seq_len)
-    fixed += sum(2 * UNQUANTIZED_BITS * copies[q.index] for q in quantized)  # sinks and window, whatever the scheme
+    fixed += sum(2 * UNQUANTIZED_BITS * copies[i] for i, _ in quantized)  # sinks and window, whatever the scheme
     allowance = budget * sum(2 * tokens for tokens in held) - fixed
     costs = [
         [
-            sum(stream_bits(args, first.kv_heads, first.head_dim, held[q.index]) for args in (c.key, c.value))
-            * held[q.index]
+            sum(stream_bits(args, first.kv_heads, first.head_dim, held[i]) for args in (c.key, c.value)) * held[i]
             for c in parsed
         ]
-        for q in quantized
+        for i, _ in quantized
     ]
     cheapest = sum(min(row) for row in costs)
     if cheapest > allowance * (1 + 1e-12):
@@ -226,13 +226,13 @@ def suggest_bits(
     def body(reference: _Reference, bar: tqdm[Any]) -> BitSuggestion:
         kl: dict[str, list[float]] = {c.name: [] for c in parsed}
         for candidate, cache in zip(parsed, caches, strict=True):
-            for quantizer in quantized:
-                alone = _with_enabled(cache, {quantizer.index})
+            for index, _ in quantized:
+                alone = _with_enabled(cache, {index})
                 kl[candidate.name].append(_metrics_with(model, alone, reference, bar.update).kl_mean)
         losses = [[kl[c.name][row] for c in parsed] for row in range(len(quantized))]
         choice = _choose(costs, losses, allowance)
         picks = [parsed[c] for c in choice]
-        names = [q.name for q in quantized]
+        names = [name for _, name in quantized]
         config = _mix_config(base, names, picks)
         mixed = frozen(config)
         bar.total = (bar.total or 0) + int(reference.windows.numel()) * (1 + len(parsed))
@@ -245,10 +245,8 @@ def suggest_bits(
             else:
                 bar.update(int(reference.windows.numel()))
         layers = [
-            LayerChoice(
-                q.index, q.name, pick.name, costs[row][choice[row]] / (2 * held[q.index]), losses[row][choice[row]]
-            )
-            for row, (q, pick) in enumerate(zip(quantized, picks, strict=True))
+            LayerChoice(index, name, pick.name, costs[row][choice[row]] / (2 * held[index]), losses[row][choice[row]])
+            for row, ((index, name), pick) in enumerate(zip(quantized, picks, strict=True))
         ]
         return BitSuggestion(
             budget=float(budget),

@@ -29,11 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from quantcache.cache.cache import CACHE_KEYWORD, QuantizedCalibratingCache
-from quantcache.cache.stream import StreamQuantizer
+from quantcache.cache.cache import QuantizationEvent, QuantizedCalibratingCache
+from quantcache.cache.kv_quantizer import KVQuantizer
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import _vocab_size, check_token_batch, model_device
 from quantcache.errors import CalibrationError
-from quantcache.ops.quantize import QuantParams
 from quantcache.progress import progress_bar
 
 __all__ = ["EvaluationResult", "LayerError", "evaluate"]
@@ -166,12 +166,12 @@ class _StreamError:
         self.clipped = 0
         self.elements = 0
 
-    def add(self, stream: StreamQuantizer, states: torch.Tensor, quantized: torch.Tensor, params: QuantParams) -> None:
-        """A :data:`~quantcache.cache.stream.QuantizeHook`: fold one quantization's error into the sums."""
-        x = states.float()
+    def add(self, event: QuantizationEvent) -> None:
+        """Fold one quantization's error into the sums."""
+        x = event.states.float()
         self.signal += _sum(x.square())
-        self.noise += _sum((x - quantized.float()).square())
-        self.clipped += int(stream.saturated(states, params).sum())
+        self.noise += _sum((x - event.quantized.float()).square())
+        self.clipped += int(event.clipped.sum())
         self.elements += int(x.numel())
 
     @property
@@ -190,17 +190,18 @@ class _StreamError:
 def _measuring_copy(
     cache: QuantizedCalibratingCache, errors: dict[int, tuple[_StreamError, _StreamError]]
 ) -> QuantizedCalibratingCache:
-    """An empty copy of ``cache`` whose quantizers report their error into ``errors`` (per layer: key, value).
+    """An empty copy of ``cache`` that reports its error into ``errors`` (per layer: key, value).
 
-    It goes through the quantizers' documented ``on_quantize`` hook, so the copy
-    stores exactly what the frozen cache would store.
+    It goes through the cache's documented ``on_quantize`` hook, so the copy stores
+    exactly what the frozen cache would store.
     """
+
+    def heard(event: QuantizationEvent) -> None:
+        key_error, value_error = errors.setdefault(event.layer_idx, (_StreamError(), _StreamError()))
+        (key_error if event.stream == "key" else value_error).add(event)
+
     measuring = cache.empty_copy()
-    for quantizer in measuring.quantizers:
-        if quantizer.enabled:
-            key_error, value_error = errors.setdefault(quantizer.index, (_StreamError(), _StreamError()))
-            quantizer.key.on_quantize = key_error.add
-            quantizer.value.on_quantize = value_error.add
+    measuring.on_quantize = heard
     return measuring
 
 
@@ -232,11 +233,18 @@ def _forward_chunks(
         yield output.logits[0, : stop - start], window[0, start + 1 : stop + 1]
 
 
+def as_cache(source: KVQuantizer | QuantizedCalibratingCache) -> QuantizedCalibratingCache:
+    """What evaluation runs: the cache given, or a new fake-storage cache of a quantizer."""
+    if isinstance(source, KVQuantizer):
+        return source.new_cache()
+    if not isinstance(source, QuantizedCalibratingCache):
+        raise TypeError(f"expected a KVQuantizer or a QuantizedCalibratingCache, got {type(source).__name__}")
+    return source
+
+
 def _check_inputs(
     model: nn.Module, cache: QuantizedCalibratingCache, windows: torch.Tensor, prefill: int, chunk: int
 ) -> torch.Tensor:
-    if not isinstance(cache, QuantizedCalibratingCache):
-        raise TypeError(f"cache must be a QuantizedCalibratingCache, got {type(cache).__name__}")
     if not cache.is_frozen:
         raise CalibrationError(
             "evaluation needs a frozen cache: calibrate it and call cache.freeze() (or load a saved, frozen state)"
@@ -256,9 +264,9 @@ def _check_inputs(
     except TypeError:  # older signature without ``decoder``
         text_config = getter() if callable(getter) else config
     num_layers = getattr(text_config, "num_hidden_layers", None)
-    if isinstance(num_layers, int) and num_layers != len(cache.quantizers):
+    if isinstance(num_layers, int) and num_layers != len(cache.layer_names):
         raise CalibrationError(
-            f"the cache has {len(cache.quantizers)} layers but the model has {num_layers}; "
+            f"the cache has {len(cache.layer_names)} layers but the model has {num_layers}; "
             "it was made for another model"
         )
     return windows
@@ -286,7 +294,7 @@ def _settings(cache: QuantizedCalibratingCache, windows: torch.Tensor, prefill: 
 # ---------------------------------------------------------------------------- evaluate
 def evaluate(
     model: nn.Module,
-    cache: QuantizedCalibratingCache,
+    cache: KVQuantizer | QuantizedCalibratingCache,
     windows: torch.Tensor,
     *,
     prefill: int = 256,
@@ -297,9 +305,11 @@ def evaluate(
 
     Every row of ``windows`` (int64 ``(num_windows, L)``) is run through the model twice
     in lockstep, a prefill of ``min(prefill, L)`` tokens and then chunks of ``chunk``
-    tokens, each continuing the cache. ``cache`` must be frozen; it is not modified (each
-    window uses an empty copy). See the module docstring for the metrics.
+    tokens, each continuing the cache. ``cache`` (a frozen :class:`KVQuantizer`, or a cache of
+    one, whose storage is then used) is not modified: each window uses a new cache. See the
+    module docstring for the metrics.
     """
+    cache = as_cache(cache)
     windows = _check_inputs(model, cache, windows, prefill, chunk)
     device = model_device(model)
     bounds = _chunk_bounds(int(windows.shape[1]), prefill, chunk)
@@ -325,13 +335,14 @@ def evaluate(
         bar.close()
         model.train(was_training)
     layers = []
-    for quantizer in cache.quantizers:
-        key_error, value_error = errors.get(quantizer.index, (_StreamError(), _StreamError()))
+    quantized = set(cache.quantized_layers)
+    for index, name in enumerate(cache.layer_names):
+        key_error, value_error = errors.get(index, (_StreamError(), _StreamError()))
         layers.append(
             LayerError(
-                index=quantizer.index,
-                name=quantizer.name,
-                quantized=quantizer.enabled,
+                index=index,
+                name=name,
+                quantized=index in quantized,
                 key_sqnr_db=key_error.sqnr_db,
                 value_sqnr_db=value_error.sqnr_db,
                 key_clip_fraction=key_error.clip_fraction,

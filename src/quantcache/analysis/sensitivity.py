@@ -26,9 +26,10 @@ from quantcache.analysis.evaluation import (
     _progress,
     _reference_cache,
     _TokenMetrics,
+    as_cache,
 )
 from quantcache.cache.cache import QuantizedCalibratingCache
-from quantcache.cache.layer import LayerQuantizer
+from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.calibration.calibrate import _vocab_size, model_device
 
 __all__ = ["REFERENCE_STORE_BYTES", "ExcludeSuggestion", "LayerSensitivity", "layer_sensitivity", "suggest_exclude"]
@@ -124,23 +125,20 @@ def _metrics_with(
 
 
 def _with_enabled(cache: QuantizedCalibratingCache, enabled: set[int]) -> QuantizedCalibratingCache:
-    """An empty copy of ``cache`` that quantizes only the layers in ``enabled``."""
-    variant = cache.empty_copy()  # deep-copies the quantizers: toggling them leaves ``cache`` alone
-    for quantizer in variant.quantizers:
-        quantizer.enabled = quantizer.index in enabled
-    return variant
+    """An empty cache that quantizes only the layers in ``enabled`` with ``cache``'s parameters (left as they are)."""
+    return cache.quantizer.restricted_to(sorted(enabled)).new_cache(storage=cache.storage)
 
 
 def _sensitivity(
     model: nn.Module, cache: QuantizedCalibratingCache, reference: _Reference, on_tokens: Callable[[int], object]
 ) -> list[LayerSensitivity]:
     ranking = []
-    for quantizer in _quantized(cache):
-        metrics = _metrics_with(model, _with_enabled(cache, {quantizer.index}), reference, on_tokens)
+    for index, name in _quantized(cache):
+        metrics = _metrics_with(model, _with_enabled(cache, {index}), reference, on_tokens)
         ranking.append(
             LayerSensitivity(
-                index=quantizer.index,
-                name=quantizer.name,
+                index=index,
+                name=name,
                 kl_mean=metrics.kl_mean,
                 ppl_relative_change=metrics.ppl_quantized / metrics.ppl_reference - 1.0,
             )
@@ -149,8 +147,9 @@ def _sensitivity(
     return ranking
 
 
-def _quantized(cache: QuantizedCalibratingCache) -> list[LayerQuantizer]:
-    return [quantizer for quantizer in cache.quantizers if quantizer.enabled]
+def _quantized(cache: QuantizedCalibratingCache) -> list[tuple[int, str]]:
+    """``(index, name)`` of the layers ``cache`` quantizes."""
+    return [(index, cache.layer_names[index]) for index in cache.quantized_layers]
 
 
 def _run_search(
@@ -184,7 +183,7 @@ def _run_search(
 
 def layer_sensitivity(
     model: nn.Module,
-    cache: QuantizedCalibratingCache,
+    cache: KVQuantizer | QuantizedCalibratingCache,
     windows: torch.Tensor,
     *,
     prefill: int = 256,
@@ -197,6 +196,7 @@ def layer_sensitivity(
     run of each window is computed once and shared by all layers (stored on the CPU when
     it fits in :data:`REFERENCE_STORE_BYTES`). ``cache`` is not modified.
     """
+    cache = as_cache(cache)
 
     def body(reference: _Reference, bar: tqdm[Any]) -> list[LayerSensitivity]:
         return _sensitivity(model, cache, reference, bar.update)
@@ -209,7 +209,7 @@ def layer_sensitivity(
 
 def suggest_exclude(
     model: nn.Module,
-    cache: QuantizedCalibratingCache,
+    cache: KVQuantizer | QuantizedCalibratingCache,
     windows: torch.Tensor,
     *,
     kl_budget: float,
@@ -223,9 +223,10 @@ def suggest_exclude(
     them quantized, then excludes layers greedily, most sensitive first, re-measuring the
     combined KL after each, until it is within the budget or every layer is excluded (KL 0).
     """
+    cache = as_cache(cache)
     if isinstance(kl_budget, bool) or not isinstance(kl_budget, (int, float)) or not kl_budget >= 0:
         raise ValueError(f"kl_budget must be a non-negative number, got {kl_budget!r}")
-    quantized = {quantizer.index for quantizer in _quantized(cache)}
+    quantized = set(cache.quantized_layers)
 
     def body(reference: _Reference, bar: tqdm[Any]) -> ExcludeSuggestion:
         ranking = _sensitivity(model, cache, reference, bar.update)

@@ -3,13 +3,22 @@
 A :class:`LayerQuantizer` pairs the two :class:`~quantcache.cache.stream.StreamQuantizer`
 of one layer and knows its name, so every error it raises says which layer is at fault.
 Cache layers only call :meth:`LayerQuantizer.process`.
+
+It holds calibration state only, never a conversation's: one :class:`~quantcache.cache.kv_quantizer.KVQuantizer`
+serves many caches, so what belongs to one conversation (its padding mask, an evaluation hook) comes in
+as arguments. Merging a batch's statistics takes a lock, so caches calibrating in threads add up; frozen
+quantization reads only.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
+from typing import Any
+
 import torch
 
-from quantcache.cache.stream import StreamName, StreamQuantizer
+from quantcache.cache.stream import QuantizeHook, StreamName, StreamQuantizer
 from quantcache.errors import CalibrationError
 from quantcache.ops.rope import RopeTable
 from quantcache.scheme.args import QuantArgs
@@ -41,10 +50,24 @@ class LayerQuantizer:
         self.enabled = enabled
         self.sink_tokens = 0  # the first tokens of a sequence, kept in full precision (the cache sets it)
         self.residual_window = 0  # the newest tokens, read back in full precision (the cache sets it)
-        self.token_mask: torch.Tensor | None = None
         self.key_rope: RopeTable | None = None  # the layer's RoPE angles, when keys are quantized before RoPE
         self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
         self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
+        self._merging = threading.Lock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LayerQuantizer:
+        """An independent copy (statistics and parameters copied; the RoPE table, which never changes, shared)."""
+        fresh = copy.copy(self)
+        fresh.key = copy.deepcopy(self.key, memo)
+        fresh.value = copy.deepcopy(self.value, memo)
+        fresh._merging = threading.Lock()
+        return fresh
+
+    def sharing_streams(self, *, enabled: bool) -> LayerQuantizer:
+        """A copy with its own ``enabled`` flag that shares these streams (their statistics and parameters)."""
+        fresh = copy.copy(self)
+        fresh.enabled = enabled
+        return fresh
 
     @property
     def streams(self) -> tuple[tuple[StreamName, StreamQuantizer], ...]:
@@ -58,49 +81,65 @@ class LayerQuantizer:
     def frozen(self) -> bool:
         return self.key.frozen and self.value.frozen
 
-    def observe(self, key_states: torch.Tensor, value_states: torch.Tensor, *, skipped: int = 0) -> None:
-        """Fold new states into the statistics, leaving out positions :attr:`token_mask` marks as padding.
+    def observe(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        *,
+        token_mask: torch.Tensor | None = None,
+        skipped: int = 0,
+    ) -> None:
+        """Fold new states into the statistics, leaving out positions ``token_mask`` marks as padding.
 
-        ``skipped``: new tokens left out just before these (sink tokens), which the mask still covers.
+        ``token_mask``: the conversation's ``(batch, seq)`` attention mask (see
+        :meth:`~quantcache.cache.cache.QuantizedCalibratingCache.set_attention_mask`); ``skipped``: new
+        tokens left out just before these (sink tokens), which the mask still covers.
         """
-        mask = self._mask_for(key_states, skipped)
+        mask = self._mask_for(key_states, token_mask, skipped)
         # Validate both streams before changing either: a failed update leaves no half-update.
         key_stats, value_stats = self.key.measure(key_states, mask), self.value.measure(value_states, mask)
-        self.key.merge(key_stats)
-        self.value.merge(value_stats)
+        with self._merging:
+            self.key.merge(key_stats)
+            self.value.merge(value_stats)
 
-    def _mask_for(self, states: torch.Tensor, skipped: int = 0) -> torch.Tensor | None:
-        """The columns of :attr:`token_mask` for the newest ``seq`` positions of ``states`` after ``skipped``."""
-        if self.token_mask is None:
+    def _mask_for(
+        self, states: torch.Tensor, token_mask: torch.Tensor | None, skipped: int = 0
+    ) -> torch.Tensor | None:
+        """The columns of ``token_mask`` for the newest ``seq`` positions of ``states`` after ``skipped``."""
+        if token_mask is None:
             return None
         new = states.shape[2] + skipped
-        if self.token_mask.shape[0] != states.shape[0] or self.token_mask.shape[1] < new:
+        if token_mask.shape[0] != states.shape[0] or token_mask.shape[1] < new:
             raise CalibrationError(
                 f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
-                f"{tuple(self.token_mask.shape)}, which does not cover states of shape {tuple(states.shape)}"
+                f"{tuple(token_mask.shape)}, which does not cover states of shape {tuple(states.shape)}"
             )
-        return self.token_mask[:, -new:][:, skipped:]
+        return token_mask[:, -new:][:, skipped:]
 
     @property
     def observes_queries(self) -> bool:
         """Whether calibration must show this layer its queries: it is quantized and its keys are query-aware."""
         return self.enabled and self.key.args.query_aware
 
-    def observe_queries(self, query_states: torch.Tensor) -> None:
+    def observe_queries(self, query_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         """Fold ``(batch, heads, seq, head_dim)`` queries into a query-aware key stream's statistics.
 
-        Pad positions (:attr:`token_mask`) are left out. A layer that does not
+        Pad positions (``token_mask``) are left out. A layer that does not
         :attr:`observes_queries` ignores them.
         """
         if self.observes_queries:
-            self.key.merge(self.key.measure_queries(query_states, self._mask_for(query_states)))
+            measured = self.key.measure_queries(query_states, self._mask_for(query_states, token_mask))
+            with self._merging:
+                self.key.merge(measured)
 
     def freeze(self) -> None:
         self.key.freeze()
         self.value.freeze()
 
-    def fake_quantize(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.key.fake_quantize(key_states), self.value.fake_quantize(value_states)
+    def fake_quantize(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, hook: QuantizeHook | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.key.fake_quantize(key_states, hook), self.value.fake_quantize(value_states, hook)
 
     def sinks_among(self, new_tokens: int, start: int, *, keeps_sinks: bool = True) -> int:
         """How many of ``new_tokens`` arriving at position ``start`` are sink tokens (none unless ``keeps_sinks``)."""
@@ -117,13 +156,21 @@ class LayerQuantizer:
         return keys if self.key_rope is None else self.key_rope.rotate(keys, start)
 
     def process(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, start: int = 0, *, keeps_sinks: bool = True
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        start: int = 0,
+        *,
+        keeps_sinks: bool = True,
+        token_mask: torch.Tensor | None = None,
+        hook: QuantizeHook | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """What a cache layer does with new states: observe them (calibrating) or quantize them (frozen).
 
         ``start`` is the position of the first new token in its sequence (the tokens the
         layer has seen). Layers that keep :attr:`sink_tokens` (full-attention ones,
-        ``keeps_sinks``) pass those through unchanged and unobserved.
+        ``keeps_sinks``) pass those through unchanged and unobserved. ``token_mask`` and
+        ``hook`` belong to the calling cache (see :meth:`observe` and :mod:`quantcache.cache.stream`).
         """
         if not self.enabled:
             return key_states, value_states
@@ -133,9 +180,9 @@ class LayerQuantizer:
         rest_keys = self.keys_before_rope(key_states[:, :, sinks:], start + sinks)
         rest_values = value_states[:, :, sinks:]
         if not self.frozen:
-            self.observe(rest_keys, rest_values, skipped=sinks)
+            self.observe(rest_keys, rest_values, token_mask=token_mask, skipped=sinks)
             return key_states, value_states
-        keys, values = self.fake_quantize(rest_keys, rest_values)
+        keys, values = self.fake_quantize(rest_keys, rest_values, hook)
         keys = self.keys_after_rope(keys, start + sinks)
         if sinks:
             keys = torch.cat([key_states[:, :, :sinks], keys], dim=2)

@@ -1,17 +1,15 @@
-"""The cache's side of the calibration state: ``state_dict`` / ``load_state_dict`` and files.
+"""The quantizer's side of the calibration state: ``state_dict`` / ``load_state_dict`` and files.
 
-:class:`CacheStateMixin` is mixed into
-:class:`~quantcache.cache.cache.QuantizedCalibratingCache`; it turns the quantizers' statistics
-and parameters into the flat tensors of :mod:`quantcache.state.file` and back,
-validating everything before it changes anything (a failed load leaves the cache as it
-was), and checks that a file was made for this model.
+:class:`QuantizerStateMixin` is mixed into :class:`~quantcache.cache.kv_quantizer.KVQuantizer`;
+it turns the layer quantizers' statistics and parameters into the flat tensors of
+:mod:`quantcache.state.file` and back, validating everything before it changes anything (a
+failed load leaves the quantizer as it was), and checks that a file was made for this model.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,21 +32,21 @@ from quantcache.state.fields import (
 )
 from quantcache.state.file import StateFile, parse_state_key, read_state_file, write_state_file
 
-__all__ = ["CacheMode", "CacheStateMixin"]
+__all__ = ["CacheMode", "QuantizerStateMixin"]
 
-_Cache = TypeVar("_Cache", bound="CacheStateMixin")
+_Quantizer = TypeVar("_Quantizer", bound="QuantizerStateMixin")
 _FROZEN_FIELDS = (*PARAMETER_FIELDS, *CENTER_FIELDS)  # any of them in a state means it was frozen
 
 
 class CacheMode(str, Enum):
-    """What ``update`` does with new key/value states."""
+    """What a cache's ``update`` does with new key/value states: observe them, or quantize them."""
 
     CALIBRATE = "calibrate"
     FROZEN = "frozen"
 
 
-class CacheStateMixin:
-    """State and file methods of a quantized cache (see the module docstring)."""
+class QuantizerStateMixin:
+    """State and file methods of a quantizer (see the module docstring)."""
 
     quantizers: list[LayerQuantizer]
     quant_config: KVQuantConfig
@@ -64,12 +62,11 @@ class CacheStateMixin:
 
     @property
     def is_frozen(self) -> bool:
-        return self.mode is CacheMode.FROZEN
+        raise NotImplementedError
 
     @property
     def quantized_layers(self) -> list[int]:
-        """Indices of the layers whose KV cache is quantized (include minus exclude)."""
-        return [quantizer.index for quantizer in self.quantizers if quantizer.enabled]
+        raise NotImplementedError
 
     def freeze(self) -> Any:
         raise NotImplementedError
@@ -242,14 +239,14 @@ class CacheStateMixin:
             ),
         )
 
-    def load(self, path: str | os.PathLike[str], strict: bool = True) -> Any:
-        """Load a saved state into this cache after checking that it was made for this model shape."""
+    def restore(self, path: str | os.PathLike[str], strict: bool = True) -> Any:
+        """Load a saved state into this quantizer after checking that it was made for this model shape."""
         stored = read_state_file(path)
         self._check_model_shape(stored, Path(path))
-        if replace(stored.config, storage=self.quant_config.storage) != self.quant_config:
+        if stored.config != self.quant_config:
             raise QuantStateError(
                 f"{path} was calibrated with config {stored.config.to_dict()}, this cache uses "
-                f"{self.quant_config.to_dict()}; use QuantizedCalibratingCache.from_file(path, model)"
+                f"{self.quant_config.to_dict()}; use KVQuantizer.load(path, model)"
             )
         self._load_stored(stored, strict=strict)
         return self
@@ -260,10 +257,13 @@ class CacheStateMixin:
             self.freeze()
 
     @classmethod
-    def from_file(
-        cls: type[_Cache], path: str | os.PathLike[str], model_or_config: nn.Module | PretrainedConfig, **kwargs: Any
-    ) -> _Cache:
-        """Build a cache for ``model_or_config`` with the config and state stored in ``path``."""
+    def load(
+        cls: type[_Quantizer],
+        path: str | os.PathLike[str],
+        model_or_config: nn.Module | PretrainedConfig,
+        **kwargs: Any,
+    ) -> _Quantizer:
+        """A quantizer for ``model_or_config`` with the config and state stored in ``path``."""
         stored = read_state_file(path)
         cache = cls(model_or_config, stored.config, **kwargs)  # type: ignore[call-arg]
         cache._check_model_shape(stored, Path(path))

@@ -15,6 +15,7 @@ decode step) is :mod:`quantcache.cache.growing_storage`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from quantcache.cache.growing_storage import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingLayerMixin, GrowingStorage
 from quantcache.cache.layer import LayerQuantizer
+from quantcache.cache.stream import QuantizeHook, StreamQuantizer
 from quantcache.errors import CalibrationError
 from quantcache.scheme.number_formats import FormatKind
 
@@ -36,6 +38,7 @@ __all__ = [
     "QuantizedDynamicLayer",
     "QuantizedSlidingWindowLayer",
     "QuantizingLayerMixin",
+    "layer_class_for",
     "layer_memory",
     "quantizing_layer",
 ]
@@ -71,6 +74,10 @@ class QuantizingLayerMixin:
 
     quantizer: LayerQuantizer | None = None
     keeps_sinks = True
+    # What belongs to this layer's conversation, set by its cache: the (batch, seq) padding mask that
+    # calibration leaves out, and a hook that hears every quantization (see quantcache.cache.stream).
+    token_mask: torch.Tensor | None = None
+    on_quantize: QuantizeHook | None = None
     # The residual window's full-precision (keys, values), each (batch, kv_heads, <= window, head_dim).
     _recent: _StatePair | None = None
 
@@ -93,7 +100,12 @@ class QuantizingLayerMixin:
         new_keys, new_values = key_states, value_states
         if self.quantizer is not None:
             new_keys, new_values = self.quantizer.process(
-                key_states, value_states, self._position(), keeps_sinks=self.keeps_sinks
+                key_states,
+                value_states,
+                self._position(),
+                keeps_sinks=self.keeps_sinks,
+                token_mask=self.token_mask,
+                hook=self.on_quantize,
             )
         keys, values = super().update(new_keys, new_values, *args, **kwargs)  # type: ignore[misc]
         if not window:
@@ -256,15 +268,14 @@ class PackingLayerMixin(QuantizingLayerMixin):
             keys, values = self._read_through_window(key_states, value_states, keys, values, window, in_place=True)
         return keys, values
 
-    @staticmethod
-    def _encode(stream: Any, states: torch.Tensor, sinks: int) -> torch.Tensor:
+    def _encode(self, stream: StreamQuantizer, states: torch.Tensor, sinks: int) -> torch.Tensor:
         """Packed rows of ``states``; the first ``sinks`` are placeholders (their states are kept apart)."""
         if not sinks:
-            return stream.encode(states)  # type: ignore[no-any-return]
-        placeholder = stream.encode(states[:, :, :sinks], notify=False)
+            return stream.encode(states, self.on_quantize)
+        placeholder = stream.encode(states[:, :, :sinks])  # unheard: the sinks' own states are what is read
         if sinks == states.shape[2]:
-            return placeholder  # type: ignore[no-any-return]
-        return torch.cat([placeholder, stream.encode(states[:, :, sinks:])], dim=2)
+            return placeholder
+        return torch.cat([placeholder, stream.encode(states[:, :, sinks:], self.on_quantize)], dim=2)
 
     def _keep_sinks(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         if start == 0 or self._sinks is None:
@@ -315,21 +326,33 @@ class PackedSlidingWindowLayer(PackingLayerMixin, DynamicSlidingWindowLayer):  #
     keeps_sinks = False
 
 
-def quantizing_layer(template: Any, quantizer: LayerQuantizer, *, packed: bool = False) -> Any:
-    """A new, empty quantizing (``packed``: packing) layer of the same kind as ``template``, or ``template``.
+def layer_class_for(template: Any, *, packed: bool = False) -> type[QuantizingLayerMixin] | None:
+    """The quantizing (``packed``: packing) layer class for a Transformers layer like ``template``.
 
-    Layer kinds with no quantizing counterpart (layers that share another layer's KV,
-    linear-attention states ...) are returned unchanged; the caller disables their
-    quantizer.
+    ``None`` for layer kinds with no quantizing counterpart (layers that share another
+    layer's KV, linear-attention states ...): those stay plain and unquantized.
     """
-    layer: QuantizingLayerMixin
     if type(template) is DynamicSlidingWindowLayer:
-        sliding = PackedSlidingWindowLayer if packed else QuantizedSlidingWindowLayer
-        layer = sliding(sliding_window=template.sliding_window)
-    elif type(template) is DynamicLayer:
-        layer = PackedDynamicLayer() if packed else QuantizedDynamicLayer()  # type: ignore[no-untyped-call]
+        return PackedSlidingWindowLayer if packed else QuantizedSlidingWindowLayer
+    if type(template) is DynamicLayer:
+        return PackedDynamicLayer if packed else QuantizedDynamicLayer
+    return None
+
+
+def quantizing_layer(template: Any, quantizer: LayerQuantizer, *, packed: bool = False) -> Any:
+    """A new, empty layer of the same kind as ``template`` that quantizes through ``quantizer``.
+
+    A kind with no quantizing counterpart (see :func:`layer_class_for`) gives an empty copy of
+    ``template`` itself.
+    """
+    layer_class = layer_class_for(template, packed=packed)
+    if layer_class is None:
+        return copy.deepcopy(template)
+    layer: QuantizingLayerMixin
+    if issubclass(layer_class, DynamicSlidingWindowLayer):
+        layer = layer_class(sliding_window=template.sliding_window)
     else:
-        return template
+        layer = layer_class()
     layer.quantizer = quantizer
     return layer
 

@@ -8,11 +8,12 @@ its ``channel_scale`` too, and query-aware rounding its query model; see :mod:`q
 A :class:`LayerQuantizer` pairs the two streams of one layer and knows its name, so every
 error it raises says which layer is at fault (:mod:`quantcache.cache.layer`).
 
-Hook: ``StreamQuantizer.on_quantize``, when set, is called after each quantization
-as ``hook(stream, states, quantized, params)`` with the incoming states, what the
-cache will keep (same shape and dtype) and the parameters used. Evaluation measures
-the error through it; it is a plain function attribute, shared (not copied) by
-``copy.deepcopy`` and :meth:`~quantcache.cache.cache.QuantizedCalibratingCache.empty_copy`.
+Hook: :meth:`StreamQuantizer.fake_quantize` and :meth:`StreamQuantizer.encode` take an optional
+``hook``, called after the quantization as ``hook(stream, states, quantized, params)`` with the
+incoming states, what the cache will keep (same shape and dtype) and the parameters used. It is an
+argument, not state: one quantizer serves many caches at once, and only the cache that asked
+(evaluation's measuring cache, see :attr:`~quantcache.cache.cache.QuantizedCalibratingCache.on_quantize`)
+hears about its own states.
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ class StreamQuantizer:
         self.observer: Observer = make_observer(self.args)
         self.params: QuantParams | None = None
         self.strict_finite = False
-        self.on_quantize: QuantizeHook | None = None
         self._frozen = False
         self._fixed_by_device: dict[torch.device, _FixedOnDevice] = {}
         # An asymmetric integer scheme needs its zero point, a mid-rise one its -1/2; others have none.
@@ -108,7 +108,7 @@ class StreamQuantizer:
         fresh.params = copy.deepcopy(self.params, memo)
         fresh.space = self.space.copy()
         fresh._fixed_by_device = {}
-        return fresh  # on_quantize is shared on purpose (see the module docstring)
+        return fresh
 
     # ------------------------------------------------------------------ statistics
     @property
@@ -350,7 +350,7 @@ class StreamQuantizer:
 
     # ------------------------------------------------------------------ quantization
     @torch.no_grad()
-    def fake_quantize(self, states: torch.Tensor) -> torch.Tensor:
+    def fake_quantize(self, states: torch.Tensor, hook: QuantizeHook | None = None) -> torch.Tensor:
         """Quantize-dequantize ``states`` (new tokens only); non-finite elements stay non-finite."""
         space, params, prepared = self._to_quantize(states)
         restored = fake_quantize_prepared(space, prepared, self.granularity, self.format)
@@ -358,8 +358,8 @@ class StreamQuantizer:
             quantized = restored  # already in the states' dtype, non-finite elements kept
         else:  # a rotation spreads a non-finite element over its row: put the originals back
             quantized = torch.where(torch.isfinite(states), self.space.inverse(restored, states.dtype), states)
-        if self.on_quantize is not None:
-            self.on_quantize(self, states, quantized, params)
+        if hook is not None:
+            hook(self, states, quantized, params)
         return quantized
 
     def _to_quantize(self, states: torch.Tensor) -> tuple[torch.Tensor, QuantParams, PreparedParams]:
@@ -388,14 +388,13 @@ class StreamQuantizer:
         return head_dim * slot // 8
 
     @torch.no_grad()
-    def encode(self, states: torch.Tensor, *, notify: bool = True) -> torch.Tensor:
+    def encode(self, states: torch.Tensor, hook: QuantizeHook | None = None) -> torch.Tensor:
         """``(batch, kv_heads, seq, head_dim)`` states -> packed ``uint8`` rows ``(batch, kv_heads, seq, row_bytes)``.
 
         Decoding the rows gives exactly what :meth:`fake_quantize` returns for finite
         states. A static scheme adds a flag byte that makes a row with a NaN or Inf
         element decode to NaN; a dynamic scheme's row parameters carry the NaN or Inf
-        themselves. ``notify=False`` skips the :attr:`on_quantize` hook (rows that stand in for
-        states kept elsewhere, such as sink tokens).
+        themselves. ``hook`` hears what the rows decode to (see the module docstring).
         """
         space, params, prepared = self._to_quantize(states)
         codes = quantize_prepared(space, prepared, self.granularity, self.format)
@@ -416,8 +415,8 @@ class StreamQuantizer:
         else:
             parts.append((~torch.isfinite(states).all(dim=-1, keepdim=True)).to(torch.uint8))
         rows = torch.cat(parts, dim=-1)
-        if notify and self.on_quantize is not None:
-            self.on_quantize(self, states, self.decode(rows, states.dtype), params)
+        if hook is not None:
+            hook(self, states, self.decode(rows, states.dtype), params)
         return rows
 
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

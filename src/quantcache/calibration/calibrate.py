@@ -1,10 +1,10 @@
-"""Calibration: run token windows through the model with a calibrating cache, then freeze it.
+"""Calibration: run token windows through the model with caches of one quantizer, then freeze it.
 
-:func:`calibrate` is the loop every user of :class:`~quantcache.cache.cache.QuantizedCalibratingCache`
-would otherwise write by hand: one forward pass per batch of token ids, each into a fresh
-:meth:`~quantcache.cache.cache.QuantizedCalibratingCache.empty_copy` of the cache, so the per-channel
-statistics accumulate over all batches while no batch ever sees another batch's keys and
-values as a prefix. The result is frozen (ready to quantize) and holds no KV content.
+:func:`calibrate` is the loop every user of :class:`~quantcache.cache.kv_quantizer.KVQuantizer`
+would otherwise write by hand: one forward pass per batch of token ids, each into a new cache of
+the quantizer (:meth:`~quantcache.cache.kv_quantizer.KVQuantizer.new_cache`), so the statistics
+accumulate in the quantizer over all batches while no batch ever sees another batch's keys and
+values as a prefix. The result is the quantizer, frozen (ready to make caches that quantize).
 A scheme with query-aware keys also needs each layer's queries, which the loop
 recomputes from the model's hidden states (:mod:`quantcache.calibration.queries`).
 """
@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantcache.cache.cache import CACHE_KEYWORD, QuantizedCalibratingCache
+from quantcache.cache.cache import QuantizedCalibratingCache
+from quantcache.cache.kv_quantizer import KVQuantizer
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.queries import observe_queries
 from quantcache.models.data import DataError
 from quantcache.progress import progress_bar
@@ -99,25 +101,18 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-def _detach_statistics(cache: QuantizedCalibratingCache) -> None:
-    """Turn inference-mode statistics into ordinary tensors, so callers may later edit them in place."""
-    for quantizer in cache.quantizers:
-        for _, stream in quantizer.streams:
-            if stream.observer.observed:
-                stream.observer.load(stream.statistics)  # loading clones
-
-
 def calibrate(
     model: nn.Module,
     data: torch.Tensor | Iterable[torch.Tensor],
     *,
     quant_config: KVQuantConfig | None = None,
-    cache: QuantizedCalibratingCache | None = None,
+    quantizer: KVQuantizer | QuantizedCalibratingCache | None = None,
     batch_size: int = 1,
     freeze: bool = True,
     progress: bool = True,
-) -> QuantizedCalibratingCache:
-    """Collect per-channel KV ranges on ``data`` and return a (frozen) cache without KV content.
+    cache: KVQuantizer | QuantizedCalibratingCache | None = None,
+) -> KVQuantizer:
+    """Collect the KV statistics of ``data`` and return a (frozen) :class:`KVQuantizer`.
 
     Args:
         model: a Transformers causal LM; it is run in inference mode on its own device.
@@ -126,43 +121,51 @@ def calibrate(
             (each one batch; ``batch_size`` is then ignored), or of mappings with
             ``input_ids`` and ``attention_mask`` (a tokenizer's padded output): padded
             positions are then left out of the statistics.
-        quant_config: scheme and layer selection for a new cache (default: symmetric INT8
-            on every layer). Give either this or ``cache``, or both if they agree.
-        cache: a cache in calibrate mode whose statistics calibration continues from.
-            It is not modified: the returned cache is a new object.
+        quant_config: scheme and layer selection for a new quantizer (default: symmetric INT8
+            on every layer). Give either this or ``quantizer``, or both if they agree.
+        quantizer: a quantizer (or a cache of one) in calibrate mode whose statistics
+            calibration continues from. It is not modified: the result is a copy.
         batch_size: rows per forward pass when ``data`` is one tensor.
         freeze: freeze the result (compute the INT8 parameters); ``False`` leaves it in
             calibrate mode so more data can be added with another call.
         progress: show progress on stderr (tokens/s, ETA): a live bar on a terminal, a few
             plain lines when stderr is a file or a pipe.
+        cache: the earlier name of ``quantizer``.
 
     Returns:
-        An empty cache holding the accumulated statistics, frozen unless ``freeze=False``.
+        The quantizer holding the accumulated statistics, frozen unless ``freeze=False``;
+        ``quantizer.new_cache(storage=...)`` makes a cache for each conversation.
 
     Raises:
         quantcache.models.data.DataError: (a ``ValueError``) for data of the wrong type, dtype or
             shape, empty data, or token ids outside the model's vocabulary.
-        ValueError: for a bad ``batch_size`` or a ``cache`` that is frozen or disagrees with ``quant_config``.
+        ValueError: for a bad ``batch_size`` or a ``quantizer`` that is frozen or disagrees with ``quant_config``.
         quantcache.CalibrationError: when freezing fails (e.g. a layer never observed).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if cache is None:
-        stats = QuantizedCalibratingCache(model, quant_config)
+    if cache is not None:
+        if quantizer is not None:
+            raise TypeError("pass the quantizer to continue from as quantizer= only (cache= is its earlier name)")
+        quantizer = cache
+    if quantizer is None:
+        stats = KVQuantizer(model, quant_config)
     else:
-        if not isinstance(cache, QuantizedCalibratingCache):
-            raise TypeError(f"cache must be a QuantizedCalibratingCache, got {type(cache).__name__}")
-        if quant_config is not None and quant_config != cache.quant_config:
+        if isinstance(quantizer, QuantizedCalibratingCache):
+            quantizer = quantizer.quantizer
+        if not isinstance(quantizer, KVQuantizer):
+            raise TypeError(f"quantizer must be a KVQuantizer, got {type(quantizer).__name__}")
+        if quant_config is not None and quant_config != quantizer.quant_config:
             raise ValueError(
-                "quant_config and cache.quant_config differ; pass only one of them "
-                f"(cache: {cache.quant_config.to_dict()}, quant_config: {quant_config.to_dict()})"
+                "quant_config and quantizer.quant_config differ; pass only one of them "
+                f"(quantizer: {quantizer.quant_config.to_dict()}, quant_config: {quant_config.to_dict()})"
             )
-        if cache.is_frozen:
+        if quantizer.is_frozen:
             raise ValueError(
-                "the cache is frozen, so it would quantize instead of calibrating; call cache.unfreeze() "
+                "the quantizer is frozen, so it would quantize instead of calibrating; call unfreeze() "
                 "to add data to its statistics, or pass quant_config= to start afresh"
             )
-        stats = cache.empty_copy()
+        stats = quantizer.copy()
 
     device = model_device(model)
     vocab_size = _vocab_size(model)
@@ -185,7 +188,7 @@ def calibrate(
                     mask = batch.get("attention_mask")
                     batch = batch["input_ids"]
                 ids = check_token_batch(batch, what=f"data batch {seen_batches}", vocab_size=vocab_size)
-                run = stats.empty_copy()  # same statistics, no KV content from earlier batches
+                run = stats.new_cache()  # the quantizer's statistics, no KV content from earlier batches
                 masked: dict[str, torch.Tensor] = {}
                 if mask is not None:  # real tokens keep the positions they would have unpadded
                     mask = mask.to(device)
@@ -194,7 +197,6 @@ def calibrate(
                 outputs = model(ids.to(device), **{CACHE_KEYWORD: run}, **masked, **forward_kwargs)
                 if needs_queries:
                     observe_queries(run, model, outputs.hidden_states)
-                stats = run
                 seen_batches += 1
                 bar.update(int(ids.numel()))
     finally:
@@ -203,8 +205,7 @@ def calibrate(
     if seen_batches == 0:
         raise DataError("data: no batches to calibrate on (the iterable was empty)")
 
-    result = stats.empty_copy()
-    _detach_statistics(result)
+    stats.detach_statistics()
     if freeze:
-        result.freeze()
-    return result
+        stats.freeze()
+    return stats

@@ -32,6 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from quantcache.cache.cache import QuantizedCalibratingCache
+from quantcache.cache.kv_quantizer import KVQuantizer
+from quantcache.cache.stream import StreamName
 from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import QuantStateError
 from quantcache.ops.observers import QueryAwareCenterObserver
@@ -48,7 +50,7 @@ __all__ = [
     "shard_batches",
 ]
 
-_STREAMS = ("key", "value")
+_STREAMS: tuple[StreamName, StreamName] = ("key", "value")
 
 
 def _active(group: dist.ProcessGroup | None = None) -> bool:
@@ -156,8 +158,8 @@ def _reduction_device(group: dist.ProcessGroup | None) -> torch.device:
 
 
 def all_reduce_statistics(
-    cache: QuantizedCalibratingCache, *, group: dist.ProcessGroup | None = None
-) -> QuantizedCalibratingCache:
+    cache: KVQuantizer | QuantizedCalibratingCache, *, group: dist.ProcessGroup | None = None
+) -> KVQuantizer | QuantizedCalibratingCache:
     """Replace every rank's statistics with those of all ranks together (in place; returns ``cache``).
 
     Min/max statistics are reduced with MIN/MAX (bit for bit what one process would have
@@ -177,9 +179,10 @@ def all_reduce_statistics(
         )
     if not _active(group):
         return cache
-    for quantizer in cache.quantizers:
-        for stream_name, quantized_stream in quantizer.streams if quantizer.enabled else ():
-            args = quantized_stream.args
+    quantizer = cache.quantizer if isinstance(cache, QuantizedCalibratingCache) else cache
+    for index in quantizer.quantized_layers:
+        for stream_name in _STREAMS:
+            args = quantizer.stream_args(index, stream_name)
             if not args.dynamic and (args.method.value != "minmax" or args.scope.value != "per_channel"):
                 raise QuantStateError(
                     f"distributed calibration merges per-channel min/max statistics; the {stream_name} scheme "
@@ -229,20 +232,21 @@ def all_reduce_statistics(
     dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    if any(quantizer.key.args.rounding is Rounding.QUERY_AWARE for quantizer in cache.quantizers):
+    if any(quantizer.stream_args(index, "key").rounding is Rounding.QUERY_AWARE for index in layers):
         dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=group)
     fallback = next(iter(homes.values()), torch.device("cpu"))
     merged: dict[str, torch.Tensor] = {}
     for row, index in enumerate(layers):
         layer: dict[str, torch.Tensor] = {}
-        for column, (stream, stream_quantizer) in enumerate(cache.quantizers[index].streams):
+        for column, stream in enumerate(_STREAMS):
             home = homes.get((index, column), fallback)
-            if not stream_quantizer.calibrates:
+            fields = quantizer.statistic_fields(index, stream)
+            if not fields:
                 continue
-            if stream_quantizer.dynamic:  # centred: its mean's sum and count
+            if quantizer.stream_args(index, stream).dynamic:  # centred: its mean's sum and count
                 if not bool((sums[row, column, 1] > 0).all()):
                     break  # no rank observed this layer
-                for field in stream_quantizer.observer.fields:
+                for field in fields:
                     reduced = moments[row] if field == "query_moment_sum" else sums[row, column, summed.index(field)]
                     layer[f"layers.{index}.{stream}.{field}"] = reduced.to(home)
                 continue
@@ -265,11 +269,11 @@ def calibrate_distributed(
     output: str | os.PathLike[str] | None = None,
     progress: bool = True,
     group: dist.ProcessGroup | None = None,
-) -> QuantizedCalibratingCache:
+) -> KVQuantizer:
     """Calibrate this rank's share of ``data``, all-reduce, freeze; rank 0 writes ``output``.
 
     Every rank passes the same ``data``; :func:`shard_batches` picks its batches. All ranks
-    return the same frozen cache. ``output`` is written by rank 0 only, and every rank
+    return the same frozen quantizer. ``output`` is written by rank 0 only, and every rank
     waits for it, so a script may read the file right after this returns.
     """
     rank = dist.get_rank(group) if _active(group) else 0
@@ -278,7 +282,7 @@ def calibrate_distributed(
     if mine:
         cache = calibrate(model, mine, quant_config=quant_config, freeze=False, progress=progress and rank == 0)
     else:
-        cache = QuantizedCalibratingCache(model, quant_config)
+        cache = KVQuantizer(model, quant_config)
     all_reduce_statistics(cache, group=group)
     cache.freeze()
     if output is not None:

@@ -60,19 +60,15 @@ def observe_queries(cache: QuantizedCalibratingCache, model: nn.Module, hidden_s
     :func:`quantcache.calibration.calibrate` does; pad positions are left out as the
     cache's :meth:`~quantcache.cache.cache.QuantizedCalibratingCache.set_attention_mask` says.
     """
-    layers = cache.quantizers
-    if hidden_states is None or len(hidden_states) < len(layers):
+    names = cache.layer_names
+    if hidden_states is None or len(hidden_states) < len(names):
         found = "none" if hidden_states is None else len(hidden_states)
         raise CalibrationError(
-            f"observe_queries needs the input of each of the {len(layers)} decoder layers (run the model "
+            f"observe_queries needs the input of each of the {len(names)} decoder layers (run the model "
             f"with output_hidden_states=True); got {found} hidden states"
         )
     with torch.inference_mode():
-        for quantizer in layers:
-            if not quantizer.observes_queries:
-                continue
-            shape = quantizer.key.expected_shape
-            if shape is None:
-                raise CalibrationError(f"layer {quantizer.index} ({quantizer.name}): query-aware keys need head_dim")
-            queries = layer_queries(model, quantizer.name, hidden_states[quantizer.index], shape[1])
-            cache.observe_queries(quantizer.index, queries)
+        for index in cache.quantizer.query_layers:
+            if cache.head_dim is None:
+                raise CalibrationError(f"layer {index} ({names[index]}): query-aware keys need head_dim")
+            cache.observe_queries(index, layer_queries(model, names[index], hidden_states[index], cache.head_dim))

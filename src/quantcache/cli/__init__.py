@@ -19,7 +19,6 @@ import importlib
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, NoReturn
 
@@ -27,6 +26,7 @@ from quantcache import __version__
 from quantcache.errors import EXIT_FETCH, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 from ._common import EXIT_CODES_TEXT, PROG, HelpFormatter, add_verbosity, run_command
+from .commands import COMMANDS, Command
 
 __all__ = [
     "COMMANDS",
@@ -41,29 +41,6 @@ __all__ = [
     "entry",
     "main",
 ]
-
-
-@dataclass(frozen=True)
-class Command:
-    """Where a command lives (a module of this package) and how ``quantcache --help`` lists it."""
-
-    module: str
-    help: str
-
-
-COMMANDS: dict[str, Command] = {
-    "calibrate": Command("calibrate", "collect KV ranges on calibration text and save the INT8 scales"),
-    "evaluate": Command("evaluate", "measure the quality cost of saved scales (perplexity, KL, top-1)"),
-    "inspect": Command("inspect", "show and validate what a saved state file holds"),
-    "suggest-exclude": Command(
-        "suggest_exclude", "rank layers by sensitivity and propose an exclude list for a KL budget"
-    ),
-    "suggest-bits": Command(
-        "suggest_bits", "give each layer the scheme its sensitivity earns within an effective-bit budget"
-    ),
-    "export": Command("export", "write the scales as a checkpoint vLLM, vLLM-Ascend or TensorRT-LLM loads"),
-    "import": Command("import_state", "read a serving checkpoint's KV scales into a state evaluate can measure"),
-}
 
 
 def command_module(name: str) -> ModuleType:

@@ -19,7 +19,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -31,6 +31,7 @@ from quantcache.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    InputError,
     QuantcacheError,
 )
 
@@ -149,7 +150,7 @@ def add_verbosity(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
 
 def command_parser(subparsers: Subparsers, name: str, *, description: str, examples: str) -> argparse.ArgumentParser:
     """The parser of command ``name``, with its one-line help from the command table, examples and exit codes."""
-    from . import COMMANDS  # the package is fully imported by the time a command builds its parser
+    from quantcache.cli.commands import COMMANDS
 
     parser = subparsers.add_parser(
         name,
@@ -382,3 +383,36 @@ def state_path(value: str | Path) -> Path:
     if path.is_dir() or text.endswith(("/", os.sep)) or not path.suffix:
         return path / STATE_FILE_NAME
     return path
+
+
+def add_force_option(parser: argparse._ActionsContainer) -> None:
+    """``--force``: every command that writes files takes it, with the same meaning (see :func:`refuse_existing`)."""
+    parser.add_argument("--force", action="store_true", help="replace outputs that exist already (refused without it)")
+
+
+def _holds_something(path: Path) -> bool:
+    """Whether writing ``path`` would destroy something: a non-empty file or directory (``/dev/null`` is empty)."""
+    try:
+        if path.is_dir():
+            return any(path.iterdir())
+        return path.exists() and path.stat().st_size > 0
+    except OSError:
+        return False  # what cannot be looked at is for check_writable to name
+
+
+def refuse_existing(option: str, value: str | Path | None, paths: Iterable[Path], *, force: bool) -> None:
+    """Refuse, before any work, to replace an existing non-empty output without ``--force``.
+
+    The one rule of every command that writes: ``paths`` are what the command given
+    ``option value`` would create or replace (a state with its summaries, a checkpoint
+    directory, a report); if any of them holds something, the command stops here (exit 3)
+    instead of silently replacing a previous run. ``None`` and ``-`` (stdout) pass.
+    """
+    if force or value is None or str(value) == "-":
+        return
+    for path in paths:
+        if _holds_something(path):
+            where = "" if path == Path(value) else f"{path} "
+            raise InputError(
+                f"{option} {value}: {where}exists and is not empty; choose another path or pass --force to replace it"
+            )

@@ -6,20 +6,22 @@ Every file is then written under a temporary name in its destination's directory
 same file system, so the final rename is atomic) and renamed into place; a set of files
 that belong together (a state and its summaries) goes through :func:`write_file_set`,
 which never leaves a new state beside an old summary. Files get the permissions the
-user's umask gives new files, whatever the library that wrote them chose.
+user's umask gives new files, whatever the library that wrote them chose; a full disk is
+an error naming the output (exit 3), and what a killed earlier run left beside it is
+removed (see :mod:`quantcache.outputs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from quantcache.errors import InputError
+from quantcache.outputs import apply_umask, remove_stale_staging, reporting_write_failures, staging_path
 
 from ._common import STATE_FILE_NAME, note, state_path
 
@@ -79,7 +81,7 @@ def _creation_refused(directory: Path) -> str | None:
     ``os.access`` answers from the permission bits, which root is exempt from and which
     say nothing of pseudo file systems such as /proc; only trying tells for sure.
     """
-    probe = _temporary_name(directory / "quantcache-write-check", "probe")
+    probe = staging_path(directory / "quantcache-write-check", "probe")
     try:
         descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as error:
@@ -89,17 +91,6 @@ def _creation_refused(directory: Path) -> str | None:
     return None
 
 
-def _umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def _temporary_name(final: Path, kind: str) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}")
-
-
 def write_with(destination: str | Path, write: Callable[[Path], object]) -> Path:
     """Let ``write(path)`` write a temporary file beside ``destination``, then rename it into place.
 
@@ -107,14 +98,16 @@ def write_with(destination: str | Path, write: Callable[[Path], object]) -> Path
     file ends with the umask's permissions even if ``write`` created it 0600.
     """
     target = Path(destination)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = _temporary_name(target, "tmp")
-    try:
-        write(partial)
-        os.chmod(partial, 0o666 & ~_umask())
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with reporting_write_failures(target, InputError, "the output"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(target)
+        partial = staging_path(target, "tmp")
+        try:
+            write(partial)
+            apply_umask(partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
     return target
 
 
@@ -140,19 +133,24 @@ def write_file_set(directory: Path, primary: str, write: Callable[[Path], object
     are renamed in: an interruption can leave a set without its summaries, never a new
     state beside an old summary or the other way round. Returns the final paths.
     """
+    with reporting_write_failures(directory / primary, InputError, "the output set of"):
+        return _write_file_set(directory, primary, write)
+
+
+def _write_file_set(directory: Path, primary: str, write: Callable[[Path], object]) -> list[Path]:
     fresh = not os.path.lexists(directory)
     host = directory.parent if fresh else directory
     host.mkdir(parents=True, exist_ok=True)
-    staging = host / f".{directory.name if fresh else primary}.{os.getpid()}.{secrets.token_hex(4)}.staging"
+    final = host / (directory.name if fresh else primary)
+    remove_stale_staging(final)
+    staging = staging_path(final, "staging")
     staging.mkdir(0o777)  # the umask applies, so a renamed-in directory has the user's permissions
     try:
         write(staging)
         names = sorted(entry.name for entry in staging.iterdir())
         if primary not in names:
             raise RuntimeError(f"the output set lacks its primary file {primary}")
-        mode = 0o666 & ~_umask()
-        for name in names:
-            os.chmod(staging / name, mode)
+        apply_umask(staging)
         if fresh:
             try:
                 os.rename(staging, directory)

@@ -42,7 +42,7 @@ def read_frozen_state(value: str | Path) -> Path:
     if stored.mode != "frozen":
         raise QuantStateError(
             f"{path} holds calibration statistics saved before freeze() (mode {stored.mode!r}), not INT8 "
-            "parameters; freeze it first (QuantizedCalibratingCache.from_file(path, model).freeze().save(path)) "
+            "parameters; freeze it first (KVQuantizer.load(path, model).freeze().save(path)) "
             "or rerun quantcache calibrate, which saves frozen states"
         )
     return path
@@ -79,7 +79,7 @@ def _resolve_device(args: argparse.Namespace) -> str:
 def check_model_options(args: argparse.Namespace) -> None:
     """Fail in milliseconds, before any data or weights load, on a --model or --device that cannot work."""
     from quantcache.errors import ModelFetchError
-    from quantcache.models.catalog import resolve_model_source
+    from quantcache.models.loading import resolve_model_source
 
     try:
         resolve_model_source(args.model)
@@ -92,7 +92,7 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for ``args``: the one place the commands touch model loading."""
     import torch
 
-    from quantcache.models.catalog import load_model
+    from quantcache.models.loading import load_model
 
     return load_model(
         args.model,

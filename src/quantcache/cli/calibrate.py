@@ -19,12 +19,15 @@ from quantcache.errors import EXIT_OK, ConfigError
 
 from ._common import (
     STATE_FILE_NAME,
+    UsageError,
     add_data_options,
+    add_force_option,
     add_model_options,
     check_data_usage,
     command_parser,
     note,
     positive_int,
+    refuse_existing,
 )
 from ._output import check_writable, output_state_path, write_file_set
 from ._steps import check_model_options, model_and_tokenizer, text_source, token_windows
@@ -39,7 +42,7 @@ NAME = "calibrate"
 
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     """Define ``calibrate`` and its options (the config's choices come from :mod:`quantcache.scheme.config`)."""
-    from quantcache.scheme.config import QuantDtype, QuantMethod, QuantScope, Storage
+    from quantcache.scheme.config import QuantDtype, QuantMethod, QuantScope
     from quantcache.scheme.presets import PRESETS
 
     parser = command_parser(
@@ -58,7 +61,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         examples=(
             "  quantcache calibrate -o runs/smollm2                       # writes runs/smollm2/kv_scales.*\n"
             "  quantcache calibrate --model gemma3-270m --asymmetric -o gemma.safetensors\n"
-            "  quantcache calibrate --preset int4 --storage packed -o runs/int4\n"
+            "  quantcache calibrate --preset int4 -o runs/int4\n"
             "  quantcache calibrate --config kv.yaml --exclude 'model.layers.{0,1}.self_attn' -o runs/x\n"
             "  quantcache calibrate --text-file corpus.txt --samples 16 --seq-len 1024 -o runs/x\n"
             "  quantcache calibrate --jsonl chats.jsonl --jsonl-field content -o runs/x\n"
@@ -72,6 +75,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         metavar="OUT",
         help=f"a .safetensors file, or a directory (then OUT/{STATE_FILE_NAME})",
     )
+    add_force_option(parser)
     add_model_options(parser)
     quant = parser.add_argument_group("quantization (explicit options override --config)")
     base = quant.add_mutually_exclusive_group()
@@ -83,12 +87,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="a named scheme instead of --config: "
         + "; ".join(f"{name}: {text}" for name, (text, _) in PRESETS.items()),
     )
-    quant.add_argument(
-        "--storage",
-        choices=[m.value for m in Storage],
-        default=None,
-        help="what a frozen cache loaded from this state keeps: fake (dequantized, default) or packed (codes)",
-    )
+    quant.add_argument("--storage", default=None, help=argparse.SUPPRESS)  # refused: storage is chosen per cache
     sym = quant.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="zero point 0 (default)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="per-channel [min, max] range")
@@ -146,22 +145,34 @@ def quant_config(args: argparse.Namespace) -> KVQuantConfig:
         config = _read_config(args.config)
     else:
         config = KVQuantConfig.preset(args.preset) if args.preset is not None else KVQuantConfig()
-    overrides: dict[str, Any] = {}
-    if args.storage is not None:
-        overrides["storage"] = args.storage
+    streams: dict[str, Any] = {}  # both streams' arguments (layer overrides keep theirs)
     if args.symmetric is not None:
-        overrides["symmetric"] = args.symmetric
+        streams["symmetric"] = args.symmetric
     if args.kv_dtype is not None:
-        overrides["dtype"] = args.kv_dtype
+        streams["dtype"] = args.kv_dtype
     if args.scope is not None:
-        overrides["scope"] = args.scope
+        streams["scope"] = args.scope
     if args.method is not None:
-        overrides["method"] = args.method
+        streams["method"] = args.method
+    if streams:
+        config = config.with_stream_args(**streams)
+    if args.storage is not None:
+        raise UsageError(
+            "--storage: a state holds the scheme, not what the caches made from it keep; choose storage per "
+            'cache when you load it: quantizer.new_cache(storage="packed") or QuantizedCalibratingCache.from_file('
+            'path, model, storage="packed")'
+        )
+    overrides: dict[str, Any] = {}
     if args.include is not None:
         overrides["include"] = tuple(args.include)
     if args.exclude is not None:
         overrides["exclude"] = tuple(args.exclude)
     return replace(config, **overrides) if overrides else config
+
+
+def output_set(output: Path) -> list[Path]:
+    """What ``-o`` makes: the state, then its JSON and Markdown summaries beside it."""
+    return [output, output.with_suffix(".json"), output.with_suffix(".md")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,6 +196,7 @@ def calibrate_and_write(args: argparse.Namespace, distributed: bool) -> int:
     check_data_usage(args)
     output = output_state_path(args.output)
     check_writable(output, "-o")
+    refuse_existing("-o", args.output, output_set(output), force=args.force)
     config = quant_config(args)
     check_model_options(args)
     source = text_source(args, calibration=True)
@@ -233,7 +245,7 @@ def calibrate_and_write(args: argparse.Namespace, distributed: bool) -> int:
         },
         "layers": layer_summaries(cache.state_dict(), cache.layer_names, cache.quant_config),
     }
-    json_name, markdown_name = output.with_suffix(".json").name, output.with_suffix(".md").name
+    json_name, markdown_name = (path.name for path in output_set(output)[1:])
 
     def write(staging: Path) -> None:
         cache.save(staging / output.name)

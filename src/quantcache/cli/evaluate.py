@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING
 
 from quantcache.errors import EXIT_OK, InputError
 
-from ._common import UsageError, add_data_options, add_model_options, check_data_usage, command_parser, note
+from ._common import (
+    UsageError,
+    add_data_options,
+    add_force_option,
+    add_model_options,
+    check_data_usage,
+    command_parser,
+    note,
+    refuse_existing,
+)
 from ._output import check_writable, write_text, write_with
 from ._steps import (
     check_model_options,
@@ -61,6 +70,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     outputs.add_argument("--json", metavar="PATH", help="write the result as JSON ('-': stdout, table to stderr)")
     outputs.add_argument("--markdown", metavar="PATH", help="write the result as Markdown ('-': stdout)")
     outputs.add_argument("--plot", type=Path, metavar="FILE.png", help="plot per-layer errors (needs matplotlib)")
+    add_force_option(outputs)
     return parser
 
 
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     scales = read_frozen_state(args.scales)  # fail fast on a bad file, before the model loads
     for value, option in ((args.json, "--json"), (args.markdown, "--markdown"), (args.plot, "--plot")):
         check_writable(value, option)
+        refuse_existing(option, value, [Path(value)] if value is not None else [], force=args.force)
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         raise InputError("--plot needs matplotlib: pip install 'quantcache[plot]'")
     check_model_options(args)

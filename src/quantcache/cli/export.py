@@ -17,7 +17,7 @@ from quantcache.errors import EXIT_OK, InputError
 from quantcache.export import FORMATS
 
 from . import _steps
-from ._common import add_model_options, command_parser, note
+from ._common import add_force_option, add_model_options, command_parser, note, refuse_existing
 from ._steps import check_model_options, read_frozen_state
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--scales-only", action="store_true", help="write only the scale shard, config fragments and a merge note"
     )
-    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    add_force_option(parser)
     add_model_options(parser)
     parser.set_defaults(model=None)  # so --scales-only can tell whether a model was given
     group = parser.add_argument_group("format options")
@@ -106,8 +106,7 @@ def _check_output(path: Path, force: bool) -> None:
     """Refuse an unusable output directory before any model is read."""
     if path.exists() and not path.is_dir():
         raise InputError(f"-o {path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise InputError(f"-o {path}: is not empty; choose a new directory or pass --force")
+    refuse_existing("-o", path, [path], force=force)
     ancestor = next((parent for parent in path.parents if parent.exists()), Path("."))
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(f"-o {path}: cannot write into {ancestor} (permission denied or a read-only file system)")
@@ -116,7 +115,8 @@ def _check_output(path: Path, force: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export, then print what was written and how to serve it."""
     from quantcache.export import export_checkpoint, get_format
-    from quantcache.models.catalog import DEFAULT_MODEL, resolve_model_source
+    from quantcache.models.catalog import DEFAULT_MODEL
+    from quantcache.models.loading import resolve_model_source
 
     from ..export.common import KVState
 

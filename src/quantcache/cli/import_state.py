@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from quantcache.errors import EXIT_OK
 from quantcache.export import FORMATS
 
-from ._common import command_parser, note
+from ._common import add_force_option, command_parser, note, refuse_existing
 from ._output import check_writable, output_state_path, write_file_set
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         required=True,
         help="state file to write, or a directory for kv_scales.safetensors",
     )
+    add_force_option(parser)
     return parser
 
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     output = output_state_path(args.output)
     check_writable(output, "-o")
+    refuse_existing("-o", args.output, [output, output.with_suffix(".json")], force=args.force)
     note(args, f"reading {args.format} KV scales from {args.checkpoint} ...")
     result = import_checkpoint(args.checkpoint, format=args.format)
     cache = result.cache

@@ -1,8 +1,9 @@
 """``quantcache inspect``: validate a saved state and show what it holds, without loading a model.
 
-Validation is the loader's own (``serialization.read_state_file``: checksum, metadata,
-``validate_state``), so a damaged or hand-edited file is refused with its first problems
-named (exit 3) instead of being shown as if it were fine.
+Validation is the loader's and the writer's own (the checksum and metadata checks of
+:func:`~quantcache.state.file.open_state_file`, then :func:`~quantcache.state.file.check_state`),
+so a damaged or hand-edited file is refused with its first problems named (exit 3) instead
+of being shown as if it were fine, and a file inspect calls valid is one a cache loads.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ def run(args: argparse.Namespace) -> int:
     """Validate the state, then print its description as text or JSON."""
     from quantcache.analysis.report import config_text, index_ranges, layer_summaries, outlier_lines, range_table
     from quantcache.models.data import require_file
-    from quantcache.state.file import FORMAT_NAME, read_state_file
+    from quantcache.state.file import FORMAT_NAME, check_state, open_state_file
 
     path = require_file(state_path(args.scales), "state file")
-    stored = read_state_file(path)  # verifies the checksum and runs serialization.validate_state
+    stored = open_state_file(path)  # the checksum and the metadata
+    check_state(stored, path)  # the validator that writing and loading use
     layers = layer_summaries(
         stored.tensors, stored.layer_names, stored.config, top=args.top, factor=args.outlier_factor
     )

@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING
 from quantcache.errors import EXIT_OK
 from quantcache.scheme.presets import CACHE_SETTINGS, MIX_CANDIDATES
 
-from ._common import add_data_options, add_model_options, check_data_usage, command_parser, note, positive_float
+from ._common import (
+    add_data_options,
+    add_force_option,
+    add_model_options,
+    check_data_usage,
+    command_parser,
+    note,
+    positive_float,
+    refuse_existing,
+)
 from ._output import check_writable, write_text
 from ._steps import check_model_options, model_and_tokenizer, text_source, token_windows
 
@@ -44,7 +53,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         examples=(
             "  quantcache suggest-bits --budget 4.6 -o kv-mixed.yaml\n"
             "  quantcache suggest-bits --budget 3.5 --schemes int4 int4/int2 int3 int2\n"
-            "  quantcache calibrate --config kv-mixed.yaml --storage packed -o runs/mixed   # use it"
+            "  quantcache calibrate --config kv-mixed.yaml -o runs/mixed   # use it"
         ),
     )
     parser.add_argument(
@@ -60,6 +69,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--exclude", nargs="+", default=(), metavar="PAT", help="attention modules left unquantized")
     parser.add_argument("-o", "--output", type=Path, metavar="YAML", help="write the suggested config here")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement as JSON here")
+    add_force_option(parser)
     add_model_options(parser)
     add_data_options(
         parser, samples=2, seq_len=512, default_source="the built-in corpus, evaluation split", evaluation=True
@@ -94,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.schemes:
         parse_candidate(spec)  # a bad scheme fails before the model loads
     base = KVQuantConfig(exclude=tuple(args.exclude), **CACHE_SETTINGS)
-    check_writable(args.output, "-o")
-    check_writable(args.json, "--json")
+    for value, option in ((args.output, "-o"), (args.json, "--json")):
+        check_writable(value, option)
+        refuse_existing(option, value, [Path(value)] if value is not None else [], force=args.force)
     check_model_options(args)
     source = text_source(args, calibration=False)
     documents = source.load()

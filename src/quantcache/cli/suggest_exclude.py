@@ -15,11 +15,13 @@ from quantcache.errors import EXIT_OK
 
 from ._common import (
     add_data_options,
+    add_force_option,
     add_model_options,
     check_data_usage,
     command_parser,
     note,
     positive_float,
+    refuse_existing,
 )
 from ._output import check_writable, write_text
 from ._steps import (
@@ -64,6 +66,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "--kl-budget", required=True, type=positive_float, metavar="X", help="largest acceptable mean KL divergence"
     )
     parser.add_argument("-o", "--output", type=Path, metavar="YAML", help="write the suggested config here")
+    add_force_option(parser)
     add_model_options(parser)
     add_data_options(
         parser, samples=2, seq_len=512, default_source="the built-in corpus, evaluation split", evaluation=True
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     check_data_usage(args)
     scales = read_frozen_state(args.scales)
     check_writable(args.output, "-o")
+    refuse_existing("-o", args.output, [args.output] if args.output is not None else [], force=args.force)
     check_model_options(args)
     source = text_source(args, calibration=False)
     documents = source.load()

@@ -20,9 +20,9 @@ import torch
 from quantcache.cache.cache import QuantizedCalibratingCache
 from quantcache.errors import InputError, QuantStateError
 from quantcache.ops.quantize import compute_qparams
+from quantcache.outputs import reporting_write_failures, write_failure_error
 from quantcache.scheme.config import KVQuantConfig
 
-from . import FORMATS, get_format
 from .checkpoint import (
     INDEX_FRAGMENT,
     NOTE_NAME,
@@ -37,6 +37,7 @@ from .checkpoint import (
     write_json,
 )
 from .common import ExportResult, KVFormat, KVState, UnsupportedSchemeError
+from .registry import FORMATS, get_format
 
 __all__ = ["ImportResult", "export_checkpoint", "import_checkpoint"]
 
@@ -59,7 +60,7 @@ def _model_directory(model: Any) -> Path | None:
         if not path.is_dir():
             raise InputError(
                 f"{path} is not a model directory; for a Hub id, a .gguf file or a known model name, load "
-                "it first (quantcache.models.catalog.load_model) and pass the model object"
+                "it first (quantcache.models.loading.load_model) and pass the model object"
             )
         if not (path / "config.json").is_file():
             raise InputError(f"{path} has no config.json; pass a Hugging Face model directory")
@@ -91,13 +92,12 @@ def _check_model(kv: KVState, model: Any, source: Path | None) -> None:
 
 
 def _note(fmt: KVFormat, kv: KVState, options: Any, result: ExportResult, tensors: dict[str, torch.Tensor]) -> str:
-    scheme = "symmetric" if kv.symmetric else "asymmetric"
     example = next(iter(tensors))
     lines = [
         "# KV cache scales exported by quantcache",
         "",
         f"- format: `{fmt.name}` ({FORMATS[fmt.name].summary})",
-        f"- source state: {scheme} INT8 per-channel, {len(kv.layers)} of {kv.num_layers} layers quantized"
+        f"- source state: {kv.scheme_text} INT8 per-channel, {len(kv.layers)} of {kv.num_layers} layers quantized"
         + (f" (excluded: {kv.excluded})" if kv.excluded else ""),
         f"- KV shape: {kv.kv_heads} heads x {kv.head_dim} channels",
         f"- `{SCALE_SHARD}`: {len(tensors)} tensors, e.g. `{example}` {list(tensors[example].shape)} "
@@ -164,7 +164,8 @@ def export_checkpoint(
     if source is not None:  # refuse before copying gigabytes
         weight_names = set(tensor_locations(source))
         warnings += fmt.check(kv, chosen, source, weight_names)
-    staging = stage(target, overwrite=overwrite)
+    with reporting_write_failures(target, InputError, "the export"):
+        staging = stage(target, overwrite=overwrite)
     try:
         if not scales_only:
             if source is not None:
@@ -201,8 +202,11 @@ def export_checkpoint(
         )
         (staging / NOTE_NAME).write_text(_note(fmt, kv, chosen, result, tensors), encoding="utf-8")
         commit(staging, target)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        failure = write_failure_error(error, target, InputError, "the export")
+        if failure is not None:
+            raise failure from error
         raise
     return result
 

@@ -84,16 +84,19 @@ class AscendFormat(KVFormat):
     # ------------------------------------------------------------------ export
     def check(self, state: KVState, options: Any, source: Path | None, weight_names: set[str] | None) -> list[str]:
         warnings: list[str] = []
-        if not state.symmetric:
+        asymmetric = state.zero_point_streams()
+        if asymmetric:
+            where = ", ".join(asymmetric)
             if not options.allow_asymmetric:
                 raise UnsupportedSchemeError(
-                    "the state is asymmetric, but vLLM-Ascend's C8 decode path dequantizes with kv_cache_scale "
-                    "alone (symmetric INT8): offsets would be applied when writing the cache and ignored when "
-                    "reading it. Recalibrate symmetric (KVQuantConfig(symmetric=True), or quantcache calibrate "
-                    "without --asymmetric), or pass allow_asymmetric=True (--allow-asymmetric) for an engine "
-                    "that applies kv_cache_offset on both sides"
+                    f"the state is asymmetric ({where} stores zero points), but vLLM-Ascend's C8 decode path "
+                    "dequantizes with kv_cache_scale alone (symmetric INT8): offsets would be applied when writing "
+                    "the cache and ignored when reading it. Recalibrate symmetric (symmetric: true for every stream: "
+                    "KVQuantConfig(symmetric=True) with no asymmetric key/value or layer override, or quantcache "
+                    "calibrate without --asymmetric), or pass allow_asymmetric=True (--allow-asymmetric) for an "
+                    "engine that applies kv_cache_offset on both sides"
                 )
-            warnings.append("asymmetric C8 export: vLLM-Ascend's decode path ignores kv_cache_offset")
+            warnings.append(f"asymmetric C8 export ({where}): vLLM-Ascend's decode path ignores kv_cache_offset")
             outside = sum(_outside_int8(layer.stream(s).zero_point) for layer in state.layers for s, _ in _PROJECTIONS)
             if outside and options.int8_offsets:
                 warnings.append(f"{outside} channel(s) had zero points outside int8; refitted to ranges that include 0")

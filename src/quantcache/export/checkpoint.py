@@ -8,7 +8,10 @@ by ``save_pretrained``) plus :data:`SCALE_SHARD`, all listed in one index. A sin
 ``model.safetensors`` is renamed to ``model-00001-of-00001.safetensors`` for that reason.
 
 Everything is written into a hidden sibling directory first and renamed into place at the
-end, so an interrupted export never leaves a checkpoint that loads with half its scales.
+end, so an interrupted export never leaves a checkpoint that loads with half its scales;
+the finished directory gets the permissions the umask gives (a serving engine may run as
+another user), and what a killed export left beside the destination is removed by the
+next one (see :mod:`quantcache.outputs`).
 Reading goes through safetensors headers (``safe_open(...).keys()``) and fetches only the
 tensors asked for: importing scales never reads a weight.
 """
@@ -19,7 +22,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +32,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantcache.errors import InputError, QuantStateError
+from quantcache.outputs import apply_umask, make_staging_directory, staging_path
 
 __all__ = [
+    "HF_QUANT_CONFIG",
     "INDEX_FRAGMENT",
     "INDEX_NAME",
     "NOTE_NAME",
@@ -39,6 +43,7 @@ __all__ = [
     "add_scale_shard",
     "commit",
     "copy_model_directory",
+    "modelopt_weight_algorithm",
     "read_json",
     "read_tensors",
     "save_model",
@@ -49,6 +54,8 @@ __all__ = [
 ]
 
 SCALE_SHARD = "kv_cache_scales.safetensors"
+HF_QUANT_CONFIG = "hf_quant_config.json"
+"""Where a ModelOpt checkpoint describes its quantization (weights and KV cache), beside config.json."""
 INDEX_FRAGMENT = "kv_cache_scales.index.fragment.json"
 INDEX_NAME = "model.safetensors.index.json"
 NOTE_NAME = "QUANTCACHE_EXPORT.md"
@@ -72,6 +79,21 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def modelopt_weight_algorithm(directory: Path) -> str | None:
+    """The weight ``quant_algo`` that ``directory``'s :data:`HF_QUANT_CONFIG` names (``FP8`` ...), else ``None``.
+
+    A ModelOpt checkpoint may describe its quantized weights there only, with no
+    ``quantization_config`` in ``config.json``; a reader that looks at config.json alone
+    takes such weights for plain ones.
+    """
+    path = directory / HF_QUANT_CONFIG
+    if not path.is_file():
+        return None
+    quantization = read_json(path).get("quantization")
+    algorithm = quantization.get("quant_algo") if isinstance(quantization, dict) else None
+    return str(algorithm) if algorithm else None
 
 
 # ---------------------------------------------------------------------------- reading
@@ -147,25 +169,33 @@ def read_tensors(locations: Mapping[str, Path], names: Iterable[str]) -> dict[st
 
 # ---------------------------------------------------------------------------- staging
 def stage(destination: Path, *, overwrite: bool) -> Path:
-    """A fresh hidden directory next to ``destination`` to build the export in."""
+    """A fresh hidden directory next to ``destination`` to build the export in (dead exports' leftovers go first)."""
     if destination.exists():
         if not destination.is_dir():
             raise InputError(f"{destination} exists and is not a directory")
         if any(destination.iterdir()) and not overwrite:
             raise InputError(f"{destination} is not empty; choose a new directory or pass overwrite=True (--force)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    return make_staging_directory(destination)
 
 
 def commit(staging: Path, destination: Path) -> None:
-    """Move the finished export into place (replacing an existing ``destination`` only at the very end)."""
-    if destination.exists():
-        retired = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.replace(destination, retired)
+    """Move the finished export into place (replacing an existing ``destination`` only at the very end).
+
+    Every file and directory gets the umask's permissions first: safetensors (the scale
+    shard, ``save_pretrained``'s weights) writes files readable by their owner only.
+    """
+    apply_umask(staging)
+    if not destination.exists():
         os.replace(staging, destination)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
+        return
+    retired = staging_path(destination, "old")
+    os.replace(destination, retired)
+    try:
         os.replace(staging, destination)
+    except BaseException:
+        os.replace(retired, destination)  # the previous export stays where it was
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- weights

@@ -40,6 +40,7 @@ __all__ = [
     "StreamParams",
     "UnsupportedSchemeError",
     "fp8_scales",
+    "fp8_zero_point_warnings",
     "int8_params_from_absmax",
 ]
 
@@ -98,9 +99,30 @@ class KVState:
     head_dim: int
     model_type: str | None
 
+    def zero_point_streams(self) -> list[str]:
+        """Where the config puts a stream that stores zero points (``qconfig.key``, ``layers[0].qconfig.value``).
+
+        Every stream scheme a quantized layer of this state uses is asked, layer overrides
+        included (:meth:`~quantcache.scheme.config.KVQuantConfig.stream_schemes`).
+        """
+        schemes = self.config.stream_schemes()
+        return [where for where, _, args in schemes if args.stores_zero_point]
+
     @property
     def symmetric(self) -> bool:
-        return self.config.symmetric
+        """Whether no stream of any quantized layer stores zero points (see :meth:`zero_point_streams`)."""
+        return not self.zero_point_streams()
+
+    @property
+    def scheme_text(self) -> str:
+        """The streams' symmetry in words: ``symmetric``, ``asymmetric``, or which streams store zero points."""
+        asymmetric = self.zero_point_streams()
+        if not asymmetric:
+            return "symmetric"
+        schemes = self.config.stream_schemes([self.layer_names[layer.index] for layer in self.layers])
+        if len(asymmetric) == len(schemes):
+            return "asymmetric"
+        return f"asymmetric in {', '.join(asymmetric)}, symmetric elsewhere"
 
     @property
     def num_layers(self) -> int:
@@ -126,39 +148,17 @@ class KVState:
     ) -> KVState:
         """Group flat ``layers.{i}.{key,value}.{min,max,scale,zero_point}`` tensors by layer.
 
-        Only the scheme engines read can be exported: static INT8 per-channel min/max
-        ranges without rotation (the seed scheme, from which FP8 scales are derived too).
+        Only the scheme engines read can be exported: every stream of every quantized layer
+        (layer overrides included) a static INT8 per-channel min/max range without rotation
+        (the seed scheme, from which FP8 scales are derived too), and a cache that quantizes
+        every token after RoPE (:meth:`~quantcache.scheme.config.KVQuantConfig.export_problems`).
         """
-        for stream, args in [(s, config.stream_args(s)) for s in STREAMS] + [
-            (s, config.stream_args(s, name)) for name in layer_names for s in STREAMS
-        ]:
-            exportable = (
-                args.dtype.value == "int8"
-                and args.scope.value == "per_channel"
-                and not args.dynamic
-                and args.method.value == "minmax"
-                and args.rotation.value == "none"
-            )
-            if not exportable:
-                raise QuantStateError(
-                    f"{source}: the {stream} scheme {args.to_dict()} cannot be exported; serving engines read "
-                    "static per-channel (or per-tensor/per-head) ranges, so calibrate with the seed scheme "
-                    "(quantcache calibrate --preset seed) for deployment"
-                )
-        if config.sink_tokens:
+        problems = config.export_problems(list(layer_names))
+        if problems:
             raise QuantStateError(
-                f"{source}: the state keeps sink_tokens: {config.sink_tokens} in full precision, which serving "
-                "engines do not do (they quantize every token); calibrate without sink_tokens for deployment"
-            )
-        if config.residual_window:
-            raise QuantStateError(
-                f"{source}: the state reads its newest {config.residual_window} tokens back in full precision "
-                "(residual_window), which serving engines do not do; calibrate without residual_window for deployment"
-            )
-        if config.pre_rope_keys:
-            raise QuantStateError(
-                f"{source}: the state quantizes keys before RoPE (pre_rope_keys), but serving engines quantize "
-                "them after it; calibrate without pre_rope_keys for deployment"
+                f"{source}: the state cannot be exported: {'; '.join(problems)}. Serving engines read static "
+                "per-channel INT8 ranges: calibrate with the seed scheme (quantcache calibrate --preset seed) for "
+                "deployment"
             )
         fields = ("min", "max", "scale", "zero_point")
         indices = sorted({int(name.split(".")[1]) for name in tensors if name.startswith("layers.")})
@@ -193,14 +193,17 @@ class KVState:
 
     @classmethod
     def load(cls, source: Any) -> KVState:
-        """Accept a frozen ``QuantizedCalibratingCache``, a ``StateFile``, a state file path or a run directory."""
+        """Accept a frozen ``KVQuantizer`` (or a cache of one), a ``StateFile``, a state file path or a run dir."""
         from quantcache.cache.cache import QuantizedCalibratingCache
+        from quantcache.cache.kv_quantizer import KVQuantizer
 
         if isinstance(source, KVState):
             return source
         if isinstance(source, QuantizedCalibratingCache):
+            source = source.quantizer
+        if isinstance(source, KVQuantizer):
             if not source.is_frozen:
-                raise QuantStateError("the cache is not frozen; call cache.freeze() before exporting it")
+                raise QuantStateError("the quantizer is not frozen; call freeze() before exporting it")
             return cls.from_tensors(
                 source.state_dict(),
                 config=source.quant_config,
@@ -219,7 +222,9 @@ class KVState:
         else:
             label = "state"
         if not isinstance(source, StateFile):
-            raise TypeError(f"expected a frozen cache, a StateFile or a state file path, got {type(source).__name__}")
+            raise TypeError(
+                f"expected a frozen KVQuantizer or cache, a StateFile or a state file path, got {type(source).__name__}"
+            )
         if source.mode != "frozen":
             raise QuantStateError(f"{label} holds calibration statistics only (mode {source.mode!r}); freeze it first")
         return cls.from_tensors(
@@ -234,6 +239,23 @@ class KVState:
 
 
 # ---------------------------------------------------------------------------- FP8 math
+def fp8_zero_point_warnings(state: KVState) -> list[str]:
+    """What an FP8 export of ``state`` leaves out: the zero points of its asymmetric streams, if any.
+
+    FP8 KV caches are symmetric (``x / scale``, no offset). Their scale is ``absmax / 448`` of
+    the calibrated ``[min, max]`` range, which an asymmetric stream has as well (its
+    statistics are the same min/max; only the INT8 parameters differ), so such a stream
+    still exports correctly, to the same scale its symmetric calibration would give.
+    """
+    asymmetric = state.zero_point_streams()
+    if not asymmetric:
+        return []
+    return [
+        f"{', '.join(asymmetric)} calibrated asymmetric INT8; FP8 KV caches are symmetric, so those streams' "
+        "scales cover the absolute maximum of their calibrated ranges and their zero points are not written"
+    ]
+
+
 def fp8_scales(low: torch.Tensor, high: torch.Tensor, strategy: Literal["tensor", "attn_head"]) -> torch.Tensor:
     """FP8 e4m3 scales from per-channel ranges: ``absmax / 448``, float32.
 

@@ -33,7 +33,7 @@ import torch
 
 from quantcache.errors import InputError, QuantStateError
 
-from .checkpoint import INDEX_FRAGMENT, INDEX_NAME, SCALE_SHARD, read_json, read_tensors, write_json
+from .checkpoint import HF_QUANT_CONFIG, INDEX_FRAGMENT, INDEX_NAME, SCALE_SHARD, read_json, read_tensors, write_json
 from .common import (
     ImportedScales,
     KVFormat,
@@ -41,12 +41,12 @@ from .common import (
     StreamName,
     UnsupportedSchemeError,
     fp8_scales,
+    fp8_zero_point_warnings,
     int8_params_from_absmax,
 )
 
 __all__ = ["HF_QUANT_CONFIG", "ModelOptFormat"]
 
-HF_QUANT_CONFIG = "hf_quant_config.json"
 _FRAGMENT_NAME = "hf_quant_config.fragment.json"
 _NAMES: tuple[tuple[StreamName, str], ...] = (("key", "k_proj.k_scale"), ("value", "v_proj.v_scale"))
 
@@ -101,7 +101,10 @@ class ModelOptFormat(KVFormat):
                             f"ModelOpt KV scales attach to {layer.name}.{projection}, which the checkpoint "
                             "does not have (fused projections are not supported)"
                         )
-        return ["FP8 per-tensor scales: one range per layer and stream replaces the per-channel ranges"]
+        return [
+            "FP8 per-tensor scales: one range per layer and stream replaces the per-channel ranges",
+            *fp8_zero_point_warnings(state),
+        ]
 
     def scale_tensors(self, state: KVState, options: Any) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}

@@ -32,7 +32,16 @@ import torch
 
 from quantcache.errors import InputError, QuantStateError
 
-from .checkpoint import INDEX_FRAGMENT, INDEX_NAME, SCALE_SHARD, read_json, read_tensors, write_json
+from .checkpoint import (
+    HF_QUANT_CONFIG,
+    INDEX_FRAGMENT,
+    INDEX_NAME,
+    SCALE_SHARD,
+    modelopt_weight_algorithm,
+    read_json,
+    read_tensors,
+    write_json,
+)
 from .common import (
     ImportedScales,
     KVFormat,
@@ -40,6 +49,7 @@ from .common import (
     StreamName,
     UnsupportedSchemeError,
     fp8_scales,
+    fp8_zero_point_warnings,
     int8_params_from_absmax,
 )
 
@@ -82,6 +92,23 @@ def _quantization_config(config: Mapping[str, Any], strategy: str) -> dict[str, 
     return {**existing, "kv_cache_scheme": kv_cache_scheme(strategy)}
 
 
+def _refuse_modelopt_weights(source: Path) -> None:
+    """Refuse a ModelOpt checkpoint whose quantized weights only its hf_quant_config.json describes.
+
+    vLLM takes config.json's ``quantization_config`` first: the compressed-tensors one this
+    format writes there (KV scheme only, no weight groups) would make it load the FP8
+    weights as plain ones.
+    """
+    algorithm = modelopt_weight_algorithm(source)
+    if algorithm is not None:
+        raise UnsupportedSchemeError(
+            f"{source} is a ModelOpt checkpoint: its {HF_QUANT_CONFIG} says the weights are quantized "
+            f"({algorithm}), and the compressed-tensors quantization_config this format writes into config.json "
+            "would make vLLM load them as unquantized weights. Export it with --format modelopt (vLLM and "
+            "TensorRT-LLM read ModelOpt KV scales), or export --format vllm from the unquantized model"
+        )
+
+
 class VllmFormat(KVFormat):
     """compressed-tensors FP8 KV scales for vLLM (see the module docstring)."""
 
@@ -101,7 +128,7 @@ class VllmFormat(KVFormat):
                 "('tensor') or per KV head ('attn_head'); per-channel KV scales would need an engine with "
                 "per-channel KV dequantization (the ascend format carries them, as INT8)"
             )
-        warnings: list[str] = []
+        warnings = fp8_zero_point_warnings(state)
         if state.excluded:
             warnings.append(
                 f"layers {state.excluded} have no KV scales (excluded); vLLM puts every layer's KV in FP8 once "
@@ -109,6 +136,8 @@ class VllmFormat(KVFormat):
             )
         if options.strategy == "attn_head":
             warnings.append("per-head FP8 KV scales need an attention backend that supports them (FlashAttention)")
+        if source is not None:
+            _refuse_modelopt_weights(source)
         if source is not None and (source / "config.json").is_file():
             _quantization_config(read_json(source / "config.json"), options.strategy)  # raises if it cannot merge
         if weight_names is not None:

@@ -42,7 +42,7 @@ def stream_bits(args: QuantArgs, kv_heads: int, head_dim: int, seq_len: int) -> 
     elements = kv_heads * head_dim * seq_len
     granularity = Granularity.of(args)
     if args.dynamic:
-        per_param = args.scale_format.bits + (0 if args.symmetric else args.zero_point_format.bits)
+        per_param = args.row_parameter_bits
         per_channel = (32 if args.center else 0) + (32 if args.query_aware else 0)
         per_channel += 32 * (1 + QUERY_MODEL_RANK) if args.rounding is Rounding.QUERY_AWARE else 0
         center = kv_heads * head_dim * per_channel / max(elements, 1)
@@ -50,8 +50,7 @@ def stream_bits(args: QuantArgs, kv_heads: int, head_dim: int, seq_len: int) -> 
     params = 1
     for size in granularity.param_shape(kv_heads, head_dim):
         params *= size
-    per_param = 32 + (0 if args.symmetric or fmt.kind is FormatKind.FLOAT else 32)
-    return code + 8.0 / head_dim + params * per_param / max(elements, 1)
+    return code + 8.0 / head_dim + params * args.calibrated_parameter_bits / max(elements, 1)
 
 
 def effective_bits(

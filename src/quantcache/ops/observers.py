@@ -18,10 +18,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from quantcache.errors import ConfigError
 from quantcache.ops.granularity import Granularity
 from quantcache.ops.quantize import stream_minmax
-from quantcache.scheme.args import QuantArgs, QuantMethod, Rounding, short_repr
+from quantcache.scheme.args import QuantArgs, QuantMethod, Rounding
 
 __all__ = [
     "OBSERVERS",
@@ -51,27 +50,14 @@ class Observer:
     """
 
     fields: ClassVar[tuple[str, ...]] = ()
-    options: ClassVar[tuple[str, ...]] = ()
-    """Names of the ``observer_options`` this observer reads; any other is a config error."""
 
     def __init__(self, args: QuantArgs) -> None:
-        options = self.allowed_options(args)
-        unknown = [name for name in args.options if name not in options]
-        if unknown:
-            allowed = ", ".join(options) or "none"
-            raise ConfigError(
-                f"qconfig.observer_options: {short_repr(unknown[0])} is not an option of method "
-                f"{args.method.value!r} (options: {allowed})"
-            )
+        # ``args.observer_options`` were checked against the method's table when ``args`` was built
+        # (quantcache.scheme.args.OBSERVER_OPTIONS): an observer reads them without checking again.
         self.args = args
         self.granularity = Granularity.of(args)
         self.statistics: Statistics = {}
         self._lock = threading.Lock()
-
-    @classmethod
-    def allowed_options(cls, args: QuantArgs) -> tuple[str, ...]:
-        """The ``observer_options`` a stream with ``args`` may set (this observer's own, by default)."""
-        return cls.options
 
     # ------------------------------------------------------------------ what subclasses define
     def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
@@ -220,14 +206,10 @@ def _grouped_values(granularity: Granularity, states: torch.Tensor, keep: torch.
 
 @register_observer(QuantMethod.PERCENTILE)
 class PercentileObserver(AveragedRangeObserver):
-    """The ``percentile`` (option, default 99.99) and ``100 - percentile`` quantiles of each batch."""
-
-    options = ("percentile",)
+    """The ``percentile`` (option, default 99.99, in ``(50, 100]``) and ``100 - percentile`` quantiles of each batch."""
 
     def batch_range(self, states: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         percentile = float(self.args.options.get("percentile", 99.99))
-        if not 50.0 < percentile <= 100.0:
-            raise ValueError(f"observer_options.percentile must be in (50, 100], got {percentile}")
         values = _grouped_values(self.granularity, states, keep)
         quantiles = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], device=values.device)
         low, high = torch.nanquantile(values, quantiles, dim=-1)
@@ -242,8 +224,6 @@ class MSEObserver(AveragedRangeObserver):
     ``i < grid`` and keeps the one whose fake-quantized values have the least squared
     error; the number format and symmetry are the stream's own.
     """
-
-    options = ("grid",)
 
     def batch_range(self, states: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         from quantcache.ops.quantize import compute_qparams
@@ -290,10 +270,6 @@ class CenterObserver(SummedObserver):
     """
 
     fields: ClassVar[tuple[str, ...]] = ("center_sum", "center_count")
-
-    @classmethod
-    def allowed_options(cls, args: QuantArgs) -> tuple[str, ...]:
-        return OBSERVERS[args.method].options  # the method's own (``mse``: its per-token grid) stay valid
 
     def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
         real = _real_tokens(states.detach().float(), mask)

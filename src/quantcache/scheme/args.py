@@ -9,6 +9,7 @@ plus which layers take part.
 
 from __future__ import annotations
 
+import math
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ from quantcache.scheme.number_formats import (
 )
 
 __all__ = [
+    "OBSERVER_OPTIONS",
     "STREAM_KEYS",
     "LayerOverride",
+    "ObserverOption",
     "QuantArgs",
     "QuantDtype",
     "QuantMethod",
@@ -72,7 +75,7 @@ class Rotation(str, Enum):
 
 
 class Rounding(str, Enum):
-    """How a value becomes its code: the ``nearest`` one, or ``query_aware`` (keys; see :mod:`quantcache.ops.rounding`)."""
+    """How a value becomes its code: the ``nearest`` one, or ``query_aware`` (keys; :mod:`quantcache.ops.rounding`)."""
 
     NEAREST = "nearest"
     QUERY_AWARE = "query_aware"
@@ -140,6 +143,93 @@ def _flag(key: str, value: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class ObserverOption:
+    """One ``observer_options`` entry an observer reads, and the values it accepts.
+
+    The config checks options against this table when it is built, before any model
+    is loaded, so a bad value is a ConfigError naming the option instead of an error
+    in the middle of calibration. The observers (:mod:`quantcache.ops.observers`) read
+    their option names from here too.
+
+    Attributes:
+        name: the key under ``observer_options``.
+        meaning: what the value sets, for the error message.
+        integer: whole numbers only (otherwise any finite real number).
+        low, high: the accepted range; ``low`` itself is excluded when ``low_open``.
+    """
+
+    name: str
+    meaning: str
+    integer: bool
+    low: float
+    high: float
+    low_open: bool = False
+
+    @property
+    def range_text(self) -> str:
+        """The accepted range as an interval: ``(50, 100]`` or ``[1, 1024]``."""
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def check(self, value: Any) -> int | float:
+        """``value`` if it is a number this option accepts; otherwise a ConfigError naming the option and range."""
+        kind = "a whole number" if self.integer else "a number"
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        # An int is finite however large (and math.isfinite would overflow converting a huge one).
+        good = number is not None and (isinstance(number, int) or (not self.integer and math.isfinite(number)))
+        if good and number is not None:
+            good = (number > self.low if self.low_open else number >= self.low) and number <= self.high
+        if not good:
+            raise ConfigError(
+                f"qconfig.observer_options.{self.name}: expected {kind} in {self.range_text} ({self.meaning}), "
+                f"got {short_repr(value)}"
+            )
+        return int(value) if self.integer else value
+
+
+OBSERVER_OPTIONS: dict[QuantMethod, tuple[ObserverOption, ...]] = {
+    QuantMethod.MINMAX: (),
+    QuantMethod.PERCENTILE: (
+        ObserverOption(
+            "percentile",
+            "the quantile of each batch the range reaches, in percent; the low end takes 100 minus it",
+            integer=False,
+            low=50.0,
+            high=100.0,
+            low_open=True,
+        ),
+    ),
+    QuantMethod.MSE: (
+        ObserverOption(
+            "grid", "how many shrunk ranges the error search tries per range", integer=True, low=1, high=1024
+        ),
+    ),
+}
+"""The ``observer_options`` each method reads (the same for a centred dynamic stream, whose per-token
+search is its method's), and their accepted values."""
+
+
+def _observer_options(method: QuantMethod, options: Any) -> tuple[tuple[str, Any], ...]:
+    """``options`` (a mapping or ``(name, value)`` pairs) checked against ``method``'s table, sorted by name."""
+    if isinstance(options, Mapping):
+        options = tuple(options.items())
+    if not isinstance(options, tuple) or not all(isinstance(item, tuple) and len(item) == 2 for item in options):
+        raise ConfigError("qconfig.observer_options: expected a mapping of option names to values")
+    known = {option.name: option for option in OBSERVER_OPTIONS[method]}
+    checked: dict[str, Any] = {}
+    for name, value in options:
+        if name not in known:
+            allowed = ", ".join(known) or "none"
+            raise ConfigError(
+                f"qconfig.observer_options: {short_repr(name)} is not an option of method {method.value!r} "
+                f"(options: {allowed})"
+            )
+        if name in checked:
+            raise ConfigError(f"qconfig.observer_options: {name!r} is given twice")
+        checked[name] = known[name].check(value)
+    return tuple(sorted(checked.items()))
+
+
+@dataclass(frozen=True)
 class QuantArgs:
     """The quantization of one ``(batch, kv_heads, seq, head_dim)`` stream.
 
@@ -152,7 +242,8 @@ class QuantArgs:
             ``group``) instead of calibrated once.
         method: the observer that turns calibration data into a range (static only).
         group_size: channels per group along head_dim (``group`` scope only).
-        observer_options: the observer's own settings, as ``(name, value)`` pairs.
+        observer_options: the observer's own settings, as ``(name, value)`` pairs sorted by name, each
+            checked against :data:`OBSERVER_OPTIONS` (``percentile: 99.9``; ``grid: 20``).
         rotation: ``hadamard`` rotates every head's vectors by a fixed randomized
             Hadamard matrix before quantizing and back after (keys and values alike:
             what the cache returns is in the model's own space).
@@ -225,12 +316,7 @@ class QuantArgs:
         set_(self, "method", enum_value(QuantMethod, "method", self.method))
         set_(self, "symmetric", _flag("symmetric", self.symmetric))
         set_(self, "dynamic", _flag("dynamic", self.dynamic))
-        options = self.observer_options
-        if isinstance(options, Mapping):
-            options = tuple(sorted(options.items()))
-        if not isinstance(options, tuple) or not all(isinstance(item, tuple) and len(item) == 2 for item in options):
-            raise ConfigError("qconfig.observer_options: expected a mapping of option names to values")
-        set_(self, "observer_options", options)
+        set_(self, "observer_options", _observer_options(self.method, self.observer_options))
         self._check_combination()
 
     def _check_combination(self) -> None:
@@ -301,11 +387,69 @@ class QuantArgs:
 
     @property
     def calibrates(self) -> bool:
-        """Whether calibration teaches this stream anything: a static range, or a centred dynamic stream's mean.
+        """Whether calibration teaches this stream anything: a static range, or a centred dynamic stream's mean
+        (and, query-aware, its channel scales, which need ``center``).
 
         A stream that calibrates holds tensors in a saved state; one that does not saves nothing.
         """
         return not self.dynamic or self.center
+
+    @property
+    def stores_zero_point(self) -> bool:
+        """Whether the stream keeps zero points: an asymmetric (hence integer) stream does, per packed row
+        when dynamic and calibrated once when static; a symmetric, mid-rise or float8 stream's zero point is
+        zero (or a constant) and is never stored, counted or exported."""
+        return not self.symmetric and self.format.kind is FormatKind.INTEGER
+
+    @property
+    def decodes_with_zero_point(self) -> bool:
+        """Whether decoding subtracts a zero point from the codes: a stored one (asymmetric), or the mid-rise
+        grid's constant ``-1/2`` (``zero_level: false``); symmetric zero-level and float8 codes need none."""
+        return self.format.kind is FormatKind.INTEGER and not (self.symmetric and self.zero_level)
+
+    @property
+    def row_parameter_bits(self) -> int:
+        """Bits of parameters a packed row stores per group of a dynamic stream: its scale (``scale_format``)
+        and, when it stores one, its zero point (``zero_point_format``). A static stream's rows store none
+        (its parameters are calibrated once: :attr:`calibrated_parameter_bits`)."""
+        if not self.dynamic:
+            return 0
+        return self.scale_format.bits + (self.zero_point_format.bits if self.stores_zero_point else 0)
+
+    @property
+    def calibrated_parameter_bits(self) -> int:
+        """Bits of one calibrated parameter of a static stream: a float32 scale and, when it stores one, an
+        int32 zero point. A dynamic stream calibrates no scale (0; its centre and channel scales are counted
+        per channel by :mod:`quantcache.ops.bits`)."""
+        if self.dynamic:
+            return 0
+        return 32 + (32 if self.stores_zero_point else 0)
+
+    def export_problems(self) -> list[str]:
+        """Why serving engines cannot take this stream's parameters; empty when they can.
+
+        The exporters (:mod:`quantcache.export`) read a static INT8 per-channel ``[min, max]``
+        range in the model's own space (the seed scheme): vLLM-Ascend takes its scale and
+        zero point, the FP8 formats its absolute maximum. Whether the zero points survive
+        is the format's question (:attr:`stores_zero_point`).
+        """
+        problems = []
+        if self.dynamic:
+            problems.append("dynamic (parameters computed per token as it arrives; engines load calibrated scales)")
+        if self.dtype is not QuantDtype.INT8:
+            problems.append(f"dtype {self.dtype.value} (the exporters read INT8 ranges)")
+        if self.scope is not QuantScope.PER_CHANNEL:
+            problems.append(f"scope {self.scope.value} (the exporters read per-channel ranges)")
+        if self.method is not QuantMethod.MINMAX:
+            problems.append(f"method {self.method.value} (the exporters read min/max statistics)")
+        if self.rotation is not Rotation.NONE:
+            problems.append(f"rotation {self.rotation.value} (engines quantize in the model's own space)")
+        return problems
+
+    @property
+    def engine_exportable(self) -> bool:
+        """Whether serving engines can take this stream's parameters (see :meth:`export_problems`)."""
+        return not self.export_problems()
 
     @property
     def format(self) -> NumberFormat:

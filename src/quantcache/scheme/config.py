@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,13 @@ from quantcache.scheme.args import (
     QuantDtype,
     QuantMethod,
     QuantScope,
-    Rotation,
     Rounding,
     ScaleFormat,
     Storage,
     ZeroPointFormat,
-    enum_value,
     short_repr,
 )
+from quantcache.scheme.documents import load_yaml
 from quantcache.scheme.patterns import expand_braces, match_module_names, matches_any
 
 __all__ = [
@@ -51,11 +51,13 @@ __all__ = [
 
 
 _PROCESSOR_TYPE = "dynamic_cache"
-# The flat fields of KVQuantConfig that describe both streams (QuantArgs' fields).
-_SHARED_FIELDS = STREAM_KEYS
 # The processor item's own keys beside ``type`` and ``qconfig``: each is a KVQuantConfig field of that name.
-_ITEM_FIELDS = ("include", "exclude", "layers", "storage", "sink_tokens", "residual_window", "pre_rope_keys")
+_ITEM_FIELDS = ("include", "exclude", "layers", "sink_tokens", "residual_window", "pre_rope_keys")
 _ITEM_KEYS = ("type", "qconfig", *_ITEM_FIELDS)
+_STORAGE_MOVED = (
+    "storage (fake or packed) is what one cache keeps, chosen per cache and not part of the scheme: "
+    "quantizer.new_cache(storage=...) or QuantizedCalibratingCache(model, config, storage=...)"
+)
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
 # (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
@@ -95,33 +97,63 @@ def _pattern_tuple(key: str, value: Any) -> tuple[str, ...]:
     return patterns
 
 
-@dataclass(frozen=True)
+def _plain(value: Any) -> Any:
+    """An enum member as the config spells it (``'int8'``); anything else as it is."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def _stream_args(stream: str, given: Any, flat: Mapping[str, Any]) -> QuantArgs:
+    """One stream's arguments from the constructor's ``key``/``value`` and its flat keywords (see KVQuantConfig)."""
+    if given is None or isinstance(given, Mapping):
+        return QuantArgs.from_dict({**flat, **(given or {})}, where=f"qconfig.{stream}")
+    if not isinstance(given, QuantArgs):
+        raise ConfigError(f"{stream}: expected QuantArgs or a mapping, got {type(given).__name__}")
+    if flat:
+        try:
+            merged: QuantArgs | None = QuantArgs.from_dict({**given.to_dict(full=True), **flat})
+        except ConfigError:
+            merged = None
+        differing = [name for name in flat if merged is None or getattr(merged, name) != getattr(given, name)]
+        if differing:
+            said = ", ".join(f"{name}={short_repr(flat[name])}" for name in differing)
+            has = ", ".join(f"{name}={short_repr(_plain(getattr(given, name)))}" for name in differing)
+            raise ConfigError(
+                f"{stream}: a complete QuantArgs ({has}) and the flat keyword(s) {said}, which describe both "
+                f"streams, disagree about the {stream}s. Give {stream} as a mapping of the fields it changes on top "
+                f"of the flat keywords, or leave those out; to change both streams of an existing config, use "
+                f"config.with_stream_args({said}) (dataclasses.replace keeps the config's complete streams)"
+            )
+    return given
+
+
+@dataclass(frozen=True, init=False)
 class KVQuantConfig:
     """How the key/value cache is quantized and which attention modules take part.
 
-    The flat fields (``dtype``, ``scope``, ``symmetric``, ``method``, ``dynamic``,
-    ``group_size``) describe both streams, as msModelSlim's ``qconfig`` does; ``key``
-    or ``value`` replace them for one stream. :attr:`key_args` / :attr:`value_args`
-    are what each stream actually uses.
+    ``key`` and ``value`` (each a :class:`~quantcache.scheme.args.QuantArgs`, always set)
+    are the whole description of the two streams: nothing else is read. The constructor
+    takes them in three ways, the way msModelSlim's ``qconfig`` spells a scheme:
+
+    * flat keywords (``dtype``, ``scope``, ``symmetric``, ``method``, ... the fields of
+      ``QuantArgs``, :data:`~quantcache.scheme.args.STREAM_KEYS`) describe both streams:
+      ``KVQuantConfig(symmetric=False, dtype="int4")``;
+    * ``key`` / ``value`` as a mapping change fields of that stream on top of the flat
+      keywords: ``KVQuantConfig(symmetric=True, key={"symmetric": False})``;
+    * ``key`` / ``value`` as a ``QuantArgs`` is that stream, complete. A flat keyword that
+      disagrees with it is a ConfigError (which one was meant?), so
+      ``dataclasses.replace(config, symmetric=False)`` is refused rather than ignored:
+      :meth:`with_stream_args` changes both streams of an existing config.
+
+    Two configs that describe the same streams are equal however they were spelled.
 
     Attributes:
-        dtype: number format (``int8``).
-        scope: parameter granularity (``per_channel``: one per kv_head and head_dim channel).
-        symmetric: symmetric (zero point 0, range ``[-max|x|, max|x|]``) or asymmetric
-            (range ``[min, max]``, zero point shifts it onto ``[-128, 127]``).
-        method: observer used for the range (``minmax``).
+        key, value: how the keys and the values are quantized.
         include: glob patterns on attention module names (``model.layers.0.self_attn``);
             ``*`` crosses dots and ``{a,b}`` lists alternatives.
         exclude: patterns removed from ``include``; exclude wins.
-        dynamic, group_size, scale_format, zero_point_format, query_aware, rounding, zero_level: see
-            :class:`~quantcache.scheme.args.QuantArgs`.
-        key, value: per-stream arguments that replace the flat fields for that stream.
         layers: per-layer overrides (:class:`~quantcache.scheme.args.LayerOverride`, or their
             ``{include, qconfig}`` mappings, merged onto ``key``/``value`` when read): a
             quantized module takes the first override whose patterns match its name.
-        storage: what a frozen cache keeps, ``fake`` (dequantized states in the model
-            dtype, no memory saved; the default) or ``packed`` (codes, see
-            :mod:`quantcache.cache.storage_layers`). Both return the same keys and values.
         sink_tokens: the first tokens of every sequence, kept in full precision and out of
             the statistics in full-attention layers (sliding windows evict them anyway):
             the BOS "attention sink" draws much of every query's attention, and keeping
@@ -137,68 +169,64 @@ class KVQuantConfig:
             engines quantize keys after RoPE).
     """
 
-    dtype: QuantDtype = QuantDtype.INT8
-    scope: QuantScope = QuantScope.PER_CHANNEL
-    symmetric: bool = True
-    method: QuantMethod = QuantMethod.MINMAX
+    key: QuantArgs = field(default_factory=QuantArgs)
+    value: QuantArgs = field(default_factory=QuantArgs)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = field(default_factory=tuple)
-    dynamic: bool = False
-    group_size: int | None = None
-    observer_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
-    rotation: Rotation = Rotation.NONE
-    rotation_seed: int = 0
-    center: bool = False
-    scale_format: ScaleFormat = ScaleFormat.FLOAT16
-    zero_point_format: ZeroPointFormat = ZeroPointFormat.INT16
-    query_aware: bool = False
-    rounding: Rounding = Rounding.NEAREST
-    zero_level: bool = True
-    key: QuantArgs | None = None
-    value: QuantArgs | None = None
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
-    storage: Storage = Storage.FAKE
     sink_tokens: int = 0
     residual_window: int = 0
     pre_rope_keys: bool = False
 
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "storage", enum_value(Storage, "storage", self.storage, section=""))
-        _check_token_count("sink_tokens", self.sink_tokens, _MAX_SINK_TOKENS)
-        _check_token_count("residual_window", self.residual_window, _MAX_RESIDUAL_WINDOW)
-        if not isinstance(self.pre_rope_keys, bool):
-            raise ConfigError(f"pre_rope_keys: expected true or false, got {short_repr(self.pre_rope_keys)}")
-        shared = QuantArgs(**{name: getattr(self, name) for name in _SHARED_FIELDS})
-        for name in _SHARED_FIELDS:
-            set_(self, name, getattr(shared, name))
-        for stream in _STREAMS:
-            args = getattr(self, stream)
-            if isinstance(args, Mapping):
-                args = QuantArgs.from_dict(args, where=f"qconfig.{stream}")
-            if args is not None and not isinstance(args, QuantArgs):
-                raise ConfigError(f"{stream}: expected QuantArgs or a mapping, got {type(args).__name__}")
-            set_(self, stream, None if args == shared else args)
-        set_(self, "include", _pattern_tuple("include", self.include))
-        set_(self, "exclude", _pattern_tuple("exclude", self.exclude))
-        if isinstance(self.layers, (str, Mapping)) or not isinstance(self.layers, Iterable):
-            raise ConfigError(
-                f"layers: expected a list of {{include, qconfig}} items, got {type(self.layers).__name__}"
+    def __init__(
+        self,
+        *,
+        key: QuantArgs | Mapping[str, Any] | None = None,
+        value: QuantArgs | Mapping[str, Any] | None = None,
+        include: Iterable[str] | str = ("*",),
+        exclude: Iterable[str] | str = (),
+        layers: Iterable[LayerOverride | Mapping[str, Any]] = (),
+        sink_tokens: int = 0,
+        residual_window: int = 0,
+        pre_rope_keys: bool = False,
+        **flat: Any,
+    ) -> None:
+        if "storage" in flat:
+            raise TypeError(f"KVQuantConfig() takes no storage: {_STORAGE_MOVED}")
+        unknown = [name for name in flat if name not in STREAM_KEYS]
+        if unknown:
+            raise TypeError(
+                f"KVQuantConfig() got an unexpected keyword argument {unknown[0]!r}; a stream's keywords are "
+                f"{', '.join(STREAM_KEYS)}"
             )
+        set_ = object.__setattr__
+        for stream, given in (("key", key), ("value", value)):
+            set_(self, stream, _stream_args(stream, given, flat))
+        _check_token_count("sink_tokens", sink_tokens, _MAX_SINK_TOKENS)
+        _check_token_count("residual_window", residual_window, _MAX_RESIDUAL_WINDOW)
+        set_(self, "sink_tokens", sink_tokens)
+        set_(self, "residual_window", residual_window)
+        if not isinstance(pre_rope_keys, bool):
+            raise ConfigError(f"pre_rope_keys: expected true or false, got {short_repr(pre_rope_keys)}")
+        set_(self, "pre_rope_keys", pre_rope_keys)
+        set_(self, "include", _pattern_tuple("include", include))
+        set_(self, "exclude", _pattern_tuple("exclude", exclude))
+        if isinstance(layers, (str, Mapping)) or not isinstance(layers, Iterable):
+            raise ConfigError(f"layers: expected a list of {{include, qconfig}} items, got {type(layers).__name__}")
         overrides = []
-        for index, item in enumerate(self.layers):
+        for index, item in enumerate(layers):
             where = f"layers[{index}]"
             if not isinstance(item, LayerOverride):
-                item = LayerOverride.from_dict(item, key=self.key_args, value=self.value_args, where=where)
+                item = LayerOverride.from_dict(item, key=self.key, value=self.value, where=where)
             overrides.append(LayerOverride(_pattern_tuple(f"{where}.include", item.include), item.key, item.value))
         set_(self, "layers", tuple(overrides))
-        if any(args.query_aware for args in (self.value_args, *(o.value for o in overrides))):
+        if any(args.query_aware for args in (self.value, *(o.value for o in overrides))):
             raise ConfigError(
                 "qconfig.value.query_aware: values are weighed by attention, not read by queries, so only keys "
                 "can be query-aware; set query_aware under qconfig.key (a flat query_aware applies to both streams)"
             )
-        roundings = {args.rounding for args in (self.key_args, *(o.key for o in overrides))}
-        if not self.pre_rope_keys and Rounding.QUERY_AWARE in roundings:
+        roundings = {args.rounding for args in (self.key, *(o.key for o in overrides))}
+        if not pre_rope_keys and Rounding.QUERY_AWARE in roundings:
             raise ConfigError(
                 "qconfig.key.rounding 'query_aware' weighs a key's error by queries that reach it through RoPE, "
                 "which the cache can follow only for keys it holds before RoPE: set pre_rope_keys: true"
@@ -206,9 +234,9 @@ class KVQuantConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> KVQuantConfig:
-        """A named scheme (``seed``, ``int8``, ``fp8``, ``int4``, ``int3``, ``int2``; see :mod:`quantcache.scheme.presets`).
+        """A named scheme (``seed``, ``int8``, ``fp8``, ``int4``, ``int3``, ``int2``; :mod:`quantcache.scheme.presets`).
 
-        ``overrides`` replace fields (``exclude=[...]``, ``storage="packed"`` ...).
+        ``overrides`` replace fields (``exclude=[...]``, ``sink_tokens=0``, ``symmetric=False`` ...).
         """
         from quantcache.scheme.presets import PRESETS, preset_settings
 
@@ -220,32 +248,96 @@ class KVQuantConfig:
 
     # ------------------------------------------------------------------ the two streams
     @property
-    def shared_args(self) -> QuantArgs:
-        """The arguments the flat fields describe."""
-        return QuantArgs(**{name: getattr(self, name) for name in _SHARED_FIELDS})
-
-    @property
     def key_args(self) -> QuantArgs:
-        """What the keys use."""
-        return self.key if self.key is not None else self.shared_args
+        """What the keys use (:attr:`key`)."""
+        return self.key
 
     @property
     def value_args(self) -> QuantArgs:
-        """What the values use."""
-        return self.value if self.value is not None else self.shared_args
+        """What the values use (:attr:`value`)."""
+        return self.value
+
+    def with_stream_args(self, **changes: Any) -> KVQuantConfig:
+        """This config with ``changes`` (fields of :class:`QuantArgs`) made to both of its own streams.
+
+        What ``quantcache calibrate --asymmetric`` and the like do to a config. Layer
+        overrides keep their own arguments, as they were resolved when the config was read.
+        """
+        unknown = [name for name in changes if name not in STREAM_KEYS]
+        if unknown:
+            raise TypeError(f"with_stream_args() got an unexpected keyword argument {unknown[0]!r}")
+        key, value = (
+            QuantArgs.from_dict({**args.to_dict(full=True), **changes}, where=f"qconfig.{stream}")
+            for stream, args in (("key", self.key), ("value", self.value))
+        )
+        return replace(self, key=key, value=value)
 
     def stream_args(self, stream: str, module_name: str | None = None) -> QuantArgs:
-        """``key_args`` or ``value_args`` by name; for ``module_name``, what its layer override says."""
+        """``key`` or ``value`` by name; for ``module_name``, what its layer override says."""
         if stream not in _STREAMS:
             raise ValueError(f"stream must be 'key' or 'value', got {stream!r}")
         for override in self.layers if module_name is not None else ():
             if matches_any(module_name, override.include):  # type: ignore[arg-type]
                 return override.key if stream == "key" else override.value
-        return self.key_args if stream == "key" else self.value_args
+        return self.key if stream == "key" else self.value
 
     def all_stream_args(self) -> list[QuantArgs]:
         """Every stream scheme the config can use (the config's own two, then each override's)."""
-        return [self.key_args, self.value_args, *(args for o in self.layers for args in (o.key, o.value))]
+        return [self.key, self.value, *(args for o in self.layers for args in (o.key, o.value))]
+
+    def stream_schemes(self, module_names: Sequence[str] | None = None) -> list[tuple[str, str, QuantArgs]]:
+        """``(where, stream, args)`` of every stream scheme in use, ``where`` naming it as the YAML does.
+
+        ``where`` is ``qconfig.key`` for the config's own keys, ``layers[2].qconfig.value`` for
+        an override's values. Given ``module_names``, only the schemes some quantized module
+        among them uses; otherwise every one the config can use.
+        """
+        sources: list[tuple[str, LayerOverride | None]] = [("", None)]
+        sources += [(f"layers[{index}].", override) for index, override in enumerate(self.layers)]
+        if module_names is not None:
+            used = set()
+            for name in module_names:
+                if self.is_quantized(name):
+                    matched = (i for i, o in enumerate(self.layers) if matches_any(name, o.include))
+                    used.add(next(matched, -1) + 1)
+            sources = [source for index, source in enumerate(sources) if index in used]
+        schemes = []
+        for prefix, override in sources:
+            key, value = (self.key, self.value) if override is None else (override.key, override.value)
+            schemes += [(f"{prefix}qconfig.key", "key", key), (f"{prefix}qconfig.value", "value", value)]
+        return schemes
+
+    def export_problems(self, module_names: Sequence[str] | None = None) -> list[str]:
+        """Why serving engines cannot take a state of this config (empty when they can), each naming its setting.
+
+        Every stream scheme in use (:meth:`stream_schemes`; by ``module_names``'s quantized
+        modules when given) must be one the exporters read
+        (:meth:`~quantcache.scheme.args.QuantArgs.export_problems`), and the whole cache must
+        quantize every token after RoPE as engines do. Whether a format can carry zero
+        points (:attr:`~quantcache.scheme.args.QuantArgs.stores_zero_point`) is the format's
+        own question.
+        """
+        problems = []
+        for where, _, args in self.stream_schemes(module_names):
+            reasons = args.export_problems()
+            if reasons:
+                problems.append(f"{where} is {'; '.join(reasons)}")
+        if self.sink_tokens:
+            problems.append(
+                f"it keeps sink_tokens: {self.sink_tokens} in full precision, which serving engines do not do "
+                "(they quantize every token): calibrate without sink_tokens"
+            )
+        if self.residual_window:
+            problems.append(
+                f"it reads its newest {self.residual_window} tokens back in full precision (residual_window), "
+                "which serving engines do not do: calibrate without residual_window"
+            )
+        if self.pre_rope_keys:
+            problems.append(
+                "it quantizes keys before RoPE (pre_rope_keys), but serving engines quantize them after it: "
+                "calibrate without pre_rope_keys"
+            )
+        return problems
 
     # ------------------------------------------------------------------ layer selection
     def is_quantized(self, module_name: str) -> bool:
@@ -276,14 +368,13 @@ class KVQuantConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON/YAML data, in msModelSlim's processor-item shape.
 
-        Streams configured apart add ``qconfig.key`` / ``qconfig.value`` mappings; the
-        seed scheme writes exactly msModelSlim's four ``qconfig`` keys.
+        The flat ``qconfig`` keys are the keys' arguments, which msModelSlim reads for both
+        streams; values that differ add a complete ``qconfig.value`` mapping. The seed scheme
+        writes exactly msModelSlim's four ``qconfig`` keys.
         """
-        qconfig = self.shared_args.to_dict()
-        for stream in _STREAMS:
-            args: QuantArgs | None = getattr(self, stream)
-            if args is not None:
-                qconfig[stream] = args.to_dict(full=True)
+        qconfig: dict[str, Any] = self.key.to_dict()
+        if self.value != self.key:
+            qconfig["value"] = self.value.to_dict(full=True)
         data: dict[str, Any] = {
             "type": _PROCESSOR_TYPE,
             "qconfig": qconfig,
@@ -292,8 +383,6 @@ class KVQuantConfig:
         }
         if self.layers:
             data["layers"] = [override.to_dict() for override in self.layers]
-        if self.storage is not Storage.FAKE:
-            data["storage"] = self.storage.value
         if self.sink_tokens:
             data["sink_tokens"] = self.sink_tokens
         if self.residual_window:
@@ -303,17 +392,25 @@ class KVQuantConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> KVQuantConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, stored: bool = False) -> KVQuantConfig:
         """Read a processor item (``type: dynamic_cache``) or a full msModelSlim document.
 
         A full document is recognised by its ``spec: {process: [...]}`` and must hold
         exactly one ``dynamic_cache`` item; other processors (``linear_quant`` ...) and
         other top-level sections are left to the tools that own them.
+
+        ``stored``: ``data`` is a config quantcache saved (a state file's), and a ``storage``
+        key that earlier versions wrote there as the default of the caches loading it is
+        dropped. In a config a user wrote, ``storage`` is an error that says where it goes.
         """
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping at the top of the config, got {type(data).__name__}")
         if "spec" in data:
-            return cls._from_document(data)
+            return cls._from_document(data, stored=stored)
+        if "storage" in data:
+            if not stored:
+                raise ConfigError(f"storage: {_STORAGE_MOVED}; remove storage from the config")
+            data = {key: item for key, item in data.items() if key != "storage"}
         unknown = [key for key in data if key not in _ITEM_KEYS]
         if unknown:
             raise ConfigError(
@@ -330,20 +427,19 @@ class KVQuantConfig:
         if unknown:
             raise ConfigError(f"unknown key 'qconfig.{_key_text(unknown[0])}'; allowed: {', '.join(allowed)}")
         kwargs: dict[str, Any] = {key: qconfig[key] for key in STREAM_KEYS if key in qconfig}
-        shared = QuantArgs.from_dict(kwargs)
         for stream in _STREAMS:
             if stream in qconfig:
                 overrides = qconfig[stream]
                 if not isinstance(overrides, Mapping):
                     raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
-                kwargs[stream] = QuantArgs.from_dict({**shared.to_dict(), **overrides}, where=f"qconfig.{stream}")
+                kwargs[stream] = overrides  # merged onto the flat keys by the constructor
         for key in _ITEM_FIELDS:
             if key in data and data[key] is not None:
                 kwargs[key] = data[key]
         return cls(**kwargs)
 
     @classmethod
-    def _from_document(cls, data: Mapping[str, Any]) -> KVQuantConfig:
+    def _from_document(cls, data: Mapping[str, Any], *, stored: bool = False) -> KVQuantConfig:
         spec = data["spec"]
         if not isinstance(spec, Mapping) or "process" not in spec:
             raise ConfigError("spec: expected a mapping with a 'process' list")
@@ -356,7 +452,7 @@ class KVQuantConfig:
             raise ConfigError(f"spec.process has no 'dynamic_cache' item (found types: {kinds})")
         if len(items) > 1:
             raise ConfigError(f"spec.process has {len(items)} 'dynamic_cache' items; keep exactly one")
-        return cls.from_dict(items[0])
+        return cls.from_dict(items[0], stored=stored)
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> KVQuantConfig:
@@ -381,7 +477,7 @@ class KVQuantConfig:
         else:
             text = source
         try:
-            data = yaml.load(text, Loader=_BoundedLoader)
+            data = load_yaml(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"config is not valid YAML: {str(error)[:300]}") from error
         if isinstance(data, list):
@@ -396,51 +492,3 @@ class KVQuantConfig:
     def to_yaml(self) -> str:
         """The config as a msModelSlim-compatible YAML processor item (a one-item list)."""
         return str(yaml.safe_dump([self.to_dict()], sort_keys=False))
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``SafeLoader`` that refuses documents whose aliases expand into something huge.
-
-    An alias-chain ("billion laughs") document is a few hundred bytes of YAML whose
-    nodes are referenced exponentially often; counting the nodes the composed
-    document expands to (each shared node once per reference, memoised) refuses it
-    before anything is constructed or quoted.
-    """
-
-    _MAX_EXPANDED_NODES = 100_000
-
-    def get_single_node(self) -> Any:
-        node = super().get_single_node()
-        if node is not None:
-            sizes: dict[int, int] = {}
-
-            def expanded(item: Any) -> int:
-                known = sizes.get(id(item))
-                if known is not None:
-                    return known
-                sizes[id(item)] = 1  # a recursive document counts a cycle once
-                total = 1
-                if isinstance(item, yaml.SequenceNode):
-                    total += sum(expanded(child) for child in item.value)
-                elif isinstance(item, yaml.MappingNode):
-                    total += sum(expanded(key) + expanded(value) for key, value in item.value)
-                sizes[id(item)] = total
-                return total
-
-            if expanded(node) > self._MAX_EXPANDED_NODES:
-                raise ConfigError(
-                    f"config expands to more than {self._MAX_EXPANDED_NODES} YAML nodes through its aliases "
-                    "(an alias chain?); refusing it as malformed"
-                )
-        return node
-
-    _MAX_ALIAS_USES = 10_000
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._alias_uses = getattr(self, "_alias_uses", 0) + 1
-            if self._alias_uses > self._MAX_ALIAS_USES:
-                raise ConfigError(
-                    f"config uses YAML aliases more than {self._MAX_ALIAS_USES} times; refusing it as malformed"
-                )
-        return super().compose_node(parent, index)

@@ -138,7 +138,7 @@ def stream_problems(
     if "zero_point" in fields:
         zero_point = fields["zero_point"]
         fmt = args.format
-        if args.symmetric and bool((zero_point != 0).any()):
+        if not args.stores_zero_point and bool((zero_point != 0).any()):
             problems.append(f"{prefix}.zero_point is not 0 although the scheme is symmetric")
         elif bool(((zero_point < fmt.qmin - _ZERO_POINT_REACH) | (zero_point > fmt.qmax + _ZERO_POINT_REACH)).any()):
             problems.append(f"{prefix}.zero_point holds values outside what {fmt.name} can need")

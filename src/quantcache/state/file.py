@@ -17,12 +17,15 @@ values are each one JSON document (format version 2, see README's "State file fo
 ``model``              ``model_type``, ``num_layers``, ``kv_heads``, ``head_dim``,
                        ``layer_names``, and where known ``name``, ``revision``, ``config_sha256``
 ``encoding``           value range, rounding, dequantization formula and tensor axis layout
+``origin``             ``"calibrated"`` or ``"imported from FORMAT"``
 =====================  ======================================================================
 
 Version 1 files (before the checksum) still load; anything newer than this reader
-is refused with the version named. Reading and :func:`validate_state` check all of
-it, so a truncated, corrupted, inconsistent or foreign file fails with a message that
-names the problem instead of loading garbage.
+is refused with the version named. :func:`validate_state` is the one judge of a state:
+writing (:func:`write_state_file`), reading (:func:`read_state_file`) and ``quantcache
+inspect`` all ask it through :func:`check_state`, so a state that one of them accepts is
+never refused by another, and a truncated, corrupted, inconsistent or foreign file fails
+with a message that names the problem instead of loading garbage.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantcache.errors import ConfigError, QuantStateError
+from quantcache.outputs import apply_umask, remove_stale_staging, reporting_write_failures, staging_path
 from quantcache.scheme.config import KVQuantConfig
+from quantcache.scheme.documents import load_json
 from quantcache.state.fields import (
     PARAMETER_FIELDS,
     missing_fields,
@@ -57,6 +61,8 @@ __all__ = [
     "PARAMETER_FIELDS",
     "QuantStateError",
     "StateFile",
+    "check_state",
+    "open_state_file",
     "parse_state_key",
     "read_state_file",
     "stream_problems",
@@ -67,6 +73,8 @@ __all__ = [
 FORMAT_NAME = "quantcache.kv_state"
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
+CALIBRATED = "calibrated"
+IMPORTED_PREFIX = "imported from "
 _STATE_KEY = re.compile(r"^layers\.(\d+)\.(key|value)\.([a-z_]+)$")
 _ENCODING = {
     "quantize": "q = clamp(round(x / scale + zero_point), qmin, qmax)",
@@ -100,12 +108,18 @@ class StateFile:
     model_revision: str | None = None
     model_config_sha256: str | None = None
     format_version: int = FORMAT_VERSION
-    origin: str = "calibrated"
+    origin: str = CALIBRATED
     """``calibrated`` (parameters derive from the statistics) or ``imported from FORMAT`` (parameters
-    read from another tool's checkpoint, with the range they represent as statistics)."""
+    read from another tool's checkpoint, with the range they represent as statistics). It decides
+    whether parameters must equal what the statistics imply, so the checksum covers it."""
+    quantized_layers: list[int] | None = None
+    """The layers the writer quantized. The config's include/exclude say the same except where a
+    layer cannot be quantized at all (one that shares another layer's KV, a linear-attention
+    layer): only the writer knows those, so when it records the list the validator expects
+    exactly these layers, and otherwise every layer the config quantizes."""
 
     def model(self) -> dict[str, Any]:
-        return {
+        facts: dict[str, Any] = {
             "model_type": self.model_type,
             "num_layers": self.num_layers,
             "kv_heads": self.kv_heads,
@@ -115,6 +129,9 @@ class StateFile:
             "revision": self.model_revision,
             "config_sha256": self.model_config_sha256,
         }
+        if self.quantized_layers is not None:
+            facts["quantized_layers"] = self.quantized_layers
+        return facts
 
     def metadata(self) -> dict[str, str]:
         """The file's metadata, checksum included (every value one JSON document)."""
@@ -147,8 +164,15 @@ def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) 
 
 # ---------------------------------------------------------------------------- validation
 def validate_state(stored: StateFile) -> list[str]:
-    """Every problem of a state (empty when it is valid): the one validator of loading and ``inspect``."""
-    problems: list[str] = []
+    """Every problem of a state (empty when it is valid): the one decision behind writing, reading and ``inspect``.
+
+    Besides each stream's own tensors (:func:`~quantcache.state.fields.stream_problems`) it
+    judges the state as a whole: every layer it should quantize is there (a cache refuses to
+    load a state that leaves a quantized layer without statistics or parameters, so such a
+    state must not be written either), a calibrated frozen state carries the statistics its
+    parameters are checked against, and the origin is one this reader knows.
+    """
+    problems = _origin_problems(stored.origin)
     grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in stored.tensors.items():
         parsed = parse_state_key(name)
@@ -169,6 +193,7 @@ def validate_state(stored: StateFile) -> list[str]:
             continue
         grouped.setdefault((index, stream), {})[field] = tensor
     frozen = stored.mode == "frozen"
+    calibrated = stored.origin == CALIBRATED
     for index in sorted({index for index, _ in grouped}):
         name = stored.layer_names[index]
         if not stored.config.is_quantized(name):
@@ -181,16 +206,22 @@ def validate_state(stored: StateFile) -> list[str]:
             fields = grouped.get((index, stream), {})
             if not frozen and any(field in fields for field in parameter_fields(args)):
                 problems.append(f"{prefix}: parameters present although mode is 'calibrate'")
+            statistics = statistic_fields(stored.config, stream, name)
             missing = missing_fields(
-                prefix,
-                fields,
-                statistic_fields(stored.config, stream, name),
-                frozen=frozen,
-                parameter_fields=parameter_fields(args),
+                prefix, fields, statistics, frozen=frozen, parameter_fields=parameter_fields(args)
             )
             if missing:
                 short = ", ".join(name.rsplit(".", 1)[1] for name in missing)
                 problems.append(f"layer {index} {stream} lacks {short} (missing {missing}, mode {stored.mode})")
+                continue
+            if frozen and calibrated and statistics and not any(field in fields for field in statistics):
+                problems.append(
+                    f"{prefix}: frozen parameters without the statistics they were calibrated from "
+                    f"({', '.join(statistics)}), so nothing can show that they are what calibration made; save the "
+                    "state from the cache that calibrated it, or recalibrate (parameters taken from another tool "
+                    f"belong in an imported state: quantcache import, or load_state_dict(..., origin='{IMPORTED_PREFIX}"
+                    "TOOL'))"
+                )
                 continue
             problems += stream_problems(
                 prefix,
@@ -199,36 +230,96 @@ def validate_state(stored: StateFile) -> list[str]:
                 stream,
                 stored.kv_heads,
                 stored.head_dim,
-                derived=stored.origin == "calibrated",
+                derived=calibrated,
                 module_name=name,
             )
     if not grouped and any(args.calibrates for args in stored.config.all_stream_args()):
         problems.append("the state holds no layer")
+    else:
+        problems += _coverage_problems(stored, {index for index, _ in grouped})
     return problems
+
+
+def _origin_problems(origin: str) -> list[str]:
+    if origin == CALIBRATED or (origin.startswith(IMPORTED_PREFIX) and origin.strip() != IMPORTED_PREFIX.strip()):
+        return []
+    return [f"origin {origin[:80]!r} is neither {CALIBRATED!r} nor '{IMPORTED_PREFIX}FORMAT'"]
+
+
+def _coverage_problems(stored: StateFile, present: set[int]) -> list[str]:
+    """What is wrong with the set of layers a state covers: recorded layers it cannot hold, quantized layers it lacks.
+
+    A layer counts as covered when it has tensors; a quantized layer whose streams calibrate
+    nothing (uncentred dynamic ones) has none to have.
+    """
+    by_config = [index for index, name in enumerate(stored.layer_names) if stored.config.is_quantized(name)]
+    expected = by_config
+    if stored.quantized_layers is not None:
+        recorded = stored.quantized_layers
+        valid = all(type(index) is int and 0 <= index < stored.num_layers for index in recorded)
+        if not valid or recorded != sorted(set(recorded)):
+            return [
+                f"model.quantized_layers {str(recorded)[:80]} is not an ascending list of layer indices below "
+                f"{stored.num_layers}"
+            ]
+        foreign = [index for index in recorded if index not in by_config]
+        if foreign:
+            return [
+                f"model.quantized_layers names layers {foreign[:8]} ({stored.layer_names[foreign[0]]} ...) that the "
+                "stored config does not quantize"
+            ]
+        expected = recorded
+    absent = [
+        index
+        for index in expected
+        if index not in present
+        and any(stored.config.stream_args(stream, stored.layer_names[index]).calibrates for stream in ("key", "value"))
+    ]
+    if not absent:
+        return []
+    return [
+        f"quantized layers {absent[:8]}{' ...' if len(absent) > 8 else ''} ({stored.layer_names[absent[0]]} ...) "
+        "have no tensors, and a cache cannot load a state that leaves a quantized layer without statistics; "
+        "run the calibration text through the whole model (every layer observes it), or exclude those layers"
+    ]
+
+
+def check_state(stored: StateFile, where: str | os.PathLike[str]) -> None:
+    """Raise :class:`QuantStateError` naming ``where`` and the first problems :func:`validate_state` finds.
+
+    What writing, reading and ``quantcache inspect`` call, so that they accept and refuse
+    the same states with the same words.
+    """
+    problems = validate_state(stored)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise QuantStateError(f"{where}: invalid state: {'; '.join(problems[:3])}{more}")
 
 
 # ---------------------------------------------------------------------------- files
 def write_state_file(path: str | os.PathLike[str], state: StateFile) -> Path:
     """Write atomically (temporary file, then rename): a crash never leaves half a state.
 
-    The file gets the permissions any new file gets under the process umask.
+    A state :func:`validate_state` finds a problem in is refused before anything is written:
+    a file this function wrote always loads. The file gets the permissions any new file gets
+    under the process umask; a full disk is a :class:`QuantStateError` naming the path, with
+    no temporary file left (nor those of earlier writers that were killed).
     """
     target = Path(path)
     if target.is_dir():
         raise QuantStateError(f"{target} is a directory; give a file name such as {target / 'kv_scales.safetensors'}")
-    target.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.tensors.items()}
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temporary = Path(temporary_name)
-    try:
-        save_file(tensors, str(temporary), metadata=StateFile(**{**state.__dict__, "tensors": tensors}).metadata())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
+    check_state(StateFile(**{**state.__dict__, "tensors": tensors}), target)
+    with reporting_write_failures(target, QuantStateError, "the state"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(target)
+        temporary = staging_path(target, "tmp")
+        try:
+            save_file(tensors, str(temporary), metadata=StateFile(**{**state.__dict__, "tensors": tensors}).metadata())
+            apply_umask(temporary)  # safetensors writes through a private (0600) file
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
     return target
 
 
@@ -236,8 +327,8 @@ def _json_field(metadata: Mapping[str, str], key: str, path: Path) -> Any:
     if key not in metadata:
         raise QuantStateError(f"{path}: metadata lacks {key!r}; the file was not written by quantcache")
     try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError as error:
+        return load_json(metadata[key], what="the document")
+    except (json.JSONDecodeError, ConfigError) as error:
         raise QuantStateError(f"{path}: metadata field {key!r} is corrupted ({error})") from error
 
 
@@ -260,7 +351,14 @@ def _open(source: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 
 def read_state_file(path: str | os.PathLike[str]) -> StateFile:
-    """Read a state file, verify its checksum, and validate its metadata and tensors."""
+    """Read a state file, verify its checksum, and validate its metadata and tensors (:func:`check_state`)."""
+    stored = open_state_file(path)
+    check_state(stored, path)
+    return stored
+
+
+def open_state_file(path: str | os.PathLike[str]) -> StateFile:
+    """Read a state file and verify its checksum and metadata, without judging the state (see :func:`check_state`)."""
     source = Path(path)
     metadata, tensors = _open(source)
     version_1 = metadata.get("format") == FORMAT_NAME  # version 1 wrote format and version as plain strings
@@ -275,24 +373,19 @@ def read_state_file(path: str | os.PathLike[str]) -> StateFile:
             f"{source}: state format version {version} is not supported by this quantcache "
             f"(reads versions {', '.join(map(str, _READABLE_VERSIONS))}); upgrade quantcache"
         )
-    stored = _read_v1(metadata, tensors, source) if version_1 else _read_v2(metadata, tensors, source)
-    problems = validate_state(stored)
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise QuantStateError(f"{source}: invalid state: {'; '.join(problems[:3])}{more}")
-    return stored
+    return _read_v1(metadata, tensors, source) if version_1 else _read_v2(metadata, tensors, source)
 
 
 def _loads_or_none(text: str) -> Any:
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        return load_json(text)
+    except (json.JSONDecodeError, ConfigError):
         return None
 
 
 def _config(data: Any, source: Path) -> KVQuantConfig:
     try:
-        return KVQuantConfig.from_dict(data)
+        return KVQuantConfig.from_dict(data, stored=True)
     except ConfigError as error:
         raise QuantStateError(f"{source}: stored config is invalid: {error}") from error
 
@@ -316,6 +409,12 @@ def _read_v2(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source:
     if not isinstance(model, dict):
         raise QuantStateError(f"{source}: metadata 'model' is corrupted")
     num_layers, layer_names = _model_facts(model.get("num_layers"), model.get("layer_names"), source)
+    quantized_layers = model.get("quantized_layers")
+    if quantized_layers is not None and not isinstance(quantized_layers, list):
+        raise QuantStateError(f"{source}: metadata 'model.quantized_layers' is corrupted (not a list)")
+    origin = _json_field(metadata, "origin", source)
+    if not isinstance(origin, str):
+        raise QuantStateError(f"{source}: metadata 'origin' is corrupted (not a string)")
     if _json_field(metadata, "checksum", source) != _checksum(tensors, metadata):
         raise QuantStateError(
             f"{source}: checksum mismatch: the file was altered or damaged after it was written; recalibrate "
@@ -334,7 +433,8 @@ def _read_v2(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source:
         model_name=model.get("name"),
         model_revision=model.get("revision"),
         model_config_sha256=model.get("config_sha256"),
-        origin=str(_json_field(metadata, "origin", source)),
+        origin=origin,
+        quantized_layers=quantized_layers,
     )
 
 

@@ -275,6 +275,13 @@ class KVQuantizer(QuantizerStateMixin):
                 f"attention module (first names: {self.layer_names[:2]})"
             )
         unobserved = [quantizer for quantizer in enabled if not quantizer.observed]
+        if len(unobserved) == len(enabled) and any(quantizer.sink_only_updates for quantizer in enabled):
+            sinks = self.quant_config.sink_tokens
+            raise CalibrationError(
+                f"every calibration token fell inside the first sink_tokens ({sinks}) positions, which are kept in "
+                f"full precision and never observed: calibrate on windows longer than {sinks} tokens "
+                "(quantcache calibrate --seq-len) or lower sink_tokens"
+            )
         if len(unobserved) == len(enabled):
             raise CalibrationError(
                 "freeze() called before any calibration data was seen: run the model on calibration "

@@ -50,6 +50,7 @@ class LayerQuantizer:
         self.enabled = enabled
         self.sink_tokens = 0  # the first tokens of a sequence, kept in full precision (the cache sets it)
         self.residual_window = 0  # the newest tokens, read back in full precision (the cache sets it)
+        self.sink_only_updates = 0  # calibrating updates whose every token was a sink (so nothing was observed)
         self.key_rope: RopeTable | None = None  # the layer's RoPE angles, when keys are quantized before RoPE
         self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
         self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
@@ -148,12 +149,21 @@ class LayerQuantizer:
         return min(self.sink_tokens - start, new_tokens)
 
     def keys_before_rope(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """``keys`` at positions ``start..`` as the quantizer sees them: turned back before RoPE when configured."""
-        return keys if self.key_rope is None else self.key_rope.rotate(keys, start, undo=True)
+        """``keys`` at positions ``start..`` as the quantizer sees them: turned back before RoPE when configured.
 
-    def keys_after_rope(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """The inverse of :meth:`keys_before_rope`: what attention reads."""
-        return keys if self.key_rope is None else self.key_rope.rotate(keys, start)
+        Turned keys come back in float32 whatever the model dtype (see :meth:`RopeTable.rotate`).
+        """
+        return keys if self.key_rope is None else self.key_rope.rotate(keys, start, undo=True, dtype=torch.float32)
+
+    def keys_after_rope(self, keys: torch.Tensor, start: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The inverse of :meth:`keys_before_rope`, in ``dtype`` (default: ``keys``'): what attention reads."""
+        if self.key_rope is None:
+            return keys if dtype is None else keys.to(dtype)
+        return self.key_rope.rotate(keys, start, dtype=dtype)
+
+    def decode_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype packed keys decode to before :meth:`keys_after_rope`: float32 where RoPE is turned back."""
+        return dtype if self.key_rope is None else torch.float32
 
     def process(
         self,
@@ -174,8 +184,13 @@ class LayerQuantizer:
         """
         if not self.enabled:
             return key_states, value_states
+        if token_mask is not None and not self.frozen:
+            self._observe_padded(key_states, value_states, token_mask, keeps_sinks=keeps_sinks)
+            return key_states, value_states
         sinks = self.sinks_among(key_states.shape[2], start, keeps_sinks=keeps_sinks)
         if sinks == key_states.shape[2]:
+            if not self.frozen:
+                self.sink_only_updates += 1
             return key_states, value_states
         rest_keys = self.keys_before_rope(key_states[:, :, sinks:], start + sinks)
         rest_values = value_states[:, :, sinks:]
@@ -183,11 +198,37 @@ class LayerQuantizer:
             self.observe(rest_keys, rest_values, token_mask=token_mask, skipped=sinks)
             return key_states, value_states
         keys, values = self.fake_quantize(rest_keys, rest_values, hook)
-        keys = self.keys_after_rope(keys, start + sinks)
+        keys = self.keys_after_rope(keys, start + sinks, key_states.dtype)
         if sinks:
             keys = torch.cat([key_states[:, :, :sinks], keys], dim=2)
             values = torch.cat([value_states[:, :, :sinks], values], dim=2)
         return keys, values
+
+    def _observe_padded(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, token_mask: torch.Tensor, *, keeps_sinks: bool
+    ) -> None:
+        """Calibrate on a batch whose padding ``token_mask`` marks: every row at the positions the model gave it.
+
+        A left-padded row's tokens sit at ``cumsum(mask) - 1`` (what :func:`quantcache.calibrate` passes the
+        model as ``position_ids``), not at their column: keys are turned back before RoPE by those positions,
+        and a row's sink tokens are its own first ones, left out of the statistics like its padding.
+        """
+        mask = self._mask_for(key_states, token_mask)
+        if mask is None:  # only without a token mask, which the caller rules out
+            return
+        positions = (token_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -key_states.shape[2] :]
+        if keeps_sinks and self.sink_tokens:
+            mask = mask & (positions >= self.sink_tokens)
+        if not bool(mask.any()):
+            self.sink_only_updates += int(bool(self.sink_tokens))
+            return
+        keys = key_states
+        if self.key_rope is not None:
+            keys = self.key_rope.rotate_at(key_states, positions.to(key_states.device), undo=True, dtype=torch.float32)
+        measured = self.key.measure(keys, mask), self.value.measure(value_states, mask)
+        with self._merging:
+            self.key.merge(measured[0])
+            self.value.merge(measured[1])
 
     def reset(self) -> None:
         self.key.reset()

@@ -92,10 +92,28 @@ class QuantizingLayerMixin:
             return 0
         return quantizer.residual_window
 
+    def held_dtype(self) -> torch.dtype | None:
+        """The dtype of the states this layer holds (``None`` while empty): the dtype of its first update."""
+        stored = getattr(self, "keys", None)
+        if not isinstance(stored, torch.Tensor) or not stored.numel():
+            return None
+        return getattr(self, "states_dtype", None) if stored.dtype == torch.uint8 else stored.dtype
+
+    def _check_dtype(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """One conversation, one dtype: a cache answers in the dtype it holds, so another dtype is refused."""
+        held = self.held_dtype()
+        if value_states.dtype != key_states.dtype or (held is not None and key_states.dtype != held):
+            raise ValueError(
+                f"states of dtype {key_states.dtype} (values {value_states.dtype}) for a cache layer holding {held}: "
+                "a cache holds one conversation in one dtype; run the model in one dtype, or start a new cache "
+                "(quantizer.new_cache()) for the other"
+            )
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``key_states``/``value_states`` are the new ``(batch, kv_heads, new_tokens, head_dim)`` states."""
+        self._check_dtype(key_states, value_states)
         window = self._window()
         new_keys, new_values = key_states, value_states
         if self.quantizer is not None:
@@ -239,6 +257,7 @@ class PackingLayerMixin(QuantizingLayerMixin):
         quantizer = self.quantizer
         if quantizer is None or not quantizer.enabled or not quantizer.frozen:
             return super().update(key_states, value_states, *args, **kwargs)
+        self._check_dtype(key_states, value_states)
         keys: torch.Tensor | None = getattr(self, "keys", None)
         if keys is not None and keys.numel() and keys.dtype != torch.uint8:
             raise CalibrationError(
@@ -255,9 +274,9 @@ class PackingLayerMixin(QuantizingLayerMixin):
         stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
             key_rows, value_rows, *args, **kwargs
         )
-        keys = quantizer.key.decode(stored_keys, key_states.dtype)
+        keys = quantizer.key.decode(stored_keys, quantizer.decode_dtype(key_states.dtype))
         # The rows returned end with the newest token: they start that many positions before the end.
-        keys = quantizer.keys_after_rope(keys, self._position() - keys.shape[2])
+        keys = quantizer.keys_after_rope(keys, self._position() - keys.shape[2], key_states.dtype)
         values = quantizer.value.decode(stored_values, value_states.dtype)
         if self._sinks is not None:
             held = min(self._sinks[0].shape[2], keys.shape[2])

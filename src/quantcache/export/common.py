@@ -105,7 +105,7 @@ class KVState:
         Every stream scheme a quantized layer of this state uses is asked, layer overrides
         included (:meth:`~quantcache.scheme.config.KVQuantConfig.stream_schemes`).
         """
-        schemes = self.config.stream_schemes()
+        schemes = self.config.stream_schemes([self.layer_names[layer.index] for layer in self.layers])
         return [where for where, _, args in schemes if args.stores_zero_point]
 
     @property

@@ -131,15 +131,48 @@ class RopeTable:
         skip = start - first * self.BLOCK
         return cos[skip : skip + end - start], sin[skip : skip + end - start]
 
-    def rotate(self, keys: torch.Tensor, start: int, *, undo: bool = False) -> torch.Tensor:
+    def _angles_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of ``(batch, seq)`` integer positions, each ``(batch, 1, seq, rotary/2)``, float32.
+
+        The same block and offset decomposition as :meth:`_angles`, so a position gets the same
+        bits whichever of the two asks for it.
+        """
+        positions = positions.to(torch.int64)
+        last = int(positions.max()) // self.BLOCK + 1 if positions.numel() else 1
+        block_cos, block_sin, offset_cos, offset_sin = self._tables(last, positions.device)
+        block, offset = positions // self.BLOCK, positions % self.BLOCK
+        cos = block_cos[block] * offset_cos[offset] - block_sin[block] * offset_sin[offset]
+        sin = block_sin[block] * offset_cos[offset] + block_cos[block] * offset_sin[offset]
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate_at(
+        self, keys: torch.Tensor, positions: torch.Tensor, *, undo: bool = False, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """:meth:`rotate` with each row's own ``(batch, seq)`` positions (a left-padded batch, say)."""
+        if keys.shape[-1] < self.rotary_dim:
+            raise ValueError(f"keys have head_dim {keys.shape[-1]}, fewer than the {self.rotary_dim} rotary channels")
+        cos, sin = self._angles_at(positions)
+        return self._turn(keys, cos, sin, undo=undo, dtype=keys.dtype if dtype is None else dtype)
+
+    def rotate(
+        self, keys: torch.Tensor, start: int, *, undo: bool = False, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """``keys`` ``(batch, kv_heads, seq, head_dim)`` at positions ``start..start+seq-1``, turned by RoPE.
 
         ``undo`` turns them back (before RoPE). The rotation runs in float32; the result
-        has ``keys``' dtype. Channels past :attr:`rotary_dim` (partial RoPE) pass unchanged.
+        has ``dtype`` (default: ``keys``' dtype): a bf16 model's keys turned back are kept in
+        float32 until quantized, since rounding them to bf16 in between would move elements
+        across code boundaries. Channels past :attr:`rotary_dim` (partial RoPE) pass unchanged.
         """
         if keys.shape[-1] < self.rotary_dim:
             raise ValueError(f"keys have head_dim {keys.shape[-1]}, fewer than the {self.rotary_dim} rotary channels")
         cos, sin = self._angles(start, start + keys.shape[-2], keys.device)
+        return self._turn(keys, cos, sin, undo=undo, dtype=keys.dtype if dtype is None else dtype)
+
+    def _turn(
+        self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, undo: bool, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``keys`` turned by the angles whose ``cos``/``sin`` broadcast against their rotary halves."""
         half = self.inv_freq.numel()
         sign = -1.0 if undo else 1.0
         states = keys.to(torch.float32)
@@ -147,10 +180,10 @@ class RopeTable:
         if states.requires_grad and torch.is_grad_enabled():  # autograd cannot follow the in-place form
             sin = sin * sign
             turned = torch.cat([first * cos - second * sin, second * cos + first * sin, states[..., 2 * half :]], -1)
-            return turned.to(keys.dtype)
+            return turned.to(dtype)
         turned = torch.empty_like(states)
         turned_first, turned_second = turned[..., :half], turned[..., half : 2 * half]
         torch.mul(first, cos, out=turned_first).addcmul_(second, sin, value=-sign)
         torch.mul(second, cos, out=turned_second).addcmul_(first, sin, value=sign)
         turned[..., 2 * half :] = states[..., 2 * half :]
-        return turned.to(keys.dtype)
+        return turned.to(dtype)

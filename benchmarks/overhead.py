@@ -70,7 +70,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     calibration = torch.randint(0, vocab, (2, 128), generator=generator)
     calibrated = calibrate(model, calibration, progress=False)
-    frozen_template = calibrated.empty_copy()
+    frozen_template = calibrated.new_cache()
     state_bytes = sum(t.numel() * t.element_size() for t in frozen_template.state_dict().values())
 
     variants: dict[str, Callable[[], DynamicCache]] = {

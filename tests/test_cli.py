@@ -149,9 +149,30 @@ def corpus(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- calibrate
+class _Clock:
+    """A ``time`` stand-in whose ``perf_counter`` advances one second per call: durations become exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
 def test_calibrate_writes_state_and_summaries_that_reload(
-    tmp_path: Path, use_model: Callable[..., Any], llama: PreTrainedModel, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    use_model: Callable[..., Any],
+    llama: PreTrainedModel,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from quantcache.analysis.report import layer_summaries
+    from quantcache.cli import calibrate as calibrate_command
+
+    clock = _Clock()
+    monkeypatch.setattr(calibrate_command, "time", clock)
+    monkeypatch.setattr(_steps, "time", clock)
     out = tmp_path / "run"
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(out)]) == 0
     state = out / "kv_scales.safetensors"
@@ -163,10 +184,13 @@ def test_calibrate_writes_state_and_summaries_that_reload(
     assert summary["data"]["samples"] == 2 and summary["data"]["seq_len"] == 48
     assert summary["config"] == KVQuantConfig().to_dict()
     assert summary["model_type"] == "llama" and summary["quantized_layers"] == [0, 1]
-    assert [layer["index"] for layer in summary["layers"]] == [0, 1]
-    key = summary["layers"][0]["key"]
-    assert key["min"] <= key["max"] and key["median_channel_range"] > 0
-    assert summary["seconds"]["calibrate"] >= 0
+    stored = read_state_file(state)
+    layers = layer_summaries(stored.tensors, stored.layer_names, stored.config)
+    assert summary["layers"] == json.loads(json.dumps(layers))  # what inspect reports of the same state
+    key, tensors = summary["layers"][0]["key"], stored.tensors
+    assert (key["min"], key["max"]) == (tensors["layers.0.key.min"].min(), tensors["layers.0.key.max"].max())
+    # clock calls: start, model load (2), calibration (2), end
+    assert summary["seconds"] == {"load_model": 1.0, "calibrate": 1.0, "total": 5.0}
     markdown = (out / "kv_scales.md").read_text()
     assert "| layer | module |" in markdown and "model.layers.1.self_attn" in markdown
 
@@ -308,12 +332,10 @@ def test_evaluate_prints_table_and_writes_json_and_markdown(
     printed = capsys.readouterr().out
     assert "model.layers.0.self_attn" in printed or "layer" in printed.lower()
     data = json.loads(report_json.read_text())
-    assert isinstance(data, dict) and data
     check_evaluation(data, expected_evaluation)
     ppl = f"{data['ppl_reference']:.4f}"
     assert ppl in printed
     markdown = report_md.read_text()
-    assert markdown.strip()
     assert markdown.startswith("# KV-cache quantization quality") and f"| PPL reference | {ppl} |" in markdown
 
 
@@ -325,10 +347,8 @@ def test_evaluate_json_to_stdout_keeps_stdout_pure(
 ) -> None:
     assert cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--json", "-"]) == 0
     captured = capsys.readouterr()
-    assert isinstance(json.loads(captured.out), dict)
     check_evaluation(json.loads(captured.out), expected_evaluation)
-    assert captured.err.strip()  # the table went to stderr
-    assert f"{expected_evaluation['kl_mean']:.3e}" in captured.err
+    assert f"{expected_evaluation['kl_mean']:.3e}" in captured.err  # the table went to stderr
 
 
 def test_evaluate_writes_plot(tmp_path: Path, calibrated: Path, use_model: Callable[..., Any]) -> None:
@@ -1213,9 +1233,11 @@ def test_real_default_model_calibrate_then_evaluate(tmp_path: Path, capsys: pyte
     assert (out / "kv_scales.safetensors").is_file()
     arguments = ["--samples", "1", "--context", "128", "--prefill", "64", "-q", "--device", "cpu"]
     assert cli.main(["evaluate", "--scales", str(out), *arguments, "--json", str(tmp_path / "eval.json")]) == 0
-    assert json.loads((tmp_path / "eval.json").read_text())
     data = json.loads((tmp_path / "eval.json").read_text())
     assert set(data) == EVALUATION_KEYS and data["num_tokens"] == 127 and len(data["layers"]) == 30
-    assert 0 <= data["kl_mean"] < 0.05 and data["top1_agreement"] > 0.8
+    # measured: 2 x 64 calibration tokens of the built-in corpus, one 128-token window evaluated
+    assert data["ppl_reference"] == pytest.approx(11.21538, rel=1e-4)
+    assert data["kl_mean"] == pytest.approx(2.1056e-2, rel=0.02)
+    assert data["top1_agreement"] == pytest.approx(118 / 127, abs=1.5 / 127)  # one token may flip on another CPU
     assert cli.main(["inspect", str(out)]) == 0
     assert "llama" in capsys.readouterr().out

@@ -70,5 +70,6 @@ def test_calibration_inside_the_sinks_names_the_fix(llama: PreTrainedModel) -> N
     with pytest.raises(CalibrationError, match=r"every calibration token fell inside the first sink_tokens \(1000\)"):
         calibrate(llama, random_tokens(2, 48, seed=11), quant_config=config, progress=False)
     # a window longer than the sinks calibrates
-    quantizer = calibrate(llama, random_tokens(1, 12, seed=12), quant_config=KVQuantConfig(sink_tokens=4), progress=False)
+    config = KVQuantConfig(sink_tokens=4)
+    quantizer = calibrate(llama, random_tokens(1, 12, seed=12), quant_config=config, progress=False)
     assert quantizer.is_frozen

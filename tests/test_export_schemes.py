@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
 from quantcache import KVQuantConfig, QuantStateError, cli
+from quantcache.calibration.calibrate import calibrate
 from quantcache.export import export_checkpoint
 from quantcache.export.checkpoint import NOTE_NAME, SCALE_SHARD
 from quantcache.export.common import STATE_FILE_NAME, KVState, UnsupportedSchemeError
@@ -209,3 +211,21 @@ def test_cli_fp8_export_of_a_mixed_state_succeeds_with_a_note(
     scales = load_file(tmp_path / "out" / SCALE_SHARD)
     suffix = "k_scale" if fmt == "vllm" else "k_proj.k_scale"
     assert torch.equal(scales[f"{NAMES[1]}.{suffix}"].reshape(1), _fp8_scale(1, "key"))
+
+
+@pytest.mark.parametrize("case", ["keys", "values"])
+def test_a_calibrated_mixed_state_is_refused_by_ascend_and_carried_by_vllm(
+    llama: PreTrainedModel, tmp_path: Path, case: str
+) -> None:
+    """The reported case end to end: calibrated and frozen on the tiny Llama, then exported."""
+    config, where = MIXED[case]
+    frozen = calibrate(
+        llama,
+        torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0)),
+        quant_config=config,
+        progress=False,
+    )
+    with pytest.raises(UnsupportedSchemeError, match=re.escape(f"({where} stores zero points)")):
+        export_checkpoint(frozen, tmp_path / "c8", format="ascend", scales_only=True)
+    result = export_checkpoint(frozen, tmp_path / "fp8", format="vllm", scales_only=True)
+    assert any(where in warning for warning in result.warnings)

@@ -9,7 +9,6 @@ changed by a layer override. The math of each format has its own module
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import random_tokens

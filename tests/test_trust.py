@@ -18,9 +18,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache, PreTrainedModel
@@ -476,10 +479,30 @@ def _alias_chain(depth: int, width: int = 9, key: str = "l") -> str:
 
 
 def _refused_fast(text: str) -> ConfigError:
-    start = time.perf_counter()
-    with pytest.raises(ConfigError) as caught:
+    """Refused with a short message after bounded work: counted, not timed, so a busy machine cannot fail it.
+
+    Every input here is a few kB that would expand to at least 12,000 YAML nodes: at most
+    10,100 nodes may be composed (the loader's cap on alias uses, plus the document around
+    them) and 2,000 objects built (the 1,500-pattern list is built, then refused by length).
+    """
+    counts = {"composed": 0, "built": 0}
+    compose, construct = yaml.composer.Composer.compose_node, yaml.constructor.BaseConstructor.construct_object
+
+    def composing(self: Any, *args: Any) -> Any:
+        counts["composed"] += 1
+        return compose(self, *args)
+
+    def building(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["built"] += 1
+        return construct(self, *args, **kwargs)
+
+    with (
+        mock.patch.object(yaml.composer.Composer, "compose_node", composing),
+        mock.patch.object(yaml.constructor.BaseConstructor, "construct_object", building),
+        pytest.raises(ConfigError) as caught,
+    ):
         KVQuantConfig.from_yaml(text)
-    assert time.perf_counter() - start < 1.0
+    assert counts["composed"] <= 10_100 and counts["built"] <= 2_000, counts
     assert len(str(caught.value)) < 300
     return caught.value
 

@@ -294,9 +294,11 @@ class QuantizedCalibratingCache(DynamicCache):
     def save(self, path: str | os.PathLike[str]) -> Path:
         return self.quantizer.save(path)
 
-    def load(self, path: str | os.PathLike[str], strict: bool = True) -> QuantizedCalibratingCache:
+    def load(
+        self, path: str | os.PathLike[str], strict: bool = True, *, allow_other_model: bool = False
+    ) -> QuantizedCalibratingCache:
         """Load a saved state into the quantizer (see :meth:`KVQuantizer.restore`); returns ``self``."""
-        self.quantizer.restore(path, strict)
+        self.quantizer.restore(path, strict, allow_other_model=allow_other_model)
         return self
 
     @classmethod
@@ -306,11 +308,15 @@ class QuantizedCalibratingCache(DynamicCache):
         model_or_config: nn.Module | PretrainedConfig,
         *,
         storage: Storage | str | None = None,
-        **kwargs: Any,
+        allow_other_model: bool = False,
+        warn_unmatched: bool = True,
+        **dynamic_cache_kwargs: Any,
     ) -> QuantizedCalibratingCache:
         """A cache of :meth:`KVQuantizer.load` ``(path, model_or_config)``: one conversation."""
-        warn = kwargs.pop("warn_unmatched", True)
-        return cls(KVQuantizer.load(path, model_or_config, warn_unmatched=warn), storage=storage, **kwargs)
+        quantizer = KVQuantizer.load(
+            path, model_or_config, allow_other_model=allow_other_model, warn_unmatched=warn_unmatched
+        )
+        return cls(quantizer, storage=storage, **dynamic_cache_kwargs)
 
     def effective_bits(self, seq_len: int, *, unquantized_bits: int = 16) -> float:
         return self.quantizer.effective_bits(seq_len, unquantized_bits=unquantized_bits)

@@ -28,7 +28,13 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from quantcache.cache.layer import LayerQuantizer
-from quantcache.cache.model_facts import attention_module_names, attention_shape, config_digest, text_config
+from quantcache.cache.model_facts import (
+    attention_module_names,
+    attention_shape,
+    config_digest,
+    kv_config,
+    text_config,
+)
 from quantcache.cache.state import CacheMode, QuantizerStateMixin
 from quantcache.cache.storage_layers import layer_class_for
 from quantcache.cache.stream import StreamName
@@ -103,6 +109,7 @@ class KVQuantizer(QuantizerStateMixin):
         self.model_type: str | None = getattr(config, "model_type", None)
         self.model_name: str | None = getattr(config, "_name_or_path", None) or None
         self.model_config_sha256 = config_digest(config)
+        self.model_kv_config = kv_config(config)
         self.kv_heads, self.head_dim = attention_shape(decoder_config)
         self.layer_names = (
             attention_module_names(model, num_layers)

@@ -9,12 +9,48 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import transformers
 from torch import nn
 from transformers import PretrainedConfig
 
-__all__ = ["CACHE_KEYWORD", "attention_module_names", "attention_shape", "config_digest", "text_config"]
+__all__ = [
+    "CACHE_KEYWORD",
+    "KV_CONFIG_KEYS",
+    "attention_module_names",
+    "attention_shape",
+    "config_digest",
+    "kv_config",
+    "text_config",
+]
+
+KV_CONFIG_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_size",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "rope_local_base_freq",
+    "layer_types",
+    "sliding_window",
+    "sliding_window_pattern",
+    "attention_bias",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "use_qk_norm",
+    "qk_layernorm",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+)
+"""Decoder config entries that change the keys and values a model hands its cache: head counts and
+dims, RoPE and its scaling, which layers slide and how far, biases and norms. A state calibrated
+for a model that differs in any of them does not fit this one."""
 
 CACHE_KEYWORD = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 """The keyword that hands a cache to ``model(...)`` / ``model.generate(...)``: transformers 5
@@ -54,6 +90,16 @@ def config_digest(config: PretrainedConfig) -> str | None:
     except (TypeError, ValueError):
         return None
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def kv_config(config: PretrainedConfig) -> dict[str, Any]:
+    """The decoder config's :data:`KV_CONFIG_KEYS` that it sets, as plain JSON data (for a state file)."""
+    decoder = text_config(config).to_dict()
+    facts = {key: decoder[key] for key in KV_CONFIG_KEYS if decoder.get(key) is not None}
+    try:
+        return dict(json.loads(json.dumps(facts, sort_keys=True, default=str)))
+    except (TypeError, ValueError):  # a config value JSON cannot hold: compare what can be held
+        return {key: str(value) for key, value in facts.items()}
 
 
 def attention_shape(text_config: PretrainedConfig) -> tuple[int | None, int | None]:

@@ -9,6 +9,7 @@ failed load leaves the quantizer as it was), and checks that a file was made for
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
@@ -21,6 +22,7 @@ from transformers import PretrainedConfig
 from quantcache.cache.layer import LayerQuantizer
 from quantcache.errors import CalibrationError, QuantStateError
 from quantcache.ops.quantize import QuantParams
+from quantcache.scheme.args import short_repr
 from quantcache.scheme.config import KVQuantConfig
 from quantcache.state.fields import (
     CENTER_FIELDS,
@@ -56,6 +58,7 @@ class QuantizerStateMixin:
     model_type: str | None
     model_name: str | None
     model_config_sha256: str | None
+    model_kv_config: dict[str, Any]
     mode: CacheMode
     origin: str = "calibrated"
     """``calibrated``, or ``imported from FORMAT`` for parameters read from another tool (see serialization)."""
@@ -235,14 +238,18 @@ class QuantizerStateMixin:
                 quantcache_version=__version__,
                 model_name=self.model_name,
                 model_config_sha256=self.model_config_sha256,
+                model_kv_config=self.model_kv_config,
                 origin=self.origin,
+                quantized_layers=self.quantized_layers,
             ),
         )
 
-    def restore(self, path: str | os.PathLike[str], strict: bool = True) -> Any:
-        """Load a saved state into this quantizer after checking that it was made for this model shape."""
+    def restore(
+        self, path: str | os.PathLike[str], strict: bool = True, *, allow_other_model: bool = False
+    ) -> Any:
+        """Load a saved state into this quantizer after checking that it was made for this model (see :meth:`load`)."""
         stored = read_state_file(path)
-        self._check_model_shape(stored, Path(path))
+        self._check_model(stored, Path(path), allow_other_model=allow_other_model)
         if stored.config != self.quant_config:
             raise QuantStateError(
                 f"{path} was calibrated with config {stored.config.to_dict()}, this cache uses "
@@ -261,14 +268,54 @@ class QuantizerStateMixin:
         cls: type[_Quantizer],
         path: str | os.PathLike[str],
         model_or_config: nn.Module | PretrainedConfig,
+        *,
+        allow_other_model: bool = False,
         **kwargs: Any,
     ) -> _Quantizer:
-        """A quantizer for ``model_or_config`` with the config and state stored in ``path``."""
+        """A quantizer for ``model_or_config`` with the config and state stored in ``path``.
+
+        The state must have been made for this model: a different shape is always refused; a
+        different config entry that changes the keys and values (RoPE and its scaling, head counts and
+        dims, layer types, sliding windows, norms: :data:`~quantcache.cache.model_facts.KV_CONFIG_KEYS`)
+        is refused unless ``allow_other_model``; any other difference in the config only warns.
+        """
         stored = read_state_file(path)
-        cache = cls(model_or_config, stored.config, **kwargs)  # type: ignore[call-arg]
-        cache._check_model_shape(stored, Path(path))
-        cache._load_stored(stored)
-        return cache
+        quantizer = cls(model_or_config, stored.config, **kwargs)  # type: ignore[call-arg]
+        quantizer._check_model(stored, Path(path), allow_other_model=allow_other_model)
+        quantizer._load_stored(stored)
+        return quantizer
+
+    def _check_model(self, stored: StateFile, path: Path, *, allow_other_model: bool) -> None:
+        """Refuse a state made for another model (see :meth:`load`); warn where only the config digest differs."""
+        self._check_model_shape(stored, path)
+        if stored.model_config_sha256 is None or stored.model_config_sha256 == self.model_config_sha256:
+            return
+        recorded = stored.model_kv_config
+        if recorded is not None:
+            keys = sorted(set(recorded) | set(self.model_kv_config))
+            differing = [key for key in keys if recorded.get(key) != self.model_kv_config.get(key)]
+            if differing and not allow_other_model:
+                detail = "; ".join(
+                    f"{key}: {short_repr(recorded.get(key))} vs {short_repr(self.model_kv_config.get(key))}"
+                    for key in differing[:4]
+                )
+                raise QuantStateError(
+                    f"{path} was calibrated for a model whose keys and values differ from this one's ({detail}; "
+                    "file vs this model); recalibrate for this model, or pass allow_other_model=True "
+                    "(--allow-other-model) if you know the difference does not matter"
+                )
+            if differing:
+                what = f"entries that shape keys and values ({', '.join(differing[:4])})"
+            else:
+                what = "entries that do not change keys and values"
+        else:
+            what = "entries this older file cannot name"
+        warnings.warn(
+            f"{path} was calibrated for a model whose config differs from this one's in {what}; "
+            "check that it is the model you calibrated",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _check_model_shape(self, stored: StateFile, path: Path) -> None:
         mine = {

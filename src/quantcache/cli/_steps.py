@@ -48,11 +48,24 @@ def read_frozen_state(value: str | Path) -> Path:
     return path
 
 
-def frozen_cache(model: Any, path: Path) -> QuantizedCalibratingCache:
+def add_scales_option(parser: argparse.ArgumentParser) -> None:
+    """``--scales`` (a frozen state) and ``--allow-other-model`` (load it for a model it was not made for)."""
+    parser.add_argument(
+        "--scales", required=True, type=Path, metavar="OUT", help="a state file saved by calibrate, or its directory"
+    )
+    parser.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="use the state although it was calibrated for a model whose keys and values differ from this one's "
+        "(RoPE, heads, windows, norms); without it that is refused",
+    )
+
+
+def frozen_cache(model: Any, path: Path, *, allow_other_model: bool = False) -> QuantizedCalibratingCache:
     """The frozen cache stored at ``path`` (checked by :func:`read_frozen_state`) for ``model``."""
     from quantcache.cache.cache import QuantizedCalibratingCache
 
-    cache = QuantizedCalibratingCache.from_file(path, model)
+    cache = QuantizedCalibratingCache.from_file(path, model, allow_other_model=allow_other_model)
     if not cache.is_frozen:  # the file changed since it was checked
         raise QuantStateError(f"{path} is no longer a frozen state; rerun the command")
     return cache

@@ -27,6 +27,7 @@ from ._common import (
 )
 from ._output import check_writable, write_text, write_with
 from ._steps import (
+    add_scales_option,
     check_model_options,
     frozen_cache,
     model_and_tokenizer,
@@ -59,9 +60,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
             "  quantcache evaluate --scales kv.safetensors --json - | jq .kl_mean   # table goes to stderr"
         ),
     )
-    parser.add_argument(
-        "--scales", required=True, type=Path, metavar="OUT", help="a state file saved by calibrate, or its directory"
-    )
+    add_scales_option(parser)
     add_model_options(parser)
     add_data_options(
         parser, samples=6, seq_len=1024, default_source="the built-in corpus, evaluation split", evaluation=True
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     source = text_source(args, calibration=False)
     documents = source.load()
     model, tokenizer, _ = model_and_tokenizer(args)
-    cache = frozen_cache(model, scales)
+    cache = frozen_cache(model, scales, allow_other_model=args.allow_other_model)
     windows = token_windows(args, tokenizer, documents)
     note(args, f"evaluating on {windows.shape[0]} x {windows.shape[1]} tokens from {source.describe()} ...")
 

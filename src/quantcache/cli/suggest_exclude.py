@@ -25,6 +25,7 @@ from ._common import (
 )
 from ._output import check_writable, write_text
 from ._steps import (
+    add_scales_option,
     check_model_options,
     frozen_cache,
     model_and_tokenizer,
@@ -59,9 +60,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
             "  quantcache calibrate --config kv.yaml -o runs/smollm2-excl   # use the suggestion"
         ),
     )
-    parser.add_argument(
-        "--scales", required=True, type=Path, metavar="OUT", help="a state file saved by calibrate, or its directory"
-    )
+    add_scales_option(parser)
     parser.add_argument(
         "--kl-budget", required=True, type=positive_float, metavar="X", help="largest acceptable mean KL divergence"
     )
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     source = text_source(args, calibration=False)
     documents = source.load()
     model, tokenizer, _ = model_and_tokenizer(args)
-    cache = frozen_cache(model, scales)
+    cache = frozen_cache(model, scales, allow_other_model=args.allow_other_model)
     windows = token_windows(args, tokenizer, documents)
     note(args, f"measuring layer sensitivity on {windows.shape[0]} x {windows.shape[1]} tokens ...")
 

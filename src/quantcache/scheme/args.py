@@ -61,7 +61,11 @@ class QuantScope(str, Enum):
 
 
 class Storage(str, Enum):
-    """What a frozen cache keeps: dequantized states (``fake``, for measuring) or packed codes (``packed``)."""
+    """What a cache keeps: dequantized states (``fake``, for measuring) or packed codes (``packed``).
+
+    Chosen per cache (``quantizer.new_cache(storage=...)``), not part of a scheme: the same
+    calibration serves both, and a config or state file does not record it.
+    """
 
     FAKE = "fake"
     PACKED = "packed"

@@ -27,7 +27,6 @@ from quantcache.scheme.args import (
     QuantScope,
     Rounding,
     ScaleFormat,
-    Storage,
     ZeroPointFormat,
     short_repr,
 )
@@ -43,7 +42,6 @@ __all__ = [
     "QuantMethod",
     "QuantScope",
     "ScaleFormat",
-    "Storage",
     "ZeroPointFormat",
     "expand_braces",
     "match_module_names",

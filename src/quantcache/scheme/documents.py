@@ -64,7 +64,7 @@ def load_json(text: str | bytes, *, what: str = "JSON document") -> Any:
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    if _json_depth(text) > MAX_DEPTH + 1:
+    if _json_depth(text) > MAX_DEPTH:
         raise _too_deep(what)
     try:
         return json.loads(text, object_pairs_hook=_unique_pairs)

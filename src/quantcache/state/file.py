@@ -107,6 +107,9 @@ class StateFile:
     model_name: str | None = None
     model_revision: str | None = None
     model_config_sha256: str | None = None
+    model_kv_config: dict[str, Any] | None = None
+    """The model config's entries that shape its keys and values (heads, dims, RoPE, windows, norms; see
+    :func:`quantcache.cache.model_facts.kv_config`), so a load can name what differs; absent in older files."""
     format_version: int = FORMAT_VERSION
     origin: str = CALIBRATED
     """``calibrated`` (parameters derive from the statistics) or ``imported from FORMAT`` (parameters
@@ -129,6 +132,8 @@ class StateFile:
             "revision": self.model_revision,
             "config_sha256": self.model_config_sha256,
         }
+        if self.model_kv_config is not None:
+            facts["kv_config"] = self.model_kv_config
         if self.quantized_layers is not None:
             facts["quantized_layers"] = self.quantized_layers
         return facts
@@ -433,6 +438,7 @@ def _read_v2(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source:
         model_name=model.get("name"),
         model_revision=model.get("revision"),
         model_config_sha256=model.get("config_sha256"),
+        model_kv_config=_kv_config(model.get("kv_config"), source),
         origin=origin,
         quantized_layers=quantized_layers,
     )
@@ -457,3 +463,12 @@ def _read_v1(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source:
         quantcache_version=metadata.get("quantcache_version", "unknown"),
         format_version=1,
     )
+
+
+def _kv_config(value: Any, source: object) -> dict[str, Any] | None:
+    """The recorded ``kv_config`` mapping (``None`` in files written before it was recorded)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+        raise QuantStateError(f"{source}: metadata 'model.kv_config' is corrupted (not a mapping of names)")
+    return value

@@ -57,8 +57,8 @@ from transformers import DynamicCache
 
 from quantcache.analysis.evaluation import evaluate
 from quantcache.cache.cache import CACHE_KEYWORD
-from quantcache.models.loading import load_model
 from quantcache.models.data import DataError, TextSource, token_windows
+from quantcache.models.loading import load_model
 
 TEXTS_DIR = Path(__file__).resolve().parent / "texts"
 
@@ -441,7 +441,7 @@ def parse_args() -> argparse.Namespace:
                         "the unquantized states on their first update, so their prefill predictions are exact; the "
                         "library protocol (the default) counts them. Disables --library-check")
     parser.add_argument("--library-check", choices=["none", "first", "all"], default="first", help="also run "
-                        "quantcache.analysis.evaluation.evaluate on the first window of the first text (first), on every "
+                        "quantcache.evaluate on the first window of the first text (first), on every "
                         "window of every text (all) or never (none), and compare")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")

@@ -152,6 +152,6 @@ def test_bad_arguments(llama: PreTrainedModel) -> None:
     with pytest.raises(ValueError, match="frozen"):
         calibrate(llama, data, cache=frozen, progress=False).new_cache()
     with pytest.raises(ValueError, match="differ"):
-        calibrate(llama, data, cache=frozen.unfreeze(), quant_config=KVQuantConfig(symmetric=False), progress=False).new_cache()
+        calibrate(llama, data, cache=frozen.unfreeze(), quant_config=KVQuantConfig(symmetric=False), progress=False)
     with pytest.raises(CalibrationError, match="no layer is selected"):
         calibrate(llama, data, quant_config=KVQuantConfig(exclude=("*",)), progress=False).new_cache()

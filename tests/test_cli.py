@@ -780,7 +780,7 @@ def test_evaluate_refuses_a_state_saved_before_freeze(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     windows = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    state = calibrate(llama, windows, freeze=False, progress=False).new_cache().save(tmp_path / "statistics.safetensors")
+    state = calibrate(llama, windows, freeze=False, progress=False).save(tmp_path / "statistics.safetensors")
     assert read_state_file(state).mode == "calibrate"
     calls = use_model()
     for command in (["evaluate"], ["suggest-exclude", "--kl-budget", "1e-3"]):
@@ -1113,6 +1113,26 @@ def test_force_replaces_and_empty_outputs_need_no_force(
     assert cli.main(arguments) == 0 and json.loads(report.read_text())["num_tokens"] == 126
     assert cli.main(arguments) == cli.EXIT_INPUT
     assert cli.main([*arguments, "--force"]) == 0
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_get_the_umask_permissions_whatever_their_writer_chose(mask: int, tmp_path: Path) -> None:
+    """safetensors and tempfile create 0600 files: the output takes the permissions the umask gives new files."""
+    from quantcache.cli import _output
+
+    def private(path: Path) -> None:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    previous = os.umask(mask)
+    try:
+        single = _output.write_with(tmp_path / "report.json", private)
+        files = _output.write_file_set(tmp_path / "run", "kv.json", lambda staging: private(staging / "kv.json"))
+    finally:
+        os.umask(previous)
+    for path in (single, *files):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json", "run"]
 
 
 def test_an_output_set_never_pairs_a_new_state_with_an_old_summary(

@@ -46,7 +46,7 @@ SCENARIOS: dict[str, tuple[int, int, dict[str, Any]]] = {
     "uneven": (5, 2, {"symmetric": False, "exclude": ["model.layers.0.self_attn"]}),
     "lonely": (1, 1, {}),
     # keys the static seed (MIN/MAX), values centred int4 (their mean's sum and count add up: SUM)
-    "centred": (4, 1, {"dtype": "int4", "scope": "per_token", "dynamic": True, "center": True, "key": {}}),
+    "centred": (4, 1, {"value": {"dtype": "int4", "scope": "per_token", "dynamic": True, "center": True}}),
     # keys query-aware and rounding so (their key and query sums and query moments add up too: SUM), values centred
     "query-aware": (
         4,

@@ -290,7 +290,9 @@ def test_layer_sensitivity_without_a_stored_reference(
 
 
 def test_layer_sensitivity_skips_excluded_layers(llama: PreTrainedModel, windows: torch.Tensor) -> None:
-    cache = calibrate(llama, _ids(11, 2, 32), quant_config=KVQuantConfig(exclude=("*.0.*",)), progress=False).new_cache()
+    cache = calibrate(
+        llama, _ids(11, 2, 32), quant_config=KVQuantConfig(exclude=("*.0.*",)), progress=False
+    ).new_cache()
     ranking = layer_sensitivity(llama, cache, windows[:1], prefill=PREFILL, chunk=CHUNK, progress=False)
     assert [item.index for item in ranking] == [1]
 

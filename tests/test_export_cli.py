@@ -207,6 +207,7 @@ def test_export_and_import_refuse_to_replace_an_earlier_result_without_force(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "kv"
+    out.mkdir()  # an empty directory holds nothing to lose
     export = ["export", "--scales", run_dir, "--format", "ascend", "--scales-only", "-o", out, "-q"]
     assert main(*export) == 0
     (out / "note.txt").write_text("from the first export")

@@ -228,7 +228,9 @@ def test_vllm_refuses_per_channel_scales_naming_what_carries_them(
 
 
 def test_vllm_skips_excluded_layers_in_the_serve_command(llama: PreTrainedModel, tmp_path: Path) -> None:
-    excluded = calibrate(llama, _windows(), quant_config=KVQuantConfig(exclude=["model.layers.0.*"]), progress=False).new_cache()
+    excluded = calibrate(
+        llama, _windows(), quant_config=KVQuantConfig(exclude=["model.layers.0.*"]), progress=False
+    ).new_cache()
     result = export_checkpoint(excluded, tmp_path / "x", format="vllm", scales_only=True)
     assert result.serve_command == "vllm serve CKPT --kv-cache-dtype fp8 --kv-cache-dtype-skip-layers 0"
     assert any("--kv-cache-dtype-skip-layers" in warning for warning in result.warnings)
@@ -400,7 +402,9 @@ def test_modelopt_refuses_unquantized_weights_naming_the_alternatives(
 def test_modelopt_refuses_excluded_layers_and_fused_projections(
     llama: PreTrainedModel, cache: QuantizedCalibratingCache, tmp_path: Path
 ) -> None:
-    excluded = calibrate(llama, _windows(), quant_config=KVQuantConfig(exclude=["model.layers.1.*"]), progress=False).new_cache()
+    excluded = calibrate(
+        llama, _windows(), quant_config=KVQuantConfig(exclude=["model.layers.1.*"]), progress=False
+    ).new_cache()
     with pytest.raises(UnsupportedSchemeError, match=r"layers \[1\].*every attention layer.*--format vllm"):
         export_checkpoint(excluded, tmp_path / "x", format="modelopt", scales_only=True)
     fmt = get_format("modelopt")

@@ -1,4 +1,5 @@
-"""Appending into reserved room (``quantcache.cache.storage_layers.GrowingStorage``) instead of re-concatenating the history.
+"""Appending into reserved room (``quantcache.cache.growing_storage.GrowingStorage``) instead of re-concatenating
+the history.
 
 What must hold: the states a layer returns are exactly what ``DynamicCache`` returns, in
 every mode and through every cache operation; a tensor returned earlier never changes;

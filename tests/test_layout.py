@@ -96,7 +96,7 @@ def test_no_import_circles() -> None:
         path.append(module)
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                circle = path[path.index(target) :] + [target]
+                circle = [*path[path.index(target) :], target]
                 raise AssertionError(f"import circle: {' -> '.join(circle)}")
             if target not in state:
                 visit(target)

@@ -200,6 +200,27 @@ def test_a_full_disk_while_writing_a_report_exits_3_and_leaves_nothing(
     assert _entries(target.parent) == []
 
 
+def test_a_replacement_that_fails_at_its_last_move_puts_the_previous_export_back(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "kv"
+    export_checkpoint(run_dir, out, format="ascend", scales_only=True)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    real_replace, moves = os.replace, []
+
+    def replace(source: Any, target: Any) -> None:
+        moves.append(Path(target).name)
+        if len(moves) == 2:  # the old export is aside, the new one cannot move in
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(PermissionError):
+        export_checkpoint(run_dir, out, format="ascend", scales_only=True, overwrite=True)
+    assert moves[1:] == ["kv", "kv"]  # the failed move in, then the old export back
+    assert _entries(tmp_path) == ["kv"] and {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 # ================================================================================ 3. what a killed writer left
 KILLED_EXPORT = """
 import os, signal, sys

@@ -377,7 +377,7 @@ def test_cache_operations_packed_equal_fake(
 
     fresh_packed, fresh_fake = packed.empty_copy(), fake.empty_copy()
     assert fresh_packed.get_seq_length() == 0 and fresh_packed.is_frozen
-    assert fresh_packed.quantizers[0] is not packed.quantizers[0]
+    assert fresh_packed.quantizer is packed.quantizer and fresh_packed.layers[0] is not packed.layers[0]
     assert torch.equal(step(fresh_packed, prompt, 0), step(fresh_fake, prompt, 0))
     _assert_same_content(fresh_fake, fresh_packed)
     _assert_packed_rows(fresh_packed, key, value)

@@ -258,7 +258,9 @@ def test_pre_rope_keys_lower_the_key_error_of_a_real_layer(llama: PreTrainedMode
     errors = {}
     for pre_rope in (False, True):
         config = KVQuantConfig(**{**INT4, "dtype": "int2"}, pre_rope_keys=pre_rope)
-        cache = calibrate(llama, calibration, cache=QuantizedCalibratingCache(llama, config), progress=False).new_cache()
+        cache = calibrate(
+            llama, calibration, cache=QuantizedCalibratingCache(llama, config), progress=False
+        ).new_cache()
         reference, frozen = DynamicCache(), cache.empty_copy()
         with torch.no_grad():
             llama(tokens, use_cache=True, **{CACHE_KEYWORD: reference})

@@ -52,7 +52,9 @@ def test_every_preset_calibrates_freezes_and_generates_fake_and_packed(
     if arch == "gemma3" and CACHE_KEYWORD != "cache":
         pytest.skip("transformers 4.x cannot crop a sliding-window layer past its window (assisted decoding)")
     model = models[arch]
-    frozen = calibrate(model, _tokens(2, 16, seed=1), quant_config=KVQuantConfig.preset(name), progress=False).new_cache()
+    frozen = calibrate(
+        model, _tokens(2, 16, seed=1), quant_config=KVQuantConfig.preset(name), progress=False
+    ).new_cache()
     assert frozen.is_frozen and frozen.get_seq_length() == 0
     assert frozen.quant_config == KVQuantConfig.preset(name)
     packed_frozen = QuantizedCalibratingCache(model, KVQuantConfig.preset(name), storage="packed")
@@ -99,7 +101,9 @@ def test_presets_lose_more_the_fewer_bits_they_spend(models: dict[str, PreTraine
         reference = model(prompt, **{CACHE_KEYWORD: DynamicCache(config=model.config)}).logits[:, 128:]
     errors: dict[str, float] = {}
     for name in NAMES:
-        cache = calibrate(model, _tokens(4, 24, seed=1), quant_config=KVQuantConfig.preset(name), progress=False).new_cache()
+        cache = calibrate(
+            model, _tokens(4, 24, seed=1), quant_config=KVQuantConfig.preset(name), progress=False
+        ).new_cache()
         with torch.no_grad():  # the second chunk attends to a quantized history
             model(prompt[:, :128], **{CACHE_KEYWORD: cache})
             positions = torch.arange(128, 136).expand(2, -1)
@@ -229,7 +233,9 @@ def test_a_dynamic_preset_saves_and_reloads_frozen(
     """A dynamic preset saves only its channel means, scales and query model (a centred one) or no tensor at all: the
     file records the scheme, and reloads ready to quantize (fake or packed), generating what the saved cache
     generates."""
-    frozen = calibrate(gemma3, _tokens(1, 8, seed=4), quant_config=KVQuantConfig.preset(name), progress=False).new_cache()
+    frozen = calibrate(
+        gemma3, _tokens(1, 8, seed=4), quant_config=KVQuantConfig.preset(name), progress=False
+    ).new_cache()
     fields = {key.rsplit(".", 1)[1] for key in frozen.state_dict()}
     config = KVQuantConfig.preset(name)
     expected = {"center_sum", "center_count", "center"} if config.key_args.center else set()

@@ -363,9 +363,11 @@ def test_bits_count_the_query_model_and_memory_the_feedback(llama: PreTrainedMod
     for seq_len in (16, 1024):
         extra = stream_bits(ROUNDED, KV_HEADS, HEAD_DIM, seq_len) - stream_bits(AWARE, KV_HEADS, HEAD_DIM, seq_len)
         assert extra == pytest.approx(32 * (1 + QUERY_MODEL_RANK) / seq_len)
-    cache = calibrate(llama, _tokens(1, 8, seed=3), quant_config=replace(CONFIG, storage="packed"), progress=False).new_cache()
-    plain_config = replace(CONFIG, key=AWARE, storage="packed")
-    plain = calibrate(llama, _tokens(1, 8, seed=3), quant_config=plain_config, progress=False).new_cache()
+    cache = calibrate(llama, _tokens(1, 8, seed=3), quant_config=CONFIG, progress=False).new_cache(storage="packed")
+    plain_config = replace(CONFIG, key=AWARE)
+    plain = calibrate(
+        llama, _tokens(1, 8, seed=3), quant_config=plain_config, progress=False
+    ).new_cache(storage="packed")
     with torch.no_grad():
         for each in (cache, plain):
             llama(_tokens(1, 5, seed=8), **{CACHE_KEYWORD: each})

@@ -65,7 +65,9 @@ def test_calibration_leaves_the_sink_tokens_out(llama: PreTrainedModel) -> None:
     tokens = _tokens(2, 12, seed=2)
     reference = DynamicCache()
     _run(llama, reference, tokens)
-    cache = calibrate(llama, tokens, quant_config=KVQuantConfig(sink_tokens=3), freeze=False, progress=False).new_cache()
+    cache = calibrate(
+        llama, tokens, quant_config=KVQuantConfig(sink_tokens=3), freeze=False, progress=False
+    ).new_cache()
     for index, layer in enumerate(reference.layers):
         stream = cache.quantizers[index].key
         rest = layer.keys[:, :, 3:]
@@ -75,7 +77,9 @@ def test_calibration_leaves_the_sink_tokens_out(llama: PreTrainedModel) -> None:
 
 def test_the_padding_mask_still_lines_up_after_the_sinks(llama: PreTrainedModel) -> None:
     tokens = _tokens(1, 10, seed=3)
-    plain = calibrate(llama, tokens, quant_config=KVQuantConfig(sink_tokens=1), freeze=False, progress=False).new_cache()
+    plain = calibrate(
+        llama, tokens, quant_config=KVQuantConfig(sink_tokens=1), freeze=False, progress=False
+    ).new_cache()
     padded = QuantizedCalibratingCache(llama, KVQuantConfig(sink_tokens=1))
     ids = torch.cat([tokens, torch.zeros(1, 3, dtype=torch.long)], dim=1)
     mask = torch.cat([torch.ones_like(tokens), torch.zeros(1, 3, dtype=torch.long)], dim=1)

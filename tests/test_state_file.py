@@ -545,7 +545,10 @@ def test_recorded_quantized_layers_decide_which_layers_a_state_must_cover(
     assert validate_state(recorded) == []
     back = read_state_file(write_state_file(tmp_path / "recorded.safetensors", recorded))
     assert back.quantized_layers == [0] and back.tensors.keys() == layer_zero.keys()
-    assert read_state_file(write_state_file(tmp_path / "plain.safetensors", states["sym"])).quantized_layers is None
+    unrecorded = replace(states["sym"], quantized_layers=None)  # as files written before the list was recorded
+    assert read_state_file(write_state_file(tmp_path / "plain.safetensors", unrecorded)).quantized_layers is None
+    (problem,) = validate_state(replace(unrecorded, tensors=layer_zero))  # then the config decides: layer 1 too
+    assert problem.startswith(MISSING_LAYER)
     (problem,) = validate_state(replace(recorded, quantized_layers=[0, 1]))
     assert problem.startswith(MISSING_LAYER)
     excluded = replace(recorded, config=KVQuantConfig(exclude=("model.layers.1.self_attn",)))

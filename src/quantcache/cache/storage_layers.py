@@ -26,7 +26,6 @@ from quantcache.cache.growing_storage import MIN_ROOM_TOKENS, ROOM_FRACTION, Gro
 from quantcache.cache.layer import LayerQuantizer
 from quantcache.cache.stream import QuantizeHook, StreamQuantizer
 from quantcache.errors import CalibrationError
-from quantcache.scheme.number_formats import FormatKind
 
 __all__ = [
     "MIN_ROOM_TOKENS",
@@ -398,7 +397,7 @@ def layer_memory(layer: Any) -> dict[str, int]:
         for _, stream in quantizer.streams:
             if stream.params is not None:  # a symmetric or float8 zero point is all zeros: decoding never reads it
                 needed = [stream.params.scale]
-                if not stream.args.symmetric and stream.format.kind is FormatKind.INTEGER:
+                if stream.args.stores_zero_point:
                     needed.append(stream.params.zero_point)
                 report["parameters"] += sum(t.numel() * t.element_size() for t in needed)
             # a centred stream's mean, a query-aware scale, query-aware rounding's query model

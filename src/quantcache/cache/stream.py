@@ -89,14 +89,13 @@ class StreamQuantizer:
         self.observer: Observer = make_observer(self.args)
         self.params: QuantParams | None = None
         self.strict_finite = False
+        """Raise :class:`~quantcache.errors.NonFiniteStateError` on NaN or Inf states instead of passing them
+        through. Off by default: it is a check, and checking costs a host synchronisation at every update."""
         self._frozen = False
         self._fixed_by_device: dict[torch.device, _FixedOnDevice] = {}
-        # An asymmetric integer scheme needs its zero point, a mid-rise one its -1/2; others have none.
-        self._uses_zero_point = self.format.kind is FormatKind.INTEGER and not (args.symmetric and args.zero_level)
-        # The dynamic ``mse`` method: shrink steps tried per token (see quantization.dynamic_qparams).
+        # The dynamic ``mse`` method: shrink steps tried per token (see quantization.dynamic_qparams); QuantArgs
+        # validated the option.
         self._search = int(self.args.options.get("grid", DYNAMIC_MSE_GRID)) if self._searches else 0
-        if self._searches and self._search < 1:
-            raise CalibrationError(f"{label}: observer_options.grid must be a positive integer, got {self._search}")
         rotated = self.args.rotation is not Rotation.NONE
         if rotated and expected_shape is None:
             raise CalibrationError(f"{label}: a rotation needs the model's head_dim")
@@ -322,7 +321,8 @@ class StreamQuantizer:
     def prepared_for(self, quant_space: torch.Tensor, params: QuantParams) -> PreparedParams:
         """``params`` (from :meth:`params_for`) ready to broadcast; fixed ones are prepared once per device."""
         if self.dynamic:
-            return prepare_params(params, self.granularity, quant_space.device, zero_point=self._uses_zero_point)
+            zero_point = self.args.decodes_with_zero_point
+            return prepare_params(params, self.granularity, quant_space.device, zero_point=zero_point)
         return self._fixed_on(quant_space.device).prepared
 
     def _fixed_on(self, device: torch.device) -> _FixedOnDevice:
@@ -332,13 +332,19 @@ class StreamQuantizer:
         fixed = self._fixed_by_device.get(device)
         if fixed is None:
             params = self.params.to(device)
-            prepared = prepare_params(params, self.granularity, device, zero_point=self._uses_zero_point)
+            prepared = prepare_params(params, self.granularity, device, zero_point=self.args.decodes_with_zero_point)
             offset = float(-self.format.qmin)
             subtrahend = offset if prepared.zero_point is None else prepared.zero_point + offset
             fixed = self._fixed_by_device[device] = _FixedOnDevice(params, prepared, subtrahend)
         return fixed
 
     def _check_frozen(self, states: torch.Tensor) -> None:
+        """Refuse states a frozen stream cannot quantize: not frozen, the wrong shape, or (``strict_finite``) NaN/Inf.
+
+        Only the shape and flags are read, on the host, unless :attr:`strict_finite` is set:
+        that opt-in check reads whether every element is finite, a host synchronisation per
+        update (the device's work must finish first), which is why it is off by default.
+        """
         if not self._frozen:
             raise CalibrationError(f"{self.label}: not frozen")
         self._check_shape(states)
@@ -407,7 +413,7 @@ class StreamQuantizer:
             # a group holding NaN or Inf stores a NaN scale: it decodes to NaN, as the flag byte does for static rows
             finite = self.granularity.reduce((~torch.isfinite(space)).to(torch.float32), torch.amax) == 0
             per_row = [scale_to_bytes(torch.where(finite, params.scale, torch.nan), self.args.scale_format)]
-            if not self.args.symmetric:
+            if self.args.stores_zero_point:
                 zero_point_dtype = self.args.zero_point_format.storage_dtype
                 per_row.append(params.zero_point.to(zero_point_dtype).contiguous().view(torch.uint8))
             for tensor in per_row:
@@ -424,8 +430,9 @@ class StreamQuantizer:
 
         This runs over the whole history at every decode step, so it makes one float32
         tensor in one pass (stored code minus ``offset + zero_point``: exact, both are
-        whole numbers) and scales it in place; flagged rows become NaN (looked for only
-        when some flag is set).
+        whole numbers) and scales it in place; flagged rows become NaN through a mask
+        applied every time (asking first whether any flag is set would make the host wait
+        for the device at every step).
         """
         if self.expected_shape is None:
             raise CalibrationError(f"{self.label}: packed storage needs the model's (kv_heads, head_dim)")
@@ -446,7 +453,7 @@ class StreamQuantizer:
             scale = scale.unsqueeze(-1) if grouped else scale
             if stored is not None:
                 subtrahend: torch.Tensor | float = offset + (0.0 if self.args.zero_level else MID_RISE_ZERO_POINT)
-                if not self.args.symmetric:
+                if self.args.stores_zero_point:
                     stored_as = self.args.zero_point_format
                     zero_point = rows[..., start : start + stored_as.bits // 8 * groups].contiguous()
                     zero_point = zero_point.view(stored_as.storage_dtype).float()
@@ -459,7 +466,5 @@ class StreamQuantizer:
                 view = torch.sub(stored, fixed.subtrahend)
             view.mul_(fixed.prepared.scale)
             flags = rows[..., -1]
-            if bool(flags.any()):
-                mask = flags.bool().view(*flags.shape, *([1] * (view.dim() - flags.dim())))
-                view.masked_fill_(mask, float("nan"))
+            view.masked_fill_(flags.bool().view(*flags.shape, *([1] * (view.dim() - flags.dim()))), float("nan"))
         return self.space.inverse(self.granularity.ungrouped(view, head_dim), dtype)

@@ -31,7 +31,6 @@ Non-finite states stay non-finite: a NaN or Inf element comes back as it went in
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -95,16 +94,14 @@ class QuantParams(NamedTuple):
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether no element of ``tensors`` is NaN or Inf.
+    """Whether no element of ``tensors`` (all on one device) is NaN or Inf.
 
-    One sum per tensor on the hot path of calibration: a sum of finite values is finite
-    unless it overflows, and only then (or when something is not finite) is each
-    element checked.
+    Calibration raises on a non-finite statistic, so the answer must reach the host: it
+    does so once for all the tensors (one host synchronisation per call, not one per
+    tensor). Frozen caches never call this.
     """
-    tensors = list(tensors)
-    if all(math.isfinite(float(tensor.sum())) for tensor in tensors):
-        return True
-    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+    flags = [torch.isfinite(tensor).all() for tensor in tensors]
+    return not flags or bool(torch.stack(flags).all())
 
 
 def stream_minmax(states: torch.Tensor, granularity: Granularity = PER_CHANNEL) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,13 +236,13 @@ def fake_quantize_prepared(
     whole numbers inside the code range, so the round trip through the storage type is
     skipped (adding ``0.0`` turns a ``-0.0`` left by rounding into the ``+0.0`` that a
     stored integer code gives back); float8 levels do go through their type. NaN
-    propagates through every step; only an infinite element needs putting back.
+    propagates through every step; only an infinite element needs putting back, and it is
+    put back by a mask applied every time: asking first whether there is any would make
+    the host wait for the device at every decode step.
     """
     restored = _round_trip(granularity.grouped(states), prepared, fmt)
     restored = granularity.ungrouped(restored, states.shape[-1]).to(states.dtype)
-    if bool(torch.isinf(states).any()):
-        restored = torch.where(torch.isinf(states), states, restored)
-    return restored
+    return torch.where(torch.isinf(states), states, restored)
 
 
 def _round_trip(view: torch.Tensor, prepared: PreparedParams, fmt: NumberFormat) -> torch.Tensor:

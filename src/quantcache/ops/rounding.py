@@ -20,10 +20,12 @@ distances of the causal pairs of a :data:`ROUNDING_HORIZON`-token context.
 The rounding itself (:func:`round_with_feedback`) is the fixed point of
 ``x' = x + (x - q) N``, ``q = round(x')``, where ``N`` (:func:`feedback_matrix`) is
 strictly triangular in the chosen coordinate order; iterated from nearest rounding, the first
-``t`` coordinates are final after ``t`` rounds, so it ends after at most ``head_dim + 1``
-rounds and usually after a few. It equals rounding the coordinates one by one with the
-error fed forward (coordinates taken in falling order of ``diag(H)``), in one batched
-matrix product per round instead of ``head_dim`` small steps.
+``t + 1`` coordinates are final after ``t`` rounds, so ``head_dim - 1`` rounds reach it for
+any key, and real keys get there in far fewer. The fixed point equals rounding the
+coordinates one by one with the error fed forward (coordinates taken in falling order of
+``diag(H)``), in one batched matrix product per round instead of ``head_dim`` small steps.
+The cache runs a fixed :data:`ROUNDING_ROUNDS` rounds with no test for convergence: a test
+would be a host synchronisation per round, the GPU waiting on the CPU at every decode step.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "QUERY_MODEL_RANK",
     "ROUNDING_DAMPING",
     "ROUNDING_HORIZON",
+    "ROUNDING_ROUNDS",
     "QueryModel",
     "feedback_matrix",
     "query_model",
@@ -51,6 +54,8 @@ ROUNDING_HORIZON = 1024
 """Context length whose causal query-key distances weigh the RoPE average."""
 ROUNDING_DAMPING = 0.01
 """Added to ``H``'s diagonal, as a share of its mean: the feedback stays bounded where queries hardly look."""
+ROUNDING_ROUNDS = 8
+"""PLACEHOLDER"""
 
 
 def query_model(moment: torch.Tensor, rank: int = QUERY_MODEL_RANK) -> QueryModel:
@@ -135,26 +140,30 @@ def feedback_matrix(weight: torch.Tensor, damping: float = ROUNDING_DAMPING) -> 
 
 
 def round_with_feedback(
-    space: torch.Tensor, round_trip: Callable[[torch.Tensor], torch.Tensor], feedback: torch.Tensor
+    space: torch.Tensor,
+    round_trip: Callable[[torch.Tensor], torch.Tensor],
+    feedback: torch.Tensor,
+    rounds: int = ROUNDING_ROUNDS,
 ) -> torch.Tensor:
     """``space`` ``(batch, kv_heads, seq, head_dim)`` moved so that ``round_trip`` of it is the feedback rounding.
 
     ``round_trip`` is the stream's own quantize-dequantize with the parameters already
     chosen for ``space`` (nearest rounding); ``feedback`` is :func:`feedback_matrix`'s
-    ``N`` per kv head. The result ``x'`` satisfies ``round_trip(x') == q`` with ``q`` the
-    fixed point (see the module docstring), so quantizing it with the usual code gives
-    the feedback codes, in fake and packed storage alike. A NaN or Inf element passes no
-    error on (its row's other elements are rounded as if it were zero) and is returned
-    as it came.
+    ``N`` per kv head. After ``rounds`` rounds (one matrix product each) the result ``x'``
+    gives ``round_trip(x') == q`` with ``q`` the fixed point (see the module docstring)
+    for every key that reaches it in that many; ``rounds >= head_dim - 1`` reaches it for
+    any key. Quantizing ``x'`` with the usual code gives the feedback codes, in fake and
+    packed storage alike. Nothing here reads a tensor on the host, so the device never
+    waits for it. A NaN or Inf element passes no error on (its row's other elements are
+    rounded as if it were zero) and is returned as it came.
     """
+    if rounds < 1:
+        raise ValueError(f"query-aware rounding needs at least one round, got {rounds}")
     finite = torch.isfinite(space)
-    states = torch.where(finite, space, 0.0) if not bool(finite.all()) else space
+    states = torch.where(finite, space, 0.0)
     matrix = feedback.to(states.device)[None]
     levels = round_trip(states)
-    for _ in range(states.shape[-1] + 1):
-        moved = torch.matmul(states - levels, matrix).add_(states)
-        next_levels = round_trip(moved)
-        if torch.equal(next_levels, levels):
-            break
-        levels = next_levels
+    for _ in range(rounds - 1):
+        levels = round_trip(torch.matmul(states - levels, matrix).add_(states))
+    moved = torch.matmul(states - levels, matrix).add_(states)
     return torch.where(finite, moved, space)

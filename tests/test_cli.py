@@ -35,7 +35,7 @@ from quantcache.analysis.evaluation import evaluate
 from quantcache.analysis.report import to_json
 from quantcache.calibration.calibrate import calibrate
 from quantcache.cli import _steps
-from quantcache.errors import QuantcacheError, QuantStateError
+from quantcache.errors import InputError, QuantcacheError, QuantStateError
 from quantcache.models.catalog import ModelFetchError
 from quantcache.models.data import TextSource, token_windows
 from quantcache.ops.quantize import compute_qparams
@@ -1261,3 +1261,17 @@ def test_real_default_model_calibrate_then_evaluate(tmp_path: Path, capsys: pyte
     assert data["top1_agreement"] == pytest.approx(118 / 127, abs=1.5 / 127)  # one token may flip on another CPU
     assert cli.main(["inspect", str(out)]) == 0
     assert "llama" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_output_that_is_a_device_is_refused_even_with_force(force: bool, tmp_path: Path) -> None:
+    """Outputs are renamed over their destination: over /dev/null that would replace the device node itself."""
+    from quantcache.cli._common import refuse_existing
+
+    with pytest.raises(InputError, match=r"--json /dev/null: /dev/null is not a regular file or directory"):
+        refuse_existing("--json", "/dev/null", [Path("/dev/null")], force=force)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match="a device or a pipe"):
+        refuse_existing("-o", fifo, [fifo], force=force)
+    refuse_existing("-o", tmp_path / "new", [tmp_path / "new"], force=force)  # a path to create passes

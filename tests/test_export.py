@@ -139,7 +139,7 @@ def test_state_refuses_statistics_without_parameters(llama: PreTrainedModel, tmp
     path = unfrozen.save(tmp_path / "calibrating.safetensors")
     with pytest.raises(QuantStateError, match="freeze it first"):
         KVState.load(path)
-    with pytest.raises(TypeError, match="frozen cache"):
+    with pytest.raises(TypeError, match="expected a frozen KVQuantizer or cache, a StateFile or a state file path"):
         KVState.load(3.5)
 
 

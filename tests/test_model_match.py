@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,10 @@ import torch
 from conftest import build_model, random_tokens
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from quantcache import KVQuantConfig, KVQuantizer, QuantizedCalibratingCache, QuantStateError, calibrate
-from quantcache.cache.model_facts import KV_CONFIG_KEYS, kv_config
+from quantcache.cache.model_facts import KV_CONFIG_KEYS, config_digest, kv_config
 from quantcache.cli import _steps
 from quantcache.state import file as state_file
 from quantcache.state.file import read_state_file
@@ -96,3 +97,27 @@ def test_an_older_file_without_the_record_warns_for_another_config(tmp_path: Pat
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata)
     with pytest.raises(QuantStateError, match="checksum"):
         read_state_file(tmp_path / "edited.safetensors")
+
+
+def test_where_a_config_came_from_does_not_count(saved: Path, llama: PreTrainedModel, tmp_path: Path) -> None:
+    """The same config saved and read back (another name, transformers version, dtype) is the same model."""
+    llama.config.save_pretrained(tmp_path)
+    reread = AutoConfig.from_pretrained(tmp_path)
+    assert reread.to_dict() != llama.config.to_dict()  # bookkeeping differs
+    assert config_digest(reread) == config_digest(llama.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert KVQuantizer.load(saved, reread).is_frozen
+
+
+def test_a_file_with_the_digest_of_every_entry_still_matches(
+    saved: Path, llama: PreTrainedModel, tmp_path: Path
+) -> None:
+    """States written before bookkeeping entries were left out recorded the digest of every entry."""
+    stored = read_state_file(saved)
+    digest = config_digest(llama.config, every_entry=True)
+    assert digest is not None and digest != stored.model_config_sha256
+    older = state_file.write_state_file(tmp_path / "older.safetensors", replace(stored, model_config_sha256=digest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert KVQuantizer.load(older, llama).is_frozen

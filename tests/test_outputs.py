@@ -275,10 +275,12 @@ def dead_pid() -> int:
     return int(finished.stdout)
 
 
-def _leftover(final: Path, *, pid: int, host: str | None = None, age_s: float = 0.0, directory: bool = True) -> Path:
+def _leftover(
+    final: Path, *, pid: int, host: str | None = None, age_s: float = 0.0, directory: bool = True, kind: str = "tmp"
+) -> Path:
     """A staging entry for ``final`` as a writer with ``pid`` on ``host`` (default: this one) made it ``age_s`` ago."""
-    name = staging_path(final, "staging" if directory else "tmp").name
-    prefix, _, rest = name.partition(".quantcache-")
+    name = staging_path(final, "staging" if directory else kind).name
+    prefix, _, rest = name.rpartition(".quantcache-")
     this_host, _, tail = rest.partition("-")
     tail = f"{pid}-" + tail.partition("-")[2]
     path = final.with_name(f"{prefix}.quantcache-{host or this_host}-{tail}")
@@ -314,3 +316,11 @@ def test_only_dead_or_abandoned_writers_staging_is_removed(tmp_path: Path, dead_
             live.kill()
     assert sorted(removed) == sorted([dead, dead_file, reused, elsewhere_old])
     assert all(path.exists() for path in [*kept, unrelated])
+
+
+def test_the_write_check_removes_probes_that_killed_runs_left(tmp_path: Path, dead_pid: int) -> None:
+    from quantcache.cli._output import check_writable
+
+    probe = _leftover(tmp_path / "quantcache-write-check", pid=dead_pid, directory=False, kind="probe")
+    check_writable(tmp_path / "eval.json", "--json")
+    assert _entries(tmp_path) == [] and not probe.exists()

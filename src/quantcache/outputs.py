@@ -63,8 +63,8 @@ _WRITE_ERRNOS = {
     for number, fix in (
         (errno.ENOSPC, "free space on that file system or write somewhere else"),
         (getattr(errno, "EDQUOT", None), "free space within your disk quota or write somewhere else"),
-        (errno.EFBIG, "the file system cannot hold a file this large; write somewhere else"),
-        (errno.EROFS, "the file system is read-only; write somewhere else"),
+        (errno.EFBIG, "write to a file system that takes files this large"),
+        (errno.EROFS, "write somewhere else"),
     )
     if number is not None
 }
@@ -72,7 +72,18 @@ _WRITE_ERRNOS = {
 
 # ---------------------------------------------------------------------------- permissions
 def _umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
+    """The process umask: read from /proc where Linux shows it, else set and at once set back.
+
+    Setting it changes it for every thread for an instant; a file another thread creates
+    then would get the wrong permissions, so that is only the fallback.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o077)
     os.umask(mask)
     return mask

@@ -109,6 +109,10 @@ class KVQuantizer(QuantizerStateMixin):
         self.model_type: str | None = getattr(config, "model_type", None)
         self.model_name: str | None = getattr(config, "_name_or_path", None) or None
         self.model_config_sha256 = config_digest(config)
+        # what a state made for this model may record: today's digest, or that of files written before it
+        self.model_config_digests = tuple(
+            digest for digest in (self.model_config_sha256, config_digest(config, every_entry=True)) if digest
+        )
         self.model_kv_config = kv_config(config)
         self.kv_heads, self.head_dim = attention_shape(decoder_config)
         self.layer_names = (

@@ -83,10 +83,25 @@ def attention_module_names(model: nn.Module, num_layers: int) -> list[str]:
     return [names.get(index, f"model.layers.{index}.self_attn") for index in range(num_layers)]
 
 
-def config_digest(config: PretrainedConfig) -> str | None:
-    """sha256 of the model config's JSON (sorted keys), to tell which model a state was made for."""
+_BOOKKEEPING_KEYS = frozenset(
+    {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions"}
+    | {"output_hidden_states", "return_dict", "_attn_implementation", "_attn_implementation_autoset"}
+)
+"""Config entries that say where a config came from or how it is run, not what the model is: a config
+saved with ``save_pretrained`` and read back, or the same model loaded in bf16, keeps its digest."""
+
+
+def config_digest(config: PretrainedConfig, *, every_entry: bool = False) -> str | None:
+    """sha256 of the model config's JSON (sorted keys), to tell which model a state was made for.
+
+    Bookkeeping entries are left out (:data:`_BOOKKEEPING_KEYS`); ``every_entry`` keeps them, as
+    states written before that did.
+    """
     try:
-        text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        data = config.to_dict()
+        if not every_entry:
+            data = {key: value for key, value in data.items() if key not in _BOOKKEEPING_KEYS}
+        text = json.dumps(data, sort_keys=True, default=str)
     except (TypeError, ValueError):
         return None
     return hashlib.sha256(text.encode()).hexdigest()

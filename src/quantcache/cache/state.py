@@ -32,7 +32,7 @@ from quantcache.state.fields import (
     parameter_fields,
     stream_problems,
 )
-from quantcache.state.file import StateFile, parse_state_key, read_state_file, write_state_file
+from quantcache.state.file import StateFile, check_state, parse_state_key, read_state_file, write_state_file
 
 __all__ = ["CacheMode", "QuantizerStateMixin"]
 
@@ -58,6 +58,7 @@ class QuantizerStateMixin:
     model_type: str | None
     model_name: str | None
     model_config_sha256: str | None
+    model_config_digests: tuple[str, ...]
     model_kv_config: dict[str, Any]
     mode: CacheMode
     origin: str = "calibrated"
@@ -184,6 +185,8 @@ class QuantizerStateMixin:
                     f"state holds frozen parameters but none for quantized layers {unfrozen[:8]}; "
                     "a partly frozen cache cannot run (load a complete state or exclude those layers)"
                 )
+        if strict:
+            self._check_as_a_file(state, has_params=has_params, origin=origin)
         # Everything validated: only now touch the quantizers, so a failed load changes nothing.
         for quantizer, streams in updates:
             quantizer.reset()
@@ -214,6 +217,28 @@ class QuantizerStateMixin:
         self.mode = CacheMode.FROZEN if has_params else CacheMode.CALIBRATE
         self.origin = origin
         return unexpected
+
+    def _check_as_a_file(self, state: Mapping[str, torch.Tensor], *, has_params: bool, origin: str) -> None:
+        """Apply the rules a state file is held to (:func:`~quantcache.state.file.check_state`), so that a
+        state loaded from memory is one this quantizer could also save and load back."""
+        from quantcache import __version__
+
+        check_state(
+            StateFile(
+                tensors=dict(state),
+                config=self.quant_config,
+                mode="frozen" if has_params else "calibrate",
+                num_layers=len(self.quantizers),
+                kv_heads=self.kv_heads,
+                head_dim=self.head_dim,
+                layer_names=self.layer_names,
+                model_type=self.model_type,
+                quantcache_version=__version__,
+                origin=origin,
+                quantized_layers=self.quantized_layers,
+            ),
+            "state",
+        )
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -288,7 +313,7 @@ class QuantizerStateMixin:
     def _check_model(self, stored: StateFile, path: Path, *, allow_other_model: bool) -> None:
         """Refuse a state made for another model (see :meth:`load`); warn where only the config digest differs."""
         self._check_model_shape(stored, path)
-        if stored.model_config_sha256 is None or stored.model_config_sha256 == self.model_config_sha256:
+        if stored.model_config_sha256 in (None, *self.model_config_digests):
             return
         recorded = stored.model_kv_config
         if recorded is not None:

@@ -406,9 +406,20 @@ def refuse_existing(option: str, value: str | Path | None, paths: Iterable[Path]
     The one rule of every command that writes: ``paths`` are what the command given
     ``option value`` would create or replace (a state with its summaries, a checkpoint
     directory, a report); if any of them holds something, the command stops here (exit 3)
-    instead of silently replacing a previous run. ``None`` and ``-`` (stdout) pass.
+    instead of silently replacing a previous run. ``None`` and ``-`` (stdout) pass. A path that is
+    neither a file nor a directory (``/dev/null``, a pipe) is refused even with ``--force``: outputs
+    are written beside their destination and renamed over it, which would replace the device itself.
     """
-    if force or value is None or str(value) == "-":
+    if value is None or str(value) == "-":
+        return
+    paths = list(paths)
+    for path in paths:
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            raise InputError(
+                f"{option} {value}: {path} is not a regular file or directory (a device or a pipe); outputs are "
+                "written to a file and renamed into place, so give a file path ('-' writes to stdout where offered)"
+            )
+    if force:
         return
     for path in paths:
         if _holds_something(path):

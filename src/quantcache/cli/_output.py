@@ -81,6 +81,7 @@ def _creation_refused(directory: Path) -> str | None:
     ``os.access`` answers from the permission bits, which root is exempt from and which
     say nothing of pseudo file systems such as /proc; only trying tells for sure.
     """
+    remove_stale_staging(directory / "quantcache-write-check")  # probes of killed runs
     probe = staging_path(directory / "quantcache-write-check", "probe")
     try:
         descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

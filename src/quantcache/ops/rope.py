@@ -172,12 +172,17 @@ class RopeTable:
     def _turn(
         self, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, undo: bool, dtype: torch.dtype
     ) -> torch.Tensor:
-        """``keys`` turned by the angles whose ``cos``/``sin`` broadcast against their rotary halves."""
+        """``keys`` turned by the angles whose ``cos``/``sin`` broadcast against their rotary halves.
+
+        Eager, the halves are written in place into one new tensor; autograd cannot follow
+        that form, and ``torch.compile`` breaks its graph at an ``out=`` into a view, so both
+        get the same turn written as a concatenation.
+        """
         half = self.inv_freq.numel()
         sign = -1.0 if undo else 1.0
         states = keys.to(torch.float32)
         first, second = states[..., :half], states[..., half : 2 * half]
-        if states.requires_grad and torch.is_grad_enabled():  # autograd cannot follow the in-place form
+        if torch.compiler.is_compiling() or (states.requires_grad and torch.is_grad_enabled()):
             sin = sin * sign
             turned = torch.cat([first * cos - second * sin, second * cos + first * sin, states[..., 2 * half :]], -1)
             return turned.to(dtype)

@@ -1,0 +1,338 @@
+"""A frozen cache's decode step never makes the host wait for the device.
+
+On a GPU every host synchronisation (``.item()``, ``bool(tensor)``, ``torch.equal``, ``.tolist()``,
+a boolean-mask index ...) stalls the CPU until the device has finished all the work queued before it,
+so a decode step that makes one per layer runs at the speed of the round trips, not of the kernels.
+:class:`HostSyncTrap`, a ``TorchFunctionMode``, raises on every such call it can see (each one proven
+seen by a positive control below). A frozen cache's ``update()`` must make none, for every preset, both
+storages, full and sliding-window layers, with NaN and Inf among the states, and through a whole decode
+forward of a model; query-aware rounding runs a fixed number of rounds whatever its input; calibrating
+keeps its refusal of NaN and Inf at one synchronisation per stream and update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import HEAD_DIM, KV_HEADS, build_model
+from conftest import random_tokens as _tokens
+from torch.overrides import TorchFunctionMode
+from transformers import PreTrainedModel
+
+import quantcache.ops.stream_space as stream_space
+from quantcache import KVQuantConfig, KVQuantizer, QuantizedCalibratingCache
+from quantcache.cache.model_facts import CACHE_KEYWORD
+from quantcache.calibration.calibrate import calibrate
+from quantcache.ops.rounding import ROUNDING_ROUNDS, feedback_matrix, round_with_feedback
+from quantcache.scheme.presets import PRESETS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PREFILL = 30  # past int4's 24-token residual window, so decode steps also push tokens out of it
+DECODE_STEPS = 3
+
+
+class HostSync(AssertionError):
+    """A call that makes the host wait for the device."""
+
+
+# Calls whose answer lives on the host: each waits until the device has computed its input.
+_SYNCHRONISING: dict[Any, str] = {
+    torch.Tensor.item: "Tensor.item",
+    torch.Tensor.__bool__: "bool(tensor)",
+    torch.Tensor.__int__: "int(tensor)",
+    torch.Tensor.__float__: "float(tensor)",
+    torch.Tensor.__complex__: "complex(tensor)",
+    torch.Tensor.__index__: "a tensor used as an index or length",
+    torch.Tensor.tolist: "Tensor.tolist",
+    torch.Tensor.nonzero: "Tensor.nonzero",
+    torch.nonzero: "torch.nonzero",
+    torch.Tensor.argwhere: "Tensor.argwhere",
+    torch.argwhere: "torch.argwhere",
+    torch.equal: "torch.equal",
+    torch.Tensor.equal: "Tensor.equal",
+    torch.allclose: "torch.allclose",
+    torch.Tensor.allclose: "Tensor.allclose",
+    torch.masked_select: "torch.masked_select",
+    torch.Tensor.masked_select: "Tensor.masked_select",
+    torch.unique: "torch.unique",
+    torch.Tensor.unique: "Tensor.unique",
+}
+# Copies to the host, which wait for the device too (an empty tensor has nothing to wait for).
+_TO_HOST: dict[Any, str] = {torch.Tensor.cpu: "Tensor.cpu", torch.Tensor.numpy: "Tensor.numpy"}
+# Their output's size depends on the data (a boolean mask's count, repeats given as a tensor).
+_INDEXING = (torch.Tensor.__getitem__, torch.Tensor.__setitem__)
+_REPEATS = (torch.repeat_interleave, torch.Tensor.repeat_interleave)
+
+
+def _masks_in(index: Any) -> bool:
+    """Whether an indexing argument holds a boolean (or byte) mask tensor."""
+    if isinstance(index, tuple):
+        return any(_masks_in(part) for part in index)
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+
+
+def _synchronising(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """What ``func(*args, **kwargs)`` is, when it makes the host wait for the device; else None."""
+    if func in _SYNCHRONISING:
+        return _SYNCHRONISING[func]
+    if func in _TO_HOST and args and isinstance(args[0], torch.Tensor) and args[0].numel():
+        return _TO_HOST[func]
+    if func in _INDEXING and len(args) > 1 and _masks_in(args[1]):
+        return "a boolean-mask index"
+    if func in _REPEATS and not kwargs.get("output_size"):
+        repeats = kwargs.get("repeats", args[1] if len(args) > 1 else None)
+        if isinstance(repeats, torch.Tensor) and repeats.numel() > 1:
+            return "repeat_interleave with tensor repeats"
+    return None
+
+
+class HostSyncTrap(TorchFunctionMode):
+    """Raises :class:`HostSync` on every synchronising call (``record=True``: lists them in :attr:`calls`)."""
+
+    def __init__(self, *, record: bool = False) -> None:
+        super().__init__()
+        self.record = record
+        self.calls: list[str] = []
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        what = _synchronising(func, args, kwargs)
+        if what is not None:
+            if not self.record:
+                raise HostSync(f"{what}: the host waits for the device here")
+            self.calls.append(what)
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- the trap sees every kind of call
+_VECTOR = torch.tensor([1.5, -2.0, 0.0])
+_SCALAR = torch.tensor(3.0)
+_MASK = torch.tensor([True, False, True])
+POSITIVE_CONTROLS: dict[str, Callable[[], Any]] = {
+    "item": lambda: _SCALAR.item(),
+    "bool": lambda: bool(_VECTOR.any()),
+    "if-tensor": lambda: 1 if _SCALAR > 0 else 0,
+    "torch.all-consumed": lambda: 1 if torch.all(torch.isfinite(_VECTOR)) else 0,
+    "int": lambda: int(_SCALAR),
+    "float": lambda: float(_SCALAR),
+    "math.isfinite": lambda: math.isfinite(_SCALAR),
+    "complex": lambda: complex(_SCALAR),
+    "index": lambda: [1, 2, 3, 4][torch.tensor(1)],
+    "range": lambda: range(torch.tensor(2)),
+    "tolist": lambda: _VECTOR.tolist(),
+    "Tensor.nonzero": lambda: _VECTOR.nonzero(),
+    "torch.nonzero": lambda: torch.nonzero(_VECTOR),
+    "argwhere": lambda: torch.argwhere(_VECTOR),
+    "torch.equal": lambda: torch.equal(_VECTOR, _VECTOR),
+    "Tensor.equal": lambda: _VECTOR.equal(_VECTOR),
+    "allclose": lambda: torch.allclose(_VECTOR, _VECTOR),
+    "masked_select": lambda: torch.masked_select(_VECTOR, _MASK),
+    "unique": lambda: torch.unique(_VECTOR),
+    "cpu": lambda: _VECTOR.cpu(),
+    "numpy": lambda: _VECTOR.numpy(),
+    "mask-index": lambda: _VECTOR[_MASK],
+    "mask-index-in-tuple": lambda: _VECTOR[None][:, _MASK],
+    "mask-assignment": lambda: _VECTOR.clone().__setitem__(_MASK, 0.0),
+    "repeat_interleave": lambda: torch.repeat_interleave(_VECTOR, torch.tensor([1, 2, 0])),
+}
+
+
+@pytest.mark.parametrize("call", list(POSITIVE_CONTROLS.values()), ids=list(POSITIVE_CONTROLS))
+def test_the_trap_catches_each_synchronising_call(call: Callable[[], Any]) -> None:
+    with pytest.raises(HostSync), HostSyncTrap():
+        call()
+
+
+def test_the_trap_lets_device_side_work_through() -> None:
+    """What the frozen path is made of instead: masks applied always, reductions kept as tensors."""
+    with HostSyncTrap():
+        finite = torch.isfinite(_VECTOR)
+        kept = torch.where(finite, _VECTOR, 0.0).masked_fill(~_MASK, float("nan"))
+        _ = (kept[..., :2], kept.shape[0], _VECTOR.all(dim=-1), torch.empty(0).cpu(), _VECTOR[torch.tensor([0, 2])])
+        _ = _VECTOR.repeat_interleave(2)
+
+
+# ---------------------------------------------------------------------------- frozen caches, every preset
+ARCHS = ("llama", "gemma3")  # full attention; and sliding-window layers beside full ones
+STORAGES = ("fake", "packed")
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> dict[str, PreTrainedModel]:
+    return {arch: build_model(arch) for arch in ARCHS}
+
+
+class _Quantizers(dict[tuple[str, str], KVQuantizer]):
+    """``[arch, preset]``: the preset calibrated on the tiny model, made when first asked for."""
+
+    def __init__(self, models: dict[str, PreTrainedModel]) -> None:
+        super().__init__()
+        self.models = models
+
+    def __missing__(self, key: tuple[str, str]) -> KVQuantizer:
+        arch, preset = key
+        config = KVQuantConfig.preset(preset)
+        made = self[key] = calibrate(self.models[arch], _tokens(2, 24, seed=7), quant_config=config, progress=False)
+        return made
+
+
+@pytest.fixture(scope="module")
+def quantizers(tiny_models: dict[str, PreTrainedModel]) -> dict[tuple[str, str], KVQuantizer]:
+    return _Quantizers(tiny_models)
+
+
+def _prefilled(model: PreTrainedModel, quantizer: KVQuantizer, storage: str) -> QuantizedCalibratingCache:
+    """A new frozen cache of ``storage`` after a prefill (outside any trap: per-device tables are made then)."""
+    cache = quantizer.new_cache(storage=storage)
+    with torch.no_grad():
+        model(_tokens(1, PREFILL, seed=3), **{CACHE_KEYWORD: cache})
+    return cache
+
+
+def _decode_states(layers: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (1, KV_HEADS, 1, HEAD_DIM)
+    return [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)) for _ in range(layers)]
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_frozen_decode_update_never_synchronises(
+    tiny_models: dict[str, PreTrainedModel],
+    quantizers: dict[tuple[str, str], KVQuantizer],
+    arch: str,
+    preset: str,
+    storage: str,
+) -> None:
+    cache = _prefilled(tiny_models[arch], quantizers[arch, preset], storage)
+    layers = len(cache.layers)
+    with torch.no_grad(), HostSyncTrap():
+        for step in range(DECODE_STEPS):
+            for layer, (keys, values) in enumerate(_decode_states(layers, seed=step)):
+                cache.update(keys, values, layer)
+    assert cache.get_seq_length(0) == PREFILL + DECODE_STEPS
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_non_finite_states_stay_non_finite_without_a_synchronisation(
+    tiny_models: dict[str, PreTrainedModel],
+    quantizers: dict[tuple[str, str], KVQuantizer],
+    preset: str,
+    storage: str,
+) -> None:
+    """NaN and Inf in kv head 0 of a decode token: they come back non-finite, head 1 finite, and the
+    masks that keep them so are applied without asking the device whether there are any."""
+    cache = _prefilled(tiny_models["llama"], quantizers["llama", preset], storage)
+    states = _decode_states(len(cache.layers), seed=11)
+    for keys, values in states:
+        keys[0, 0, 0, 3], values[0, 0, 0, 5], values[0, 0, 0, 9] = math.nan, math.inf, -math.inf
+    with torch.no_grad(), HostSyncTrap():
+        returned = [cache.update(keys, values, layer) for layer, (keys, values) in enumerate(states)]
+    for new_keys, new_values in returned:
+        assert torch.isnan(new_keys[0, 0, -1, 3]) and not torch.isfinite(new_values[0, 0, -1, [5, 9]]).any()
+        assert torch.isfinite(new_keys[0, 1, -1]).all() and torch.isfinite(new_values[0, 1, -1]).all()
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_whole_decode_forward_never_synchronises(
+    tiny_models: dict[str, PreTrainedModel],
+    quantizers: dict[tuple[str, str], KVQuantizer],
+    arch: str,
+    preset: str,
+    storage: str,
+) -> None:
+    """The model's own decode step (masks, RoPE, attention) around the cache's: nothing waits either."""
+    model = tiny_models[arch]
+    cache = _prefilled(model, quantizers[arch, preset], storage)
+    tokens = _tokens(DECODE_STEPS, 1, seed=5)
+    with torch.no_grad(), HostSyncTrap():
+        logits = [model(token[None], **{CACHE_KEYWORD: cache}).logits for token in tokens]
+    assert cache.get_seq_length(0) == PREFILL + DECODE_STEPS
+    assert all(torch.isfinite(step).all() for step in logits)
+
+
+# ---------------------------------------------------------------------------- calibrating
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_calibrating_reads_finiteness_once_per_stream_and_update(llama: PreTrainedModel, preset: str) -> None:
+    """Calibration refuses NaN and Inf statistics, naming the layer, which needs the answer on the host:
+    one synchronisation per stream for all its statistics, not one per statistic."""
+    cache = KVQuantizer(llama, KVQuantConfig.preset(preset)).new_cache()
+    states = _decode_states(len(cache.layers), seed=2)
+    with torch.no_grad():
+        for layer, (keys, values) in enumerate(states):  # past the sink token, which is never observed
+            cache.update(keys, values, layer)
+        trap = HostSyncTrap(record=True)
+        with trap:
+            for layer, (keys, values) in enumerate(states):
+                cache.update(keys, values, layer)
+    assert trap.calls == ["bool(tensor)"] * 2 * len(cache.layers)
+
+
+# ---------------------------------------------------------------------------- query-aware rounding's rounds
+def _counting_round_trip(calls: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def round_trip(states: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return torch.clamp(torch.round(states), -8, 7)
+
+    return round_trip
+
+
+@pytest.mark.parametrize("coupling", [0.0, 4.0], ids=["already-nearest", "strongly-coupled"])
+def test_query_aware_rounding_runs_a_fixed_number_of_rounds(coupling: float) -> None:
+    """:data:`ROUNDING_ROUNDS` round trips (the nearest rounding and one per round but the last, whose
+    result the caller quantizes), whether the keys need none or many, and no test for convergence."""
+    generator = torch.Generator().manual_seed(6)
+    factor = torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, generator=generator, dtype=torch.float64)
+    diagonal = torch.rand(KV_HEADS, HEAD_DIM, generator=generator, dtype=torch.float64) + 0.1
+    feedback = feedback_matrix(torch.diag_embed(diagonal) + coupling * factor @ factor.mT / HEAD_DIM)
+    states = torch.randn(1, KV_HEADS, 64, HEAD_DIM, generator=generator) * 3
+    for rounds in (1, 2, ROUNDING_ROUNDS):
+        calls: list[int] = []
+        with HostSyncTrap():
+            round_with_feedback(states, _counting_round_trip(calls), feedback, rounds)
+        assert len(calls) == rounds
+    calls = []
+    round_with_feedback(states, _counting_round_trip(calls), feedback)
+    assert len(calls) == ROUNDING_ROUNDS
+    with pytest.raises(ValueError, match="at least one round"):
+        round_with_feedback(states, _counting_round_trip(calls), feedback, 0)
+
+
+def test_the_cache_rounds_keys_with_the_measured_number_of_rounds(
+    tiny_models: dict[str, PreTrainedModel], quantizers: dict[tuple[str, str], KVQuantizer]
+) -> None:
+    """A frozen int4 cache's keys take :data:`ROUNDING_ROUNDS` rounds: the stream's own round trip is
+    called that many times per update, and reaches the fixed point on the tiny model's keys."""
+    cache = _prefilled(tiny_models["llama"], quantizers["llama", "int4"], "fake")
+    seen: list[torch.Tensor] = []
+
+    def recording(space: torch.Tensor, round_trip: Any, feedback: torch.Tensor, *rest: Any) -> torch.Tensor:
+        calls: list[int] = []
+
+        def counted(states: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            return round_trip(states)
+
+        moved = round_with_feedback(space, counted, feedback, *rest)
+        assert len(calls) == ROUNDING_ROUNDS
+        converged = round_with_feedback(space, round_trip, feedback, HEAD_DIM)
+        seen.append((round_trip(moved) == round_trip(converged)).all(-1))
+        return moved
+
+    keys, values = _decode_states(1, seed=9)[0]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stream_space, "round_with_feedback", recording)
+        with torch.no_grad():
+            cache.update(keys, values, 0)
+    assert len(seen) == 1 and bool(seen[0].all())

@@ -28,7 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 from quantcache import CacheMode, CalibrationError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
 from quantcache.cache.model_facts import CACHE_KEYWORD, attention_module_names
 from quantcache.cache.storage_layers import QuantizingLayerMixin
-from quantcache.state.file import read_state_file, write_state_file
+from quantcache.state.file import read_state_file
 
 # the shapes of conftest.py's tiny models
 VOCAB = 128

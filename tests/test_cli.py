@@ -167,7 +167,7 @@ def test_calibrate_writes_state_and_summaries_that_reload(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from quantcache.analysis.report import layer_summaries
+    from quantcache.analysis.state_report import layer_summaries
     from quantcache.cli import calibrate as calibrate_command
 
     clock = _Clock()
@@ -1047,7 +1047,7 @@ def test_an_interrupted_calibrate_leaves_the_previous_set_untouched(
     def interrupted(summary: Any) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("quantcache.analysis.report.calibration_markdown", interrupted)
+    monkeypatch.setattr("quantcache.analysis.state_report.calibration_markdown", interrupted)
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "--asymmetric", "--force", "-o", str(out)]) == cli.EXIT_INTERRUPTED
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert read_state_file(out / "kv_scales.safetensors").config.key.symmetric is True

@@ -80,10 +80,16 @@ def test_new_cache_refuses_a_config_beside_a_quantizer(seed_quantizer: KVQuantiz
 
 
 @pytest.mark.parametrize(("preset", "storage"), [("seed", "packed"), ("int4", "packed"), ("int4", "fake")])
-def test_caches_of_one_quantizer_decode_in_threads_as_in_sequence(
-    llama: PreTrainedModel, seed_quantizer: KVQuantizer, int4_quantizer: KVQuantizer, preset: str, storage: str
+def test_caches_of_one_loaded_quantizer_decode_in_threads_as_in_sequence(
+    llama: PreTrainedModel,
+    seed_quantizer: KVQuantizer,
+    int4_quantizer: KVQuantizer,
+    preset: str,
+    storage: str,
+    tmp_path: Path,
 ) -> None:
-    quantizer = seed_quantizer if preset == "seed" else int4_quantizer
+    calibrated = seed_quantizer if preset == "seed" else int4_quantizer
+    quantizer = KVQuantizer.load(calibrated.save(tmp_path / "kv.safetensors"), llama)
     sequential = [_generate(llama, quantizer.new_cache(storage=storage), prompt) for prompt in PROMPTS]
     start = threading.Barrier(len(PROMPTS))
 

@@ -22,7 +22,7 @@ from hypothesis.extra import numpy as hnp
 from transformers import PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.analysis.report import config_text
+from quantcache.analysis.state_report import config_text
 from quantcache.ops.bits import stream_bits
 from quantcache.ops.granularity import Granularity
 from quantcache.ops.quantize import dynamic_qparams, fake_quantize

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, GPT2Config, LlamaConfig, PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
-from quantcache.analysis.report import config_text
+from quantcache.analysis.state_report import config_text
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.calibration.queries import observe_queries

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.analysis.report import config_text
+from quantcache.analysis.state_report import config_text
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.calibration.queries import layer_queries, observe_queries

@@ -4,7 +4,7 @@
 turn and feeds every rounding error forward through the calibrated queries' second
 moment (RoPE-averaged). It must: be refused where it cannot work, with a message that
 says what to set; compute exactly the sequential rounding it stands for (a fixed point
-reached in at most head_dim + 1 rounds), and nearest rounding when queries weigh
+that head_dim - 1 rounds reach for any key), and nearest rounding when queries weigh
 coordinates apart; average RoPE as the cache turns keys; cut the logit error it is
 built for; keep fake and packed storage bit-exact; round-trip through state files and
 refuse altered ones; count its stored bits and its memory.
@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import CalibrationError, ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.analysis.report import config_text
+from quantcache.analysis.state_report import config_text
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.cache.storage_layers import layer_memory
 from quantcache.cache.stream import StreamQuantizer
@@ -111,7 +111,7 @@ def test_the_fixed_point_is_the_sequential_rounding(seed: int, levels: int, dim:
     weight = _weight(generator, 2, dim, coupling)
     states = torch.randn(1, 2, 7, dim, generator=generator) * levels
     round_trip = _round_trip(levels)
-    moved = round_with_feedback(states, round_trip, feedback_matrix(weight))
+    moved = round_with_feedback(states, round_trip, feedback_matrix(weight), max(dim - 1, 1))
     codes = round_trip(moved)
     assert torch.equal(codes, _sequential(states, weight, round_trip))
     feedback = feedback_matrix(weight)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantcache import KVQuantConfig
-from quantcache.analysis.report import (
+from quantcache.analysis.state_report import (
     RANGE_HEADER,
     calibration_markdown,
     config_text,

@@ -20,7 +20,7 @@ from conftest import random_tokens as _tokens
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache
-from quantcache.analysis.report import config_text
+from quantcache.analysis.state_report import config_text
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import QuantStateError

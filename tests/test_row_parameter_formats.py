@@ -15,7 +15,7 @@ from conftest import random_tokens
 from transformers import PreTrainedModel
 
 from quantcache import KVQuantConfig, QuantizedCalibratingCache
-from quantcache.analysis.report import config_text
+from quantcache.analysis.state_report import config_text
 from quantcache.cache.model_facts import CACHE_KEYWORD
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

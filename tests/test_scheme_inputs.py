@@ -29,7 +29,8 @@ from quantcache.ops.quantize import compute_qparams
 from quantcache.scheme.args import OBSERVER_OPTIONS, QuantMethod
 from quantcache.scheme.documents import MAX_DEPTH, load_json, load_yaml
 from quantcache.scheme.patterns import MAX_EXPANSION, brace_alternatives, expand_braces
-from quantcache.state.file import StateFile, _checksum, read_state_file, write_state_file
+from quantcache.state.file import StateFile, read_state_file, write_state_file
+from quantcache.state.schema import checksum as _checksum
 
 NAMES = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
 KV_HEADS, HEAD_DIM = 2, 16

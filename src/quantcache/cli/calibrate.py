@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 def calibrate_and_write(args: argparse.Namespace, distributed: bool) -> int:
     """The body of :func:`run`, inside the launcher's process group when there is one."""
     from quantcache import __version__
-    from quantcache.analysis.report import calibration_markdown, layer_summaries
+    from quantcache.analysis.state_report import calibration_markdown, layer_summaries
     from quantcache.calibration.calibrate import calibrate
     from quantcache.calibration.distributed import calibrate_distributed, is_main_process
 

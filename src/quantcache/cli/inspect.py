@@ -61,7 +61,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Validate the state, then print its description as text or JSON."""
-    from quantcache.analysis.report import config_text, index_ranges, layer_summaries, outlier_lines, range_table
+    from quantcache.analysis.state_report import config_text, index_ranges, layer_summaries, outlier_lines, range_table
     from quantcache.models.data import require_file
     from quantcache.state.file import FORMAT_NAME, check_state, open_state_file
 

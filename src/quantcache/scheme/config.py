@@ -30,7 +30,7 @@ from quantcache.scheme.args import (
     ZeroPointFormat,
     short_repr,
 )
-from quantcache.scheme.documents import load_yaml
+from quantcache.scheme.msmodelslim import PROCESSOR_TYPE, STORAGE_MOVED, item_fields, read_yaml_item
 from quantcache.scheme.patterns import expand_braces, match_module_names, matches_any
 
 __all__ = [
@@ -48,14 +48,6 @@ __all__ = [
 ]
 
 
-_PROCESSOR_TYPE = "dynamic_cache"
-# The processor item's own keys beside ``type`` and ``qconfig``: each is a KVQuantConfig field of that name.
-_ITEM_FIELDS = ("include", "exclude", "layers", "sink_tokens", "residual_window", "pre_rope_keys")
-_ITEM_KEYS = ("type", "qconfig", *_ITEM_FIELDS)
-_STORAGE_MOVED = (
-    "storage (fake or packed) is what one cache keeps, chosen per cache and not part of the scheme: "
-    "quantizer.new_cache(storage=...) or QuantizedCalibratingCache(model, config, storage=...)"
-)
 _STREAMS = ("key", "value")
 # A config is a short list of patterns; a document that expands past these is not a config
 # (an alias-chain "billion laughs" YAML, say) and is refused before anything quotes it.
@@ -63,11 +55,6 @@ _MAX_PATTERNS = 1024
 _MAX_PATTERN_LENGTH = 512
 _MAX_SINK_TOKENS = 1024  # a handful is what helps; more is a full-precision window, not sinks
 _MAX_RESIDUAL_WINDOW = 65536  # tokens; a window that long is an unquantized cache, not a window
-
-
-def _key_text(key: Any) -> str:
-    """A mapping key as an error message shows it: the string itself (cut), or a bounded repr."""
-    return key[:80] if isinstance(key, str) else short_repr(key)
 
 
 def _check_token_count(key: str, value: Any, maximum: int) -> None:
@@ -190,7 +177,7 @@ class KVQuantConfig:
         **flat: Any,
     ) -> None:
         if "storage" in flat:
-            raise TypeError(f"KVQuantConfig() takes no storage: {_STORAGE_MOVED}")
+            raise TypeError(f"KVQuantConfig() takes no storage: {STORAGE_MOVED}")
         unknown = [name for name in flat if name not in STREAM_KEYS]
         if unknown:
             raise TypeError(
@@ -374,7 +361,7 @@ class KVQuantConfig:
         if self.value != self.key:
             qconfig["value"] = self.value.to_dict(full=True)
         data: dict[str, Any] = {
-            "type": _PROCESSOR_TYPE,
+            "type": PROCESSOR_TYPE,
             "qconfig": qconfig,
             "include": list(self.include),
             "exclude": list(self.exclude),
@@ -395,62 +382,14 @@ class KVQuantConfig:
 
         A full document is recognised by its ``spec: {process: [...]}`` and must hold
         exactly one ``dynamic_cache`` item; other processors (``linear_quant`` ...) and
-        other top-level sections are left to the tools that own them.
+        other top-level sections are left to the tools that own them
+        (:mod:`quantcache.scheme.msmodelslim` reads the shape).
 
         ``stored``: ``data`` is a config quantcache saved (a state file's), and a ``storage``
         key that earlier versions wrote there as the default of the caches loading it is
         dropped. In a config a user wrote, ``storage`` is an error that says where it goes.
         """
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a mapping at the top of the config, got {type(data).__name__}")
-        if "spec" in data:
-            return cls._from_document(data, stored=stored)
-        if "storage" in data:
-            if not stored:
-                raise ConfigError(f"storage: {_STORAGE_MOVED}; remove storage from the config")
-            data = {key: item for key, item in data.items() if key != "storage"}
-        unknown = [key for key in data if key not in _ITEM_KEYS]
-        if unknown:
-            raise ConfigError(
-                f"unknown key '{_key_text(unknown[0])}' in processor item; allowed: {', '.join(_ITEM_KEYS)}"
-            )
-        kind = data.get("type", _PROCESSOR_TYPE)
-        if kind != _PROCESSOR_TYPE:
-            raise ConfigError(f"type: expected {_PROCESSOR_TYPE!r}, got {short_repr(kind)}")
-        qconfig = data.get("qconfig", {}) or {}
-        if not isinstance(qconfig, Mapping):
-            raise ConfigError(f"qconfig: expected a mapping, got {type(qconfig).__name__}")
-        allowed = (*STREAM_KEYS, *_STREAMS)
-        unknown = [key for key in qconfig if key not in allowed]
-        if unknown:
-            raise ConfigError(f"unknown key 'qconfig.{_key_text(unknown[0])}'; allowed: {', '.join(allowed)}")
-        kwargs: dict[str, Any] = {key: qconfig[key] for key in STREAM_KEYS if key in qconfig}
-        for stream in _STREAMS:
-            if stream in qconfig:
-                overrides = qconfig[stream]
-                if not isinstance(overrides, Mapping):
-                    raise ConfigError(f"qconfig.{stream}: expected a mapping, got {type(overrides).__name__}")
-                kwargs[stream] = overrides  # merged onto the flat keys by the constructor
-        for key in _ITEM_FIELDS:
-            if key in data and data[key] is not None:
-                kwargs[key] = data[key]
-        return cls(**kwargs)
-
-    @classmethod
-    def _from_document(cls, data: Mapping[str, Any], *, stored: bool = False) -> KVQuantConfig:
-        spec = data["spec"]
-        if not isinstance(spec, Mapping) or "process" not in spec:
-            raise ConfigError("spec: expected a mapping with a 'process' list")
-        process = spec["process"]
-        if not isinstance(process, list):
-            raise ConfigError(f"spec.process: expected a list of processor items, got {type(process).__name__}")
-        items = [item for item in process if isinstance(item, Mapping) and item.get("type") == _PROCESSOR_TYPE]
-        if not items:
-            kinds = short_repr([item.get("type") for item in process[:20] if isinstance(item, Mapping)])
-            raise ConfigError(f"spec.process has no 'dynamic_cache' item (found types: {kinds})")
-        if len(items) > 1:
-            raise ConfigError(f"spec.process has {len(items)} 'dynamic_cache' items; keep exactly one")
-        return cls.from_dict(items[0], stored=stored)
+        return cls(**item_fields(data, stored=stored))
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> KVQuantConfig:
@@ -458,34 +397,7 @@ class KVQuantConfig:
 
         Accepts a single processor item, a one-item list of them, or a full document.
         """
-        text: str
-        if isinstance(source, Path) or (
-            "\n" not in source and (source.endswith((".yaml", ".yml")) or Path(source).is_file())
-        ):
-            path = Path(source)
-            if not path.is_file():
-                what = "is a directory, not a config file" if path.is_dir() else "not found"
-                raise ConfigError(f"config file {what}: {path}")
-            try:
-                text = path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as error:
-                raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start})") from error
-            except OSError as error:
-                raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from error
-        else:
-            text = source
-        try:
-            data = load_yaml(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config is not valid YAML: {str(error)[:300]}") from error
-        if isinstance(data, list):
-            items = [item for item in data if isinstance(item, Mapping) and item.get("type") == _PROCESSOR_TYPE]
-            if len(items) != 1:
-                raise ConfigError(f"expected exactly one 'dynamic_cache' item in the list, found {len(items)}")
-            data = items[0]
-        if data is None:
-            raise ConfigError("config is empty")
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml_item(source))
 
     def to_yaml(self) -> str:
         """The config as a msModelSlim-compatible YAML processor item (a one-item list)."""

@@ -315,7 +315,9 @@ def test_state_round_trips_and_alterations_are_refused(llama: PreTrainedModel, t
     with pytest.raises(QuantStateError, match="channel_scale"):
         QuantizedCalibratingCache(llama, CONFIG).load_state_dict(missing)
     imported = {k: v for k, v in state.items() if k.endswith(("center", "channel_scale"))}
-    QuantizedCalibratingCache(llama, CONFIG).load_state_dict(imported)  # parameters alone load
+    with pytest.raises(QuantStateError, match="frozen parameters without the statistics they were calibrated from"):
+        QuantizedCalibratingCache(llama, CONFIG).load_state_dict(imported)  # what a save would refuse
+    QuantizedCalibratingCache(llama, CONFIG).load_state_dict(imported, origin="imported from test")  # another tool's
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "query_aware"])

@@ -326,7 +326,9 @@ def test_the_query_model_round_trips_and_alterations_are_refused(llama: PreTrain
     with pytest.raises(QuantStateError, match="query_factor"):
         QuantizedCalibratingCache(llama, CONFIG).load_state_dict(missing)
     imported = {k: v for k, v in state.items() if k.endswith(("center", "channel_scale", "query_diag", "query_factor"))}
-    QuantizedCalibratingCache(llama, CONFIG).load_state_dict(imported)  # parameters alone load
+    with pytest.raises(QuantStateError, match="frozen parameters without the statistics they were calibrated from"):
+        QuantizedCalibratingCache(llama, CONFIG).load_state_dict(imported)  # what a save would refuse
+    QuantizedCalibratingCache(llama, CONFIG).load_state_dict(imported, origin="imported from test")  # another tool's
 
 
 @pytest.mark.parametrize("group_size", [None, 8, 6])

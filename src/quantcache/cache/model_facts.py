@@ -86,9 +86,11 @@ def attention_module_names(model: nn.Module, num_layers: int) -> list[str]:
 _BOOKKEEPING_KEYS = frozenset(
     {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions"}
     | {"output_hidden_states", "return_dict", "_attn_implementation", "_attn_implementation_autoset"}
+    | {"quantization_config"}
 )
 """Config entries that say where a config came from or how it is run, not what the model is: a config
-saved with ``save_pretrained`` and read back, or the same model loaded in bf16, keeps its digest."""
+saved with ``save_pretrained`` and read back, the same model loaded in bf16, or its checkpoint exported
+for an engine (which adds a ``quantization_config``) keeps its digest."""
 
 
 def config_digest(config: PretrainedConfig, *, every_entry: bool = False) -> str | None:

@@ -21,7 +21,7 @@ import torch
 from conftest import random_tokens
 from transformers import PreTrainedModel
 
-from quantcache import KVQuantConfig, KVQuantizer, QuantizedCalibratingCache, calibrate
+from quantcache import CalibrationError, KVQuantConfig, KVQuantizer, QuantizedCalibratingCache, calibrate
 from quantcache.cache.cache import QuantizationEvent
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.cache.stream import StreamQuantizer
@@ -237,3 +237,32 @@ def test_attention_masks_stay_with_their_cache(llama: PreTrainedModel) -> None:
     _calibrating_pass(llama, alone.new_cache(), ids)
     expected, got = alone.freeze().state_dict(), shared.freeze().state_dict()
     assert all(torch.equal(got[name], expected[name]) for name in expected)
+
+
+def test_observe_queries_refuses_a_frozen_quantizer_and_a_bad_layer(
+    llama: PreTrainedModel, seed_quantizer: KVQuantizer
+) -> None:
+    queries = torch.zeros(1, 4, 3, 16)
+    with pytest.raises(CalibrationError, match="the quantizer is frozen"):
+        seed_quantizer.observe_queries(0, queries)
+    calibrating = KVQuantizer(llama, KVQuantConfig.preset("int4"))
+    assert calibrating.query_layers == [0, 1] and calibrating.observes_queries
+    for index in (-1, 2, True, "0"):
+        with pytest.raises(ValueError, match="layer_idx must be a layer index from 0 to 1"):
+            calibrating.observe_queries(index, queries)  # type: ignore[arg-type]
+    assert KVQuantizer(llama, KVQuantConfig()).query_layers == []
+
+
+def test_what_a_quantizer_says_of_its_layers(llama: PreTrainedModel, int4_quantizer: KVQuantizer) -> None:
+    assert int4_quantizer.needs_calibration
+    assert not KVQuantizer(llama, KVQuantConfig(dynamic=True, scope="per_token")).needs_calibration
+    assert int4_quantizer.stream_args(1, "key") == int4_quantizer.quant_config.key
+    assert int4_quantizer.statistic_fields(0, "value") == ("center_sum", "center_count")
+    assert int4_quantizer.restricted_to([0]).statistic_fields(1, "value") == ()
+    cache = int4_quantizer.new_cache()
+    assert cache.effective_bits(64) == int4_quantizer.effective_bits(64)
+    assert cache.held_tokens(64) == int4_quantizer.held_tokens(64) == [64, 64]
+    copy = int4_quantizer.copy()
+    copy.reset_statistics()
+    assert int4_quantizer.is_frozen and "layers.0.key.center" in int4_quantizer.state_dict()
+    assert not copy.is_frozen and copy.state_dict() == {}

@@ -430,9 +430,10 @@ class StreamQuantizer:
 
         This runs over the whole history at every decode step, so it makes one float32
         tensor in one pass (stored code minus ``offset + zero_point``: exact, both are
-        whole numbers) and scales it in place; flagged rows become NaN through a mask
-        applied every time (asking first whether any flag is set would make the host wait
-        for the device at every step).
+        whole numbers) and scales it in a second. A static scheme's flagged rows become NaN
+        in that second pass, which adds NaN to them and ``-0.0`` to the others, every time:
+        asking first whether any flag is set would make the host wait for the device at
+        every step, and a masked fill would cost a pass of its own.
         """
         if self.expected_shape is None:
             raise CalibrationError(f"{self.label}: packed storage needs the model's (kv_heads, head_dim)")
@@ -464,7 +465,8 @@ class StreamQuantizer:
             fixed = self._fixed_on(rows.device)
             if stored is not None:
                 view = torch.sub(stored, fixed.subtrahend)
-            view.mul_(fixed.prepared.scale)
-            flags = rows[..., -1]
-            view.masked_fill_(flags.bool().view(*flags.shape, *([1] * (view.dim() - flags.dim()))), float("nan"))
+            flagged = rows[..., -1].bool()
+            # NaN for a flagged row, -0.0 (which leaves every value, a signed zero too, as it is) for the others
+            poison = torch.where(flagged, torch.nan, -0.0).view(*flagged.shape, *([1] * (view.dim() - flagged.dim())))
+            view = torch.addcmul(poison, view, fixed.prepared.scale)
         return self.space.inverse(self.granularity.ungrouped(view, head_dim), dtype)

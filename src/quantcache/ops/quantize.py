@@ -388,10 +388,19 @@ def stored_scale(scale: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor
     return log8_decode(log8_encode(scale))
 
 
-@functools.cache
+_LOG8_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
 def _log8_table(device: torch.device) -> torch.Tensor:
-    """The code -> scale table on ``device``, copied there once (decoding runs at every step)."""
-    return _LOG8_TABLE.to(device)
+    """The code -> scale table on ``device``, copied there once (decoding runs at every step).
+
+    Kept in a plain dict rather than behind ``functools.cache``, whose wrapper ``torch.compile``
+    cannot see into (it traces through it, with a warning).
+    """
+    table = _LOG8_TABLES.get(device)
+    if table is None:
+        table = _LOG8_TABLES[device] = _LOG8_TABLE.to(device)
+    return table
 
 
 def log8_encode(scale: torch.Tensor) -> torch.Tensor:

@@ -174,18 +174,22 @@ class RopeTable:
     ) -> torch.Tensor:
         """``keys`` turned by the angles whose ``cos``/``sin`` broadcast against their rotary halves.
 
-        Eager, the halves are written in place into one new tensor; autograd cannot follow
-        that form, and ``torch.compile`` breaks its graph at an ``out=`` into a view, so both
-        get the same turn written as a concatenation.
+        The halves are written in place into one new tensor. Autograd cannot follow that
+        form; ``torch.compile`` would break its graph at each ``out=`` into a view, so a
+        compiled graph concatenates the same products instead.
         """
         half = self.inv_freq.numel()
         sign = -1.0 if undo else 1.0
         states = keys.to(torch.float32)
         first, second = states[..., :half], states[..., half : 2 * half]
-        if torch.compiler.is_compiling() or (states.requires_grad and torch.is_grad_enabled()):
+        if states.requires_grad and torch.is_grad_enabled():  # autograd cannot follow the in-place form
             sin = sin * sign
             turned = torch.cat([first * cos - second * sin, second * cos + first * sin, states[..., 2 * half :]], -1)
             return turned.to(dtype)
+        if torch.compiler.is_compiling():
+            turned_first = torch.addcmul(first * cos, second, sin, value=-sign)
+            turned_second = torch.addcmul(second * cos, first, sin, value=sign)
+            return torch.cat([turned_first, turned_second, states[..., 2 * half :]], -1).to(dtype)
         turned = torch.empty_like(states)
         turned_first, turned_second = turned[..., :half], turned[..., half : 2 * half]
         torch.mul(first, cos, out=turned_first).addcmul_(second, sin, value=-sign)

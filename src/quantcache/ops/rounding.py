@@ -54,8 +54,16 @@ ROUNDING_HORIZON = 1024
 """Context length whose causal query-key distances weigh the RoPE average."""
 ROUNDING_DAMPING = 0.01
 """Added to ``H``'s diagonal, as a share of its mean: the feedback stays bounded where queries hardly look."""
-ROUNDING_ROUNDS = 8
-"""PLACEHOLDER"""
+ROUNDING_ROUNDS = 20
+"""Rounds of :func:`round_with_feedback` in the cache: the fewest that give the fixed point's codes on at least
+99.99 % of real keys under each preset that rounds query-aware. Measured on SmolLM2-135M's keys (int4, int3
+and int2 presets calibrated on the built-in corpus's calibration split, 8 x 512 tokens; 6 x 1024 tokens of its
+evaluation split, prefill 256 then chunks of 32; about 552,000 keys each), counting for every key the rounds
+after which its codes stop changing: 99.994 % (int4), 99.998 % (int3) and 99.993 % (int2) need at most 20 (19:
+99.985 %, 99.992 %, 99.984 %; 16: 99.84 %, 99.88 %, 99.83 %; the most any key needed: 24, 23, 26; the median:
+6). A key that needs more keeps the sequential rounding's codes for its first 21 coordinates, in falling order
+of weight, and the last round's for the rest. Mean KL divergence on that text, rounding to convergence -> 20
+rounds: 0.007551 -> 0.007548 (int4), 0.04870 -> 0.04831 (int3), 0.1678 -> 0.1682 (int2)."""
 
 
 def query_model(moment: torch.Tensor, rank: int = QUERY_MODEL_RANK) -> QueryModel:

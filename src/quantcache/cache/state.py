@@ -221,53 +221,37 @@ class QuantizerStateMixin:
     def _check_as_a_file(self, state: Mapping[str, torch.Tensor], *, has_params: bool, origin: str) -> None:
         """Apply the rules a state file is held to (:func:`~quantcache.state.file.check_state`), so that a
         state loaded from memory is one this quantizer could also save and load back."""
+        check_state(self._state_file(dict(state), "frozen" if has_params else "calibrate", origin), "state")
+
+    def _state_file(self, tensors: dict[str, torch.Tensor], mode: str, origin: str) -> StateFile:
+        """``tensors`` described as this quantizer's state: its config, model facts and layer selection."""
         from quantcache import __version__
 
-        check_state(
-            StateFile(
-                tensors=dict(state),
-                config=self.quant_config,
-                mode="frozen" if has_params else "calibrate",
-                num_layers=len(self.quantizers),
-                kv_heads=self.kv_heads,
-                head_dim=self.head_dim,
-                layer_names=self.layer_names,
-                model_type=self.model_type,
-                quantcache_version=__version__,
-                origin=origin,
-                quantized_layers=self.quantized_layers,
-            ),
-            "state",
+        return StateFile(
+            tensors=tensors,
+            config=self.quant_config,
+            mode=mode,
+            num_layers=len(self.quantizers),
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            layer_names=self.layer_names,
+            model_type=self.model_type,
+            quantcache_version=__version__,
+            model_name=self.model_name,
+            model_config_sha256=self.model_config_sha256,
+            model_kv_config=self.model_kv_config,
+            origin=origin,
+            quantized_layers=self.quantized_layers,
         )
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the state to a safetensors file with JSON metadata (config, model shape, layer names)."""
-        from quantcache import __version__
-
         enabled = [quantizer for quantizer in self.quantizers if quantizer.enabled]
         nothing_to_calibrate = not any(stream.calibrates for quantizer in enabled for _, stream in quantizer.streams)
         if not self.state_dict() and not (nothing_to_calibrate and self.is_frozen):
             raise CalibrationError("nothing to save: the cache has observed no calibration data yet")
-        return write_state_file(
-            path,
-            StateFile(
-                tensors=self.state_dict(),
-                config=self.quant_config,
-                mode=self.mode.value,
-                num_layers=len(self.quantizers),
-                kv_heads=self.kv_heads,
-                head_dim=self.head_dim,
-                layer_names=self.layer_names,
-                model_type=self.model_type,
-                quantcache_version=__version__,
-                model_name=self.model_name,
-                model_config_sha256=self.model_config_sha256,
-                model_kv_config=self.model_kv_config,
-                origin=self.origin,
-                quantized_layers=self.quantized_layers,
-            ),
-        )
+        return write_state_file(path, self._state_file(self.state_dict(), self.mode.value, self.origin))
 
     def restore(
         self, path: str | os.PathLike[str], strict: bool = True, *, allow_other_model: bool = False

@@ -143,11 +143,13 @@ def test_centred_statistics_from_threads_match_up_to_summation_order(llama: PreT
     sequential = calibrate(llama, [row.unsqueeze(0) for row in rows], quant_config=config, progress=False)
     threaded = KVQuantizer(llama, config)
 
+    forward = threading.Lock()  # transformers 4.x collects hidden states through hooks shared by every caller
+
     def feed(row: torch.Tensor) -> None:
         cache = threaded.new_cache()
-        with torch.no_grad():
+        with forward, torch.no_grad():
             out = llama(row.unsqueeze(0), **{CACHE_KEYWORD: cache}, use_cache=True, output_hidden_states=True)
-        observe_queries(cache, llama, out.hidden_states)
+        observe_queries(cache, llama, out.hidden_states)  # merges while other threads run the model
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         list(pool.map(feed, rows))

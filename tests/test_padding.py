@@ -262,5 +262,6 @@ def test_padded_rows_calibrate_pre_rope_presets_at_the_positions_the_model_gave_
     padded = calibrate(model, [_padded(rows, 9, side)], quant_config=config, progress=False)
     expected, got = alone.state_dict(), padded.state_dict()
     assert got.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=2e-5, atol=2e-5, msg=name)
+    for name in expected:  # batched matmuls of other shapes round differently: tolerances scale with the tensor
+        scale = max(1.0, float(expected[name].abs().max()))
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-5, atol=2e-5 * scale, msg=name)

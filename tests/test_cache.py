@@ -305,9 +305,10 @@ def test_frozen_outputs_change_slightly(tiny_model: PreTrainedModel) -> None:
     ids = _ids(30, length=13)
     quantized = _teacher_forced(tiny_model, ids, frozen, 3)
     reference = _teacher_forced(tiny_model, ids, DynamicCache(config=tiny_model.config), 3)
-    # measured (seeded): largest |difference| / largest |reference logit|, and 1 - cosine similarity
+    # measured (seeded): largest |difference| / largest |reference logit|, and 1 - cosine similarity; Gemma 3's
+    # sliding-window attention computes otherwise in transformers 4.x
     ratio, distance = {
-        "gemma3_text": (0.046042, 8.5419e-4),
+        "gemma3_text": (0.046042, 8.5419e-4) if CACHE_KEYWORD == "cache" else (0.083787, 1.7756e-3),
         "llama": (0.032384, 3.0142e-4),
         "qwen2": (0.030619, 4.9305e-4),
         "qwen3": (0.045575, 4.8602e-4),

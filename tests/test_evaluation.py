@@ -111,7 +111,8 @@ def test_nothing_quantized_gives_identical_runs(
         ("llama", 30, 1, 5.9956e-4),
         ("llama", 100, 32, 5.9977e-4),
         ("qwen2", PREFILL, CHUNK, -3.7113e-4),
-        ("gemma3", 5, 4, 7.6440e-4),
+        # Gemma 3's sliding-window attention computes otherwise in transformers 4.x
+        ("gemma3", 5, 4, 7.6440e-4 if CACHE_KEYWORD == "cache" else 2.7248e-3),
     ],
 )
 def test_chunked_reference_equals_one_shot_perplexity(

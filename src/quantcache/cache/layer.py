@@ -82,40 +82,25 @@ class LayerQuantizer:
     def frozen(self) -> bool:
         return self.key.frozen and self.value.frozen
 
-    def observe(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        *,
-        token_mask: torch.Tensor | None = None,
-        skipped: int = 0,
-    ) -> None:
-        """Fold new states into the statistics, leaving out positions ``token_mask`` marks as padding.
+    def observe(self, key_states: torch.Tensor, value_states: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Fold new states into the statistics, leaving out the ``(batch, new_tokens)`` positions ``mask`` clears.
 
-        ``token_mask``: the conversation's ``(batch, seq)`` attention mask (see
-        :meth:`~quantcache.cache.cache.QuantizedCalibratingCache.set_attention_mask`); ``skipped``: new
-        tokens left out just before these (sink tokens), which the mask still covers.
+        Both streams are measured (and validated) before either changes: a failed update leaves no half-update.
         """
-        mask = self._mask_for(key_states, token_mask, skipped)
-        # Validate both streams before changing either: a failed update leaves no half-update.
         key_stats, value_stats = self.key.measure(key_states, mask), self.value.measure(value_states, mask)
         with self._merging:
             self.key.merge(key_stats)
             self.value.merge(value_stats)
 
-    def _mask_for(
-        self, states: torch.Tensor, token_mask: torch.Tensor | None, skipped: int = 0
-    ) -> torch.Tensor | None:
-        """The columns of ``token_mask`` for the newest ``seq`` positions of ``states`` after ``skipped``."""
-        if token_mask is None:
-            return None
-        new = states.shape[2] + skipped
+    def _mask_for(self, states: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """The columns of the conversation's ``(batch, seq)`` ``token_mask`` for the newest positions of ``states``."""
+        new = states.shape[2]
         if token_mask.shape[0] != states.shape[0] or token_mask.shape[1] < new:
             raise CalibrationError(
                 f"layer {self.index} ({self.name}): the attention mask set with set_attention_mask has shape "
                 f"{tuple(token_mask.shape)}, which does not cover states of shape {tuple(states.shape)}"
             )
-        return token_mask[:, -new:][:, skipped:]
+        return token_mask[:, -new:]
 
     @property
     def observes_queries(self) -> bool:
@@ -129,7 +114,8 @@ class LayerQuantizer:
         :attr:`observes_queries` ignores them.
         """
         if self.observes_queries:
-            measured = self.key.measure_queries(query_states, self._mask_for(query_states, token_mask))
+            mask = None if token_mask is None else self._mask_for(query_states, token_mask)
+            measured = self.key.measure_queries(query_states, mask)
             with self._merging:
                 self.key.merge(measured)
 
@@ -195,7 +181,7 @@ class LayerQuantizer:
         rest_keys = self.keys_before_rope(key_states[:, :, sinks:], start + sinks)
         rest_values = value_states[:, :, sinks:]
         if not self.frozen:
-            self.observe(rest_keys, rest_values, token_mask=token_mask, skipped=sinks)
+            self.observe(rest_keys, rest_values)
             return key_states, value_states
         keys, values = self.fake_quantize(rest_keys, rest_values, hook)
         keys = self.keys_after_rope(keys, start + sinks, key_states.dtype)
@@ -214,8 +200,6 @@ class LayerQuantizer:
         and a row's sink tokens are its own first ones, left out of the statistics like its padding.
         """
         mask = self._mask_for(key_states, token_mask)
-        if mask is None:  # only without a token mask, which the caller rules out
-            return
         positions = (token_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -key_states.shape[2] :]
         if keeps_sinks and self.sink_tokens:
             mask = mask & (positions >= self.sink_tokens)
@@ -225,10 +209,7 @@ class LayerQuantizer:
         keys = key_states
         if self.key_rope is not None:
             keys = self.key_rope.rotate_at(key_states, positions.to(key_states.device), undo=True, dtype=torch.float32)
-        measured = self.key.measure(keys, mask), self.value.measure(value_states, mask)
-        with self._merging:
-            self.key.merge(measured[0])
-            self.value.merge(measured[1])
+        self.observe(keys, value_states, mask)
 
     def reset(self) -> None:
         self.key.reset()

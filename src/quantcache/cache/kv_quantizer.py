@@ -235,13 +235,12 @@ class KVQuantizer(QuantizerStateMixin):
 
     def stream_args(self, layer_idx: int, stream: StreamName) -> QuantArgs:
         """The scheme of one stream (``"key"`` or ``"value"``) of layer ``layer_idx``, layer overrides applied."""
-        layer = self.quantizers[layer_idx]
-        return layer.key.args if stream == "key" else layer.value.args
+        return self.quantizers[layer_idx].stream(stream).args
 
     def statistic_fields(self, layer_idx: int, stream: StreamName) -> tuple[str, ...]:
         """The ``state_dict`` fields calibration collects for one stream; empty when it calibrates nothing."""
         layer = self.quantizers[layer_idx]
-        quantizer = layer.key if stream == "key" else layer.value
+        quantizer = layer.stream(stream)
         return tuple(quantizer.observer.fields) if layer.enabled and quantizer.calibrates else ()
 
     @property

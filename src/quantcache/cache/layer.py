@@ -74,6 +74,10 @@ class LayerQuantizer:
     def streams(self) -> tuple[tuple[StreamName, StreamQuantizer], ...]:
         return (("key", self.key), ("value", self.value))
 
+    def stream(self, name: str) -> StreamQuantizer:
+        """The ``"key"`` or ``"value"`` stream."""
+        return self.key if name == "key" else self.value
+
     @property
     def observed(self) -> bool:
         return self.key.observed and self.value.observed

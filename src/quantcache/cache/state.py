@@ -72,6 +72,10 @@ class QuantizerStateMixin:
     def quantized_layers(self) -> list[int]:
         raise NotImplementedError
 
+    @property
+    def needs_calibration(self) -> bool:
+        raise NotImplementedError
+
     def freeze(self) -> Any:
         raise NotImplementedError
 
@@ -122,7 +126,7 @@ class QuantizerStateMixin:
                 unexpected.append(name)
                 continue
             index, stream_name, field = parsed
-            stream = self.quantizers[index].key if stream_name == "key" else self.quantizers[index].value
+            stream = self.quantizers[index].stream(stream_name)
             if not stream.calibrates or field not in (*stream.observer.fields, *parameter_fields(stream.args)):
                 unexpected.append(name)  # an uncentred dynamic stream saves nothing
                 continue
@@ -247,11 +251,10 @@ class QuantizerStateMixin:
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the state to a safetensors file with JSON metadata (config, model shape, layer names)."""
-        enabled = [quantizer for quantizer in self.quantizers if quantizer.enabled]
-        nothing_to_calibrate = not any(stream.calibrates for quantizer in enabled for _, stream in quantizer.streams)
-        if not self.state_dict() and not (nothing_to_calibrate and self.is_frozen):
+        tensors = self.state_dict()
+        if not tensors and (self.needs_calibration or not self.is_frozen):
             raise CalibrationError("nothing to save: the cache has observed no calibration data yet")
-        return write_state_file(path, self._state_file(self.state_dict(), self.mode.value, self.origin))
+        return write_state_file(path, self._state_file(tensors, self.mode.value, self.origin))
 
     def restore(
         self, path: str | os.PathLike[str], strict: bool = True, *, allow_other_model: bool = False

@@ -409,7 +409,7 @@ def layer_memory(layer: Any) -> dict[str, int]:
         if stored is None or not stored.numel():
             continue
         if stored.dtype == torch.uint8 and quantizer is not None:
-            stream = quantizer.key if stream_name == "key" else quantizer.value
+            stream = quantizer.stream(stream_name)
             head_dim = stream.expected_shape[1] if stream.expected_shape else 0
             code_bytes = stream.code_bytes(head_dim)
             rows = stored.numel() // stored.shape[-1]

@@ -85,6 +85,14 @@ def rope_frequencies(config: Any, layer_type: str | None = None) -> torch.Tensor
     return inv_freq.to(torch.float32)
 
 
+def _added_angles(
+    cos_a: torch.Tensor, sin_a: torch.Tensor, cos_b: torch.Tensor, sin_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of ``a + b`` from those of ``a`` and ``b`` (broadcast): the one formula every position's
+    angle comes from, so that the same position gets the same bits whichever way it is asked for."""
+    return cos_a * cos_b - sin_a * sin_b, sin_a * cos_b + cos_a * sin_b
+
+
 class RopeTable:
     """Cosines and sines of ``position * inv_freq`` for any range of positions, without a per-position table.
 
@@ -125,9 +133,8 @@ class RopeTable:
         """``(cos, sin)`` of positions ``start..end-1``, each ``(end - start, rotary/2)``, float32."""
         first, last = start // self.BLOCK, -(-end // self.BLOCK)
         block_cos, block_sin, offset_cos, offset_sin = self._tables(last, device)
-        block_cos, block_sin = block_cos[first:last, None], block_sin[first:last, None]
-        cos = (block_cos * offset_cos - block_sin * offset_sin).reshape(-1, self.inv_freq.numel())
-        sin = (block_sin * offset_cos + block_cos * offset_sin).reshape(-1, self.inv_freq.numel())
+        cos, sin = _added_angles(block_cos[first:last, None], block_sin[first:last, None], offset_cos, offset_sin)
+        cos, sin = cos.reshape(-1, self.inv_freq.numel()), sin.reshape(-1, self.inv_freq.numel())
         skip = start - first * self.BLOCK
         return cos[skip : skip + end - start], sin[skip : skip + end - start]
 
@@ -141,8 +148,7 @@ class RopeTable:
         last = int(positions.max()) // self.BLOCK + 1 if positions.numel() else 1
         block_cos, block_sin, offset_cos, offset_sin = self._tables(last, positions.device)
         block, offset = positions // self.BLOCK, positions % self.BLOCK
-        cos = block_cos[block] * offset_cos[offset] - block_sin[block] * offset_sin[offset]
-        sin = block_sin[block] * offset_cos[offset] + block_cos[block] * offset_sin[offset]
+        cos, sin = _added_angles(block_cos[block], block_sin[block], offset_cos[offset], offset_sin[offset])
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def rotate_at(

@@ -31,4 +31,5 @@ COMMANDS: dict[str, Command] = {
     ),
     "export": Command("export", "write the scales as a checkpoint vLLM, vLLM-Ascend or TensorRT-LLM loads"),
     "import": Command("import_state", "read a serving checkpoint's KV scales into a state evaluate can measure"),
+    "bench": Command("bench", "measure decode and prefill speed, KV bytes and peak memory against DynamicCache"),
 }

@@ -1,0 +1,386 @@
+"""``quantcache bench`` and :mod:`quantcache.analysis.speed` on the tiny random Llama (no downloads).
+
+No figure here is a timing assertion: the tests check what the benchmark reports and how
+the numbers relate (medians of the runs it lists, ratios to the DynamicCache of the same
+run, KV bytes equal to what a cache filled the same way really holds), the interleaved
+order, and the command's table, JSON and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import HEAD_DIM, KV_HEADS, VOCAB
+from test_cli import char_tokenizer
+from transformers import PreTrainedModel
+
+from quantcache import cli
+from quantcache.analysis.speed import (
+    TABLE_COLUMNS,
+    Contender,
+    SpeedResult,
+    bench_speed,
+    calibrate_presets,
+    compiled_twins,
+    decode_step_seconds,
+    default_contenders,
+    fill,
+    format_speed_table,
+    kv_bytes,
+    prefill_states,
+)
+from quantcache.cache.kv_quantizer import KVQuantizer
+from quantcache.cli import _steps
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONTEXT, STEPS, REPEATS = 40, 2, 2
+SMALL = ["--contexts", str(CONTEXT), "--steps", str(STEPS), "--repeats", str(REPEATS), "--samples", "2"]
+SMALL += ["--seq-len", "32", "--device", "cpu"]
+ROW_KEYS = {
+    "context",
+    "batch",
+    "cache",
+    "kind",
+    "decode_ms",
+    "decode_tokens_per_s",
+    "prefill_tokens_per_s",
+    "kv_bytes",
+    "kv_parts",
+    "peak_bytes",
+    "decode_ms_vs_dynamic",
+    "prefill_tokens_per_s_vs_dynamic",
+    "kv_bytes_vs_dynamic",
+    "decode_seconds_runs",
+    "prefill_seconds_runs",
+    "error",
+}
+
+
+@pytest.fixture(scope="module")
+def quantizers(llama: PreTrainedModel) -> dict[str, KVQuantizer]:
+    """``seed`` (static INT8 per channel) and ``int4`` (dynamic, sinks, residual window), calibrated on 2 x 32 ids."""
+    windows = torch.randint(3, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    return calibrate_presets(llama, windows, ["seed", "int4"])
+
+
+@pytest.fixture(scope="module")
+def result(llama: PreTrainedModel, quantizers: dict[str, KVQuantizer]) -> SpeedResult:
+    torch.set_num_threads(1)
+    contenders = default_contenders(llama, quantizers, "packed")
+    return bench_speed(llama, contenders, contexts=[CONTEXT], batches=[1, 2], steps=STEPS, repeats=REPEATS)
+
+
+def held_after_bench(model: PreTrainedModel, cache: Any, batch: int) -> Any:
+    """``cache`` filled and decoded as the benchmark does (one untimed step, then the timed ones)."""
+    fill(cache, prefill_states(model, CONTEXT), batch)
+    decode_step_seconds(model, cache, batch, 1)
+    decode_step_seconds(model, cache, batch, STEPS)
+    return cache
+
+
+def dense_bytes(model: PreTrainedModel, tokens: int, batch: int) -> int:
+    """Keys and values of every layer, float32, for ``tokens`` x ``batch``."""
+    return 2 * model.config.num_hidden_layers * batch * KV_HEADS * tokens * HEAD_DIM * 4
+
+
+# ---------------------------------------------------------------------------- the measuring function
+def test_rows_are_medians_of_their_runs_with_ratios_to_dynamic_of_the_same_run(result: SpeedResult) -> None:
+    names = ["DynamicCache", "StaticCache", "seed packed", "int4 packed"]
+    assert [(row.context, row.batch, row.cache) for row in result.rows] == [
+        (CONTEXT, batch, name) for batch in (1, 2) for name in names
+    ]
+    assert (result.steps, result.repeats) == (STEPS, REPEATS)
+    for batch in (1, 2):
+        rows = {row.cache: row for row in result.rows if row.batch == batch}
+        base = rows["DynamicCache"]
+        for row in rows.values():
+            assert row.error is None
+            assert len(row.decode_seconds_runs) == len(row.prefill_seconds_runs) == REPEATS
+            decode = statistics.median(row.decode_seconds_runs)
+            assert row.decode_ms == decode * 1e3 and row.decode_tokens_per_s == batch / decode
+            assert row.prefill_tokens_per_s == batch * CONTEXT / statistics.median(row.prefill_seconds_runs)
+            assert row.decode_ms_vs_dynamic == pytest.approx(row.decode_ms / base.decode_ms, rel=1e-12)
+            ratio = row.prefill_tokens_per_s / base.prefill_tokens_per_s
+            assert row.prefill_tokens_per_s_vs_dynamic == pytest.approx(ratio, rel=1e-12)
+            assert row.kv_bytes_vs_dynamic == pytest.approx(row.kv_bytes / base.kv_bytes, rel=1e-12)
+        assert base.decode_ms_vs_dynamic == base.prefill_tokens_per_s_vs_dynamic == base.kv_bytes_vs_dynamic == 1.0
+        # int4 keeps its newest 24 tokens and the first in full precision: at 43 tokens only seed is smaller
+        assert rows["seed packed"].kv_bytes < base.kv_bytes
+
+
+def test_kv_bytes_are_what_each_cache_really_holds(
+    llama: PreTrainedModel, quantizers: dict[str, KVQuantizer], result: SpeedResult
+) -> None:
+    from transformers import DynamicCache, StaticCache
+
+    tokens = CONTEXT + 1 + STEPS  # the fill, the untimed step, the timed steps
+    for batch in (1, 2):
+        rows = {row.cache: row for row in result.rows if row.batch == batch}
+        dynamic = held_after_bench(llama, DynamicCache(config=llama.config), batch)
+        held = sum(t.numel() * t.element_size() for layer in dynamic.layers for t in (layer.keys, layer.values))
+        assert rows["DynamicCache"].kv_bytes == held == dense_bytes(llama, tokens, batch)
+        static = held_after_bench(llama, StaticCache(config=llama.config, max_cache_len=tokens), batch)
+        assert rows["StaticCache"].kv_bytes == kv_bytes(static)[0] == dense_bytes(llama, tokens, batch)
+        for name, quantizer in quantizers.items():
+            cache = held_after_bench(llama, quantizer.new_cache(storage="packed"), batch)
+            report = cache.memory_report()
+            row = rows[f"{name} packed"]
+            assert row.kv_bytes == sum(layer["total"] for layer in report)
+            assert row.kv_parts is not None and sum(row.kv_parts.values()) == row.kv_bytes
+            assert row.kv_parts["codes"] == sum(layer["codes"] for layer in report) > 0
+            assert rows["DynamicCache"].kv_parts is None
+
+
+def test_result_is_strict_json_and_the_table_has_every_row(result: SpeedResult) -> None:
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert set(data) == {"rows", "steps", "repeats", "peak_kind", "settings"}
+    assert data["peak_kind"] in ("rss_high_water", None)  # CPU: the resident high-water mark where Linux has it
+    for row in data["rows"]:
+        assert set(row) == ROW_KEYS
+        assert isinstance(row["kv_bytes"], int) and isinstance(row["decode_ms"], float)
+        assert isinstance(row["prefill_tokens_per_s"], float) and row["error"] is None
+        assert (row["peak_bytes"] is None) == (data["peak_kind"] is None)
+        if row["peak_bytes"] is not None:
+            assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] >= row["kv_bytes"]
+    lines = format_speed_table(result).splitlines()
+    assert lines[0].split() == " ".join(TABLE_COLUMNS).split()
+    assert len(lines) == 1 + len(result.rows) + 1 and lines[-1].startswith(f"medians of {REPEATS}")
+
+
+def test_every_repetition_runs_every_contender_in_a_rotated_order(llama: PreTrainedModel) -> None:
+    base = default_contenders(llama, {}, "packed")
+    calls: list[tuple[str, int]] = []
+
+    def recording(contender: Contender) -> Contender:
+        def make(max_tokens: int) -> Any:
+            calls.append((contender.name, max_tokens))
+            return contender.make(max_tokens)
+
+        return Contender(contender.name, contender.kind, make)
+
+    bench_speed(llama, [recording(c) for c in base], contexts=[8], batches=[1], steps=1, repeats=3)
+    decode_order = [name for name, max_tokens in calls if max_tokens == 8 + 1 + 1]  # not warm-up, not prefill
+    assert decode_order == ["DynamicCache", "StaticCache", "StaticCache", "DynamicCache", "DynamicCache", "StaticCache"]
+    prefill_order = [name for name, max_tokens in calls if max_tokens == 8]
+    assert prefill_order == decode_order
+
+
+@pytest.mark.slow  # tracing the tiny model for three caches: about half a minute
+def test_compiled_twins_run_through_one_compiled_model_and_hold_what_eager_holds(
+    llama: PreTrainedModel, quantizers: dict[str, KVQuantizer]
+) -> None:
+    """``--compile``: each cache measured twice, eagerly and through ``torch.compile`` of the model (the eager
+    backend here, to keep the test fast); the compiled runs hold the same bytes, and the model is traced."""
+    contenders = compiled_twins(default_contenders(llama, {"seed": quantizers["seed"]}, "packed"))
+    assert [(c.name, c.compiled) for c in contenders] == [
+        ("DynamicCache", False),
+        ("StaticCache", False),
+        ("seed packed", False),
+        ("DynamicCache compiled", True),
+        ("StaticCache compiled", True),
+        ("seed packed compiled", True),
+    ]
+    torch.compiler.reset()
+    try:
+        result = bench_speed(llama, contenders, contexts=[24], batches=[1], steps=1, repeats=1, compile_backend="eager")
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch.compiler.reset()
+    rows = {row.cache: row for row in result.rows}
+    assert frames >= 1  # the compiled contenders went through Dynamo
+    for name in ("DynamicCache", "StaticCache", "seed packed"):
+        assert rows[f"{name} compiled"].kv_bytes == rows[name].kv_bytes
+        assert rows[f"{name} compiled"].error is None
+
+
+def test_a_contender_out_of_memory_is_reported_not_fatal(llama: PreTrainedModel) -> None:
+    def exhausted(max_tokens: int) -> Any:
+        if max_tokens > 16 + 2:  # the warm-up passes; the real sizes do not
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        from transformers import DynamicCache
+
+        return DynamicCache(config=llama.config)
+
+    contenders = [*default_contenders(llama, {}, "packed", static=False), Contender("huge", "static", exhausted)]
+    result = bench_speed(llama, contenders, contexts=[24], batches=[1], steps=1, repeats=2)
+    dynamic, huge = result.rows
+    assert dynamic.error is None and dynamic.decode_ms is not None
+    assert huge.error is not None and huge.error.startswith("out of memory")
+    assert huge.decode_ms is huge.kv_bytes is huge.decode_ms_vs_dynamic is None and huge.decode_seconds_runs == []
+    assert "failed" in format_speed_table(result).splitlines()[2]
+
+
+def test_other_errors_propagate(llama: PreTrainedModel) -> None:
+    def broken(max_tokens: int) -> Any:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        bench_speed(llama, [Contender("broken", "quantized", broken)], contexts=[4], batches=[1])
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"contexts": [1]}, "at least 2 tokens"),
+        ({"batches": [0]}, "at least 1 row"),
+        ({"contexts": []}, "at least one context"),
+        ({"steps": 0}, "at least 1"),
+    ],
+)
+def test_impossible_sizes_are_refused(llama: PreTrainedModel, sizes: dict[str, Any], message: str) -> None:
+    arguments: dict[str, Any] = {"contexts": [8], "batches": [1], **sizes}
+    with pytest.raises(ValueError, match=message):
+        bench_speed(llama, default_contenders(llama, {}, "packed"), **arguments)
+
+
+# ---------------------------------------------------------------------------- the command
+@pytest.fixture
+def use_model(monkeypatch: pytest.MonkeyPatch, llama: PreTrainedModel) -> list[argparse.Namespace]:
+    """The command loads the tiny Llama and a character tokenizer; returns the args it was loaded with."""
+    calls: list[argparse.Namespace] = []
+    tokenizer = char_tokenizer()
+
+    def load(args: argparse.Namespace) -> tuple[Any, Any]:
+        calls.append(args)
+        return llama, tokenizer
+
+    monkeypatch.setattr(_steps, "load_model_and_tokenizer", load)
+    return calls
+
+
+def run_bench(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(["bench", *arguments])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bench_prints_the_table_and_writes_json(
+    tmp_path: Path, use_model: list[argparse.Namespace], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    arguments = [*SMALL, "--presets", "seed", "int4", "--batches", "1", "2", "--json", str(out), "-q"]
+    code, stdout, stderr = run_bench(arguments, capsys)
+    assert code == 0, stderr
+    assert stderr == ""  # -q: no progress, no notes
+    lines = stdout.splitlines()
+    assert lines[0].split() == " ".join(TABLE_COLUMNS).split()
+    names = ["DynamicCache", "StaticCache", "seed packed", "int4 packed"]
+    assert [line.split()[:2] for line in lines[1:9]] == [[str(CONTEXT), str(b)] for b in (1, 2) for _ in names]
+    data = json.loads(out.read_text())
+    assert [row["cache"] for row in data["rows"]] == names * 2 and set(data["rows"][0]) == ROW_KEYS
+    settings = data["settings"]
+    assert settings["presets"] == ["seed", "int4"] and settings["storage"] == "packed"
+    assert settings["device"] == "cpu" and settings["dtype"] == "float32" and settings["batches"] == [1, 2]
+    assert settings["calibration"] == {"source": "built-in corpus, calibration split", "samples": 2, "seq_len": 32}
+    for row in data["rows"]:
+        base = next(r for r in data["rows"] if r["kind"] == "dynamic" and r["batch"] == row["batch"])
+        assert row["decode_ms_vs_dynamic"] == pytest.approx(row["decode_ms"] / base["decode_ms"], rel=1e-12)
+        assert row["kv_bytes_vs_dynamic"] == pytest.approx(row["kv_bytes"] / base["kv_bytes"], rel=1e-12)
+    assert use_model[0].device == "cpu"
+    # the same output again is refused without --force (exit 3), replaced with it
+    code, _, stderr = run_bench(arguments, capsys)
+    assert code == cli.EXIT_INPUT and "--force" in stderr and len(use_model) == 1
+    assert run_bench([*arguments, "--force"], capsys)[0] == 0
+
+
+def test_json_to_stdout_sends_the_table_and_progress_to_stderr(
+    use_model: list[argparse.Namespace], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, stdout, stderr = run_bench(
+        [*SMALL, "--presets", "seed", "--no-static", "--storage", "fake", "--json", "-"], capsys
+    )
+    assert code == 0, stderr
+    data = json.loads(stdout)  # nothing else on stdout
+    assert [row["cache"] for row in data["rows"]] == ["DynamicCache", "seed fake"]
+    assert data["rows"][1]["kv_parts"]["codes"] == 0  # fake storage keeps dequantized states
+    assert "calibrating seed" in stderr and "bench: 100%" in stderr
+    assert "decode ms/token" in stderr
+
+
+def test_scales_benches_a_saved_state(
+    tmp_path: Path,
+    use_model: list[argparse.Namespace],
+    llama: PreTrainedModel,
+    quantizers: dict[str, KVQuantizer],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = quantizers["int4"].save(tmp_path / "kv_scales.safetensors")
+    code, stdout, stderr = run_bench([*SMALL, "--scales", str(tmp_path), "--no-static", "--json", "-", "-q"], capsys)
+    assert code == 0, stderr
+    data = json.loads(stdout)
+    assert [row["cache"] for row in data["rows"]] == ["DynamicCache", f"{tmp_path} packed"]
+    assert data["settings"]["scales"] == str(path) and "presets" not in data["settings"]
+    cache = held_after_bench(llama, quantizers["int4"].new_cache(storage="packed"), 1)
+    assert data["rows"][1]["kv_bytes"] == sum(layer["total"] for layer in cache.memory_report())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--contexts", "1"], "--contexts 1: a context needs at least 2 tokens"),
+        (["--batches", "0"], "--batches 0: a batch needs at least 1 row"),
+        (["--presets", "seed", "int5"], "--presets int5: unknown preset; choose from seed"),
+        (["--scales", "missing-dir"], "missing-dir"),
+    ],
+)
+def test_bad_input_exits_3_before_the_model_loads(
+    arguments: list[str], message: str, use_model: list[argparse.Namespace], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, stderr = run_bench(arguments, capsys)
+    assert code == cli.EXIT_INPUT == 3
+    assert stderr.startswith("quantcache: error: ") and message in stderr and "Traceback" not in stderr
+    assert not use_model
+
+
+def test_a_context_beyond_the_models_positions_exits_3(
+    use_model: list[argparse.Namespace], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, stderr = run_bench(["--contexts", "300", "--presets", "seed", "--samples", "1", "--seq-len", "16"], capsys)
+    assert code == cli.EXIT_INPUT and "256 positions" in stderr and "--contexts 300" in stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_absent_device_exits_3(use_model: list[argparse.Namespace], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, stderr = run_bench(["--device", "cuda"], capsys)
+    assert code == cli.EXIT_INPUT and "CUDA is not available" in stderr and "--device cpu" in stderr
+    assert not use_model
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--presets", "seed", "--scales", "x"], "not allowed with"),
+        (["--storage", "bits"], "--storage"),
+        (["--steps", "0"], "--steps"),
+        (["--contexts", "many"], "--contexts"),
+    ],
+)
+def test_usage_errors_exit_2(
+    arguments: list[str], message: str, use_model: list[argparse.Namespace], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, stderr = run_bench(arguments, capsys)
+    assert code == cli.EXIT_USAGE and message in stderr and not use_model
+
+
+def test_help_has_examples_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "Examples" in text and "quantcache bench --contexts 2048 8192 --batches 1 8" in text
+    assert "exit codes" in text and "bench" in cli.COMMANDS
+
+
+def test_bench_takes_the_options_every_command_shares() -> None:
+    parser = cli.build_parser(["bench"])
+    bench: argparse.ArgumentParser = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    ).choices["bench"]
+    options = {option for action in bench._actions for option in action.option_strings}
+    wanted = {"--presets", "--scales", "--storage", "--contexts", "--batches", "--steps", "--repeats", "--json"}
+    assert wanted | {"--force", "--device", "--dtype", "--model", "-q"} <= options

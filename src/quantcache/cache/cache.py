@@ -30,12 +30,14 @@ from transformers import DynamicCache, PretrainedConfig
 
 from quantcache.cache.kv_quantizer import CacheMode, KVQuantizer
 from quantcache.cache.layer import LayerQuantizer
-from quantcache.cache.storage_layers import QuantizingLayerMixin, layer_memory, quantizing_layer
+from quantcache.cache.storage_layers import EngineLayerMixin, QuantizingLayerMixin, layer_memory, quantizing_layer
 from quantcache.cache.stream import StreamName, StreamQuantizer
-from quantcache.errors import CalibrationError, QuantStateError
+from quantcache.errors import CalibrationError, ConfigError, QuantStateError
+from quantcache.ops.engine_numerics import EngineNumerics, EngineStream, FrozenStream, engine_numerics
 from quantcache.ops.quantize import QuantParams
 from quantcache.scheme.args import Storage, enum_value
 from quantcache.scheme.config import KVQuantConfig
+from quantcache.scheme.settings import Engine
 
 __all__ = ["CacheMode", "CalibrationError", "QuantStateError", "QuantizationEvent", "QuantizedCalibratingCache"]
 
@@ -78,6 +80,13 @@ class QuantizedCalibratingCache(DynamicCache):
         warn_unmatched: warn when an include/exclude pattern matches no attention module.
         storage: ``"fake"`` (the default: dequantized states in the model dtype, for measuring) or
             ``"packed"`` (codes that take a fraction of the memory). Both return the same keys and values.
+        engine: ``None`` (the default: quantcache's own numerics), or ``"ascend"``, ``"vllm"``,
+            ``"modelopt"`` (a :class:`~quantcache.scheme.settings.Engine`, or an
+            :class:`~quantcache.ops.engine_numerics.EngineNumerics`): keep what that serving engine
+            would decode from its cache, computed with its arithmetic from the frozen state as its
+            export writes it (:mod:`quantcache.ops.engine_numerics`). Needs a frozen quantizer with a
+            scheme engines load (``KVQuantConfig.export_problems``) and fake storage; the state is
+            read when the cache is made.
         **dynamic_cache_kwargs: passed on to ``DynamicCache`` (e.g. ``offloading``).
     """
 
@@ -88,6 +97,7 @@ class QuantizedCalibratingCache(DynamicCache):
         *,
         warn_unmatched: bool = True,
         storage: Storage | str | None = None,
+        engine: Engine | str | EngineNumerics | None = None,
         **dynamic_cache_kwargs: Any,
     ) -> None:
         if isinstance(source, KVQuantizer):
@@ -102,11 +112,25 @@ class QuantizedCalibratingCache(DynamicCache):
         self._dynamic_cache_kwargs = dynamic_cache_kwargs
         self._token_mask: torch.Tensor | None = None
         self._on_quantize: Callable[[QuantizationEvent], None] | None = None
+        self._calibrated_tokens = 0  # tokens per row this cache took while calibrating (its window's length)
         packed = self.storage is Storage.PACKED
+        self.engine: EngineNumerics | None = None
+        """The serving engine whose numerics this cache keeps (``None``: quantcache's own)."""
+        streams: dict[int, tuple[EngineStream, EngineStream]] = {}
+        if engine is not None:
+            if packed:
+                raise ConfigError(
+                    "storage='packed' keeps quantcache's own codes; engine numerics keep what the engine decodes, "
+                    "in the model dtype: leave storage at 'fake' with engine="
+                )
+            self.engine, streams = _engine_streams(quantizer, engine)
         self.layers = [
-            quantizing_layer(template, layer_quantizer, packed=packed)
+            quantizing_layer(template, layer_quantizer, packed=packed, engine=self.engine is not None)
             for template, layer_quantizer in zip(quantizer.layer_templates, quantizer.quantizers, strict=True)
         ]
+        for index, layer in enumerate(self.layers):
+            if isinstance(layer, EngineLayerMixin) and index in streams:
+                layer.numerics, layer.engine_streams = self.engine, streams[index]
         self.layer_class_to_replicate = None  # every layer exists up front, one per quantizer
 
     # ------------------------------------------------------------------ the hot path
@@ -127,7 +151,17 @@ class QuantizedCalibratingCache(DynamicCache):
                 f"layer_idx {layer_idx} is outside this cache's {len(self.layers)} layers; "
                 "was the cache built for another model?"
             )
+        if layer_idx == 0 and self.quantizer.mode is CacheMode.CALIBRATE:
+            self._count_window(int(key_states.shape[0]), int(key_states.shape[-2]))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _count_window(self, rows: int, new_tokens: int) -> None:
+        """Tell the quantizer how long this cache's calibration windows are now (its first layer's update)."""
+        if new_tokens < 1:
+            return
+        began = self._calibrated_tokens == 0
+        self._calibrated_tokens += new_tokens
+        self.quantizer._count_calibration(self._calibrated_tokens, rows if began else 0)
 
     # ------------------------------------------------------------------ this conversation
     def set_attention_mask(self, attention_mask: torch.Tensor | None) -> QuantizedCalibratingCache:
@@ -190,7 +224,9 @@ class QuantizedCalibratingCache(DynamicCache):
         ``generate`` treats a non-empty cache as a prefix, so a used cache must not be passed
         again for new text. The copy shares the quantizer: its statistics keep accumulating.
         """
-        fresh = QuantizedCalibratingCache(self.quantizer, storage=self.storage, **self._dynamic_cache_kwargs)
+        fresh = QuantizedCalibratingCache(
+            self.quantizer, storage=self.storage, engine=self.engine, **self._dynamic_cache_kwargs
+        )
         if self._on_quantize is not None:
             fresh.on_quantize = self._on_quantize
         return fresh
@@ -224,6 +260,14 @@ class QuantizedCalibratingCache(DynamicCache):
         return entries
 
     # ------------------------------------------------------------------ the quantizer's, for the one-object path
+    @property
+    def numerics(self) -> str:
+        """Whose arithmetic this cache keeps: ``"quantcache"`` or its engine's label.
+
+        For example ``"vllm (FP8 e4m3 per tensor)"``; evaluation reports it as ``settings["numerics"]``.
+        """
+        return "quantcache" if self.engine is None else self.engine.label
+
     @property
     def quant_config(self) -> KVQuantConfig:
         return self.quantizer.quant_config
@@ -342,14 +386,61 @@ KVQuantizer.cache_class = QuantizedCalibratingCache
 
 def _stream_hook(
     hook: Callable[[QuantizationEvent], None], layer_idx: int, layer: LayerQuantizer
-) -> Callable[[StreamQuantizer, torch.Tensor, torch.Tensor, QuantParams], None]:
-    """The stream-level hook of one layer that tells ``hook`` what was quantized where."""
+) -> Callable[[StreamQuantizer, torch.Tensor, torch.Tensor, QuantParams | EngineStream], None]:
+    """The stream-level hook of one layer that tells ``hook`` what was quantized where.
 
-    def heard(stream: StreamQuantizer, states: torch.Tensor, quantized: torch.Tensor, params: QuantParams) -> None:
+    Clipping is the quantizer's own, or the engine's for a cache that keeps engine numerics.
+    """
+
+    def heard(
+        stream: StreamQuantizer, states: torch.Tensor, quantized: torch.Tensor, params: QuantParams | EngineStream
+    ) -> None:
         name: StreamName = "key" if stream is layer.key else "value"
-        hook(QuantizationEvent(layer_idx, name, states, quantized, stream.saturated(states, params)))
+        clipped = params.saturated(states) if isinstance(params, EngineStream) else stream.saturated(states, params)
+        hook(QuantizationEvent(layer_idx, name, states, quantized, clipped))
 
     return heard
+
+
+def _engine_streams(
+    quantizer: KVQuantizer, engine: Engine | str | EngineNumerics
+) -> tuple[EngineNumerics, dict[int, tuple[EngineStream, EngineStream]]]:
+    """``engine``'s numerics decided for ``quantizer``'s frozen state, and each quantized layer's (key, value) streams.
+
+    The streams are made from the same tensors the exporters write from (each stream's min/max and
+    scale/zero point), so an engine cache quantizes with exactly the scales its checkpoint holds.
+    """
+    numerics = engine_numerics(engine)
+    label = numerics.engine.value
+    if not quantizer.is_frozen:
+        raise CalibrationError(
+            f"engine={label!r} reproduces how a serving engine uses a frozen state: calibrate and freeze() the "
+            "quantizer (or load a frozen state) before making the cache"
+        )
+    problems = quantizer.quant_config.export_problems(quantizer.layer_names)
+    if problems:
+        raise ConfigError(
+            f"engine={label!r}: serving engines cannot load this state: {'; '.join(problems)}. Engines read static "
+            "per-channel INT8 ranges: calibrate with the c8 or seed scheme (quantcache calibrate --preset c8) or "
+            "import an engine checkpoint (quantcache import) to measure what an engine computes"
+        )
+    frozen: dict[int, tuple[FrozenStream, FrozenStream]] = {}
+    for layer in quantizer.quantizers:
+        if layer.enabled:
+            frozen[layer.index] = (_frozen_stream(layer.key), _frozen_stream(layer.value))
+    numerics = numerics.for_state([(part.min, part.max) for pair in frozen.values() for part in pair])
+    return numerics, {index: (numerics.stream(key), numerics.stream(value)) for index, (key, value) in frozen.items()}
+
+
+def _frozen_stream(stream: StreamQuantizer) -> FrozenStream:
+    """One frozen stream's range and INT8 parameters, as the exporters read them from a state."""
+    low, high = stream.statistics.get("min"), stream.statistics.get("max")
+    if stream.params is None or low is None or high is None:
+        raise QuantStateError(
+            f"{stream.label}: engine numerics need the frozen range (min, max) and parameters the exporters read; "
+            "this stream has none (was its state loaded without statistics?)"
+        )
+    return FrozenStream(low, high, stream.params.scale, stream.params.zero_point)
 
 
 def _stored_tokens(layer: Any) -> int:

@@ -7,7 +7,8 @@ update's new states to its :class:`~quantcache.cache.stream.LayerQuantizer` firs
 (observe while calibrating, quantize once frozen), then stores what comes back with
 its base class's own logic, so sliding windows, cropping, beam reordering and batch
 expansion stay exactly Transformers'. A storage that keeps codes instead of
-dequantized states is one more class here.
+dequantized states is one more class here, and so is one that keeps what a serving engine would
+decode (:class:`EngineLayerMixin`, the arithmetic in :mod:`quantcache.ops.engine_numerics`).
 
 Appending into room reserved ahead (instead of re-concatenating the history at every
 decode step) is :mod:`quantcache.cache.growing_storage`.
@@ -26,10 +27,14 @@ from quantcache.cache.growing_storage import MIN_ROOM_TOKENS, ROOM_FRACTION, Gro
 from quantcache.cache.layer import LayerQuantizer
 from quantcache.cache.stream import QuantizeHook, StreamQuantizer
 from quantcache.errors import CalibrationError
+from quantcache.ops.engine_numerics import EngineNumerics, EngineStream
 
 __all__ = [
     "MIN_ROOM_TOKENS",
     "ROOM_FRACTION",
+    "EngineDynamicLayer",
+    "EngineLayerMixin",
+    "EngineSlidingWindowLayer",
     "GrowingStorage",
     "PackedDynamicLayer",
     "PackedSlidingWindowLayer",
@@ -324,6 +329,46 @@ class PackingLayerMixin(QuantizingLayerMixin):
             self._sinks = _mapped(self._sinks, lambda sink: sink[:, :, :held])
 
 
+class EngineLayerMixin(QuantizingLayerMixin):
+    """Once frozen, stores what a serving engine would decode from its cache, in the model dtype.
+
+    The cache sets :attr:`numerics` (the engine, :class:`~quantcache.ops.engine_numerics.EngineNumerics`)
+    and :attr:`engine_streams` (its key and value streams for this layer, made from the frozen
+    state). Each update's new ``(batch, kv_heads, new_tokens, head_dim)`` states go through the
+    engine's quantize and decode rules instead of quantcache's, and the base layer stores the
+    result with its own logic (appending, sliding windows, cropping, reordering). An engine whose
+    first forward pass attends to unquantized states (vLLM-Ascend) gets them back from that first
+    update; the layer stores them quantized all the same, and later updates read the stored ones.
+    While calibrating, or for a layer without engine streams, it behaves like
+    :class:`QuantizingLayerMixin`. Engines quantize every token after RoPE, so the schemes
+    that keep sinks or a residual window, or quantize keys before RoPE, never reach this layer
+    (the cache refuses them).
+    """
+
+    numerics: EngineNumerics | None = None
+    engine_streams: tuple[EngineStream, EngineStream] | None = None  # (keys, values)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        quantizer, streams, numerics = self.quantizer, self.engine_streams, self.numerics
+        if quantizer is None or streams is None or numerics is None or not quantizer.enabled or not quantizer.frozen:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self._check_dtype(key_states, value_states)
+        first_pass = self._position() == 0
+        stored = []
+        incoming = (key_states, value_states)
+        for (_, stream), engine_stream, states in zip(quantizer.streams, streams, incoming, strict=True):
+            decoded = engine_stream.round_trip(states)
+            if self.on_quantize is not None:
+                self.on_quantize(stream, states, decoded, engine_stream)
+            stored.append(decoded)
+        keys, values = super(QuantizingLayerMixin, self).update(stored[0], stored[1], *args, **kwargs)  # type: ignore[misc]
+        if first_pass and numerics.prefill_reads_unquantized:
+            return key_states, value_states  # with nothing cached before, the base layer returned just these tokens
+        return keys, values
+
+
 class QuantizedDynamicLayer(QuantizingLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
     """A ``DynamicLayer`` whose new states are quantized (or observed) before they are stored."""
 
@@ -344,26 +389,43 @@ class PackedSlidingWindowLayer(PackingLayerMixin, DynamicSlidingWindowLayer):  #
     keeps_sinks = False
 
 
-def layer_class_for(template: Any, *, packed: bool = False) -> type[QuantizingLayerMixin] | None:
-    """The quantizing (``packed``: packing) layer class for a Transformers layer like ``template``.
+class EngineDynamicLayer(EngineLayerMixin, GrowingLayerMixin, DynamicLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicLayer`` that stores what a serving engine would decode once frozen."""
+
+
+class EngineSlidingWindowLayer(EngineLayerMixin, DynamicSlidingWindowLayer):  # type: ignore[no-untyped-call]
+    """A ``DynamicSlidingWindowLayer`` that stores what a serving engine would decode once frozen."""
+
+    keeps_sinks = False
+
+
+def layer_class_for(template: Any, *, packed: bool = False, engine: bool = False) -> type[QuantizingLayerMixin] | None:
+    """The quantizing (``packed``: packing; ``engine``: engine-numerics) layer class for a layer like ``template``.
 
     ``None`` for layer kinds with no quantizing counterpart (layers that share another
     layer's KV, linear-attention states ...): those stay plain and unquantized.
     """
+    if packed and engine:
+        raise ValueError("a layer stores packed codes or what an engine decodes, not both")
     if type(template) is DynamicSlidingWindowLayer:
+        if engine:
+            return EngineSlidingWindowLayer
         return PackedSlidingWindowLayer if packed else QuantizedSlidingWindowLayer
     if type(template) is DynamicLayer:
+        if engine:
+            return EngineDynamicLayer
         return PackedDynamicLayer if packed else QuantizedDynamicLayer
     return None
 
 
-def quantizing_layer(template: Any, quantizer: LayerQuantizer, *, packed: bool = False) -> Any:
+def quantizing_layer(template: Any, quantizer: LayerQuantizer, *, packed: bool = False, engine: bool = False) -> Any:
     """A new, empty layer of the same kind as ``template`` that quantizes through ``quantizer``.
 
     A kind with no quantizing counterpart (see :func:`layer_class_for`) gives an empty copy of
-    ``template`` itself.
+    ``template`` itself. ``engine`` makes an :class:`EngineLayerMixin` layer, whose engine streams
+    the cache sets.
     """
-    layer_class = layer_class_for(template, packed=packed)
+    layer_class = layer_class_for(template, packed=packed, engine=engine)
     if layer_class is None:
         return copy.deepcopy(template)
     layer: QuantizingLayerMixin

@@ -29,12 +29,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from quantcache.errors import InputError, QuantStateError
 from quantcache.ops.quantize import INT8_MAX, INT8_MIN, compute_qparams
+from quantcache.scheme.settings import Engine
 
 from .checkpoint import INDEX_FRAGMENT, INDEX_NAME, SCALE_SHARD, read_json, read_tensors, write_json
 from .common import ImportedScales, KVFormat, KVState, StreamName, StreamParams, UnsupportedSchemeError
@@ -69,6 +70,8 @@ class AscendFormat(KVFormat):
     """msModelSlim ascendv1 C8 (see the module docstring)."""
 
     name = "ascend"
+    numerics = Engine.ASCEND
+    widest_options: ClassVar[Mapping[str, Any]] = {"allow_asymmetric": True}
 
     @dataclass(frozen=True)
     class Options:

@@ -24,7 +24,9 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from quantcache.errors import ConfigError, QuantStateError
+from quantcache.ops.engine_numerics import FP8_E4M3_MAX, fp8_scales
 from quantcache.scheme.config import KVQuantConfig
+from quantcache.scheme.settings import Engine
 from quantcache.state.file import StateFile, read_state_file
 
 __all__ = [
@@ -46,11 +48,6 @@ __all__ = [
 
 StreamName = Literal["key", "value"]
 STREAMS: tuple[StreamName, StreamName] = ("key", "value")
-
-FP8_E4M3_MAX = 448.0
-"""Largest finite float8 e4m3 value: an FP8 scale maps the calibrated absmax onto it."""
-
-_EPS = float(torch.finfo(torch.float32).eps)
 
 STATE_FILE_NAME = "kv_scales.safetensors"
 """The state file inside a run directory (what ``quantcache calibrate -o RUN`` writes)."""
@@ -157,7 +154,7 @@ class KVState:
         if problems:
             raise QuantStateError(
                 f"{source}: the state cannot be exported: {'; '.join(problems)}. Serving engines read static "
-                "per-channel INT8 ranges: calibrate with the seed scheme (quantcache calibrate --preset seed) for "
+                "per-channel INT8 ranges: calibrate with the c8 or seed scheme (quantcache calibrate --preset c8) for "
                 "deployment"
             )
         fields = ("min", "max", "scale", "zero_point")
@@ -256,19 +253,6 @@ def fp8_zero_point_warnings(state: KVState) -> list[str]:
     ]
 
 
-def fp8_scales(low: torch.Tensor, high: torch.Tensor, strategy: Literal["tensor", "attn_head"]) -> torch.Tensor:
-    """FP8 e4m3 scales from per-channel ranges: ``absmax / 448``, float32.
-
-    ``low``/``high`` are ``(kv_heads, head_dim)``. ``tensor`` reduces over everything and
-    returns shape ``(1,)``; ``attn_head`` reduces over ``head_dim`` and returns
-    ``(kv_heads,)``. The division runs in float64 and rounds once. A range of all zeros
-    gets the float32-eps floor: engines treat a scale <= 0 as "not loaded".
-    """
-    absmax = torch.maximum(low.double().abs(), high.double().abs())
-    reduced = absmax.amax().reshape(1) if strategy == "tensor" else absmax.amax(dim=1)
-    return torch.clamp(reduced / FP8_E4M3_MAX, min=_EPS).float()
-
-
 def int8_params_from_absmax(fp8_scale: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What an FP8 scale says about the calibrated range, as quantcache per-channel min/max.
 
@@ -322,13 +306,19 @@ class ExportResult:
 class KVFormat(ABC):
     """One target format: names, shapes and config entries of the KV scales, both directions.
 
-    Subclasses define ``name``, an ``Options`` dataclass (the format's own
+    Subclasses define ``name``, ``numerics``, an ``Options`` dataclass (the format's own
     export switches, validated by :meth:`options`), and the five methods below. The
     checkpoint plumbing (weights, shards, index, atomic write) is shared and lives in
     :mod:`quantcache.export.checkpoint`.
     """
 
     name: ClassVar[str]
+    numerics: ClassVar[Engine]
+    """The engine whose arithmetic this format writes for: ``quantcache evaluate --as NAME`` measures a
+    state under :func:`quantcache.ops.engine_numerics.engine_numerics` of it (see :func:`~.api.served_numerics`)."""
+    widest_options: ClassVar[Mapping[str, Any]] = {}
+    """The options under which the export accepts every state it can write at all: what ``evaluate --as``
+    checks a state against (evaluating a checkpoint written with e.g. ``--allow-asymmetric`` shows its cost)."""
 
     @dataclass(frozen=True)
     class Options:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from quantcache.errors import InputError, QuantStateError
+from quantcache.scheme.settings import Engine
 
 from .checkpoint import HF_QUANT_CONFIG, INDEX_FRAGMENT, INDEX_NAME, SCALE_SHARD, read_json, read_tensors, write_json
 from .common import (
@@ -72,6 +73,7 @@ class ModelOptFormat(KVFormat):
     """ModelOpt / TensorRT-LLM FP8 KV scales (see the module docstring)."""
 
     name = "modelopt"
+    numerics = Engine.MODELOPT
 
     @dataclass(frozen=True)
     class Options:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from quantcache.errors import InputError, QuantStateError
+from quantcache.scheme.settings import Engine
 
 from .checkpoint import (
     HF_QUANT_CONFIG,
@@ -113,6 +114,7 @@ class VllmFormat(KVFormat):
     """compressed-tensors FP8 KV scales for vLLM (see the module docstring)."""
 
     name = "vllm"
+    numerics = Engine.VLLM
 
     @dataclass(frozen=True)
     class Options:

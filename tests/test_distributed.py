@@ -38,6 +38,7 @@ from quantcache.calibration.distributed import (
     shard_batches,
 )
 from quantcache.state.file import read_state_file
+from quantcache.state.schema import CalibrationLength
 
 WINDOWS = 5
 # name -> (number of windows, batch size, config): even, uneven and "one rank gets nothing"
@@ -170,6 +171,11 @@ def test_two_gloo_ranks_freeze_to_the_single_process_state_bit_for_bit(
         ).new_cache()
     written = read_state_file(two_ranks / f"{scenario}.safetensors")
     assert written.mode == "frozen" and written.config == single.quant_config
+    # every rank records the windows of all ranks, as one process does (4, 5 and 1 windows of 16 tokens)
+    length = CalibrationLength(tokens_per_window=16, windows=count)
+    assert written.calibration == single.quantizer.calibration_length == length
+    for rank in (0, 1):
+        assert read_state_file(two_ranks / f"{scenario}-rank{rank}.safetensors").calibration == length
     expected = single.state_dict()
     for source in (
         written.tensors,

@@ -288,6 +288,7 @@ def _settings(cache: QuantizedCalibratingCache, windows: torch.Tensor, prefill: 
         "window_length": int(windows.shape[1]),
         "config": cache.quant_config.to_dict(),
         "quantized_layers": list(cache.quantized_layers),
+        "numerics": cache.numerics,
     }
 
 

@@ -21,11 +21,14 @@ from quantcache.scheme.config import KVQuantConfig
 if TYPE_CHECKING:
 
     from quantcache.analysis.evaluation import EvaluationResult, LayerError
+    from quantcache.analysis.generation_check import GenerationCheck
     from quantcache.analysis.sensitivity import ExcludeSuggestion
 
 __all__ = [
     "format_suggestion",
     "format_table",
+    "generation_line",
+    "long_context_line",
     "markdown_table",
     "plot_layers",
     "suggestion_to_yaml",
@@ -74,6 +77,9 @@ def _settings_line(result: EvaluationResult) -> str:
     if isinstance(qconfig, dict):
         scheme = "symmetric" if qconfig.get("symmetric") else "asymmetric"
         parts.append(f"{qconfig.get('dtype', '?')} {qconfig.get('scope', '?')} {scheme}")
+    numerics = settings.get("numerics")
+    if isinstance(numerics, str) and numerics != "quantcache":
+        parts.append(f"as served by {numerics}")
     return ", ".join(parts)
 
 
@@ -106,8 +112,36 @@ def text_table(
     return "\n".join([line(header), *rules, *(line(row) for row in rows)])
 
 
-def format_table(result: EvaluationResult) -> str:
-    """A fixed-width text table: the summary (PPL, change, KL, top-1), then one row per layer."""
+def long_context_line(result: EvaluationResult) -> str:
+    """One line for an evaluation at a longer context: ``at 4096 tokens: ΔPPL +0.120 %, KL 3.1e-03, top-1 ...``."""
+    settings = result.settings
+    length, windows = settings.get("window_length", "?"), settings.get("num_windows", "?")
+    return (
+        f"at {length} tokens: ΔPPL {result.ppl_relative_change * 100:+.3f} %, KL {result.kl_mean:.3e}, "
+        f"top-1 {result.top1_agreement * 100:.2f} % ({windows} window{'' if windows == 1 else 's'})"
+    )
+
+
+def generation_line(check: GenerationCheck) -> str:
+    """One line for a generation check: ``same answer: 7/8, first difference at token 23.0 on average ...``."""
+    line = f"same answer: {check.same}/{check.total}"
+    mean = check.mean_first_difference
+    if mean is not None:
+        line += f", first difference at token {mean:.1f} on average"
+    return line + f" (greedy, up to {check.new_tokens} new tokens per chat prompt)"
+
+
+def format_table(
+    result: EvaluationResult,
+    *,
+    long_context: EvaluationResult | None = None,
+    generation: GenerationCheck | None = None,
+) -> str:
+    """A fixed-width text table: the summary (PPL, change, KL, top-1), then one row per layer.
+
+    ``long_context`` (an evaluation at a longer context) and ``generation`` (a generation
+    check) add a line each under the summary.
+    """
     summary = _summary_rows(result)
     label_width = max(len(label) for label, _ in summary)
     value_width = max(len(value) for _, value in summary)
@@ -116,6 +150,9 @@ def format_table(result: EvaluationResult) -> str:
     if settings:
         lines += [settings, ""]
     lines += [f"{label:<{label_width}}  {value:>{value_width}}" for label, value in summary]
+    extra = [long_context_line(long_context)] if long_context is not None else []
+    extra += [generation_line(generation)] if generation is not None else []
+    lines += ["", *extra] if extra else []
     lines += ["", text_table(_LAYER_HEADER, [_layer_row(layer) for layer in result.layers])]
     return "\n".join(lines)
 
@@ -131,21 +168,57 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, alig
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
-def to_markdown(result: EvaluationResult) -> str:
-    """The same content as :func:`format_table` as a Markdown document."""
+def to_markdown(
+    result: EvaluationResult,
+    *,
+    long_context: EvaluationResult | None = None,
+    generation: GenerationCheck | None = None,
+) -> str:
+    """The same content as :func:`format_table` as a Markdown document (with the generation check per prompt kind)."""
     lines = ["# KV-cache quantization quality", ""]
     settings = _settings_line(result)
     if settings:
         lines += [settings, ""]
     lines += [markdown_table(("metric", "value"), _summary_rows(result), align="lr"), ""]
+    if long_context is not None:
+        lines += [f"Longer context: {long_context_line(long_context)}.", ""]
+    if generation is not None:
+        lines += ["## Answers to chat prompts", "", f"{generation_line(generation)}.", ""]
+        rows = [
+            (
+                kind,
+                f"{entry['same']}/{entry['prompts']}",
+                "-" if entry["mean_first_difference"] is None else f"{entry['mean_first_difference']:.1f}",
+            )
+            for kind, entry in generation.by_kind().items()
+        ]
+        lines += [markdown_table(("prompt kind", "same answer", "first difference at token"), rows, align="lrr"), ""]
     lines += ["## Per-layer quantization error", ""]
     lines += [markdown_table(_LAYER_HEADER, [_layer_row(layer) for layer in result.layers], align="llrrrr"), ""]
     return "\n".join(lines)
 
 
-def to_json(result: EvaluationResult) -> str:
-    """:meth:`EvaluationResult.to_dict` as strict JSON (infinite SQNR written as ``null``)."""
-    return json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+def to_json(
+    result: EvaluationResult,
+    *,
+    long_context: EvaluationResult | None = None,
+    generation: GenerationCheck | None = None,
+    notes: Sequence[str] | None = None,
+) -> str:
+    """:meth:`EvaluationResult.to_dict` as strict JSON (infinite SQNR written as ``null``).
+
+    With ``notes`` given (``quantcache evaluate`` always gives them), the document also holds
+    ``long_context`` (the longer evaluation's ``to_dict``, or ``null``), ``generation`` (the
+    generation check's, or ``null``) and ``notes``; otherwise only what is given is added.
+    """
+    data = result.to_dict()
+    if long_context is not None or notes is not None:
+        data["long_context"] = None if long_context is None else long_context.to_dict()
+    if generation is not None or notes is not None:
+        data["generation"] = None if generation is None else generation.to_dict()
+    if notes is not None:
+        data["notes"] = list(notes)
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
 
 def plot_layers(result: EvaluationResult, path: str | Path) -> Path:

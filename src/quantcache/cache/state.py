@@ -33,6 +33,7 @@ from quantcache.state.fields import (
     stream_problems,
 )
 from quantcache.state.file import StateFile, check_state, parse_state_key, read_state_file, write_state_file
+from quantcache.state.schema import CalibrationLength
 
 __all__ = ["CacheMode", "QuantizerStateMixin"]
 
@@ -61,6 +62,7 @@ class QuantizerStateMixin:
     model_config_digests: tuple[str, ...]
     model_kv_config: dict[str, Any]
     mode: CacheMode
+    _calibration_length: CalibrationLength | None
     origin: str = "calibrated"
     """``calibrated``, or ``imported from FORMAT`` for parameters read from another tool (see serialization)."""
 
@@ -246,6 +248,7 @@ class QuantizerStateMixin:
             model_kv_config=self.model_kv_config,
             origin=origin,
             quantized_layers=self.quantized_layers,
+            calibration=self._calibration_length,
         )
 
     # ------------------------------------------------------------------ files
@@ -274,6 +277,7 @@ class QuantizerStateMixin:
         self.load_state_dict(stored.tensors, strict=strict, origin=stored.origin)
         if stored.mode == "frozen" and not self.is_frozen:  # a scheme with nothing to calibrate (all dynamic)
             self.freeze()
+        self._calibration_length = stored.calibration
 
     @classmethod
     def load(

@@ -195,9 +195,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_options(
-    parser: argparse.ArgumentParser, *, samples: int, seq_len: int, default_source: str, evaluation: bool
+    parser: argparse.ArgumentParser,
+    *,
+    samples: int,
+    seq_len: int | None,
+    default_source: str,
+    evaluation: bool,
+    seq_len_default: str | None = None,
 ) -> None:
-    """The text source and its windows; ``evaluation`` adds ``--context``, ``--prefill`` and ``--chunk``."""
+    """The text source and its windows; ``evaluation`` adds ``--context``, ``--prefill`` and ``--chunk``.
+
+    ``seq_len=None`` leaves ``--seq-len`` unset unless given (the command then decides), its default
+    described in the help by ``seq_len_default``.
+    """
     from quantcache.models.data import (
         DEFAULT_JSONL_FIELD,  # quantcache.models.data imports torch only when it cuts windows
     )
@@ -238,7 +248,8 @@ def add_data_options(
         type=positive_int,
         default=seq_len,
         metavar="L",
-        help=f"tokens per window{' (--context is an alias)' if evaluation else ''} (default: {seq_len})",
+        help=f"tokens per window{' (--context is an alias)' if evaluation else ''} "
+        f"(default: {seq_len_default or seq_len})",
     )
     group.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the window sampling (default: 0)")
     if evaluation:
@@ -263,7 +274,7 @@ def check_data_usage(args: argparse.Namespace) -> None:
     if args.jsonl_field is not None and args.jsonl is None:
         raise UsageError("--jsonl-field needs --jsonl PATH")
     prefill = getattr(args, "prefill", None)
-    if prefill is not None and prefill >= args.seq_len:
+    if prefill is not None and args.seq_len is not None and prefill >= args.seq_len:
         raise UsageError(f"--prefill ({prefill}) must be smaller than --seq-len/--context ({args.seq_len})")
 
 

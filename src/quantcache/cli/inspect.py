@@ -19,6 +19,8 @@ from ._common import command_parser, non_negative_int, positive_float, state_pat
 
 if TYPE_CHECKING:
 
+    from quantcache.state.schema import CalibrationLength
+
     from ._common import Subparsers
 
 NAME = "inspect"
@@ -59,6 +61,13 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def _calibration_text(length: CalibrationLength | None) -> str:
+    if length is None:
+        return "window length not recorded (written before it was, or imported)"
+    windows = f"{length.windows} window{'s' if length.windows != 1 else ''}"
+    return f"on {windows} of up to {length.tokens_per_window} tokens"
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate the state, then print its description as text or JSON."""
     from quantcache.analysis.state_report import config_text, index_ranges, layer_summaries, outlier_lines, range_table
@@ -83,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         "kv_heads": stored.kv_heads,
         "head_dim": stored.head_dim,
         "mode": stored.mode,
+        "calibration": None if stored.calibration is None else stored.calibration.to_dict(),
         "config": stored.config.to_dict(),
         "quantized_layers": with_data,
         "num_tensors": len(stored.tensors),
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         ("head_dim", str(stored.head_dim)),
         ("config", config_text(stored.config)),
         ("mode", stored.mode),
+        ("calibrated", _calibration_text(stored.calibration)),
         ("tensors", f"{report['num_tensors']} ({report['bytes'] / 1024:.1f} KiB)"),
     ]
     lines = [f"{path}: valid quantcache KV state"]

@@ -18,6 +18,8 @@ values are each one JSON document (format version 2, see README's "State file fo
                        ``layer_names``, and where known ``name``, ``revision``, ``config_sha256``
 ``encoding``           value range, rounding, dequantization formula and tensor axis layout
 ``origin``             ``"calibrated"`` or ``"imported from FORMAT"``
+``calibration``        where recorded, ``{"tokens_per_window": N, "windows": M}``: how long the
+                       calibration windows were (absent in older files and imported states)
 =====================  ======================================================================
 
 Version 1 files (before the checksum) still load; anything newer than this reader
@@ -49,6 +51,7 @@ from quantcache.state.schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     READABLE_VERSIONS,
+    CalibrationLength,
     StateFile,
     checksum,
     parse_state_key,
@@ -210,6 +213,7 @@ def _read_v2(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source:
         model_kv_config=_kv_config(model.get("kv_config"), source),
         origin=origin,
         quantized_layers=quantized_layers,
+        calibration=_calibration(metadata, source),
     )
 
 
@@ -232,6 +236,20 @@ def _read_v1(metadata: dict[str, str], tensors: dict[str, torch.Tensor], source:
         quantcache_version=metadata.get("quantcache_version", "unknown"),
         format_version=1,
     )
+
+
+def _calibration(metadata: Mapping[str, str], source: Path) -> CalibrationLength | None:
+    """The recorded calibration length (``None`` in files written before it was recorded)."""
+    if "calibration" not in metadata:
+        return None
+    recorded = _json_field(metadata, "calibration", source)
+    try:
+        return CalibrationLength.from_dict(recorded)
+    except ValueError as error:
+        raise QuantStateError(
+            f"{source}: metadata 'calibration' is malformed ({error}); it records how long the calibration "
+            "windows were: recalibrate, or restore the file from a copy"
+        ) from error
 
 
 def _kv_config(value: Any, source: object) -> dict[str, Any] | None:

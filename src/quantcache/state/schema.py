@@ -23,6 +23,7 @@ __all__ = [
     "FORMAT_VERSION",
     "IMPORTED_PREFIX",
     "READABLE_VERSIONS",
+    "CalibrationLength",
     "StateFile",
     "checksum",
     "parse_state_key",
@@ -47,6 +48,44 @@ def parse_state_key(name: str) -> tuple[int, str, str] | None:
     """``layers.3.key.scale`` -> ``(3, "key", "scale")``; ``None`` for any other name."""
     match = _STATE_KEY.match(name)
     return None if match is None else (int(match.group(1)), match.group(2), match.group(3))
+
+
+@dataclass(frozen=True)
+class CalibrationLength:
+    """How long the calibration windows were: the tokens of the longest window, and how many windows.
+
+    A window is one sequence of one cache that calibrated (a row of a batch: a batch of
+    ``B`` rows counts ``B`` windows); its tokens count from the first token the cache held,
+    padding included. Stored under the metadata key ``calibration`` as
+    ``{"tokens_per_window": N, "windows": M}``.
+    """
+
+    tokens_per_window: int
+    windows: int
+
+    def problems(self) -> list[str]:
+        """What is wrong with the values (empty when both are positive integers)."""
+        return [
+            f"calibration.{name} is {value!r}, expected a positive integer"
+            for name, value in (("tokens_per_window", self.tokens_per_window), ("windows", self.windows))
+            if type(value) is not int or value < 1
+        ]
+
+    def to_dict(self) -> dict[str, int]:
+        return {"tokens_per_window": self.tokens_per_window, "windows": self.windows}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CalibrationLength:
+        """Read :meth:`to_dict`'s mapping back; ``ValueError`` names what does not fit."""
+        expected = {"tokens_per_window", "windows"}
+        if not isinstance(data, Mapping) or set(data) != expected:
+            shown = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f"expected {{'tokens_per_window': N, 'windows': M}}, got {str(shown)[:80]}")
+        length = cls(tokens_per_window=data["tokens_per_window"], windows=data["windows"])
+        problems = length.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return length
 
 
 @dataclass(frozen=True)
@@ -78,6 +117,9 @@ class StateFile:
     layer cannot be quantized at all (one that shares another layer's KV, a linear-attention
     layer): only the writer knows those, so when it records the list the validator expects
     exactly these layers, and otherwise every layer the config quantizes."""
+    calibration: CalibrationLength | None = None
+    """How long the calibration windows were (metadata key ``calibration``); ``None`` when not recorded
+    (files written before it was, imported states)."""
 
     def model(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
@@ -108,6 +150,8 @@ class StateFile:
             "encoding": _ENCODING,
             "origin": self.origin,
         }
+        if self.calibration is not None:
+            fields["calibration"] = self.calibration.to_dict()
         metadata = {key: json.dumps(value, sort_keys=True) for key, value in fields.items()}
         metadata["checksum"] = json.dumps(checksum(self.tensors, metadata))
         return metadata

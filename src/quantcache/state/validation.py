@@ -34,6 +34,8 @@ def validate_state(stored: StateFile) -> list[str]:
     parameters are checked against, and the origin is one this reader knows.
     """
     problems = _origin_problems(stored.origin)
+    if stored.calibration is not None:
+        problems += stored.calibration.problems()
     grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in stored.tensors.items():
         parsed = parse_state_key(name)

@@ -390,30 +390,41 @@ def test_the_number_of_rounds_is_what_real_keys_need() -> None:
 
 
 # ---------------------------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("preset", ["seed", "int4"])
-def test_the_frozen_quantizer_path_compiles_as_one_graph(
-    quantizers: dict[tuple[str, str], KVQuantizer], preset: str, storage: str
+@pytest.mark.parametrize(
+    ("arch", "preset", "storage"),
+    [
+        ("llama", "seed", "fake"),
+        pytest.param("gemma3", "int4", "packed", marks=pytest.mark.slow),  # about a minute: 6 layers, 3 steps
+        pytest.param("gemma3", "int8", "packed", marks=pytest.mark.slow),
+    ],
+)
+def test_a_frozen_cache_update_compiles_as_one_graph_with_eager_bits(
+    tiny_models: dict[str, PreTrainedModel],
+    quantizers: dict[tuple[str, str], KVQuantizer],
+    arch: str,
+    preset: str,
+    storage: str,
 ) -> None:
-    """A layer's frozen quantization of a decode token (pre-RoPE turn, centring, rotation, per-token ranges,
-    query-aware rounding; packed: encoding and decoding) traces into one graph with ``fullgraph=True``, and
-    gives what eager mode gives, bit for bit. (The cache layer around it does not yet: its append into
-    reserved room compares data pointers, where Dynamo breaks the graph.)"""
-    quantizer = quantizers["llama", preset].quantizers[0]
-    key, value = quantizer.key, quantizer.value
+    """The whole ``cache.update`` of a decode step (the container's dispatch, the layer's append into reserved
+    room, sinks, residual window, pre-RoPE turn, rotation, query-aware rounding, packing) traces with
+    ``fullgraph=True`` on full and sliding-window layers, and three compiled steps store and return what three
+    eager steps on a twin cache do, bit for bit."""
+    model, quantizer = tiny_models[arch], quantizers[arch, preset]
+    compiled_cache, eager_cache = _prefilled(model, quantizer, storage), _prefilled(model, quantizer, storage)
 
-    def fake(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantizer.process(keys, values, PREFILL)
+    def step(
+        cache: QuantizedCalibratingCache, keys: torch.Tensor, values: torch.Tensor, index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return cache.update(keys, values, index)
 
-    def packed(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = key.encode(quantizer.keys_before_rope(keys, PREFILL)), value.encode(values)
-        return key.decode(rows[0], torch.float32), value.decode(rows[1], torch.float32)
-
-    step = fake if storage == "fake" else packed
-    keys, values = _decode_states(1, seed=4)[0]
     torch.compiler.reset()
-    with torch.no_grad():
-        compiled = torch.compile(step, fullgraph=True, backend="eager")(keys, values)
-        expected = step(keys, values)
-    torch.compiler.reset()
-    assert all(torch.equal(got, want) for got, want in zip(compiled, expected, strict=True))
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    try:
+        with torch.no_grad():
+            for token in range(DECODE_STEPS):
+                for index, (keys, values) in enumerate(_decode_states(len(compiled_cache.layers), seed=token)):
+                    got = compiled(compiled_cache, keys, values, index)
+                    want = step(eager_cache, keys, values, index)
+                    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (token, index)
+    finally:
+        torch.compiler.reset()

@@ -35,25 +35,25 @@ class GrowingStorage:
     moves the history into a new buffer, sized ``needed + max(MIN_ROOM_TOKENS, needed // ROOM_FRACTION)``.
     """
 
-    __slots__ = ("buffer", "filled")
+    __slots__ = ("buffer", "filled", "view")
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
         self.filled = 0
+        self.view: torch.Tensor | None = None
+        """The tensor the last append returned: the layer still holds the history there if it holds this object."""
 
     def _holds(self, stored: torch.Tensor) -> bool:
+        # Identity, not data pointers: ``torch.compile`` traces ``is`` but breaks its graph on ``data_ptr()``; a
+        # layer that replaced its tensor (crop, reorder, offload) holds another object and moves to a new buffer.
+        # A buffer made under ``torch.inference_mode`` cannot be written outside it; Dynamo cannot ask (compiled
+        # code runs under ``torch.no_grad``, which makes no such tensors).
         buffer = self.buffer
         return (
             buffer is not None
-            and stored.dim() == 4
-            and stored.data_ptr() == buffer.data_ptr()
+            and stored is self.view
             and stored.shape[-2] == self.filled
-            and stored.stride() == buffer.stride()
-            and stored.shape[:2] == buffer.shape[:2]
-            and stored.shape[3] == buffer.shape[3]
-            and stored.dtype == buffer.dtype
-            and stored.device == buffer.device
-            and (not buffer.is_inference() or torch.is_inference_mode_enabled())
+            and (torch.compiler.is_compiling() or not buffer.is_inference() or torch.is_inference_mode_enabled())
         )
 
     def append(self, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -73,17 +73,18 @@ class GrowingStorage:
         start = self.filled
         buffer[:, :, start : start + added].copy_(new)
         self.filled = start + added
-        return buffer[:, :, : self.filled]
+        self.view = buffer[:, :, : self.filled]
+        return self.view
 
     def reserved_bytes(self, stored: torch.Tensor | None) -> int:
         """Bytes of the buffer beyond ``stored`` (0 when ``stored`` is not a view of it)."""
         buffer = self.buffer
-        if buffer is None or stored is None or stored.data_ptr() != buffer.data_ptr():
+        if buffer is None or stored is None or stored is not self.view:
             return 0
         return (buffer.numel() - stored.numel()) * buffer.element_size()
 
     def release(self) -> None:
-        self.buffer, self.filled = None, 0
+        self.buffer, self.filled, self.view = None, 0, None
 
 
 class GrowingLayerMixin:

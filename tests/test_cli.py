@@ -43,7 +43,8 @@ from quantcache.state.file import read_state_file, write_state_file
 
 CALIBRATE_SMALL = ["--samples", "2", "--seq-len", "48", "-q"]
 EVALUATE_SMALL = ["--samples", "2", "--context", "64", "--prefill", "32", "--chunk", "16", "-q"]
-SUBCOMMANDS = ["calibrate", "evaluate", "inspect", "suggest-exclude", "suggest-bits", "export", "import"]
+EVALUATE_ONLY = [*EVALUATE_SMALL, "--generate", "0"]  # evaluate without its generation check
+SUBCOMMANDS = ["calibrate", "evaluate", "inspect", "suggest-exclude", "suggest-bits", "export", "import", "bench"]
 
 FULL_DOCUMENT = """\
 apiversion: modelslim_v1
@@ -198,6 +199,32 @@ def test_calibrate_writes_state_and_summaries_that_reload(
     assert "calibrated 2/2 layers" in printed and str(state) in printed
 
 
+@pytest.mark.parametrize(
+    ("options", "warns"),
+    [
+        (["--preset", "seed"], True),  # 48-token windows, 256 positions
+        (["--preset", "seed", "--context", "160"], False),  # the user serves 160 tokens: < 4 x 48
+        (["--preset", "seed", "--context", "192"], True),
+        (["--preset", "c8"], False),
+    ],
+)
+def test_calibrate_warns_once_naming_c8_when_windows_are_far_shorter_than_serving(
+    tmp_path: Path,
+    use_model: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    options: list[str],
+    warns: bool,
+) -> None:
+    """A seed calibrated on windows a quarter of the serving length or less (the tiny model's 256 positions,
+    or ``--context``) is told, once, what will happen and what to use instead."""
+    assert cli.main(["calibrate", *CALIBRATE_SMALL, *options, "-o", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("quantcache: warning:")]
+    assert len(lines) == int(warns), lines
+    if warns:
+        assert "48-token windows" in lines[0] and "Use --preset c8" in lines[0]
+
+
+
 def test_calibrate_to_an_explicit_file_name(tmp_path: Path, use_model: Callable[..., Any]) -> None:
     out = tmp_path / "nested" / "scales.safetensors"
     assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(out)]) == 0
@@ -282,6 +309,9 @@ EVALUATION_KEYS = {
     "layers",
     "settings",
     "effective_bits",
+    "long_context",  # null: --context given
+    "generation",  # null: --generate 0
+    "notes",
 }
 
 
@@ -328,7 +358,7 @@ def test_evaluate_prints_table_and_writes_json_and_markdown(
 ) -> None:
     report_json, report_md = tmp_path / "eval.json", tmp_path / "out" / "eval.md"
     arguments = ["--scales", str(calibrated), "--json", str(report_json), "--markdown", str(report_md)]
-    assert cli.main(["evaluate", *EVALUATE_SMALL, *arguments]) == 0
+    assert cli.main(["evaluate", *EVALUATE_ONLY, *arguments]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.0.self_attn" in printed or "layer" in printed.lower()
     data = json.loads(report_json.read_text())
@@ -345,7 +375,7 @@ def test_evaluate_json_to_stdout_keeps_stdout_pure(
     expected_evaluation: dict[str, Any],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--json", "-"]) == 0
+    assert cli.main(["evaluate", *EVALUATE_ONLY, "--scales", str(calibrated), "--json", "-"]) == 0
     captured = capsys.readouterr()
     check_evaluation(json.loads(captured.out), expected_evaluation)
     assert f"{expected_evaluation['kl_mean']:.3e}" in captured.err  # the table went to stderr
@@ -354,7 +384,7 @@ def test_evaluate_json_to_stdout_keeps_stdout_pure(
 def test_evaluate_writes_plot(tmp_path: Path, calibrated: Path, use_model: Callable[..., Any]) -> None:
     # matplotlib is a dev dependency: this test runs (it is not skipped) wherever the tests do.
     plot = tmp_path / "plots" / "layers.png"
-    assert cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--plot", str(plot)]) == 0
+    assert cli.main(["evaluate", *EVALUATE_ONLY, "--scales", str(calibrated), "--plot", str(plot)]) == 0
     assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [entry.name for entry in plot.parent.iterdir()] == ["layers.png"]  # no temporary file left
 
@@ -371,7 +401,7 @@ def test_evaluate_plot_without_matplotlib_fails_before_work(
         importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a)
     )
     calls = use_model()
-    code = cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--plot", str(tmp_path / "p.png")])
+    code = cli.main(["evaluate", *EVALUATE_ONLY, "--scales", str(calibrated), "--plot", str(tmp_path / "p.png")])
     assert code == cli.EXIT_INPUT and not calls
     assert "matplotlib" in error_line(capsys.readouterr())
 
@@ -383,11 +413,11 @@ def test_scales_from_another_model_shape(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     use_model(make_model("llama", num_key_value_heads=4))
-    assert cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated)]) == cli.EXIT_INPUT
+    assert cli.main(["evaluate", *EVALUATE_ONLY, "--scales", str(calibrated)]) == cli.EXIT_INPUT
     assert "another model" in error_line(capsys.readouterr())
 
     use_model(make_model("llama", num_hidden_layers=3))
-    assert cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated)]) == cli.EXIT_INPUT
+    assert cli.main(["evaluate", *EVALUATE_ONLY, "--scales", str(calibrated)]) == cli.EXIT_INPUT
     assert "num_layers 2 vs 3" in error_line(capsys.readouterr())
 
 
@@ -906,9 +936,9 @@ def read_only_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[P
     ("command", "option"),
     [
         (["calibrate", *CALIBRATE_SMALL, "-o", "{dir}/run"], "-o"),
-        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--json", "{dir}/eval.json"], "--json"),
-        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--markdown", "{dir}/eval.md"], "--markdown"),
-        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--plot", "{dir}/p/layers.png"], "--plot"),
+        (["evaluate", *EVALUATE_ONLY, "--scales", "{scales}", "--json", "{dir}/eval.json"], "--json"),
+        (["evaluate", *EVALUATE_ONLY, "--scales", "{scales}", "--markdown", "{dir}/eval.md"], "--markdown"),
+        (["evaluate", *EVALUATE_ONLY, "--scales", "{scales}", "--plot", "{dir}/p/layers.png"], "--plot"),
         (["suggest-exclude", *EVALUATE_SMALL, "--scales", "{scales}", "--kl-budget", "1", "-o", "{dir}/s.yaml"], "-o"),
     ],
 )
@@ -935,7 +965,7 @@ def test_an_output_on_a_file_system_that_takes_no_files_is_refused_even_for_root
 ) -> None:
     calls = use_model()
     arguments = ["--scales", str(calibrated), "--json", "/proc/quantcache-test/eval.json"]
-    assert cli.main(["evaluate", *EVALUATE_SMALL, *arguments]) == cli.EXIT_INPUT
+    assert cli.main(["evaluate", *EVALUATE_ONLY, *arguments]) == cli.EXIT_INPUT
     assert "cannot write into /proc" in error_line(capsys.readouterr())
     assert not calls
 
@@ -944,7 +974,7 @@ def test_an_output_that_is_a_directory_is_refused_before_any_work(
     tmp_path: Path, calibrated: Path, use_model: Callable[..., Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     calls = use_model()
-    code = cli.main(["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--json", str(tmp_path)])
+    code = cli.main(["evaluate", *EVALUATE_ONLY, "--scales", str(calibrated), "--json", str(tmp_path)])
     assert code == cli.EXIT_INPUT and not calls
     assert "is a directory" in error_line(capsys.readouterr())
 
@@ -954,7 +984,7 @@ def test_json_and_markdown_both_to_stdout_is_a_usage_error(
 ) -> None:
     calls = use_model()
     arguments = ["--scales", str(calibrated), "--json", "-", "--markdown", "-"]
-    assert cli.main(["evaluate", *EVALUATE_SMALL, *arguments]) == cli.EXIT_USAGE
+    assert cli.main(["evaluate", *EVALUATE_ONLY, *arguments]) == cli.EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("usage: quantcache evaluate") and "would both write to stdout" in err
     assert not calls
@@ -985,7 +1015,7 @@ def test_calibrate_and_report_outputs_respect_the_umask(
     mask: int, tmp_path: Path, calibrated: Path, use_model: Callable[..., Any]
 ) -> None:
     reports = tmp_path / "reports"
-    evaluate = ["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated)]
+    evaluate = ["evaluate", *EVALUATE_ONLY, "--scales", str(calibrated)]
     previous = os.umask(mask)
     try:
         assert cli.main(["calibrate", *CALIBRATE_SMALL, "-o", str(tmp_path / "run")]) == 0
@@ -1062,9 +1092,9 @@ REPLACING = "exists and is not empty; choose another path or pass --force to rep
         (["calibrate", *CALIBRATE_SMALL, "-o", "{dir}/run"], "-o", "run/kv_scales.safetensors"),
         (["calibrate", *CALIBRATE_SMALL, "-o", "{dir}/run"], "-o", "run/kv_scales.md"),
         (["calibrate", *CALIBRATE_SMALL, "-o", "{dir}/kv.safetensors"], "-o", "kv.json"),
-        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--json", "{dir}/eval.json"], "--json", "eval.json"),
-        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--markdown", "{dir}/e.md"], "--markdown", "e.md"),
-        (["evaluate", *EVALUATE_SMALL, "--scales", "{scales}", "--plot", "{dir}/p.png"], "--plot", "p.png"),
+        (["evaluate", *EVALUATE_ONLY, "--scales", "{scales}", "--json", "{dir}/eval.json"], "--json", "eval.json"),
+        (["evaluate", *EVALUATE_ONLY, "--scales", "{scales}", "--markdown", "{dir}/e.md"], "--markdown", "e.md"),
+        (["evaluate", *EVALUATE_ONLY, "--scales", "{scales}", "--plot", "{dir}/p.png"], "--plot", "p.png"),
         (
             ["suggest-exclude", *EVALUATE_SMALL, "--scales", "{scales}", "--kl-budget", "1", "-o", "{dir}/s.yaml"],
             "-o",
@@ -1109,7 +1139,7 @@ def test_force_replaces_and_empty_outputs_need_no_force(
     assert (out / "kv_scales.json").read_text() != first
     report = tmp_path / "eval.json"
     report.touch()  # an empty file (mktemp's) is not an earlier result
-    arguments = ["evaluate", *EVALUATE_SMALL, "--scales", str(calibrated), "--json", str(report)]
+    arguments = ["evaluate", *EVALUATE_ONLY, "--scales", str(calibrated), "--json", str(report)]
     assert cli.main(arguments) == 0 and json.loads(report.read_text())["num_tokens"] == 126
     assert cli.main(arguments) == cli.EXIT_INPUT
     assert cli.main([*arguments, "--force"]) == 0

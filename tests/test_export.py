@@ -372,7 +372,7 @@ def test_a_scheme_engines_cannot_read_is_refused_by_name(
     """Engines read static INT8-derived per-channel ranges; anything else is refused before writing, naming the
     scheme and the way out (the seed scheme)."""
     cache = calibrate(llama, torch.randint(3, 128, (1, 12)), quant_config=config, progress=False).new_cache()
-    with pytest.raises(QuantStateError, match=r"cannot be exported.*--preset seed"):
+    with pytest.raises(QuantStateError, match=r"cannot be exported.*--preset c8"):
         export_checkpoint(cache, tmp_path / "out", format="vllm", scales_only=True)
     assert not (tmp_path / "out").exists()
 

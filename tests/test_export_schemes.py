@@ -180,7 +180,7 @@ def test_a_layer_override_engines_cannot_read_is_refused_by_its_place(tmp_path: 
         layers=[{"include": ["model.layers.2.self_attn"], "qconfig": {"scope": "per_token", "dynamic": True}}]
     )
     for fmt in ("ascend", "vllm", "modelopt"):
-        with pytest.raises(QuantStateError, match=r"layers\[0\]\.qconfig\.key is dynamic .*--preset seed"):
+        with pytest.raises(QuantStateError, match=r"layers\[0\]\.qconfig\.key is dynamic .*--preset c8"):
             export_checkpoint(_state(config), tmp_path / fmt, format=fmt, scales_only=True)
 
 

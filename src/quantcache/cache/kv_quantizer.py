@@ -20,6 +20,7 @@ The state methods (``state_dict``, ``save``, :meth:`KVQuantizer.load` ...) are
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,10 +41,13 @@ from quantcache.cache.storage_layers import layer_class_for
 from quantcache.cache.stream import StreamName
 from quantcache.errors import CalibrationError, ConfigError
 from quantcache.ops.bits import effective_bits
+from quantcache.ops.engine_numerics import EngineNumerics
 from quantcache.ops.granularity import Granularity
-from quantcache.ops.rope import RopeTable, rope_frequencies
+from quantcache.ops.rope import RopeTable, rope_frequencies, rope_pairs
 from quantcache.scheme.args import QuantArgs, Storage
 from quantcache.scheme.config import KVQuantConfig
+from quantcache.scheme.settings import Engine
+from quantcache.state.schema import CalibrationLength
 
 if TYPE_CHECKING:
     from quantcache.cache.cache import QuantizedCalibratingCache
@@ -143,7 +147,10 @@ class KVQuantizer(QuantizerStateMixin):
             quantizer.residual_window = self.quant_config.residual_window
         if self.quant_config.pre_rope_keys:
             self._set_key_rope(decoder_config)
+        self._set_rope_pairs(decoder_config)
         self.mode = CacheMode.CALIBRATE
+        self._calibration_length: CalibrationLength | None = None
+        self._calibration_lock = threading.Lock()
 
     @staticmethod
     def _empty_layers(config: PretrainedConfig, num_layers: int) -> list[Any]:
@@ -182,25 +189,57 @@ class KVQuantizer(QuantizerStateMixin):
             quantizer.key_rope = tables[layer_type]
             quantizer.key.space.rope_frequencies = tables[layer_type].inv_freq  # what query-aware rounding averages
 
+    def _set_rope_pairs(self, decoder_config: PretrainedConfig) -> None:
+        """Give every ``rope_radius`` key stream its layer's RoPE pairs (``rotary_dim / 2``)."""
+        pairs: dict[str | None, int] = {}
+        layer_types = getattr(decoder_config, "layer_types", None) or [None] * len(self.quantizers)
+        for quantizer, layer_type in zip(self.quantizers, layer_types, strict=False):
+            if not (quantizer.enabled and quantizer.key.args.rope_radius):
+                continue
+            if layer_type not in pairs:
+                pairs[layer_type] = rope_pairs(decoder_config, layer_type)
+                if self.head_dim is not None and 2 * pairs[layer_type] > self.head_dim:
+                    raise ConfigError(
+                        f"qconfig.key.rope_radius: the config's RoPE turns {2 * pairs[layer_type]} channels, "
+                        f"more than head_dim {self.head_dim}"
+                    )
+            quantizer.key.set_rope_pairs(pairs[layer_type])
+
     # ------------------------------------------------------------------ caches
     def new_cache(
-        self, storage: Storage | str | None = None, **dynamic_cache_kwargs: Any
+        self,
+        storage: Storage | str | None = None,
+        *,
+        engine: Engine | str | EngineNumerics | None = None,
+        **dynamic_cache_kwargs: Any,
     ) -> QuantizedCalibratingCache:
         """An empty cache for one conversation that quantizes (or, calibrating, observes) through this quantizer.
 
         ``storage``: ``"fake"`` (the default) keeps dequantized states in the model dtype (for measuring),
         ``"packed"`` keeps codes (a fraction of the memory); both return the same keys and
-        values. ``dynamic_cache_kwargs`` go to ``DynamicCache`` (e.g. ``offloading``). The
-        cache shares this quantizer's parameters: no file I/O, nothing recomputed.
+        values. ``engine`` (``"ascend"``, ``"vllm"``, ``"modelopt"``) keeps instead what that serving
+        engine would decode, with its arithmetic (:mod:`quantcache.ops.engine_numerics`; a frozen
+        quantizer with an exportable scheme only). ``dynamic_cache_kwargs`` go to ``DynamicCache``
+        (e.g. ``offloading``). The cache shares this quantizer's parameters: no file I/O, nothing recomputed.
         """
         if KVQuantizer.cache_class is None:
             raise RuntimeError("quantcache.cache.cache is not imported; import quantcache.cache first")
-        return KVQuantizer.cache_class(self, storage=storage, **dynamic_cache_kwargs)
+        return KVQuantizer.cache_class(self, storage=storage, engine=engine, **dynamic_cache_kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:  # a lock cannot be copied or pickled: each copy gets its own
+        state = self.__dict__.copy()
+        del state["_calibration_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._calibration_lock = threading.Lock()
 
     def copy(self) -> KVQuantizer:
         """An independent quantizer with the same config, statistics and parameters."""
         fresh = copy.copy(self)
         fresh.quantizers = copy.deepcopy(self.quantizers)
+        fresh._calibration_lock = threading.Lock()
         return fresh
 
     def restricted_to(self, layers: Sequence[int]) -> KVQuantizer:
@@ -223,6 +262,33 @@ class KVQuantizer(QuantizerStateMixin):
             for _, stream in quantizer.streams:
                 if stream.observer.observed:
                     stream.observer.load(stream.statistics)  # loading clones
+
+    @property
+    def calibration_length(self) -> CalibrationLength | None:
+        """How long the calibration windows were: the longest one's tokens and how many windows.
+
+        Counted as caches of this quantizer calibrate (each row of a calibrating cache is one
+        window, its tokens those that cache took), saved with the state and loaded back;
+        ``None`` before any calibration, and for states that do not record it (saved before
+        it was recorded, imported from another tool). Loading a ``state_dict`` leaves it as it
+        was; :meth:`reset_statistics` forgets it.
+        """
+        return self._calibration_length
+
+    @property
+    def calibration_tokens(self) -> int | None:
+        """Tokens of the longest calibration window (:attr:`calibration_length`), or ``None`` when not recorded."""
+        length = self._calibration_length
+        return None if length is None else length.tokens_per_window
+
+    def _count_calibration(self, tokens: int, new_windows: int) -> None:
+        """A calibrating cache now holds ``tokens`` tokens per row, and began ``new_windows`` rows with this update."""
+        with self._calibration_lock:
+            known = self._calibration_length
+            self._calibration_length = CalibrationLength(
+                tokens_per_window=max(tokens, known.tokens_per_window if known else 0),
+                windows=new_windows + (known.windows if known else 0),
+            )
 
     @property
     def is_frozen(self) -> bool:
@@ -321,6 +387,7 @@ class KVQuantizer(QuantizerStateMixin):
         for quantizer in self.quantizers:
             quantizer.reset()
         self.mode = CacheMode.CALIBRATE
+        self._calibration_length = None
         return self
 
     # ------------------------------------------------------------------ what the layers hold

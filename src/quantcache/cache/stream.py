@@ -26,12 +26,14 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from quantcache.errors import CalibrationError, NonFiniteStateError
+from quantcache.ops.engine_numerics import EngineStream
 from quantcache.ops.granularity import Granularity
 from quantcache.ops.observers import (
     CenterObserver,
     Observer,
     QueryAwareCenterObserver,
     QueryMomentObserver,
+    RopeRadiusObserver,
     make_observer,
 )
 from quantcache.ops.packing import bits_per_slot, pack_codes, unpack_slots
@@ -59,7 +61,9 @@ __all__ = ["DYNAMIC_MSE_GRID", "QuantizeHook", "StreamName", "StreamQuantizer"]
 StreamName = Literal["key", "value"]
 DYNAMIC_MSE_GRID = 8
 """Shrink steps a dynamic ``mse`` stream tries per token unless ``observer_options.grid`` says otherwise."""
-QuantizeHook = Callable[["StreamQuantizer", torch.Tensor, torch.Tensor, QuantParams], None]
+QuantizeHook = Callable[["StreamQuantizer", torch.Tensor, torch.Tensor, "QuantParams | EngineStream"], None]
+"""``hook(stream, states, quantized, params)``; ``params`` is an :class:`EngineStream` where a cache stores what a
+serving engine would decode (:class:`~quantcache.cache.storage_layers.EngineLayerMixin`)."""
 
 
 class _FixedOnDevice(NamedTuple):
@@ -108,6 +112,12 @@ class StreamQuantizer:
         fresh.space = self.space.copy()
         fresh._fixed_by_device = {}
         return fresh
+
+    def set_rope_pairs(self, pairs: int) -> None:
+        """Tell a ``rope_radius`` stream the model's RoPE pairs (channel ``i`` with ``i + pairs``)."""
+        if not isinstance(self.observer, RopeRadiusObserver):
+            raise CalibrationError(f"{self.label}: only a rope_radius stream takes RoPE pairs")
+        self.observer.set_rope_pairs(pairs)
 
     # ------------------------------------------------------------------ statistics
     @property

@@ -12,6 +12,7 @@ recomputes from the model's hidden states (:mod:`quantcache.calibration.queries`
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 from quantcache.cache.cache import QuantizedCalibratingCache
 from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.cache.model_facts import CACHE_KEYWORD
+from quantcache.calibration.length_check import ContextLengthWarning, length_warning
 from quantcache.calibration.queries import observe_queries
 from quantcache.models.data import DataError
 from quantcache.progress import progress_bar
@@ -111,6 +113,7 @@ def calibrate(
     freeze: bool = True,
     progress: bool = True,
     cache: KVQuantizer | QuantizedCalibratingCache | None = None,
+    context: int | None = None,
 ) -> KVQuantizer:
     """Collect the KV statistics of ``data`` and return a (frozen) :class:`KVQuantizer`.
 
@@ -131,10 +134,17 @@ def calibrate(
         progress: show progress on stderr (tokens/s, ETA): a live bar on a terminal, a few
             plain lines when stderr is a file or a pipe.
         cache: the earlier name of ``quantizer``.
+        context: the longest context the model will serve with this calibration, if known. A scheme
+            whose key ranges do not hold past the calibration length (``quant_config.length_safe``
+            false: the seed) gets one :class:`~quantcache.calibration.length_check.ContextLengthWarning`
+            when the windows are a quarter of it or less (of ``max_position_embeddings`` without it).
 
     Returns:
         The quantizer holding the accumulated statistics, frozen unless ``freeze=False``;
-        ``quantizer.new_cache(storage=...)`` makes a cache for each conversation.
+        ``quantizer.new_cache(storage=...)`` makes a cache for each conversation. It records how long
+        the windows were (``quantizer.calibration_length``: the longest row's tokens, padding
+        included, and the number of rows, added to those of a ``quantizer`` continued from), which
+        ``save()`` writes with the state and ``quantcache evaluate`` takes as its default context.
 
     Raises:
         quantcache.models.data.DataError: (a ``ValueError``) for data of the wrong type, dtype or
@@ -144,6 +154,8 @@ def calibrate(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ValueError(f"context must be a positive integer (tokens) or None, got {context!r}")
     if cache is not None:
         if quantizer is not None:
             raise TypeError("pass the quantizer to continue from as quantizer= only (cache= is its earlier name)")
@@ -208,4 +220,8 @@ def calibrate(
     stats.detach_statistics()
     if freeze:
         stats.freeze()
+    longest = stats.calibration_tokens or 0
+    message = length_warning(stats.quant_config, getattr(model, "config", None), longest, context)
+    if message is not None:
+        warnings.warn(message, ContextLengthWarning, stacklevel=2)
     return stats

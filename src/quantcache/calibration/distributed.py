@@ -23,6 +23,7 @@ no-op around single-process calibration.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ from quantcache.cache.cache import QuantizedCalibratingCache
 from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.cache.stream import StreamName
 from quantcache.calibration.calibrate import calibrate
+from quantcache.calibration.length_check import ContextLengthWarning
 from quantcache.errors import QuantStateError
 from quantcache.ops.observers import QueryAwareCenterObserver
 from quantcache.scheme.args import Rounding
@@ -199,6 +201,7 @@ def all_reduce_statistics(
     shapes = torch.tensor(local, dtype=torch.int64, device=device)
     dist.all_reduce(shapes, op=dist.ReduceOp.MAX, group=group)
     largest, smallest = shapes[:2].tolist(), [-v for v in shapes[2:].tolist()]
+    _all_reduce_calibration_length(quantizer, device, group)
     if largest == [0, 0]:
         return cache  # no rank observed anything; freeze() will say so
     if largest != smallest:
@@ -260,6 +263,19 @@ def all_reduce_statistics(
     return cache
 
 
+def _all_reduce_calibration_length(
+    quantizer: KVQuantizer, device: torch.device, group: dist.ProcessGroup | None
+) -> None:
+    """Record the calibration length of all ranks together: every rank's windows, the longest window's tokens."""
+    known = quantizer.calibration_length
+    windows = torch.tensor([known.windows if known else 0], dtype=torch.int64, device=device)
+    tokens = torch.tensor([known.tokens_per_window if known else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(windows, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(tokens, op=dist.ReduceOp.MAX, group=group)
+    if int(windows) > 0 and int(tokens) > 0:
+        quantizer._count_calibration(int(tokens), int(windows) - (known.windows if known else 0))
+
+
 def calibrate_distributed(
     model: nn.Module,
     data: torch.Tensor | Iterable[torch.Tensor],
@@ -269,18 +285,25 @@ def calibrate_distributed(
     output: str | os.PathLike[str] | None = None,
     progress: bool = True,
     group: dist.ProcessGroup | None = None,
+    context: int | None = None,
 ) -> KVQuantizer:
     """Calibrate this rank's share of ``data``, all-reduce, freeze; rank 0 writes ``output``.
 
     Every rank passes the same ``data``; :func:`shard_batches` picks its batches. All ranks
     return the same frozen quantizer. ``output`` is written by rank 0 only, and every rank
-    waits for it, so a script may read the file right after this returns.
+    waits for it, so a script may read the file right after this returns. ``context`` is
+    :func:`~quantcache.calibration.calibrate.calibrate`'s (rank 0 alone warns).
     """
     rank = dist.get_rank(group) if _active(group) else 0
     world = dist.get_world_size(group) if _active(group) else 1
     mine = shard_batches(data, batch_size=batch_size, rank=rank, world_size=world)
     if mine:
-        cache = calibrate(model, mine, quant_config=quant_config, freeze=False, progress=progress and rank == 0)
+        with warnings.catch_warnings():
+            if rank != 0:  # one warning for the run, not one per process
+                warnings.simplefilter("ignore", ContextLengthWarning)
+            cache = calibrate(
+                model, mine, quant_config=quant_config, freeze=False, progress=progress and rank == 0, context=context
+            )
     else:
         cache = KVQuantizer(model, quant_config)
     all_reduce_statistics(cache, group=group)

@@ -117,6 +117,14 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="attention modules to keep in full precision; exclude wins over include",
     )
     quant.add_argument(
+        "--context",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="the longest context you will serve (default: the model's max_position_embeddings); a scheme whose "
+        "key ranges do not hold that far past --seq-len (the seed) gets a warning naming --preset c8",
+    )
+    quant.add_argument(
         "--batch-size", type=positive_int, default=1, metavar="B", help="windows per forward pass (default: 1)"
     )
     add_data_options(
@@ -207,13 +215,24 @@ def calibrate_and_write(args: argparse.Namespace, distributed: bool) -> int:
     calibration_start = time.perf_counter()
     if distributed:
         cache = calibrate_distributed(
-            model, windows, quant_config=config, batch_size=args.batch_size, progress=not args.quiet
+            model,
+            windows,
+            quant_config=config,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            context=args.context,
         )
         if not is_main_process():
             return EXIT_OK  # rank 0 writes the output set
     else:
         cache = calibrate(
-            model, windows, quant_config=config, batch_size=args.batch_size, freeze=True, progress=not args.quiet
+            model,
+            windows,
+            quant_config=config,
+            batch_size=args.batch_size,
+            freeze=True,
+            progress=not args.quiet,
+            context=args.context,
         )
     calibration_seconds = time.perf_counter() - calibration_start
     summary: dict[str, Any] = {

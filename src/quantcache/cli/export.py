@@ -45,6 +45,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
             "excluded layers for modelopt, a model without ModelOpt-quantized weights for modelopt."
         ),
         examples=(
+            "  quantcache calibrate --preset c8 -o runs/smollm2   # static INT8 ranges that hold at any length\n"
             "  quantcache export --scales runs/smollm2 --format ascend -o deploy/smollm2-c8\n"
             "  quantcache export --scales runs/qwen --model ~/models/Qwen3-8B --format vllm -o deploy/qwen-fp8\n"
             "  quantcache export --scales runs/qwen --model ~/models/Qwen3-8B --format vllm --strategy attn_head \\\n"

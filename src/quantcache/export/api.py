@@ -22,6 +22,7 @@ from quantcache.errors import InputError, QuantStateError
 from quantcache.ops.quantize import compute_qparams
 from quantcache.outputs import reporting_write_failures, write_failure_error
 from quantcache.scheme.config import KVQuantConfig
+from quantcache.scheme.settings import Engine
 
 from .checkpoint import (
     INDEX_FRAGMENT,
@@ -39,7 +40,7 @@ from .checkpoint import (
 from .common import ExportResult, KVFormat, KVState, UnsupportedSchemeError
 from .registry import FORMATS, get_format
 
-__all__ = ["ImportResult", "export_checkpoint", "import_checkpoint"]
+__all__ = ["ImportResult", "export_checkpoint", "import_checkpoint", "served_numerics"]
 
 
 @dataclass
@@ -116,6 +117,14 @@ def _note(fmt: KVFormat, kv: KVState, options: Any, result: ExportResult, tensor
     return "\n".join(lines) + "\n"
 
 
+LENGTH_UNSAFE_NOTE = (
+    "these static key ranges hold for the positions the calibration windows reached: keys served at later "
+    "positions leave them and clip (RoPE turns them). `quantcache calibrate --preset c8` writes the same format "
+    "with key ranges that hold at any context length"
+)
+"""The export's note on a state whose key ranges are not length-safe (see ``KVQuantConfig.length_safe``)."""
+
+
 def export_checkpoint(
     state: Any,
     destination: str | os.PathLike[str],
@@ -152,6 +161,8 @@ def export_checkpoint(
     kv = KVState.load(state)
     target = Path(destination)
     warnings = fmt.check(kv, chosen, None, None)
+    if not kv.config.length_safe:
+        warnings.append(LENGTH_UNSAFE_NOTE)
     source = _model_directory(model)
     if not scales_only and model is None:
         raise InputError(
@@ -209,6 +220,23 @@ def export_checkpoint(
             raise failure from error
         raise
     return result
+
+
+def served_numerics(state: Any, engine: str) -> tuple[Engine, list[str]]:
+    """The engine arithmetic ``evaluate --as engine`` applies to ``state``, after the export's refusals.
+
+    ``engine`` names an export format (``ascend``, ``vllm``, ``modelopt``); its ``numerics`` is what
+    is returned, so ``--as`` and ``export --format`` always agree on the engine. ``state`` is anything
+    :meth:`KVState.load` takes. A state the format could not write is refused exactly as ``export``
+    refuses it (:class:`QuantStateError` for a scheme no engine reads, :class:`UnsupportedSchemeError`
+    for one this format cannot carry), each naming the fix; the check uses the format's
+    ``widest_options`` (ascend: asymmetric states are accepted, as ``--allow-asymmetric`` writes
+    them). Returns ``(engine, warnings)``: the export's notes on what the engine does with the state.
+    """
+    fmt = get_format(engine)
+    kv = KVState.load(state)
+    warnings = fmt.check(kv, fmt.options(fmt.widest_options), None, None)
+    return fmt.numerics, warnings
 
 
 def _config_of(checkpoint: Path) -> Any:

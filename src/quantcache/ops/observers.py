@@ -32,6 +32,7 @@ __all__ = [
     "PercentileObserver",
     "QueryAwareCenterObserver",
     "QueryMomentObserver",
+    "RopeRadiusObserver",
     "SummedObserver",
     "make_observer",
     "query_aware_scale",
@@ -150,6 +151,49 @@ class MinMaxObserver(Observer):
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.statistics["min"], self.statistics["max"]
+
+
+class RopeRadiusObserver(MinMaxObserver):
+    """``minmax`` whose RoPE channel pairs take ``+-`` the largest radius seen (``rope_radius``).
+
+    RoPE turns each pair ``(i, i + pairs)`` of a head by an angle that grows with the
+    position; the radius ``sqrt(k_i^2 + k_{i+pairs}^2)`` is the one thing about the pair no
+    position changes, so ``[-r_max, r_max]`` on both channels holds at every position while a
+    per-channel ``[min, max]`` holds only for the angles calibration reached. Channels past
+    ``2 * pairs`` (partial rotary) keep their own ``[min, max]``. The statistics are the
+    seed's ``min``/``max`` fields, merged the same way, so states, exports and distributed
+    calibration read them unchanged. ``pairs`` (``rotary_dim / 2``) is the model's: the
+    quantizer sets it with :meth:`set_rope_pairs` before the first batch.
+    """
+
+    def __init__(self, args: QuantArgs) -> None:
+        super().__init__(args)
+        self.rope_pairs: int | None = None
+
+    def set_rope_pairs(self, pairs: int) -> None:
+        """Pair channel ``i`` with ``i + pairs`` (the rotate-half layout; ``pairs = rotary_dim / 2``)."""
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+            raise ValueError(f"rope pairs must be a positive integer, got {pairs!r}")
+        self.rope_pairs = pairs
+
+    def measure(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> Statistics:
+        if self.rope_pairs is None:
+            raise RuntimeError("rope_radius ranges need the model's RoPE pairs: the quantizer sets them")
+        pairs = self.rope_pairs
+        if 2 * pairs > states.shape[-1]:
+            raise ValueError(f"{2 * pairs} RoPE channels do not fit head_dim {states.shape[-1]}")
+        if mask is not None and not bool(mask.any()):
+            return {}
+        x = states.detach().float()
+        radius = torch.hypot(x[..., :pairs], x[..., pairs : 2 * pairs])
+        rest = x[..., 2 * pairs :]
+        low = torch.cat([-radius, -radius, rest], dim=-1)
+        high = torch.cat([radius, radius, rest], dim=-1)
+        if mask is not None:
+            keep = mask[:, None, :, None].to(states.device)
+            low = torch.where(keep, low, torch.inf)
+            high = torch.where(keep, high, -torch.inf)
+        return {"min": self.granularity.reduce(low, torch.amin), "max": self.granularity.reduce(high, torch.amax)}
 
 
 class SummedObserver(Observer):
@@ -432,4 +476,6 @@ def make_observer(args: QuantArgs) -> Observer:
         if args.rounding is Rounding.QUERY_AWARE:
             return QueryMomentObserver(args)
         return QueryAwareCenterObserver(args) if args.query_aware else CenterObserver(args)
+    if args.rope_radius:
+        return RopeRadiusObserver(args)
     return OBSERVERS[args.method](args)

@@ -23,7 +23,7 @@ import torch
 
 from quantcache.errors import ConfigError
 
-__all__ = ["RopeTable", "rope_frequencies"]
+__all__ = ["RopeTable", "rope_frequencies", "rope_pairs"]
 
 # Frequency schemes that do not change with the sequence length: transformers' own functions compute them.
 _FIXED_SCALED_TYPES = ("linear", "llama3", "yarn")
@@ -48,6 +48,31 @@ def _layer_parameters(config: Any, layer_type: str | None) -> dict[str, Any] | N
     return {"rope_theta": theta, **scaling, "rope_type": scaling.get("rope_type", scaling.get("type", "default"))}
 
 
+def _rotary_dim(config: Any, parameters: Mapping[str, Any]) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    return int(head_dim * factor)
+
+
+def rope_pairs(config: Any, layer_type: str | None = None) -> int:
+    """How many channel pairs ``(i, i + pairs)`` RoPE turns on layers of ``layer_type`` (``rotary_dim / 2``).
+
+    Whatever the frequencies (``dynamic`` and ``longrope`` included), a turn keeps each pair's
+    radius, which is all ``rope_radius`` ranges need. Raises :class:`ConfigError` when the
+    config declares no RoPE or the model turns interleaved pairs ``(2i, 2i + 1)``.
+    """
+    model_type = getattr(config, "model_type", None)
+    fix = "use a scheme without rope_radius for this model (its key ranges are then calibrated per channel)"
+    if model_type in _INTERLEAVED_MODELS:
+        raise ConfigError(f"rope_radius: {model_type} turns interleaved channel pairs, not supported here; {fix}")
+    parameters = _layer_parameters(config, layer_type)
+    if parameters is None:
+        raise ConfigError(
+            f"rope_radius: the {model_type or 'model'} config declares no rotary position embedding; {fix}"
+        )
+    return _rotary_dim(config, parameters) // 2
+
+
 def rope_frequencies(config: Any, layer_type: str | None = None) -> torch.Tensor:
     """The inverse frequencies ``(rotary_dim // 2,)`` (float32) of the RoPE on layers of ``layer_type``.
 
@@ -64,9 +89,7 @@ def rope_frequencies(config: Any, layer_type: str | None = None) -> torch.Tensor
         what = model_type or "model"
         raise ConfigError(f"pre_rope_keys: the {what} config declares no rotary position embedding; {fix}")
     rope_type = parameters.get("rope_type", "default")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    factor = parameters.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-    rotary_dim = int(head_dim * factor)
+    rotary_dim = _rotary_dim(config, parameters)
     if rope_type == "default":
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float32) / rotary_dim
         return 1.0 / (float(parameters["rope_theta"]) ** exponents)

@@ -110,6 +110,14 @@ class QuantArgs:
             three levels or, asymmetric, a zero point to store). For the near-Gaussian
             coordinates a rotation makes, four mid-rise levels give about a tenth less
             squared error than four around a zero, and store no zero point.
+        rope_radius: keys only, static, symmetric, ``minmax``, keys after RoPE (the cache's
+            ``pre_rope_keys`` off): each RoPE channel pair ``(i, i + rotary/2)`` of a head takes
+            the range ``+-max sqrt(k_i^2 + k_{i+rotary/2}^2)`` over the calibration tokens. RoPE
+            turns every pair by an angle that grows with the position and never changes its
+            radius, so no position can leave that range; a plain per-channel ``[min, max]`` only
+            holds for the angles calibration reached (the slow pairs turn a few degrees in a few
+            hundred tokens). The parameters keep the seed's format, so engines load them as they
+            are; channels RoPE does not turn keep their ``[min, max]``.
     """
 
     dtype: QuantDtype = QuantDtype.INT8
@@ -127,9 +135,11 @@ class QuantArgs:
     query_aware: bool = False
     rounding: Rounding = Rounding.NEAREST
     zero_level: bool = True
+    rope_radius: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "rope_radius", flag("rope_radius", self.rope_radius))
         set_(self, "zero_level", flag("zero_level", self.zero_level))
         set_(self, "rounding", enum_value(Rounding, "rounding", self.rounding))
         set_(self, "zero_point_format", enum_value(ZeroPointFormat, "zero_point_format", self.zero_point_format))
@@ -213,6 +223,33 @@ class QuantArgs:
                 )
                 + ": set symmetric: true and dynamic: true with an integer dtype, or leave zero_level out"
             )
+
+        if self.rope_radius:
+            wrong = [
+                reason
+                for reason, bad in (
+                    ("dynamic (set dynamic: false)", self.dynamic),
+                    ("asymmetric (set symmetric: true: a radius bounds both signs alike)", not self.symmetric),
+                    (f"method {self.method.value} (set method: minmax)", self.method is not QuantMethod.MINMAX),
+                    ("rotated (set rotation: none)", self.rotation is not Rotation.NONE),
+                )
+                if bad
+            ]
+            if wrong:
+                raise ConfigError(
+                    "qconfig.rope_radius: true sets a static, symmetric min/max range in the model's own space "
+                    "from each RoPE pair's radius; this stream is " + "; ".join(wrong)
+                )
+
+    @property
+    def length_safe(self) -> bool:
+        """Whether this stream's ranges hold at positions calibration never reached, as keys after RoPE.
+
+        Dynamic ranges follow every token; a ``rope_radius`` range is one RoPE cannot leave. A
+        plain static key range is calibrated on the angles the calibration positions reached
+        (keys quantized before RoPE, the cache's ``pre_rope_keys``, are safe whatever this says).
+        """
+        return self.dynamic or self.rope_radius
 
     @property
     def calibrates(self) -> bool:
@@ -310,6 +347,7 @@ class QuantArgs:
                 "query_aware": self.query_aware,
                 "rounding": self.rounding.value,
                 "zero_level": self.zero_level,
+                "rope_radius": self.rope_radius,
             }
         data: dict[str, Any] = {
             "scope": self.scope.value,
@@ -338,6 +376,8 @@ class QuantArgs:
             data["rounding"] = self.rounding.value
         if not self.zero_level:
             data["zero_level"] = False
+        if self.rope_radius:
+            data["rope_radius"] = True
         return data
 
     @classmethod

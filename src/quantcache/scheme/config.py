@@ -210,6 +210,16 @@ class KVQuantConfig:
                 "qconfig.value.query_aware: values are weighed by attention, not read by queries, so only keys "
                 "can be query-aware; set query_aware under qconfig.key (a flat query_aware applies to both streams)"
             )
+        if any(args.rope_radius for args in (self.value, *(o.value for o in overrides))):
+            raise ConfigError(
+                "qconfig.value.rope_radius: RoPE turns keys, not values, so only keys take ranges from RoPE pairs; "
+                "set rope_radius under qconfig.key (a flat rope_radius applies to both streams)"
+            )
+        if pre_rope_keys and any(args.rope_radius for args in (self.key, *(o.key for o in overrides))):
+            raise ConfigError(
+                "qconfig.key.rope_radius sets ranges RoPE cannot leave for keys after RoPE; with pre_rope_keys: true "
+                "the keys are quantized before RoPE and need no such range: drop one of the two"
+            )
         roundings = {args.rounding for args in (self.key, *(o.key for o in overrides))}
         if not pre_rope_keys and Rounding.QUERY_AWARE in roundings:
             raise ConfigError(
@@ -219,7 +229,8 @@ class KVQuantConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> KVQuantConfig:
-        """A named scheme (``seed``, ``int8``, ``fp8``, ``int4``, ``int3``, ``int2``; :mod:`quantcache.scheme.presets`).
+        """A named scheme (``seed``, ``c8``, ``int8``, ``fp8``, ``int4``, ``int3``, ``int2``; see
+        :mod:`quantcache.scheme.presets`).
 
         ``overrides`` replace fields (``exclude=[...]``, ``sink_tokens=0``, ``symmetric=False`` ...).
         """
@@ -323,6 +334,16 @@ class KVQuantConfig:
                 "calibrate without pre_rope_keys"
             )
         return problems
+
+    @property
+    def length_safe(self) -> bool:
+        """Whether every key stream's ranges hold at positions the calibration windows never reached.
+
+        Keys are the stream RoPE turns with the position: they are safe quantized before RoPE
+        (``pre_rope_keys``), dynamic, or with ``rope_radius`` ranges. Values do not turn.
+        """
+        keys = [args for _, stream, args in self.stream_schemes() if stream == "key"]
+        return self.pre_rope_keys or all(args.length_safe for args in keys)
 
     # ------------------------------------------------------------------ layer selection
     def is_quantized(self, module_name: str) -> bool:

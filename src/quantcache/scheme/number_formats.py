@@ -134,12 +134,8 @@ FORMATS: dict[QuantDtype, NumberFormat] = {
     QuantDtype.INT4: NumberFormat("int4", FormatKind.INTEGER, 4, -8, 7, "int8", 2),
     QuantDtype.INT3: NumberFormat("int3", FormatKind.INTEGER, 3, -4, 3, "int8", 8 / 3),
     QuantDtype.INT2: NumberFormat("int2", FormatKind.INTEGER, 2, -2, 1, "int8", 4),
-    QuantDtype.FP8_E4M3: NumberFormat(
-        "fp8_e4m3", FormatKind.FLOAT, 8, -_E4M3_MAX, _E4M3_MAX, "float8_e4m3fn", 1
-    ),
-    QuantDtype.FP8_E5M2: NumberFormat(
-        "fp8_e5m2", FormatKind.FLOAT, 8, -_E5M2_MAX, _E5M2_MAX, "float8_e5m2", 1
-    ),
+    QuantDtype.FP8_E4M3: NumberFormat("fp8_e4m3", FormatKind.FLOAT, 8, -_E4M3_MAX, _E4M3_MAX, "float8_e4m3fn", 1),
+    QuantDtype.FP8_E5M2: NumberFormat("fp8_e5m2", FormatKind.FLOAT, 8, -_E5M2_MAX, _E5M2_MAX, "float8_e5m2", 1),
 }
 
 

@@ -1,10 +1,11 @@
 """Named schemes: ``KVQuantConfig.preset(name)`` and ``quantcache calibrate --preset NAME``.
 
 ``seed`` is msModelSlim's ``dynamic_cache`` default exactly (static INT8 per-channel
-symmetric min/max). The others are the schemes that measured best per bit on text
-unlike the calibration text (README, "Measured quality per bit"); their effective bits
-per element (at 1024 tokens, SmolLM2) are counted by :mod:`quantcache.ops.bits`. The
-presets other than ``seed`` learn one mean per kv head and channel from calibration
+symmetric min/max). ``c8`` keeps its format (what serving engines load) and takes key
+ranges from RoPE pairs' radii (``rope_radius``), which hold at any context length. The
+others are the schemes that measured best per bit on text unlike the calibration text
+(docs/results.md); their effective bits per element (at 1024 tokens, SmolLM2) are counted
+by :mod:`quantcache.ops.bits`. These dynamic presets learn one mean per kv head and channel from calibration
 text (so they need calibration, as the seed does), keep the first token of every
 sequence, the attention sink, in full precision (``sink_tokens: 1``) and quantize keys
 as they were before RoPE (``pre_rope_keys``). The integer ones also weigh each key
@@ -60,6 +61,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "seed": (
         "msModelSlim dynamic_cache: static INT8, per-channel, symmetric, min/max (the default)",
         {},
+    ),
+    "c8": (
+        "static INT8 per-channel, symmetric, in msModelSlim's and the engines' format (exports to vLLM-Ascend C8 "
+        "and vLLM FP8); key ranges from each RoPE pair's radius, which no position can leave, so short "
+        "calibration text holds at any context length",
+        {"key": {"rope_radius": True}},
     ),
     "int8": (
         "INT8 per token (keys asymmetric, values symmetric), keys in groups of 32 channels with one-byte scales "

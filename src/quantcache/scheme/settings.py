@@ -20,6 +20,7 @@ __all__ = [
     "OBSERVER_OPTIONS",
     "STREAM_KEYS",
     "TOKEN_SCOPES",
+    "Engine",
     "ObserverOption",
     "QuantMethod",
     "QuantScope",
@@ -57,6 +58,21 @@ class Storage(str, Enum):
 
     FAKE = "fake"
     PACKED = "packed"
+
+
+class Engine(str, Enum):
+    """A serving engine whose KV-cache arithmetic a cache can reproduce (``quantizer.new_cache(engine=...)``).
+
+    Chosen per cache, like :class:`Storage`, never part of a scheme: the same frozen state is
+    measured under quantcache's own numerics or under an engine's (see
+    :mod:`quantcache.ops.engine_numerics`). Each value is also the name of the export format
+    that writes checkpoints for that engine (``quantcache export --format``), and each format
+    names the engine it writes for, so ``evaluate --as`` and ``export --format`` cannot drift.
+    """
+
+    ASCEND = "ascend"
+    VLLM = "vllm"
+    MODELOPT = "modelopt"
 
 
 class Rotation(str, Enum):
@@ -102,6 +118,7 @@ STREAM_KEYS = (
     "query_aware",
     "rounding",
     "zero_level",
+    "rope_radius",
 )
 """Keys of one stream's arguments in the YAML ``qconfig`` (the first four are msModelSlim's)."""
 

@@ -37,7 +37,7 @@ from schemes import DEFAULT_WIKITEXT
 from torch import nn
 from transformers import DynamicCache
 
-from quantcache.cache.cache import CACHE_KEYWORD
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.models.loading import load_model
 
 INTRO = (

@@ -56,7 +56,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from quantcache.analysis.evaluation import evaluate
-from quantcache.cache.cache import CACHE_KEYWORD
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.models.data import DataError, TextSource, token_windows
 from quantcache.models.loading import load_model
 

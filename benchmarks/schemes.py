@@ -140,8 +140,11 @@ def calibration_windows(
 
 
 def calibrated(model: nn.Module, scheme: Scheme, windows: torch.Tensor) -> QuantizedCalibratingCache:
-    """A frozen, empty cache for ``scheme`` calibrated on ``windows``."""
-    return calibrate(model, windows, quant_config=scheme.config, progress=False)
+    """A frozen, empty cache for ``scheme`` calibrated on ``windows`` (a new cache of the quantizer ``calibrate``
+    returns; older releases returned the cache itself)."""
+    frozen = calibrate(model, windows, quant_config=scheme.config, progress=False)
+    new_cache = getattr(frozen, "new_cache", None)
+    return new_cache() if callable(new_cache) else frozen  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------------------- packed storage

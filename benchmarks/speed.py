@@ -64,7 +64,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from quantcache import QuantizedCalibratingCache
-from quantcache.cache.cache import CACHE_KEYWORD
+from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.models.loading import load_model
 

@@ -31,7 +31,7 @@ from transformers import DynamicCache
 
 from quantcache.cache.cache import QuantizationEvent, QuantizedCalibratingCache
 from quantcache.cache.kv_quantizer import KVQuantizer
-from quantcache.cache.model_facts import CACHE_KEYWORD
+from quantcache.cache.model_facts import CACHE_KEYWORD, text_config
 from quantcache.calibration.calibrate import _vocab_size, check_token_batch, model_device
 from quantcache.errors import CalibrationError
 from quantcache.progress import progress_bar
@@ -258,12 +258,7 @@ def _check_inputs(
             f"windows need at least 2 tokens (one to predict from, one to predict), got {windows.shape[1]}"
         )
     config = getattr(model, "config", None)
-    getter = getattr(config, "get_text_config", None)
-    try:
-        text_config = getter(decoder=True) if callable(getter) else config
-    except TypeError:  # older signature without ``decoder``
-        text_config = getter() if callable(getter) else config
-    num_layers = getattr(text_config, "num_hidden_layers", None)
+    num_layers = getattr(text_config(config), "num_hidden_layers", None) if config is not None else None
     if isinstance(num_layers, int) and num_layers != len(cache.layer_names):
         raise CalibrationError(
             f"the cache has {len(cache.layer_names)} layers but the model has {num_layers}; "

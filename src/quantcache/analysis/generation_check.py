@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from quantcache.analysis.evaluation import as_cache
 from quantcache.cache.cache import QuantizedCalibratingCache
 from quantcache.cache.kv_quantizer import KVQuantizer
-from quantcache.cache.model_facts import CACHE_KEYWORD
+from quantcache.cache.model_facts import CACHE_KEYWORD, max_positions
 from quantcache.calibration.calibrate import model_device
 from quantcache.errors import CalibrationError, DataError
 from quantcache.progress import progress_bar
@@ -360,7 +360,4 @@ def generation_check(
 
 def _position_limit(model: nn.Module) -> int | None:
     """The model's ``max_position_embeddings`` (``None`` when its config does not say)."""
-    config: Any = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) and limit > 0 else None
+    return max_positions(model)

@@ -455,10 +455,11 @@ def _warm_up(models: _Runners, contenders: Sequence[Contender], seed: int) -> No
     ids = _random_ids(models.eager, (1, WARM_UP_TOKENS), seed)
     for contender in contenders:
         runner = models.of(contender)
+        steps = 3 if contender.compiled else 2
         prefill_seconds(runner, contender.make(WARM_UP_TOKENS), ids)
-        cache = contender.make(WARM_UP_TOKENS + 4)
+        cache = contender.make(WARM_UP_TOKENS + steps)
         fill(cache, states, 1)
-        decode_step_seconds(runner, cache, 1, 3 if contender.compiled else 2, seed=seed)
+        decode_step_seconds(runner, cache, 1, steps, seed=seed)
 
 
 @dataclass

@@ -68,6 +68,14 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
         return getter()  # type: ignore[no-any-return]
 
 
+def max_positions(model_or_config: Any) -> int | None:
+    """The positions a model (or its config) takes, ``max_position_embeddings`` of its decoder; ``None`` when
+    the config does not say."""
+    config = getattr(model_or_config, "config", model_or_config)
+    limit = getattr(text_config(config), "max_position_embeddings", None) if config is not None else None
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+
+
 def attention_module_names(model: nn.Module, num_layers: int) -> list[str]:
     """Name of the attention module that owns each ``layer_idx``, as include/exclude see it.
 

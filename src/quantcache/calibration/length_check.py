@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantcache.cache.model_facts import max_positions
 from quantcache.scheme.config import KVQuantConfig
 
 __all__ = ["LENGTH_RATIO", "ContextLengthWarning", "length_warning"]
@@ -22,16 +23,6 @@ LENGTH_RATIO = 4
 
 class ContextLengthWarning(UserWarning):
     """A length-unsafe scheme calibrated on windows far shorter than the contexts it will serve."""
-
-
-def _max_positions(model_config: Any) -> int | None:
-    getter = getattr(model_config, "get_text_config", None)
-    try:
-        text_config = getter(decoder=True) if callable(getter) else model_config
-    except TypeError:  # older signature without ``decoder``
-        text_config = getter() if callable(getter) else model_config
-    value = getattr(text_config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def length_warning(
@@ -45,7 +36,7 @@ def length_warning(
     """
     if quant_config.length_safe or window_tokens < 1:
         return None
-    serving = context if context is not None else _max_positions(model_config)
+    serving = context if context is not None else max_positions(model_config)
     if serving is None or serving < LENGTH_RATIO * window_tokens:
         return None
     said = "the context you will serve" if context is not None else "the model's max_position_embeddings"

@@ -149,10 +149,10 @@ def model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, float]:
 def _check_seq_len(args: argparse.Namespace, model: Any) -> None:
     """Refuse windows longer than the model's position table before running them (the model
     would index past its rotary or learned positions and give garbage or fail deep inside)."""
-    config: Any = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    if isinstance(limit, int) and limit > 0 and args.seq_len > limit:
+    from quantcache.cache.model_facts import max_positions
+
+    limit = max_positions(model)
+    if limit is not None and args.seq_len > limit:
         raise InputError(
             f"--seq-len {args.seq_len} is longer than {args.model} can take ({limit} positions, "
             f"config.max_position_embeddings); pass --seq-len {limit} or less"

@@ -171,10 +171,10 @@ def check_sizes_and_presets(args: argparse.Namespace) -> list[str]:
 
 def _check_contexts(args: argparse.Namespace, model: Any) -> None:
     """Refuse contexts longer than the model's positions (it would read past its position table)."""
-    config: Any = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    if isinstance(limit, int) and limit > 0:
+    from quantcache.cache.model_facts import max_positions
+
+    limit = max_positions(model)
+    if limit is not None:
         too_long = [context for context in args.contexts if context > limit]
         if too_long:
             raise InputError(

@@ -220,10 +220,9 @@ def _default_context(args: argparse.Namespace, scales: Path, notes: list[str]) -
 
 
 def _max_positions(model: Any) -> int | None:
-    config: Any = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    return limit if isinstance(limit, int) and limit > 0 else None
+    from quantcache.cache.model_facts import max_positions
+
+    return max_positions(model)
 
 
 def _long_context(

@@ -1,4 +1,4 @@
-"""Effective bits per element (issue 7): hand-counted values, and the honest-count check against real bytes.
+"""Effective bits per element: hand-counted values, and the honest-count check against real bytes.
 
 Quality per bit is the claim every preset is judged by, so the bit count must be exact and must be what a
 cache really holds: codes, per-row parameters and flags, calibrated scales and zero points spread over the

@@ -1,4 +1,4 @@
-"""Centred dynamic schemes and the dynamic ``mse`` range search (issue 7).
+"""Centred dynamic schemes and the dynamic ``mse`` range search.
 
 ``center: true`` subtracts a calibrated mean of every (kv_head, channel) before a dynamic
 scheme quantizes and adds it back after; ``method: mse`` on a dynamic scheme clips each

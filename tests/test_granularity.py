@@ -1,4 +1,4 @@
-"""Granularity, the number-format table and the per-stream scheme (issue 6's new core modules).
+"""Granularity, the number-format table and the per-stream scheme.
 
 ``Granularity`` is the one place that knows which elements share a parameter; every other
 module trusts its ``param_shape``, ``reduce`` and ``broadcast`` to agree. They are checked here

@@ -1,4 +1,4 @@
-"""Observers behind the registry, and the quantizer's evaluation hook (issue 6).
+"""Observers behind the registry, and the quantizer's evaluation hook.
 
 An observer owns a stream's statistics: the registry must build the one the config's
 ``method`` names, ``merge`` must be the statistics of the union of observations (it is

@@ -1,4 +1,4 @@
-"""Packed storage (issue 8): a frozen cache that keeps codes returns exactly what fake quantization returns.
+"""Packed storage: a frozen cache that keeps codes returns exactly what fake quantization returns.
 
 The promise of ``storage="packed"`` is that it changes the bytes a cache holds and nothing else: for the
 same parameters, every key and value ``update`` hands to attention, and so every logit, is bit-identical
@@ -253,7 +253,7 @@ def test_packed_calibration_is_calibration(llama: PreTrainedModel) -> None:
 
 
 def test_a_packed_layer_refuses_the_states_it_stored_while_calibrating(llama: PreTrainedModel) -> None:
-    """Issue 8: fake and packed return the same keys and values. A cache frozen in place still holds
+    """Fake and packed return the same keys and values. A cache frozen in place still holds
     full-precision states from calibration, which fake keeps unquantized and packed cannot hold: packed
     refuses clearly (naming the way out) instead of returning something else, and its empty copy works."""
     cache = QuantizedCalibratingCache(llama, KVQuantConfig(), storage="packed")

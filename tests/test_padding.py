@@ -1,4 +1,4 @@
-"""Padding-aware calibration and the averaged-range observers, through the cache (issue 7).
+"""Padding-aware calibration and the averaged-range observers, through the cache.
 
 Real calibration data comes from a tokenizer as padded batches. ``update()`` sees no attention mask, so
 without help the pad positions' keys and values would enter the statistics and move the calibrated

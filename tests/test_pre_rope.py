@@ -1,4 +1,4 @@
-"""Keys quantized before RoPE (issue 7): ``pre_rope_keys`` turns keys back by their positions.
+"""Keys quantized before RoPE: ``pre_rope_keys`` turns keys back by their positions.
 
 The frequencies must be the model's own (checked against the modules Transformers
 builds, and against a layer's actual pre-RoPE projection), the positions must be each

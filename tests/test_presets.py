@@ -1,4 +1,4 @@
-"""Presets (issue 7): every named scheme is a valid config that runs end to end, fake and packed.
+"""Presets: every named scheme is a valid config that runs end to end, fake and packed.
 
 ``KVQuantConfig.preset(name)`` is what the CLI's ``--preset`` and the quality benchmark hand to users, so
 each name in :data:`quantcache.scheme.presets.PRESETS` must calibrate, freeze and drive every ``generate`` mode

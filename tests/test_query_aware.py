@@ -1,4 +1,4 @@
-"""Query-aware keys (issue 7): calibrated per-channel key scaling weighed by the queries that read them.
+"""Query-aware keys: calibrated per-channel key scaling weighed by the queries that read them.
 
 ``query_aware: true`` on a centred dynamic key stream scales every centred key channel by
 ``(query energy / key variance) ** (1 / 4)`` before quantizing and back after. It must:

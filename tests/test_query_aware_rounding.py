@@ -1,4 +1,4 @@
-"""Query-aware rounding of keys (issue 7): codes chosen per key for the logits, not per coordinate.
+"""Query-aware rounding of keys: codes chosen per key for the logits, not per coordinate.
 
 ``rounding: query_aware`` on a query-aware key stream rounds each key's coordinates in
 turn and feeds every rounding error forward through the calibrated queries' second

@@ -1,4 +1,4 @@
-"""Residual window (issue 7): the newest ``residual_window`` tokens are read back in full precision.
+"""Residual window: the newest ``residual_window`` tokens are read back in full precision.
 
 Every token is stored quantized when it arrives; a layer also keeps the full-precision
 states of its newest tokens and returns them in place of their stored ones, until that

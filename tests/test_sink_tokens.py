@@ -1,4 +1,4 @@
-"""Sink tokens (issue 7): the first ``sink_tokens`` tokens of a sequence stay in full precision.
+"""Sink tokens: the first ``sink_tokens`` tokens of a sequence stay in full precision.
 
 In full-attention layers they are stored unquantized (fake storage) or next to their
 placeholder rows (packed storage), left out of calibration statistics, followed by every

@@ -1,6 +1,6 @@
 """The state file (format version 2) can be trusted: damage and inconsistency never load.
 
-Issue 10 found states that loaded without a word although a byte was flipped or the
+Earlier releases had states that loaded without a word although a byte was flipped or the
 parameters contradicted the statistics. Two defences exist and each is tested on its
 own: the sha256 checksum (any flipped bit of the file is refused, fuzzed here over the
 whole file, header included) and the one validator, ``validate_state`` /

@@ -1,4 +1,4 @@
-"""Issue 10's trust rows outside the state file: faults are never masked, merges never lose data,
+"""Trust outside the state file: faults are never masked, merges never lose data,
 and hostile configs are refused fast.
 
 * Non-finite states: a NaN or Inf element handed to a frozen cache (or to the math, for every
@@ -200,7 +200,7 @@ def test_frozen_cache_update_keeps_non_finite_elements(
     bad: list[tuple[int, float]],
     stream: str,
 ) -> None:
-    """Issue 10 row 1 through the public path, for every format, granularity and the rotation: ``update`` of
+    """Faults are never masked, through the public path, for every format, granularity and the rotation: ``update`` of
     a frozen cache returns NaN/Inf where they came in (as a ``DynamicCache`` would) and, for every element
     that shares no per-token parameter or rotated vector with one, exactly what the all-finite states give."""
     frozen = frozen_caches[_name(args)]

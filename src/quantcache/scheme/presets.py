@@ -35,7 +35,7 @@ _DYNAMIC_CENTRED = {"dynamic": True, "center": True}  # a stream's: per-token ra
 _CENTRED = {**_DYNAMIC_CENTRED, **CACHE_SETTINGS}
 _SINK = "the first token in full precision; keys quantized before RoPE"
 _AWARE = "key channels weighed by calibrated query energy"
-_ROUNDED = "query_aware"  # keys' codes chosen for the logits under the calibrated queries (issue 7's sub-8-bit bars)
+_ROUNDED = "query_aware"  # keys' codes chosen for the logits under the calibrated queries
 _ROUNDS = "keys rounded for the logits the calibrated queries compute"
 
 

@@ -319,7 +319,7 @@ def generation_check(
     notes = [] if template else ["the tokenizer has no chat template: the prompts were plain User:/Assistant: text"]
     device = model_device(model)
     pad_token_id = _pad_token_id(model, tokenizer)
-    limit = _position_limit(model)
+    limit = max_positions(model)
     outcomes: list[PromptOutcome] = []
     was_training = model.training
     model.eval()
@@ -356,8 +356,3 @@ def generation_check(
             "decode fewer tokens (--generate N) or skip the check (--generate 0)"
         )
     return GenerationCheck(new_tokens=new_tokens, prompts=outcomes, chat_template=template, notes=notes)
-
-
-def _position_limit(model: nn.Module) -> int | None:
-    """The model's ``max_position_embeddings`` (``None`` when its config does not say)."""
-    return max_positions(model)

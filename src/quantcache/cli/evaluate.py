@@ -219,21 +219,16 @@ def _default_context(args: argparse.Namespace, scales: Path, notes: list[str]) -
         _note(args, notes, f"prefill of {args.prefill} tokens, half the context (--prefill P to choose)")
 
 
-def _max_positions(model: Any) -> int | None:
-    from quantcache.cache.model_facts import max_positions
-
-    return max_positions(model)
-
-
 def _long_context(
     args: argparse.Namespace, model: Any, tokenizer: Any, documents: list[str], cache: Any, notes: list[str]
 ) -> EvaluationResult | None:
     """The evaluation at LONG_FACTOR x the context on fewer windows, or ``None`` (with a note) when it cannot run."""
     from quantcache.analysis.evaluation import evaluate
+    from quantcache.cache.model_facts import max_positions
     from quantcache.models.data import token_windows as make_windows
 
     length = LONG_FACTOR * args.seq_len
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and length > limit:
         if limit <= args.seq_len:
             _note(args, notes, f"no longer-context line: the model takes {limit} positions, no more than the context")

@@ -13,6 +13,7 @@ import json
 import statistics
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from quantcache.analysis.speed import (
     kv_bytes,
     prefill_states,
 )
+from quantcache.cache import attention
 from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.cli import _steps
 
@@ -200,6 +202,41 @@ def test_compiled_twins_run_through_one_compiled_model_and_hold_what_eager_holds
         assert rows[f"{name} compiled"].error is None
 
 
+def test_code_reading_twins_run_with_the_quantcache_attention_and_the_others_without(
+    llama: PreTrainedModel, quantizers: dict[str, KVQuantizer]
+) -> None:
+    """``read_codes`` adds "NAME codes" after each packed contender; each runs with the attention it reads with
+    (seen by the attention function called), and the model is left with its own attention afterwards."""
+    contenders = default_contenders(llama, quantizers, "packed", static=False, read_codes=True)
+    assert [(c.name, c.reads_codes) for c in contenders] == [
+        ("DynamicCache", False),
+        ("seed packed", False),
+        ("seed codes", True),
+        ("int4 packed", False),
+        ("int4 codes", True),
+    ]
+    readers: dict[str, int] = {}
+    original = attention.code_attention
+
+    def counting(module: Any, query: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
+        kind = "codes" if hasattr(key, "quantcache_reader") else "states"
+        readers[kind] = readers.get(kind, 0) + 1
+        return original(module, query, key, *args, **kwargs)
+
+    before = llama.config._attn_implementation
+    try:
+        with patch.object(attention, "code_attention", counting):  # bench_speed registers the counting one
+            result = bench_speed(llama, contenders, contexts=[CONTEXT], batches=[1], steps=1, repeats=1)
+    finally:
+        attention.register_code_attention()
+    assert llama.config._attn_implementation == before == "sdpa"
+    assert [row.cache for row in result.rows] == [c.name for c in contenders]
+    assert all(row.error is None for row in result.rows)
+    assert readers.get("states", 0) == 0 and readers["codes"] > 0  # the others never went through it
+    with pytest.raises(ValueError, match="packed storage only"):
+        default_contenders(llama, quantizers, "fake", read_codes=True)
+
+
 def test_a_contender_out_of_memory_is_reported_not_fatal(llama: PreTrainedModel) -> None:
     def exhausted(max_tokens: int) -> Any:
         if max_tokens > 16 + 2:  # the warm-up passes; the real sizes do not
@@ -328,6 +365,7 @@ def test_scales_benches_a_saved_state(
         (["--batches", "0"], "--batches 0: a batch needs at least 1 row"),
         (["--presets", "seed", "int5"], "--presets int5: unknown preset; choose from seed"),
         (["--scales", "missing-dir"], "missing-dir"),
+        (["--read-codes", "--storage", "fake"], "--read-codes with --storage fake: attention reads codes from packed"),
     ],
 )
 def test_bad_input_exits_3_before_the_model_loads(

@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "QuantDtype": "scheme.args",
     "QuantMethod": "scheme.args",
     "QuantScope": "scheme.args",
+    "use_code_attention": "cache.attention",
     "calibrate": "calibration.calibrate",
     "evaluate": "analysis.evaluation",
     "load_model": "models.loading",
@@ -55,6 +56,7 @@ __all__ = [
     "calibrate",
     "evaluate",
     "load_model",
+    "use_code_attention",
 ]
 
 
@@ -73,6 +75,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static type checkers see the eager imports
     from .analysis.evaluation import evaluate
+    from .cache.attention import use_code_attention
     from .cache.cache import QuantizedCalibratingCache
     from .cache.kv_quantizer import CacheMode, KVQuantizer
     from .calibration.calibrate import calibrate

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
 
+from quantcache.cache.attention import ATTENTION_NAME, register_code_attention, set_attention
 from quantcache.cache.cache import QuantizedCalibratingCache
 from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.cache.model_facts import CACHE_KEYWORD
@@ -122,6 +123,9 @@ class Contender:
     make: Callable[[int], Any]
     compiled: bool = False
     """Run the model through ``torch.compile`` (one compiled model shared by every compiled contender)."""
+    reads_codes: bool = False
+    """Run the model with ``attn_implementation="quantcache"``, which reads the cache's codes
+    (:mod:`quantcache.cache.attention`); the others run with the model's own attention."""
 
 
 def compiled_twins(contenders: Sequence[Contender]) -> list[Contender]:
@@ -150,25 +154,44 @@ def static_contender(model: nn.Module) -> Contender | None:
     return Contender("StaticCache", "static", lambda max_tokens: StaticCache(config=config, max_cache_len=max_tokens))
 
 
-def quantized_contender(name: str, quantizer: KVQuantizer, storage: Storage | str) -> Contender:
-    """Caches of a frozen ``quantizer`` with ``storage`` (``"packed"`` codes or ``"fake"`` dequantized states)."""
+def quantized_contender(
+    name: str, quantizer: KVQuantizer, storage: Storage | str, *, read_codes: bool = False
+) -> Contender:
+    """Caches of a frozen ``quantizer`` with ``storage`` (``"packed"`` codes or ``"fake"`` dequantized states);
+    ``read_codes``: packed caches read by the attention from codes (``new_cache(read_codes=True)``)."""
     if not quantizer.is_frozen:
         raise ValueError(f"{name}: the quantizer is still calibrating; freeze it (or calibrate(..., freeze=True))")
-    return Contender(name, "quantized", lambda max_tokens: quantizer.new_cache(storage=storage))
+    return Contender(
+        name,
+        "quantized",
+        lambda max_tokens: quantizer.new_cache(storage=storage, read_codes=read_codes),
+        reads_codes=read_codes,
+    )
 
 
 def default_contenders(
-    model: nn.Module, quantizers: dict[str, KVQuantizer], storage: Storage | str, *, static: bool = True
+    model: nn.Module,
+    quantizers: dict[str, KVQuantizer],
+    storage: Storage | str,
+    *,
+    static: bool = True,
+    read_codes: bool = False,
 ) -> list[Contender]:
     """``DynamicCache``, ``StaticCache`` (when ``static`` and the model supports it), then one per quantizer.
 
-    Quantized contenders are named ``"<name> <storage>"`` (``"int4 packed"``).
+    Quantized contenders are named ``"<name> <storage>"`` (``"int4 packed"``); ``read_codes`` (packed
+    storage) adds ``"<name> codes"`` after each, the same cache read by the attention from codes.
     """
     storage_name = Storage(storage).value
+    if read_codes and Storage(storage) is not Storage.PACKED:
+        raise ValueError("attention reads codes from packed storage only: leave the storage at 'packed'")
     found = [dynamic_contender(model)]
     if static and (fixed := static_contender(model)) is not None:
         found.append(fixed)
-    found += [quantized_contender(f"{name} {storage_name}", q, storage) for name, q in quantizers.items()]
+    for name, quantizer in quantizers.items():
+        found.append(quantized_contender(f"{name} {storage_name}", quantizer, storage))
+        if read_codes:
+            found.append(quantized_contender(f"{name} codes", quantizer, storage, read_codes=True))
     return found
 
 
@@ -468,8 +491,12 @@ class _Runners:
 
     eager: nn.Module
     compiled: nn.Module | None = None
+    attention: str = "sdpa"
+    """The model's own attention implementation, which contenders that do not read codes run with."""
 
     def of(self, contender: Contender) -> nn.Module:
+        """The model to run ``contender`` with, set to the attention it reads with."""
+        set_attention(self.eager, ATTENTION_NAME if contender.reads_codes else self.attention)
         if not contender.compiled:
             return self.eager
         if self.compiled is None:
@@ -515,7 +542,10 @@ def bench_speed(
     meter = PeakMeter(device)
     rows: list[SpeedRow] = []
     total = len(contexts) * len(batches) * repeats * len(contenders)
-    models = _Runners(model)
+    config: Any = model.config
+    models = _Runners(model, attention=str(config._attn_implementation or "sdpa"))
+    if any(contender.reads_codes for contender in contenders):
+        register_code_attention()
     if any(contender.compiled for contender in contenders):
         models.compiled = torch.compile(model, backend=compile_backend, dynamic=True)  # type: ignore[assignment]
     bar = progress_bar(total, "bench", progress, unit="run", unit_scale=False)
@@ -523,6 +553,7 @@ def bench_speed(
         _warm_up(models, contenders, seed)
         _release(device, full=True)
         for context in contexts:
+            set_attention(model, models.attention)  # the reference prefill runs with the model's own attention
             states = prefill_states(model, context, seed=seed)
             for batch in batches:
                 rows += _measure(models, contenders, states, context, batch, steps, repeats, seed, meter, bar)
@@ -530,6 +561,7 @@ def bench_speed(
             _release(device, full=True)
     finally:
         bar.close()
+        set_attention(model, models.attention)
     return SpeedResult(rows=rows, steps=steps, repeats=repeats, peak_kind=meter.kind, settings=dict(settings or {}))
 
 

@@ -30,7 +30,13 @@ from transformers import DynamicCache, PretrainedConfig
 
 from quantcache.cache.kv_quantizer import CacheMode, KVQuantizer
 from quantcache.cache.layer import LayerQuantizer
-from quantcache.cache.storage_layers import EngineLayerMixin, QuantizingLayerMixin, layer_memory, quantizing_layer
+from quantcache.cache.storage_layers import (
+    EngineLayerMixin,
+    PackingLayerMixin,
+    QuantizingLayerMixin,
+    layer_memory,
+    quantizing_layer,
+)
 from quantcache.cache.stream import StreamName, StreamQuantizer
 from quantcache.errors import CalibrationError, ConfigError, QuantStateError
 from quantcache.ops.engine_numerics import EngineNumerics, EngineStream, FrozenStream, engine_numerics
@@ -87,6 +93,10 @@ class QuantizedCalibratingCache(DynamicCache):
             export writes it (:mod:`quantcache.ops.engine_numerics`). Needs a frozen quantizer with a
             scheme engines load (``KVQuantConfig.export_problems``) and fake storage; the state is
             read when the cache is made.
+        read_codes: with packed storage, ``update()`` returns the stored rows instead of decoded states,
+            for the attention function ``attn_implementation="quantcache"`` (:mod:`quantcache.cache.attention`,
+            :func:`quantcache.use_code_attention`), which reads the codes without decoding the history.
+            Other attention implementations cannot read them.
         **dynamic_cache_kwargs: passed on to ``DynamicCache`` (e.g. ``offloading``).
     """
 
@@ -98,6 +108,7 @@ class QuantizedCalibratingCache(DynamicCache):
         warn_unmatched: bool = True,
         storage: Storage | str | None = None,
         engine: Engine | str | EngineNumerics | None = None,
+        read_codes: bool = False,
         **dynamic_cache_kwargs: Any,
     ) -> None:
         if isinstance(source, KVQuantizer):
@@ -124,11 +135,19 @@ class QuantizedCalibratingCache(DynamicCache):
                     "in the model dtype: leave storage at 'fake' with engine="
                 )
             self.engine, streams = _engine_streams(quantizer, engine)
+        if read_codes and not packed:
+            raise ConfigError(
+                "read_codes=True reads packed codes: make the cache with storage='packed' (and no engine=)"
+            )
+        self.read_codes = read_codes
+        """Whether packed layers return their rows for ``attn_implementation="quantcache"`` (see the arguments)."""
         self.layers = [
             quantizing_layer(template, layer_quantizer, packed=packed, engine=self.engine is not None)
             for template, layer_quantizer in zip(quantizer.layer_templates, quantizer.quantizers, strict=True)
         ]
         for index, layer in enumerate(self.layers):
+            if isinstance(layer, PackingLayerMixin):
+                layer.reads_codes = read_codes
             if isinstance(layer, EngineLayerMixin) and index in streams:
                 layer.numerics, layer.engine_streams = self.engine, streams[index]
         self.layer_class_to_replicate = None  # every layer exists up front, one per quantizer
@@ -225,7 +244,11 @@ class QuantizedCalibratingCache(DynamicCache):
         again for new text. The copy shares the quantizer: its statistics keep accumulating.
         """
         fresh = QuantizedCalibratingCache(
-            self.quantizer, storage=self.storage, engine=self.engine, **self._dynamic_cache_kwargs
+            self.quantizer,
+            storage=self.storage,
+            engine=self.engine,
+            read_codes=self.read_codes,
+            **self._dynamic_cache_kwargs,
         )
         if self._on_quantize is not None:
             fresh.on_quantize = self._on_quantize

@@ -211,6 +211,7 @@ class KVQuantizer(QuantizerStateMixin):
         storage: Storage | str | None = None,
         *,
         engine: Engine | str | EngineNumerics | None = None,
+        read_codes: bool = False,
         **dynamic_cache_kwargs: Any,
     ) -> QuantizedCalibratingCache:
         """An empty cache for one conversation that quantizes (or, calibrating, observes) through this quantizer.
@@ -219,12 +220,17 @@ class KVQuantizer(QuantizerStateMixin):
         ``"packed"`` keeps codes (a fraction of the memory); both return the same keys and
         values. ``engine`` (``"ascend"``, ``"vllm"``, ``"modelopt"``) keeps instead what that serving
         engine would decode, with its arithmetic (:mod:`quantcache.ops.engine_numerics`; a frozen
-        quantizer with an exportable scheme only). ``dynamic_cache_kwargs`` go to ``DynamicCache``
+        quantizer with an exportable scheme only). ``read_codes`` (packed storage only) makes ``update()`` return
+        the stored rows for the attention function ``attn_implementation="quantcache"``
+        (:func:`quantcache.use_code_attention`), which reads codes instead of decoded states and is faster
+        at long contexts. ``dynamic_cache_kwargs`` go to ``DynamicCache``
         (e.g. ``offloading``). The cache shares this quantizer's parameters: no file I/O, nothing recomputed.
         """
         if KVQuantizer.cache_class is None:
             raise RuntimeError("quantcache.cache.cache is not imported; import quantcache.cache first")
-        return KVQuantizer.cache_class(self, storage=storage, engine=engine, **dynamic_cache_kwargs)
+        return KVQuantizer.cache_class(
+            self, storage=storage, engine=engine, read_codes=read_codes, **dynamic_cache_kwargs
+        )
 
     def __getstate__(self) -> dict[str, Any]:  # a lock cannot be copied or pickled: each copy gets its own
         state = self.__dict__.copy()

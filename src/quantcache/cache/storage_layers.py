@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from quantcache.cache.attention import CodeReader, ExactRows
 from quantcache.cache.growing_storage import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingLayerMixin, GrowingStorage
 from quantcache.cache.layer import LayerQuantizer
 from quantcache.cache.stream import QuantizeHook, StreamQuantizer
@@ -243,6 +244,9 @@ class PackingLayerMixin(QuantizingLayerMixin):
     """
 
     states_dtype: torch.dtype | None = None  # the model dtype the rows decode to
+    reads_codes = False
+    """Return the stored rows for ``attn_implementation="quantcache"`` (:mod:`quantcache.cache.attention`)
+    instead of decoded states; the cache sets it (``new_cache(storage="packed", read_codes=True)``)."""
     # The sink tokens' own full-precision (keys, values), each (batch, kv_heads, sinks, head_dim): their rows
     # hold codes too, so the layer's length and the base class's cropping and reordering stay as they are.
     _sinks: _StatePair | None = None
@@ -278,18 +282,58 @@ class PackingLayerMixin(QuantizingLayerMixin):
         stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
             key_rows, value_rows, *args, **kwargs
         )
-        keys = quantizer.key.decode(stored_keys, quantizer.decode_dtype(key_states.dtype))
-        # The rows returned end with the newest token: they start that many positions before the end.
-        keys = quantizer.keys_after_rope(keys, self._position() - keys.shape[2], key_states.dtype)
+        window = quantizer.residual_window
+        if self.reads_codes:
+            return self._reader(key_states, value_states, stored_keys, stored_values, window).handles()
+        keys = self._decoded_keys(stored_keys, key_states.dtype)
         values = quantizer.value.decode(stored_values, value_states.dtype)
         if self._sinks is not None:
             held = min(self._sinks[0].shape[2], keys.shape[2])
             keys[:, :, :held] = self._sinks[0][:, :, :held].to(keys.device)
             values[:, :, :held] = self._sinks[1][:, :, :held].to(values.device)
-        window = quantizer.residual_window
         if window:  # the decoded history is a fresh tensor: the window's states are written into it
             keys, values = self._read_through_window(key_states, value_states, keys, values, window, in_place=True)
         return keys, values
+
+    def _decoded_keys(self, stored_keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The stored key rows decoded, turned by RoPE where they were stored before it, in ``dtype``."""
+        quantizer = self.quantizer
+        assert quantizer is not None
+        keys = quantizer.key.decode(stored_keys, quantizer.decode_dtype(dtype))
+        # The rows returned end with the newest token: they start that many positions before the end.
+        return quantizer.keys_after_rope(keys, self._position() - keys.shape[2], dtype)
+
+    def _reader(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        stored_keys: torch.Tensor,
+        stored_values: torch.Tensor,
+        window: int,
+    ) -> CodeReader:
+        """The rows returned for attention from codes, with the full-precision rows that replace some of them."""
+        quantizer = self.quantizer
+        assert quantizer is not None
+        length = int(stored_keys.shape[2])
+        head = tail = None
+        if self._sinks is not None and min(self._sinks[0].shape[2], length):
+            held = min(self._sinks[0].shape[2], length)
+            head = ExactRows(self._sinks[0][:, :, :held], self._sinks[1][:, :, :held])
+        if window:  # as _read_through_window: the window's newest states replace their rows, then it is trimmed
+            self._keep_recent(key_states, value_states, window)
+            assert self._recent is not None
+            held = min(self._recent[0].shape[2], length - (0 if head is None else head.length))  # sinks are the head's
+            if held > 0:
+                tail = ExactRows(self._recent[0][:, :, -held:], self._recent[1][:, :, -held:])
+            self._trim_recent()
+        keys = None
+        if quantizer.key_rope is not None:  # a per-position turn cannot move to the query: decode the keys
+            keys = self._decoded_keys(stored_keys, key_states.dtype)
+            if head is not None:
+                keys[:, :, : head.length] = head.keys.to(keys)
+            if tail is not None:
+                keys[:, :, length - tail.length :] = tail.keys.to(keys)
+        return CodeReader(quantizer, stored_keys, stored_values, keys=keys, head=head, tail=tail)
 
     def _encode(self, stream: StreamQuantizer, states: torch.Tensor, sinks: int) -> torch.Tensor:
         """Packed rows of ``states``; the first ``sinks`` are placeholders (their states are kept apart)."""

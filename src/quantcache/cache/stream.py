@@ -36,7 +36,7 @@ from quantcache.ops.observers import (
     RopeRadiusObserver,
     make_observer,
 )
-from quantcache.ops.packing import bits_per_slot, pack_codes, unpack_slots
+from quantcache.ops.packing import CodeView, bits_per_slot, pack_codes, unpack_slots
 from quantcache.ops.quantize import (
     MID_RISE_ZERO_POINT,
     PreparedParams,
@@ -435,15 +435,12 @@ class StreamQuantizer:
             hook(self, states, self.decode(rows, states.dtype), params)
         return rows
 
-    def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Packed rows -> ``(batch, kv_heads, seq, head_dim)`` states in ``dtype`` (see :meth:`encode`).
+    def code_view(self, rows: torch.Tensor) -> CodeView:
+        """What packed ``rows`` ``(batch, kv_heads, seq, row_bytes)`` hold, as the parts decoding combines.
 
-        This runs over the whole history at every decode step, so it makes one float32
-        tensor in one pass (stored code minus ``offset + zero_point``: exact, both are
-        whole numbers) and scales it in a second. A static scheme's flagged rows become NaN
-        in that second pass, which adds NaN to them and ``-0.0`` to the others, every time:
-        asking first whether any flag is set would make the host wait for the device at
-        every step, and a masked fill would cost a pass of its own.
+        The stored codes are returned unconverted; everything else is float32. Both
+        :meth:`decode` and attention computed from the codes
+        (:mod:`quantcache.ops.code_attention`) read rows through this one view.
         """
         if self.expected_shape is None:
             raise CalibrationError(f"{self.label}: packed storage needs the model's (kv_heads, head_dim)")
@@ -451,32 +448,38 @@ class StreamQuantizer:
         code_bytes = self.code_bytes(head_dim)
         fmt = self.format
         offset = float(-fmt.qmin)
+        subtrahend: torch.Tensor | float | None = None
         if fmt.kind is FormatKind.FLOAT:  # float8 codes need no offset or zero point
-            view = self.granularity.grouped(rows[..., :code_bytes].view(fmt.storage_dtype).to(torch.float32))
-            stored = None
+            codes = self.granularity.grouped(rows[..., :code_bytes].view(fmt.storage_dtype).to(torch.float32))
         else:
-            stored = self.granularity.grouped(unpack_slots(rows[..., :code_bytes], fmt.bits, head_dim))
+            codes = self.granularity.grouped(unpack_slots(rows[..., :code_bytes], fmt.bits, head_dim))
         if self.dynamic:  # the row's own scale (and zero point) per group follow its codes
             grouped = self.args.scope is QuantScope.GROUP
             groups = self.granularity.groups(head_dim)
             start = code_bytes + self.args.scale_format.bits // 8 * groups
             scale = scale_from_bytes(rows[..., code_bytes:start], self.args.scale_format)
             scale = scale.unsqueeze(-1) if grouped else scale
-            if stored is not None:
-                subtrahend: torch.Tensor | float = offset + (0.0 if self.args.zero_level else MID_RISE_ZERO_POINT)
+            if fmt.kind is not FormatKind.FLOAT:
+                subtrahend = offset + (0.0 if self.args.zero_level else MID_RISE_ZERO_POINT)
                 if self.args.stores_zero_point:
                     stored_as = self.args.zero_point_format
                     zero_point = rows[..., start : start + stored_as.bits // 8 * groups].contiguous()
                     zero_point = zero_point.view(stored_as.storage_dtype).float()
                     subtrahend = (zero_point.unsqueeze(-1) if grouped else zero_point) + offset
-                view = torch.sub(stored, subtrahend)
-            view.mul_(scale)
-        else:
-            fixed = self._fixed_on(rows.device)
-            if stored is not None:
-                view = torch.sub(stored, fixed.subtrahend)
-            flagged = rows[..., -1].bool()
-            # NaN for a flagged row, -0.0 (which leaves every value, a signed zero too, as it is) for the others
-            poison = torch.where(flagged, torch.nan, -0.0).view(*flagged.shape, *([1] * (view.dim() - flagged.dim())))
-            view = torch.addcmul(poison, view, fixed.prepared.scale)
-        return self.space.inverse(self.granularity.ungrouped(view, head_dim), dtype)
+            return CodeView(codes, subtrahend, scale, None, head_dim)
+        fixed = self._fixed_on(rows.device)
+        if fmt.kind is not FormatKind.FLOAT:
+            subtrahend = fixed.subtrahend
+        flagged = rows[..., -1].bool()
+        # NaN for a flagged row, -0.0 (which leaves every value, a signed zero too, as it is) for the others
+        poison = torch.where(flagged, torch.nan, -0.0)
+        return CodeView(codes, subtrahend, fixed.prepared.scale, poison, head_dim)
+
+    def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Packed rows -> ``(batch, kv_heads, seq, head_dim)`` states in ``dtype`` (see :meth:`encode`).
+
+        This runs over the whole history at every decode step when attention reads states:
+        :meth:`CodeView.in_space`, then the space's inverse (rotation undone, channel scale
+        and center restored).
+        """
+        return self.space.inverse(self.code_view(rows).in_space(), dtype)

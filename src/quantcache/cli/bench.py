@@ -71,6 +71,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
             "  quantcache bench                                          # seed, int8, int4 at 2048 tokens, batch 1\n"
             "  quantcache bench --contexts 2048 8192 --batches 1 8 --presets seed int8 int4\n"
             "  quantcache bench --scales runs/smollm2 --storage fake --json bench.json\n"
+            "  quantcache bench --presets seed int4 --read-codes --contexts 8192   # attention from codes beside\n"
             "  quantcache bench --device cuda --dtype bfloat16 --json - | jq '.rows[].decode_ms'   # table to stderr"
         ),
     )
@@ -96,6 +97,12 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         choices=["packed", "fake"],
         default="packed",
         help="what the quantized caches keep: packed codes or dequantized states (default: packed)",
+    )
+    caches.add_argument(
+        "--read-codes",
+        action="store_true",
+        help="also measure each packed cache read by the attention from codes (attn_implementation "
+        "'quantcache', rows named 'NAME codes') beside the same cache returning decoded states",
     )
     caches.add_argument("--no-static", action="store_true", help="leave transformers' StaticCache out")
     caches.add_argument(
@@ -158,6 +165,11 @@ def check_sizes_and_presets(args: argparse.Namespace) -> list[str]:
     for batch in args.batches:
         if batch < 1:
             raise InputError(f"--batches {batch}: a batch needs at least 1 row; give --batches 1 or more")
+    if args.read_codes and args.storage != "packed":
+        raise InputError(
+            f"--read-codes with --storage {args.storage}: attention reads codes from packed caches only; "
+            "leave --storage at packed"
+        )
     args.contexts = list(dict.fromkeys(args.contexts))
     args.batches = list(dict.fromkeys(args.batches))
     if args.scales is not None:
@@ -220,7 +232,9 @@ def run(args: argparse.Namespace) -> int:
                 "seq_len": int(windows.shape[1]),
             },
         }
-    contenders = default_contenders(model, quantizers, args.storage, static=not args.no_static)
+    contenders = default_contenders(
+        model, quantizers, args.storage, static=not args.no_static, read_codes=args.read_codes
+    )
     if not args.no_static and not any(contender.kind == "static" for contender in contenders):
         note(args, "StaticCache left out: this transformers cannot build one for this model")
     if args.compile:
@@ -261,6 +275,7 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "storage": args.storage,
+        "read_codes": args.read_codes,
         "contexts": list(args.contexts),
         "batches": list(args.batches),
         "seed": args.seed,

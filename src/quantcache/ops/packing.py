@@ -18,9 +18,11 @@ selection, offloading) work on packed rows unchanged: they only index batch and 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["bits_per_slot", "pack_codes", "unpack_codes", "unpack_slots"]
+__all__ = ["CodeView", "bits_per_slot", "pack_codes", "unpack_codes", "unpack_slots"]
 
 
 def bits_per_slot(bits: int) -> int:
@@ -80,3 +82,53 @@ def unpack_slots(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, offset: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``uint8`` ``(..., count * bits / 8)`` -> float32 codes ``(..., count)``."""
     return torch.sub(unpack_slots(packed, bits, count), float(offset))
+
+
+class CodeView(NamedTuple):
+    """The parts of packed rows that decoding combines: ``(codes - subtrahend) * scale (+ poison)``, then the
+    stream space's inverse (:meth:`~quantcache.cache.stream.StreamQuantizer.decode`).
+
+    ``codes`` are the stored codes, ``(batch, kv_heads, seq, head_dim)`` (grouped:
+    ``(..., groups, group_size)``, padded): ``uint8`` as kept (integer formats, offset by ``-qmin``), or
+    float8 codes as a new float32 tensor.
+    A dynamic stream's ``scale`` and ``subtrahend`` are per row, ``(batch, kv_heads, seq, 1)``
+    (grouped: ``(..., groups, 1)``); a static stream's are its fixed parameters, shaped to broadcast.
+    ``subtrahend`` is ``None`` for float8 codes. ``poison`` ``(batch, kv_heads, seq)`` is a static stream's
+    row flag as a value to add, NaN for a row that held NaN or Inf and ``-0.0`` otherwise.
+    """
+
+    codes: torch.Tensor
+    subtrahend: torch.Tensor | float | None
+    scale: torch.Tensor
+    poison: torch.Tensor | None
+    head_dim: int
+
+    @property
+    def per_row(self) -> bool:
+        """Whether each row has its own scale (a dynamic stream) rather than the stream's fixed one."""
+        return self.poison is None
+
+    @property
+    def grouped(self) -> bool:
+        """Whether ``codes`` are in groups of channels, ``(..., groups, group_size)``."""
+        return self.codes.dim() == 5
+
+    def in_space(self) -> torch.Tensor:
+        """The rows as float32 ``(batch, kv_heads, seq, head_dim)`` in the quantizer's space (nothing undone).
+
+        One float32 tensor made in one pass (stored code minus ``offset + zero_point``: exact, both
+        whole numbers), scaled in a second; a static stream's flagged rows become NaN in that second
+        pass, which adds NaN to them and ``-0.0`` to the others, every time: asking first whether
+        any flag is set would make the host wait for the device, and a masked fill would cost a pass.
+        """
+        # float8 codes are already a new float32 tensor (scaled in place: this consumes the view)
+        values = self.codes if self.subtrahend is None else torch.sub(self.codes, self.subtrahend)
+        if self.poison is None:
+            values.mul_(self.scale)
+        else:
+            poison = self.poison.view(*self.poison.shape, *([1] * (values.dim() - self.poison.dim())))
+            values = torch.addcmul(poison, values, self.scale)
+        if self.grouped:
+            flat = values.flatten(-2)
+            return flat if flat.shape[-1] == self.head_dim else flat[..., : self.head_dim]
+        return values

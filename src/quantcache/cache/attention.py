@@ -1,0 +1,245 @@
+"""``attn_implementation="quantcache"``: attention that reads a packed cache's codes.
+
+A packed cache made with ``quantizer.new_cache(storage="packed", read_codes=True)`` does
+not decode its history in ``update()``: each layer returns its stored rows, marked with a
+:class:`CodeReader`, and the attention function registered here under ``"quantcache"``
+(Transformers' ``AttentionInterface``, with ``sdpa``'s masks) computes
+``softmax(q k^T / sqrt(d)) v`` from them (:mod:`quantcache.ops.code_attention`): the streams'
+rotations, channel scales and centers move to the query and the output, and per-row scales
+to the scores and probabilities. Sink tokens and the residual window, which the cache keeps
+in full precision, are a small exact block whose scores and weights replace their rows'.
+Keys quantized before RoPE (``pre_rope_keys``) cannot move their per-position turn to the
+query (it would be a turn per query and stored row), so they are decoded and turned as
+in ``update()``; their values are still read from codes.
+
+Every other input (a plain ``DynamicCache``, an unquantized or calibrating layer, fake
+storage) goes to Transformers' ``sdpa`` attention, so a model set to ``"quantcache"`` runs
+with any cache. Use::
+
+    quantcache.use_code_attention(model)
+    cache = quantizer.new_cache(storage="packed", read_codes=True)
+    model.generate(ids, past_key_values=cache, max_new_tokens=64)
+
+The result equals attention over the decoded states up to float rounding (computed in
+float32, float64 for a float64 model), not bit for bit: the sums run in another order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from quantcache.cache.layer import LayerQuantizer
+from quantcache.errors import ConfigError
+from quantcache.ops.code_attention import fold_query, key_scores, row_poison, unfold_output, value_mix
+
+__all__ = [
+    "ATTENTION_NAME",
+    "CodeReader",
+    "ExactRows",
+    "code_attention",
+    "register_code_attention",
+    "set_attention",
+    "use_code_attention",
+]
+
+ATTENTION_NAME = "quantcache"
+"""The name the attention function is registered under: ``attn_implementation="quantcache"``."""
+_READER = "quantcache_reader"  # the attribute that marks a layer's returned rows
+
+
+class ExactRows(NamedTuple):
+    """Full-precision ``(batch, kv_heads, tokens, head_dim)`` keys and values that replace some rows' codes."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[2])
+
+
+class CodeReader:
+    """What one packed layer holds for one attention call, and attention computed from it.
+
+    ``key_rows``/``value_rows`` are the ``(batch, kv_heads, seq, row_bytes)`` rows the layer
+    returned. ``head`` (sink tokens) and ``tail`` (the residual window) are the full-precision
+    states of its first and last rows, read instead of those rows' codes; ``keys`` the decoded
+    ``(batch, kv_heads, seq, head_dim)`` keys instead of the key rows, for keys quantized before
+    RoPE (``head`` and ``tail`` already in place).
+    """
+
+    def __init__(
+        self,
+        quantizer: LayerQuantizer,
+        key_rows: torch.Tensor,
+        value_rows: torch.Tensor,
+        *,
+        keys: torch.Tensor | None = None,
+        head: ExactRows | None = None,
+        tail: ExactRows | None = None,
+    ) -> None:
+        self.quantizer, self.key_rows, self.value_rows = quantizer, key_rows, value_rows
+        self.keys, self.head, self.tail = keys, head, tail
+        length = int(key_rows.shape[2])
+        self.coded = slice(0 if head is None else head.length, length - (0 if tail is None else tail.length))
+        """The rows read from their codes: between the head and the tail."""
+
+    @property
+    def codes(self) -> int:
+        """How many rows are read from their codes."""
+        return max(self.coded.stop - self.coded.start, 0)
+
+    def handles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``update()`` returns: the rows, each marked with this reader for :func:`code_attention`."""
+        key_handle, value_handle = self.key_rows.view_as(self.key_rows), self.value_rows.view_as(self.value_rows)
+        setattr(key_handle, _READER, self)
+        setattr(value_handle, _READER, self)
+        return key_handle, value_handle
+
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """``(batch, heads, n, head_dim)`` queries -> ``(batch, n, heads, head_dim)`` outputs in their dtype.
+
+        ``mask``: Transformers' ``(batch, 1, n, >= seq)`` boolean (True: attend) or additive float mask;
+        ``None`` means causal, the ``n`` queries being the newest positions.
+        """
+        batch, heads, n, head_dim = query.shape
+        kv_heads = int(self.key_rows.shape[1])
+        if heads % kv_heads:
+            raise ValueError(f"{heads} query heads cannot share {kv_heads} kv heads evenly")
+        group = heads // kv_heads
+        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+        stacked = query.to(compute).mul(scaling).reshape(batch, kv_heads, group * n, head_dim)
+        value_stream = self.quantizer.value
+        view = value_stream.code_view(self.value_rows[:, :, self.coded]) if self.codes else None
+        poison = None if view is None else row_poison(view)
+        scores, attends = _masked(self._scores(stacked, poison).view(batch, kv_heads, group, n, -1), mask, n)
+        probabilities = torch.softmax(scores, dim=-1)
+        if attends is not None:  # a query that may read nothing (padding) gets zeros, as from sdpa
+            probabilities = probabilities.masked_fill(~attends, 0.0)
+        probabilities = probabilities.view(batch, kv_heads, group * n, -1)
+        output = torch.zeros_like(stacked)
+        if view is not None:
+            coded = probabilities[..., self.coded]
+            output = unfold_output(value_mix(coded, view), coded.sum(-1, keepdim=True), value_stream.space)
+        if self.head is not None:
+            output = output + probabilities[..., : self.head.length] @ self.head.values.to(output)
+        if self.tail is not None:
+            output = output + probabilities[..., self.coded.stop :] @ self.tail.values.to(output)
+        return output.view(batch, heads, n, head_dim).transpose(1, 2).to(query.dtype).contiguous()
+
+    def _scores(self, stacked: torch.Tensor, value_poison: torch.Tensor | None) -> torch.Tensor:
+        """``(batch, kv_heads, n, seq)`` scores of the scaled, stacked queries against every row.
+
+        ``value_poison`` (a static value stream's flags over the coded rows) is added: a query that
+        reads a value row which held NaN gives NaN, as over decoded states.
+        """
+        if self.keys is not None:  # decoded (keys before RoPE), exact rows already in place
+            scores = stacked @ self.keys.to(stacked).transpose(-1, -2)
+            if value_poison is not None:
+                scores[..., self.coded] += value_poison
+            return scores
+        parts = []
+        if self.codes:
+            key_stream = self.quantizer.key
+            folded, from_center = fold_query(stacked, key_stream.space)
+            coded = key_scores(folded, key_stream.code_view(self.key_rows[:, :, self.coded]))
+            if from_center is not None:
+                coded = coded + from_center
+            parts.append(coded if value_poison is None else coded + value_poison)
+        if self.head is not None:
+            parts.insert(0, stacked @ self.head.keys.to(stacked).transpose(-1, -2))
+        if self.tail is not None:
+            parts.append(stacked @ self.tail.keys.to(stacked).transpose(-1, -2))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``scores`` ``(batch, kv_heads, group, n, seq)`` with masked positions at ``-inf`` (see
+    :meth:`CodeReader.attend`), and, for a boolean mask, which queries may read anything ``(batch, 1, 1, n, 1)``."""
+    seq = scores.shape[-1]
+    if mask is None:
+        if n == 1:
+            return scores, None
+        positions = torch.arange(seq, device=scores.device)
+        newest = torch.arange(seq - n, seq, device=scores.device)
+        return scores.masked_fill(positions[None, :] > newest[:, None], float("-inf")), None
+    if mask.dim() != 4 or mask.shape[-1] < seq or mask.shape[-2] != n:
+        raise ValueError(
+            f"an attention mask of shape {tuple(mask.shape)} does not fit {n} queries over {seq} cached tokens; "
+            "expected (batch, 1, queries, >= tokens), as Transformers' sdpa masks are"
+        )
+    mask = mask[..., :seq].unsqueeze(2)
+    if mask.dtype != torch.bool:
+        return scores + mask.to(scores.dtype), None
+    return scores.masked_fill(~mask, float("-inf")), mask.any(-1, keepdim=True)
+
+
+def code_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``"quantcache"`` attention function: from codes where ``key`` carries a :class:`CodeReader`, else ``sdpa``.
+
+    ``query`` is ``(batch, heads, n, head_dim)``; the output ``(batch, n, heads, head_dim)``, as
+    Transformers' attention functions return it. Soft-capped logits, attention sinks of the
+    model's own (``s_aux``) and dropout are not computed from codes and are refused.
+    """
+    reader = getattr(key, _READER, None)
+    if reader is None:
+        if key.dtype == torch.uint8:
+            raise ValueError(
+                "attention got packed rows that no quantcache layer marked; make the cache with "
+                "quantizer.new_cache(storage='packed', read_codes=True) and pass it as past_key_values"
+            )
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
+        raise ValueError(
+            "attention from codes computes plain softmax attention: this model soft-caps its logits, adds "
+            "attention sinks of its own or uses dropout; make the cache without read_codes=True"
+        )
+    if scaling is None:
+        scaling = float(query.shape[-1]) ** -0.5
+    return reader.attend(query, attention_mask, scaling), None
+
+
+def register_code_attention() -> None:
+    """Register :func:`code_attention` (and ``sdpa``'s masks) under ``"quantcache"`` with Transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, code_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def use_code_attention(model: nn.Module) -> nn.Module:
+    """Register the attention function and set ``model`` to use it; returns ``model``.
+
+    Layers whose cache returns states (any cache but a packed one made with
+    ``read_codes=True``) keep ``sdpa``'s results.
+    """
+    register_code_attention()
+    return set_attention(model, ATTENTION_NAME)
+
+
+def set_attention(model: nn.Module, name: str) -> nn.Module:
+    """Set ``model``'s attention implementation to ``name`` (``"sdpa"``, ``"quantcache"`` ...); returns ``model``."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(name)
+        return model
+    config: Any = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError("setting the attention implementation needs a Transformers model (a PreTrainedModel)")
+    config._attn_implementation = name
+    return model

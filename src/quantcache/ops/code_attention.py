@@ -1,0 +1,119 @@
+"""Attention read from packed codes: ``softmax(q k^T) v`` without decoding the history.
+
+A packed row decodes to ``v = inverse(x)`` with ``x = (codes - subtrahend) * scale`` in the
+quantizer's space (:class:`~quantcache.ops.packing.CodeView`) and ``inverse(x) = (x R) / a + m``
+(``R`` the stream's rotation, ``a`` its channel scale, ``m`` its center; each optional,
+:class:`~quantcache.ops.stream_space.StreamSpace`). Both products attention takes with the
+history are linear in ``x``, so the space moves to the query and to the output, once per
+step instead of once per stored row:
+
+* scores: ``q . v_t = q . m + q' . x_t`` with ``q' = (q / a) R^T`` (:func:`fold_query`);
+* output: ``sum_t p_t v_t = ((sum_t p_t x_t) R) / a + m sum_t p_t`` (:func:`unfold_output`).
+
+And ``x_t`` is never formed where its scale folds too: a static stream's fixed scale
+``s`` (per channel, head or tensor) moves into the query (``q' . x_t = (q' * s) . codes_t -
+(q' * s) . subtrahend``) and onto the mixed output; a dynamic stream's per-row scale (one per
+token and kv head) multiplies the row's score, ``s_t (q' . codes_t - subtrahend_t sum(q'))``,
+and the row's probability. The codes are converted to float32 once, which is all a
+matrix product needs; a stream with groups of channels is scaled in its space first
+(:meth:`CodeView.in_space`), which still skips the rotation. Everything runs in the queries'
+dtype (float32, or float64 for a float64 model).
+
+A static stream's flagged rows (states that held NaN or Inf) add NaN to their scores, so
+every query that reads them gives NaN, as decoding them would. Shapes: queries are
+``(batch, kv_heads, n, head_dim)`` (a kv head's query heads and positions stacked in ``n``),
+rows ``(batch, kv_heads, seq, ...)``, scores and probabilities ``(batch, kv_heads, n, seq)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantcache.ops.packing import CodeView
+from quantcache.ops.stream_space import StreamSpace
+
+__all__ = ["fold_query", "key_scores", "row_poison", "unfold_output", "value_mix"]
+
+
+def _per_head(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(kv_heads, head_dim)`` space tensor as ``(1, kv_heads, 1, head_dim)`` on ``like``'s device and dtype."""
+    return tensor.to(device=like.device, dtype=like.dtype)[None, :, None]
+
+
+def fold_query(query: torch.Tensor, space: StreamSpace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(q', q . m)``: ``(batch, kv_heads, n, head_dim)`` float queries in the key stream's space, and the
+    ``(batch, kv_heads, n, 1)`` score every key gets from the center (``None`` without one)."""
+    from_center = None
+    if space.center is not None:
+        from_center = (query * _per_head(space.center, query)).sum(-1, keepdim=True)
+    if space.channel_scale is not None:
+        query = query / _per_head(space.channel_scale, query)
+    if space.rotation is not None:
+        query = query @ space.rotation.to(query.device, query.dtype).T
+    return query, from_center
+
+
+def _row_parameter(parameter: torch.Tensor | float) -> torch.Tensor | float:
+    """A per-row ``(batch, kv_heads, seq, 1)`` parameter as ``(batch, kv_heads, 1, seq)``, against scores."""
+    return parameter if isinstance(parameter, float) else parameter.squeeze(-1).unsqueeze(-2)
+
+
+def key_scores(folded: torch.Tensor, view: CodeView) -> torch.Tensor:
+    """``q' . x_t`` for every query and row: ``(batch, kv_heads, n, seq)`` in ``folded``'s dtype, flagged rows NaN."""
+    if view.grouped:
+        return folded @ view.in_space().to(folded.dtype).transpose(-1, -2)
+    codes = view.codes.to(folded.dtype).transpose(-1, -2)
+    if not view.per_row:  # the fixed scale into the query
+        weighted = folded * view.scale
+        scores = weighted @ codes
+        if view.subtrahend is not None:
+            scores = scores - (weighted * view.subtrahend).sum(-1, keepdim=True)
+        poison = row_poison(view)
+        return scores if poison is None else scores + poison
+    scores = folded @ codes
+    if view.subtrahend is not None:
+        scores = scores - folded.sum(-1, keepdim=True) * _row_parameter(view.subtrahend)
+    return scores * _row_parameter(view.scale)
+
+
+def row_poison(view: CodeView) -> torch.Tensor | None:
+    """A static stream's row flags as ``(batch, kv_heads, 1, seq)`` scores to add (NaN where a row held NaN/Inf)."""
+    return None if view.poison is None else view.poison.unsqueeze(-2)
+
+
+def value_mix(probabilities: torch.Tensor, view: CodeView) -> torch.Tensor:
+    """``sum_t p_t x_t``: ``(batch, kv_heads, n, head_dim)`` in the value stream's space and ``probabilities``' dtype.
+
+    A static stream's flagged rows are not NaN here: their poison goes into the scores
+    (:func:`row_poison`), which makes every probability of a query that reads them NaN.
+    """
+    if view.grouped:
+        return probabilities @ view.in_space().to(probabilities.dtype)
+    codes = view.codes.to(probabilities.dtype)
+    if not view.per_row:
+        mixed = probabilities @ codes
+        if view.subtrahend is not None:
+            mixed = mixed - probabilities.sum(-1, keepdim=True) * view.subtrahend
+        return mixed * view.scale
+    weights = probabilities * _row_parameter(view.scale)
+    mixed = weights @ codes
+    if view.subtrahend is None:
+        return mixed
+    if isinstance(view.subtrahend, float):
+        return mixed - weights.sum(-1, keepdim=True) * view.subtrahend
+    return mixed - weights @ view.subtrahend.to(weights.dtype)
+
+
+def unfold_output(mixed: torch.Tensor, probability_sum: torch.Tensor, space: StreamSpace) -> torch.Tensor:
+    """``sum_t p_t v_t`` in the model's space from :func:`value_mix`'s ``(batch, kv_heads, n, head_dim)``.
+
+    ``probability_sum`` ``(batch, kv_heads, n, 1)`` is ``sum_t p_t`` over the rows mixed (what the
+    center is weighed by).
+    """
+    if space.rotation is not None:
+        mixed = mixed @ space.rotation.to(mixed.device, mixed.dtype)
+    if space.channel_scale is not None:
+        mixed = mixed / _per_head(space.channel_scale, mixed)
+    if space.center is not None:
+        mixed = mixed + _per_head(space.center, mixed) * probability_sum
+    return mixed

@@ -1,0 +1,239 @@
+"""Attention read from packed codes (``attn_implementation="quantcache"``, ``read_codes=True``).
+
+The promise: the same attention as over the decoded states, up to float rounding. Checked for every
+number format x scope x symmetry x rotation of the packed matrix at the layer (against ``sdpa`` over
+the rows decoded), for every preset and a post-RoPE centred, query-aware scheme through whole models
+with full and sliding-window layers (prefill, chunks, single steps), through generation with padding,
+beams and assisted decoding, with NaN states, without a host synchronisation; and the refusals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import HEAD_DIM, KV_HEADS, build_model, generate_greedy
+from conftest import random_tokens as _tokens
+from test_host_sync import HostSyncTrap
+from test_packed import MATRIX, _scheme_id
+from transformers import DynamicCache, PreTrainedModel
+
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, calibrate, use_code_attention
+from quantcache.cache.attention import ATTENTION_NAME, CodeReader, code_attention
+from quantcache.cache.model_facts import CACHE_KEYWORD
+from quantcache.scheme.args import QuantArgs
+from quantcache.scheme.presets import PRESETS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+HEADS = 4  # query heads over KV_HEADS = 2: two query heads read each kv head
+# Post-RoPE keys, centred and query-aware: every fold (center, channel scale, rotation, per-row scale) on keys.
+POST_ROPE_CENTRED: dict[str, Any] = {
+    "dtype": "int4",
+    "scope": "per_token",
+    "dynamic": True,
+    "center": True,
+    "rotation": "hadamard",
+    "key": {
+        "dtype": "int4",
+        "scope": "per_token",
+        "dynamic": True,
+        "center": True,
+        "rotation": "hadamard",
+        "query_aware": True,
+        "symmetric": False,
+    },
+    "sink_tokens": 1,
+    "residual_window": 3,
+}
+SCHEMES: dict[str, dict[str, Any]] = {name: {"preset": name} for name in PRESETS} | {
+    "post-rope-centred": POST_ROPE_CENTRED
+}
+
+
+def _config(scheme: dict[str, Any]) -> KVQuantConfig:
+    return KVQuantConfig.preset(scheme["preset"]) if "preset" in scheme else KVQuantConfig(**scheme)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, PreTrainedModel]:
+    """float64 Llama and Gemma 3 set to the quantcache attention (their own: session models stay on sdpa)."""
+    return {arch: use_code_attention(build_model(arch).to(torch.float64)) for arch in ("llama", "gemma3")}
+
+
+def _pair(model: PreTrainedModel, scheme: dict[str, Any]) -> tuple[QuantizedCalibratingCache, ...]:
+    quantizer = calibrate(model, _tokens(2, 24, seed=3).long(), quant_config=_config(scheme), progress=False)
+    return quantizer.new_cache(storage="packed"), quantizer.new_cache(storage="packed", read_codes=True)
+
+
+def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+# ---------------------------------------------------------------------------- one layer, every packed scheme
+@pytest.mark.parametrize("args", MATRIX, ids=_scheme_id)
+def test_a_layer_attends_from_codes_as_sdpa_over_its_decoded_rows(args: QuantArgs) -> None:
+    """Prefill of 7 tokens then one step, GQA, batch 2: the outputs of both attentions agree to float32 rounding.
+
+    The decoded rows are float32 (what decoding computes), the attention from codes float64: what is left
+    is the decode's own rounding, far below any mistake in a fold (a wrong sign, scale or offset moves
+    outputs by 1e-2 or more).
+    """
+    model = build_model("llama")
+    config = KVQuantConfig(key=args, value=args)
+    cache = QuantizedCalibratingCache(model, config, storage="packed")
+    with torch.no_grad():
+        model(_tokens(2, 16, seed=1), **{CACHE_KEYWORD: cache})
+    state = cache.freeze().state_dict()
+    reading = QuantizedCalibratingCache(model, config, storage="packed", read_codes=True)
+    reading.load_state_dict(state)
+    if not reading.is_frozen:
+        reading.freeze()
+    generator = torch.Generator().manual_seed(5)
+    for tokens in (7, 1):
+        keys = torch.randn(2, KV_HEADS, tokens, HEAD_DIM, generator=generator, dtype=torch.float64)
+        values = torch.randn(2, KV_HEADS, tokens, HEAD_DIM, generator=generator, dtype=torch.float64)
+        key_rows, value_rows = reading.update(keys, values, 0)
+        reader: CodeReader = key_rows.quantcache_reader  # type: ignore[attr-defined]
+        query = torch.randn(2, HEADS, tokens, HEAD_DIM, generator=generator, dtype=torch.float64)
+        got, _ = code_attention(model.model.layers[0].self_attn, query, key_rows, value_rows, None, scaling=0.3)
+        decoded_keys = reader.quantizer.key.decode(reader.key_rows, torch.float64)
+        decoded_values = reader.quantizer.value.decode(reader.value_rows, torch.float64)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, decoded_keys, decoded_values, is_causal=tokens > 1, scale=0.3, enable_gqa=True
+        ).transpose(1, 2)
+        assert got.shape == expected.shape == (2, tokens, HEADS, HEAD_DIM) and got.dtype == torch.float64
+        assert _relative(got, expected) < 1e-5
+
+
+# ---------------------------------------------------------------------------- whole models
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("name", sorted(SCHEMES))
+def test_a_model_reading_codes_gives_the_logits_of_decoded_states(
+    models: dict[str, PreTrainedModel], arch: str, name: str
+) -> None:
+    """A 20-token prefill, an 8-token chunk and single steps past int4's 24-token window and Gemma 3's
+    8-token sliding window, with sink tokens and residual windows as each scheme has them."""
+    model = models[arch]
+    decoded, reading = _pair(model, SCHEMES[name])
+    ids = _tokens(2, 34, seed=4)
+    with torch.inference_mode():
+        for start, end in ((0, 20), (20, 28), *((t, t + 1) for t in range(28, 34))):
+            expected = model(ids[:, start:end], use_cache=True, **{CACHE_KEYWORD: decoded}).logits
+            got = model(ids[:, start:end], use_cache=True, **{CACHE_KEYWORD: reading}).logits
+            assert _relative(got, expected) < 1e-6, (start, end)
+
+
+def test_keys_before_rope_are_decoded_and_values_read_from_codes(models: dict[str, PreTrainedModel]) -> None:
+    """int4 quantizes keys before RoPE: its reader holds decoded keys; the seed's reads both from codes."""
+    model = models["llama"]
+    for preset, decodes_keys in (("int4", True), ("seed", False)):
+        _, reading = _pair(model, {"preset": preset})
+        states = torch.randn(1, KV_HEADS, 5, HEAD_DIM, dtype=torch.float64)
+        key_rows, _ = reading.update(states, states, 0)
+        reader: CodeReader = key_rows.quantcache_reader  # type: ignore[attr-defined]
+        assert (reader.keys is not None) == decodes_keys
+        assert key_rows.dtype == torch.uint8 and key_rows.data_ptr() == reading.layers[0].keys.data_ptr()
+
+
+MODES = {"greedy": {}, "beams": {"num_beams": 2}, "assisted": {"assistant_model": "self"}}
+
+
+@pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
+@pytest.mark.parametrize("name", ["seed", "int4"])
+def test_generation_reading_codes_equals_generation_over_decoded_states(
+    models: dict[str, PreTrainedModel], name: str, mode: dict[str, Any]
+) -> None:
+    """A left-padded batch of two prompts (one prompt for assisted decoding, which takes no batch): the same
+    tokens, and logits to float rounding, through beams and crops."""
+    model = models["llama"]
+    decoded, reading = _pair(model, {"preset": name})
+    prompt = _tokens(2, 9, seed=6)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    settings = {**mode, "assistant_model": model} if "assistant_model" in mode else mode
+    if "assistant_model" in mode:
+        prompt, mask = prompt[:1], mask[:1]
+    expected = generate_greedy(model, decoded, prompt, attention_mask=mask, **settings)
+    got = generate_greedy(model, reading, prompt, attention_mask=mask, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    for got_logits, expected_logits in zip(got.logits, expected.logits, strict=True):
+        finite = torch.isfinite(expected_logits)
+        assert torch.equal(finite, torch.isfinite(got_logits))
+        assert _relative(got_logits[finite], expected_logits[finite]) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["seed", "int8", "int4"])
+def test_a_nan_state_poisons_the_queries_that_read_it(models: dict[str, PreTrainedModel], name: str) -> None:
+    """A NaN key or value in a row read from codes (past the sink, before int4's residual window): every
+    query of that batch row and kv head reads it and gives NaN, as over decoded states; the other batch row
+    stays finite and equal."""
+    model = models["llama"]
+    decoded, reading = _pair(model, {"preset": name})
+    module = model.model.layers[0].self_attn
+    for stream in ("key", "value"):
+        decoded_copy, reading_copy = decoded.empty_copy(), reading.empty_copy()
+        states = torch.randn(2, KV_HEADS, 30, HEAD_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+        dirty = states.clone()
+        dirty[1, 0, 4, 3] = float("nan")
+        keys, values = (dirty, states) if stream == "key" else (states, dirty)
+        expected_keys, expected_values = decoded_copy.update(keys, values, 0)
+        key_rows, value_rows = reading_copy.update(keys, values, 0)
+        query = torch.randn(2, HEADS, 1, HEAD_DIM, dtype=torch.float64)
+        got, _ = code_attention(module, query, key_rows, value_rows, None, scaling=0.25)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, expected_keys, expected_values, scale=0.25, enable_gqa=True
+        ).transpose(1, 2)
+        assert torch.equal(torch.isnan(got), torch.isnan(expected)), stream
+        assert torch.isnan(got[1, :, :2]).all() and torch.isfinite(got[0]).all()
+        assert _relative(got[0], expected[0]) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["seed", "int8", "int4"])
+def test_attention_from_codes_makes_no_host_synchronisation(models: dict[str, PreTrainedModel], name: str) -> None:
+    model = models["llama"]
+    _, reading = _pair(model, {"preset": name})
+    ids = _tokens(1, 30, seed=9)
+    with torch.inference_mode():
+        model(ids[:, :29], use_cache=True, **{CACHE_KEYWORD: reading})
+        with HostSyncTrap():
+            model(ids[:, 29:], use_cache=True, **{CACHE_KEYWORD: reading})
+
+
+# ---------------------------------------------------------------------------- any other cache, and refusals
+def test_other_caches_get_sdpa_exactly(models: dict[str, PreTrainedModel]) -> None:
+    """A model set to the quantcache attention gives sdpa's logits bit for bit with a DynamicCache."""
+    model = models["llama"]
+    ids = _tokens(1, 12, seed=10)
+    with torch.inference_mode():
+        got = model(ids, use_cache=True, **{CACHE_KEYWORD: DynamicCache()}).logits
+        model.config._attn_implementation = "sdpa"
+        try:
+            expected = model(ids, use_cache=True, **{CACHE_KEYWORD: DynamicCache()}).logits
+        finally:
+            use_code_attention(model)
+    assert model.config._attn_implementation == ATTENTION_NAME
+    assert torch.equal(got, expected)
+
+
+def test_read_codes_needs_packed_storage(llama: PreTrainedModel) -> None:
+    quantizer = calibrate(llama, _tokens(1, 16, seed=2), progress=False)
+    with pytest.raises(ConfigError, match="storage='packed'"):
+        quantizer.new_cache(read_codes=True)
+    assert quantizer.new_cache(storage="packed", read_codes=True).empty_copy().read_codes
+
+
+def test_unmarked_rows_and_unsupported_attention_are_refused(models: dict[str, PreTrainedModel]) -> None:
+    model = models["llama"]
+    module = model.model.layers[0].self_attn
+    rows = torch.zeros(1, KV_HEADS, 3, HEAD_DIM + 1, dtype=torch.uint8)
+    query = torch.zeros(1, HEADS, 1, HEAD_DIM)
+    with pytest.raises(ValueError, match="read_codes=True"):
+        code_attention(module, query, rows, rows, None)
+    _, reading = _pair(model, {"preset": "seed"})
+    states = torch.zeros(1, KV_HEADS, 2, HEAD_DIM, dtype=torch.float64)
+    key_rows, value_rows = reading.update(states, states, 0)
+    for refused in ({"softcap": 30.0}, {"s_aux": torch.zeros(HEADS)}, {"dropout": 0.1}):
+        with pytest.raises(ValueError, match="soft-caps"):
+            code_attention(module, query.double(), key_rows, value_rows, None, **refused)

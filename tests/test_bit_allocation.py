@@ -137,7 +137,8 @@ def test_a_budget_below_every_mix_is_refused(llama: PreTrainedModel) -> None:
 
 def test_excluded_layers_count_sixteen_bits(llama: PreTrainedModel) -> None:
     base = KVQuantConfig(exclude=("model.layers.0.self_attn",))
-    with pytest.raises(ConfigError, match=r"scheme 'int4' under the base config: .*set pre_rope_keys: true"):
+    unrounded = r"scheme 'int4' under the base config: .*set rope_center: true \(or pre_rope_keys: true\)"
+    with pytest.raises(ConfigError, match=unrounded):
         suggest_bits(llama, _windows(1, 48, seed=2), budget=9, candidates=["int4"], base_config=base, progress=False)
     base = replace(base, pre_rope_keys=True)  # the int4 and int2 presets round their keys before RoPE
     result = suggest_bits(

@@ -10,6 +10,7 @@ beams and assisted decoding, with NaN states, without a host synchronisation; an
 from __future__ import annotations
 
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from test_packed import MATRIX, _scheme_id
 from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, calibrate, use_code_attention
+from quantcache.cache import attention
 from quantcache.cache.attention import ATTENTION_NAME, CodeReader, code_attention
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.scheme.args import QuantArgs
@@ -48,12 +50,20 @@ POST_ROPE_CENTRED: dict[str, Any] = {
     "residual_window": 3,
 }
 SCHEMES: dict[str, dict[str, Any]] = {name: {"preset": name} for name in PRESETS} | {
-    "post-rope-centred": POST_ROPE_CENTRED
+    "post-rope-centred": POST_ROPE_CENTRED,
+    # keys centred before RoPE, stored after it: read from codes with their turned center
+    **{
+        f"{name}-rope-center": {"preset": name, "pre_rope_keys": False, "rope_center": True}
+        for name in ("int8", "int4")
+    },
 }
 
 
 def _config(scheme: dict[str, Any]) -> KVQuantConfig:
-    return KVQuantConfig.preset(scheme["preset"]) if "preset" in scheme else KVQuantConfig(**scheme)
+    if "preset" not in scheme:
+        return KVQuantConfig(**scheme)
+    settings = {name: value for name, value in scheme.items() if name != "preset"}
+    return KVQuantConfig.preset(scheme["preset"], **settings)
 
 
 @pytest.fixture(scope="module")
@@ -110,26 +120,67 @@ def test_a_layer_attends_from_codes_as_sdpa_over_its_decoded_rows(args: QuantArg
 # ---------------------------------------------------------------------------- whole models
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", sorted(SCHEMES))
-def test_a_model_reading_codes_gives_the_logits_of_decoded_states(
+def test_every_layer_of_a_model_attends_from_codes_as_sdpa_over_the_decoded_states(
     models: dict[str, PreTrainedModel], arch: str, name: str
 ) -> None:
     """A 20-token prefill, an 8-token chunk and single steps past int4's 24-token window and Gemma 3's
-    8-token sliding window, with sink tokens and residual windows as each scheme has them."""
+    8-token sliding window, with sink tokens and residual windows as each scheme has them: at every layer
+    and step, with the model's own queries and masks, the attention from codes equals ``sdpa`` over the
+    states the same rows decode to (:meth:`CodeReader.states`, what ``update()`` returns without
+    ``read_codes``), and those states equal what a twin cache that decodes returns (the same rows, while
+    no code differs between the two; a code may round the other way once the outputs part by float
+    rounding, so later steps compare within each cache alone)."""
     model = models[arch]
     decoded, reading = _pair(model, SCHEMES[name])
     ids = _tokens(2, 34, seed=4)
+    seen: list[float] = []
+    original = attention.code_attention
+
+    def checking(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kwargs: Any):
+        got, weights = original(module, query, key, value, mask, **kwargs)
+        reader: CodeReader | None = getattr(key, "quantcache_reader", None)
+        if reader is None:  # the twin cache's states, through sdpa
+            return got, weights
+        keys, values = reader.states(query.dtype)
+        causal = mask is None and query.shape[2] > 1
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=causal, scale=kwargs.get("scaling"), enable_gqa=True
+        ).transpose(1, 2)
+        seen.append(_relative(got, expected))
+        return got, weights
+
+    try:
+        with patch.object(attention, "code_attention", checking), torch.inference_mode():
+            attention.register_code_attention()
+            for start, end in ((0, 20), (20, 28), *((t, t + 1) for t in range(28, 34))):
+                model(ids[:, start:end], use_cache=True, **{CACHE_KEYWORD: reading})
+                if start == 0:
+                    model(ids[:, start:end], use_cache=True, **{CACHE_KEYWORD: decoded})
+                    for twin, layer in zip(decoded.layers, reading.layers, strict=True):
+                        assert torch.equal(twin.keys, layer.keys) and torch.equal(twin.values, layer.values)
+    finally:
+        attention.register_code_attention()
+    assert len(seen) == 8 * len(model.model.layers) and max(seen) < 1e-6
+
+
+def test_a_model_reading_codes_gives_the_logits_of_decoded_states(models: dict[str, PreTrainedModel]) -> None:
+    """End to end on a prefill and three steps: the logits agree to float rounding."""
+    model = models["llama"]
+    decoded, reading = _pair(model, {"preset": "int4"})
+    ids = _tokens(2, 23, seed=4)
     with torch.inference_mode():
-        for start, end in ((0, 20), (20, 28), *((t, t + 1) for t in range(28, 34))):
+        for start, end in ((0, 20), (20, 21), (21, 22), (22, 23)):
             expected = model(ids[:, start:end], use_cache=True, **{CACHE_KEYWORD: decoded}).logits
             got = model(ids[:, start:end], use_cache=True, **{CACHE_KEYWORD: reading}).logits
             assert _relative(got, expected) < 1e-6, (start, end)
 
 
 def test_keys_before_rope_are_decoded_and_values_read_from_codes(models: dict[str, PreTrainedModel]) -> None:
-    """int4 quantizes keys before RoPE: its reader holds decoded keys; the seed's reads both from codes."""
+    """int4 quantizes keys before RoPE: its reader holds decoded keys; the seed's, and int4's with rope_center,
+    read both from codes."""
     model = models["llama"]
-    for preset, decodes_keys in (("int4", True), ("seed", False)):
-        _, reading = _pair(model, {"preset": preset})
+    for name, decodes_keys in (("int4", True), ("seed", False), ("int4-rope-center", False)):
+        _, reading = _pair(model, SCHEMES[name])
         states = torch.randn(1, KV_HEADS, 5, HEAD_DIM, dtype=torch.float64)
         key_rows, _ = reading.update(states, states, 0)
         reader: CodeReader = key_rows.quantcache_reader  # type: ignore[attr-defined]
@@ -141,14 +192,14 @@ MODES = {"greedy": {}, "beams": {"num_beams": 2}, "assisted": {"assistant_model"
 
 
 @pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
-@pytest.mark.parametrize("name", ["seed", "int4"])
+@pytest.mark.parametrize("name", ["seed", "int4", "int4-rope-center"])
 def test_generation_reading_codes_equals_generation_over_decoded_states(
     models: dict[str, PreTrainedModel], name: str, mode: dict[str, Any]
 ) -> None:
     """A left-padded batch of two prompts (one prompt for assisted decoding, which takes no batch): the same
     tokens, and logits to float rounding, through beams and crops."""
     model = models["llama"]
-    decoded, reading = _pair(model, {"preset": name})
+    decoded, reading = _pair(model, SCHEMES[name])
     prompt = _tokens(2, 9, seed=6)
     mask = torch.ones_like(prompt)
     mask[1, :3] = 0
@@ -164,13 +215,13 @@ def test_generation_reading_codes_equals_generation_over_decoded_states(
         assert _relative(got_logits[finite], expected_logits[finite]) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["seed", "int8", "int4"])
+@pytest.mark.parametrize("name", ["seed", "int8", "int4", "int4-rope-center"])
 def test_a_nan_state_poisons_the_queries_that_read_it(models: dict[str, PreTrainedModel], name: str) -> None:
     """A NaN key or value in a row read from codes (past the sink, before int4's residual window): every
     query of that batch row and kv head reads it and gives NaN, as over decoded states; the other batch row
     stays finite and equal."""
     model = models["llama"]
-    decoded, reading = _pair(model, {"preset": name})
+    decoded, reading = _pair(model, SCHEMES[name])
     module = model.model.layers[0].self_attn
     for stream in ("key", "value"):
         decoded_copy, reading_copy = decoded.empty_copy(), reading.empty_copy()
@@ -190,10 +241,10 @@ def test_a_nan_state_poisons_the_queries_that_read_it(models: dict[str, PreTrain
         assert _relative(got[0], expected[0]) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["seed", "int8", "int4"])
+@pytest.mark.parametrize("name", ["seed", "int8", "int4", "int4-rope-center"])
 def test_attention_from_codes_makes_no_host_synchronisation(models: dict[str, PreTrainedModel], name: str) -> None:
     model = models["llama"]
-    _, reading = _pair(model, {"preset": name})
+    _, reading = _pair(model, SCHEMES[name])
     ids = _tokens(1, 30, seed=9)
     with torch.inference_mode():
         model(ids[:, :29], use_cache=True, **{CACHE_KEYWORD: reading})
@@ -237,3 +288,30 @@ def test_unmarked_rows_and_unsupported_attention_are_refused(models: dict[str, P
     for refused in ({"softcap": 30.0}, {"s_aux": torch.zeros(HEADS)}, {"dropout": 0.1}):
         with pytest.raises(ValueError, match="soft-caps"):
             code_attention(module, query.double(), key_rows, value_rows, None, **refused)
+
+
+@pytest.mark.parametrize("name", ["seed", "int4-rope-center", pytest.param("int4", marks=pytest.mark.slow)])
+def test_a_decode_forward_reading_codes_compiles_as_one_graph_with_eager_logits(
+    models: dict[str, PreTrainedModel], name: str
+) -> None:
+    """The whole decode forward (every layer's ``update`` returning marked rows, and the attention from codes)
+    traces with ``fullgraph=True``, and two compiled steps give the logits of two eager steps on a twin cache."""
+    model = models["llama"]
+    _, compiled_cache = _pair(model, SCHEMES[name])
+    eager_cache = compiled_cache.empty_copy()
+    ids = _tokens(1, 31, seed=12)
+
+    def step(cache: QuantizedCalibratingCache, token: torch.Tensor) -> torch.Tensor:
+        return model(token, use_cache=True, **{CACHE_KEYWORD: cache}).logits
+
+    torch.compiler.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    try:
+        with torch.inference_mode():
+            for cache in (compiled_cache, eager_cache):
+                model(ids[:, :29], use_cache=True, **{CACHE_KEYWORD: cache})
+            for position in (29, 30):
+                got = compiled(compiled_cache, ids[:, position : position + 1])
+                assert torch.equal(got, step(eager_cache, ids[:, position : position + 1])), position
+    finally:
+        torch.compiler.reset()

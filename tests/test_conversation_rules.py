@@ -42,7 +42,7 @@ def test_bf16_keys_before_rope_get_the_codes_of_their_float32_values(pre_rope: K
     layer = pre_rope.quantizers[0]
     assert layer.key_rope is not None
     rounded = layer.key_rope.rotate(keys, 0, undo=True).float()
-    exact = layer.keys_before_rope(keys, 0)
+    exact = layer.keys_to_quantize(keys, 0)
     assert not torch.equal(layer.key.fake_quantize(rounded), layer.key.fake_quantize(exact))
 
 

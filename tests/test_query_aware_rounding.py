@@ -59,9 +59,10 @@ def test_rounding_is_refused_where_it_cannot_work() -> None:
         replace(CENTRED, rounding="query_aware")
     with pytest.raises(ConfigError, match=r"qconfig\.rounding: unsupported value 'best'; allowed: 'nearest', "):
         QuantArgs(rounding="best")
-    with pytest.raises(ConfigError, match="set pre_rope_keys: true"):
+    with pytest.raises(ConfigError, match=r"set rope_center: true \(or pre_rope_keys: true\)"):
         KVQuantConfig(key=ROUNDED, value=CENTRED)
-    with pytest.raises(ConfigError, match="set pre_rope_keys: true"):  # a per-layer override's keys too
+    # a per-layer override's keys too
+    with pytest.raises(ConfigError, match=r"set rope_center: true \(or pre_rope_keys: true\)"):
         KVQuantConfig(key=AWARE, value=CENTRED, layers=[{"include": ["*0*"], "qconfig": {"key": ROUNDED.to_dict()}}])
     with pytest.raises(ConfigError, match="only keys"):  # a flat setting reaches the values, which have no queries
         KVQuantConfig(**{**ROUNDED.to_dict(full=True), "pre_rope_keys": True})

@@ -118,6 +118,7 @@ def config_text(config: KVQuantConfig) -> str:
     extras = [f"sink_tokens {config.sink_tokens}"] if config.sink_tokens else []
     extras += [f"residual_window {config.residual_window}"] if config.residual_window else []
     extras += ["keys before RoPE"] if config.pre_rope_keys else []
+    extras += ["keys after RoPE around a turned center"] if config.rope_center else []
     extras += [f"{len(config.layers)} per-layer override(s)"] if config.layers else []
     exclude = ", ".join(config.exclude) or "-"
     return "; ".join([streams, *extras, f"include {', '.join(config.include)}", f"exclude {exclude}"])

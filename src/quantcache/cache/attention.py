@@ -10,7 +10,8 @@ to the scores and probabilities. Sink tokens and the residual window, which the 
 in full precision, are a small exact block whose scores and weights replace their rows'.
 Keys quantized before RoPE (``pre_rope_keys``) cannot move their per-position turn to the
 query (it would be a turn per query and stored row), so they are decoded and turned as
-in ``update()``; their values are still read from codes.
+in ``update()``; their values are still read from codes. Keys centred before RoPE but stored
+after it (``rope_center``) are read from codes, their turned center from the rows' angles.
 
 Every other input (a plain ``DynamicCache``, an unquantized or calibrating layer, fake
 storage) goes to Transformers' ``sdpa`` attention, so a model set to ``"quantcache"`` runs
@@ -33,7 +34,14 @@ from torch import nn
 
 from quantcache.cache.layer import LayerQuantizer
 from quantcache.errors import ConfigError
-from quantcache.ops.code_attention import fold_query, key_scores, row_poison, unfold_output, value_mix
+from quantcache.ops.code_attention import (
+    fold_query,
+    key_scores,
+    row_poison,
+    turned_center_scores,
+    unfold_output,
+    value_mix,
+)
 
 __all__ = [
     "ATTENTION_NAME",
@@ -65,7 +73,8 @@ class CodeReader:
     """What one packed layer holds for one attention call, and attention computed from it.
 
     ``key_rows``/``value_rows`` are the ``(batch, kv_heads, seq, row_bytes)`` rows the layer
-    returned. ``head`` (sink tokens) and ``tail`` (the residual window) are the full-precision
+    returned, the first of them at ``first_position`` in its sequence (where ``rope_center`` keys turn
+    their center). ``head`` (sink tokens) and ``tail`` (the residual window) are the full-precision
     states of its first and last rows, read instead of those rows' codes; ``keys`` the decoded
     ``(batch, kv_heads, seq, head_dim)`` keys instead of the key rows, for keys quantized before
     RoPE (``head`` and ``tail`` already in place).
@@ -76,12 +85,14 @@ class CodeReader:
         quantizer: LayerQuantizer,
         key_rows: torch.Tensor,
         value_rows: torch.Tensor,
+        first_position: int,
         *,
         keys: torch.Tensor | None = None,
         head: ExactRows | None = None,
         tail: ExactRows | None = None,
     ) -> None:
         self.quantizer, self.key_rows, self.value_rows = quantizer, key_rows, value_rows
+        self.first_position = first_position
         self.keys, self.head, self.tail = keys, head, tail
         length = int(key_rows.shape[2])
         self.coded = slice(0 if head is None else head.length, length - (0 if tail is None else tail.length))
@@ -98,6 +109,22 @@ class CodeReader:
         setattr(key_handle, _READER, self)
         setattr(value_handle, _READER, self)
         return key_handle, value_handle
+
+    def states(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(batch, kv_heads, seq, head_dim)`` keys and values in ``dtype`` that the rows stand for: what
+        ``update()`` returns without ``read_codes``, and what :meth:`attend` computes attention over."""
+        quantizer = self.quantizer
+        if self.keys is not None:
+            keys = self.keys.to(dtype, copy=True)
+        else:
+            decoded = quantizer.key.decode(self.key_rows, quantizer.decode_dtype(dtype))
+            keys = quantizer.keys_to_read(decoded, self.first_position, dtype)
+        values = quantizer.value.decode(self.value_rows, dtype)
+        for block, rows in ((self.head, slice(0, self.coded.start)), (self.tail, slice(self.coded.stop, None))):
+            if block is not None:
+                keys[:, :, rows] = block.keys.to(keys)
+                values[:, :, rows] = block.values.to(values)
+        return keys, values
 
     def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """``(batch, heads, n, head_dim)`` queries -> ``(batch, n, heads, head_dim)`` outputs in their dtype.
@@ -148,6 +175,11 @@ class CodeReader:
             coded = key_scores(folded, key_stream.code_view(self.key_rows[:, :, self.coded]))
             if from_center is not None:
                 coded = coded + from_center
+            rope = self.quantizer.key_rope
+            if self.quantizer.rope_center and rope is not None and key_stream.center is not None:
+                start = self.first_position + self.coded.start
+                cos, sin = rope.angles(start, start + self.codes, stacked.device)
+                coded = coded + turned_center_scores(stacked, key_stream.center, cos, sin)
             parts.append(coded if value_poison is None else coded + value_poison)
         if self.head is not None:
             parts.insert(0, stacked @ self.head.keys.to(stacked).transpose(-1, -2))

@@ -145,8 +145,8 @@ class KVQuantizer(QuantizerStateMixin):
         for quantizer in self.quantizers:
             quantizer.sink_tokens = self.quant_config.sink_tokens
             quantizer.residual_window = self.quant_config.residual_window
-        if self.quant_config.pre_rope_keys:
-            self._set_key_rope(decoder_config)
+        if self.quant_config.pre_rope_keys or self.quant_config.rope_center:
+            self._set_key_rope(decoder_config, turned_center=self.quant_config.rope_center)
         self._set_rope_pairs(decoder_config)
         self.mode = CacheMode.CALIBRATE
         self._calibration_length: CalibrationLength | None = None
@@ -171,22 +171,27 @@ class KVQuantizer(QuantizerStateMixin):
                     "a dynamic scheme's last group may be shorter)"
                 ) from None
 
-    def _set_key_rope(self, decoder_config: PretrainedConfig) -> None:
-        """Give every quantized layer its RoPE angles: one table per layer type, shared by its layers."""
+    def _set_key_rope(self, decoder_config: PretrainedConfig, *, turned_center: bool) -> None:
+        """Give every quantized layer its RoPE angles: one table per layer type, shared by its layers.
+
+        ``turned_center`` (``rope_center``): keys are stored after RoPE around their turned center.
+        """
+        setting = "rope_center" if turned_center else "pre_rope_keys"
         layer_types = getattr(decoder_config, "layer_types", None) or [None] * len(self.quantizers)
         tables: dict[str | None, RopeTable] = {}
         for quantizer, layer_type in zip(self.quantizers, layer_types, strict=False):
             if not quantizer.enabled:
                 continue
             if layer_type not in tables:
-                inv_freq = rope_frequencies(decoder_config, layer_type)
+                inv_freq = rope_frequencies(decoder_config, layer_type, setting)
                 if self.head_dim is not None and inv_freq.numel() * 2 > self.head_dim:
                     raise ConfigError(
-                        f"pre_rope_keys: the config's RoPE turns {inv_freq.numel() * 2} channels, more than "
-                        f"head_dim {self.head_dim}; set pre_rope_keys: false for this model"
+                        f"{setting}: the config's RoPE turns {inv_freq.numel() * 2} channels, more than "
+                        f"head_dim {self.head_dim}; set {setting}: false for this model"
                     )
                 tables[layer_type] = RopeTable(inv_freq)
             quantizer.key_rope = tables[layer_type]
+            quantizer.rope_center = quantizer.key.space.center_turns = turned_center
             quantizer.key.space.rope_frequencies = tables[layer_type].inv_freq  # what query-aware rounding averages
 
     def _set_rope_pairs(self, decoder_config: PretrainedConfig) -> None:

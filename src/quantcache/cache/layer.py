@@ -31,8 +31,9 @@ class LayerQuantizer:
 
     ``enabled`` is False for layers that the config's include/exclude leaves out (and
     for layers that store no KV of their own): those pass through untouched and
-    collect nothing. With :attr:`key_rope` set (``pre_rope_keys``), keys are observed
-    and quantized as they were before RoPE, and turned back after.
+    collect nothing. With :attr:`key_rope` set, keys are observed as they were before RoPE;
+    they are quantized there and turned back after (``pre_rope_keys``), or, with
+    :attr:`rope_center`, quantized after RoPE less their center turned to each position.
     """
 
     def __init__(
@@ -51,7 +52,8 @@ class LayerQuantizer:
         self.sink_tokens = 0  # the first tokens of a sequence, kept in full precision (the cache sets it)
         self.residual_window = 0  # the newest tokens, read back in full precision (the cache sets it)
         self.sink_only_updates = 0  # calibrating updates whose every token was a sink (so nothing was observed)
-        self.key_rope: RopeTable | None = None  # the layer's RoPE angles, when keys are quantized before RoPE
+        self.key_rope: RopeTable | None = None  # the layer's RoPE angles, when keys are centred before RoPE
+        self.rope_center = False  # keys stored after RoPE around the turned center (rope_center), else before it
         self.key = StreamQuantizer(f"layer {index} ({name}) keys", key_args, expected_shape)
         self.value = StreamQuantizer(f"layer {index} ({name}) values", value_args, expected_shape)
         self._merging = threading.Lock()
@@ -138,21 +140,43 @@ class LayerQuantizer:
             return 0
         return min(self.sink_tokens - start, new_tokens)
 
-    def keys_before_rope(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """``keys`` at positions ``start..`` as the quantizer sees them: turned back before RoPE when configured.
-
-        Turned keys come back in float32 whatever the model dtype (see :meth:`RopeTable.rotate`).
-        """
+    def keys_to_observe(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """``keys`` at positions ``start..`` as calibration sees them: turned back before RoPE where the keys are
+        centred there (``pre_rope_keys``, ``rope_center``), in float32 then; else as they are."""
         return keys if self.key_rope is None else self.key_rope.rotate(keys, start, undo=True, dtype=torch.float32)
 
-    def keys_after_rope(self, keys: torch.Tensor, start: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The inverse of :meth:`keys_before_rope`, in ``dtype`` (default: ``keys``'): what attention reads."""
+    def keys_to_quantize(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """``keys`` at positions ``start..`` as the key stream quantizes them once frozen.
+
+        Before RoPE (``pre_rope_keys``, float32); after RoPE less the center turned to each position
+        (``rope_center``, float32); else as they are.
+        """
+        if self.key_rope is None:
+            return keys
+        if not self.rope_center:
+            return self.key_rope.rotate(keys, start, undo=True, dtype=torch.float32)
+        return keys.float() - self.turned_center(start, keys.shape[2], keys.device)
+
+    def keys_to_read(self, keys: torch.Tensor, start: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The inverse of :meth:`keys_to_quantize`, in ``dtype`` (default: ``keys``'): what attention reads."""
         if self.key_rope is None:
             return keys if dtype is None else keys.to(dtype)
-        return self.key_rope.rotate(keys, start, dtype=dtype)
+        if not self.rope_center:
+            return self.key_rope.rotate(keys, start, dtype=dtype)
+        turned = keys.float() + self.turned_center(start, keys.shape[2], keys.device)
+        return turned.to(keys.dtype if dtype is None else dtype)
+
+    def turned_center(self, start: int, length: int, device: torch.device) -> torch.Tensor:
+        """``rope_center``: the key center turned to positions ``start..start+length-1``, ``(1, kv_heads, length,
+        head_dim)`` float32 (one row per position, the same for every batch row)."""
+        center = self.key.center
+        if self.key_rope is None or center is None:
+            raise CalibrationError(f"layer {self.index} ({self.name}): rope_center needs a frozen key center and RoPE")
+        rows = center.to(device)[None, :, None].expand(1, -1, length, -1)
+        return self.key_rope.rotate(rows, start, dtype=torch.float32)
 
     def decode_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        """The dtype packed keys decode to before :meth:`keys_after_rope`: float32 where RoPE is turned back."""
+        """The dtype packed keys decode to before :meth:`keys_to_read`: float32 where RoPE is turned."""
         return dtype if self.key_rope is None else torch.float32
 
     def process(
@@ -182,13 +206,13 @@ class LayerQuantizer:
             if not self.frozen:
                 self.sink_only_updates += 1
             return key_states, value_states
-        rest_keys = self.keys_before_rope(key_states[:, :, sinks:], start + sinks)
         rest_values = value_states[:, :, sinks:]
         if not self.frozen:
-            self.observe(rest_keys, rest_values)
+            self.observe(self.keys_to_observe(key_states[:, :, sinks:], start + sinks), rest_values)
             return key_states, value_states
+        rest_keys = self.keys_to_quantize(key_states[:, :, sinks:], start + sinks)
         keys, values = self.fake_quantize(rest_keys, rest_values, hook)
-        keys = self.keys_after_rope(keys, start + sinks, key_states.dtype)
+        keys = self.keys_to_read(keys, start + sinks, key_states.dtype)
         if sinks:
             keys = torch.cat([key_states[:, :, :sinks], keys], dim=2)
             values = torch.cat([value_states[:, :, :sinks], values], dim=2)

@@ -277,7 +277,7 @@ class PackingLayerMixin(QuantizingLayerMixin):
         sinks = quantizer.sinks_among(key_states.shape[2], start, keeps_sinks=self.keeps_sinks)
         if sinks:
             self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], start)
-        key_rows = self._encode(quantizer.key, quantizer.keys_before_rope(key_states, start), sinks)
+        key_rows = self._encode(quantizer.key, quantizer.keys_to_quantize(key_states, start), sinks)
         value_rows = self._encode(quantizer.value, value_states, sinks)
         stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
             key_rows, value_rows, *args, **kwargs
@@ -296,12 +296,12 @@ class PackingLayerMixin(QuantizingLayerMixin):
         return keys, values
 
     def _decoded_keys(self, stored_keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The stored key rows decoded, turned by RoPE where they were stored before it, in ``dtype``."""
+        """The stored key rows decoded as attention reads them (:meth:`LayerQuantizer.keys_to_read`), in ``dtype``."""
         quantizer = self.quantizer
         assert quantizer is not None
         keys = quantizer.key.decode(stored_keys, quantizer.decode_dtype(dtype))
         # The rows returned end with the newest token: they start that many positions before the end.
-        return quantizer.keys_after_rope(keys, self._position() - keys.shape[2], dtype)
+        return quantizer.keys_to_read(keys, self._position() - keys.shape[2], dtype)
 
     def _reader(
         self,
@@ -327,13 +327,14 @@ class PackingLayerMixin(QuantizingLayerMixin):
                 tail = ExactRows(self._recent[0][:, :, -held:], self._recent[1][:, :, -held:])
             self._trim_recent()
         keys = None
-        if quantizer.key_rope is not None:  # a per-position turn cannot move to the query: decode the keys
+        if quantizer.key_rope is not None and not quantizer.rope_center:  # a turn per row: decode the keys
             keys = self._decoded_keys(stored_keys, key_states.dtype)
             if head is not None:
                 keys[:, :, : head.length] = head.keys.to(keys)
             if tail is not None:
                 keys[:, :, length - tail.length :] = tail.keys.to(keys)
-        return CodeReader(quantizer, stored_keys, stored_values, keys=keys, head=head, tail=tail)
+        first = self._position() - length  # the position of the first row returned
+        return CodeReader(quantizer, stored_keys, stored_values, first, keys=keys, head=head, tail=tail)
 
     def _encode(self, stream: StreamQuantizer, states: torch.Tensor, sinks: int) -> torch.Tensor:
         """Packed rows of ``states``; the first ``sinks`` are placeholders (their states are kept apart)."""

@@ -10,6 +10,10 @@ step instead of once per stored row:
 * scores: ``q . v_t = q . m + q' . x_t`` with ``q' = (q / a) R^T`` (:func:`fold_query`);
 * output: ``sum_t p_t v_t = ((sum_t p_t x_t) R) / a + m sum_t p_t`` (:func:`unfold_output`).
 
+Keys stored after RoPE around a center turned to each position (``rope_center``) add
+``q . R_t m`` instead of ``q . m`` (:func:`turned_center_scores`): two small products with the
+rows' RoPE angles.
+
 And ``x_t`` is never formed where its scale folds too: a static stream's fixed scale
 ``s`` (per channel, head or tensor) moves into the query (``q' . x_t = (q' * s) . codes_t -
 (q' * s) . subtrahend``) and onto the mixed output; a dynamic stream's per-row scale (one per
@@ -32,7 +36,7 @@ import torch
 from quantcache.ops.packing import CodeView
 from quantcache.ops.stream_space import StreamSpace
 
-__all__ = ["fold_query", "key_scores", "row_poison", "unfold_output", "value_mix"]
+__all__ = ["fold_query", "key_scores", "row_poison", "turned_center_scores", "unfold_output", "value_mix"]
 
 
 def _per_head(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -44,8 +48,8 @@ def fold_query(query: torch.Tensor, space: StreamSpace) -> tuple[torch.Tensor, t
     """``(q', q . m)``: ``(batch, kv_heads, n, head_dim)`` float queries in the key stream's space, and the
     ``(batch, kv_heads, n, 1)`` score every key gets from the center (``None`` without one)."""
     from_center = None
-    if space.center is not None:
-        from_center = (query * _per_head(space.center, query)).sum(-1, keepdim=True)
+    if space.applied_center is not None:
+        from_center = (query * _per_head(space.applied_center, query)).sum(-1, keepdim=True)
     if space.channel_scale is not None:
         query = query / _per_head(space.channel_scale, query)
     if space.rotation is not None:
@@ -114,6 +118,28 @@ def unfold_output(mixed: torch.Tensor, probability_sum: torch.Tensor, space: Str
         mixed = mixed @ space.rotation.to(mixed.device, mixed.dtype)
     if space.channel_scale is not None:
         mixed = mixed / _per_head(space.channel_scale, mixed)
-    if space.center is not None:
-        mixed = mixed + _per_head(space.center, mixed) * probability_sum
+    if space.applied_center is not None:
+        mixed = mixed + _per_head(space.applied_center, mixed) * probability_sum
     return mixed
+
+
+def turned_center_scores(
+    query: torch.Tensor, center: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """``q . R_t m`` for every query and position ``t``: ``(batch, kv_heads, n, seq)`` (``rope_center`` keys).
+
+    ``center`` is the ``(kv_heads, head_dim)`` mean before RoPE; ``cos``/``sin`` ``(seq, r)`` the rows'
+    angles (:meth:`~quantcache.ops.rope.RopeTable.angles`). Pair ``(i, i + r)`` turned by ``a`` gives
+    ``q . R m = cos a (q_i m_i + q_j m_j) + sin a (q_j m_i - q_i m_j)``, so two ``(n, r) x (r, seq)``
+    products replace turning the center to every position; channels past ``2 r`` do not turn.
+    """
+    pairs = cos.shape[-1]
+    center = _per_head(center, query)
+    first, second = query[..., :pairs], query[..., pairs : 2 * pairs]
+    center_first, center_second = center[..., :pairs], center[..., pairs : 2 * pairs]
+    along = first * center_first + second * center_second
+    across = second * center_first - first * center_second
+    scores = along @ cos.to(query).T + across @ sin.to(query).T
+    if query.shape[-1] > 2 * pairs:
+        scores = scores + (query[..., 2 * pairs :] * center[..., 2 * pairs :]).sum(-1, keepdim=True)
+    return scores

@@ -479,3 +479,4 @@ def make_observer(args: QuantArgs) -> Observer:
     if args.rope_radius:
         return RopeRadiusObserver(args)
     return OBSERVERS[args.method](args)
+

@@ -73,7 +73,7 @@ def rope_pairs(config: Any, layer_type: str | None = None) -> int:
     return _rotary_dim(config, parameters) // 2
 
 
-def rope_frequencies(config: Any, layer_type: str | None = None) -> torch.Tensor:
+def rope_frequencies(config: Any, layer_type: str | None = None, setting: str = "pre_rope_keys") -> torch.Tensor:
     """The inverse frequencies ``(rotary_dim // 2,)`` (float32) of the RoPE on layers of ``layer_type``.
 
     Raises :class:`ConfigError` where keys cannot be taken back before RoPE: the config
@@ -81,13 +81,13 @@ def rope_frequencies(config: Any, layer_type: str | None = None) -> torch.Tensor
     ``longrope``), or the model turns interleaved channel pairs.
     """
     model_type = getattr(config, "model_type", None)
-    fix = "set pre_rope_keys: false for this model"
+    fix = f"set {setting}: false for this model"
     if model_type in _INTERLEAVED_MODELS:
-        raise ConfigError(f"pre_rope_keys: {model_type} turns interleaved channel pairs, not supported here; {fix}")
+        raise ConfigError(f"{setting}: {model_type} turns interleaved channel pairs, not supported here; {fix}")
     parameters = _layer_parameters(config, layer_type)
     if parameters is None:
         what = model_type or "model"
-        raise ConfigError(f"pre_rope_keys: the {what} config declares no rotary position embedding; {fix}")
+        raise ConfigError(f"{setting}: the {what} config declares no rotary position embedding; {fix}")
     rope_type = parameters.get("rope_type", "default")
     rotary_dim = _rotary_dim(config, parameters)
     if rope_type == "default":
@@ -95,7 +95,7 @@ def rope_frequencies(config: Any, layer_type: str | None = None) -> torch.Tensor
         return 1.0 / (float(parameters["rope_theta"]) ** exponents)
     if rope_type not in _FIXED_SCALED_TYPES:
         raise ConfigError(
-            f"pre_rope_keys: RoPE type {rope_type!r} is not supported (its frequencies depend on the sequence "
+            f"{setting}: RoPE type {rope_type!r} is not supported (its frequencies depend on the sequence "
             f"length, or are unknown here); supported: default, {', '.join(_FIXED_SCALED_TYPES)}; {fix}"
         )
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -160,6 +160,11 @@ class RopeTable:
         cos, sin = cos.reshape(-1, self.inv_freq.numel()), sin.reshape(-1, self.inv_freq.numel())
         skip = start - first * self.BLOCK
         return cos[skip : skip + end - start], sin[skip : skip + end - start]
+
+    def angles(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of positions ``start..end-1``, each ``(end - start, rotary/2)`` float32, as :meth:`rotate`
+        turns by (what a turned key's products with a query need, see :mod:`quantcache.ops.code_attention`)."""
+        return self._angles(start, end, device)
 
     def _angles_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of ``(batch, seq)`` integer positions, each ``(batch, 1, seq, rotary/2)``, float32.

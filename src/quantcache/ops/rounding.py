@@ -85,16 +85,24 @@ def query_model(moment: torch.Tensor, rank: int = QUERY_MODEL_RANK) -> QueryMode
 
 
 def rope_averaged_moment(
-    diag: torch.Tensor, factor: torch.Tensor, inv_freq: torch.Tensor, horizon: int = ROUNDING_HORIZON
+    diag: torch.Tensor,
+    factor: torch.Tensor,
+    inv_freq: torch.Tensor,
+    horizon: int = ROUNDING_HORIZON,
+    *,
+    turned: bool = False,
 ) -> torch.Tensor:
     """``M = sum_Δ w(Δ) R_Δ Q R_Δ^T`` ``(kv_heads, head_dim, head_dim)`` float64, ``Q = diag(diag) + factor factor^T``.
 
     ``R_Δ`` turns channel ``i < r`` with ``i + r`` (``r = rotary_dim / 2 = inv_freq.numel()``)
     by ``Δ * inv_freq[i]``, as :class:`~quantcache.ops.rope.RopeTable` does, and leaves the
-    channels past ``2 r`` alone; ``w(Δ) ∝ horizon - Δ`` counts the query-key pairs ``Δ``
-    apart in a ``horizon``-token context. Written as ``R_Δ = diag(c) + diag(s) P`` (``P``
-    swaps each channel with its partner, ``s`` carries the sign), the average needs only
-    the weighted products of the ``(horizon, head_dim)`` cosine and sine tables.
+    channels past ``2 r`` alone. A key quantized before RoPE meets a query turned by their
+    distance ``Δ``: ``w(Δ) ∝ horizon - Δ`` counts the query-key pairs ``Δ`` apart in a
+    ``horizon``-token context. A key quantized after RoPE (``turned``, ``rope_center``) meets a
+    query turned by the query's own position ``Δ``, which ``Δ + 1`` keys of the context read:
+    ``w(Δ) ∝ Δ + 1``. Written as ``R_Δ = diag(c) + diag(s) P`` (``P`` swaps each channel with
+    its partner, ``s`` carries the sign), the average needs only the weighted products of the
+    ``(horizon, head_dim)`` cosine and sine tables.
     """
     head_dim = diag.shape[-1]
     half = inv_freq.numel()
@@ -106,7 +114,8 @@ def rope_averaged_moment(
     partner = torch.arange(head_dim)
     partner[:half], partner[half : 2 * half] = torch.arange(half, 2 * half), torch.arange(half)
     distance = torch.arange(horizon, dtype=torch.float64)
-    weight = (horizon - distance) / (horizon - distance).sum()
+    counts = distance + 1 if turned else horizon - distance
+    weight = counts / counts.sum()
     angle = distance[:, None] * frequency[None]
     cos, sin = angle.cos(), angle.sin() * sign
     weighted_cos, weighted_sin = cos * weight[:, None], sin * weight[:, None]

@@ -36,13 +36,20 @@ class StreamSpace:
         self.center: torch.Tensor | None = None
         self.channel_scale: torch.Tensor | None = None
         self.query_model: QueryModel | None = None  # (diag, factor), see rounding.py
-        self.rope_frequencies: torch.Tensor | None = None  # the layer's RoPE inv_freq (keys before RoPE)
-        self._by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.rope_frequencies: torch.Tensor | None = None  # the layer's RoPE inv_freq (keys centred before RoPE)
+        self.center_turns = False
+        """The center is turned to each key's position by the layer (``rope_center``), not applied here."""
+        self._by_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._feedback_by_device: dict[torch.device, torch.Tensor] = {}
 
     @property
     def identity(self) -> bool:
-        return self.rotation is None and self.center is None
+        return self.rotation is None and self.applied_center is None and self.channel_scale is None
+
+    @property
+    def applied_center(self) -> torch.Tensor | None:
+        """The center :meth:`forward` subtracts: ``center``, unless the layer turns it (:attr:`center_turns`)."""
+        return None if self.center_turns else self.center
 
     def set(
         self,
@@ -63,6 +70,7 @@ class StreamSpace:
         fresh = StreamSpace()
         fresh.rotation = self.rotation
         fresh.rope_frequencies = self.rope_frequencies
+        fresh.center_turns = self.center_turns
         fresh.set(self.center, self.channel_scale, self.query_model)
         return fresh
 
@@ -77,7 +85,7 @@ class StreamSpace:
         if found is None:
             if self.query_model is None or self.rope_frequencies is None or self.channel_scale is None:
                 raise ValueError("query-aware rounding needs the query model, channel scales and RoPE frequencies")
-            moment = rope_averaged_moment(*self.query_model, self.rope_frequencies)
+            moment = rope_averaged_moment(*self.query_model, self.rope_frequencies, turned=self.center_turns)
             rotation = self.rotation  # unrotate(e) = e @ rotation
             undone = torch.eye(moment.shape[-1], dtype=torch.float64) if rotation is None else rotation.double().cpu()
             back = undone[None] / self.channel_scale.double().cpu()[:, None, :]
@@ -95,15 +103,16 @@ class StreamSpace:
             return space
         return round_with_feedback(space, round_trip, self.feedback_on(space.device))
 
-    def _affine_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Center and scale as ``(1, kv_heads, 1, head_dim)`` float32 on ``device``, made once per device."""
-        if self.center is None:
+    def _affine_on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+        """Applied center and scale as ``(1, kv_heads, 1, head_dim)`` float32 on ``device`` (``None``: neither)."""
+        center = self.applied_center
+        if center is None and self.channel_scale is None:
             return None
         found = self._by_device.get(device)
         if found is None:
-            center = self.center.to(device)[None, :, None]
+            shift = None if center is None else center.to(device)[None, :, None]
             scale = None if self.channel_scale is None else self.channel_scale.to(device)[None, :, None]
-            found = self._by_device[device] = (center, scale)
+            found = self._by_device[device] = (shift, scale)
         return found
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
@@ -111,7 +120,9 @@ class StreamSpace:
         affine = self._affine_on(states.device)
         if affine is not None:
             center, scale = affine
-            states = states.float() - center
+            states = states.float()
+            if center is not None:
+                states = states - center
             if scale is not None:
                 states = states * scale
         if self.rotation is None:
@@ -130,5 +141,6 @@ class StreamSpace:
             quantized = quantized.float()
             if scale is not None:
                 quantized = quantized / scale
-            quantized = quantized + center
+            if center is not None:
+                quantized = quantized + center
         return quantized.to(dtype)

@@ -152,6 +152,14 @@ class KVQuantConfig:
             where channel offsets stand still instead of turning with the position (see
             :mod:`quantcache.ops.rope`). Needs a model with RoPE; not exported (serving
             engines quantize keys after RoPE).
+        rope_center: quantize keys after RoPE, centred on their calibrated mean before RoPE turned
+            to each key's position (dynamic, centred key streams). What is quantized is the
+            pre-RoPE residual turned by RoPE, so it gains what ``pre_rope_keys`` gains, while the
+            codes stay in the space attention reads: the attention from codes
+            (:mod:`quantcache.cache.attention`) moves every step of decoding to the query instead
+            of decoding and turning the history. Calibration is the same as ``pre_rope_keys``'s
+            (keys and queries seen before RoPE); query-aware channel scales are one per RoPE pair
+            already, so they commute with the turn. Needs a model with RoPE; not exported (dynamic).
     """
 
     key: QuantArgs = field(default_factory=QuantArgs)
@@ -162,6 +170,7 @@ class KVQuantConfig:
     sink_tokens: int = 0
     residual_window: int = 0
     pre_rope_keys: bool = False
+    rope_center: bool = False
 
     def __init__(
         self,
@@ -174,6 +183,7 @@ class KVQuantConfig:
         sink_tokens: int = 0,
         residual_window: int = 0,
         pre_rope_keys: bool = False,
+        rope_center: bool = False,
         **flat: Any,
     ) -> None:
         if "storage" in flat:
@@ -194,6 +204,14 @@ class KVQuantConfig:
         if not isinstance(pre_rope_keys, bool):
             raise ConfigError(f"pre_rope_keys: expected true or false, got {short_repr(pre_rope_keys)}")
         set_(self, "pre_rope_keys", pre_rope_keys)
+        if not isinstance(rope_center, bool):
+            raise ConfigError(f"rope_center: expected true or false, got {short_repr(rope_center)}")
+        if rope_center and pre_rope_keys:
+            raise ConfigError(
+                "rope_center and pre_rope_keys both take keys back before RoPE to centre them; rope_center stores "
+                "them after RoPE (attention can read its codes), pre_rope_keys before it: choose one"
+            )
+        set_(self, "rope_center", rope_center)
         set_(self, "include", _pattern_tuple("include", include))
         set_(self, "exclude", _pattern_tuple("exclude", exclude))
         if isinstance(layers, (str, Mapping)) or not isinstance(layers, Iterable):
@@ -220,11 +238,19 @@ class KVQuantConfig:
                 "qconfig.key.rope_radius sets ranges RoPE cannot leave for keys after RoPE; with pre_rope_keys: true "
                 "the keys are quantized before RoPE and need no such range: drop one of the two"
             )
-        roundings = {args.rounding for args in (self.key, *(o.key for o in overrides))}
-        if not pre_rope_keys and Rounding.QUERY_AWARE in roundings:
+        key_schemes = (self.key, *(o.key for o in overrides))
+        if rope_center and not all(args.dynamic and args.center for args in key_schemes):
+            raise ConfigError(
+                "rope_center turns each key stream's calibrated center to the key's position, and a key stream "
+                "without one (dynamic: true, center: true under qconfig.key and every layers override) has none "
+                "to turn: centre the keys, or drop rope_center"
+            )
+        roundings = {args.rounding for args in key_schemes}
+        if not (pre_rope_keys or rope_center) and Rounding.QUERY_AWARE in roundings:
             raise ConfigError(
                 "qconfig.key.rounding 'query_aware' weighs a key's error by queries that reach it through RoPE, "
-                "which the cache can follow only for keys it holds before RoPE: set pre_rope_keys: true"
+                "which the cache follows only for keys centred before RoPE: set rope_center: true (or "
+                "pre_rope_keys: true)"
             )
 
     @classmethod
@@ -395,6 +421,8 @@ class KVQuantConfig:
             data["residual_window"] = self.residual_window
         if self.pre_rope_keys:
             data["pre_rope_keys"] = True
+        if self.rope_center:
+            data["rope_center"] = True
         return data
 
     @classmethod

@@ -51,6 +51,8 @@ POST_ROPE_CENTRED: dict[str, Any] = {
 }
 SCHEMES: dict[str, dict[str, Any]] = {name: {"preset": name} for name in PRESETS} | {
     "post-rope-centred": POST_ROPE_CENTRED,
+    # static rows beside full-precision ones: the scores of both must be on one scale
+    "seed-sinks-window": {"preset": "seed", "sink_tokens": 2, "residual_window": 3},
     # keys centred before RoPE, stored after it: read from codes with their turned center
     **{
         f"{name}-rope-center": {"preset": name, "pre_rope_keys": False, "rope_center": True}

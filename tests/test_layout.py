@@ -142,6 +142,7 @@ def test_public_surface_is_what_users_need() -> None:
         "calibrate",
         "evaluate",
         "load_model",
+        "use_code_attention",
     }
     for name in quantcache.__all__:
         assert getattr(quantcache, name) is not None

@@ -64,6 +64,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from quantcache import QuantizedCalibratingCache
+from quantcache.cache.attention import ATTENTION_NAME, register_code_attention, set_attention
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
 from quantcache.models.loading import load_model
@@ -81,6 +82,8 @@ class SpeedContender:
     key: str
     name: str
     new_cache: Callable[[], Any]
+    reads_codes: bool = False
+    """Decode with ``attn_implementation="quantcache"`` (the attention from codes); the others use the model's."""
 
 
 def build_contenders(
@@ -99,7 +102,7 @@ def build_contenders(
     scheme_list = schemes(args.schemes)
     needs_calibration = [
         scheme for scheme in scheme_list
-        if wanted(f"fake:{scheme.key}") or wanted(f"packed:{scheme.key}")
+        if wanted(f"fake:{scheme.key}") or wanted(f"packed:{scheme.key}") or wanted(f"codes:{scheme.key}")
     ]
     if needs_calibration:
         # Speed does not depend on the calibrated values; a little real text gives realistic ranges.
@@ -112,8 +115,17 @@ def build_contenders(
             if packed is None:
                 if only is None and scheme is scheme_list[0]:
                     log("quantcache has no packed storage yet (schemes.packed_variant found no storage option)")
-            elif wanted(f"packed:{scheme.key}"):
-                found.append(SpeedContender(f"packed:{scheme.key}", f"frozen packed {scheme.key}", packed.empty_copy))
+            else:
+                if wanted(f"packed:{scheme.key}"):
+                    found.append(
+                        SpeedContender(f"packed:{scheme.key}", f"frozen packed {scheme.key}", packed.empty_copy)
+                    )
+                if args.read_codes and wanted(f"codes:{scheme.key}"):
+                    reading = packed.quantizer.new_cache(storage="packed", read_codes=True)
+                    found.append(
+                        SpeedContender(f"codes:{scheme.key}", f"packed {scheme.key} read from codes",
+                                       reading.empty_copy, reads_codes=True)
+                    )
     peer_keys = [key for key in args.peers if wanted(f"peer:{key}")]
     if peer_keys:
         peers, skipped = build_peers(model, peer_keys)
@@ -207,9 +219,16 @@ def section_decode(
     device = device_of(model)
     dtype = next(model.parameters()).dtype
     results: list[dict[str, Any]] = []
+    own_attention = str(model.config._attn_implementation or "sdpa")
+    register_code_attention()
+
+    def attend_as(contender: SpeedContender) -> None:
+        set_attention(model, ATTENTION_NAME if contender.reads_codes else own_attention)
+
     warm = prefill_states(model, 64, 64, args.seed)
     for contender in contenders:  # first calls (imports, lazy kernels) stay out of the timings
         try:
+            attend_as(contender)
             cache = contender.new_cache()
             fill(cache, warm, 64, 1)
             decode(model, cache, 1, 2, args.seed)
@@ -217,6 +236,7 @@ def section_decode(
             log(f"warm-up of {contender.name} failed: {type(error).__name__}: {error}")
     del warm
     for context in args.contexts:
+        set_attention(model, own_attention)
         states = prefill_states(model, context, args.prefill_chunk, args.seed)
         for batch in args.batches:
             times: dict[str, list[float]] = {c.key: [] for c in contenders}
@@ -228,6 +248,7 @@ def section_decode(
                     if contender.key in errors:
                         continue
                     try:
+                        attend_as(contender)
                         cache = contender.new_cache()
                         fill(cache, states, context, batch)
                         decode(model, cache, batch, 1, args.seed)  # untimed first step after the fill
@@ -253,6 +274,7 @@ def section_decode(
             log(f"decode context {context} batch {batch}: done")
         del states
         release(device)
+    set_attention(model, own_attention)
     return {"rows": results}
 
 
@@ -561,6 +583,8 @@ def parse_args() -> argparse.Namespace:
                         "(default: all; see schemes.py)")
     parser.add_argument("--fake-schemes", nargs="+", default=["seed-sym"], help="schemes also run with fake "
                         "quantization (default seed-sym); packed variants run for every scheme when available")
+    parser.add_argument("--read-codes", action="store_true", help="decode: also run each packed scheme read by the "
+                        "attention from codes (attn_implementation 'quantcache'), key codes:SCHEME")
     parser.add_argument("--peers", nargs="*", default=list(DEFAULT_SPEED_PEERS), help="peer keys (default: "
                         f"{' '.join(DEFAULT_SPEED_PEERS)}; known: {' '.join(spec.key for spec in PEER_SPECS)})")
     parser.add_argument("--calib-batch", type=int, default=4, help="calibration: windows per pass (default 4)")

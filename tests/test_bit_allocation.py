@@ -118,7 +118,7 @@ def test_the_mix_fits_the_budget_and_is_what_the_config_says(llama: PreTrainedMo
         )
         assert layer.kl_alone == suggestion.kl_by_scheme[layer.scheme][layer.index]
     assert KVQuantConfig.from_yaml(config.to_yaml()) == config
-    assert (config.sink_tokens, config.pre_rope_keys) == (1, True)  # the presets' whole-cache settings
+    assert (config.sink_tokens, config.rope_center) == (1, True)  # the presets' whole-cache settings
     assert suggestion.kl_predicted == pytest.approx(sum(layer.kl_alone for layer in suggestion.layers))
     # head_dim 16 at 48 tokens: a one-byte scale or zero point costs 0.5 bits, a float16 scale 1, the float32
     # center 32 / 48 bits, the keys' float32 channel scales 16 / 48 and (int4, int2) the keys' query model 32 / 48
@@ -140,7 +140,7 @@ def test_excluded_layers_count_sixteen_bits(llama: PreTrainedModel) -> None:
     unrounded = r"scheme 'int4' under the base config: .*set rope_center: true \(or pre_rope_keys: true\)"
     with pytest.raises(ConfigError, match=unrounded):
         suggest_bits(llama, _windows(1, 48, seed=2), budget=9, candidates=["int4"], base_config=base, progress=False)
-    base = replace(base, pre_rope_keys=True)  # the int4 and int2 presets round their keys before RoPE
+    base = replace(base, pre_rope_keys=True)  # rounding needs keys centred before RoPE (stored there, here)
     result = suggest_bits(
         llama, _windows(1, 48, seed=2), budget=11.5, candidates=("int4", "int2"), base_config=base, prefill=16,
         chunk=16, progress=False,

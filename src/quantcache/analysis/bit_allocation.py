@@ -37,7 +37,7 @@ from quantcache.errors import ConfigError
 from quantcache.ops.bits import stream_bits
 from quantcache.scheme.args import LayerOverride, QuantArgs
 from quantcache.scheme.config import KVQuantConfig
-from quantcache.scheme.presets import CACHE_SETTINGS, MIX_CANDIDATES, PRESETS, preset_settings
+from quantcache.scheme.presets import MIX_BASE, MIX_CANDIDATES, PRESETS, preset_settings
 
 __all__ = ["DEFAULT_CANDIDATES", "BitCandidate", "BitSuggestion", "LayerChoice", "parse_candidate", "suggest_bits"]
 
@@ -174,7 +174,7 @@ def suggest_bits(
     ``windows`` are ``(num_windows, seq_len)`` token ids; effective bits are counted at
     ``seq_len``. ``base_config`` contributes its include/exclude (excluded layers count
     16 bits), storage and whole-cache settings (default: the presets', one sink token
-    and keys before RoPE). ``calibration`` (token windows, default ``windows``) is what
+    and keys centred before RoPE, stored after it). ``calibration`` (token windows, default ``windows``) is what
     centred candidates learn their means from. See the module docstring for the method.
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
@@ -182,7 +182,7 @@ def suggest_bits(
     parsed = [parse_candidate(spec) for spec in dict.fromkeys(candidates)]
     if not parsed:
         raise ConfigError("no candidate schemes given")
-    base = base_config if base_config is not None else KVQuantConfig(**CACHE_SETTINGS)
+    base = base_config if base_config is not None else KVQuantConfig(**MIX_BASE)
     calibration = windows if calibration is None else calibration
 
     def frozen(config: KVQuantConfig) -> QuantizedCalibratingCache:

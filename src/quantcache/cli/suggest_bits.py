@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantcache.errors import EXIT_OK
-from quantcache.scheme.presets import CACHE_SETTINGS, MIX_CANDIDATES
+from quantcache.scheme.presets import MIX_BASE, MIX_CANDIDATES
 
 from ._common import (
     add_data_options,
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     check_data_usage(args)
     for spec in args.schemes:
         parse_candidate(spec)  # a bad scheme fails before the model loads
-    base = KVQuantConfig(exclude=tuple(args.exclude), **CACHE_SETTINGS)
+    base = KVQuantConfig(exclude=tuple(args.exclude), **MIX_BASE)
     for value, option in ((args.output, "-o"), (args.json, "--json")):
         check_writable(value, option)
         refuse_existing(option, value, [Path(value)] if value is not None else [], force=args.force)

@@ -7,8 +7,10 @@ others are the schemes that measured best per bit on text unlike the calibration
 (docs/results.md); their effective bits per element (at 1024 tokens, SmolLM2) are counted
 by :mod:`quantcache.ops.bits`. These dynamic presets learn one mean per kv head and channel from calibration
 text (so they need calibration, as the seed does), keep the first token of every
-sequence, the attention sink, in full precision (``sink_tokens: 1``) and quantize keys
-as they were before RoPE (``pre_rope_keys``). The integer ones also weigh each key
+sequence, the attention sink, in full precision (``sink_tokens: 1``) and centre keys on
+their mean before RoPE, turned to each key's position, storing them after RoPE
+(``rope_center``): what centring before RoPE gains, in codes the attention from codes
+reads (``attn_implementation="quantcache"``) without decoding the history. The integer ones also weigh each key
 channel by the calibrated energy of the queries that read it (``query_aware``); ``int4``,
 ``int3`` and ``int2`` also choose each key's codes for the logits those queries compute
 (``rounding: query_aware``, at ``2 * 32 / L`` bits per key element at ``L`` tokens). ``int4``
@@ -25,15 +27,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CACHE_SETTINGS", "MIX_CANDIDATES", "PRESETS", "preset_settings"]
+__all__ = ["CACHE_SETTINGS", "MIX_BASE", "MIX_CANDIDATES", "PRESETS", "preset_settings"]
 
-CACHE_SETTINGS: dict[str, Any] = {"sink_tokens": 1, "pre_rope_keys": True}
+CACHE_SETTINGS: dict[str, Any] = {"sink_tokens": 1, "rope_center": True}
 """The whole-cache settings of every preset but ``seed`` (``suggest-bits`` mixes its schemes under them)."""
 _ROTATED = {"rotation": "hadamard", "rotation_seed": 0}
 _DYNAMIC_CENTRED = {"dynamic": True, "center": True}  # a stream's: per-token ranges around calibrated means
-# ... and the whole cache's: the first token (the attention sink) in full precision, keys before RoPE.
+# ... and the whole cache's: the first token (the attention sink) in full precision, keys centred before RoPE.
 _CENTRED = {**_DYNAMIC_CENTRED, **CACHE_SETTINGS}
-_SINK = "the first token in full precision; keys quantized before RoPE"
+MIX_BASE: dict[str, Any] = {"scope": "per_token", **_CENTRED}
+"""``KVQuantConfig`` keywords of the config ``suggest-bits`` mixes under: the presets' whole-cache settings, with
+centred dynamic streams as placeholders (``rope_center`` needs centred keys; each candidate replaces them)."""
+_SINK = "the first token in full precision; keys centred before RoPE, stored after it"
 _AWARE = "key channels weighed by calibrated query energy"
 _ROUNDED = "query_aware"  # keys' codes chosen for the logits under the calibrated queries
 _ROUNDS = "keys rounded for the logits the calibrated queries compute"
@@ -45,7 +50,7 @@ def _with_rounded_keys(stream: dict[str, Any], **key_settings: Any) -> dict[str,
     return {**stream, "key": {**stream, "query_aware": True, "rounding": _ROUNDED, **key_settings}}
 
 
-# Keys before RoPE keep a wider, lopsided range than values: an int8 zero point pays for itself there.
+# Centred keys keep a wider, lopsided range than values: an int8 zero point pays for itself there.
 _INT8 = {"dtype": "int8", "scope": "per_token", **_DYNAMIC_CENTRED, **_ROTATED}
 # ... and in groups of 32 channels, which one-byte scales and zero points pay for (8.5 bits in all).
 _ONE_BYTE = {"scale_format": "log8", "zero_point_format": "int8"}

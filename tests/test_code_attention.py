@@ -22,7 +22,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, calibrate, use_code_attention
 from quantcache.cache import attention
-from quantcache.cache.attention import ATTENTION_NAME, CodeReader, code_attention
+from quantcache.cache.attention import ATTENTION_NAME, MAX_QUERIES_FROM_CODES, CodeReader, code_attention
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.scheme.args import QuantArgs
 from quantcache.scheme.presets import PRESETS
@@ -317,3 +317,22 @@ def test_a_decode_forward_reading_codes_compiles_as_one_graph_with_eager_logits(
                 assert torch.equal(got, step(eager_cache, ids[:, position : position + 1])), position
     finally:
         torch.compiler.reset()
+
+
+@pytest.mark.parametrize("name", ["seed", "int4", "int4-rope-center"])
+def test_a_prefill_longer_than_the_codes_path_attends_over_decoded_states_exactly(
+    models: dict[str, PreTrainedModel], name: str
+) -> None:
+    """Past MAX_QUERIES_FROM_CODES queries the rows are decoded once and sdpa runs: the logits of a cache that
+    decodes, bit for bit; the next step reads codes again (float rounding apart)."""
+    model = models["llama"]
+    decoded, reading = _pair(model, SCHEMES[name])
+    ids = _tokens(2, MAX_QUERIES_FROM_CODES + 8, seed=13)
+    prompt = ids[:, : MAX_QUERIES_FROM_CODES + 1]
+    with torch.inference_mode():
+        expected = model(prompt, use_cache=True, **{CACHE_KEYWORD: decoded}).logits
+        assert torch.equal(model(prompt, use_cache=True, **{CACHE_KEYWORD: reading}).logits, expected)
+        step = ids[:, MAX_QUERIES_FROM_CODES + 1 : MAX_QUERIES_FROM_CODES + 2]
+        expected = model(step, use_cache=True, **{CACHE_KEYWORD: decoded}).logits
+        got = model(step, use_cache=True, **{CACHE_KEYWORD: reading}).logits
+        assert not torch.equal(got, expected) and _relative(got, expected) < 1e-6

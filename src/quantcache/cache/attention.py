@@ -22,7 +22,9 @@ with any cache. Use::
     model.generate(ids, past_key_values=cache, max_new_tokens=64)
 
 The result equals attention over the decoded states up to float rounding (computed in
-float32, float64 for a float64 model), not bit for bit: the sums run in another order.
+float32, float64 for a float64 model), not bit for bit: the sums run in another order. A call
+with more than :data:`MAX_QUERIES_FROM_CODES` queries (a prefill) decodes the rows once and runs
+``sdpa`` on them, bit for bit what ``update()`` without ``read_codes`` returns.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from quantcache.ops.code_attention import (
 
 __all__ = [
     "ATTENTION_NAME",
+    "MAX_QUERIES_FROM_CODES",
     "CodeReader",
     "ExactRows",
     "code_attention",
@@ -56,6 +59,11 @@ __all__ = [
 ATTENTION_NAME = "quantcache"
 """The name the attention function is registered under: ``attn_implementation="quantcache"``."""
 _READER = "quantcache_reader"  # the attribute that marks a layer's returned rows
+MAX_QUERIES_FROM_CODES = 64
+"""Queries per call up to which attention reads codes; a longer call (a prefill) decodes the rows once and runs
+``sdpa``, whose kernels never hold the ``(queries, tokens)`` scores, which the products from codes would: at 8192
+prompt tokens that is 2.4 GB per layer for SmolLM2's 9 heads in float32. Decode steps, assisted decoding's draft
+chunks and short chunks read codes."""
 
 
 class ExactRows(NamedTuple):
@@ -240,6 +248,11 @@ def code_attention(
             "attention from codes computes plain softmax attention: this model soft-caps its logits, adds "
             "attention sinks of its own or uses dropout; make the cache without read_codes=True"
         )
+    if query.shape[2] > MAX_QUERIES_FROM_CODES:  # a prefill: decode once, attend with sdpa's kernels
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        keys, values = reader.states(query.dtype)
+        return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout, scaling, **kwargs)
     if scaling is None:
         scaling = float(query.shape[-1]) ** -0.5
     return reader.attend(query, attention_mask, scaling), None

@@ -254,6 +254,26 @@ def test_a_contender_out_of_memory_is_reported_not_fatal(llama: PreTrainedModel)
     assert "failed" in format_speed_table(result).splitlines()[2]
 
 
+def test_a_compiled_contender_that_fails_to_compile_is_reported_not_fatal(llama: PreTrainedModel) -> None:
+    """A backend error (inductor's internal failures, say) fails the compiled rows; the eager ones are measured."""
+
+    def failing_backend(graph: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("meta for aten.set_.source_Storage failed")
+
+    contenders = compiled_twins(default_contenders(llama, {}, "packed", static=False))
+    torch.compiler.reset()
+    try:
+        result = bench_speed(
+            llama, contenders, contexts=[24], batches=[1], steps=1, repeats=1, compile_backend=failing_backend
+        )
+    finally:
+        torch.compiler.reset()
+    eager, compiled = result.rows
+    assert eager.error is None and eager.decode_ms is not None
+    assert compiled.error is not None and compiled.error.startswith("compile failed: BackendCompilerFailed")
+    assert "aten.set_.source_Storage" in compiled.error and compiled.decode_seconds_runs == []
+
+
 def test_other_errors_propagate(llama: PreTrainedModel) -> None:
     def broken(max_tokens: int) -> Any:
         raise KeyError("a bug")

@@ -449,6 +449,16 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
+def _failure(contender: Contender, error: BaseException) -> str | None:
+    """What a row reports for ``error`` (running out of memory, or a compiled contender failing to compile), or
+    ``None`` for an error that must propagate (a bug)."""
+    if _out_of_memory(error):
+        return f"out of memory: {' '.join(str(error).split())[:160]}"
+    if contender.compiled and isinstance(error, torch._dynamo.exc.TorchDynamoException):
+        return f"compile failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
+    return None
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure (CUDA, or the CPU allocator's), which a contender may hit."""
     if isinstance(error, torch.cuda.OutOfMemoryError):
@@ -471,18 +481,30 @@ def _check_sizes(contexts: Sequence[int], batches: Sequence[int], steps: int, re
         raise ValueError(f"steps ({steps}) and repeats ({repeats}) must be at least 1")
 
 
-def _warm_up(models: _Runners, contenders: Sequence[Contender], seed: int) -> None:
+def _warm_up(models: _Runners, contenders: Sequence[Contender], seed: int) -> dict[str, str]:
     """Run every contender once, small and untimed: first calls (lazy kernels, imports, compilation) stay out of
-    the figures. Compiled contenders decode three steps, so that the cache length is already a dynamic shape."""
+    the figures. Compiled contenders decode three steps, so that the cache length is already a dynamic shape.
+
+    Returns the contenders that failed as a row reports it (:func:`_failure`: out of memory, or a compilation
+    that failed), by name, with what to report; they are not measured. Other errors propagate.
+    """
     states = prefill_states(models.eager, WARM_UP_TOKENS, seed=seed)
     ids = _random_ids(models.eager, (1, WARM_UP_TOKENS), seed)
+    failed: dict[str, str] = {}
     for contender in contenders:
         runner = models.of(contender)
         steps = 3 if contender.compiled else 2
-        prefill_seconds(runner, contender.make(WARM_UP_TOKENS), ids)
-        cache = contender.make(WARM_UP_TOKENS + steps)
-        fill(cache, states, 1)
-        decode_step_seconds(runner, cache, 1, steps, seed=seed)
+        try:
+            prefill_seconds(runner, contender.make(WARM_UP_TOKENS), ids)
+            cache = contender.make(WARM_UP_TOKENS + steps)
+            fill(cache, states, 1)
+            decode_step_seconds(runner, cache, 1, steps, seed=seed)
+        except Exception as error:
+            failure = _failure(contender, error)
+            if failure is None:
+                raise
+            failed[contender.name] = failure
+    return failed
 
 
 @dataclass
@@ -515,7 +537,7 @@ def bench_speed(
     seed: int = 0,
     progress: bool = False,
     settings: dict[str, Any] | None = None,
-    compile_backend: str = "inductor",
+    compile_backend: str | Callable[..., Any] = "inductor",
 ) -> SpeedResult:
     """Measure every contender at every context and batch size, interleaved (see the module's docstring).
 
@@ -533,7 +555,8 @@ def bench_speed(
             (:func:`compiled_twins`); the model is compiled once, with dynamic shapes.
 
     A contender that runs out of memory gets ``error`` and no figures; it is not run again
-    at that context and batch. Any other exception propagates.
+    at that context and batch. So does a compiled contender whose compilation fails (in the warm-up:
+    then at every context and batch). Any other exception propagates.
     """
     _check_sizes(contexts, batches, steps, repeats)
     if len({c.name for c in contenders}) != len(contenders):
@@ -550,13 +573,13 @@ def bench_speed(
         models.compiled = torch.compile(model, backend=compile_backend, dynamic=True)  # type: ignore[assignment]
     bar = progress_bar(total, "bench", progress, unit="run", unit_scale=False)
     try:
-        _warm_up(models, contenders, seed)
+        failed = _warm_up(models, contenders, seed)
         _release(device, full=True)
         for context in contexts:
             set_attention(model, models.attention)  # the reference prefill runs with the model's own attention
             states = prefill_states(model, context, seed=seed)
             for batch in batches:
-                rows += _measure(models, contenders, states, context, batch, steps, repeats, seed, meter, bar)
+                rows += _measure(models, contenders, states, context, batch, steps, repeats, seed, meter, bar, failed)
             del states
             _release(device, full=True)
     finally:
@@ -576,11 +599,15 @@ def _measure(
     seed: int,
     meter: PeakMeter,
     bar: Any,
+    failed: dict[str, str],
 ) -> list[SpeedRow]:
     """The rows of one context and batch size: ``repeats`` rounds over every contender, rotating the order."""
     device = model_device(models.eager)
     ids = _random_ids(models.eager, (batch, context), seed + 1)
-    rows = {c.name: SpeedRow(context=context, batch=batch, cache=c.name, kind=c.kind) for c in contenders}
+    rows = {
+        c.name: SpeedRow(context=context, batch=batch, cache=c.name, kind=c.kind, error=failed.get(c.name))
+        for c in contenders
+    }
     peaks: dict[str, list[int]] = {c.name: [] for c in contenders}
     for repeat in range(repeats):
         shift = repeat % len(contenders)
@@ -603,9 +630,10 @@ def _measure(
                         peaks[contender.name].append(peak)
                     row.kv_bytes, row.kv_parts = kv_bytes(cache)
                 except Exception as error:
-                    if not _out_of_memory(error):
+                    failure = _failure(contender, error)
+                    if failure is None:
                         raise
-                    row.error = f"out of memory: {' '.join(str(error).split())[:160]}"
+                    row.error = failure
                 finally:
                     cache = None
                     _release(device)

@@ -53,11 +53,8 @@ SCHEMES: dict[str, dict[str, Any]] = {name: {"preset": name} for name in PRESETS
     "post-rope-centred": POST_ROPE_CENTRED,
     # static rows beside full-precision ones: the scores of both must be on one scale
     "seed-sinks-window": {"preset": "seed", "sink_tokens": 2, "residual_window": 3},
-    # keys centred before RoPE, stored after it: read from codes with their turned center
-    **{
-        f"{name}-rope-center": {"preset": name, "pre_rope_keys": False, "rope_center": True}
-        for name in ("int8", "int4")
-    },
+    # keys quantized before RoPE (the presets before rope_center): decoded and turned, values read from codes
+    **{f"{name}-pre-rope": {"preset": name, "pre_rope_keys": True, "rope_center": False} for name in ("int8", "int4")},
 }
 
 
@@ -177,11 +174,11 @@ def test_a_model_reading_codes_gives_the_logits_of_decoded_states(models: dict[s
             assert _relative(got, expected) < 1e-6, (start, end)
 
 
-def test_keys_before_rope_are_decoded_and_values_read_from_codes(models: dict[str, PreTrainedModel]) -> None:
-    """int4 quantizes keys before RoPE: its reader holds decoded keys; the seed's, and int4's with rope_center,
-    read both from codes."""
+def test_keys_quantized_before_rope_are_decoded_and_values_read_from_codes(models: dict[str, PreTrainedModel]) -> None:
+    """Keys quantized before RoPE: the reader holds them decoded; the seed's and the presets' (rope_center)
+    are read from codes."""
     model = models["llama"]
-    for name, decodes_keys in (("int4", True), ("seed", False), ("int4-rope-center", False)):
+    for name, decodes_keys in (("int4-pre-rope", True), ("seed", False), ("int4", False)):
         _, reading = _pair(model, SCHEMES[name])
         states = torch.randn(1, KV_HEADS, 5, HEAD_DIM, dtype=torch.float64)
         key_rows, _ = reading.update(states, states, 0)
@@ -194,7 +191,7 @@ MODES = {"greedy": {}, "beams": {"num_beams": 2}, "assisted": {"assistant_model"
 
 
 @pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
-@pytest.mark.parametrize("name", ["seed", "int4", "int4-rope-center"])
+@pytest.mark.parametrize("name", ["seed", "int4", "int4-pre-rope"])
 def test_generation_reading_codes_equals_generation_over_decoded_states(
     models: dict[str, PreTrainedModel], name: str, mode: dict[str, Any]
 ) -> None:
@@ -217,7 +214,7 @@ def test_generation_reading_codes_equals_generation_over_decoded_states(
         assert _relative(got_logits[finite], expected_logits[finite]) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["seed", "int8", "int4", "int4-rope-center"])
+@pytest.mark.parametrize("name", ["seed", "int8", "int4", "int4-pre-rope"])
 def test_a_nan_state_poisons_the_queries_that_read_it(models: dict[str, PreTrainedModel], name: str) -> None:
     """A NaN key or value in a row read from codes (past the sink, before int4's residual window): every
     query of that batch row and kv head reads it and gives NaN, as over decoded states; the other batch row
@@ -243,7 +240,7 @@ def test_a_nan_state_poisons_the_queries_that_read_it(models: dict[str, PreTrain
         assert _relative(got[0], expected[0]) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["seed", "int8", "int4", "int4-rope-center"])
+@pytest.mark.parametrize("name", ["seed", "int8", "int4", "int4-pre-rope"])
 def test_attention_from_codes_makes_no_host_synchronisation(models: dict[str, PreTrainedModel], name: str) -> None:
     model = models["llama"]
     _, reading = _pair(model, SCHEMES[name])
@@ -292,7 +289,7 @@ def test_unmarked_rows_and_unsupported_attention_are_refused(models: dict[str, P
             code_attention(module, query.double(), key_rows, value_rows, None, **refused)
 
 
-@pytest.mark.parametrize("name", ["seed", "int4-rope-center", pytest.param("int4", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["seed", "int4", pytest.param("int4-pre-rope", marks=pytest.mark.slow)])
 def test_a_decode_forward_reading_codes_compiles_as_one_graph_with_eager_logits(
     models: dict[str, PreTrainedModel], name: str
 ) -> None:
@@ -319,7 +316,7 @@ def test_a_decode_forward_reading_codes_compiles_as_one_graph_with_eager_logits(
         torch.compiler.reset()
 
 
-@pytest.mark.parametrize("name", ["seed", "int4", "int4-rope-center"])
+@pytest.mark.parametrize("name", ["seed", "int4", "int4-pre-rope"])
 def test_a_prefill_longer_than_the_codes_path_attends_over_decoded_states_exactly(
     models: dict[str, PreTrainedModel], name: str
 ) -> None:

@@ -250,14 +250,15 @@ def test_averaged_observer_state_is_low_high_weight_and_reloads_bit_for_bit(
 def test_padded_rows_calibrate_pre_rope_presets_at_the_positions_the_model_gave_them(
     models: dict[str, PreTrainedModel], arch: str, side: str, preset: str
 ) -> None:
-    """Rows of 9, 6 and 4 tokens padded together calibrate a pre-RoPE, one-sink preset as the rows alone do:
+    """Rows of 9, 6 and 4 tokens padded together calibrate a one-sink preset whose keys are centred before RoPE
+    (``rope_center``, and ``pre_rope_keys`` alike) as the rows alone do:
     keys are turned back by each row's own positions (``cumsum(mask) - 1``) and each row's first token is its
     sink, whatever stands before it. (Turned back by column, left-padded rows' channel scales moved by up to
     60 % on SmolLM2.)"""
     model = models[arch]
     rows = [_tokens(1, length, seed=60 + length)[0] for length in (9, 6, 4)]
     config = KVQuantConfig.preset(preset)
-    assert config.pre_rope_keys and config.sink_tokens == 1
+    assert config.rope_center and config.sink_tokens == 1
     alone = calibrate(model, [row[None] for row in rows], quant_config=config, progress=False)
     padded = calibrate(model, [_padded(rows, 9, side)], quant_config=config, progress=False)
     expected, got = alone.state_dict(), padded.state_dict()

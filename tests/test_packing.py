@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantcache.ops.packing import bits_per_slot, pack_codes, unpack_codes, unpack_slots
+from quantcache.ops.packing import (
+    CodeView,
+    bits_per_slot,
+    from_slot_major,
+    pack_codes,
+    slot_major,
+    unpack_codes,
+    unpack_slots,
+)
 
 BITS = [2, 3, 4, 8]
 
@@ -48,3 +56,34 @@ def test_int3_packs_eight_codes_into_three_bytes() -> None:
     packed = pack_codes(codes, 3, 0)
     word = sum(int(byte) << (8 * index) for index, byte in enumerate(packed.tolist()))
     assert packed.shape == (3,) and word == int("76543210", 8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4]),
+    octets=st.integers(1, 9),
+    rows=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_codes_read_slot_major_from_their_bytes_are_the_unpacked_codes_reordered(
+    bits: int, octets: int, rows: int, seed: int
+) -> None:
+    """``CodeView.slot_major`` reads codes left in their bytes (odd byte counts take the byte path, multiples of
+    four the word path) as the unpacked codes in slot-major order; ``from_slot_major`` puts channels back."""
+    count = 8 * octets
+    per_byte = 8 // bits
+    generator = torch.Generator().manual_seed(seed)
+    stored = torch.randint(0, 2**bits, (2, rows, count), generator=generator, dtype=torch.int16)
+    stored.view(-1)[0], stored.view(-1)[-1] = 0, 2**bits - 1
+    packed = pack_codes(stored, bits, 0)
+    rows_bytes = torch.zeros(*packed.shape[:-1], packed.shape[-1] + 3, dtype=torch.uint8)  # codes, then a row's rest
+    rows_bytes[..., : packed.shape[-1]] = packed
+    packed = rows_bytes[..., : packed.shape[-1]]  # a strided view, as a packed row's codes are
+    view = CodeView(packed, 0.0, torch.ones(()), None, count, per_byte)
+    got = view.slot_major(torch.float64)
+    expected = slot_major(stored.double(), per_byte)
+    assert got.dtype == torch.float64 and torch.equal(got, expected)
+    assert torch.equal(expected[..., : count // per_byte], stored[..., ::per_byte].double())  # channels 0, p, ..
+    assert torch.equal(from_slot_major(expected, per_byte), stored.double())
+    with pytest.raises(ValueError, match="in their bytes"):
+        view.in_space()

@@ -25,6 +25,7 @@ from quantcache import ConfigError, KVQuantConfig, KVQuantizer, QuantizedCalibra
 from quantcache.analysis.state_report import config_text
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.ops.code_attention import turned_center_scores
+from quantcache.ops.rope import BlockAngles
 from quantcache.ops.rounding import rope_averaged_moment
 from quantcache.scheme.presets import preset_settings
 
@@ -197,8 +198,12 @@ def test_turned_center_scores_are_the_query_times_the_turned_center(
     center = torch.randn(3, head_dim, generator=generator, dtype=torch.float64)
     query = torch.randn(2, 3, 4, head_dim, generator=generator, dtype=torch.float64)
     positions = torch.arange(start, start + rows)
-    angle = positions.double()[:, None] * inv_freq[None]
-    got = turned_center_scores(query, center, angle.cos(), angle.sin())
+    size = 16  # positions per block
+    first, last = start // size, -(-(start + rows) // size)
+    blocks = torch.arange(first, last, dtype=torch.float64)[:, None] * size * inv_freq[None]
+    offsets = torch.arange(size, dtype=torch.float64)[:, None] * inv_freq[None]
+    angles = BlockAngles(blocks.cos(), blocks.sin(), offsets.cos(), offsets.sin(), start - first * size, rows)
+    got = turned_center_scores(query, center, angles)
     turned = _turned(center[:, None].expand(-1, rows, -1), inv_freq, positions)  # (3, rows, head_dim)
     expected = query @ turned.transpose(-1, -2)[None]
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * math.sqrt(head_dim))

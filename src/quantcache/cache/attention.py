@@ -122,8 +122,8 @@ class CodeReader:
         """The ``(batch, kv_heads, seq, head_dim)`` keys and values in ``dtype`` that the rows stand for: what
         ``update()`` returns without ``read_codes``, and what :meth:`attend` computes attention over."""
         quantizer = self.quantizer
-        if self.keys is not None:
-            keys = self.keys.to(dtype, copy=True)
+        if self.keys is not None:  # decoded for this reader alone, exact rows in place: no copy needed
+            keys = self.keys.to(dtype)
         else:
             decoded = quantizer.key.decode(self.key_rows, quantizer.decode_dtype(dtype))
             keys = quantizer.keys_to_read(decoded, self.first_position, dtype)
@@ -148,7 +148,7 @@ class CodeReader:
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         stacked = query.to(compute).mul(scaling).reshape(batch, kv_heads, group * n, head_dim)
         value_stream = self.quantizer.value
-        view = value_stream.code_view(self.value_rows[:, :, self.coded]) if self.codes else None
+        view = value_stream.code_view(self.value_rows[:, :, self.coded], in_bytes=True) if self.codes else None
         poison = None if view is None else row_poison(view)
         scores, attends = _masked(self._scores(stacked, poison).view(batch, kv_heads, group, n, -1), mask, n)
         probabilities = torch.softmax(scores, dim=-1)
@@ -180,14 +180,14 @@ class CodeReader:
         if self.codes:
             key_stream = self.quantizer.key
             folded, from_center = fold_query(stacked, key_stream.space)
-            coded = key_scores(folded, key_stream.code_view(self.key_rows[:, :, self.coded]))
+            coded = key_scores(folded, key_stream.code_view(self.key_rows[:, :, self.coded], in_bytes=True))
             if from_center is not None:
                 coded = coded + from_center
             rope = self.quantizer.key_rope
             if self.quantizer.rope_center and rope is not None and key_stream.center is not None:
                 start = self.first_position + self.coded.start
-                cos, sin = rope.angles(start, start + self.codes, stacked.device)
-                coded = coded + turned_center_scores(stacked, key_stream.center, cos, sin)
+                angles = rope.block_angles(start, start + self.codes, stacked.device)
+                coded = coded + turned_center_scores(stacked, key_stream.center, angles)
             parts.append(coded if value_poison is None else coded + value_poison)
         if self.head is not None:
             parts.insert(0, stacked @ self.head.keys.to(stacked).transpose(-1, -2))

@@ -403,6 +403,19 @@ class StreamQuantizer:
             raise CalibrationError(f"{self.label}: packed {fmt.name} needs head_dim divisible by 8, got {head_dim}")
         return head_dim * slot // 8
 
+    def row_bytes(self) -> int:
+        """Bytes of one packed row (:meth:`encode`): its codes, then a dynamic stream's scales (and zero points)
+        per group, or a static stream's flag byte."""
+        if self.expected_shape is None:
+            raise CalibrationError(f"{self.label}: packed storage needs the model's (kv_heads, head_dim)")
+        head_dim = self.expected_shape[1]
+        if not self.dynamic:
+            return self.code_bytes(head_dim) + 1
+        per_group = self.args.scale_format.bits // 8
+        if self.args.stores_zero_point:
+            per_group += self.args.zero_point_format.bits // 8
+        return self.code_bytes(head_dim) + per_group * self.granularity.groups(head_dim)
+
     @torch.no_grad()
     def encode(self, states: torch.Tensor, hook: QuantizeHook | None = None) -> torch.Tensor:
         """``(batch, kv_heads, seq, head_dim)`` states -> packed ``uint8`` rows ``(batch, kv_heads, seq, row_bytes)``.
@@ -435,12 +448,14 @@ class StreamQuantizer:
             hook(self, states, self.decode(rows, states.dtype), params)
         return rows
 
-    def code_view(self, rows: torch.Tensor) -> CodeView:
+    def code_view(self, rows: torch.Tensor, *, in_bytes: bool = False) -> CodeView:
         """What packed ``rows`` ``(batch, kv_heads, seq, row_bytes)`` hold, as the parts decoding combines.
 
         The stored codes are returned unconverted; everything else is float32. Both
         :meth:`decode` and attention computed from the codes
-        (:mod:`quantcache.ops.code_attention`) read rows through this one view.
+        (:mod:`quantcache.ops.code_attention`) read rows through this one view. ``in_bytes``
+        leaves 2- and 4-bit codes of ungrouped streams in their bytes (``CodeView.per_byte``),
+        for readers that take them slot by slot instead of unpacking them.
         """
         if self.expected_shape is None:
             raise CalibrationError(f"{self.label}: packed storage needs the model's (kv_heads, head_dim)")
@@ -449,10 +464,13 @@ class StreamQuantizer:
         fmt = self.format
         offset = float(-fmt.qmin)
         subtrahend: torch.Tensor | float | None = None
-        if fmt.kind is FormatKind.FLOAT:  # float8 codes need no offset or zero point
-            codes = self.granularity.grouped(rows[..., :code_bytes].view(fmt.storage_dtype).to(torch.float32))
+        slot = bits_per_slot(fmt.bits)
+        if in_bytes and fmt.kind is not FormatKind.FLOAT and slot in (2, 4) and self.args.scope is not QuantScope.GROUP:
+            codes, per_byte = rows[..., :code_bytes], 8 // slot
+        elif fmt.kind is FormatKind.FLOAT:  # float8 codes need no offset or zero point
+            codes, per_byte = self.granularity.grouped(rows[..., :code_bytes].view(fmt.storage_dtype).float()), 1
         else:
-            codes = self.granularity.grouped(unpack_slots(rows[..., :code_bytes], fmt.bits, head_dim))
+            codes, per_byte = self.granularity.grouped(unpack_slots(rows[..., :code_bytes], fmt.bits, head_dim)), 1
         if self.dynamic:  # the row's own scale (and zero point) per group follow its codes
             grouped = self.args.scope is QuantScope.GROUP
             groups = self.granularity.groups(head_dim)
@@ -466,14 +484,14 @@ class StreamQuantizer:
                     zero_point = rows[..., start : start + stored_as.bits // 8 * groups].contiguous()
                     zero_point = zero_point.view(stored_as.storage_dtype).float()
                     subtrahend = (zero_point.unsqueeze(-1) if grouped else zero_point) + offset
-            return CodeView(codes, subtrahend, scale, None, head_dim)
+            return CodeView(codes, subtrahend, scale, None, head_dim, per_byte)
         fixed = self._fixed_on(rows.device)
         if fmt.kind is not FormatKind.FLOAT:
             subtrahend = fixed.subtrahend
         flagged = rows[..., -1].bool()
         # NaN for a flagged row, -0.0 (which leaves every value, a signed zero too, as it is) for the others
         poison = torch.where(flagged, torch.nan, -0.0)
-        return CodeView(codes, subtrahend, fixed.prepared.scale, poison, head_dim)
+        return CodeView(codes, subtrahend, fixed.prepared.scale, poison, head_dim, per_byte)
 
     def decode(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Packed rows -> ``(batch, kv_heads, seq, head_dim)`` states in ``dtype`` (see :meth:`encode`).

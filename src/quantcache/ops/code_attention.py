@@ -11,8 +11,8 @@ step instead of once per stored row:
 * output: ``sum_t p_t v_t = ((sum_t p_t x_t) R) / a + m sum_t p_t`` (:func:`unfold_output`).
 
 Keys stored after RoPE around a center turned to each position (``rope_center``) add
-``q . R_t m`` instead of ``q . m`` (:func:`turned_center_scores`): two small products with the
-rows' RoPE angles.
+``q . R_t m`` instead of ``q . m`` (:func:`turned_center_scores`): small products with the
+angles of the rows' blocks of positions and of the offsets within a block.
 
 And ``x_t`` is never formed where its scale folds too: a static stream's fixed scale
 ``s`` (per channel, head or tensor) moves into the query (``q' . x_t = (q' * s) . codes_t -
@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from quantcache.ops.packing import CodeView
+from quantcache.ops.packing import CodeView, from_slot_major, slot_major
+from quantcache.ops.rope import BlockAngles
 from quantcache.ops.stream_space import StreamSpace
 
 __all__ = ["fold_query", "key_scores", "row_poison", "turned_center_scores", "unfold_output", "value_mix"]
@@ -62,19 +63,30 @@ def _row_parameter(parameter: torch.Tensor | float) -> torch.Tensor | float:
     return parameter if isinstance(parameter, float) else parameter.squeeze(-1).unsqueeze(-2)
 
 
+def _times_codes(query: torch.Tensor, view: CodeView) -> torch.Tensor:
+    """``query @ codes^T``: ``(batch, kv_heads, n, head_dim)`` against the rows' codes, ``(batch, kv_heads, n, seq)``
+    (codes left in their bytes are read in slot-major order, the query put in it)."""
+    return slot_major(query, view.per_byte) @ view.slot_major(query.dtype).transpose(-1, -2)
+
+
+def _mix_codes(weights: torch.Tensor, view: CodeView) -> torch.Tensor:
+    """``weights @ codes``: ``(batch, kv_heads, n, seq)`` weights over the rows' codes, ``(batch, kv_heads, n,
+    head_dim)`` (codes left in their bytes are mixed in slot-major order, then put back in order)."""
+    return from_slot_major(weights @ view.slot_major(weights.dtype), view.per_byte)
+
+
 def key_scores(folded: torch.Tensor, view: CodeView) -> torch.Tensor:
     """``q' . x_t`` for every query and row: ``(batch, kv_heads, n, seq)`` in ``folded``'s dtype, flagged rows NaN."""
     if view.grouped:
         return folded @ view.in_space().to(folded.dtype).transpose(-1, -2)
-    codes = view.codes.to(folded.dtype).transpose(-1, -2)
     if not view.per_row:  # the fixed scale into the query
         weighted = folded * view.scale
-        scores = weighted @ codes
+        scores = _times_codes(weighted, view)
         if view.subtrahend is not None:
             scores = scores - (weighted * view.subtrahend).sum(-1, keepdim=True)
         poison = row_poison(view)
         return scores if poison is None else scores + poison
-    scores = folded @ codes
+    scores = _times_codes(folded, view)
     if view.subtrahend is not None:
         scores = scores - folded.sum(-1, keepdim=True) * _row_parameter(view.subtrahend)
     return scores * _row_parameter(view.scale)
@@ -93,14 +105,13 @@ def value_mix(probabilities: torch.Tensor, view: CodeView) -> torch.Tensor:
     """
     if view.grouped:
         return probabilities @ view.in_space().to(probabilities.dtype)
-    codes = view.codes.to(probabilities.dtype)
     if not view.per_row:
-        mixed = probabilities @ codes
+        mixed = _mix_codes(probabilities, view)
         if view.subtrahend is not None:
             mixed = mixed - probabilities.sum(-1, keepdim=True) * view.subtrahend
         return mixed * view.scale
     weights = probabilities * _row_parameter(view.scale)
-    mixed = weights @ codes
+    mixed = _mix_codes(weights, view)
     if view.subtrahend is None:
         return mixed
     if isinstance(view.subtrahend, float):
@@ -123,23 +134,27 @@ def unfold_output(mixed: torch.Tensor, probability_sum: torch.Tensor, space: Str
     return mixed
 
 
-def turned_center_scores(
-    query: torch.Tensor, center: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
+def turned_center_scores(query: torch.Tensor, center: torch.Tensor, angles: BlockAngles) -> torch.Tensor:
     """``q . R_t m`` for every query and position ``t``: ``(batch, kv_heads, n, seq)`` (``rope_center`` keys).
 
-    ``center`` is the ``(kv_heads, head_dim)`` mean before RoPE; ``cos``/``sin`` ``(seq, r)`` the rows'
-    angles (:meth:`~quantcache.ops.rope.RopeTable.angles`). Pair ``(i, i + r)`` turned by ``a`` gives
-    ``q . R m = cos a (q_i m_i + q_j m_j) + sin a (q_j m_i - q_i m_j)``, so two ``(n, r) x (r, seq)``
-    products replace turning the center to every position; channels past ``2 r`` do not turn.
+    ``center`` is the ``(kv_heads, head_dim)`` mean before RoPE; ``angles`` the rows' positions, as block
+    starts and offsets (:meth:`~quantcache.ops.rope.RopeTable.block_angles`). Pair ``(i, i + r)`` turned
+    by ``a`` gives ``q . R m = cos a (q_i m_i + q_j m_j) + sin a (q_j m_i - q_i m_j)``; with ``a`` a block
+    start's angle ``b`` plus an offset's ``o``, the pair's two sums turn by ``b`` once per block, and a
+    ``(blocks, r) x (r, size)`` product per query adds the offsets: no ``(seq, r)`` table of angles is formed
+    or read. Channels past ``2 r`` do not turn.
     """
-    pairs = cos.shape[-1]
+    pairs = angles.offset_cos.shape[-1]
     center = _per_head(center, query)
     first, second = query[..., :pairs], query[..., pairs : 2 * pairs]
     center_first, center_second = center[..., :pairs], center[..., pairs : 2 * pairs]
-    along = first * center_first + second * center_second
-    across = second * center_first - first * center_second
-    scores = along @ cos.to(query).T + across @ sin.to(query).T
+    along = (first * center_first + second * center_second).unsqueeze(-2)  # (batch, kv_heads, n, 1, r)
+    across = (second * center_first - first * center_second).unsqueeze(-2)
+    block_cos, block_sin = angles.block_cos.to(query), angles.block_sin.to(query)  # (blocks, r)
+    turned_along = along * block_cos + across * block_sin  # (batch, kv_heads, n, blocks, r)
+    turned_across = across * block_cos - along * block_sin
+    scores = turned_along @ angles.offset_cos.to(query).T + turned_across @ angles.offset_sin.to(query).T
+    scores = scores.flatten(-2)[..., angles.skip : angles.skip + angles.positions]
     if query.shape[-1] > 2 * pairs:
         scores = scores + (query[..., 2 * pairs :] * center[..., 2 * pairs :]).sum(-1, keepdim=True)
     return scores

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["CodeView", "bits_per_slot", "pack_codes", "unpack_codes", "unpack_slots"]
+__all__ = ["CodeView", "bits_per_slot", "from_slot_major", "pack_codes", "slot_major", "unpack_codes", "unpack_slots"]
 
 
 def bits_per_slot(bits: int) -> int:
@@ -84,6 +84,21 @@ def unpack_codes(packed: torch.Tensor, bits: int, offset: int, count: int) -> to
     return torch.sub(unpack_slots(packed, bits, count), float(offset))
 
 
+def slot_major(channels: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """``(..., head_dim)`` channels reordered slot by slot: ``0, p, 2p, ..., 1, p + 1, ...`` for ``p = per_byte``,
+    the order of :meth:`CodeView.slot_major` codes (a query put in it scores them)."""
+    if per_byte == 1:
+        return channels
+    return channels.reshape(*channels.shape[:-1], -1, per_byte).transpose(-1, -2).flatten(-2)
+
+
+def from_slot_major(channels: torch.Tensor, per_byte: int) -> torch.Tensor:
+    """Inverse of :func:`slot_major`: ``(..., head_dim)`` in slot-major order back to the channels' own order."""
+    if per_byte == 1:
+        return channels
+    return channels.reshape(*channels.shape[:-1], per_byte, -1).transpose(-1, -2).flatten(-2)
+
+
 class CodeView(NamedTuple):
     """The parts of packed rows that decoding combines: ``(codes - subtrahend) * scale (+ poison)``, then the
     stream space's inverse (:meth:`~quantcache.cache.stream.StreamQuantizer.decode`).
@@ -95,6 +110,8 @@ class CodeView(NamedTuple):
     (grouped: ``(..., groups, 1)``); a static stream's are its fixed parameters, shaped to broadcast.
     ``subtrahend`` is ``None`` for float8 codes. ``poison`` ``(batch, kv_heads, seq)`` is a static stream's
     row flag as a value to add, NaN for a row that held NaN or Inf and ``-0.0`` otherwise.
+    ``per_byte`` > 1 (2- and 4-bit codes left in their bytes for a reader that takes them slot by slot,
+    :meth:`slot_major`): ``codes`` are the ``(batch, kv_heads, seq, head_dim / per_byte)`` bytes as stored.
     """
 
     codes: torch.Tensor
@@ -102,6 +119,30 @@ class CodeView(NamedTuple):
     scale: torch.Tensor
     poison: torch.Tensor | None
     head_dim: int
+    per_byte: int = 1
+
+    def slot_major(self, dtype: torch.dtype) -> torch.Tensor:
+        """The codes as ``dtype`` ``(..., head_dim)`` with channels in slot-major order (:func:`slot_major`).
+
+        Each slot of the bytes (the low bits first) is masked out of 4-byte words and converted
+        once into its block of channels: no interleaving pass, which taking the codes apart code by
+        code costs. A product with them needs its other side in the same order.
+        """
+        if self.per_byte == 1:
+            return self.codes.to(dtype)
+        width = 8 // self.per_byte
+        mask = (1 << width) - 1
+        codes = self.codes.contiguous()
+        if codes.shape[-1] % 4 == 0:  # four bytes per integer: a quarter of the elementwise work
+            words, mask = codes.view(torch.int32), mask * 0x01010101  # the mask in every byte
+        else:
+            words = codes
+        out = torch.empty(*codes.shape[:-1], self.head_dim, dtype=dtype, device=codes.device)
+        block = codes.shape[-1]
+        for index in range(self.per_byte):
+            slot = (words >> (width * index)) & mask if index else words & mask
+            out[..., index * block : (index + 1) * block] = slot.view(torch.uint8)
+        return out
 
     @property
     def per_row(self) -> bool:
@@ -121,6 +162,8 @@ class CodeView(NamedTuple):
         pass, which adds NaN to them and ``-0.0`` to the others, every time: asking first whether
         any flag is set would make the host wait for the device, and a masked fill would cost a pass.
         """
+        if self.per_byte != 1:
+            raise ValueError("codes still in their bytes: make the view with code_view(rows) to read them in space")
         # float8 codes are already a new float32 tensor (scaled in place: this consumes the view)
         values = self.codes if self.subtrahend is None else torch.sub(self.codes, self.subtrahend)
         if self.poison is None:

@@ -17,13 +17,13 @@ model (the same angles are undone and redone); how much the keys gain does.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from quantcache.errors import ConfigError
 
-__all__ = ["RopeTable", "rope_frequencies", "rope_pairs"]
+__all__ = ["BlockAngles", "RopeTable", "rope_frequencies", "rope_pairs"]
 
 # Frequency schemes that do not change with the sequence length: transformers' own functions compute them.
 _FIXED_SCALED_TYPES = ("linear", "llama3", "yarn")
@@ -116,6 +116,24 @@ def _added_angles(
     return cos_a * cos_b - sin_a * sin_b, sin_a * cos_b + cos_a * sin_b
 
 
+class BlockAngles(NamedTuple):
+    """The angles of ``positions`` positions from ``skip`` past the start of the first of ``blocks`` blocks, kept apart.
+
+    Position ``block * size + offset`` turns by the block start's angle plus the offset's:
+    ``block_cos``/``block_sin`` are ``(blocks, rotary/2)``, ``offset_cos``/``offset_sin``
+    ``(size, rotary/2)``. A product with every position's ``(cos, sin)`` can be taken block by
+    block without ever forming the ``(count, rotary/2)`` table (see
+    :func:`~quantcache.ops.code_attention.turned_center_scores`).
+    """
+
+    block_cos: torch.Tensor
+    block_sin: torch.Tensor
+    offset_cos: torch.Tensor
+    offset_sin: torch.Tensor
+    skip: int
+    positions: int
+
+
 class RopeTable:
     """Cosines and sines of ``position * inv_freq`` for any range of positions, without a per-position table.
 
@@ -161,10 +179,13 @@ class RopeTable:
         skip = start - first * self.BLOCK
         return cos[skip : skip + end - start], sin[skip : skip + end - start]
 
-    def angles(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` of positions ``start..end-1``, each ``(end - start, rotary/2)`` float32, as :meth:`rotate`
-        turns by (what a turned key's products with a query need, see :mod:`quantcache.ops.code_attention`)."""
-        return self._angles(start, end, device)
+    def block_angles(self, start: int, end: int, device: torch.device) -> BlockAngles:
+        """The angles of positions ``start..end-1`` as block starts and offsets (:class:`BlockAngles`), float32:
+        views of the tables, nothing computed per position."""
+        first, last = start // self.BLOCK, -(-end // self.BLOCK)
+        block_cos, block_sin, offset_cos, offset_sin = self._tables(last, device)
+        skip = start - first * self.BLOCK
+        return BlockAngles(block_cos[first:last], block_sin[first:last], offset_cos, offset_sin, skip, end - start)
 
     def _angles_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of ``(batch, seq)`` integer positions, each ``(batch, 1, seq, rotary/2)``, float32.

@@ -37,6 +37,17 @@ def _frozen(model: PreTrainedModel, config: KVQuantConfig, storage: str = "fake"
     return quantizer.new_cache(storage=storage)
 
 
+def _fill_to_the_largest_window(model: PreTrainedModel, cache: QuantizedCalibratingCache, seq_len: int) -> None:
+    """``seq_len`` tokens into ``cache``, the last ``residual_block - 1`` one at a time: its window then holds the
+    most tokens it ever holds, which effective bits count."""
+    steps = cache.quant_config.residual_block - 1
+    tokens = _tokens(1, seq_len, seed=2)
+    with torch.no_grad():
+        model(tokens[:, : seq_len - steps], **{CACHE_KEYWORD: cache})
+        for position in range(seq_len - steps, seq_len):
+            model(tokens[:, position : position + 1], **{CACHE_KEYWORD: cache})
+
+
 # ================================================================================ hand-counted values
 # (config, seq_len, bits): per stream, code width + 8 / head_dim for a static row's flag byte + the static
 # parameters (32-bit scale, + 32-bit zero point when asymmetric) over kv_heads * head_dim * seq_len elements,
@@ -52,16 +63,16 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     # rounding: a float32 diagonal and a rank-one factor, 64 / 64 bits per key element, 32 / 64 over both streams)
     # ... and its residual window of 8 tokens
     "int3-per-token": (
-        KVQuantConfig.preset("int3"), 64, 3 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 8 / 64
+        KVQuantConfig.preset("int3"), 64, 3 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 15 / 64
     ),
     # int4 per token, symmetric: a one-byte (log8) scale per row, the center, the sink, the channel scales, the
-    # query model and its residual window of 24 tokens
+    # query model and its residual window at its largest: 24 tokens and 7 more waiting to leave in a block of 8
     "int4-per-token": (
-        KVQuantConfig.preset("int4"), 64, 4 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 24 / 64
+        KVQuantConfig.preset("int4"), 64, 4 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 31 / 64
     ),
-    # int2: a one-byte scale per row and no zero point (the mid-rise grid), the query model, and a 24-token window
+    # int2: a one-byte scale per row and no zero point (the mid-rise grid), the query model, and a 24 + 7 window
     "int2-per-token": (
-        KVQuantConfig.preset("int2"), 64, 2 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 24 / 64
+        KVQuantConfig.preset("int2"), 64, 2 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 31 / 64
     ),
     # int8: keys asymmetric in groups of 32 channels (one group of a 16-channel head: a one-byte scale and zero
     # point), values symmetric per row (a float16 scale): 16 bits a row
@@ -69,7 +80,7 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     "int4-per-token-1024": (
         KVQuantConfig.preset("int4"),
         1024,
-        4 + 8 / HEAD_DIM + 32 / 1024 + 16 / 1024 + 16 / 1024 + 32 / 1024 + 16 * 24 / 1024,
+        4 + 8 / HEAD_DIM + 32 / 1024 + 16 / 1024 + 16 / 1024 + 32 / 1024 + 16 * 31 / 1024,
     ),
     "fp8-per-token": (KVQuantConfig.preset("fp8"), 64, 8 + 16 / HEAD_DIM + 32 / 64 + 16 / 64),
     "fp8-per-token-uncentred": (KVQuantConfig(dtype="fp8_e4m3", scope="per_token", dynamic=True), 64, 9.0),
@@ -152,8 +163,7 @@ def test_effective_bits_are_the_bits_a_packed_cache_holds(
     """The honest count: ``memory_report()`` totals x 8 over the cached elements of a packed cache holding
     ``seq_len`` tokens (batch 1) equal ``effective_bits(seq_len)``, the float32 model's excluded layer at 32."""
     cache = _frozen(llama, config, storage="packed")
-    with torch.no_grad():
-        llama(_tokens(1, seq_len, seed=2), **{CACHE_KEYWORD: cache})
+    _fill_to_the_largest_window(llama, cache, seq_len)
     report = cache.memory_report()
     elements = len(report) * 2 * KV_HEADS * HEAD_DIM * seq_len
     assert sum(entry["dynamic_cache"] for entry in report) == elements * 4  # every token is cached, fp32
@@ -180,8 +190,7 @@ def test_effective_bits_are_the_bits_held_by_a_sliding_window_model(
     tokens, the full ones 40, and the bits per held element are total bits over total held elements (measured:
     11.2 held vs 10.1 counted for static INT8; 7.9 vs 12.5 with sliding layer 0 excluded)."""
     cache = _frozen(gemma3, config, storage="packed")
-    with torch.no_grad():
-        gemma3(_tokens(1, 40, seed=3), **{CACHE_KEYWORD: cache})
+    _fill_to_the_largest_window(gemma3, cache, 40)
     report = cache.memory_report()
     elements = sum(entry["dynamic_cache"] for entry in report) // 4
     assert [layer.keys.shape[-2] for layer in cache.layers] == [7, 40, 7, 40]

@@ -53,6 +53,8 @@ SCHEMES: dict[str, dict[str, Any]] = {name: {"preset": name} for name in PRESETS
     "post-rope-centred": POST_ROPE_CENTRED,
     # static rows beside full-precision ones: the scores of both must be on one scale
     "seed-sinks-window": {"preset": "seed", "sink_tokens": 2, "residual_window": 3},
+    # tokens leaving the window two at a time: rows pending beside rows with codes
+    "int4-block": {"preset": "int4", "residual_window": 1, "residual_block": 2},
     # keys quantized before RoPE (the presets before rope_center): decoded and turned, values read from codes
     **{f"{name}-pre-rope": {"preset": name, "pre_rope_keys": True, "rope_center": False} for name in ("int8", "int4")},
 }
@@ -289,12 +291,15 @@ def test_unmarked_rows_and_unsupported_attention_are_refused(models: dict[str, P
             code_attention(module, query.double(), key_rows, value_rows, None, **refused)
 
 
-@pytest.mark.parametrize("name", ["seed", "int4", pytest.param("int4-pre-rope", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name", ["seed", "int4", "int4-block", pytest.param("int4-pre-rope", marks=pytest.mark.slow)]
+)
 def test_a_decode_forward_reading_codes_compiles_as_one_graph_with_eager_logits(
     models: dict[str, PreTrainedModel], name: str
 ) -> None:
     """The whole decode forward (every layer's ``update`` returning marked rows, and the attention from codes)
-    traces with ``fullgraph=True``, and two compiled steps give the logits of two eager steps on a twin cache."""
+    traces with ``fullgraph=True``, and two compiled steps give the logits of two eager steps on a twin cache
+    (``int4-block``: the second step's tokens leave the window, the first's do not)."""
     model = models["llama"]
     _, compiled_cache = _pair(model, SCHEMES[name])
     eager_cache = compiled_cache.empty_copy()

@@ -40,8 +40,8 @@ from quantcache.scheme.presets import PRESETS
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SLOWEST_KEYS = Path(__file__).parent / "data" / "smollm2_int4_slowest_keys.safetensors"
-PREFILL = 30  # past int4's 24-token residual window, so decode steps also push tokens out of it
-DECODE_STEPS = 3
+PREFILL = 40  # past the 24 + 8 tokens of int4's window and block: the prefill quantizes (per-device tables made)
+DECODE_STEPS = 8  # a whole block: the last step pushes 8 tokens out of the window
 
 
 class HostSync(AssertionError):
@@ -359,12 +359,13 @@ def test_the_cache_rounds_keys_with_the_measured_number_of_rounds(
         seen.append((round_trip(moved) == round_trip(converged)).all(-1))
         return moved
 
-    keys, values = _decode_states(1, seed=9)[0]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stream_space, "round_with_feedback", recording)
         with torch.no_grad():
-            cache.update(keys, values, 0)
-    assert len(seen) == 1 and bool(seen[0].all())
+            for step in range(DECODE_STEPS):  # the last pushes a block of tokens out of the window
+                keys, values = _decode_states(1, seed=9 + step)[0]
+                cache.update(keys, values, 0)
+    assert len(seen) == 1 and seen[0].shape[-1] == 8 and bool(seen[0].all())  # one call, a block of 8
 
 
 def test_the_number_of_rounds_is_what_real_keys_need() -> None:
@@ -407,8 +408,8 @@ def test_a_frozen_cache_update_compiles_as_one_graph_with_eager_bits(
 ) -> None:
     """The whole ``cache.update`` of a decode step (the container's dispatch, the layer's append into reserved
     room, sinks, residual window, pre-RoPE turn, rotation, query-aware rounding, packing) traces with
-    ``fullgraph=True`` on full and sliding-window layers, and three compiled steps store and return what three
-    eager steps on a twin cache do, bit for bit."""
+    ``fullgraph=True`` on full and sliding-window layers, and eight compiled steps (the last pushes a block of
+    tokens out of a window) store and return what eight eager steps on a twin cache do, bit for bit."""
     model, quantizer = tiny_models[arch], quantizers[arch, preset]
     compiled_cache, eager_cache = _prefilled(model, quantizer, storage), _prefilled(model, quantizer, storage)
 
@@ -419,7 +420,10 @@ def test_a_frozen_cache_update_compiles_as_one_graph_with_eager_bits(
 
     torch.compiler.reset()
     compiled = torch.compile(step, fullgraph=True, backend="eager")
+    # one graph per layer index and per append shape, and the step whose tokens leave the window: more than 8
+    limit = torch._dynamo.config.recompile_limit
     try:
+        torch._dynamo.config.recompile_limit = 64
         with torch.no_grad():
             for token in range(DECODE_STEPS):
                 for index, (keys, values) in enumerate(_decode_states(len(compiled_cache.layers), seed=token)):
@@ -427,4 +431,5 @@ def test_a_frozen_cache_update_compiles_as_one_graph_with_eager_bits(
                     want = step(eager_cache, keys, values, index)
                     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (token, index)
     finally:
+        torch._dynamo.config.recompile_limit = limit
         torch.compiler.reset()

@@ -177,8 +177,11 @@ def test_each_description_says_what_its_scheme_is(name: str) -> None:
     if len(clipped) == 2:  # streams that differ are named apart
         assert "value ranges clipped" in description and "keys take their whole range" in description
     assert args.method.value in ("minmax", "mse")
-    window = KVQuantConfig.preset(name).residual_window
-    assert (f"newest {window} tokens" in description) == bool(window)
+    config = KVQuantConfig.preset(name)
+    window, block = config.residual_window, config.residual_block
+    said = f"newest {window} tokens" if block == 1 else f"newest {window} to {window + block - 1} tokens"
+    assert (said in description) == bool(window)
+    assert (f"leave it {block} at a time" in description) == (block > 1)
     assert ("weighed by calibrated query energy" in description) == args.query_aware
     assert not value_args.query_aware
     assert ("one-byte scales" in description) == (args.scale_format.value == "log8")

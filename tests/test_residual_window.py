@@ -1,10 +1,10 @@
 """Residual window: the newest ``residual_window`` tokens are read back in full precision.
 
-Every token is stored quantized when it arrives; a layer also keeps the full-precision
-states of its newest tokens and returns them in place of their stored ones, until that
-many newer tokens have followed (KIVI's residual). Fake and packed storage agree, in
-full-attention and sliding-window layers, through every batch operation generation
-uses, and the copy is counted in effective bits and in ``memory_report``.
+A layer returns its newest tokens' full-precision states until that many newer tokens
+have followed (KIVI's residual), and quantizes a token when it leaves the window,
+``residual_block`` at a time. Fake and packed storage agree, in full-attention and
+sliding-window layers, through every batch operation generation uses, and the copy is
+counted in effective bits and in ``memory_report``.
 """
 
 from __future__ import annotations
@@ -157,9 +157,9 @@ def test_generation_with_a_window_differs_from_generation_without(llama: PreTrai
     assert not all(torch.equal(a, b) for a, b in zip(quantized.logits, exact.logits, strict=True))
 
 
-@pytest.mark.parametrize("storage", ["fake", "packed"])
-def test_batch_operations_carry_the_window_along(llama: PreTrainedModel, storage: str) -> None:
-    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4, residual_window=3), storage=storage).freeze()
+def test_batch_operations_carry_the_window_along(llama: PreTrainedModel) -> None:
+    """Packed storage keeps the pending tokens' states apart (fake storage holds them in place of their states)."""
+    cache = QuantizedCalibratingCache(llama, KVQuantConfig(**INT4, residual_window=3), storage="packed").freeze()
     _run(llama, cache, _tokens(2, 6, seed=6))
     layer = cache.layers[0]
     first = layer._recent[0].clone()
@@ -175,7 +175,7 @@ def test_batch_operations_carry_the_window_along(llama: PreTrainedModel, storage
     assert torch.equal(layer._recent[0], first.flip(0)[[0, 1]][:, :, :1])
     assert layer.recent_bytes() == 2 * layer._recent[0].numel() * 4
     layer.reset()
-    assert layer._recent is None and layer.recent_bytes() == 0
+    assert layer._recent is None and layer.recent_bytes() == 0 and layer._pending == 0
 
 
 @pytest.mark.parametrize("storage", ["fake", "packed"])
@@ -210,12 +210,114 @@ def test_effective_bits_count_the_window_a_packed_cache_holds(
     held = cache.held_tokens(40)
     copies = [min(window, tokens) for tokens in held]
     assert cache.full_precision_held(40) == [s + c for s, c in zip(cache.sinks_held(40), copies, strict=True)]
-    assert cache.full_precision_held(3) == [s + 3 for s in cache.sinks_held(3)]
+    assert cache.full_precision_held(3) == [3] * len(held)  # the sink is still in the window: one copy
     added = cache.effective_bits(40, unquantized_bits=32) - without.effective_bits(40, unquantized_bits=32)
     assert added == pytest.approx(2 * 32 * sum(copies) / (2 * sum(held)))
     _run(model, cache, _tokens(1, 40, seed=8))
     report = cache.memory_report()
     assert all(entry["full_precision"] > 0 for entry in report)
+    elements = sum(entry["dynamic_cache"] for entry in report) // 4
+    counted = sum(entry["total"] - entry["reserved"] - entry["encoder"] for entry in report) * 8 / elements
+    assert counted == pytest.approx(cache.effective_bits(40, unquantized_bits=32), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- tokens leaving the window in blocks
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "8", 4097])
+def test_the_block_must_be_a_whole_number_of_tokens_from_one(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="residual_block: "):
+        KVQuantConfig(residual_block=bad)
+
+
+def test_the_block_survives_the_yaml_round_trip_is_named_and_is_not_exported() -> None:
+    config = KVQuantConfig(**INT4, residual_window=4, residual_block=8)
+    assert config.to_dict()["residual_block"] == 8 and "residual_block" not in KVQuantConfig().to_dict()
+    assert KVQuantConfig.from_yaml(config.to_yaml()) == config
+    assert "residual_block 8" in config_text(config) and "residual_block" not in config_text(KVQuantConfig())
+    assert any("residual_block" in problem for problem in KVQuantConfig(residual_block=2).export_problems())
+
+
+def _pending_after(chunks: tuple[int, ...], window: int, block: int) -> list[int]:
+    """The tokens read in full precision after each chunk: pending ones leave, all but ``window``, at ``window +
+    block``."""
+    pending, counts = 0, []
+    for size in chunks:
+        pending += size
+        pending = window if pending >= window + block else pending
+        counts.append(pending)
+    return counts
+
+
+# (chunks, window, block): one at a time over two blocks, no window (a block alone), a prefill longer than a block
+_BLOCKS = [((5, 1, 1, 1, 1, 1, 1, 1), 2, 3), ((9, 1, 1, 1, 1), 0, 4), ((2, 1, 1, 12, 1), 3, 2)]
+
+
+@pytest.mark.parametrize("storage", ["fake", "packed"])
+@pytest.mark.parametrize(("chunks", "window", "block"), _BLOCKS)
+def test_tokens_leave_the_window_a_block_at_a_time(
+    llama: PreTrainedModel, storage: str, chunks: tuple[int, ...], window: int, block: int
+) -> None:
+    """The newest ``window`` to ``window + block - 1`` positions are exact, every older one its codes."""
+    config = KVQuantConfig(**INT4, sink_tokens=1)
+    tokens = _tokens(2, sum(chunks), seed=1)
+    reference = DynamicCache(config=llama.config)
+    plain = QuantizedCalibratingCache(llama, config, storage=storage).freeze()
+    blocked = replace(config, residual_window=window, residual_block=block)
+    windowed = QuantizedCalibratingCache(llama, blocked, storage=storage).freeze()
+    exact, quantized, got = _returns(reference, 0), _returns(plain, 0), _returns(windowed, 0)
+    start = 0
+    for size, held in zip(chunks, _pending_after(chunks, window, block), strict=True):
+        for cache in (reference, plain, windowed):
+            _run(llama, cache, tokens[:, start : start + size])
+        start += size
+        assert windowed.layers[0]._pending == held
+        for stream in (0, 1):
+            assert torch.equal(got[-1][stream][:, :, start - held :], exact[-1][stream][:, :, start - held :])
+            assert torch.equal(got[-1][stream][:, :, : start - held], quantized[-1][stream][:, :, : start - held])
+            left = slice(1, start - held)  # past the sink, what left the window changed
+            if start - held > 1:
+                assert not torch.equal(got[-1][stream][:, :, left], exact[-1][stream][:, :, left])
+
+
+@pytest.mark.parametrize("mode", GENERATION_MODES)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_packed_storage_generates_what_fake_storage_generates_with_blocks(
+    request: pytest.FixtureRequest, arch: str, mode: dict[str, Any]
+) -> None:
+    """The int4 preset with tokens leaving its window four at a time: rotated, rounded, centred around RoPE."""
+    config = KVQuantConfig.preset("int4", residual_window=2, residual_block=4)
+    model = request.getfixturevalue(arch)
+    assert_packed_generates_like_fake(model, config, _tokens(2, 16, seed=1), _tokens(1, 6, seed=4), mode)
+
+
+@pytest.mark.parametrize("storage", ["fake", "packed"])
+def test_a_crop_takes_pending_tokens_first(llama: PreTrainedModel, storage: str) -> None:
+    """Cropped pending tokens are gone; the block refills from new ones, and what was quantized stays so."""
+    config = KVQuantConfig(**INT4, residual_window=1, residual_block=3)
+    cache = QuantizedCalibratingCache(llama, config, storage=storage).freeze()
+    _run(llama, cache, _tokens(1, 6, seed=7))  # 6 >= 4: five leave, one pending
+    layer = cache.layers[0]
+    assert layer._pending == 1
+    _run(llama, cache, _tokens(1, 2, seed=8))
+    assert layer._pending == 3
+    cache.crop(-2)
+    assert layer._pending == 1 and layer.get_seq_length() == 6
+    _run(llama, cache, _tokens(1, 3, seed=9))  # 1 + 3 = 4 pending: three leave
+    assert layer._pending == 1 and layer.get_seq_length() == 9
+    if storage == "packed":
+        assert layer._recent is not None and layer._recent[0].shape[2] == 1
+
+
+def test_effective_bits_count_the_window_at_its_largest(llama: PreTrainedModel) -> None:
+    """A packed cache brought to ``window + block - 1`` pending tokens holds the bits effective_bits counts."""
+    config = KVQuantConfig(**INT4, sink_tokens=1, residual_window=3, residual_block=4)
+    cache = QuantizedCalibratingCache(llama, config, storage="packed").freeze()
+    assert cache.full_precision_held(40) == [1 + 6] * len(cache.layers)
+    assert cache.full_precision_held(5) == [5] * len(cache.layers)  # none has left: the sink is pending too
+    _run(llama, cache, _tokens(1, 37, seed=8))  # 34 leave, three pending
+    for step in range(3):  # 4, 5, 6 pending
+        _run(llama, cache, _tokens(1, 1, seed=20 + step))
+    assert cache.layers[0]._pending == 6 and cache.get_seq_length() == 40
+    report = cache.memory_report()
     elements = sum(entry["dynamic_cache"] for entry in report) // 4
     counted = sum(entry["total"] - entry["reserved"] - entry["encoder"] for entry in report) * 8 / elements
     assert counted == pytest.approx(cache.effective_bits(40, unquantized_bits=32), rel=1e-12)

@@ -117,6 +117,7 @@ def config_text(config: KVQuantConfig) -> str:
     streams = _stream_text(key) if key == value else f"keys {_stream_text(key)}; values {_stream_text(value)}"
     extras = [f"sink_tokens {config.sink_tokens}"] if config.sink_tokens else []
     extras += [f"residual_window {config.residual_window}"] if config.residual_window else []
+    extras += [f"residual_block {config.residual_block}"] if config.residual_block > 1 else []
     extras += ["keys before RoPE"] if config.pre_rope_keys else []
     extras += ["keys after RoPE around a turned center"] if config.rope_center else []
     extras += [f"{len(config.layers)} per-layer override(s)"] if config.layers else []

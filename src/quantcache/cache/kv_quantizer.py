@@ -145,6 +145,7 @@ class KVQuantizer(QuantizerStateMixin):
         for quantizer in self.quantizers:
             quantizer.sink_tokens = self.quant_config.sink_tokens
             quantizer.residual_window = self.quant_config.residual_window
+            quantizer.residual_block = self.quant_config.residual_block
         if self.quant_config.pre_rope_keys or self.quant_config.rope_center:
             self._set_key_rope(decoder_config, turned_center=self.quant_config.rope_center)
         self._set_rope_pairs(decoder_config)
@@ -423,17 +424,18 @@ class KVQuantizer(QuantizerStateMixin):
         return [sinks if keeps else 0 for keeps in self.keeps_sinks()]
 
     def full_precision_held(self, seq_len: int) -> list[int]:
-        """Tokens each layer keeps in full precision on top of their codes after ``seq_len`` tokens.
+        """Tokens each layer keeps in full precision on top of their codes' bytes after ``seq_len`` tokens, at most.
 
-        Its sink tokens (:meth:`sinks_held`) and its residual window, the newest
-        ``residual_window`` of the tokens it holds (the two are counted apart even where they
-        overlap in a short sequence: both copies are kept).
+        Its residual window at its largest, the newest ``residual_window + residual_block - 1`` of the
+        tokens it holds (not quantized yet), and the sink tokens (:meth:`sinks_held`) among those that
+        have left it (a sink token still in the window has one copy, the window's).
         """
-        window = self.quant_config.residual_window
-        return [
-            sinks + min(window, held)
-            for sinks, held in zip(self.sinks_held(seq_len), self.held_tokens(seq_len), strict=True)
-        ]
+        window = self.quant_config.residual_window + self.quant_config.residual_block - 1
+        counts = []
+        for sinks, held in zip(self.sinks_held(seq_len), self.held_tokens(seq_len), strict=True):
+            pending = min(window, held)
+            counts.append(pending + min(sinks, seq_len - pending))
+        return counts
 
     def effective_bits(self, seq_len: int, *, unquantized_bits: int = 16) -> float:
         """Bits per cached element this scheme holds at ``seq_len`` tokens (see :mod:`quantcache.ops.bits`).

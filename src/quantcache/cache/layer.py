@@ -51,6 +51,7 @@ class LayerQuantizer:
         self.enabled = enabled
         self.sink_tokens = 0  # the first tokens of a sequence, kept in full precision (the cache sets it)
         self.residual_window = 0  # the newest tokens, read back in full precision (the cache sets it)
+        self.residual_block = 1  # tokens that leave the window together (the cache sets it)
         self.sink_only_updates = 0  # calibrating updates whose every token was a sink (so nothing was observed)
         self.key_rope: RopeTable | None = None  # the layer's RoPE angles, when keys are centred before RoPE
         self.rope_center = False  # keys stored after RoPE around the turned center (rope_center), else before it

@@ -69,12 +69,14 @@ class QuantizingLayerMixin:
     where the new tokens start, so it keeps the config's sink tokens in full precision;
     sliding-window layers (``keeps_sinks = False``) evict those tokens anyway.
 
-    Residual window (``residual_window: R``): every token is stored quantized when it
-    arrives, and the layer also keeps the full-precision states of the last ``R`` tokens,
-    which it returns in place of their stored ones. A token is therefore read back from
-    its codes once ``R`` newer tokens have followed it, whether they came one at a time or
-    in one chunk. The copy follows cropping, beam reordering and batch changes; a crop
-    shortens it (the tokens before it were stored quantized and stay so).
+    Residual window (``residual_window: R``, ``residual_block: B``): the newest tokens
+    are held in full precision, and a token is quantized when it leaves them, ``B`` at a
+    time: once ``R + B`` tokens are pending, all but the newest ``R`` are quantized in one
+    call (a prefill's, in one). Which tokens are read back from their codes depends only on
+    how many tokens followed them, however they came (one at a time or in chunks); fake and
+    packed storage quantize the same blocks, so they stay bit for bit alike. Here (fake
+    storage) pending tokens are stored as they came and overwritten in place by their
+    quantized states; cropping drops pending tokens first (those quantized before stay so).
     """
 
     quantizer: LayerQuantizer | None = None
@@ -83,19 +85,28 @@ class QuantizingLayerMixin:
     # calibration leaves out, and a hook that hears every quantization (see quantcache.cache.stream).
     token_mask: torch.Tensor | None = None
     on_quantize: QuantizeHook | None = None
-    # The residual window's full-precision (keys, values), each (batch, kv_heads, <= window, head_dim).
+    # How many of the newest tokens the layer holds are not quantized yet (the residual window's).
+    _pending = 0
+    # Packed storage's full-precision (keys, values) of those tokens, each (batch, kv_heads, pending, head_dim).
     _recent: _StatePair | None = None
 
     def _position(self) -> int:
         """Position of the next new token in its sequence: the tokens this layer has seen."""
         return int(self.get_seq_length())  # type: ignore[attr-defined]
 
-    def _window(self) -> int:
-        """The residual window this layer keeps now: only a frozen, enabled quantizer's."""
+    def _window(self) -> tuple[int, int]:
+        """``(residual_window, residual_block)`` of this layer now: a frozen, enabled quantizer's, else ``(0, 1)``."""
         quantizer = self.quantizer
         if quantizer is None or not quantizer.enabled or not quantizer.frozen:
-            return 0
-        return quantizer.residual_window
+            return 0, 1
+        return quantizer.residual_window, quantizer.residual_block
+
+    def _leaving(self, new_tokens: int, held: int) -> tuple[int, int]:
+        """``(pending, leaving)``: the tokens pending once ``new_tokens`` arrive (at most the ``held`` the layer
+        returns), and how many of the oldest of them leave the window now (quantized together)."""
+        window, block = self._window()
+        pending = min(self._pending + new_tokens, held)
+        return pending, (pending - window if pending >= window + block else 0)
 
     def held_dtype(self) -> torch.dtype | None:
         """The dtype of the states this layer holds (``None`` while empty): the dtype of its first update."""
@@ -119,7 +130,8 @@ class QuantizingLayerMixin:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``key_states``/``value_states`` are the new ``(batch, kv_heads, new_tokens, head_dim)`` states."""
         self._check_dtype(key_states, value_states)
-        window = self._window()
+        if self._window() != (0, 1):
+            return self._update_through_window(key_states, value_states, *args, **kwargs)
         new_keys, new_values = key_states, value_states
         if self.quantizer is not None:
             new_keys, new_values = self.quantizer.process(
@@ -130,68 +142,35 @@ class QuantizingLayerMixin:
                 token_mask=self.token_mask,
                 hook=self.on_quantize,
             )
-        keys, values = super().update(new_keys, new_values, *args, **kwargs)  # type: ignore[misc]
-        if not window:
-            return keys, values
-        return self._read_through_window(key_states, value_states, keys, values, window, in_place=False)
+        return super().update(new_keys, new_values, *args, **kwargs)  # type: ignore[misc,no-any-return]
 
-    def _read_through_window(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        window: int,
-        *,
-        in_place: bool,
+    def _update_through_window(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the new full-precision states to the window; return the history with the window's in place."""
-        self._keep_recent(key_states, value_states, window)
-        keys, values = self._with_recent(keys, values, in_place=in_place)
+        """Store the new states as they are; quantize in place the pending ones that leave the window now."""
+        quantizer = self.quantizer
+        assert quantizer is not None
+        end = self._position() + key_states.shape[2]
+        keys, values = super().update(key_states, value_states, *args, **kwargs)  # type: ignore[misc]
+        pending, leaving = self._leaving(key_states.shape[2], int(keys.shape[2]))
+        if leaving:
+            rows = slice(keys.shape[2] - pending, keys.shape[2] - pending + leaving)
+            keys[:, :, rows], values[:, :, rows] = quantizer.process(
+                keys[:, :, rows], values[:, :, rows], end - pending, keeps_sinks=self.keeps_sinks, hook=self.on_quantize
+            )
+        self._pending = pending - leaving
         self._trim_recent()
         return keys, values
 
-    def _keep_recent(self, key_states: torch.Tensor, value_states: torch.Tensor, window: int) -> None:
-        """Add new full-precision states to the residual window and keep its last ``window`` tokens."""
-        # Only the newest ``window`` of a long chunk (a prefill) can stay: the rest is never copied.
-        key_states, value_states = key_states[:, :, -window:], value_states[:, :, -window:]
-        if self._recent is not None:
-            key_states = torch.cat([self._recent[0].to(key_states.device), key_states], dim=2)
-            value_states = torch.cat([self._recent[1].to(value_states.device), value_states], dim=2)
-        self._recent = (key_states[:, :, -window:].clone(), value_states[:, :, -window:].clone())
-
     def _trim_recent(self) -> None:
-        """Keep copies only of tokens the base layer still holds (a sliding window evicts its oldest)."""
+        """Count as pending, and copy, only tokens the base layer still holds (a sliding window evicts its oldest)."""
         stored = getattr(self, "keys", None)
-        if self._recent is None or stored is None:
+        if stored is None:
             return
-        surplus = self._recent[0].shape[2] - int(stored.shape[-2])
-        if surplus > 0:
-            self._recent = _mapped(self._recent, lambda copy: copy[:, :, surplus:])
-
-    def _with_recent(
-        self, keys: torch.Tensor, values: torch.Tensor, *, in_place: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The history with its newest tokens replaced by the residual window's full-precision states.
-
-        ``in_place`` writes into ``keys``/``values`` (fresh tensors, such as decoded rows); otherwise the
-        result is new tensors, since the base layer's may be views of what it stores.
-        """
-        if self._recent is None:
-            return keys, values
-        held = min(self._recent[0].shape[2], keys.shape[2])
-        if not held:
-            return keys, values
-        recent_keys = self._recent[0][:, :, -held:].to(device=keys.device, dtype=keys.dtype)
-        recent_values = self._recent[1][:, :, -held:].to(device=values.device, dtype=values.dtype)
-        if in_place:
-            keys[:, :, -held:] = recent_keys
-            values[:, :, -held:] = recent_values
-            return keys, values
-        return (
-            torch.cat([keys[:, :, : keys.shape[2] - held], recent_keys], dim=2),
-            torch.cat([values[:, :, : values.shape[2] - held], recent_values], dim=2),
-        )
+        self._pending = min(self._pending, int(stored.shape[-2]))
+        if self._recent is not None and self._recent[0].shape[2] > self._pending:
+            kept = self._pending
+            self._recent = _mapped(self._recent, lambda copy: copy[:, :, copy.shape[2] - kept :])
 
     def _map_copies(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``change`` to every full-precision copy the layer keeps (a batch operation)."""
@@ -203,7 +182,7 @@ class QuantizingLayerMixin:
 
     # The full-precision copies follow every operation that changes the base class's batch or length.
     def reset(self) -> None:
-        self._recent = None
+        self._recent, self._pending = None, 0
         super().reset()  # type: ignore[misc]
 
     def crop(self, max_length: int) -> None:
@@ -212,10 +191,12 @@ class QuantizingLayerMixin:
         self._cropped(before - self._position())
 
     def _cropped(self, removed: int) -> None:
-        """Drop the copies of the ``removed`` newest tokens."""
-        if self._recent is not None and removed > 0:
-            kept = max(self._recent[0].shape[2] - removed, 0)
-            self._recent = _mapped(self._recent, lambda copy: copy[:, :, :kept])
+        """Drop the ``removed`` newest tokens from the pending ones (and their copies)."""
+        if removed > 0:
+            self._pending = max(self._pending - removed, 0)
+            if self._recent is not None:
+                kept = self._pending
+                self._recent = _mapped(self._recent, lambda copy: copy[:, :, :kept])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)  # type: ignore[misc]
@@ -236,8 +217,10 @@ class PackingLayerMixin(QuantizingLayerMixin):
     The base layer keeps the rows in ``keys``/``values`` (``(batch, kv_heads, seq,
     row_bytes)``, see :mod:`quantcache.ops.packing`) and does its own appending, window
     trimming, cropping and reordering on them; this mixin encodes the new states
-    before and decodes what the base layer returns after. Each token is quantized once,
-    when written. While calibrating it behaves like :class:`QuantizingLayerMixin`.
+    before and decodes what the base layer returns after. Each token is quantized once:
+    when written, or, with a residual window, when it leaves the window (its row is blank
+    until then, and its states are kept apart in ``_recent``). While calibrating it behaves
+    like :class:`QuantizingLayerMixin`.
     A layer still holding states stored while calibrating refuses frozen updates (fake
     storage would keep those states unquantized, packed storage cannot): continue with
     an :meth:`~quantcache.cache.cache.QuantizedCalibratingCache.empty_copy`.
@@ -274,26 +257,57 @@ class PackingLayerMixin(QuantizingLayerMixin):
             )
         self.states_dtype = key_states.dtype
         start = self._position()
-        sinks = quantizer.sinks_among(key_states.shape[2], start, keeps_sinks=self.keeps_sinks)
-        if sinks:
-            self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], start)
-        key_rows = self._encode(quantizer.key, quantizer.keys_to_quantize(key_states, start), sinks)
-        value_rows = self._encode(quantizer.value, value_states, sinks)
+        if self._window() == (0, 1):  # every token quantized as it arrives
+            sinks = quantizer.sinks_among(key_states.shape[2], start, keeps_sinks=self.keeps_sinks)
+            if sinks:
+                self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], start)
+            key_rows = self._encode(quantizer.key, quantizer.keys_to_quantize(key_states, start), sinks)
+            value_rows = self._encode(quantizer.value, value_states, sinks)
+            stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
+                key_rows, value_rows, *args, **kwargs
+            )
+        else:
+            stored_keys, stored_values = self._store_through_window(key_states, value_states, start, *args, **kwargs)
+        reader = self._reader(stored_keys, stored_values, key_states.dtype)
+        # returned after reading: a sliding window returns one more token than it keeps
+        returned = reader.handles() if self.reads_codes else reader.states(key_states.dtype)
+        self._trim_recent()
+        return returned
+
+    def _store_through_window(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store blank rows for the new tokens and keep their states; encode, in place of their blank rows, the
+        pending tokens that leave the window now (as :meth:`QuantizingLayerMixin._update_through_window`)."""
+        quantizer = self.quantizer
+        assert quantizer is not None
+        new = key_states.shape[2]
+        pending_keys, pending_values = key_states, value_states
+        if self._recent is not None and self._pending:
+            pending_keys = torch.cat([self._recent[0].to(key_states.device), key_states], dim=2)
+            pending_values = torch.cat([self._recent[1].to(value_states.device), value_states], dim=2)
+        blank = (*key_states.shape[:3], quantizer.key.row_bytes())
         stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
-            key_rows, value_rows, *args, **kwargs
+            key_states.new_zeros(blank, dtype=torch.uint8),
+            value_states.new_zeros((*blank[:3], quantizer.value.row_bytes()), dtype=torch.uint8),
+            *args,
+            **kwargs,
         )
-        window = quantizer.residual_window
-        if self.reads_codes:
-            return self._reader(key_states, value_states, stored_keys, stored_values, window).handles()
-        keys = self._decoded_keys(stored_keys, key_states.dtype)
-        values = quantizer.value.decode(stored_values, value_states.dtype)
-        if self._sinks is not None:
-            held = min(self._sinks[0].shape[2], keys.shape[2])
-            keys[:, :, :held] = self._sinks[0][:, :, :held].to(keys.device)
-            values[:, :, :held] = self._sinks[1][:, :, :held].to(values.device)
-        if window:  # the decoded history is a fresh tensor: the window's states are written into it
-            keys, values = self._read_through_window(key_states, value_states, keys, values, window, in_place=True)
-        return keys, values
+        pending, leaving = self._leaving(new, int(stored_keys.shape[2]))
+        pending_keys, pending_values = pending_keys[:, :, -pending:], pending_values[:, :, -pending:]
+        if leaving:
+            first = start + new - pending  # the position of the oldest pending token
+            keys, values = pending_keys[:, :, :leaving], pending_values[:, :, :leaving]
+            sinks = quantizer.sinks_among(leaving, first, keeps_sinks=self.keeps_sinks)
+            if sinks:
+                self._keep_sinks(keys[:, :, :sinks], values[:, :, :sinks], first)
+            rows = slice(stored_keys.shape[2] - pending, stored_keys.shape[2] - pending + leaving)
+            stored_keys[:, :, rows] = self._encode(quantizer.key, quantizer.keys_to_quantize(keys, first), sinks)
+            stored_values[:, :, rows] = self._encode(quantizer.value, values, sinks)
+        self._pending = pending - leaving
+        kept = self._pending
+        self._recent = (pending_keys[:, :, leaving:].clone(), pending_values[:, :, leaving:].clone()) if kept else None
+        return stored_keys, stored_values
 
     def _decoded_keys(self, stored_keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The stored key rows decoded as attention reads them (:meth:`LayerQuantizer.keys_to_read`), in ``dtype``."""
@@ -303,14 +317,7 @@ class PackingLayerMixin(QuantizingLayerMixin):
         # The rows returned end with the newest token: they start that many positions before the end.
         return quantizer.keys_to_read(keys, self._position() - keys.shape[2], dtype)
 
-    def _reader(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        stored_keys: torch.Tensor,
-        stored_values: torch.Tensor,
-        window: int,
-    ) -> CodeReader:
+    def _reader(self, stored_keys: torch.Tensor, stored_values: torch.Tensor, dtype: torch.dtype) -> CodeReader:
         """The rows returned for attention from codes, with the full-precision rows that replace some of them."""
         quantizer = self.quantizer
         assert quantizer is not None
@@ -319,16 +326,13 @@ class PackingLayerMixin(QuantizingLayerMixin):
         if self._sinks is not None and min(self._sinks[0].shape[2], length):
             held = min(self._sinks[0].shape[2], length)
             head = ExactRows(self._sinks[0][:, :, :held], self._sinks[1][:, :, :held])
-        if window:  # as _read_through_window: the window's newest states replace their rows, then it is trimmed
-            self._keep_recent(key_states, value_states, window)
-            assert self._recent is not None
-            held = min(self._recent[0].shape[2], length - (0 if head is None else head.length))  # sinks are the head's
+        if self._recent is not None:  # the pending tokens: the newest rows, never under the sinks
+            held = min(self._recent[0].shape[2], length - (0 if head is None else head.length))
             if held > 0:
                 tail = ExactRows(self._recent[0][:, :, -held:], self._recent[1][:, :, -held:])
-            self._trim_recent()
         keys = None
         if quantizer.key_rope is not None and not quantizer.rope_center:  # a turn per row: decode the keys
-            keys = self._decoded_keys(stored_keys, key_states.dtype)
+            keys = self._decoded_keys(stored_keys, dtype)
             if head is not None:
                 keys[:, :, : head.length] = head.keys.to(keys)
             if tail is not None:

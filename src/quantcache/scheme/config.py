@@ -55,6 +55,7 @@ _MAX_PATTERNS = 1024
 _MAX_PATTERN_LENGTH = 512
 _MAX_SINK_TOKENS = 1024  # a handful is what helps; more is a full-precision window, not sinks
 _MAX_RESIDUAL_WINDOW = 65536  # tokens; a window that long is an unquantized cache, not a window
+_MAX_RESIDUAL_BLOCK = 4096  # tokens quantized together; more is a window that grows, not a block
 
 
 def _check_token_count(key: str, value: Any, maximum: int) -> None:
@@ -145,9 +146,17 @@ class KVQuantConfig:
             it costs one token of the model dtype whatever the context length.
         residual_window: the most recent tokens of every layer, returned in full precision
             until that many newer tokens have followed them (KIVI's residual): queries
-            attend most to their nearest keys. Every token is still stored quantized when it
-            arrives, so the window is a full-precision copy on top of its codes, counted in
-            effective bits; a token is read back from its codes once it leaves the window.
+            attend most to their nearest keys. A token is quantized when it leaves the window
+            and read back from its codes from then on; packed storage keeps a row for it all
+            along, so the window is a full-precision copy on top of its codes' bytes, counted
+            in effective bits.
+        residual_block: how many tokens leave the residual window together (quantized in one
+            call): the window then holds from ``residual_window`` to ``residual_window +
+            residual_block - 1`` of the newest tokens, and a decode step quantizes once every
+            ``residual_block`` steps instead of every step. Quantizing a token costs hundreds of
+            small tensor operations (ranges searched, keys rounded for the logits), whatever the
+            number of tokens: a block pays them once. 1 (the default): one token at a time.
+            Effective bits count the window at its largest.
         pre_rope_keys: quantize keys as they were before the rotary position embedding,
             where channel offsets stand still instead of turning with the position (see
             :mod:`quantcache.ops.rope`). Needs a model with RoPE; not exported (serving
@@ -169,6 +178,7 @@ class KVQuantConfig:
     layers: tuple[LayerOverride, ...] = field(default_factory=tuple)
     sink_tokens: int = 0
     residual_window: int = 0
+    residual_block: int = 1
     pre_rope_keys: bool = False
     rope_center: bool = False
 
@@ -182,6 +192,7 @@ class KVQuantConfig:
         layers: Iterable[LayerOverride | Mapping[str, Any]] = (),
         sink_tokens: int = 0,
         residual_window: int = 0,
+        residual_block: int = 1,
         pre_rope_keys: bool = False,
         rope_center: bool = False,
         **flat: Any,
@@ -201,6 +212,14 @@ class KVQuantConfig:
         _check_token_count("residual_window", residual_window, _MAX_RESIDUAL_WINDOW)
         set_(self, "sink_tokens", sink_tokens)
         set_(self, "residual_window", residual_window)
+        if isinstance(residual_block, bool) or not isinstance(residual_block, int):
+            raise ConfigError(f"residual_block: expected a whole number of tokens, got {short_repr(residual_block)}")
+        if not 1 <= residual_block <= _MAX_RESIDUAL_BLOCK:
+            raise ConfigError(
+                f"residual_block: {residual_block} tokens; tokens leave the residual window from 1 (one at a time, "
+                f"the default) to {_MAX_RESIDUAL_BLOCK} at a time"
+            )
+        set_(self, "residual_block", residual_block)
         if not isinstance(pre_rope_keys, bool):
             raise ConfigError(f"pre_rope_keys: expected true or false, got {short_repr(pre_rope_keys)}")
         set_(self, "pre_rope_keys", pre_rope_keys)
@@ -354,6 +373,11 @@ class KVQuantConfig:
                 f"it reads its newest {self.residual_window} tokens back in full precision (residual_window), "
                 "which serving engines do not do: calibrate without residual_window"
             )
+        if self.residual_block > 1:
+            problems.append(
+                f"it holds up to {self.residual_block - 1} of its newest tokens in full precision until they leave "
+                "together (residual_block), which serving engines do not do: calibrate with residual_block: 1"
+            )
         if self.pre_rope_keys:
             problems.append(
                 "it quantizes keys before RoPE (pre_rope_keys), but serving engines quantize them after it: "
@@ -419,6 +443,8 @@ class KVQuantConfig:
             data["sink_tokens"] = self.sink_tokens
         if self.residual_window:
             data["residual_window"] = self.residual_window
+        if self.residual_block > 1:
+            data["residual_block"] = self.residual_block
         if self.pre_rope_keys:
             data["pre_rope_keys"] = True
         if self.rope_center:

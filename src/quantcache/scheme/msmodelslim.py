@@ -23,7 +23,16 @@ from quantcache.scheme.settings import STREAM_KEYS, short_repr
 __all__ = ["ITEM_FIELDS", "PROCESSOR_TYPE", "STORAGE_MOVED", "item_fields", "key_text", "read_yaml_item"]
 
 PROCESSOR_TYPE = "dynamic_cache"
-ITEM_FIELDS = ("include", "exclude", "layers", "sink_tokens", "residual_window", "pre_rope_keys", "rope_center")
+ITEM_FIELDS = (
+    "include",
+    "exclude",
+    "layers",
+    "sink_tokens",
+    "residual_window",
+    "residual_block",
+    "pre_rope_keys",
+    "rope_center",
+)
 """The processor item's own keys beside ``type`` and ``qconfig``: each is a KVQuantConfig field of that name."""
 _ITEM_KEYS = ("type", "qconfig", *ITEM_FIELDS)
 _STREAMS = ("key", "value")

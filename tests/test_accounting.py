@@ -63,16 +63,22 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     # rounding: a float32 diagonal and a rank-one factor, 64 / 64 bits per key element, 32 / 64 over both streams)
     # ... and its residual window of 8 tokens
     "int3-per-token": (
-        KVQuantConfig.preset("int3"), 64, 3 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 15 / 64
+        KVQuantConfig.preset("int3"), 64, 3 + 24 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 8 / 64
     ),
     # int4 per token, symmetric: a one-byte (log8) scale per row, the center, the sink, the channel scales, the
-    # query model and its residual window at its largest: 24 tokens and 7 more waiting to leave in a block of 8
+    # query model and its residual window of 24 tokens
     "int4-per-token": (
-        KVQuantConfig.preset("int4"), 64, 4 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 31 / 64
+        KVQuantConfig.preset("int4"), 64, 4 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 24 / 64
     ),
-    # int2: a one-byte scale per row and no zero point (the mid-rise grid), the query model, and a 24 + 7 window
+    # ... with tokens leaving the window 8 at a time: the window at its largest, 24 tokens and 7 waiting to leave
+    "int4-block8": (
+        KVQuantConfig.preset("int4", residual_block=8),
+        64,
+        4 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 31 / 64,
+    ),
+    # int2: a one-byte scale per row and no zero point (the mid-rise grid), the query model, and a 24-token window
     "int2-per-token": (
-        KVQuantConfig.preset("int2"), 64, 2 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 31 / 64
+        KVQuantConfig.preset("int2"), 64, 2 + 8 / HEAD_DIM + 32 / 64 + 16 / 64 + 16 / 64 + 32 / 64 + 16 * 24 / 64
     ),
     # int8: keys asymmetric in groups of 32 channels (one group of a 16-channel head: a one-byte scale and zero
     # point), values symmetric per row (a float16 scale): 16 bits a row
@@ -80,7 +86,7 @@ HAND_COUNTED: dict[str, tuple[KVQuantConfig, int, float]] = {
     "int4-per-token-1024": (
         KVQuantConfig.preset("int4"),
         1024,
-        4 + 8 / HEAD_DIM + 32 / 1024 + 16 / 1024 + 16 / 1024 + 32 / 1024 + 16 * 31 / 1024,
+        4 + 8 / HEAD_DIM + 32 / 1024 + 16 / 1024 + 16 / 1024 + 32 / 1024 + 16 * 24 / 1024,
     ),
     "fp8-per-token": (KVQuantConfig.preset("fp8"), 64, 8 + 16 / HEAD_DIM + 32 / 64 + 16 / 64),
     "fp8-per-token-uncentred": (KVQuantConfig(dtype="fp8_e4m3", scope="per_token", dynamic=True), 64, 9.0),
@@ -141,6 +147,7 @@ HELD: list[Any] = [
     pytest.param(KVQuantConfig(dtype="int2", scope="per_tensor", symmetric=False), id="int2-tensor-asym"),
     pytest.param(KVQuantConfig.preset("int8"), id="preset-int8"),
     pytest.param(KVQuantConfig.preset("int4"), id="preset-int4"),
+    pytest.param(KVQuantConfig.preset("int4", residual_block=8), id="int4-block8"),
     pytest.param(KVQuantConfig.preset("int3"), id="preset-int3"),
     pytest.param(KVQuantConfig.preset("int2"), id="preset-int2"),
     pytest.param(KVQuantConfig.preset("fp8"), id="preset-fp8"),
@@ -175,6 +182,7 @@ def test_effective_bits_are_the_bits_a_packed_cache_holds(
 
 SLIDING: list[Any] = [
     pytest.param(KVQuantConfig.preset("int4"), id="preset-int4"),  # the same bits in every element: no skew
+    pytest.param(KVQuantConfig.preset("int4", residual_block=8), id="int4-block8"),
     pytest.param(KVQuantConfig(symmetric=False), id="int8-channel-asym"),
     pytest.param(
         KVQuantConfig.preset("int4", exclude=[LAYER0]), id="preset-int4-sliding-layer0-excluded"

@@ -19,10 +19,10 @@ channel by the calibrated energy of the queries that read it (``query_aware``); 
 reads its newest 24 tokens back in full precision (``residual_window: 24``), paid for by
 symmetric ranges and one-byte scales (``scale_format: log8``); ``int2`` its newest 24,
 paid for by one-byte scales and the mid-rise grid (``zero_level: false``), which stores
-no zero point; ``int3`` its newest 8, paid for by one-byte zero points. Those three let
-tokens leave their window 8 at a time (``residual_block: 8``): choosing codes for the logits
-takes hundreds of small operations a call, which a decode step then pays once in 8 steps,
-for up to 7 more tokens in full precision (counted in their effective bits). ``int8`` spends
+no zero point; ``int3`` its newest 8, paid for by one-byte zero points. Their tokens leave
+the window one at a time; ``residual_block: 8`` (``KVQuantConfig.preset("int4",
+residual_block=8)``) lets them leave 8 at a time, one quantizing call per 8 decode steps,
+for up to 7 more tokens in full precision (0.11 bits more at 1024 tokens). ``int8`` spends
 what one-byte scales and zero points save on keys in groups of 32 channels. ``int2``'s
 keys take their whole per-token range (``method: minmax``): a clipped coordinate's error
 is the one error query-aware rounding cannot hand on.
@@ -46,8 +46,6 @@ _PRE_ROPE = {"sink_tokens": 1, "pre_rope_keys": True}
 MIX_BASE: dict[str, Any] = {"scope": "per_token", **_CENTRED}
 """``KVQuantConfig`` keywords of the config ``suggest-bits`` mixes under: the presets' whole-cache settings, with
 centred dynamic streams as placeholders (``rope_center`` needs centred keys; each candidate replaces them)."""
-# Tokens leave a window 8 at a time: one quantizing call per 8 decode steps, for at most 7 more full-precision tokens.
-_BLOCK = {"residual_block": 8}
 _SINK = "the first token in full precision; keys centred before RoPE, stored after it"
 _AWARE = "key channels weighed by calibrated query energy"
 _ROUNDED = "query_aware"  # keys' codes chosen for the logits under the calibrated queries
@@ -97,31 +95,29 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "int4": (
         "INT4 symmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
         f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte scales; ~4.20 bits + "
-        f"{_SINK}; the newest 24 to 31 tokens read back in full precision (they leave it 8 at a time)",
-        {**_with_rounded_keys(_INT4), **CACHE_SETTINGS, "residual_window": 24, **_BLOCK},
+        f"{_SINK}; the newest 24 tokens read back in full precision",
+        {**_with_rounded_keys(_INT4), **CACHE_SETTINGS, "residual_window": 24},
     ),
     "int3": (
         "INT3 asymmetric per token and kv head, centred on calibrated channel means, ranges clipped to the "
         f"least error, after a randomized Hadamard rotation; {_AWARE}; {_ROUNDS}; one-byte zero points; ~3.45 bits + "
-        f"{_SINK}; the newest 8 to 15 tokens read back in full precision (they leave it 8 at a time)",
+        f"{_SINK}; the newest 8 tokens read back in full precision",
         {
             **_with_rounded_keys({"dtype": "int3", "zero_point_format": "int8", **_ASYMMETRIC_MSE}),
             **CACHE_SETTINGS,
             "residual_window": 8,
-            **_BLOCK,
         },
     ),
     "int2": (
         "INT2 on the mid-rise grid (levels at half steps, no zero level, no zero point) per token and kv head, "
         "centred on calibrated channel means, after a randomized Hadamard rotation; keys take their whole range, "
         f"value ranges clipped to the least error; {_AWARE}; {_ROUNDS}; one-byte scales; ~2.20 bits + "
-        "the first token in full precision; keys quantized before RoPE; the newest 24 to 31 tokens read back in "
-        "full precision (they leave it 8 at a time)",
+        "the first token in full precision; keys quantized before RoPE; the newest 24 tokens read back in full "
+        "precision",
         {
             **_with_rounded_keys(_MID_RISE_INT2, method="minmax"),
             **_PRE_ROPE,
             "residual_window": 24,
-            **_BLOCK,
         },
     ),
 }

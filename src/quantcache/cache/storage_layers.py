@@ -155,8 +155,9 @@ class QuantizingLayerMixin:
         pending, leaving = self._leaving(key_states.shape[2], int(keys.shape[2]))
         if leaving:
             rows = slice(keys.shape[2] - pending, keys.shape[2] - pending + leaving)
+            leaving_keys, leaving_values = keys[:, :, rows].contiguous(), values[:, :, rows].contiguous()  # as packed
             keys[:, :, rows], values[:, :, rows] = quantizer.process(
-                keys[:, :, rows], values[:, :, rows], end - pending, keeps_sinks=self.keeps_sinks, hook=self.on_quantize
+                leaving_keys, leaving_values, end - pending, keeps_sinks=self.keeps_sinks, hook=self.on_quantize
             )
         self._pending = pending - leaving
         self._trim_recent()
@@ -297,7 +298,8 @@ class PackingLayerMixin(QuantizingLayerMixin):
         pending_keys, pending_values = pending_keys[:, :, -pending:], pending_values[:, :, -pending:]
         if leaving:
             first = start + new - pending  # the position of the oldest pending token
-            keys, values = pending_keys[:, :, :leaving], pending_values[:, :, :leaving]
+            # contiguous: a slice of the pending tokens is strided, and every step of quantizing would inherit it
+            keys, values = pending_keys[:, :, :leaving].contiguous(), pending_values[:, :, :leaving].contiguous()
             sinks = quantizer.sinks_among(leaving, first, keeps_sinks=self.keeps_sinks)
             if sinks:
                 self._keep_sinks(keys[:, :, :sinks], values[:, :, :sinks], first)

@@ -101,6 +101,10 @@ class QuantizingLayerMixin:
             return 0, 1
         return quantizer.residual_window, quantizer.residual_block
 
+    def _defers(self) -> bool:
+        """Whether new tokens wait in a residual window before they are quantized (else they are on arrival)."""
+        return self._window() != (0, 1)
+
     def _leaving(self, new_tokens: int, held: int) -> tuple[int, int]:
         """``(pending, leaving)``: the tokens pending once ``new_tokens`` arrive (at most the ``held`` the layer
         returns), and how many of the oldest of them leave the window now (quantized together)."""
@@ -130,7 +134,7 @@ class QuantizingLayerMixin:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``key_states``/``value_states`` are the new ``(batch, kv_heads, new_tokens, head_dim)`` states."""
         self._check_dtype(key_states, value_states)
-        if self._window() != (0, 1):
+        if self._defers():
             return self._update_through_window(key_states, value_states, *args, **kwargs)
         new_keys, new_values = key_states, value_states
         if self.quantizer is not None:
@@ -258,17 +262,13 @@ class PackingLayerMixin(QuantizingLayerMixin):
             )
         self.states_dtype = key_states.dtype
         start = self._position()
-        if self._window() == (0, 1):  # every token quantized as it arrives
-            sinks = quantizer.sinks_among(key_states.shape[2], start, keeps_sinks=self.keeps_sinks)
-            if sinks:
-                self._keep_sinks(key_states[:, :, :sinks], value_states[:, :, :sinks], start)
-            key_rows = self._encode(quantizer.key, quantizer.keys_to_quantize(key_states, start), sinks)
-            value_rows = self._encode(quantizer.value, value_states, sinks)
+        if self._defers():
+            stored_keys, stored_values = self._store_through_window(key_states, value_states, start, *args, **kwargs)
+        else:  # every token quantized as it arrives
+            key_rows, value_rows = self._rows(key_states, value_states, start)
             stored_keys, stored_values = super(QuantizingLayerMixin, self).update(  # type: ignore[misc]
                 key_rows, value_rows, *args, **kwargs
             )
-        else:
-            stored_keys, stored_values = self._store_through_window(key_states, value_states, start, *args, **kwargs)
         reader = self._reader(stored_keys, stored_values, key_states.dtype)
         # returned after reading: a sliding window returns one more token than it keeps
         returned = reader.handles() if self.reads_codes else reader.states(key_states.dtype)
@@ -300,12 +300,8 @@ class PackingLayerMixin(QuantizingLayerMixin):
             first = start + new - pending  # the position of the oldest pending token
             # contiguous: a slice of the pending tokens is strided, and every step of quantizing would inherit it
             keys, values = pending_keys[:, :, :leaving].contiguous(), pending_values[:, :, :leaving].contiguous()
-            sinks = quantizer.sinks_among(leaving, first, keeps_sinks=self.keeps_sinks)
-            if sinks:
-                self._keep_sinks(keys[:, :, :sinks], values[:, :, :sinks], first)
             rows = slice(stored_keys.shape[2] - pending, stored_keys.shape[2] - pending + leaving)
-            stored_keys[:, :, rows] = self._encode(quantizer.key, quantizer.keys_to_quantize(keys, first), sinks)
-            stored_values[:, :, rows] = self._encode(quantizer.value, values, sinks)
+            stored_keys[:, :, rows], stored_values[:, :, rows] = self._rows(keys, values, first)
         self._pending = pending - leaving
         kept = self._pending
         self._recent = (pending_keys[:, :, leaving:].clone(), pending_values[:, :, leaving:].clone()) if kept else None
@@ -341,6 +337,16 @@ class PackingLayerMixin(QuantizingLayerMixin):
                 keys[:, :, length - tail.length :] = tail.keys.to(keys)
         first = self._position() - length  # the position of the first row returned
         return CodeReader(quantizer, stored_keys, stored_values, first, keys=keys, head=head, tail=tail)
+
+    def _rows(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed key and value rows of states at positions ``start..``, the sink tokens among them kept apart."""
+        quantizer = self.quantizer
+        assert quantizer is not None
+        sinks = quantizer.sinks_among(keys.shape[2], start, keeps_sinks=self.keeps_sinks)
+        if sinks:
+            self._keep_sinks(keys[:, :, :sinks], values[:, :, :sinks], start)
+        key_rows = self._encode(quantizer.key, quantizer.keys_to_quantize(keys, start), sinks)
+        return key_rows, self._encode(quantizer.value, values, sinks)
 
     def _encode(self, stream: StreamQuantizer, states: torch.Tensor, sinks: int) -> torch.Tensor:
         """Packed rows of ``states``; the first ``sinks`` are placeholders (their states are kept apart)."""

@@ -411,10 +411,7 @@ class StreamQuantizer:
         head_dim = self.expected_shape[1]
         if not self.dynamic:
             return self.code_bytes(head_dim) + 1
-        per_group = self.args.scale_format.bits // 8
-        if self.args.stores_zero_point:
-            per_group += self.args.zero_point_format.bits // 8
-        return self.code_bytes(head_dim) + per_group * self.granularity.groups(head_dim)
+        return self.code_bytes(head_dim) + self.args.row_parameter_bits // 8 * self.granularity.groups(head_dim)
 
     @torch.no_grad()
     def encode(self, states: torch.Tensor, hook: QuantizeHook | None = None) -> torch.Tensor:

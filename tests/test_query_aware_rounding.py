@@ -13,6 +13,7 @@ refuse altered ones; count its stored bits and its memory.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +32,22 @@ from quantcache.cache.storage_layers import layer_memory
 from quantcache.cache.stream import StreamQuantizer
 from quantcache.calibration.calibrate import calibrate
 from quantcache.errors import QuantStateError
+from quantcache.ops import stream_space
 from quantcache.ops.bits import stream_bits
+from quantcache.ops.granularity import Granularity
 from quantcache.ops.observers import QueryAwareCenterObserver, QueryMomentObserver
+from quantcache.ops.quantize import PreparedParams, fake_quantize_prepared
 from quantcache.ops.rope import RopeTable
 from quantcache.ops.rounding import (
     QUERY_MODEL_RANK,
     ROUNDING_DAMPING,
+    RowGrid,
     feedback_matrix,
     query_model,
     rope_averaged_moment,
     round_with_feedback,
 )
-from quantcache.scheme.args import QuantArgs
+from quantcache.scheme.args import QuantArgs, QuantScope
 from quantcache.state.file import read_state_file, validate_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -117,6 +122,103 @@ def test_the_fixed_point_is_the_sequential_rounding(seed: int, levels: int, dim:
     assert torch.equal(codes, _sequential(states, weight, round_trip))
     feedback = feedback_matrix(weight)
     assert torch.equal(round_trip(states + (states - codes) @ feedback[None]), codes)  # a fixed point
+
+
+def _row_grid(generator: torch.Generator, grid: str, shape: tuple[int, ...]) -> RowGrid:
+    """A grid with a random step per row: symmetric int4, asymmetric int3 (a zero point per row), or mid-rise int2."""
+    scale = torch.exp2(torch.randn(*shape[:-1], 1, generator=generator))
+    if grid == "int3-asymmetric":
+        return RowGrid(scale, torch.randint(-4, 4, scale.shape, generator=generator).float(), -4.0, 3.0)
+    if grid == "int2-mid-rise":
+        return RowGrid(scale, -0.5, -2.0, 1.0)
+    return RowGrid(scale, 0.0, -8.0, 7.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["int4", "int3-asymmetric", "int2-mid-rise"]),
+    st.integers(1, 9),
+    st.floats(0.0, 4.0),
+)
+def test_rounding_in_units_of_a_row_step_reaches_the_sequential_fixed_point(
+    seed: int, grid_kind: str, dim: int, coupling: float
+) -> None:
+    """A :class:`RowGrid` rounds in its units: its codes are the sequential rounding's in the states' own units."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = _weight(generator, 2, dim, coupling)
+    states = torch.randn(1, 2, 7, dim, generator=generator) * 3
+    grid = _row_grid(generator, grid_kind, tuple(states.shape))
+    states = states * grid.scale
+    moved = round_with_feedback(states, grid, feedback_matrix(weight), max(dim - 1, 1))
+    for head in range(2):  # the reference rounds one coordinate of every row at a time: the head's steps as (1, 7)
+        offset = grid.offset[:, head, :, 0] if isinstance(grid.offset, torch.Tensor) else grid.offset
+        per_coordinate = grid._replace(scale=grid.scale[:, head, :, 0], offset=offset)
+        expected = _sequential(states[:, head : head + 1], weight[head : head + 1], per_coordinate)
+        assert torch.equal(grid(moved)[:, head : head + 1], expected)
+
+
+def test_a_row_grid_quantizes_as_the_streams_round_trip_does() -> None:
+    """Called, a :class:`RowGrid` is the format's quantize-dequantize with those parameters, bit for bit."""
+    generator = torch.Generator().manual_seed(5)
+    states = torch.randn(2, KV_HEADS, 6, HEAD_DIM, generator=generator) * 4
+    fmt = QuantArgs(dtype="int3").format
+    for grid in (_row_grid(generator, "int3-asymmetric", tuple(states.shape)), RowGrid(torch.tensor(0.25), 0.0, -4, 3)):
+        zero_point = grid.offset if isinstance(grid.offset, torch.Tensor) else torch.zeros_like(grid.scale)
+        prepared = PreparedParams(grid.scale.expand(*states.shape[:-1], 1), zero_point.expand(*states.shape[:-1], 1))
+        expected = fake_quantize_prepared(states, prepared, Granularity(QuantScope.PER_TOKEN, dynamic=True), fmt)
+        assert torch.equal(grid(states), expected)
+
+
+def _frozen_rounding_stream(args: QuantArgs, generator: torch.Generator) -> StreamQuantizer:
+    """A key stream of ``args`` frozen with a random query model and channel scales, centred on zero."""
+    stream = StreamQuantizer("layer 0 keys", args, (KV_HEADS, HEAD_DIM))
+    model = (
+        torch.rand(KV_HEADS, HEAD_DIM, generator=generator),
+        torch.randn(KV_HEADS, HEAD_DIM, 1, generator=generator),
+    )
+    stream.freeze_centered(
+        torch.zeros(KV_HEADS, HEAD_DIM), torch.rand(KV_HEADS, HEAD_DIM, generator=generator) + 0.5, model
+    )
+    stream.space.rope_frequencies = 1.0 / (100.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
+    return stream
+
+
+@pytest.mark.parametrize(
+    ("scope", "dtype", "in_units"),
+    [
+        ("per_token", "int4", True),
+        ("per_token", "int2", True),
+        ("group", "int4", False),
+        ("per_token", "fp8_e4m3", False),
+    ],
+)
+def test_streams_round_in_units_of_their_step_where_a_row_shares_one(scope: str, dtype: str, in_units: bool) -> None:
+    """Per-token integer streams hand their grid to the rounding; groups (a step per group) and float8 (no uniform
+    grid) hand their quantize-dequantize; both reach the same codes as the general path."""
+    group = {"group_size": 16} if scope == "group" else {}
+    args = replace(ROUNDED, dtype=dtype, scope=scope, symmetric=dtype == "fp8_e4m3", **group)
+    generator = torch.Generator().manual_seed(8)
+    stream = _frozen_rounding_stream(args, generator)
+    states = torch.randn(2, KV_HEADS, 64, HEAD_DIM, generator=generator) * 3
+    given_types: list[type] = []
+
+    def recording(space: torch.Tensor, round_trip: Any, *rest: Any) -> torch.Tensor:
+        given_types.append(type(round_trip))
+        return round_with_feedback(space, round_trip, *rest)
+
+    def general(space: torch.Tensor, round_trip: Any, *rest: Any) -> torch.Tensor:
+        # a plain callable: the rounds run in the states' own units
+        return round_with_feedback(space, lambda x: round_trip(x), *rest)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stream_space, "round_with_feedback", recording)
+        rows = stream.encode(states)
+        patch.setattr(stream_space, "round_with_feedback", general)
+        general_rows = stream.encode(states)
+    assert given_types == [RowGrid if in_units else type(partial(int))]
+    agree = (rows == general_rows).float().mean()
+    assert agree >= 0.999  # the same fixed point up to float32 rounding of near ties
 
 
 @settings(max_examples=30, deadline=None)
@@ -343,15 +445,7 @@ def test_packed_rows_decode_to_what_fake_quantization_gives(group_size: int | No
     grid = {"symmetric": True, "zero_level": False} if mid_rise else {"symmetric": dtype.startswith("fp8")}
     args = replace(ROUNDED, dtype=dtype.removesuffix("-mid-rise"), **grid, **scope)
     generator = torch.Generator().manual_seed(9)
-    stream = StreamQuantizer("layer 0 keys", args, (KV_HEADS, HEAD_DIM))
-    model = (
-        torch.rand(KV_HEADS, HEAD_DIM, generator=generator),
-        torch.randn(KV_HEADS, HEAD_DIM, 1, generator=generator),
-    )
-    stream.freeze_centered(
-        torch.zeros(KV_HEADS, HEAD_DIM), torch.rand(KV_HEADS, HEAD_DIM, generator=generator) + 0.5, model
-    )
-    stream.space.rope_frequencies = 1.0 / (100.0 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM))
+    stream = _frozen_rounding_stream(args, generator)
     states = torch.randn(2, KV_HEADS, 5, HEAD_DIM, generator=generator) * 3
     states[0, 1, 2, 3], states[1, 0, 4, 0] = float("nan"), float("inf")
     fake, packed = stream.fake_quantize(states), stream.decode(stream.encode(states), states.dtype)

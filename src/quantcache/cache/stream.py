@@ -51,7 +51,7 @@ from quantcache.ops.quantize import (
     scale_from_bytes,
     scale_to_bytes,
 )
-from quantcache.ops.rounding import QueryModel, query_model
+from quantcache.ops.rounding import QueryModel, RowGrid, query_model
 from quantcache.ops.stream_space import StreamSpace
 from quantcache.scheme.args import QuantArgs, QuantMethod, QuantScope, Rotation, Rounding
 from quantcache.scheme.number_formats import FormatKind
@@ -385,7 +385,13 @@ class StreamQuantizer:
         space = self.space.forward(states)
         params = self.params_for(space)
         prepared = self.prepared_for(space, params)
-        round_trip = partial(fake_quantize_prepared, prepared=prepared, granularity=self.granularity, fmt=self.format)
+        fmt = self.format
+        round_trip: Callable[[torch.Tensor], torch.Tensor] | RowGrid
+        if self.granularity.one_step_per_row and fmt.kind is not FormatKind.FLOAT:
+            offset = 0.0 if prepared.zero_point is None else prepared.zero_point
+            round_trip = RowGrid(prepared.scale, offset, float(fmt.qmin), float(fmt.qmax))
+        else:
+            round_trip = partial(fake_quantize_prepared, prepared=prepared, granularity=self.granularity, fmt=fmt)
         return self.space.with_feedback(space, round_trip), params, prepared
 
     def saturated(self, states: torch.Tensor, params: QuantParams) -> torch.Tensor:

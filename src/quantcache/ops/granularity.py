@@ -72,6 +72,11 @@ class Granularity:
             return (kv_heads, head_dim // self._group(head_dim))
         return (kv_heads, head_dim)
 
+    @property
+    def one_step_per_row(self) -> bool:
+        """Whether every element of a ``(head_dim,)`` row shares one scale (per token, head or tensor)."""
+        return self.scope not in (QuantScope.PER_CHANNEL, QuantScope.GROUP)
+
     def _group(self, head_dim: int) -> int:
         size = self.group_size
         if size is None or (head_dim % size and not self.dynamic):

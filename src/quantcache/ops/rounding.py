@@ -26,11 +26,18 @@ coordinates one by one with the error fed forward (coordinates taken in falling 
 ``diag(H)``), in one batched matrix product per round instead of ``head_dim`` small steps.
 The cache runs a fixed :data:`ROUNDING_ROUNDS` rounds with no test for convergence: a test
 would be a host synchronisation per round, the GPU waiting on the CPU at every decode step.
+
+Where a row's elements share one step (a per-token or per-head scale, an integer format:
+:class:`RowGrid`), the rounds run in units of that step, ``y = x / scale + offset``: an
+error ``e = scale (y - q)`` fed through ``N`` is ``scale (y - q) N``, so the same fixed point
+is ``y' = y + (y - q) N`` with ``q = clamp(round(y'))``, a round of five tensor operations
+instead of the whole quantize-dequantize of the stream's format.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -40,6 +47,7 @@ __all__ = [
     "ROUNDING_HORIZON",
     "ROUNDING_ROUNDS",
     "QueryModel",
+    "RowGrid",
     "feedback_matrix",
     "query_model",
     "rope_averaged_moment",
@@ -156,9 +164,37 @@ def feedback_matrix(weight: torch.Tensor, damping: float = ROUNDING_DAMPING) -> 
     return torch.empty_like(feedback).scatter_(2, columns, feedback).float()  # ... and columns
 
 
+class RowGrid(NamedTuple):
+    """An integer grid with one step per row: ``code = clamp(round(x / scale + offset), low, high)``.
+
+    ``scale`` broadcasts against ``(batch, kv_heads, seq, head_dim)`` states with a last
+    dimension of 1 (``(batch, kv_heads, seq, 1)`` per token, ``(kv_heads, 1, 1)`` per head);
+    ``offset`` is the zero point (``-1/2`` on the mid-rise grid), a tensor like ``scale`` or a
+    number. Called, it is the grid's quantize-dequantize; :func:`round_with_feedback` given one
+    rounds in its units instead.
+    """
+
+    scale: torch.Tensor
+    offset: torch.Tensor | float
+    low: float
+    high: float
+
+    def __call__(self, states: torch.Tensor) -> torch.Tensor:
+        """``states`` quantized and dequantized on the grid, float32."""
+        return (self.nearest(self.levels(states)) - self.offset) * self.scale
+
+    def levels(self, states: torch.Tensor) -> torch.Tensor:
+        """``states`` in units of the step, the codes' scale: ``x / scale + offset`` (float32)."""
+        return states.float() / self.scale + self.offset
+
+    def nearest(self, levels: torch.Tensor) -> torch.Tensor:
+        """The nearest codes of ``levels``, as float32 values inside the grid."""
+        return levels.round().clamp_(self.low, self.high)
+
+
 def round_with_feedback(
     space: torch.Tensor,
-    round_trip: Callable[[torch.Tensor], torch.Tensor],
+    round_trip: Callable[[torch.Tensor], torch.Tensor] | RowGrid,
     feedback: torch.Tensor,
     rounds: int = ROUNDING_ROUNDS,
 ) -> torch.Tensor:
@@ -173,9 +209,15 @@ def round_with_feedback(
     packed storage alike. Nothing here reads a tensor on the host, so the device never
     waits for it. A NaN or Inf element passes no error on (its row's other elements are
     rounded as if it were zero) and is returned as it came.
+
+    A :class:`RowGrid` as ``round_trip`` rounds in the grid's units (the module docstring):
+    the same fixed point up to float32 rounding, in a fifth of the operations per round.
     """
     if rounds < 1:
         raise ValueError(f"query-aware rounding needs at least one round, got {rounds}")
+    if isinstance(round_trip, RowGrid):
+        moved = round_with_feedback(round_trip.levels(space), round_trip.nearest, feedback, rounds)
+        return torch.where(torch.isfinite(space), (moved - round_trip.offset) * round_trip.scale, space)
     finite = torch.isfinite(space)
     states = torch.where(finite, space, 0.0)
     matrix = feedback.to(states.device)[None]

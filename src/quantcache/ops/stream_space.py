@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from quantcache.ops.rotation import rotate, rotation_matrix, unrotate
-from quantcache.ops.rounding import QueryModel, feedback_matrix, rope_averaged_moment, round_with_feedback
+from quantcache.ops.rounding import QueryModel, RowGrid, feedback_matrix, rope_averaged_moment, round_with_feedback
 
 __all__ = ["StreamSpace"]
 
@@ -97,7 +97,9 @@ class StreamSpace:
         """The feedback matrices made so far (one per device), which a memory count includes."""
         return list(self._feedback_by_device.values())
 
-    def with_feedback(self, space: torch.Tensor, round_trip: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def with_feedback(
+        self, space: torch.Tensor, round_trip: Callable[[torch.Tensor], torch.Tensor] | RowGrid
+    ) -> torch.Tensor:
         """``space`` moved for query-aware rounding with ``round_trip`` (as is without a query model)."""
         if self.query_model is None:
             return space

@@ -25,8 +25,9 @@ from quantcache import ConfigError, KVQuantConfig, KVQuantizer, QuantizedCalibra
 from quantcache.analysis.state_report import config_text
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.ops.code_attention import turned_center_scores
-from quantcache.ops.rope import BlockAngles
+from quantcache.ops.rope import BlockAngles, CenterPairs, RopeTable
 from quantcache.ops.rounding import rope_averaged_moment
+from quantcache.ops.stream_space import StreamSpace
 from quantcache.scheme.presets import preset_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -202,11 +203,36 @@ def test_turned_center_scores_are_the_query_times_the_turned_center(
     first, last = start // size, -(-(start + rows) // size)
     blocks = torch.arange(first, last, dtype=torch.float64)[:, None] * size * inv_freq[None]
     offsets = torch.arange(size, dtype=torch.float64)[:, None] * inv_freq[None]
-    angles = BlockAngles(blocks.cos(), blocks.sin(), offsets.cos(), offsets.sin(), start - first * size, rows)
-    got = turned_center_scores(query, center, angles)
+    angles = BlockAngles.of(blocks.cos(), blocks.sin(), offsets.cos(), offsets.sin(), start - first * size, rows)
+    got = turned_center_scores(query, CenterPairs.of(center, pairs), angles)
     turned = _turned(center[:, None].expand(-1, rows, -1), inv_freq, positions)  # (3, rows, head_dim)
     expected = query @ turned.transpose(-1, -2)[None]
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * math.sqrt(head_dim))
+
+
+def test_a_streams_center_pairs_follow_its_center_and_its_table_follows_the_blocks() -> None:
+    """The pair map is made once per device and remade when the center changes; a table's block angles are views
+    of the stacked table grown on demand, each block's turn that of its own start."""
+    space = StreamSpace(8)
+    space.set(torch.arange(16.0).view(2, 8))
+    first = space.center_pairs(3, torch.device("cpu"))
+    assert space.center_pairs(3, torch.device("cpu")) is first
+    torch.testing.assert_close(first.matrix, CenterPairs.of(torch.arange(16.0).view(2, 8), 3).matrix)
+    space.set(-torch.arange(16.0).view(2, 8))
+    torch.testing.assert_close(space.center_pairs(3, torch.device("cpu")).matrix, -first.matrix)
+    assert first.rest is not None and first.rest.tolist() == [[6.0, 7.0], [14.0, 15.0]]
+    inv_freq = torch.tensor([1.0, 0.1])
+    table = RopeTable(inv_freq)
+    size = RopeTable.BLOCK
+    short, long = (
+        table.block_angles(5, 70, torch.device("cpu")),
+        table.block_angles(3 * size + 2, 40 * size, torch.device("cpu")),
+    )
+    assert (short.skip, short.positions, long.skip, long.positions) == (5, 65, 2, 37 * size - 2)
+    assert short.block_turns.shape == (2, 2, 4) and long.block_turns.shape == (37, 2, 4)
+    start = 3 * size * inv_freq.double()
+    expected = torch.cat((start.cos(), start.cos(), start.sin(), -start.sin())).view(2, 4).float()
+    torch.testing.assert_close(long.block_turns[0], expected)
 
 
 # ---------------------------------------------------------------------------- a saved state

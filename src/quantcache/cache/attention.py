@@ -187,7 +187,8 @@ class CodeReader:
             if self.quantizer.rope_center and rope is not None and key_stream.center is not None:
                 start = self.first_position + self.coded.start
                 angles = rope.block_angles(start, start + self.codes, stacked.device)
-                coded = coded + turned_center_scores(stacked, key_stream.center, angles)
+                pairs = key_stream.space.center_pairs(rope.rotary_dim // 2, stacked.device)
+                coded = coded + turned_center_scores(stacked, pairs, angles)
             parts.append(coded if value_poison is None else coded + value_poison)
         if self.head is not None:
             parts.insert(0, stacked @ self.head.keys.to(stacked).transpose(-1, -2))

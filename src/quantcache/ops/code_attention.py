@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from quantcache.ops.packing import CodeView, from_slot_major, slot_major
-from quantcache.ops.rope import BlockAngles
+from quantcache.ops.rope import BlockAngles, CenterPairs
 from quantcache.ops.stream_space import StreamSpace
 
 __all__ = ["fold_query", "key_scores", "row_poison", "turned_center_scores", "unfold_output", "value_mix"]
@@ -134,27 +134,22 @@ def unfold_output(mixed: torch.Tensor, probability_sum: torch.Tensor, space: Str
     return mixed
 
 
-def turned_center_scores(query: torch.Tensor, center: torch.Tensor, angles: BlockAngles) -> torch.Tensor:
+def turned_center_scores(query: torch.Tensor, center: CenterPairs, angles: BlockAngles) -> torch.Tensor:
     """``q . R_t m`` for every query and position ``t``: ``(batch, kv_heads, n, seq)`` (``rope_center`` keys).
 
-    ``center`` is the ``(kv_heads, head_dim)`` mean before RoPE; ``angles`` the rows' positions, as block
-    starts and offsets (:meth:`~quantcache.ops.rope.RopeTable.block_angles`). Pair ``(i, i + r)`` turned
-    by ``a`` gives ``q . R m = cos a (q_i m_i + q_j m_j) + sin a (q_j m_i - q_i m_j)``; with ``a`` a block
-    start's angle ``b`` plus an offset's ``o``, the pair's two sums turn by ``b`` once per block, and a
-    ``(blocks, r) x (r, size)`` product per query adds the offsets: no ``(seq, r)`` table of angles is formed
-    or read. Channels past ``2 r`` do not turn.
+    ``center`` is the ``(kv_heads, head_dim)`` mean before RoPE as its pair map (:class:`CenterPairs`);
+    ``angles`` the rows' positions, as block starts and offsets
+    (:meth:`~quantcache.ops.rope.RopeTable.block_angles`). With ``a`` a block start's angle ``b``
+    plus an offset's ``o``, ``q . R_a m = cos o (cos b along + sin b across) + sin o (cos b across -
+    sin b along)``: one product gives every pair's two sums in both orders, they turn by ``b`` once per
+    block, and a ``(blocks, 2 r) x (2 r, size)`` product per query adds the offsets. No ``(seq, r)``
+    table of angles is formed or read; five tensor operations whatever the length.
     """
-    pairs = angles.offset_cos.shape[-1]
-    center = _per_head(center, query)
-    first, second = query[..., :pairs], query[..., pairs : 2 * pairs]
-    center_first, center_second = center[..., :pairs], center[..., pairs : 2 * pairs]
-    along = (first * center_first + second * center_second).unsqueeze(-2)  # (batch, kv_heads, n, 1, r)
-    across = (second * center_first - first * center_second).unsqueeze(-2)
-    block_cos, block_sin = angles.block_cos.to(query), angles.block_sin.to(query)  # (blocks, r)
-    turned_along = along * block_cos + across * block_sin  # (batch, kv_heads, n, blocks, r)
-    turned_across = across * block_cos - along * block_sin
-    scores = turned_along @ angles.offset_cos.to(query).T + turned_across @ angles.offset_sin.to(query).T
-    scores = scores.flatten(-2)[..., angles.skip : angles.skip + angles.positions]
-    if query.shape[-1] > 2 * pairs:
-        scores = scores + (query[..., 2 * pairs :] * center[..., 2 * pairs :]).sum(-1, keepdim=True)
+    sums = query @ center.matrix.to(query)[None]  # (batch, kv_heads, n, 4 r): [along, across, across, along]
+    sums = sums.view(*sums.shape[:-1], 1, 2, -1)  # (batch, kv_heads, n, 1, 2, 2 r)
+    turned = (sums * angles.block_turns.to(query)).sum(-2)  # (batch, kv_heads, n, blocks, 2 r)
+    scores = (turned @ angles.offsets.to(query)).flatten(-2)[..., angles.skip : angles.skip + angles.positions]
+    if center.rest is not None:
+        rest = center.rest.to(query)[None, :, None]
+        scores = scores + (query[..., query.shape[-1] - rest.shape[-1] :] * rest).sum(-1, keepdim=True)
     return scores

@@ -119,19 +119,56 @@ def _added_angles(
 class BlockAngles(NamedTuple):
     """The angles of ``positions`` positions from ``skip`` past the start of the first of ``blocks`` blocks, kept apart.
 
-    Position ``block * size + offset`` turns by the block start's angle plus the offset's:
-    ``block_cos``/``block_sin`` are ``(blocks, rotary/2)``, ``offset_cos``/``offset_sin``
-    ``(size, rotary/2)``. A product with every position's ``(cos, sin)`` can be taken block by
-    block without ever forming the ``(count, rotary/2)`` table (see
-    :func:`~quantcache.ops.code_attention.turned_center_scores`).
+    Position ``block * size + offset`` turns by the block start's angle ``b`` plus the offset's
+    ``o``, in the forms a product with every position's ``(cos, sin)`` takes block by block,
+    without ever forming the ``(count, rotary/2)`` table (see
+    :func:`~quantcache.ops.code_attention.turned_center_scores`): ``block_turns`` ``(blocks, 2,
+    rotary)`` holds ``[cos b, cos b]`` over ``[sin b, -sin b]``, ``offsets`` ``(rotary, size)`` is
+    ``[cos o; sin o]``, each half ``rotary/2`` wide.
     """
 
-    block_cos: torch.Tensor
-    block_sin: torch.Tensor
-    offset_cos: torch.Tensor
-    offset_sin: torch.Tensor
+    block_turns: torch.Tensor
+    offsets: torch.Tensor
     skip: int
     positions: int
+
+    @classmethod
+    def of(
+        cls,
+        block_cos: torch.Tensor,
+        block_sin: torch.Tensor,
+        offset_cos: torch.Tensor,
+        offset_sin: torch.Tensor,
+        skip: int,
+        positions: int,
+    ) -> BlockAngles:
+        """From ``(blocks, rotary/2)`` block-start and ``(size, rotary/2)`` offset cosines and sines."""
+        turns = torch.stack((torch.cat((block_cos, block_cos), -1), torch.cat((block_sin, -block_sin), -1)), -2)
+        return cls(turns, torch.cat((offset_cos, offset_sin), -1).T.contiguous(), skip, positions)
+
+
+class CenterPairs(NamedTuple):
+    """A ``(kv_heads, head_dim)`` center as the map from a query to its RoPE pairs' two sums with it.
+
+    For pair ``(i, i + r)`` (``r`` = rotary/2) a query ``q`` and the center ``m`` give
+    ``along = q_i m_i + q_j m_j`` and ``across = q_j m_i - q_i m_j``; ``q @ matrix``
+    (``matrix`` ``(kv_heads, head_dim, 4 r)``) is ``[along, across, across, along]``, the two
+    orders a turn by ``a`` combines: ``q . R_a m = cos a along + sin a across``. ``rest``
+    ``(kv_heads, head_dim - 2 r)`` is the center's channels that do not turn (``None``: none).
+    """
+
+    matrix: torch.Tensor
+    rest: torch.Tensor | None
+
+    @classmethod
+    def of(cls, center: torch.Tensor, pairs: int) -> CenterPairs:
+        heads, head_dim = center.shape
+        first, second = center[:, :pairs], center[:, pairs : 2 * pairs]
+        unturned = torch.zeros(heads, head_dim - 2 * pairs, pairs, dtype=center.dtype, device=center.device)
+        along = torch.cat((torch.diag_embed(first), torch.diag_embed(second), unturned), 1)  # (heads, head_dim, r)
+        across = torch.cat((torch.diag_embed(-second), torch.diag_embed(first), unturned), 1)
+        rest = center[:, 2 * pairs :] if head_dim > 2 * pairs else None
+        return cls(torch.cat((along, across, across, along), -1), rest)
 
 
 class RopeTable:
@@ -154,6 +191,7 @@ class RopeTable:
         offsets = torch.arange(self.BLOCK, dtype=torch.float64)[:, None] * self.inv_freq.double()[None]
         self._offset = (offsets.cos().float(), offsets.sin().float())  # (BLOCK, rotary/2) each
         self._block = (torch.empty(0, inv_freq.numel()), torch.empty(0, inv_freq.numel()))
+        self._stacked: BlockAngles | None = None  # every block start's and offset's angles, as block_angles gives
 
     @property
     def rotary_dim(self) -> int:
@@ -165,9 +203,11 @@ class RopeTable:
             size = max(blocks, 2 * self._block[0].shape[0], 16)
             starts = torch.arange(size, dtype=torch.float64)[:, None] * self.BLOCK * self.inv_freq.double()[None]
             self._block = (starts.cos().float(), starts.sin().float())
+            self._stacked = None
         if self._block[0].device != device or self._offset[0].device != device:  # moved once, not every call
             self._block = (self._block[0].to(device), self._block[1].to(device))
             self._offset = (self._offset[0].to(device), self._offset[1].to(device))
+            self._stacked = None
         return (*self._block, *self._offset)
 
     def _angles(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,11 +221,14 @@ class RopeTable:
 
     def block_angles(self, start: int, end: int, device: torch.device) -> BlockAngles:
         """The angles of positions ``start..end-1`` as block starts and offsets (:class:`BlockAngles`), float32:
-        views of the tables, nothing computed per position."""
+        views of tables made when the block table grows, nothing computed per call."""
         first, last = start // self.BLOCK, -(-end // self.BLOCK)
         block_cos, block_sin, offset_cos, offset_sin = self._tables(last, device)
-        skip = start - first * self.BLOCK
-        return BlockAngles(block_cos[first:last], block_sin[first:last], offset_cos, offset_sin, skip, end - start)
+        if self._stacked is None:
+            self._stacked = BlockAngles.of(block_cos, block_sin, offset_cos, offset_sin, 0, 0)
+        return self._stacked._replace(
+            block_turns=self._stacked.block_turns[first:last], skip=start - first * self.BLOCK, positions=end - start
+        )
 
     def _angles_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of ``(batch, seq)`` integer positions, each ``(batch, 1, seq, rotary/2)``, float32.

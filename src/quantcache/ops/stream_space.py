@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from quantcache.ops.rope import CenterPairs
 from quantcache.ops.rotation import rotate, rotation_matrix, unrotate
 from quantcache.ops.rounding import QueryModel, RowGrid, feedback_matrix, rope_averaged_moment, round_with_feedback
 
@@ -41,6 +42,7 @@ class StreamSpace:
         """The center is turned to each key's position by the layer (``rope_center``), not applied here."""
         self._by_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._feedback_by_device: dict[torch.device, torch.Tensor] = {}
+        self._center_pairs_by_device: dict[torch.device, CenterPairs] = {}
 
     @property
     def identity(self) -> bool:
@@ -65,6 +67,7 @@ class StreamSpace:
         self.query_model = query_model
         self._by_device = {}
         self._feedback_by_device = {}
+        self._center_pairs_by_device = {}
 
     def copy(self) -> StreamSpace:
         fresh = StreamSpace()
@@ -91,6 +94,16 @@ class StreamSpace:
             back = undone[None] / self.channel_scale.double().cpu()[:, None, :]
             found = feedback_matrix(back @ moment.cpu() @ back.transpose(-1, -2)).to(device)
             self._feedback_by_device[device] = found
+        return found
+
+    def center_pairs(self, pairs: int, device: torch.device) -> CenterPairs:
+        """The center as the map from a query to its ``pairs`` RoPE pairs' sums with it, on ``device`` (made once
+        per device): what attention from codes adds for keys stored around a turned center."""
+        if self.center is None:
+            raise ValueError("the stream has no center to turn")
+        found = self._center_pairs_by_device.get(device)
+        if found is None:
+            found = self._center_pairs_by_device[device] = CenterPairs.of(self.center.to(device), pairs)
         return found
 
     def feedback_matrices(self) -> list[torch.Tensor]:

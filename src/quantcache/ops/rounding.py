@@ -30,8 +30,9 @@ would be a host synchronisation per round, the GPU waiting on the CPU at every d
 Where a row's elements share one step (a per-token or per-head scale, an integer format:
 :class:`RowGrid`), the rounds run in units of that step, ``y = x / scale + offset``: an
 error ``e = scale (y - q)`` fed through ``N`` is ``scale (y - q) N``, so the same fixed point
-is ``y' = y + (y - q) N`` with ``q = clamp(round(y'))``, a round of five tensor operations
-instead of the whole quantize-dequantize of the stream's format.
+is ``y' = y + (y - q) N`` with ``q = clamp(round(y'))``, a round of four tensor operations
+(``y + y N`` is the same every round) instead of the whole quantize-dequantize of the
+stream's format.
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def round_with_feedback(
     rounded as if it were zero) and is returned as it came.
 
     A :class:`RowGrid` as ``round_trip`` rounds in the grid's units (the module docstring):
-    the same fixed point up to float32 rounding, in a fifth of the operations per round.
+    the same fixed point up to float32 rounding, in a fraction of the operations per round.
     """
     if rounds < 1:
         raise ValueError(f"query-aware rounding needs at least one round, got {rounds}")
@@ -221,8 +222,8 @@ def round_with_feedback(
     finite = torch.isfinite(space)
     states = torch.where(finite, space, 0.0)
     matrix = feedback.to(states.device)[None]
+    fed = torch.matmul(states, matrix).add_(states)  # x + x N, the same every round: x' = x + x N - q N
     levels = round_trip(states)
     for _ in range(rounds - 1):
-        levels = round_trip(torch.matmul(states - levels, matrix).add_(states))
-    moved = torch.matmul(states - levels, matrix).add_(states)
-    return torch.where(finite, moved, space)
+        levels = round_trip(fed - torch.matmul(levels, matrix))
+    return torch.where(finite, fed - torch.matmul(levels, matrix), space)

@@ -176,6 +176,23 @@ def test_a_model_reading_codes_gives_the_logits_of_decoded_states(models: dict[s
             assert _relative(got, expected) < 1e-6, (start, end)
 
 
+def test_the_center_arranged_for_reading_codes_is_counted_once_made(models: dict[str, PreTrainedModel]) -> None:
+    """``rope_center`` keys read from codes: each layer's center by RoPE pairs (``(kv_heads, 2, 2, r)`` float32)
+    is made on the first call that reads codes (a short prompt does), and ``memory_report()`` counts it with
+    the derived tensors of a cache that reads codes; one that decodes its rows neither makes nor counts it."""
+    model = models["llama"]
+    decoded, reading = _pair(model, {"preset": "int8"})
+    ids = _tokens(1, 12, seed=5)
+    kv_heads, head_dim = model.config.num_key_value_heads, model.config.head_dim
+    arranged = kv_heads * 2 * 2 * (head_dim // 2) * 4
+    with torch.inference_mode():
+        for cache, made in ((decoded, 0), (reading, arranged)):
+            for start, end in ((0, 11), (11, 12)):
+                model(ids[:, start:end], use_cache=True, **{CACHE_KEYWORD: cache})
+                assert [entry["encoder"] for entry in cache.memory_report()] == [made] * len(cache.layers)
+    assert [entry["encoder"] for entry in decoded.memory_report()] == [0] * len(decoded.layers)  # made, not read
+
+
 def test_keys_quantized_before_rope_are_decoded_and_values_read_from_codes(models: dict[str, PreTrainedModel]) -> None:
     """Keys quantized before RoPE: the reader holds them decoded; the seed's and the presets' (rope_center)
     are read from codes."""

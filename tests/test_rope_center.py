@@ -211,27 +211,28 @@ def test_turned_center_scores_are_the_query_times_the_turned_center(
 
 
 def test_a_streams_center_pairs_follow_its_center_and_its_table_follows_the_blocks() -> None:
-    """The pair map is made once per device and remade when the center changes; a table's block angles are views
-    of the stacked table grown on demand, each block's turn that of its own start."""
+    """The pair arrangement is made once per device and remade when the center changes; a table's block angles
+    are views of the stacked table grown on demand, each block's turn that of its own start."""
     space = StreamSpace(8)
-    space.set(torch.arange(16.0).view(2, 8))
+    center = torch.arange(16.0).view(2, 8)
+    space.set(center)
     first = space.center_pairs(3, torch.device("cpu"))
     assert space.center_pairs(3, torch.device("cpu")) is first
-    torch.testing.assert_close(first.matrix, CenterPairs.of(torch.arange(16.0).view(2, 8), 3).matrix)
-    space.set(-torch.arange(16.0).view(2, 8))
-    torch.testing.assert_close(space.center_pairs(3, torch.device("cpu")).matrix, -first.matrix)
+    assert first.halves.shape == (2, 2, 2, 3)
+    along, across = [[8.0, 9.0, 10.0], [11.0, 12.0, 13.0]], [[-11.0, -12.0, -13.0], [8.0, 9.0, 10.0]]
+    assert first.halves[1].tolist() == [along, across]
     assert first.rest is not None and first.rest.tolist() == [[6.0, 7.0], [14.0, 15.0]]
+    space.set(-center)
+    assert torch.equal(space.center_pairs(3, torch.device("cpu")).halves, -first.halves)
     inv_freq = torch.tensor([1.0, 0.1])
     table = RopeTable(inv_freq)
     size = RopeTable.BLOCK
-    short, long = (
-        table.block_angles(5, 70, torch.device("cpu")),
-        table.block_angles(3 * size + 2, 40 * size, torch.device("cpu")),
-    )
+    cpu = torch.device("cpu")
+    short, long = table.block_angles(5, 70, cpu), table.block_angles(3 * size + 2, 40 * size, cpu)
     assert (short.skip, short.positions, long.skip, long.positions) == (5, 65, 2, 37 * size - 2)
-    assert short.block_turns.shape == (2, 2, 4) and long.block_turns.shape == (37, 2, 4)
+    assert short.block_turns.shape == (2, 2, 2, 2) and long.block_turns.shape == (37, 2, 2, 2)
     start = 3 * size * inv_freq.double()
-    expected = torch.cat((start.cos(), start.cos(), start.sin(), -start.sin())).view(2, 4).float()
+    expected = torch.stack((start.cos(), start.sin(), -start.sin(), start.cos())).view(2, 2, 2).float()
     torch.testing.assert_close(long.block_turns[0], expected)
 
 

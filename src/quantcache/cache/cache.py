@@ -262,10 +262,11 @@ class QuantizedCalibratingCache(DynamicCache):
         parameters and row flags), ``full_precision`` (states in the model dtype: every
         state of a fake-quantized or unquantized layer), ``reserved`` (room allocated
         for the tokens still to come: appending does not re-concatenate the history,
-        see :mod:`quantcache.cache.growing_storage`), ``encoder`` (query-aware rounding's feedback
-        matrices: read only to write tokens, derived from the parameters; not in the
-        effective bits), ``total``, and ``dynamic_cache``: what a ``DynamicCache`` in the
-        model dtype would hold for the same tokens.
+        see :mod:`quantcache.cache.growing_storage`), ``encoder`` (tensors derived from the
+        parameters on first use: query-aware rounding's feedback matrices, the key center
+        arranged by RoPE pairs for attention from codes; not in the effective bits),
+        ``total``, and ``dynamic_cache``: what a ``DynamicCache`` in the model dtype would
+        hold for the same tokens.
         """
         entries = []
         for quantizer, layer in zip(self.quantizer.quantizers, self.layers, strict=False):

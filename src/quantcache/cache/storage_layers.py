@@ -498,8 +498,9 @@ def layer_memory(layer: Any) -> dict[str, int]:
     """Bytes one cache layer holds: ``codes``, ``parameters`` (per-token parameters and row flags,
     plus the quantizer's fixed scales and zero points or centers), ``full_precision`` (states kept in the
     model dtype), ``reserved`` (room allocated for tokens still to come, see
-    :class:`GrowingStorage`), ``encoder`` (what only writing new tokens reads: query-aware
-    rounding's feedback matrices, a fixed cost per layer that the stored parameters determine),
+    :class:`GrowingStorage`), ``encoder`` (tensors derived from the stored parameters on first use, a
+    fixed cost per layer: query-aware rounding's feedback matrices, which writing new tokens reads, and
+    the key center arranged by RoPE pairs, which attention from codes reads),
     and ``dynamic_cache`` (what a ``DynamicCache`` would hold for the same tokens).
     """
     keys: torch.Tensor | None = getattr(layer, "keys", None)
@@ -513,6 +514,7 @@ def layer_memory(layer: Any) -> dict[str, int]:
         report["full_precision"] += layer.sink_bytes()
     quantizer: LayerQuantizer | None = getattr(layer, "quantizer", None)
     if quantizer is not None and quantizer.enabled:
+        reads_codes = bool(getattr(layer, "reads_codes", False))
         for _, stream in quantizer.streams:
             if stream.params is not None:  # a symmetric or float8 zero point is all zeros: decoding never reads it
                 needed = [stream.params.scale]
@@ -523,7 +525,8 @@ def layer_memory(layer: Any) -> dict[str, int]:
             for tensor in (stream.center, stream.channel_scale, *(stream.space.query_model or ())):
                 if tensor is not None:
                     report["parameters"] += tensor.numel() * tensor.element_size()
-            report["encoder"] += sum(t.numel() * t.element_size() for t in stream.space.feedback_matrices())
+            derived = stream.space.derived_tensors(reads_codes=reads_codes)
+            report["encoder"] += sum(t.numel() * t.element_size() for t in derived)
     for stored, stream_name in ((keys, "key"), (values, "value")):
         if stored is None or not stored.numel():
             continue

@@ -137,19 +137,21 @@ def unfold_output(mixed: torch.Tensor, probability_sum: torch.Tensor, space: Str
 def turned_center_scores(query: torch.Tensor, center: CenterPairs, angles: BlockAngles) -> torch.Tensor:
     """``q . R_t m`` for every query and position ``t``: ``(batch, kv_heads, n, seq)`` (``rope_center`` keys).
 
-    ``center`` is the ``(kv_heads, head_dim)`` mean before RoPE as its pair map (:class:`CenterPairs`);
-    ``angles`` the rows' positions, as block starts and offsets
+    ``center`` is the ``(kv_heads, head_dim)`` mean before RoPE, arranged by RoPE pairs
+    (:class:`CenterPairs`); ``angles`` the rows' positions, as block starts and offsets
     (:meth:`~quantcache.ops.rope.RopeTable.block_angles`). With ``a`` a block start's angle ``b``
     plus an offset's ``o``, ``q . R_a m = cos o (cos b along + sin b across) + sin o (cos b across -
-    sin b along)``: one product gives every pair's two sums in both orders, they turn by ``b`` once per
-    block, and a ``(blocks, 2 r) x (2 r, size)`` product per query adds the offsets. No ``(seq, r)``
-    table of angles is formed or read; five tensor operations whatever the length.
+    sin b along)``: every pair's two sums, turned by ``b`` once per block, and a ``(blocks, 2 r) x
+    (2 r, size)`` product per query adds the offsets. No ``(seq, r)`` table of angles is formed or
+    read; a handful of tensor operations whatever the length.
     """
-    sums = query @ center.matrix.to(query)[None]  # (batch, kv_heads, n, 4 r): [along, across, across, along]
-    sums = sums.view(*sums.shape[:-1], 1, 2, -1)  # (batch, kv_heads, n, 1, 2, 2 r)
-    turned = (sums * angles.block_turns.to(query)).sum(-2)  # (batch, kv_heads, n, blocks, 2 r)
-    scores = (turned @ angles.offsets.to(query)).flatten(-2)[..., angles.skip : angles.skip + angles.positions]
+    pairs = center.halves.shape[-1]
+    halves = query[..., : 2 * pairs].reshape(*query.shape[:-1], 1, 2, pairs)  # (batch, kv_heads, n, 1, 2, r)
+    sums = (halves * center.halves.to(query)[None, :, None]).sum(-2)  # (batch, kv_heads, n, 2, r): along, across
+    turned = (sums[..., None, None, :, :] * angles.block_turns.to(query)).sum(-2)  # (..., n, blocks, 2, r)
+    scores = (turned.flatten(-2) @ angles.offsets.to(query)).flatten(-2)
+    scores = scores[..., angles.skip : angles.skip + angles.positions]
     if center.rest is not None:
         rest = center.rest.to(query)[None, :, None]
-        scores = scores + (query[..., query.shape[-1] - rest.shape[-1] :] * rest).sum(-1, keepdim=True)
+        scores = scores + (query[..., 2 * pairs :] * rest).sum(-1, keepdim=True)
     return scores

@@ -122,9 +122,9 @@ class BlockAngles(NamedTuple):
     Position ``block * size + offset`` turns by the block start's angle ``b`` plus the offset's
     ``o``, in the forms a product with every position's ``(cos, sin)`` takes block by block,
     without ever forming the ``(count, rotary/2)`` table (see
-    :func:`~quantcache.ops.code_attention.turned_center_scores`): ``block_turns`` ``(blocks, 2,
-    rotary)`` holds ``[cos b, cos b]`` over ``[sin b, -sin b]``, ``offsets`` ``(rotary, size)`` is
-    ``[cos o; sin o]``, each half ``rotary/2`` wide.
+    :func:`~quantcache.ops.code_attention.turned_center_scores`): ``block_turns`` ``(blocks, 2, 2,
+    rotary/2)`` holds each block start's turn ``[[cos b, sin b], [-sin b, cos b]]``, ``offsets``
+    ``(rotary, size)`` is ``[cos o; sin o]``.
     """
 
     block_turns: torch.Tensor
@@ -143,32 +143,30 @@ class BlockAngles(NamedTuple):
         positions: int,
     ) -> BlockAngles:
         """From ``(blocks, rotary/2)`` block-start and ``(size, rotary/2)`` offset cosines and sines."""
-        turns = torch.stack((torch.cat((block_cos, block_cos), -1), torch.cat((block_sin, -block_sin), -1)), -2)
+        turns = torch.stack((block_cos, block_sin, -block_sin, block_cos), -2)
+        turns = turns.view(*turns.shape[:-2], 2, 2, turns.shape[-1])
         return cls(turns, torch.cat((offset_cos, offset_sin), -1).T.contiguous(), skip, positions)
 
 
 class CenterPairs(NamedTuple):
-    """A ``(kv_heads, head_dim)`` center as the map from a query to its RoPE pairs' two sums with it.
+    """A ``(kv_heads, head_dim)`` center as what a query's RoPE pairs take from it.
 
     For pair ``(i, i + r)`` (``r`` = rotary/2) a query ``q`` and the center ``m`` give
-    ``along = q_i m_i + q_j m_j`` and ``across = q_j m_i - q_i m_j``; ``q @ matrix``
-    (``matrix`` ``(kv_heads, head_dim, 4 r)``) is ``[along, across, across, along]``, the two
-    orders a turn by ``a`` combines: ``q . R_a m = cos a along + sin a across``. ``rest``
-    ``(kv_heads, head_dim - 2 r)`` is the center's channels that do not turn (``None``: none).
+    ``along = q_i m_i + q_j m_j`` and ``across = q_j m_i - q_i m_j``, and a turn by ``a`` gives
+    ``q . R_a m = cos a along + sin a across``. ``halves`` ``(kv_heads, 2, 2, r)`` is
+    ``[[m_i, m_j], [-m_j, m_i]]``: ``(q's halves * halves).sum`` over the halves is ``[along,
+    across]``. ``rest`` ``(kv_heads, head_dim - 2 r)`` is the center's channels that do not turn
+    (``None``: none). The center's own numbers, rearranged: twice its rotary channels.
     """
 
-    matrix: torch.Tensor
+    halves: torch.Tensor
     rest: torch.Tensor | None
 
     @classmethod
     def of(cls, center: torch.Tensor, pairs: int) -> CenterPairs:
-        heads, head_dim = center.shape
         first, second = center[:, :pairs], center[:, pairs : 2 * pairs]
-        unturned = torch.zeros(heads, head_dim - 2 * pairs, pairs, dtype=center.dtype, device=center.device)
-        along = torch.cat((torch.diag_embed(first), torch.diag_embed(second), unturned), 1)  # (heads, head_dim, r)
-        across = torch.cat((torch.diag_embed(-second), torch.diag_embed(first), unturned), 1)
-        rest = center[:, 2 * pairs :] if head_dim > 2 * pairs else None
-        return cls(torch.cat((along, across, across, along), -1), rest)
+        halves = torch.stack((first, second, -second, first), -2).view(center.shape[0], 2, 2, pairs)
+        return cls(halves, center[:, 2 * pairs :] if center.shape[-1] > 2 * pairs else None)
 
 
 class RopeTable:

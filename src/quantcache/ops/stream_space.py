@@ -106,9 +106,11 @@ class StreamSpace:
             found = self._center_pairs_by_device[device] = CenterPairs.of(self.center.to(device), pairs)
         return found
 
-    def feedback_matrices(self) -> list[torch.Tensor]:
-        """The feedback matrices made so far (one per device), which a memory count includes."""
-        return list(self._feedback_by_device.values())
+    def derived_tensors(self, *, reads_codes: bool) -> list[torch.Tensor]:
+        """The tensors made so far from the stored parameters, one set per device, which a memory count includes:
+        query-aware rounding's feedback matrices, and for a cache that ``reads_codes``, the center by RoPE pairs."""
+        pairs = [tensor for found in self._center_pairs_by_device.values() for tensor in found if tensor is not None]
+        return [*self._feedback_by_device.values(), *(pairs if reads_codes else ())]
 
     def with_feedback(
         self, space: torch.Tensor, round_trip: Callable[[torch.Tensor], torch.Tensor] | RowGrid

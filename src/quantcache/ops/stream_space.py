@@ -97,8 +97,8 @@ class StreamSpace:
         return found
 
     def center_pairs(self, pairs: int, device: torch.device) -> CenterPairs:
-        """The center as the map from a query to its ``pairs`` RoPE pairs' sums with it, on ``device`` (made once
-        per device): what attention from codes adds for keys stored around a turned center."""
+        """The center arranged by its ``pairs`` RoPE pairs (:class:`~quantcache.ops.rope.CenterPairs`), on ``device``
+        (made once per device): what attention from codes reads for keys stored around a turned center."""
         if self.center is None:
             raise ValueError("the stream has no center to turn")
         found = self._center_pairs_by_device.get(device)
@@ -109,7 +109,7 @@ class StreamSpace:
     def derived_tensors(self, *, reads_codes: bool) -> list[torch.Tensor]:
         """The tensors made so far from the stored parameters, one set per device, which a memory count includes:
         query-aware rounding's feedback matrices, and for a cache that ``reads_codes``, the center by RoPE pairs."""
-        pairs = [tensor for found in self._center_pairs_by_device.values() for tensor in found if tensor is not None]
+        pairs = [found.halves for found in self._center_pairs_by_device.values()]  # ``rest`` is the center's own
         return [*self._feedback_by_device.values(), *(pairs if reads_codes else ())]
 
     def with_feedback(

@@ -338,6 +338,45 @@ def test_a_decode_forward_reading_codes_compiles_as_one_graph_with_eager_logits(
         torch.compiler.reset()
 
 
+def test_a_decode_forward_compiles_through_functionalization_after_an_inference_mode_prefill(
+    models: dict[str, PreTrainedModel],
+) -> None:
+    """What inductor compiles is the functionalized graph (``aot_eager`` stops there). Compiled steps concatenate
+    the history (appending into a buffer the layer holds a view of cannot be functionalized once the length is
+    dynamic, nor at all where the prefill ran under ``torch.inference_mode``); the logits are those of eager
+    steps on a twin cache, and an eager step after them appends into a buffer again."""
+    model = models["llama"]
+    _, compiled_cache = _pair(model, SCHEMES["int8"])
+    eager_cache = compiled_cache.empty_copy()
+    ids = _tokens(1, 33, seed=14)
+
+    def step(cache: QuantizedCalibratingCache, token: torch.Tensor) -> torch.Tensor:
+        return model(token, use_cache=True, **{CACHE_KEYWORD: cache}).logits
+
+    def buffers() -> list[torch.Tensor | None]:
+        return [layer._key_storage.buffer for layer in compiled_cache.layers]
+
+    torch.compiler.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    try:
+        with torch.inference_mode():
+            for cache in (compiled_cache, eager_cache):
+                model(ids[:, :28], use_cache=True, **{CACHE_KEYWORD: cache})
+        assert all(buffer is not None for buffer in buffers())
+        with torch.no_grad():
+            for position in (28, 29, 30, 31):
+                token = ids[:, position : position + 1]
+                got, expected = compiled(compiled_cache, token), step(eager_cache, token)
+                assert _relative(got, expected) < 1e-12, position
+            assert buffers() == [None] * len(compiled_cache.layers)
+            token = ids[:, 32:33]
+            assert torch.equal(step(compiled_cache, token), step(eager_cache, token))
+        assert all(buffer is not None for buffer in buffers())
+        assert compiled_cache.get_seq_length() == eager_cache.get_seq_length() == 33
+    finally:
+        torch.compiler.reset()
+
+
 @pytest.mark.parametrize("name", ["seed", "int4", "int4-pre-rope"])
 def test_a_prefill_longer_than_the_codes_path_attends_over_decoded_states_exactly(
     models: dict[str, PreTrainedModel], name: str

@@ -7,7 +7,8 @@ copies only its new tokens, and the reserved room is 1/:data:`ROOM_FRACTION` of 
 tokens held (at least :data:`MIN_ROOM_TOKENS`), reported by ``memory_report`` as
 ``reserved``.
 What ``update`` returns is a view of the filled part; a tensor returned earlier is
-never written again (after a crop, the next append moves to a fresh buffer).
+never written again (after a crop, the next append moves to a fresh buffer). Under
+``torch.compile`` a step concatenates instead, as ``DynamicLayer`` does, and reserves nothing.
 """
 
 from __future__ import annotations
@@ -44,20 +45,28 @@ class GrowingStorage:
         """The tensor the last append returned: the layer still holds the history there if it holds this object."""
 
     def _holds(self, stored: torch.Tensor) -> bool:
-        # Identity, not data pointers: ``torch.compile`` traces ``is`` but breaks its graph on ``data_ptr()``; a
-        # layer that replaced its tensor (crop, reorder, offload) holds another object and moves to a new buffer.
-        # A buffer made under ``torch.inference_mode`` cannot be written outside it; Dynamo cannot ask (compiled
-        # code runs under ``torch.no_grad``, which makes no such tensors).
+        # Identity, not data pointers: a layer that replaced its tensor (crop, reorder, offload) holds another object
+        # and moves to a new buffer. A buffer made under ``torch.inference_mode`` cannot be written outside it.
         buffer = self.buffer
         return (
             buffer is not None
             and stored is self.view
             and stored.shape[-2] == self.filled
-            and (torch.compiler.is_compiling() or not buffer.is_inference() or torch.is_inference_mode_enabled())
+            and (not buffer.is_inference() or torch.is_inference_mode_enabled())
         )
 
     def append(self, stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """``stored`` (the layer's current history, possibly empty) followed by ``new``, as a view."""
+        """``stored`` (the layer's current history, possibly empty) followed by ``new``, as a view (compiled: a new
+        tensor)."""
+        if torch.compiler.is_compiling():
+            # A compiled step concatenates, as ``DynamicLayer`` does. Writing into the buffer would make the
+            # buffer and the layer's view of it inputs of one graph that mutates one of them; with the cache
+            # length dynamic, torch 2.13 then builds guards and code from the size of the view's base, which it
+            # never bound (inductor fails at run time), or cannot rebuild the base at all where the view was made
+            # under ``torch.inference_mode``. Concatenating copies the history's codes each step (1/4 to 1/8 of
+            # what a bf16 ``DynamicCache`` copies).
+            self.release()
+            return torch.cat([stored, new], dim=-2) if stored.numel() else new
         added = new.shape[-2]
         if self._holds(stored) and self.buffer is not None and self.filled + added <= self.buffer.shape[-2]:
             buffer = self.buffer

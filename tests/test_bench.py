@@ -22,6 +22,7 @@ from test_cli import char_tokenizer
 from transformers import PreTrainedModel
 
 from quantcache import cli
+from quantcache.analysis import speed
 from quantcache.analysis.speed import (
     TABLE_COLUMNS,
     Contender,
@@ -178,8 +179,9 @@ def test_every_repetition_runs_every_contender_in_a_rotated_order(llama: PreTrai
 def test_compiled_twins_run_through_one_compiled_model_and_hold_what_eager_holds(
     llama: PreTrainedModel, quantizers: dict[str, KVQuantizer]
 ) -> None:
-    """``--compile``: each cache measured twice, eagerly and through ``torch.compile`` of the model (the eager
-    backend here, to keep the test fast); the compiled runs hold the same bytes, and the model is traced."""
+    """``--compile``: each cache measured twice, eagerly and through ``torch.compile`` of the model (``aot_eager``
+    here: the functionalized graph inductor would compile, without its code generation); the compiled runs hold
+    the same bytes but the room a packed cache reserves ahead, and the model is traced."""
     contenders = compiled_twins(default_contenders(llama, {"seed": quantizers["seed"]}, "packed"))
     assert [(c.name, c.compiled) for c in contenders] == [
         ("DynamicCache", False),
@@ -191,15 +193,24 @@ def test_compiled_twins_run_through_one_compiled_model_and_hold_what_eager_holds
     ]
     torch.compiler.reset()
     try:
-        result = bench_speed(llama, contenders, contexts=[24], batches=[1], steps=1, repeats=1, compile_backend="eager")
+        result = bench_speed(
+            llama, contenders, contexts=[24], batches=[1], steps=1, repeats=1, compile_backend="aot_eager"
+        )
         frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         torch.compiler.reset()
     rows = {row.cache: row for row in result.rows}
     assert frames >= 1  # the compiled contenders went through Dynamo
     for name in ("DynamicCache", "StaticCache", "seed packed"):
-        assert rows[f"{name} compiled"].kv_bytes == rows[name].kv_bytes
         assert rows[f"{name} compiled"].error is None
+    for name in ("DynamicCache", "StaticCache"):
+        assert rows[f"{name} compiled"].kv_bytes == rows[name].kv_bytes
+    # compiled steps concatenate, as DynamicCache does: the same codes and parameters, no room reserved ahead
+    eager_parts, compiled_parts = rows["seed packed"].kv_parts, rows["seed packed compiled"].kv_parts
+    assert eager_parts is not None and compiled_parts is not None
+    assert eager_parts["reserved"] > 0 and compiled_parts["reserved"] == 0
+    assert {**compiled_parts, "reserved": eager_parts["reserved"]} == eager_parts
+    assert rows["seed packed compiled"].kv_bytes == rows["seed packed"].kv_bytes - eager_parts["reserved"]
 
 
 def test_code_reading_twins_run_with_the_quantcache_attention_and_the_others_without(
@@ -272,6 +283,29 @@ def test_a_compiled_contender_that_fails_to_compile_is_reported_not_fatal(llama:
     assert eager.error is None and eager.decode_ms is not None
     assert compiled.error is not None and compiled.error.startswith("compile failed: BackendCompilerFailed")
     assert "aten.set_.source_Storage" in compiled.error and compiled.decode_seconds_runs == []
+
+
+def test_a_compiled_contender_past_the_recompile_limit_is_reported_not_timed_eagerly(
+    llama: PreTrainedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past Dynamo's recompile limit a frame would silently run eagerly, and its figures would pass for compiled
+    ones: with room for one graph (a prefill and a decode step need two), the compiled row fails and says why."""
+    monkeypatch.setattr(speed, "GRAPHS_PER_COMPILED_CONTENDER", 1)
+    contenders = compiled_twins(default_contenders(llama, {}, "packed", static=False))
+    torch.compiler.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            result = bench_speed(
+                llama, contenders, contexts=[24], batches=[1], steps=1, repeats=1, compile_backend="eager"
+            )
+            assert torch._dynamo.config.recompile_limit == 1  # restored after the run
+    finally:
+        torch.compiler.reset()
+    eager, compiled = result.rows
+    assert eager.error is None and eager.decode_ms is not None
+    assert compiled.error is not None and compiled.error.startswith("compile failed: FailOnRecompileLimitHit")
+    assert compiled.decode_seconds_runs == []
+    assert not torch._dynamo.config.fail_on_recompile_limit_hit
 
 
 def test_other_errors_propagate(llama: PreTrainedModel) -> None:

@@ -31,7 +31,10 @@ figures are measured where the model will run, against the caches Transformers s
   model and the prefill's states, which every contender shares. Anywhere else it is ``None``
   ("n/a"): no figure is better than an invented one.
 
-``torch.cuda.synchronize`` brackets every timed region here; the caches never synchronize.
+Caches are filled and models run under ``torch.no_grad``, as ``generate`` runs them (a compiled
+step appends into a buffer in place only when the buffer's views are tracked, which
+``torch.inference_mode`` does not do). ``torch.cuda.synchronize`` brackets every timed region
+here; the caches never synchronize.
 The same method, with peers and memory budgets, is ``benchmarks/speed.py``.
 """
 
@@ -44,6 +47,7 @@ import re
 import statistics
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -91,6 +95,8 @@ PeakKind = Literal["cuda_max_allocated", "rss_high_water"]
 MIB = 1 << 20
 WARM_UP_TOKENS = 16
 """Tokens of the untimed warm-up per contender (first calls: imports, lazy kernels, allocator pools)."""
+GRAPHS_PER_COMPILED_CONTENDER = 8
+"""Dynamo's recompile limit per compiled contender: its prefills and decode steps at several lengths."""
 STATE_CHUNK = 512
 """Tokens per forward of the prefill that makes the states: bounds its attention's memory at long contexts."""
 
@@ -264,7 +270,7 @@ def fill(cache: Any, states: Sequence[tuple[torch.Tensor, torch.Tensor]], batch:
     ``update``, as a prefill would hand them over. A ``StaticCache`` is also given the
     positions (``cache_kwargs``), which Transformers 4.x needs to place them.
     """
-    with torch.inference_mode():
+    with torch.no_grad():
         for index, (keys, values) in enumerate(states):
             rows_k, rows_v = keys.repeat(batch, 1, 1, 1), values.repeat(batch, 1, 1, 1)
             if isinstance(cache, StaticCache):
@@ -278,7 +284,7 @@ def decode_step_seconds(model: nn.Module, cache: Any, batch: int, steps: int, *,
     """Seconds per greedy decode step: ``steps`` steps of ``batch`` rows (one token each) continuing ``cache``."""
     device = model_device(model)
     token = _random_ids(model, (batch, 1), seed)
-    with torch.inference_mode():
+    with torch.no_grad():
         _synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -290,7 +296,7 @@ def decode_step_seconds(model: nn.Module, cache: Any, batch: int, steps: int, *,
 def prefill_seconds(model: nn.Module, cache: Any, ids: torch.Tensor) -> float:
     """Seconds of one forward of ``ids`` ``(batch, context)`` into the empty ``cache`` (last logits only)."""
     device = model_device(model)
-    with torch.inference_mode():
+    with torch.no_grad():
         _synchronize(device)
         start = time.perf_counter()
         model(ids, use_cache=True, logits_to_keep=1, **{CACHE_KEYWORD: cache})
@@ -454,7 +460,8 @@ def _failure(contender: Contender, error: BaseException) -> str | None:
     ``None`` for an error that must propagate (a bug)."""
     if _out_of_memory(error):
         return f"out of memory: {' '.join(str(error).split())[:160]}"
-    if contender.compiled and isinstance(error, torch._dynamo.exc.TorchDynamoException):
+    compile_errors = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+    if contender.compiled and isinstance(error, compile_errors):
         return f"compile failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
     return None
 
@@ -507,23 +514,51 @@ def _warm_up(models: _Runners, contenders: Sequence[Contender], seed: int) -> di
     return failed
 
 
+class _CompiledForward(nn.Module):
+    """``model`` called through ``torch.compile`` of a function with a code object of its own.
+
+    Dynamo keeps its graphs, and the sizes it has seen change, per code object: one compiled
+    ``model`` shared by several caches mixes their histories (torch 2.13 then fails to build
+    guards for a view's base), and their graphs count against one recompile limit. A code object
+    per contender keeps each cache's graphs to itself.
+    """
+
+    def __init__(self, model: nn.Module, backend: str | Callable[..., Any], tag: str) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config  # what the measuring helpers read of a model
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return model(*args, **kwargs)
+
+        code = forward.__code__.replace(co_name=f"forward_{tag}")
+        own = types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)
+        self.compiled = torch.compile(own, backend=backend)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.compiled(*args, **kwargs)
+
+
 @dataclass
 class _Runners:
-    """The model, and its compiled wrapper when some contender runs compiled."""
+    """The model, and a compiled forward of it per compiled contender (made on first use)."""
 
     eager: nn.Module
-    compiled: nn.Module | None = None
+    backend: str | Callable[..., Any] | None = None
     attention: str = "sdpa"
     """The model's own attention implementation, which contenders that do not read codes run with."""
+    compiled: dict[str, nn.Module] = field(default_factory=dict)
 
     def of(self, contender: Contender) -> nn.Module:
         """The model to run ``contender`` with, set to the attention it reads with."""
         set_attention(self.eager, ATTENTION_NAME if contender.reads_codes else self.attention)
         if not contender.compiled:
             return self.eager
-        if self.compiled is None:
+        if self.backend is None:
             raise ValueError(f"{contender.name} runs compiled, but no compile backend was given")
-        return self.compiled
+        if contender.name not in self.compiled:
+            self.compiled[contender.name] = _CompiledForward(self.eager, self.backend, str(len(self.compiled)))
+        return self.compiled[contender.name]
 
 
 def bench_speed(
@@ -552,7 +587,8 @@ def bench_speed(
         progress: a bar on stderr counting contender runs.
         settings: copied into the result (what the caller wants recorded with it).
         compile_backend: the ``torch.compile`` backend of contenders with ``compiled=True``
-            (:func:`compiled_twins`); the model is compiled once, with dynamic shapes.
+            (:func:`compiled_twins`); each compiled contender runs its own compiled forward of the
+            model, sizes made dynamic where they change.
 
     A contender that runs out of memory gets ``error`` and no figures; it is not run again
     at that context and batch. So does a compiled contender whose compilation fails (in the warm-up:
@@ -570,21 +606,32 @@ def bench_speed(
     if any(contender.reads_codes for contender in contenders):
         register_code_attention()
     if any(contender.compiled for contender in contenders):
-        models.compiled = torch.compile(model, backend=compile_backend, dynamic=True)  # type: ignore[assignment]
-    bar = progress_bar(total, "bench", progress, unit="run", unit_scale=False)
-    try:
-        failed = _warm_up(models, contenders, seed)
-        _release(device, full=True)
-        for context in contexts:
-            set_attention(model, models.attention)  # the reference prefill runs with the model's own attention
-            states = prefill_states(model, context, seed=seed)
-            for batch in batches:
-                rows += _measure(models, contenders, states, context, batch, steps, repeats, seed, meter, bar, failed)
-            del states
+        # Shapes become dynamic where they change (the cache length, the prompt length), others stay fixed: with
+        # ``dynamic=True`` every size is a symbol, and inductor indexes the codes through runtime divisions.
+        models.backend = compile_backend
+    # A compiled contender's graphs (prefills, a first decode step, the steps after it) past Dynamo's limit would
+    # run eagerly and be timed as compiled: fail it instead.
+    limits = torch._dynamo.config.patch(
+        recompile_limit=max(torch._dynamo.config.recompile_limit, GRAPHS_PER_COMPILED_CONTENDER),
+        fail_on_recompile_limit_hit=True,
+    )
+    with limits:
+        bar = progress_bar(total, "bench", progress, unit="run", unit_scale=False)
+        try:
+            failed = _warm_up(models, contenders, seed)
             _release(device, full=True)
-    finally:
-        bar.close()
-        set_attention(model, models.attention)
+            for context in contexts:
+                set_attention(model, models.attention)  # the reference prefill runs with the model's own attention
+                states = prefill_states(model, context, seed=seed)
+                for batch in batches:
+                    rows += _measure(
+                        models, contenders, states, context, batch, steps, repeats, seed, meter, bar, failed
+                    )
+                del states
+                _release(device, full=True)
+        finally:
+            bar.close()
+            set_attention(model, models.attention)
     return SpeedResult(rows=rows, steps=steps, repeats=repeats, peak_kind=meter.kind, settings=dict(settings or {}))
 
 

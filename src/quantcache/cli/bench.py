@@ -108,7 +108,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     caches.add_argument(
         "--compile",
         action="store_true",
-        help="also measure every cache with the model under torch.compile (inductor, dynamic shapes; compiling "
+        help="also measure every cache with the model under torch.compile (inductor; compiling "
         "takes minutes, outside the timings)",
     )
     sizes = parser.add_argument_group("sizes")

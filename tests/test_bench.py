@@ -32,10 +32,12 @@ from quantcache.analysis.speed import (
     compiled_twins,
     decode_step_seconds,
     default_contenders,
+    dynamic_contender,
     fill,
     format_speed_table,
     kv_bytes,
     prefill_states,
+    quantized_contender,
 )
 from quantcache.cache import attention
 from quantcache.cache.kv_quantizer import KVQuantizer
@@ -283,6 +285,44 @@ def test_a_compiled_contender_that_fails_to_compile_is_reported_not_fatal(llama:
     assert eager.error is None and eager.decode_ms is not None
     assert compiled.error is not None and compiled.error.startswith("compile failed: BackendCompilerFailed")
     assert "aten.set_.source_Storage" in compiled.error and compiled.decode_seconds_runs == []
+
+
+@pytest.mark.slow  # a dozen graphs of the tiny model through aot_eager: about half a minute
+def test_the_warm_up_compiles_every_graph_the_timed_runs_need(
+    llama: PreTrainedModel, quantizers: dict[str, KVQuantizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compilation inside the timed runs would be timed (minutes for a real model): the warm-up makes the
+    prompt and cache lengths dynamic, runs a prompt past MAX_QUERIES_FROM_CODES (the attention from codes
+    decodes the rows and runs sdpa there), and meets both layouts of a packed cache's rows (a fresh fill's
+    views of reserved room, the concatenated rows of compiled steps)."""
+    compiles: list[int] = []
+
+    def counting(graph: Any, example_inputs: Any) -> Any:
+        compiles.append(1)
+        return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
+
+    timed: list[int] = []
+    measure = speed._measure
+
+    def counted_measure(*args: Any, **kwargs: Any) -> Any:
+        before = len(compiles)
+        rows = measure(*args, **kwargs)
+        timed.append(len(compiles) - before)
+        return rows
+
+    monkeypatch.setattr(speed, "_measure", counted_measure)
+    contenders = compiled_twins(
+        [dynamic_contender(llama), quantized_contender("seed codes", quantizers["seed"], "packed", read_codes=True)]
+    )
+    torch.compiler.reset()
+    try:
+        result = bench_speed(
+            llama, contenders, contexts=[160, 200], batches=[1], steps=2, repeats=2, compile_backend=counting
+        )
+    finally:
+        torch.compiler.reset()
+    assert all(row.error is None for row in result.rows)
+    assert len(compiles) >= 4 and timed == [0, 0]
 
 
 def test_a_compiled_contender_past_the_recompile_limit_is_reported_not_timed_eagerly(

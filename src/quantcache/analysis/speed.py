@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, StaticCache
 
-from quantcache.cache.attention import ATTENTION_NAME, register_code_attention, set_attention
+from quantcache.cache.attention import ATTENTION_NAME, MAX_QUERIES_FROM_CODES, register_code_attention, set_attention
 from quantcache.cache.cache import QuantizedCalibratingCache
 from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.cache.model_facts import CACHE_KEYWORD
@@ -95,6 +95,9 @@ PeakKind = Literal["cuda_max_allocated", "rss_high_water"]
 MIB = 1 << 20
 WARM_UP_TOKENS = 16
 """Tokens of the untimed warm-up per contender (first calls: imports, lazy kernels, allocator pools)."""
+COMPILED_WARM_UP_TOKENS = 2 * MAX_QUERIES_FROM_CODES
+"""The second warm-up of a compiled contender: a prompt the attention from codes hands to ``sdpa``."""
+WARM_UP_LENGTHS = (WARM_UP_TOKENS, COMPILED_WARM_UP_TOKENS)
 GRAPHS_PER_COMPILED_CONTENDER = 8
 """Dynamo's recompile limit per compiled contender: its prefills and decode steps at several lengths."""
 STATE_CHUNK = 512
@@ -490,22 +493,28 @@ def _check_sizes(contexts: Sequence[int], batches: Sequence[int], steps: int, re
 
 def _warm_up(models: _Runners, contenders: Sequence[Contender], seed: int) -> dict[str, str]:
     """Run every contender once, small and untimed: first calls (lazy kernels, imports, compilation) stay out of
-    the figures. Compiled contenders decode three steps, so that the cache length is already a dynamic shape.
+    the figures.
+
+    Compiled contenders run twice, at :data:`WARM_UP_TOKENS` and at :data:`COMPILED_WARM_UP_TOKENS`, decoding
+    three steps each time, so that every graph the timed runs need exists before them: the prompt and cache
+    lengths already dynamic, a prompt long enough for the attention from codes to decode the rows and run
+    ``sdpa``, and both layouts of a cache's rows (a freshly filled cache holds views of room reserved ahead,
+    compiled steps concatenate).
 
     Returns the contenders that failed as a row reports it (:func:`_failure`: out of memory, or a compilation
     that failed), by name, with what to report; they are not measured. Other errors propagate.
     """
-    states = prefill_states(models.eager, WARM_UP_TOKENS, seed=seed)
-    ids = _random_ids(models.eager, (1, WARM_UP_TOKENS), seed)
+    lengths = {tokens: prefill_states(models.eager, tokens, seed=seed) for tokens in WARM_UP_LENGTHS}
     failed: dict[str, str] = {}
     for contender in contenders:
         runner = models.of(contender)
         steps = 3 if contender.compiled else 2
         try:
-            prefill_seconds(runner, contender.make(WARM_UP_TOKENS), ids)
-            cache = contender.make(WARM_UP_TOKENS + steps)
-            fill(cache, states, 1)
-            decode_step_seconds(runner, cache, 1, steps, seed=seed)
+            for tokens in WARM_UP_LENGTHS if contender.compiled else WARM_UP_LENGTHS[:1]:
+                prefill_seconds(runner, contender.make(tokens), _random_ids(models.eager, (1, tokens), seed))
+                cache = contender.make(tokens + steps)
+                fill(cache, lengths[tokens], 1)
+                decode_step_seconds(runner, cache, 1, steps, seed=seed)
         except Exception as error:
             failure = _failure(contender, error)
             if failure is None:

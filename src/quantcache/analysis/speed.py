@@ -31,10 +31,8 @@ figures are measured where the model will run, against the caches Transformers s
   model and the prefill's states, which every contender shares. Anywhere else it is ``None``
   ("n/a"): no figure is better than an invented one.
 
-Caches are filled and models run under ``torch.no_grad``, as ``generate`` runs them (a compiled
-step appends into a buffer in place only when the buffer's views are tracked, which
-``torch.inference_mode`` does not do). ``torch.cuda.synchronize`` brackets every timed region
-here; the caches never synchronize.
+Caches are filled and models run under ``torch.no_grad``, as ``generate`` runs them.
+``torch.cuda.synchronize`` brackets every timed region here; the caches never synchronize.
 The same method, with peers and memory budgets, is ``benchmarks/speed.py``.
 """
 
@@ -527,8 +525,8 @@ class _CompiledForward(nn.Module):
     """``model`` called through ``torch.compile`` of a function with a code object of its own.
 
     Dynamo keeps its graphs, and the sizes it has seen change, per code object: one compiled
-    ``model`` shared by several caches mixes their histories (torch 2.13 then fails to build
-    guards for a view's base), and their graphs count against one recompile limit. A code object
+    ``model`` shared by several caches would mix them (one cache's changing sizes made dynamic in
+    another's graphs) and count every cache's graphs against one recompile limit. A code object
     per contender keeps each cache's graphs to itself.
     """
 

@@ -63,8 +63,8 @@ class GrowingStorage:
             # buffer and the layer's view of it inputs of one graph that mutates one of them; with the cache
             # length dynamic, torch 2.13 then builds guards and code from the size of the view's base, which it
             # never bound (inductor fails at run time), or cannot rebuild the base at all where the view was made
-            # under ``torch.inference_mode``. Concatenating copies the history's codes each step (1/4 to 1/8 of
-            # what a bf16 ``DynamicCache`` copies).
+            # under ``torch.inference_mode``. Concatenating copies the history each step (packed rows: 0.15-0.53x
+            # the bytes a bf16 ``DynamicCache`` copies).
             self.release()
             return torch.cat([stored, new], dim=-2) if stored.numel() else new
         added = new.shape[-2]

@@ -178,7 +178,7 @@ def test_every_repetition_runs_every_contender_in_a_rotated_order(llama: PreTrai
 
 
 @pytest.mark.slow  # tracing the tiny model for three caches: about half a minute
-def test_compiled_twins_run_through_one_compiled_model_and_hold_what_eager_holds(
+def test_compiled_twins_run_through_torch_compile_and_hold_what_eager_holds(
     llama: PreTrainedModel, quantizers: dict[str, KVQuantizer]
 ) -> None:
     """``--compile``: each cache measured twice, eagerly and through ``torch.compile`` of the model (``aot_eager``

@@ -9,6 +9,7 @@ beams and assisted decoding, with NaN states, without a host synchronisation; an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from unittest.mock import patch
 
@@ -308,6 +309,28 @@ def test_unmarked_rows_and_unsupported_attention_are_refused(models: dict[str, P
             code_attention(module, query.double(), key_rows, value_rows, None, **refused)
 
 
+def _decode_step(model: PreTrainedModel) -> Callable[[QuantizedCalibratingCache, torch.Tensor], torch.Tensor]:
+    """One decode forward of ``model`` into a cache, its logits: what the compile tests trace."""
+
+    def step(cache: QuantizedCalibratingCache, token: torch.Tensor) -> torch.Tensor:
+        return model(token, use_cache=True, **{CACHE_KEYWORD: cache}).logits
+
+    return step
+
+
+def _prefilled_twins(
+    model: PreTrainedModel, name: str, prompt: torch.Tensor
+) -> tuple[QuantizedCalibratingCache, QuantizedCalibratingCache]:
+    """Two caches of ``SCHEMES[name]`` reading codes (one to compile, one eager), both after ``prompt`` under
+    ``torch.inference_mode``."""
+    _, compiled_cache = _pair(model, SCHEMES[name])
+    eager_cache = compiled_cache.empty_copy()
+    with torch.inference_mode():
+        for cache in (compiled_cache, eager_cache):
+            model(prompt, use_cache=True, **{CACHE_KEYWORD: cache})
+    return compiled_cache, eager_cache
+
+
 @pytest.mark.parametrize(
     "name", ["seed", "int4", "int4-block", pytest.param("int4-pre-rope", marks=pytest.mark.slow)]
 )
@@ -318,19 +341,13 @@ def test_a_decode_forward_reading_codes_compiles_as_one_graph_with_eager_logits(
     traces with ``fullgraph=True``, and two compiled steps give the logits of two eager steps on a twin cache
     (``int4-block``: the second step's tokens leave the window, the first's do not)."""
     model = models["llama"]
-    _, compiled_cache = _pair(model, SCHEMES[name])
-    eager_cache = compiled_cache.empty_copy()
     ids = _tokens(1, 31, seed=12)
-
-    def step(cache: QuantizedCalibratingCache, token: torch.Tensor) -> torch.Tensor:
-        return model(token, use_cache=True, **{CACHE_KEYWORD: cache}).logits
-
+    step = _decode_step(model)
+    compiled_cache, eager_cache = _prefilled_twins(model, name, ids[:, :29])
     torch.compiler.reset()
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     try:
         with torch.inference_mode():
-            for cache in (compiled_cache, eager_cache):
-                model(ids[:, :29], use_cache=True, **{CACHE_KEYWORD: cache})
             for position in (29, 30):
                 got = compiled(compiled_cache, ids[:, position : position + 1])
                 assert torch.equal(got, step(eager_cache, ids[:, position : position + 1])), position
@@ -346,12 +363,9 @@ def test_a_decode_forward_compiles_through_functionalization_after_an_inference_
     dynamic, nor at all where the prefill ran under ``torch.inference_mode``); the logits are those of eager
     steps on a twin cache, and an eager step after them appends into a buffer again."""
     model = models["llama"]
-    _, compiled_cache = _pair(model, SCHEMES["int8"])
-    eager_cache = compiled_cache.empty_copy()
     ids = _tokens(1, 33, seed=14)
-
-    def step(cache: QuantizedCalibratingCache, token: torch.Tensor) -> torch.Tensor:
-        return model(token, use_cache=True, **{CACHE_KEYWORD: cache}).logits
+    step = _decode_step(model)
+    compiled_cache, eager_cache = _prefilled_twins(model, "int8", ids[:, :28])
 
     def buffers() -> list[torch.Tensor | None]:
         return [layer._key_storage.buffer for layer in compiled_cache.layers]
@@ -359,9 +373,6 @@ def test_a_decode_forward_compiles_through_functionalization_after_an_inference_
     torch.compiler.reset()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     try:
-        with torch.inference_mode():
-            for cache in (compiled_cache, eager_cache):
-                model(ids[:, :28], use_cache=True, **{CACHE_KEYWORD: cache})
         assert all(buffer is not None for buffer in buffers())
         with torch.no_grad():
             for position in (28, 29, 30, 31):

@@ -502,16 +502,21 @@ def _warm_up(models: _Runners, contenders: Sequence[Contender], seed: int) -> di
     Returns the contenders that failed as a row reports it (:func:`_failure`: out of memory, or a compilation
     that failed), by name, with what to report; they are not measured. Other errors propagate.
     """
-    lengths = {tokens: prefill_states(models.eager, tokens, seed=seed) for tokens in WARM_UP_LENGTHS}
+    lengths = WARM_UP_LENGTHS if any(contender.compiled for contender in contenders) else WARM_UP_LENGTHS[:1]
+    prompts = {
+        tokens: (_random_ids(models.eager, (1, tokens), seed), prefill_states(models.eager, tokens, seed=seed))
+        for tokens in lengths
+    }
     failed: dict[str, str] = {}
     for contender in contenders:
         runner = models.of(contender)
         steps = 3 if contender.compiled else 2
         try:
-            for tokens in WARM_UP_LENGTHS if contender.compiled else WARM_UP_LENGTHS[:1]:
-                prefill_seconds(runner, contender.make(tokens), _random_ids(models.eager, (1, tokens), seed))
+            for tokens in lengths if contender.compiled else lengths[:1]:
+                ids, states = prompts[tokens]
+                prefill_seconds(runner, contender.make(tokens), ids)
                 cache = contender.make(tokens + steps)
-                fill(cache, lengths[tokens], 1)
+                fill(cache, states, 1)
                 decode_step_seconds(runner, cache, 1, steps, seed=seed)
         except Exception as error:
             failure = _failure(contender, error)

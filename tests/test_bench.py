@@ -22,7 +22,7 @@ from test_cli import char_tokenizer
 from transformers import PreTrainedModel
 
 from quantcache import cli
-from quantcache.analysis import speed
+from quantcache.analysis.speed import runs
 from quantcache.analysis.speed import (
     TABLE_COLUMNS,
     Contender,
@@ -302,7 +302,7 @@ def test_the_warm_up_compiles_every_graph_the_timed_runs_need(
         return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
 
     timed: list[int] = []
-    measure = speed._measure
+    measure = runs._measure
 
     def counted_measure(*args: Any, **kwargs: Any) -> Any:
         before = len(compiles)
@@ -310,7 +310,7 @@ def test_the_warm_up_compiles_every_graph_the_timed_runs_need(
         timed.append(len(compiles) - before)
         return rows
 
-    monkeypatch.setattr(speed, "_measure", counted_measure)
+    monkeypatch.setattr(runs, "_measure", counted_measure)
     contenders = compiled_twins(
         [dynamic_contender(llama), quantized_contender("seed codes", quantizers["seed"], "packed", read_codes=True)]
     )
@@ -330,7 +330,7 @@ def test_a_compiled_contender_past_the_recompile_limit_is_reported_not_timed_eag
 ) -> None:
     """Past Dynamo's recompile limit a frame would silently run eagerly, and its figures would pass for compiled
     ones: with room for one graph (a prefill and a decode step need two), the compiled row fails and says why."""
-    monkeypatch.setattr(speed, "GRAPHS_PER_COMPILED_CONTENDER", 1)
+    monkeypatch.setattr(runs, "GRAPHS_PER_COMPILED_CONTENDER", 1)
     contenders = compiled_twins(default_contenders(llama, {}, "packed", static=False))
     torch.compiler.reset()
     try:

@@ -321,8 +321,7 @@ class PackingLayerMixin(QuantizingLayerMixin):
         assert quantizer is not None
         length = int(stored_keys.shape[2])
         head = tail = None
-        if self._sinks is not None and min(self._sinks[0].shape[2], length):
-            held = min(self._sinks[0].shape[2], length)
+        if self._sinks is not None and (held := min(int(self._sinks[0].shape[2]), length)):
             head = ExactRows(self._sinks[0][:, :, :held], self._sinks[1][:, :, :held])
         if self._recent is not None:  # the pending tokens: the newest rows, never under the sinks
             held = min(self._recent[0].shape[2], length - (0 if head is None else head.length))

@@ -18,10 +18,13 @@ And ``x_t`` is never formed where its scale folds too: a static stream's fixed s
 ``s`` (per channel, head or tensor) moves into the query (``q' . x_t = (q' * s) . codes_t -
 (q' * s) . subtrahend``) and onto the mixed output; a dynamic stream's per-row scale (one per
 token and kv head) multiplies the row's score, ``s_t (q' . codes_t - subtrahend_t sum(q'))``,
-and the row's probability. The codes are converted to float32 once, which is all a
-matrix product needs; a stream with groups of channels is scaled in its space first
-(:meth:`CodeView.in_space`), which still skips the rotation. Everything runs in the queries'
-dtype (float32, or float64 for a float64 model).
+and the row's probability. So does a dynamic stream's scale per row and group of channels:
+each query is repeated once per group, zero outside that group's channels, and one product
+with the whole rows gives every group's share of the score, scaled afterwards (the same for
+the probabilities mixing the values). The codes are converted to float32 once, which is all
+a matrix product needs; only a static stream with groups of channels is scaled in its space
+first (:meth:`CodeView.in_space`), which still skips the rotation. Everything runs in the
+queries' dtype (float32, or float64 for a float64 model).
 
 A static stream's flagged rows (states that held NaN or Inf) add NaN to their scores, so
 every query that reads them gives NaN, as decoding them would. Shapes: queries are
@@ -78,6 +81,8 @@ def _mix_codes(weights: torch.Tensor, view: CodeView) -> torch.Tensor:
 def key_scores(folded: torch.Tensor, view: CodeView) -> torch.Tensor:
     """``q' . x_t`` for every query and row: ``(batch, kv_heads, n, seq)`` in ``folded``'s dtype, flagged rows NaN."""
     if view.grouped:
+        if view.per_row:
+            return _grouped_scores(folded, view)
         return folded @ view.in_space().to(folded.dtype).transpose(-1, -2)
     if not view.per_row:  # the fixed scale into the query
         weighted = folded * view.scale
@@ -92,6 +97,58 @@ def key_scores(folded: torch.Tensor, view: CodeView) -> torch.Tensor:
     return scores * _row_parameter(view.scale)
 
 
+def _grouped(view: CodeView, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | float | None, torch.Tensor]:
+    """A dynamic grouped view's codes ``(batch, kv_heads, seq, groups * group_size)`` in ``dtype`` (one pass over
+    them), and its per-row subtrahends and scales as ``(batch, kv_heads, groups, 1, seq)``, against scores."""
+    codes = view.codes.flatten(-2).to(dtype)
+    subtrahend = view.subtrahend
+    if isinstance(subtrahend, torch.Tensor):
+        subtrahend = subtrahend.squeeze(-1).transpose(-1, -2).unsqueeze(-2).to(dtype)
+    return codes, subtrahend, view.scale.squeeze(-1).transpose(-1, -2).unsqueeze(-2).to(dtype)
+
+
+def _own_channels(view: CodeView, like: torch.Tensor) -> torch.Tensor:
+    """``(groups, 1, groups * group_size)``: 1 on each group's own channels, 0 elsewhere, in ``like``'s dtype."""
+    groups, size = view.codes.shape[-2:]
+    eye = torch.eye(groups, device=like.device, dtype=like.dtype)
+    return eye.repeat_interleave(size, dim=-1).unsqueeze(1)
+
+
+def _grouped_scores(query: torch.Tensor, view: CodeView) -> torch.Tensor:
+    """``sum_g s_tg (q'_g . codes_tg - subtrahend_tg sum(q'_g))`` over a dynamic stream's groups of channels.
+
+    Each group's product with the codes is scaled by the rows' own scales afterwards, so the
+    codes are converted once and never offset or scaled element by element: one product of the
+    whole rows with ``groups`` copies of each query, each zero outside its group's channels, instead
+    of two more passes over the ``(seq, head_dim)`` rows. ``query`` ``(batch, kv_heads, n,
+    head_dim)`` -> ``(batch, kv_heads, n, seq)``.
+    """
+    codes, subtrahend, scale = _grouped(view, query.dtype)
+    padding = codes.shape[-1] - query.shape[-1]  # the last group's zero padding in the codes
+    padded = torch.nn.functional.pad(query, (0, padding)) if padding else query
+    own = _own_channels(view, padded)
+    blocks = padded.unsqueeze(2) * own  # (batch, kv_heads, groups, n, groups * size)
+    scores = (blocks.flatten(2, 3) @ codes.transpose(-1, -2)).unflatten(2, blocks.shape[2:4])
+    if subtrahend is not None:
+        scores = scores - blocks.sum(-1, keepdim=True) * subtrahend
+    return (scores * scale).sum(2)
+
+
+def _grouped_mix(probabilities: torch.Tensor, view: CodeView) -> torch.Tensor:
+    """``sum_t p_t x_t`` of a dynamic stream in groups of channels: the probabilities weighed by each group's
+    row scales, one product with the whole rows, and each group's channels kept from its own weights
+    (as :func:`_grouped_scores`, no pass scales the codes). ``(batch, kv_heads, n, seq)`` ->
+    ``(batch, kv_heads, n, head_dim)``."""
+    codes, subtrahend, scale = _grouped(view, probabilities.dtype)
+    weights = probabilities.unsqueeze(2) * scale  # (batch, kv_heads, groups, n, seq)
+    mixed = (weights.flatten(2, 3) @ codes).unflatten(2, weights.shape[2:4])  # (..., groups, n, groups * size)
+    if isinstance(subtrahend, torch.Tensor):
+        mixed = mixed - (weights * subtrahend).sum(-1, keepdim=True)
+    elif subtrahend is not None:
+        mixed = mixed - weights.sum(-1, keepdim=True) * subtrahend
+    return (mixed * _own_channels(view, mixed)).sum(2)[..., : view.head_dim]
+
+
 def row_poison(view: CodeView) -> torch.Tensor | None:
     """A static stream's row flags as ``(batch, kv_heads, 1, seq)`` scores to add (NaN where a row held NaN/Inf)."""
     return None if view.poison is None else view.poison.unsqueeze(-2)
@@ -104,6 +161,8 @@ def value_mix(probabilities: torch.Tensor, view: CodeView) -> torch.Tensor:
     (:func:`row_poison`), which makes every probability of a query that reads them NaN.
     """
     if view.grouped:
+        if view.per_row:
+            return _grouped_mix(probabilities, view)
         return probabilities @ view.in_space().to(probabilities.dtype)
     if not view.per_row:
         mixed = _mix_codes(probabilities, view)

@@ -120,10 +120,11 @@ def test_a_layer_attends_from_codes_as_sdpa_over_its_decoded_rows(args: QuantArg
 
 
 # ---------------------------------------------------------------------------- whole models
+@pytest.mark.parametrize("block_rows", [None, 3], ids=["one-block", "blocks-of-3"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("name", sorted(SCHEMES))
 def test_every_layer_of_a_model_attends_from_codes_as_sdpa_over_the_decoded_states(
-    models: dict[str, PreTrainedModel], arch: str, name: str
+    models: dict[str, PreTrainedModel], arch: str, name: str, block_rows: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 20-token prefill, an 8-token chunk and single steps past int4's 24-token window and Gemma 3's
     8-token sliding window, with sink tokens and residual windows as each scheme has them: at every layer
@@ -131,11 +132,17 @@ def test_every_layer_of_a_model_attends_from_codes_as_sdpa_over_the_decoded_stat
     states the same rows decode to (:meth:`CodeReader.states`, what ``update()`` returns without
     ``read_codes``), and those states equal what a twin cache that decodes returns (the same rows, while
     no code differs between the two; a code may round the other way once the outputs part by float
-    rounding, so later steps compare within each cache alone)."""
+    rounding, so later steps compare within each cache alone). ``blocks-of-3``: the rows read from codes
+    taken 3 at a time (a long history's blocks, :data:`~quantcache.cache.attention.CODE_BLOCK_BYTES`), the
+    last block shorter, each with its own rows' scales, poison and center."""
+    if block_rows is not None:
+        monkeypatch.setattr(attention, "CODE_BLOCK_BYTES", 1)
+        monkeypatch.setattr(attention, "MIN_BLOCK_ROWS", block_rows)
     model = models[arch]
     decoded, reading = _pair(model, SCHEMES[name])
     ids = _tokens(2, 34, seed=4)
     seen: list[float] = []
+    blocks: list[int] = []
     original = attention.code_attention
 
     def checking(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kwargs: Any):
@@ -149,6 +156,7 @@ def test_every_layer_of_a_model_attends_from_codes_as_sdpa_over_the_decoded_stat
             query, keys, values, attn_mask=mask, is_causal=causal, scale=kwargs.get("scaling"), enable_gqa=True
         ).transpose(1, 2)
         seen.append(_relative(got, expected))
+        blocks.append(len(reader._blocks(int(query.shape[0] * key.shape[1] * query.shape[-1]))))
         return got, weights
 
     try:
@@ -163,6 +171,7 @@ def test_every_layer_of_a_model_attends_from_codes_as_sdpa_over_the_decoded_stat
     finally:
         attention.register_code_attention()
     assert len(seen) == 8 * len(model.model.layers) and max(seen) < 1e-6
+    assert (max(blocks) > 2) == (block_rows is not None)  # a long history is read in several blocks, or in one
 
 
 def test_a_model_reading_codes_gives_the_logits_of_decoded_states(models: dict[str, PreTrainedModel]) -> None:
@@ -234,11 +243,17 @@ def test_generation_reading_codes_equals_generation_over_decoded_states(
         assert _relative(got_logits[finite], expected_logits[finite]) < 1e-6
 
 
+@pytest.mark.parametrize("block_rows", [None, 2], ids=["one-block", "blocks-of-2"])
 @pytest.mark.parametrize("name", ["seed", "int8", "int4", "int4-pre-rope"])
-def test_a_nan_state_poisons_the_queries_that_read_it(models: dict[str, PreTrainedModel], name: str) -> None:
+def test_a_nan_state_poisons_the_queries_that_read_it(
+    models: dict[str, PreTrainedModel], name: str, block_rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A NaN key or value in a row read from codes (past the sink, before int4's residual window): every
     query of that batch row and kv head reads it and gives NaN, as over decoded states; the other batch row
-    stays finite and equal."""
+    stays finite and equal. ``blocks-of-2``: the row is in the third block of rows read from codes."""
+    if block_rows is not None:
+        monkeypatch.setattr(attention, "CODE_BLOCK_BYTES", 1)
+        monkeypatch.setattr(attention, "MIN_BLOCK_ROWS", block_rows)
     model = models["llama"]
     decoded, reading = _pair(model, SCHEMES[name])
     module = model.model.layers[0].self_attn

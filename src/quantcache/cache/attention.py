@@ -29,6 +29,7 @@ with more than :data:`MAX_QUERIES_FROM_CODES` queries (a prefill) decodes the ro
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import torch
@@ -47,7 +48,9 @@ from quantcache.ops.code_attention import (
 
 __all__ = [
     "ATTENTION_NAME",
+    "CODE_BLOCK_BYTES",
     "MAX_QUERIES_FROM_CODES",
+    "MIN_BLOCK_ROWS",
     "CodeReader",
     "ExactRows",
     "code_attention",
@@ -59,6 +62,14 @@ __all__ = [
 ATTENTION_NAME = "quantcache"
 """The name the attention function is registered under: ``attn_implementation="quantcache"``."""
 _READER = "quantcache_reader"  # the attribute that marks a layer's returned rows
+CODE_BLOCK_BYTES = 2 << 20
+"""About how many bytes of float32 a block of rows read from codes converts to at once. Converting all of a long
+history at once writes it out in float32 and reads it back for the product, through main memory once it outgrows
+the caches (at 8192 tokens x 8 sequences, SmolLM2's keys are 50 MB per layer); a block this size is converted and
+used while it is still in cache. Eager only: a compiled graph keeps the length symbolic, and the number of blocks
+would follow it."""
+MIN_BLOCK_ROWS = 256
+"""Rows per block at least, whatever the batch: below that, the operations per block cost more than they save."""
 MAX_QUERIES_FROM_CODES = 64
 """Queries per call up to which attention reads codes; a longer call (a prefill) decodes the rows once and runs
 ``sdpa``, whose kernels never hold the ``(queries, tokens)`` scores, which the products from codes would: at 8192
@@ -148,28 +159,43 @@ class CodeReader:
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         stacked = query.to(compute).mul(scaling).reshape(batch, kv_heads, group * n, head_dim)
         value_stream = self.quantizer.value
-        view = value_stream.code_view(self.value_rows[:, :, self.coded], in_bytes=True) if self.codes else None
-        poison = None if view is None else row_poison(view)
-        scores, attends = _masked(self._scores(stacked, poison).view(batch, kv_heads, group, n, -1), mask, n)
+        blocks = self._blocks(batch * kv_heads * head_dim)
+        views = [value_stream.code_view(self.value_rows[:, :, block], in_bytes=True) for block in blocks]
+        poisons = [poison for poison in map(row_poison, views) if poison is not None]
+        poison = None if not poisons else poisons[0] if len(poisons) == 1 else torch.cat(poisons, dim=-1)
+        scores, attends = _masked(self._scores(stacked, blocks, poison).view(batch, kv_heads, group, n, -1), mask, n)
         probabilities = torch.softmax(scores, dim=-1)
         if attends is not None:  # a query that may read nothing (padding) gets zeros, as from sdpa
             probabilities = probabilities.masked_fill(~attends, 0.0)
         probabilities = probabilities.view(batch, kv_heads, group * n, -1)
         output = torch.zeros_like(stacked)
-        if view is not None:
-            coded = probabilities[..., self.coded]
-            output = unfold_output(value_mix(coded, view), coded.sum(-1, keepdim=True), value_stream.space)
+        if blocks:
+            mixed = [value_mix(probabilities[..., block], view) for block, view in zip(blocks, views, strict=True)]
+            coded = probabilities[..., self.coded].sum(-1, keepdim=True)
+            output = unfold_output(functools.reduce(torch.add, mixed), coded, value_stream.space)
         if self.head is not None:
             output = output + probabilities[..., : self.head.length] @ self.head.values.to(output)
         if self.tail is not None:
             output = output + probabilities[..., self.coded.stop :] @ self.tail.values.to(output)
         return output.view(batch, heads, n, head_dim).transpose(1, 2).to(query.dtype).contiguous()
 
-    def _scores(self, stacked: torch.Tensor, value_poison: torch.Tensor | None) -> torch.Tensor:
+    def _blocks(self, row_elements: int) -> list[slice]:
+        """The rows read from codes in blocks of about :data:`CODE_BLOCK_BYTES` once converted (one block when
+        compiling); ``row_elements`` is a row's count over the batch and kv heads. Empty without such rows."""
+        if not self.codes:
+            return []
+        start, stop = self.coded.start, self.coded.stop
+        if torch.compiler.is_compiling():
+            return [self.coded]
+        rows = max(MIN_BLOCK_ROWS, CODE_BLOCK_BYTES // (4 * row_elements))
+        return [slice(first, min(first + rows, stop)) for first in range(start, stop, rows)]
+
+    def _scores(self, stacked: torch.Tensor, blocks: list[slice], value_poison: torch.Tensor | None) -> torch.Tensor:
         """``(batch, kv_heads, n, seq)`` scores of the scaled, stacked queries against every row.
 
-        ``value_poison`` (a static value stream's flags over the coded rows) is added: a query that
-        reads a value row which held NaN gives NaN, as over decoded states.
+        ``blocks`` are the rows read from codes (:meth:`_blocks`); ``value_poison`` (a static value
+        stream's flags over them) is added: a query that reads a value row which held NaN gives NaN,
+        as over decoded states.
         """
         if self.keys is not None:  # decoded (keys before RoPE), exact rows already in place
             scores = stacked @ self.keys.to(stacked).transpose(-1, -2)
@@ -177,10 +203,12 @@ class CodeReader:
                 scores[..., self.coded] += value_poison
             return scores
         parts = []
-        if self.codes:
+        if blocks:
             key_stream = self.quantizer.key
             folded, from_center = fold_query(stacked, key_stream.space)
-            coded = key_scores(folded, key_stream.code_view(self.key_rows[:, :, self.coded], in_bytes=True))
+            views = (key_stream.code_view(self.key_rows[:, :, block], in_bytes=True) for block in blocks)
+            pieces = [key_scores(folded, view) for view in views]
+            coded = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
             if from_center is not None:
                 coded = coded + from_center
             rope = self.quantizer.key_rope

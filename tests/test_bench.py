@@ -22,7 +22,6 @@ from test_cli import char_tokenizer
 from transformers import PreTrainedModel
 
 from quantcache import cli
-from quantcache.analysis.speed import runs
 from quantcache.analysis.speed import (
     TABLE_COLUMNS,
     Contender,
@@ -38,6 +37,7 @@ from quantcache.analysis.speed import (
     kv_bytes,
     prefill_states,
     quantized_contender,
+    runs,
 )
 from quantcache.cache import attention
 from quantcache.cache.kv_quantizer import KVQuantizer

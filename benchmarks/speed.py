@@ -64,6 +64,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from quantcache import QuantizedCalibratingCache
+from quantcache.analysis.speed import decode_step_seconds
 from quantcache.cache.attention import ATTENTION_NAME, register_code_attention, set_attention
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.calibration.calibrate import calibrate
@@ -183,16 +184,9 @@ def fill(cache: Any, states: list[tuple[torch.Tensor, torch.Tensor]], length: in
 
 @torch.inference_mode()
 def decode(model: nn.Module, cache: Any, batch: int, steps: int, seed: int) -> float:
-    """Seconds per greedy decode step, ``steps`` steps of ``batch`` rows continuing ``cache``."""
-    device = device_of(model)
-    generator = torch.Generator().manual_seed(seed)
-    token = torch.randint(0, int(model.config.vocab_size), (batch, 1), generator=generator).to(device)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        token = model(token, use_cache=True, **{CACHE_KEYWORD: cache}).logits[:, -1:].argmax(-1)
-    synchronize(device)
-    return (time.perf_counter() - start) / steps
+    """Seconds per greedy decode step, ``steps`` steps of ``batch`` rows continuing ``cache``: ``quantcache
+    bench``'s own step timing, under inference mode as this script fills its caches."""
+    return decode_step_seconds(model, cache, batch, steps, seed=seed)
 
 
 def dense_bytes(model: nn.Module, length: int, batch: int, dtype: torch.dtype) -> int:

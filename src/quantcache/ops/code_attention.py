@@ -128,7 +128,7 @@ def _grouped_scores(query: torch.Tensor, view: CodeView) -> torch.Tensor:
     padded = torch.nn.functional.pad(query, (0, padding)) if padding else query
     own = _own_channels(view, padded)
     blocks = padded.unsqueeze(2) * own  # (batch, kv_heads, groups, n, groups * size)
-    scores = (blocks.flatten(2, 3) @ codes.transpose(-1, -2)).unflatten(2, blocks.shape[2:4])
+    scores = (blocks.flatten(2, 3) @ codes.transpose(-1, -2)).view(*blocks.shape[:4], -1)
     if subtrahend is not None:
         scores = scores - blocks.sum(-1, keepdim=True) * subtrahend
     return (scores * scale).sum(2)
@@ -141,7 +141,7 @@ def _grouped_mix(probabilities: torch.Tensor, view: CodeView) -> torch.Tensor:
     ``(batch, kv_heads, n, head_dim)``."""
     codes, subtrahend, scale = _grouped(view, probabilities.dtype)
     weights = probabilities.unsqueeze(2) * scale  # (batch, kv_heads, groups, n, seq)
-    mixed = (weights.flatten(2, 3) @ codes).unflatten(2, weights.shape[2:4])  # (..., groups, n, groups * size)
+    mixed = (weights.flatten(2, 3) @ codes).view(*weights.shape[:4], -1)  # (..., groups, n, groups * size)
     if isinstance(subtrahend, torch.Tensor):
         mixed = mixed - (weights * subtrahend).sum(-1, keepdim=True)
     elif subtrahend is not None:

@@ -171,7 +171,7 @@ class CodeReader:
             probabilities = probabilities.masked_fill(~attends, 0.0)
         probabilities = probabilities.view(batch, kv_heads, group * n, -1)
         output = torch.zeros_like(stacked)
-        if blocks:
+        if self.codes:  # not the list of blocks: its truth would make a compiled graph fix the length
             mixed = [value_mix(probabilities[..., block], view) for block, view in zip(blocks, views, strict=True)]
             coded = probabilities[..., self.coded].sum(-1, keepdim=True)
             output = unfold_output(functools.reduce(torch.add, mixed), coded, value_stream.space)
@@ -186,9 +186,9 @@ class CodeReader:
         compiling); ``row_elements`` is a row's count over the batch and kv heads. Empty without such rows."""
         if not self.codes:
             return []
-        start, stop = self.coded.start, self.coded.stop
         if torch.compiler.is_compiling():
             return [self.coded]
+        start, stop = self.coded.start, self.coded.stop
         rows = max(MIN_BLOCK_ROWS, CODE_BLOCK_BYTES // (4 * row_elements))
         return [slice(first, min(first + rows, stop)) for first in range(start, stop, rows)]
 
@@ -205,7 +205,7 @@ class CodeReader:
                 scores[..., self.coded] += value_poison
             return scores
         parts = []
-        if blocks:
+        if self.codes:  # not the list of blocks: its truth would make a compiled graph fix the length
             key_stream = self.quantizer.key
             folded, from_center = fold_query(stacked, key_stream.space)
             views = (key_stream.code_view(self.key_rows[:, :, block], in_bytes=True) for block in blocks)

@@ -100,11 +100,14 @@ def key_scores(folded: torch.Tensor, view: CodeView) -> torch.Tensor:
 def _grouped(view: CodeView, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | float | None, torch.Tensor]:
     """A dynamic grouped view's codes ``(batch, kv_heads, seq, groups * group_size)`` in ``dtype`` (one pass over
     them), and its per-row subtrahends and scales as ``(batch, kv_heads, groups, 1, seq)``, against scores."""
-    codes = view.codes.flatten(-2).to(dtype)
+
+    def against_scores(parameter: torch.Tensor) -> torch.Tensor:  # (b, h, seq, groups, 1) -> (b, h, groups, 1, seq)
+        return parameter.squeeze(-1).transpose(-1, -2).unsqueeze(-2).to(dtype)
+
     subtrahend = view.subtrahend
     if isinstance(subtrahend, torch.Tensor):
-        subtrahend = subtrahend.squeeze(-1).transpose(-1, -2).unsqueeze(-2).to(dtype)
-    return codes, subtrahend, view.scale.squeeze(-1).transpose(-1, -2).unsqueeze(-2).to(dtype)
+        subtrahend = against_scores(subtrahend)
+    return view.codes.flatten(-2).to(dtype), subtrahend, against_scores(view.scale)
 
 
 def _own_channels(view: CodeView, like: torch.Tensor) -> torch.Tensor:

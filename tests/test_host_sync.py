@@ -349,14 +349,16 @@ def test_the_cache_rounds_keys_with_the_measured_number_of_rounds(
     cache = _prefilled(tiny_models["llama"], quantizers["llama", "int4"], "fake")
     seen: list[torch.Tensor] = []
 
-    def recording(space: torch.Tensor, round_trip: Any, feedback: torch.Tensor, *rest: Any) -> torch.Tensor:
+    def recording(
+        space: torch.Tensor, round_trip: Any, feedback: torch.Tensor, *rest: Any, **options: Any
+    ) -> torch.Tensor:
         calls: list[int] = []
 
         def counted(states: torch.Tensor) -> torch.Tensor:
             calls.append(1)
             return round_trip(states)
 
-        moved = round_with_feedback(space, counted, feedback, *rest)
+        moved = round_with_feedback(space, counted, feedback, *rest, **options)
         assert len(calls) == ROUNDING_ROUNDS
         converged = round_with_feedback(space, round_trip, feedback, HEAD_DIM)
         seen.append((round_trip(moved) == round_trip(converged)).all(-1))

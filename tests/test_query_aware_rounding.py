@@ -41,11 +41,13 @@ from quantcache.ops.rope import RopeTable
 from quantcache.ops.rounding import (
     QUERY_MODEL_RANK,
     ROUNDING_DAMPING,
+    SEQUENTIAL_ROWS,
     RowGrid,
     feedback_matrix,
     query_model,
     rope_averaged_moment,
     round_with_feedback,
+    rounding_order,
 )
 from quantcache.scheme.args import QuantArgs, QuantScope
 from quantcache.state.file import read_state_file, validate_state
@@ -158,6 +160,66 @@ def test_rounding_in_units_of_a_row_step_reaches_the_sequential_fixed_point(
         assert torch.equal(grid(moved)[:, head : head + 1], expected)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["int4", "int3-asymmetric", "int2-mid-rise"]),
+    st.integers(1, 9),
+    st.floats(0.0, 4.0),
+    st.integers(1, 2),
+)
+def test_many_rows_round_one_coordinate_at_a_time_to_the_fixed_point(
+    seed: int, grid_kind: str, dim: int, coupling: float, batch: int
+) -> None:
+    """Given the order, a call of ``SEQUENTIAL_ROWS`` rows or more reaches the sequential rounding itself, whatever
+    the rounds (here one), in every batch row and head; NaN and Inf elements pass through and pass no error on."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = _weight(generator, 2, dim, coupling)
+    seq = -(-SEQUENTIAL_ROWS // batch)
+    grid = _row_grid(generator, grid_kind, (batch, 2, seq, dim))
+    states = torch.randn(batch, 2, seq, dim, generator=generator) * 3 * grid.scale
+    spoiled = states.clone()
+    spoiled[0, 1, 3, 0], spoiled[-1, 0, 7, dim - 1] = float("nan"), float("-inf")
+    moved = round_with_feedback(spoiled, grid, feedback_matrix(weight), 1, order=rounding_order(weight))
+    assert torch.isnan(moved[0, 1, 3, 0]) and moved[-1, 0, 7, dim - 1] == float("-inf")
+    at_level_zero = torch.where(torch.isfinite(spoiled), spoiled, -grid.offset * grid.scale)  # as a grid rounds them
+    for head in range(2):
+        offset = grid.offset[:, head, :, 0] if isinstance(grid.offset, torch.Tensor) else grid.offset
+        per_coordinate = grid._replace(scale=grid.scale[:, head, :, 0], offset=offset)
+        expected = _sequential(at_level_zero[:, head : head + 1], weight[head : head + 1], per_coordinate)
+        finite = torch.isfinite(spoiled[:, head : head + 1])
+        assert torch.equal(grid(moved)[:, head : head + 1][finite], expected[finite])
+
+
+def test_fewer_rows_than_the_threshold_run_the_rounds_they_are_given() -> None:
+    """One row short of ``SEQUENTIAL_ROWS``, one round is one round: the codes differ from the fixed point's
+    (this weight needs more), and equal what one round gives without the order."""
+    generator = torch.Generator().manual_seed(11)
+    weight = _weight(generator, 2, HEAD_DIM, 4.0)
+    feedback, order = feedback_matrix(weight), rounding_order(weight)
+    states = torch.randn(1, 2, SEQUENTIAL_ROWS, HEAD_DIM, generator=generator) * 3
+    grid = RowGrid(torch.ones(1, 2, SEQUENTIAL_ROWS, 1), 0.0, -8.0, 7.0)
+    fixed_point = grid(round_with_feedback(states, grid, feedback, 1, order=order))
+    short = (states[:, :, 1:], grid._replace(scale=grid.scale[:, :, 1:]))
+    one_round = short[1](round_with_feedback(*short, feedback, 1, order=order))
+    assert torch.equal(one_round, short[1](round_with_feedback(*short, feedback, 1)))
+    assert not torch.equal(one_round, fixed_point[:, :, 1:])
+    assert torch.equal(fixed_point, grid(round_with_feedback(states, grid, feedback, HEAD_DIM - 1)))
+
+
+def test_a_prefill_rounds_its_keys_as_the_same_keys_given_a_few_at_a_time() -> None:
+    """A stream's codes for a prefill of ``SEQUENTIAL_ROWS`` keys (one by one, to the fixed point) are those of the
+    same keys in calls of a few rows (the rounds), where the rounds reach the fixed point."""
+    generator = torch.Generator().manual_seed(4)
+    stream = _frozen_rounding_stream(replace(ROUNDED, symmetric=True), generator)
+    states = torch.randn(2, KV_HEADS, SEQUENTIAL_ROWS // 2, HEAD_DIM, generator=generator) * 2
+    at_once = stream.encode(states)
+    in_chunks = torch.cat(
+        [stream.encode(states[:, :, start : start + 16]) for start in range(0, states.shape[2], 16)], 2
+    )
+    assert torch.equal(at_once, in_chunks)
+
+
 def test_a_row_grid_quantizes_as_the_streams_round_trip_does() -> None:
     """Called, a :class:`RowGrid` is the format's quantize-dequantize with those parameters, bit for bit."""
     generator = torch.Generator().manual_seed(5)
@@ -203,13 +265,13 @@ def test_streams_round_in_units_of_their_step_where_a_row_shares_one(scope: str,
     states = torch.randn(2, KV_HEADS, 64, HEAD_DIM, generator=generator) * 3
     given_types: list[type] = []
 
-    def recording(space: torch.Tensor, round_trip: Any, *rest: Any) -> torch.Tensor:
+    def recording(space: torch.Tensor, round_trip: Any, *rest: Any, **options: Any) -> torch.Tensor:
         given_types.append(type(round_trip))
-        return round_with_feedback(space, round_trip, *rest)
+        return round_with_feedback(space, round_trip, *rest, **options)
 
-    def general(space: torch.Tensor, round_trip: Any, *rest: Any) -> torch.Tensor:
+    def general(space: torch.Tensor, round_trip: Any, *rest: Any, **options: Any) -> torch.Tensor:
         # a plain callable: the rounds run in the states' own units
-        return round_with_feedback(space, lambda x: round_trip(x), *rest)
+        return round_with_feedback(space, lambda x: round_trip(x), *rest, **options)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stream_space, "round_with_feedback", recording)
@@ -323,9 +385,9 @@ def test_the_space_weighs_an_error_by_the_logit_error_it_makes_in_the_models_spa
     basis = torch.eye(HEAD_DIM)[None, None].expand(1, KV_HEADS, HEAD_DIM, HEAD_DIM)
     way_back = (stream.space.inverse(basis, torch.float64) - stream.space.inverse(basis * 0, torch.float64))[0]
     weight = way_back @ rope_averaged_moment(*model, inv_freq) @ way_back.mT
-    torch.testing.assert_close(
-        stream.space.feedback_on(torch.device("cpu")), feedback_matrix(weight), rtol=1e-4, atol=1e-5
-    )
+    matrix, order = stream.space.feedback_on(torch.device("cpu"))
+    torch.testing.assert_close(matrix, feedback_matrix(weight), rtol=1e-4, atol=1e-5)
+    assert torch.equal(order, rounding_order(weight))
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -462,14 +524,14 @@ def test_bits_count_the_query_model_and_memory_the_feedback(llama: PreTrainedMod
         assert extra == pytest.approx(32 * (1 + QUERY_MODEL_RANK) / seq_len)
     cache = calibrate(llama, _tokens(1, 8, seed=3), quant_config=CONFIG, progress=False).new_cache(storage="packed")
     plain_config = replace(CONFIG, key=AWARE)
-    plain = calibrate(
-        llama, _tokens(1, 8, seed=3), quant_config=plain_config, progress=False
-    ).new_cache(storage="packed")
+    plain = calibrate(llama, _tokens(1, 8, seed=3), quant_config=plain_config, progress=False).new_cache(
+        storage="packed"
+    )
     with torch.no_grad():
         for each in (cache, plain):
             llama(_tokens(1, 5, seed=8), **{CACHE_KEYWORD: each})
     model_bytes = KV_HEADS * HEAD_DIM * (1 + QUERY_MODEL_RANK) * 4
-    feedback_bytes = KV_HEADS * HEAD_DIM * HEAD_DIM * 4
+    feedback_bytes = KV_HEADS * HEAD_DIM * HEAD_DIM * 4 + KV_HEADS * HEAD_DIM * 8  # the matrix and the order
     for mine, theirs in zip(cache.layers, plain.layers, strict=False):
         assert layer_memory(mine)["parameters"] - layer_memory(theirs)["parameters"] == model_bytes
         assert (layer_memory(mine)["encoder"], layer_memory(theirs)["encoder"]) == (feedback_bytes, 0)

@@ -26,6 +26,10 @@ coordinates one by one with the error fed forward (coordinates taken in falling 
 ``diag(H)``), in one batched matrix product per round instead of ``head_dim`` small steps.
 The cache runs a fixed :data:`ROUNDING_ROUNDS` rounds with no test for convergence: a test
 would be a host synchronisation per round, the GPU waiting on the CPU at every decode step.
+A call of :data:`SEQUENTIAL_ROWS` keys or more (a prefill) takes the coordinates one by one
+instead, each with the errors of those before it in one small product: the fixed point itself,
+for every key, in ``head_dim`` steps that multiply a quarter of what one round does (at 2048
+keys of SmolLM2 half the time of the rounds; at a few keys far slower).
 
 Where a row's elements share one step (a per-token or per-head scale, an integer format:
 :class:`RowGrid`), the rounds run in units of that step, ``y = x / scale + offset``: an
@@ -47,16 +51,21 @@ __all__ = [
     "ROUNDING_DAMPING",
     "ROUNDING_HORIZON",
     "ROUNDING_ROUNDS",
+    "SEQUENTIAL_ROWS",
     "QueryModel",
     "RowGrid",
     "feedback_matrix",
     "query_model",
     "rope_averaged_moment",
     "round_with_feedback",
+    "rounding_order",
 ]
 
 QueryModel = tuple[torch.Tensor, torch.Tensor]
 """``(diag, factor)``: the stored model ``diag(diag) + factor factor^T`` of the queries' second moment."""
+SEQUENTIAL_ROWS = 256
+"""Rows (``batch * seq`` keys) from which :func:`round_with_feedback`, given the rounding order, takes the coordinates
+one by one rather than run its rounds: about where the one-by-one rounding becomes the faster (eager, CPU)."""
 QUERY_MODEL_RANK = 1
 """Rank of the low-rank part of the stored query second moment (``diag + V V^T``)."""
 ROUNDING_HORIZON = 1024
@@ -155,7 +164,7 @@ def feedback_matrix(weight: torch.Tensor, damping: float = ROUNDING_DAMPING) -> 
     eye = torch.eye(head_dim, dtype=torch.float64, device=weight.device)
     mean_diagonal = weight.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=torch.finfo(torch.float64).tiny)
     weight = weight + damping * mean_diagonal[:, None, None] * eye
-    order = torch.argsort(weight.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+    order = rounding_order(weight)
     rows, columns = order[:, :, None].expand_as(weight), order[:, None].expand_as(weight)
     ordered = torch.gather(torch.gather(weight, 1, rows), 2, columns)
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ordered)), upper=True)
@@ -163,6 +172,15 @@ def feedback_matrix(weight: torch.Tensor, damping: float = ROUNDING_DAMPING) -> 
     ordered_feedback = torch.linalg.solve_triangular(upper, diagonal, upper=True).triu(diagonal=1)
     feedback = torch.empty_like(ordered_feedback).scatter_(1, rows, ordered_feedback)  # rows back in place ...
     return torch.empty_like(feedback).scatter_(2, columns, feedback).float()  # ... and columns
+
+
+def rounding_order(weight: torch.Tensor) -> torch.Tensor:
+    """``(kv_heads, head_dim)`` int64: the coordinates in the order the rounding takes them, falling ``diag(H)``.
+
+    :func:`feedback_matrix`'s ``N`` is strictly upper triangular in this order (damping adds
+    the same to every diagonal element, so it leaves the order as it is).
+    """
+    return torch.argsort(weight.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
 
 
 class RowGrid(NamedTuple):
@@ -188,9 +206,10 @@ class RowGrid(NamedTuple):
         """``states`` in units of the step, the codes' scale: ``x / scale + offset`` (float32)."""
         return states.float() / self.scale + self.offset
 
-    def nearest(self, levels: torch.Tensor) -> torch.Tensor:
-        """The nearest codes of ``levels``, as float32 values inside the grid."""
-        return levels.round().clamp_(self.low, self.high)
+    def nearest(self, levels: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+        """The nearest codes of ``levels``, as float32 values inside the grid (``in_place``: written over them)."""
+        rounded = levels.round_() if in_place else levels.round()
+        return rounded.clamp_(self.low, self.high)
 
 
 def round_with_feedback(
@@ -198,6 +217,8 @@ def round_with_feedback(
     round_trip: Callable[[torch.Tensor], torch.Tensor] | RowGrid,
     feedback: torch.Tensor,
     rounds: int = ROUNDING_ROUNDS,
+    *,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``space`` ``(batch, kv_heads, seq, head_dim)`` moved so that ``round_trip`` of it is the feedback rounding.
 
@@ -213,11 +234,19 @@ def round_with_feedback(
 
     A :class:`RowGrid` as ``round_trip`` rounds in the grid's units (the module docstring):
     the same fixed point up to float32 rounding, in a fraction of the operations per round.
+    Given also ``feedback``'s :func:`rounding_order`, a call of :data:`SEQUENTIAL_ROWS` rows or
+    more (a prefill, eager) rounds the coordinates one by one instead, which reaches the fixed
+    point itself for every key whatever ``rounds`` says.
     """
     if rounds < 1:
         raise ValueError(f"query-aware rounding needs at least one round, got {rounds}")
     if isinstance(round_trip, RowGrid):
-        moved = round_with_feedback(round_trip.levels(space), round_trip.nearest, feedback, rounds)
+        levels = round_trip.levels(space)
+        rows = levels.numel() // (levels.shape[1] * levels.shape[-1])
+        if order is not None and rows >= SEQUENTIAL_ROWS and not torch.compiler.is_compiling():
+            moved = _sequential_on_grid(levels, feedback, order, round_trip)
+        else:
+            moved = _fixed_point_on_grid(levels, feedback, rounds, round_trip)
         return torch.where(torch.isfinite(space), (moved - round_trip.offset) * round_trip.scale, space)
     finite = torch.isfinite(space)
     states = torch.where(finite, space, 0.0)
@@ -227,3 +256,64 @@ def round_with_feedback(
     for _ in range(rounds - 1):
         levels = round_trip(fed - torch.matmul(levels, matrix))
     return torch.where(finite, fed - torch.matmul(levels, matrix), space)
+
+
+def _fixed_point_on_grid(levels: torch.Tensor, feedback: torch.Tensor, rounds: int, grid: RowGrid) -> torch.Tensor:
+    """``y + (y - q) N`` after ``rounds`` rounds for ``levels`` ``y`` in units of ``grid``'s step (non-finite: zero).
+
+    ``levels`` ``(batch, kv_heads, seq, head_dim)`` are laid out as ``(kv_heads, batch * seq,
+    head_dim)`` (a view at batch 1), so that each round is one batched product with the kv
+    heads' own ``N`` with the subtraction fused into it (``baddbmm``) rather than a product
+    broadcast over the batch and a subtraction apart; eager, the round then rounds and clamps
+    in place, in one of two buffers used in turn, so that a prefill's rounds do not each
+    allocate (and fault in) fresh memory. Returned in ``levels``' shape, a transposed view.
+    """
+    batch, heads, seq, dim = levels.shape
+    rows = torch.where(torch.isfinite(levels), levels, 0.0).transpose(0, 1).reshape(heads, batch * seq, dim)
+    matrix = feedback.to(rows.device)
+    fed = torch.baddbmm(rows, rows, matrix)  # y + y N, the same every round: y' = y + y N - q N
+    codes = grid.nearest(rows)
+    if torch.compiler.is_compiling():  # a graph's buffers are its compiler's to reuse
+        for _ in range(rounds - 1):
+            codes = grid.nearest(torch.baddbmm(fed, codes, matrix, alpha=-1))
+    else:
+        spare = torch.empty_like(codes)
+        for _ in range(rounds - 1):
+            grid.nearest(torch.baddbmm(fed, codes, matrix, alpha=-1, out=spare), in_place=True)
+            codes, spare = spare, codes
+    moved = torch.baddbmm(fed, codes, matrix, alpha=-1)
+    return moved.view(heads, batch, seq, dim).transpose(0, 1)
+
+
+def _sequential_on_grid(
+    levels: torch.Tensor, feedback: torch.Tensor, order: torch.Tensor, grid: RowGrid
+) -> torch.Tensor:
+    """The fixed point ``y + (y - q) N`` of ``levels`` ``y`` on ``grid``, one coordinate at a time (non-finite: zero).
+
+    ``levels`` ``(batch, kv_heads, seq, head_dim)`` are laid out as ``(kv_heads, head_dim,
+    batch * seq)`` with the coordinates in ``order``, so that one coordinate of every row is
+    one contiguous run: coordinate ``k`` takes the rounding errors of the ``k`` before it in one
+    small batched product (``N`` is zero below them), then is rounded, and its error is kept for
+    those after it. ``head_dim`` steps of a few operations each, and a quarter of one round's
+    multiplications in all: for many rows faster than :data:`ROUNDING_ROUNDS` rounds over every
+    coordinate, for one row far slower. Returned in ``levels``' shape, a permuted view.
+    """
+    batch, heads, seq, dim = levels.shape
+    finite = torch.where(torch.isfinite(levels), levels, 0.0)
+    by_coordinate = finite.permute(1, 3, 0, 2).reshape(heads, dim, batch * seq)
+    order = order.to(levels.device)
+    rows_in_order = order[:, :, None].expand(heads, dim, batch * seq)
+    states = torch.gather(by_coordinate, 1, rows_in_order)
+    matrix = feedback.to(levels.device)
+    square = order[:, :, None].expand(heads, dim, dim)
+    # row k of ``incoming``: what each earlier coordinate's error adds to coordinate k (N's column, in order)
+    incoming = torch.gather(torch.gather(matrix, 1, square), 2, order[:, None, :].expand(heads, dim, dim))
+    incoming = incoming.transpose(1, 2).contiguous()
+    moved = states.clone()
+    errors = torch.empty_like(states)
+    for k in range(dim):
+        if k:
+            moved[:, k : k + 1].baddbmm_(incoming[:, k : k + 1, :k], errors[:, :k])
+        torch.sub(states[:, k], grid.nearest(moved[:, k]), out=errors[:, k])
+    in_place = torch.empty_like(moved).scatter_(1, rows_in_order, moved)
+    return in_place.view(heads, dim, batch, seq).permute(2, 0, 3, 1)

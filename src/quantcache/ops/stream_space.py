@@ -20,7 +20,14 @@ import torch
 
 from quantcache.ops.rope import CenterPairs
 from quantcache.ops.rotation import rotate, rotation_matrix, unrotate
-from quantcache.ops.rounding import QueryModel, RowGrid, feedback_matrix, rope_averaged_moment, round_with_feedback
+from quantcache.ops.rounding import (
+    QueryModel,
+    RowGrid,
+    feedback_matrix,
+    rope_averaged_moment,
+    round_with_feedback,
+    rounding_order,
+)
 
 __all__ = ["StreamSpace"]
 
@@ -41,7 +48,7 @@ class StreamSpace:
         self.center_turns = False
         """The center is turned to each key's position by the layer (``rope_center``), not applied here."""
         self._by_device: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self._feedback_by_device: dict[torch.device, torch.Tensor] = {}
+        self._feedback_by_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._center_pairs_by_device: dict[torch.device, CenterPairs] = {}
 
     @property
@@ -77,8 +84,9 @@ class StreamSpace:
         fresh.set(self.center, self.channel_scale, self.query_model)
         return fresh
 
-    def feedback_on(self, device: torch.device) -> torch.Tensor:
-        """The ``(kv_heads, head_dim, head_dim)`` feedback matrix of query-aware rounding, on ``device``.
+    def feedback_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query-aware rounding's ``(kv_heads, head_dim, head_dim)`` feedback matrix and ``(kv_heads, head_dim)``
+        order of the coordinates (:func:`~quantcache.ops.rounding.rounding_order`), on ``device``.
 
         The logit-error weight of the model's space (:func:`~quantcache.ops.rounding.rope_averaged_moment`)
         seen in this one: an error ``e`` here is ``e L`` there, with ``L`` the rotation undone
@@ -92,7 +100,8 @@ class StreamSpace:
             rotation = self.rotation  # unrotate(e) = e @ rotation
             undone = torch.eye(moment.shape[-1], dtype=torch.float64) if rotation is None else rotation.double().cpu()
             back = undone[None] / self.channel_scale.double().cpu()[:, None, :]
-            found = feedback_matrix(back @ moment.cpu() @ back.transpose(-1, -2)).to(device)
+            weight = back @ moment.cpu() @ back.transpose(-1, -2)
+            found = (feedback_matrix(weight).to(device), rounding_order(weight).to(device))
             self._feedback_by_device[device] = found
         return found
 
@@ -110,7 +119,8 @@ class StreamSpace:
         """The tensors made so far from the stored parameters, one set per device, which a memory count includes:
         query-aware rounding's feedback matrices, and for a cache that ``reads_codes``, the center by RoPE pairs."""
         pairs = [found.halves for found in self._center_pairs_by_device.values()]  # ``rest`` is the center's own
-        return [*self._feedback_by_device.values(), *(pairs if reads_codes else ())]
+        feedback = [tensor for both in self._feedback_by_device.values() for tensor in both]
+        return [*feedback, *(pairs if reads_codes else ())]
 
     def with_feedback(
         self, space: torch.Tensor, round_trip: Callable[[torch.Tensor], torch.Tensor] | RowGrid
@@ -118,7 +128,8 @@ class StreamSpace:
         """``space`` moved for query-aware rounding with ``round_trip`` (as is without a query model)."""
         if self.query_model is None:
             return space
-        return round_with_feedback(space, round_trip, self.feedback_on(space.device))
+        matrix, order = self.feedback_on(space.device)
+        return round_with_feedback(space, round_trip, matrix, order=order)
 
     def _affine_on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         """Applied center and scale as ``(1, kv_heads, 1, head_dim)`` float32 on ``device`` (``None``: neither)."""

@@ -24,6 +24,7 @@ from conftest import (
 from conftest import random_tokens as _tokens
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._dynamo.testing import CompileCounter
 from transformers import DynamicCache, GPT2Config, LlamaConfig, PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, QuantStateError
@@ -51,8 +52,13 @@ def _model_inv_freq(model: PreTrainedModel, layer_type: str | None) -> torch.Ten
 SCALINGS: list[dict[str, Any] | None] = [
     None,
     {"rope_type": "linear", "factor": 4.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 64},
+    {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
     {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
 ]
 
@@ -137,6 +143,31 @@ def test_the_angles_are_position_times_frequency_for_any_range(start: int, lengt
     torch.testing.assert_close(sin.double(), angles.sin(), rtol=0, atol=2e-6)
     # What it keeps grows with the number of blocks, not of positions.
     assert table._block[0].shape[0] <= max(16, 2 * (-(-(start + length) // RopeTable.BLOCK)))
+
+
+def test_compiled_turns_need_no_new_graph_as_the_context_outgrows_the_block_table() -> None:
+    """Compiled, a turn and the block angles at positions far past the table (16 blocks) reuse the first graph
+    with dynamic positions, and give the eager table's angles to float rounding."""
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(8, dtype=torch.float32) / 8)
+    eager, compiled_table = RopeTable(inv_freq), RopeTable(inv_freq)
+    counter = CompileCounter()
+
+    def turned(keys: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = compiled_table.block_angles(start, start + keys.shape[-2], keys.device)
+        return compiled_table.rotate(keys, start), angles.block_turns
+
+    compiled = torch.compile(turned, backend=counter, dynamic=True)
+    keys = torch.randn(1, 2, 3, 16, generator=torch.Generator().manual_seed(0))
+    torch.compiler.reset()
+    try:
+        for start in (5, 700, 3000, 40_000):
+            rotated, turns = compiled(keys, start)
+            expected = eager.block_angles(start, start + 3, keys.device).block_turns
+            torch.testing.assert_close(rotated, eager.rotate(keys, start), rtol=0, atol=1e-6)
+            torch.testing.assert_close(turns, expected, rtol=0, atol=1e-7)
+    finally:
+        torch.compiler.reset()
+    assert counter.frame_count == 1
 
 
 def test_keys_that_carry_gradients_turn_the_same(llama: PreTrainedModel) -> None:

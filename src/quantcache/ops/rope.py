@@ -188,6 +188,7 @@ class RopeTable:
         self.inv_freq = inv_freq.to(torch.float32)
         offsets = torch.arange(self.BLOCK, dtype=torch.float64)[:, None] * self.inv_freq.double()[None]
         self._offset = (offsets.cos().float(), offsets.sin().float())  # (BLOCK, rotary/2) each
+        self._frequencies = self.inv_freq.double()  # what block starts are computed from, beside the offsets
         self._block = (torch.empty(0, inv_freq.numel()), torch.empty(0, inv_freq.numel()))
         self._stacked: BlockAngles | None = None  # every block start's and offset's angles, as block_angles gives
 
@@ -199,33 +200,62 @@ class RopeTable:
         """``(block_cos, block_sin, offset_cos, offset_sin)`` on ``device``, covering ``blocks`` block starts."""
         if blocks > self._block[0].shape[0]:
             size = max(blocks, 2 * self._block[0].shape[0], 16)
-            starts = torch.arange(size, dtype=torch.float64)[:, None] * self.BLOCK * self.inv_freq.double()[None]
-            self._block = (starts.cos().float(), starts.sin().float())
+            self._block = self._block_starts(0, size, torch.device("cpu"))
             self._stacked = None
-        if self._block[0].device != device or self._offset[0].device != device:  # moved once, not every call
+        if self._block[0].device != device:  # moved once, not every call
             self._block = (self._block[0].to(device), self._block[1].to(device))
-            self._offset = (self._offset[0].to(device), self._offset[1].to(device))
             self._stacked = None
-        return (*self._block, *self._offset)
+        return (*self._block, *self._on(device))
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The offsets' ``(cos, sin)`` on ``device``, moved there (with the frequencies) once, not every call."""
+        if self._offset[0].device != device:
+            self._offset = (self._offset[0].to(device), self._offset[1].to(device))
+            self._frequencies = self._frequencies.to(device)
+            self._stacked = None
+        return self._offset
+
+    def _block_starts(self, first: int, last: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of block starts ``first..last-1``, each ``(last - first, rotary/2)`` float32, computed."""
+        frequencies = self._frequencies.to(device)
+        starts = torch.arange(first, last, dtype=torch.float64, device=device)[:, None] * self.BLOCK * frequencies[None]
+        return starts.cos().float(), starts.sin().float()
+
+    def _span(self, first: int, last: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(block_cos, block_sin, offset_cos, offset_sin)`` of block starts ``first..last-1`` on ``device``.
+
+        Eager, views of the tables (the block table grown on demand). Compiled, the block starts
+        are computed in the graph by the table's own formula: a table that grows as the context
+        does is a tensor whose size changes between steps, and each change would compile every
+        graph that reads it again.
+        """
+        if torch.compiler.is_compiling():
+            offsets = self._on(device)
+            return (*self._block_starts(first, last, device), *offsets)
+        block_cos, block_sin, offset_cos, offset_sin = self._tables(last, device)
+        return block_cos[first:last], block_sin[first:last], offset_cos, offset_sin
 
     def _angles(self, start: int, end: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of positions ``start..end-1``, each ``(end - start, rotary/2)``, float32."""
         first, last = start // self.BLOCK, -(-end // self.BLOCK)
-        block_cos, block_sin, offset_cos, offset_sin = self._tables(last, device)
-        cos, sin = _added_angles(block_cos[first:last, None], block_sin[first:last, None], offset_cos, offset_sin)
+        block_cos, block_sin, offset_cos, offset_sin = self._span(first, last, device)
+        cos, sin = _added_angles(block_cos[:, None], block_sin[:, None], offset_cos, offset_sin)
         cos, sin = cos.reshape(-1, self.inv_freq.numel()), sin.reshape(-1, self.inv_freq.numel())
         skip = start - first * self.BLOCK
         return cos[skip : skip + end - start], sin[skip : skip + end - start]
 
     def block_angles(self, start: int, end: int, device: torch.device) -> BlockAngles:
         """The angles of positions ``start..end-1`` as block starts and offsets (:class:`BlockAngles`), float32:
-        views of tables made when the block table grows, nothing computed per call."""
+        eager, views of tables made when the block table grows, nothing computed per call."""
         first, last = start // self.BLOCK, -(-end // self.BLOCK)
+        skip = start - first * self.BLOCK
+        if torch.compiler.is_compiling():
+            return BlockAngles.of(*self._span(first, last, device), skip, end - start)
         block_cos, block_sin, offset_cos, offset_sin = self._tables(last, device)
         if self._stacked is None:
             self._stacked = BlockAngles.of(block_cos, block_sin, offset_cos, offset_sin, 0, 0)
         return self._stacked._replace(
-            block_turns=self._stacked.block_turns[first:last], skip=start - first * self.BLOCK, positions=end - start
+            block_turns=self._stacked.block_turns[first:last], skip=skip, positions=end - start
         )
 
     def _angles_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -169,6 +169,10 @@ class CenterPairs(NamedTuple):
         return cls(halves, center[:, 2 * pairs :] if center.shape[-1] > 2 * pairs else None)
 
 
+_FourTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(block_cos, block_sin, offset_cos, offset_sin)``: block starts' and offsets' cosines and sines."""
+
+
 class RopeTable:
     """Cosines and sines of ``position * inv_freq`` for any range of positions, without a per-position table.
 
@@ -196,7 +200,7 @@ class RopeTable:
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.numel()
 
-    def _tables(self, blocks: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def _tables(self, blocks: int, device: torch.device) -> _FourTables:
         """``(block_cos, block_sin, offset_cos, offset_sin)`` on ``device``, covering ``blocks`` block starts."""
         if blocks > self._block[0].shape[0]:
             size = max(blocks, 2 * self._block[0].shape[0], 16)
@@ -221,7 +225,7 @@ class RopeTable:
         starts = torch.arange(first, last, dtype=torch.float64, device=device)[:, None] * self.BLOCK * frequencies[None]
         return starts.cos().float(), starts.sin().float()
 
-    def _span(self, first: int, last: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    def _span(self, first: int, last: int, device: torch.device) -> _FourTables:
         """``(block_cos, block_sin, offset_cos, offset_sin)`` of block starts ``first..last-1`` on ``device``.
 
         Eager, views of the tables (the block table grown on demand). Compiled, the block starts

@@ -136,13 +136,28 @@ def _row_grid(generator: torch.Generator, grid: str, shape: tuple[int, ...]) -> 
     return RowGrid(scale, 0.0, -8.0, 7.0)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+_GRID_CASES = (
     st.integers(0, 2**31 - 1),
     st.sampled_from(["int4", "int3-asymmetric", "int2-mid-rise"]),
     st.integers(1, 9),
     st.floats(0.0, 4.0),
 )
+"""Seed, grid, head_dim and coupling of the error weight."""
+
+
+def _sequential_on(grid: RowGrid, states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_sequential` on ``grid``, head by head: the reference rounds one coordinate of every row at a time,
+    so each head's steps are passed as ``(batch, seq)``."""
+    heads = []
+    for head in range(states.shape[1]):
+        offset = grid.offset[:, head, :, 0] if isinstance(grid.offset, torch.Tensor) else grid.offset
+        per_coordinate = grid._replace(scale=grid.scale[:, head, :, 0], offset=offset)
+        heads.append(_sequential(states[:, head : head + 1], weight[head : head + 1], per_coordinate))
+    return torch.cat(heads, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(*_GRID_CASES)
 def test_rounding_in_units_of_a_row_step_reaches_the_sequential_fixed_point(
     seed: int, grid_kind: str, dim: int, coupling: float
 ) -> None:
@@ -153,21 +168,11 @@ def test_rounding_in_units_of_a_row_step_reaches_the_sequential_fixed_point(
     grid = _row_grid(generator, grid_kind, tuple(states.shape))
     states = states * grid.scale
     moved = round_with_feedback(states, grid, feedback_matrix(weight), max(dim - 1, 1))
-    for head in range(2):  # the reference rounds one coordinate of every row at a time: the head's steps as (1, 7)
-        offset = grid.offset[:, head, :, 0] if isinstance(grid.offset, torch.Tensor) else grid.offset
-        per_coordinate = grid._replace(scale=grid.scale[:, head, :, 0], offset=offset)
-        expected = _sequential(states[:, head : head + 1], weight[head : head + 1], per_coordinate)
-        assert torch.equal(grid(moved)[:, head : head + 1], expected)
+    assert torch.equal(grid(moved), _sequential_on(grid, states, weight))
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    st.integers(0, 2**31 - 1),
-    st.sampled_from(["int4", "int3-asymmetric", "int2-mid-rise"]),
-    st.integers(1, 9),
-    st.floats(0.0, 4.0),
-    st.integers(1, 2),
-)
+@given(*_GRID_CASES, st.integers(1, 2))
 def test_many_rows_round_one_coordinate_at_a_time_to_the_fixed_point(
     seed: int, grid_kind: str, dim: int, coupling: float, batch: int
 ) -> None:
@@ -183,12 +188,8 @@ def test_many_rows_round_one_coordinate_at_a_time_to_the_fixed_point(
     moved = round_with_feedback(spoiled, grid, feedback_matrix(weight), 1, order=rounding_order(weight))
     assert torch.isnan(moved[0, 1, 3, 0]) and moved[-1, 0, 7, dim - 1] == float("-inf")
     at_level_zero = torch.where(torch.isfinite(spoiled), spoiled, -grid.offset * grid.scale)  # as a grid rounds them
-    for head in range(2):
-        offset = grid.offset[:, head, :, 0] if isinstance(grid.offset, torch.Tensor) else grid.offset
-        per_coordinate = grid._replace(scale=grid.scale[:, head, :, 0], offset=offset)
-        expected = _sequential(at_level_zero[:, head : head + 1], weight[head : head + 1], per_coordinate)
-        finite = torch.isfinite(spoiled[:, head : head + 1])
-        assert torch.equal(grid(moved)[:, head : head + 1][finite], expected[finite])
+    finite = torch.isfinite(spoiled)
+    assert torch.equal(grid(moved)[finite], _sequential_on(grid, at_level_zero, weight)[finite])
 
 
 def test_fewer_rows_than_the_threshold_run_the_rounds_they_are_given() -> None:

@@ -245,8 +245,8 @@ def round_with_feedback(
     if isinstance(round_trip, RowGrid):
         levels = round_trip.levels(space)
         rows = levels.numel() // (levels.shape[1] * levels.shape[-1])
-        one_by_one = order is not None and rows >= SEQUENTIAL_ROWS and levels.device.type == "cpu"
-        if one_by_one and not torch.compiler.is_compiling():
+        eager_on_cpu = levels.device.type == "cpu" and not torch.compiler.is_compiling()
+        if order is not None and eager_on_cpu and rows >= SEQUENTIAL_ROWS:
             moved = _sequential_on_grid(levels, feedback, order, round_trip)
         else:
             moved = _fixed_point_on_grid(levels, feedback, rounds, round_trip)

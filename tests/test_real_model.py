@@ -81,13 +81,17 @@ def test_int8_symmetric_is_near_lossless_on_wikitext(
     # The measured values (the model, text and windows are fixed), to what float32 sums allow.
     assert result.num_tokens == 1022
     assert result.ppl_reference == pytest.approx(26.9320, rel=1e-4)
-    assert result.ppl_relative_change == pytest.approx(8.440e-4, rel=0.02)
+    # A difference of two near-equal perplexities: float32 sums of another vector width move it by about 1e-4
+    # (8.44e-4 on one EPYC, 7.43e-4 on an AVX-512 one, both with the same KL), so it is pinned to that.
+    assert result.ppl_relative_change == pytest.approx(8.440e-4, abs=1.5e-4)
     assert result.kl_mean == pytest.approx(3.0358e-3, rel=0.02)
     assert result.top1_agreement == pytest.approx(1000 / 1022, abs=1.5 / 1022)  # one token may flip on another CPU
     key_sqnr = [layer.key_sqnr_db for layer in result.layers]
     value_sqnr = [layer.value_sqnr_db for layer in result.layers]
     assert (min(key_sqnr), sum(key_sqnr) / 30) == pytest.approx((34.856, 37.950), abs=0.01)
-    assert (min(value_sqnr), sum(value_sqnr) / 30) == pytest.approx((29.873, 34.662), abs=0.01)
+    # The worst layer's value SQNR is one layer's few tokens: 29.873 and 29.909 dB on two EPYC CPUs.
+    assert min(value_sqnr) == pytest.approx(29.873, abs=0.05)
+    assert sum(value_sqnr) / 30 == pytest.approx(34.662, abs=0.01)
 
 
 def test_calibrate_mode_is_bit_identical_on_the_real_model(

@@ -39,7 +39,7 @@ from quantcache.analysis.speed import (
     quantized_contender,
     runs,
 )
-from quantcache.cache import attention
+from quantcache.cache import attention, compiled_kernels
 from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.cli import _steps
 
@@ -248,6 +248,58 @@ def test_code_reading_twins_run_with_the_quantcache_attention_and_the_others_wit
     assert readers.get("states", 0) == 0 and readers["codes"] > 0  # the others never went through it
     with pytest.raises(ValueError, match="packed storage only"):
         default_contenders(llama, quantizers, "fake", read_codes=True)
+
+
+def test_kernel_twins_follow_each_packed_contender_and_their_warm_up_compiles_every_graph(
+    llama: PreTrainedModel, quantizers: dict[str, KVQuantizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``compiled_kernels`` adds "... kernels" after each packed contender (and each one reading codes), whose
+    caches compile their per-token work; the warm-up compiles every graph of those kernels (the timed runs
+    compile none, the untimed first step of each run included), and the rows hold what the eager twins hold."""
+    contenders = default_contenders(llama, quantizers, "packed", static=False, read_codes=True, compiled_kernels=True)
+    assert [(c.name, c.reads_codes, c.compiled_kernels) for c in contenders] == [
+        ("DynamicCache", False, False),
+        ("seed packed", False, False),
+        ("seed packed kernels", False, True),
+        ("seed codes", True, False),
+        ("seed codes kernels", True, True),
+        ("int4 packed", False, False),
+        ("int4 packed kernels", False, True),
+        ("int4 codes", True, False),
+        ("int4 codes kernels", True, True),
+    ]
+    assert all(c.compiles == c.compiled_kernels for c in contenders)
+    graphs: list[int] = []
+
+    def counting(graph: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(1)
+        return graph.forward
+
+    timed: list[int] = []
+    measure = runs._measure
+
+    def counted_measure(*args: Any, **kwargs: Any) -> Any:
+        before = len(graphs)
+        rows = measure(*args, **kwargs)
+        timed.append(len(graphs) - before)
+        return rows
+
+    monkeypatch.setattr(runs, "_measure", counted_measure)
+    monkeypatch.setattr(compiled_kernels, "BACKEND", counting)
+    compiled_kernels.reset()
+    torch.compiler.reset()
+    try:
+        result = bench_speed(llama, contenders, contexts=[160, 200], batches=[1], steps=2, repeats=2)
+    finally:
+        compiled_kernels.reset()
+        torch.compiler.reset()
+    rows = {(row.cache, row.context): row for row in result.rows}
+    assert all(row.error is None for row in result.rows)
+    assert len(graphs) >= 6 and timed == [0, 0]
+    for name in ("seed packed", "seed codes", "int4 packed", "int4 codes"):
+        assert rows[f"{name} kernels", 200].kv_bytes == rows[name, 200].kv_bytes
+    with pytest.raises(ValueError, match="compiled kernels encode and read packed codes"):
+        default_contenders(llama, quantizers, "fake", compiled_kernels=True)
 
 
 def test_a_contender_out_of_memory_is_reported_not_fatal(llama: PreTrainedModel) -> None:
@@ -460,6 +512,7 @@ def test_scales_benches_a_saved_state(
         (["--presets", "seed", "int5"], "--presets int5: unknown preset; choose from seed"),
         (["--scales", "missing-dir"], "missing-dir"),
         (["--read-codes", "--storage", "fake"], "--read-codes with --storage fake: attention reads codes from packed"),
+        (["--compiled-kernels", "--storage", "fake"], "--compiled-kernels with --storage fake: the compiled kernels"),
     ],
 )
 def test_bad_input_exits_3_before_the_model_loads(

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from quantcache.cache import compiled_kernels
 from quantcache.cache.layer import LayerQuantizer
 from quantcache.errors import ConfigError
 from quantcache.ops.code_attention import (
@@ -98,7 +99,8 @@ class CodeReader:
     their center). ``head`` (sink tokens) and ``tail`` (the residual window) are the full-precision
     states of its first and last rows, read instead of those rows' codes; ``keys`` the decoded
     ``(batch, kv_heads, seq, head_dim)`` keys instead of the key rows, for keys quantized before
-    RoPE (``head`` and ``tail`` already in place).
+    RoPE (``head`` and ``tail`` already in place). ``compiled``: :func:`code_attention` runs :meth:`attend` as a
+    compiled kernel.
     """
 
     def __init__(
@@ -111,8 +113,11 @@ class CodeReader:
         keys: torch.Tensor | None = None,
         head: ExactRows | None = None,
         tail: ExactRows | None = None,
+        compiled: bool = False,
     ) -> None:
         self.quantizer, self.key_rows, self.value_rows = quantizer, key_rows, value_rows
+        self.compiled = compiled
+        """Attend through the compiled kernel (:mod:`quantcache.cache.compiled_kernels`) instead of eagerly."""
         self.first_position = first_position
         self.keys, self.head, self.tail = keys, head, tail
         length = int(key_rows.shape[2])
@@ -286,6 +291,8 @@ def code_attention(
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout, scaling, **kwargs)
     if scaling is None:
         scaling = float(query.shape[-1]) ** -0.5
+    if reader.compiled and not torch.compiler.is_compiling():
+        return compiled_kernels.attend(reader, query, attention_mask, scaling), None
     return reader.attend(query, attention_mask, scaling), None
 
 

@@ -97,6 +97,10 @@ class QuantizedCalibratingCache(DynamicCache):
             for the attention function ``attn_implementation="quantcache"`` (:mod:`quantcache.cache.attention`,
             :func:`quantcache.use_code_attention`), which reads the codes without decoding the history.
             Other attention implementations cannot read them.
+        compiled: with packed storage, encode the tokens of decode steps and attend from codes through kernels
+            compiled by ``torch.compile`` (:mod:`quantcache.cache.compiled_kernels`), the model left eager: fewer,
+            fused operations per layer and token. The first steps compile (seconds; inductor needs a C++ compiler
+            on a CPU, Triton on a GPU); results equal eager ones up to float rounding.
         **dynamic_cache_kwargs: passed on to ``DynamicCache`` (e.g. ``offloading``).
     """
 
@@ -109,6 +113,7 @@ class QuantizedCalibratingCache(DynamicCache):
         storage: Storage | str | None = None,
         engine: Engine | str | EngineNumerics | None = None,
         read_codes: bool = False,
+        compiled: bool = False,
         **dynamic_cache_kwargs: Any,
     ) -> None:
         if isinstance(source, KVQuantizer):
@@ -139,15 +144,21 @@ class QuantizedCalibratingCache(DynamicCache):
             raise ConfigError(
                 "read_codes=True reads packed codes: make the cache with storage='packed' (and no engine=)"
             )
+        if compiled and not packed:
+            raise ConfigError(
+                "compiled=True compiles a packed cache's kernels: make the cache with storage='packed' (and no engine=)"
+            )
         self.read_codes = read_codes
         """Whether packed layers return their rows for ``attn_implementation="quantcache"`` (see the arguments)."""
+        self.compiled = compiled
+        """Whether packed layers encode decode steps and attend from codes through compiled kernels."""
         self.layers = [
             quantizing_layer(template, layer_quantizer, packed=packed, engine=self.engine is not None)
             for template, layer_quantizer in zip(quantizer.layer_templates, quantizer.quantizers, strict=True)
         ]
         for index, layer in enumerate(self.layers):
             if isinstance(layer, PackingLayerMixin):
-                layer.reads_codes = read_codes
+                layer.reads_codes, layer.compiled_kernels = read_codes, compiled
             if isinstance(layer, EngineLayerMixin) and index in streams:
                 layer.numerics, layer.engine_streams = self.engine, streams[index]
         self.layer_class_to_replicate = None  # every layer exists up front, one per quantizer
@@ -248,6 +259,7 @@ class QuantizedCalibratingCache(DynamicCache):
             storage=self.storage,
             engine=self.engine,
             read_codes=self.read_codes,
+            compiled=self.compiled,
             **self._dynamic_cache_kwargs,
         )
         if self._on_quantize is not None:

@@ -218,6 +218,7 @@ class KVQuantizer(QuantizerStateMixin):
         *,
         engine: Engine | str | EngineNumerics | None = None,
         read_codes: bool = False,
+        compiled: bool = False,
         **dynamic_cache_kwargs: Any,
     ) -> QuantizedCalibratingCache:
         """An empty cache for one conversation that quantizes (or, calibrating, observes) through this quantizer.
@@ -229,13 +230,15 @@ class KVQuantizer(QuantizerStateMixin):
         quantizer with an exportable scheme only). ``read_codes`` (packed storage only) makes ``update()`` return
         the stored rows for the attention function ``attn_implementation="quantcache"``
         (:func:`quantcache.use_code_attention`), which reads codes instead of decoded states and is faster
-        at long contexts. ``dynamic_cache_kwargs`` go to ``DynamicCache``
+        at long contexts. ``compiled`` (packed storage only) runs the per-token work of decode steps (encoding new
+        tokens, attention from codes) through kernels ``torch.compile`` makes, the model left eager
+        (:mod:`quantcache.cache.compiled_kernels`). ``dynamic_cache_kwargs`` go to ``DynamicCache``
         (e.g. ``offloading``). The cache shares this quantizer's parameters: no file I/O, nothing recomputed.
         """
         if KVQuantizer.cache_class is None:
             raise RuntimeError("quantcache.cache.cache is not imported; import quantcache.cache first")
         return KVQuantizer.cache_class(
-            self, storage=storage, engine=engine, read_codes=read_codes, **dynamic_cache_kwargs
+            self, storage=storage, engine=engine, read_codes=read_codes, compiled=compiled, **dynamic_cache_kwargs
         )
 
     def __getstate__(self) -> dict[str, Any]:  # a lock cannot be copied or pickled: each copy gets its own

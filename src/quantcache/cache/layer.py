@@ -130,6 +130,19 @@ class LayerQuantizer:
         self.key.freeze()
         self.value.freeze()
 
+    def ready_on(self, device: torch.device) -> None:
+        """Make on ``device`` now every tensor the frozen streams derive on first use (see
+        :meth:`StreamQuantizer.ready_on`), and for keys stored around a turned center, the center by RoPE pairs and
+        RoPE's fixed tables, which attention from codes reads. A compiled step then never finds one missing."""
+        if not self.enabled or not self.frozen:
+            return
+        self.key.ready_on(device)
+        self.value.ready_on(device)
+        if self.key_rope is not None:
+            self.key_rope.ready_on(device)
+            if self.rope_center and self.key.center is not None:
+                self.key.space.center_pairs(self.key_rope.rotary_dim // 2, device)
+
     def fake_quantize(
         self, key_states: torch.Tensor, value_states: torch.Tensor, hook: QuantizeHook | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

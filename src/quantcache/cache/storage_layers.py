@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from quantcache.cache import compiled_kernels
 from quantcache.cache.attention import CodeReader, ExactRows
 from quantcache.cache.growing_storage import MIN_ROOM_TOKENS, ROOM_FRACTION, GrowingLayerMixin, GrowingStorage
 from quantcache.cache.layer import LayerQuantizer
@@ -235,6 +236,9 @@ class PackingLayerMixin(QuantizingLayerMixin):
     reads_codes = False
     """Return the stored rows for ``attn_implementation="quantcache"`` (:mod:`quantcache.cache.attention`)
     instead of decoded states; the cache sets it (``new_cache(storage="packed", read_codes=True)``)."""
+    compiled_kernels = False
+    """Encode decode steps' tokens and attend from codes through compiled kernels
+    (:mod:`quantcache.cache.compiled_kernels`); the cache sets it (``new_cache(storage="packed", compiled=True)``)."""
     # The sink tokens' own full-precision (keys, values), each (batch, kv_heads, sinks, head_dim): their rows
     # hold codes too, so the layer's length and the base class's cropping and reordering stay as they are.
     _sinks: _StatePair | None = None
@@ -335,7 +339,16 @@ class PackingLayerMixin(QuantizingLayerMixin):
             if tail is not None:
                 keys[:, :, length - tail.length :] = tail.keys.to(keys)
         first = self._position() - length  # the position of the first row returned
-        return CodeReader(quantizer, stored_keys, stored_values, first, keys=keys, head=head, tail=tail)
+        return CodeReader(
+            quantizer,
+            stored_keys,
+            stored_values,
+            first,
+            keys=keys,
+            head=head,
+            tail=tail,
+            compiled=self.compiled_kernels,
+        )
 
     def _rows(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed key and value rows of states at positions ``start..``, the sink tokens among them kept apart."""
@@ -344,8 +357,21 @@ class PackingLayerMixin(QuantizingLayerMixin):
         sinks = quantizer.sinks_among(keys.shape[2], start, keeps_sinks=self.keeps_sinks)
         if sinks:
             self._keep_sinks(keys[:, :, :sinks], values[:, :, :sinks], start)
+        elif self._compiles(keys.shape[2]):
+            return compiled_kernels.encode_rows(quantizer, keys, values, start)
         key_rows = self._encode(quantizer.key, quantizer.keys_to_quantize(keys, start), sinks)
         return key_rows, self._encode(quantizer.value, values, sinks)
+
+    def _compiles(self, tokens: int) -> bool:
+        """Whether ``tokens`` new tokens (no sinks among them) are encoded by the compiled kernel: with
+        :attr:`compiled_kernels` set, no hook listening (it hears eager encoding), a decode-sized call, and not
+        inside a graph being compiled already."""
+        return (
+            self.compiled_kernels
+            and self.on_quantize is None
+            and tokens <= compiled_kernels.COMPILED_TOKENS
+            and not torch.compiler.is_compiling()
+        )
 
     def _encode(self, stream: StreamQuantizer, states: torch.Tensor, sinks: int) -> torch.Tensor:
         """Packed rows of ``states``; the first ``sinks`` are placeholders (their states are kept apart)."""

@@ -45,6 +45,7 @@ from quantcache.ops.quantize import (
     compute_qparams,
     dynamic_qparams,
     fake_quantize_prepared,
+    log8_table,
     prepare_params,
     quantize_prepared,
     saturated,
@@ -54,7 +55,7 @@ from quantcache.ops.quantize import (
 from quantcache.ops.rounding import QueryModel, RowGrid, query_model
 from quantcache.ops.stream_space import StreamSpace
 from quantcache.scheme.args import QuantArgs, QuantMethod, QuantScope, Rotation, Rounding
-from quantcache.scheme.number_formats import FormatKind
+from quantcache.scheme.number_formats import FormatKind, ScaleFormat
 
 __all__ = ["DYNAMIC_MSE_GRID", "QuantizeHook", "StreamName", "StreamQuantizer"]
 
@@ -347,6 +348,19 @@ class StreamQuantizer:
             subtrahend = offset if prepared.zero_point is None else prepared.zero_point + offset
             fixed = self._fixed_by_device[device] = _FixedOnDevice(params, prepared, subtrahend)
         return fixed
+
+    def ready_on(self, device: torch.device) -> None:
+        """Make on ``device`` now every tensor quantizing and decoding derive from the frozen parameters (fixed
+        parameters prepared, the space's center, scales, rotation and feedback matrix, the ``log8`` table), so that
+        no later call makes one: a compiled kernel whose first call made one is guarded on its absence, and would
+        compile again on the next call. Nothing to do while calibrating."""
+        if not self._frozen:
+            return
+        if self.params is not None:
+            self._fixed_on(device)
+        self.space.ready_on(device)
+        if self.args.scale_format is ScaleFormat.LOG8:
+            log8_table(device)
 
     def _check_frozen(self, states: torch.Tensor) -> None:
         """Refuse states a frozen stream cannot quantize: not frozen, the wrong shape, or (``strict_finite``) NaN/Inf.

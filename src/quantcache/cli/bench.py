@@ -72,6 +72,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
             "  quantcache bench --contexts 2048 8192 --batches 1 8 --presets seed int8 int4\n"
             "  quantcache bench --scales runs/smollm2 --storage fake --json bench.json\n"
             "  quantcache bench --presets seed int4 --read-codes --contexts 8192   # attention from codes beside\n"
+            "  quantcache bench --presets int8 int4 --read-codes --compiled-kernels   # + per-token work compiled\n"
             "  quantcache bench --device cuda --dtype bfloat16 --json - | jq '.rows[].decode_ms'   # table to stderr"
         ),
     )
@@ -103,6 +104,13 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="also measure each packed cache read by the attention from codes (attn_implementation "
         "'quantcache', rows named 'NAME codes') beside the same cache returning decoded states",
+    )
+    caches.add_argument(
+        "--compiled-kernels",
+        action="store_true",
+        help="also measure each packed cache with its per-token work compiled (new_cache(compiled=True): "
+        "encoding new tokens and, with --read-codes, attention from codes run as torch.compile kernels, the "
+        "model eager; rows named '... kernels')",
     )
     caches.add_argument("--no-static", action="store_true", help="leave transformers' StaticCache out")
     caches.add_argument(
@@ -170,6 +178,11 @@ def check_sizes_and_presets(args: argparse.Namespace) -> list[str]:
             f"--read-codes with --storage {args.storage}: attention reads codes from packed caches only; "
             "leave --storage at packed"
         )
+    if args.compiled_kernels and args.storage != "packed":
+        raise InputError(
+            f"--compiled-kernels with --storage {args.storage}: the compiled kernels encode and read packed codes; "
+            "leave --storage at packed"
+        )
     args.contexts = list(dict.fromkeys(args.contexts))
     args.batches = list(dict.fromkeys(args.batches))
     if args.scales is not None:
@@ -233,7 +246,12 @@ def run(args: argparse.Namespace) -> int:
             },
         }
     contenders = default_contenders(
-        model, quantizers, args.storage, static=not args.no_static, read_codes=args.read_codes
+        model,
+        quantizers,
+        args.storage,
+        static=not args.no_static,
+        read_codes=args.read_codes,
+        compiled_kernels=args.compiled_kernels,
     )
     if not args.no_static and not any(contender.kind == "static" for contender in contenders):
         note(args, "StaticCache left out: this transformers cannot build one for this model")
@@ -276,6 +294,7 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": args.dtype,
         "storage": args.storage,
         "read_codes": args.read_codes,
+        "compiled_kernels": args.compiled_kernels,
         "contexts": list(args.contexts),
         "batches": list(args.batches),
         "seed": args.seed,

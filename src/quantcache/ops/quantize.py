@@ -58,6 +58,7 @@ __all__ = [
     "dynamic_qparams",
     "fake_quantize",
     "fake_quantize_prepared",
+    "log8_table",
     "prepare_params",
     "quantize",
     "quantize_prepared",
@@ -383,16 +384,37 @@ def stored_scale(scale: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor
     extremes saturate, as they would overflow a float16 scale.
     """
     if scale_format is ScaleFormat.FLOAT16:
-        nudged = (scale * (1.0 + 2.0**-10)).to(torch.float16)
-        above = torch.nextafter(nudged, torch.full_like(nudged, torch.inf))
-        return torch.where(nudged.float() < scale, above, nudged).float()
+        nudged, above = _float16_nearest(scale * (1.0 + 2.0**-10))
+        return torch.where(nudged < scale, above, nudged)
     return log8_decode(log8_encode(scale))
+
+
+FLOAT16_MAX = 65504.0
+_FLOAT16_DIGITS = 11  # significant bits of a float16, the implicit one included
+_FLOAT16_LOWEST_STEP = -24  # log2 of the spacing of subnormal float16 values
+
+
+def _float16_nearest(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``values`` rounded to the nearest float16 value (ties to even), kept in float32, and for positive
+    values the next float16 value above that one: ``values.to(torch.float16).float()`` for every input (past
+    :data:`FLOAT16_MAX` to infinity, subnormal and NaN alike), and ``torch.nextafter`` of it in float16.
+
+    Arithmetic rather than a conversion and back: inductor (``torch.compile``) drops such a pair of casts
+    as a no-op unless told to emulate them, and a compiled cache would then compute its codes with a scale
+    other than the one its rows store. Scaling by powers of two is exact, so the rounding is ``round``'s.
+    """
+    _, exponent = torch.frexp(values)  # values = m * 2**exponent, 0.5 <= |m| < 1
+    step = torch.exp2((exponent - _FLOAT16_DIGITS).clamp(min=_FLOAT16_LOWEST_STEP).to(values.dtype))
+    nearest = torch.round(values / step) * step
+    # rounding down keeps the binade, so the spacing above is the step's; past the largest float16 is infinity
+    nearest, above = (torch.where(t.abs() > FLOAT16_MAX, t * torch.inf, t) for t in (nearest, nearest + step))
+    return nearest, above
 
 
 _LOG8_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
-def _log8_table(device: torch.device) -> torch.Tensor:
+def log8_table(device: torch.device) -> torch.Tensor:
     """The code -> scale table on ``device``, copied there once (decoding runs at every step).
 
     Kept in a plain dict rather than behind ``functools.cache``, whose wrapper ``torch.compile``
@@ -406,14 +428,14 @@ def _log8_table(device: torch.device) -> torch.Tensor:
 
 def log8_encode(scale: torch.Tensor) -> torch.Tensor:
     """Positive float32 scales -> ``uint8`` codes of the smallest stored scale not below each (NaN -> 255)."""
-    powers = _log8_table(scale.device)[:LOG8_NAN]
+    powers = log8_table(scale.device)[:LOG8_NAN]
     code = torch.searchsorted(powers, scale.float().contiguous()).clamp_(max=LOG8_NAN - 1)
     return torch.where(torch.isnan(scale), LOG8_NAN, code).to(torch.uint8)
 
 
 def log8_decode(code: torch.Tensor) -> torch.Tensor:
     """``uint8`` codes -> float32 scales (:data:`LOG8_NAN` -> NaN)."""
-    return _log8_table(code.device)[code.long()]
+    return log8_table(code.device)[code.long()]
 
 
 def scale_to_bytes(scale: torch.Tensor, scale_format: ScaleFormat) -> torch.Tensor:

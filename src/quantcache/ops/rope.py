@@ -211,6 +211,11 @@ class RopeTable:
             self._stacked = None
         return (*self._block, *self._on(device))
 
+    def ready_on(self, device: torch.device) -> None:
+        """Move the fixed tables to ``device`` now, so that no later call moves them (a compiled graph whose first
+        call moved them would be guarded on where they were, and compile again on the next call)."""
+        self._on(device)
+
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The offsets' ``(cos, sin)`` on ``device``, moved there (with the frequencies) once, not every call."""
         if self._offset[0].device != device:

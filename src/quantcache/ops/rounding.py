@@ -269,7 +269,9 @@ def _fixed_point_on_grid(levels: torch.Tensor, feedback: torch.Tensor, rounds: i
     heads' own ``N`` with the subtraction fused into it (``baddbmm``) rather than a product
     broadcast over the batch and a subtraction apart; eager, the round then rounds and clamps
     in place, in one of two buffers used in turn, so that a prefill's rounds do not each
-    allocate (and fault in) fresh memory. Returned in ``levels``' shape, a transposed view.
+    allocate (and fault in) fresh memory. Compiled, the product is written as a sum over the coordinates,
+    which inductor fuses with the rounding and clamping into one loop per round (a batched product would be a
+    library call of its own each round, for a few rows). Returned in ``levels``' shape, a transposed view.
     """
     batch, heads, seq, dim = levels.shape
     rows = torch.where(torch.isfinite(levels), levels, 0.0).transpose(0, 1).reshape(heads, batch * seq, dim)
@@ -278,7 +280,7 @@ def _fixed_point_on_grid(levels: torch.Tensor, feedback: torch.Tensor, rounds: i
     codes = grid.nearest(rows)
     if torch.compiler.is_compiling():  # a graph's buffers are its compiler's to reuse
         for _ in range(rounds - 1):
-            codes = grid.nearest(torch.baddbmm(fed, codes, matrix, alpha=-1))
+            codes = grid.nearest(fed - (codes[..., None] * matrix[:, None]).sum(-2))
     else:
         spare = torch.empty_like(codes)
         for _ in range(rounds - 1):

@@ -115,6 +115,16 @@ class StreamSpace:
             found = self._center_pairs_by_device[device] = CenterPairs.of(self.center.to(device), pairs)
         return found
 
+    def ready_on(self, device: torch.device) -> None:
+        """Make on ``device`` now what :meth:`forward`, :meth:`inverse` and query-aware rounding read, so that no
+        later call makes it: a compiled graph whose first call made one is guarded on its absence, and would compile
+        again on the next call."""
+        self._affine_on(device)
+        if self.rotation is not None and self.rotation.device != device:
+            self.rotation = self.rotation.to(device)
+        if self.query_model is not None and self.rope_frequencies is not None and self.channel_scale is not None:
+            self.feedback_on(device)
+
     def derived_tensors(self, *, reads_codes: bool) -> list[torch.Tensor]:
         """The tensors made so far from the stored parameters, one set per device, which a memory count includes:
         query-aware rounding's feedback matrices, and for a cache that ``reads_codes``, the center by RoPE pairs."""

@@ -53,6 +53,14 @@ class Contender:
     reads_codes: bool = False
     """Run the model with ``attn_implementation="quantcache"``, which reads the cache's codes
     (:mod:`quantcache.cache.attention`); the others run with the model's own attention."""
+    compiled_kernels: bool = False
+    """The caches run their per-token work through compiled kernels (``new_cache(compiled=True)``,
+    :mod:`quantcache.cache.compiled_kernels`), the model eager."""
+
+    @property
+    def compiles(self) -> bool:
+        """Whether running it compiles graphs (the model's, or the cache's kernels), which the warm-up must cover."""
+        return self.compiled or self.compiled_kernels
 
 
 def compiled_twins(contenders: Sequence[Contender]) -> list[Contender]:
@@ -82,17 +90,24 @@ def static_contender(model: nn.Module) -> Contender | None:
 
 
 def quantized_contender(
-    name: str, quantizer: KVQuantizer, storage: Storage | str, *, read_codes: bool = False
+    name: str,
+    quantizer: KVQuantizer,
+    storage: Storage | str,
+    *,
+    read_codes: bool = False,
+    compiled_kernels: bool = False,
 ) -> Contender:
     """Caches of a frozen ``quantizer`` with ``storage`` (``"packed"`` codes or ``"fake"`` dequantized states);
-    ``read_codes``: packed caches read by the attention from codes (``new_cache(read_codes=True)``)."""
+    ``read_codes``: packed caches read by the attention from codes (``new_cache(read_codes=True)``);
+    ``compiled_kernels``: packed caches whose per-token work runs compiled (``new_cache(compiled=True)``)."""
     if not quantizer.is_frozen:
         raise ValueError(f"{name}: the quantizer is still calibrating; freeze it (or calibrate(..., freeze=True))")
     return Contender(
         name,
         "quantized",
-        lambda max_tokens: quantizer.new_cache(storage=storage, read_codes=read_codes),
+        lambda max_tokens: quantizer.new_cache(storage=storage, read_codes=read_codes, compiled=compiled_kernels),
         reads_codes=read_codes,
+        compiled_kernels=compiled_kernels,
     )
 
 
@@ -103,22 +118,34 @@ def default_contenders(
     *,
     static: bool = True,
     read_codes: bool = False,
+    compiled_kernels: bool = False,
 ) -> list[Contender]:
     """``DynamicCache``, ``StaticCache`` (when ``static`` and the model supports it), then one per quantizer.
 
     Quantized contenders are named ``"<name> <storage>"`` (``"int4 packed"``); ``read_codes`` (packed
-    storage) adds ``"<name> codes"`` after each, the same cache read by the attention from codes.
+    storage) adds ``"<name> codes"`` after each, the same cache read by the attention from codes;
+    ``compiled_kernels`` (packed storage) adds ``"... kernels"`` after each of those, the same cache with its
+    per-token work compiled.
     """
     storage_name = Storage(storage).value
-    if read_codes and Storage(storage) is not Storage.PACKED:
+    packed = Storage(storage) is Storage.PACKED
+    if read_codes and not packed:
         raise ValueError("attention reads codes from packed storage only: leave the storage at 'packed'")
+    if compiled_kernels and not packed:
+        raise ValueError("compiled kernels encode and read packed codes: leave the storage at 'packed'")
     found = [dynamic_contender(model)]
     if static and (fixed := static_contender(model)) is not None:
         found.append(fixed)
     for name, quantizer in quantizers.items():
-        found.append(quantized_contender(f"{name} {storage_name}", quantizer, storage))
-        if read_codes:
-            found.append(quantized_contender(f"{name} codes", quantizer, storage, read_codes=True))
+        for reading in (False, True) if read_codes else (False,):
+            label = f"{name} codes" if reading else f"{name} {storage_name}"
+            found.append(quantized_contender(label, quantizer, storage, read_codes=reading))
+            if compiled_kernels:
+                found.append(
+                    quantized_contender(
+                        f"{label} kernels", quantizer, storage, read_codes=reading, compiled_kernels=True
+                    )
+                )
     return found
 
 

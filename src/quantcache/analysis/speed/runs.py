@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import statistics
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from quantcache.analysis.speed.measure import (
 from quantcache.analysis.speed.peak_memory import PeakMeter
 from quantcache.analysis.speed.results import SpeedResult, SpeedRow, ratio
 from quantcache.cache.attention import ATTENTION_NAME, MAX_QUERIES_FROM_CODES, register_code_attention, set_attention
+from quantcache.cache.compiled_kernels import compiled_copy
 from quantcache.calibration.calibrate import model_device
 from quantcache.progress import progress_bar
 
@@ -50,7 +50,7 @@ def _failure(contender: Contender, error: BaseException) -> str | None:
     if _out_of_memory(error):
         return f"out of memory: {' '.join(str(error).split())[:160]}"
     compile_errors = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
-    if contender.compiled and isinstance(error, compile_errors):
+    if contender.compiles and isinstance(error, compile_errors):
         return f"compile failed: {type(error).__name__}: {' '.join(str(error).split())[:160]}"
     return None
 
@@ -80,16 +80,16 @@ def _warm_up(models: _Runners, contenders: Sequence[Contender], seed: int) -> di
     """Run every contender once, small and untimed: first calls (lazy kernels, imports, compilation) stay out of
     the figures.
 
-    Compiled contenders run twice, at :data:`WARM_UP_TOKENS` and at :data:`COMPILED_WARM_UP_TOKENS`, decoding
-    three steps each time, so that every graph the timed runs need exists before them: the prompt and cache
-    lengths already dynamic, a prompt long enough for the attention from codes to decode the rows and run
-    ``sdpa``, and both layouts of a cache's rows (a freshly filled cache holds views of room reserved ahead,
-    compiled steps concatenate).
+    Compiled contenders (the model's forward, or the cache's kernels) run twice, at :data:`WARM_UP_TOKENS` and at
+    :data:`COMPILED_WARM_UP_TOKENS`, decoding three steps each time, so that every graph the timed runs need
+    exists before them: the prompt and cache lengths already dynamic, a prompt long enough for the attention
+    from codes to decode the rows and run ``sdpa``, tokens leaving a residual window, and both layouts of a
+    cache's rows (a freshly filled cache holds views of room reserved ahead, compiled steps concatenate).
 
     Returns the contenders that failed as a row reports it (:func:`_failure`: out of memory, or a compilation
     that failed), by name, with what to report; they are not measured. Other errors propagate.
     """
-    lengths = WARM_UP_LENGTHS if any(contender.compiled for contender in contenders) else WARM_UP_LENGTHS[:1]
+    lengths = WARM_UP_LENGTHS if any(contender.compiles for contender in contenders) else WARM_UP_LENGTHS[:1]
     prompts = {
         tokens: (random_ids(models.eager, (1, tokens), seed), prefill_states(models.eager, tokens, seed=seed))
         for tokens in lengths
@@ -97,9 +97,9 @@ def _warm_up(models: _Runners, contenders: Sequence[Contender], seed: int) -> di
     failed: dict[str, str] = {}
     for contender in contenders:
         runner = models.of(contender)
-        steps = 3 if contender.compiled else 2
+        steps = 3 if contender.compiles else 2
         try:
-            for tokens in lengths if contender.compiled else lengths[:1]:
+            for tokens in lengths if contender.compiles else lengths[:1]:
                 ids, states = prompts[tokens]
                 prefill_seconds(runner, contender.make(tokens), ids)
                 cache = contender.make(tokens + steps)
@@ -130,9 +130,7 @@ class _CompiledForward(nn.Module):
         def forward(*args: Any, **kwargs: Any) -> Any:
             return model(*args, **kwargs)
 
-        code = forward.__code__.replace(co_name=f"forward_{tag}")
-        own = types.FunctionType(code, forward.__globals__, code.co_name, None, forward.__closure__)
-        self.compiled = torch.compile(own, backend=backend)
+        self.compiled = compiled_copy(forward, tag, backend=backend)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.compiled(*args, **kwargs)

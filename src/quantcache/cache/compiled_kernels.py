@@ -1,0 +1,128 @@
+"""Compiled kernels: a packed cache's per-token work run as code ``torch.compile`` generates, the model left eager.
+
+A decode step of a packed cache quantizes the tokens that reach their codes (``mse`` range
+search, rounds of query-aware rounding, packing) and, reading codes, computes attention over
+the stored rows: hundreds of small tensor operations per layer, each a few microseconds of
+dispatch in eager PyTorch, and a kernel launch each on a GPU. With
+``quantizer.new_cache(storage="packed", compiled=True)`` those two calls run through
+``torch.compile`` (inductor: C++ with OpenMP on a CPU, Triton on a GPU) while the model and the
+rest of the cache stay eager. Compiling a whole model takes minutes to tens of minutes; these
+graphs compile in seconds, and every layer of one scheme shares them, since their guards are on
+shapes and settings, not on which layer calls.
+
+What runs compiled: encoding up to :data:`COMPILED_TOKENS` new tokens with no hook listening
+(decode steps, short chunks; a prompt's prefill stays eager, where query-aware rounding takes
+its keys one coordinate at a time), and attention from codes (``read_codes=True``; the
+history's length becomes a dynamic size after its first change, so a growing context does not
+compile again). Each scheme (the key and value streams' settings and where keys are stored
+relative to RoPE) gets kernels with a code object of its own, so a quantizer mixing schemes
+does not spend one scheme's recompile budget on another's graphs. Before each call, the layer's
+derived tensors are made on the device (:meth:`LayerQuantizer.ready_on`): a graph whose first
+call made one would be guarded on its absence and compile again on the next.
+
+Results are eager's up to float rounding (a generated kernel may sum in another order): a
+key element sitting on a rounding boundary may take the neighbouring code.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from quantcache.cache.layer import LayerQuantizer
+
+if TYPE_CHECKING:
+    from quantcache.cache.attention import CodeReader
+
+__all__ = ["BACKEND", "COMPILED_TOKENS", "attend", "compiled_copy", "encode_rows", "kernels_made", "reset"]
+
+COMPILED_TOKENS = 64
+"""New tokens per encoding call up to which the compiled kernel runs: decode steps, tokens leaving a residual window
+in blocks, and short chunks; longer calls (prefills) run eagerly."""
+BACKEND: str | Callable[..., Any] = "inductor"
+"""The ``torch.compile`` backend kernels are made with (read when a scheme's kernels are first made)."""
+
+
+def compiled_copy(function: Callable[..., Any], tag: str, **options: Any) -> Callable[..., Any]:
+    """``torch.compile(function, **options)`` of a copy of ``function`` with a code object of its own (``tag`` in its
+    name).
+
+    Dynamo keeps its graphs, the sizes it has seen change and its recompile count per code object:
+    callers that share one function would share them, each one's changing sizes made dynamic in the
+    other's graphs and every graph counted against one limit.
+    """
+    code = function.__code__.replace(co_name=f"{function.__name__}_{tag}")
+    copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
+    return torch.compile(copy, **options)
+
+
+def _encode_rows(
+    quantizer: LayerQuantizer, keys: torch.Tensor, values: torch.Tensor, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed key and value rows of ``(batch, kv_heads, tokens, head_dim)`` states at positions ``start..``."""
+    key_rows = quantizer.key.encode(quantizer.keys_to_quantize(keys, start))
+    return key_rows, quantizer.value.encode(values)
+
+
+def _attend(reader: CodeReader, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    return reader.attend(query, mask, scaling)
+
+
+class _Kernels(NamedTuple):
+    encode_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    attend: Callable[..., torch.Tensor]
+
+
+_KERNELS: dict[Hashable, _Kernels] = {}
+_MAKING = threading.Lock()
+
+
+def _scheme(quantizer: LayerQuantizer) -> Hashable:
+    """What a layer's kernels depend on besides shapes: both streams' settings and where keys meet RoPE."""
+    return (quantizer.key.args, quantizer.value.args, quantizer.key_rope is not None, quantizer.rope_center)
+
+
+def _kernels_for(quantizer: LayerQuantizer) -> _Kernels:
+    scheme = _scheme(quantizer)
+    found = _KERNELS.get(scheme)
+    if found is None:
+        with _MAKING:
+            found = _KERNELS.get(scheme)
+            if found is None:
+                tag = f"scheme{len(_KERNELS)}"
+                encode, attend = (compiled_copy(function, tag, backend=BACKEND) for function in (_encode_rows, _attend))
+                found = _KERNELS[scheme] = _Kernels(encode, attend)
+    return found
+
+
+def kernels_made() -> int:
+    """How many schemes have compiled kernels in this process."""
+    return len(_KERNELS)
+
+
+def reset() -> None:
+    """Forget every scheme's kernels: the next call makes and compiles them again (with the :data:`BACKEND` then
+    set). ``torch.compiler.reset()`` drops the graphs, not these functions."""
+    with _MAKING:
+        _KERNELS.clear()
+
+
+def encode_rows(
+    quantizer: LayerQuantizer, keys: torch.Tensor, values: torch.Tensor, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compiled: the packed ``(batch, kv_heads, tokens, row_bytes)`` key and value rows of states at positions
+    ``start..`` (no sink tokens among them), as ``quantizer.key.encode(quantizer.keys_to_quantize(keys, start))`` and
+    ``quantizer.value.encode(values)`` give them eagerly."""
+    quantizer.ready_on(keys.device)
+    return _kernels_for(quantizer).encode_rows(quantizer, keys, values, start)
+
+
+def attend(reader: CodeReader, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Compiled: :meth:`CodeReader.attend` (``(batch, heads, n, head_dim)`` queries -> ``(batch, n, heads,
+    head_dim)`` outputs)."""
+    reader.quantizer.ready_on(query.device)
+    return _kernels_for(reader.quantizer).attend(reader, query, mask, scaling)

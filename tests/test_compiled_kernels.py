@@ -1,0 +1,296 @@
+"""Compiled kernels (``new_cache(storage="packed", compiled=True)``): the per-token work through ``torch.compile``.
+
+The promises: what a compiled cache stores and what its attention returns are what an eager cache's are
+(up to float rounding; on these inputs, the same rows), every layer and step of one scheme shares a couple
+of graphs (no recompilation per layer, per step or because a derived tensor was made late), calls that are
+not decode-sized, or that a hook listens to, stay eager, and the float16 scales of a compiled cache are
+the ones its rows store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import HEAD_DIM, KV_HEADS, build_model
+from conftest import random_tokens as _tokens
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import PreTrainedModel
+
+from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, calibrate, use_code_attention
+from quantcache.cache import compiled_kernels
+from quantcache.cache.kv_quantizer import KVQuantizer
+from quantcache.cache.model_facts import CACHE_KEYWORD
+from quantcache.ops.quantize import _float16_nearest, stored_scale
+from quantcache.scheme.number_formats import ScaleFormat
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPT, STEPS = 70, 5  # a prompt past MAX_QUERIES_FROM_CODES and COMPILED_TOKENS: all eager
+
+
+@pytest.fixture(scope="module")
+def model() -> PreTrainedModel:
+    """A float32 tiny Llama set to the quantcache attention (its own: session models stay on sdpa)."""
+    return use_code_attention(build_model("llama"))
+
+
+@pytest.fixture(scope="module")
+def quantizers(model: PreTrainedModel) -> dict[str, KVQuantizer]:
+    calibration = _tokens(2, 32, seed=3).long()
+    return {
+        name: calibrate(model, calibration, quant_config=KVQuantConfig.preset(name), progress=False)
+        for name in ("int8", "int4")
+    }
+
+
+@pytest.fixture
+def counted_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Kernels made with Dynamo's eager backend, one entry per graph compiled."""
+    graphs: list[int] = []
+
+    def counting(graph: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(1)
+        return graph.forward
+
+    monkeypatch.setattr(compiled_kernels, "BACKEND", counting)
+    compiled_kernels.reset()
+    torch.compiler.reset()
+    try:
+        yield graphs
+    finally:
+        compiled_kernels.reset()
+        torch.compiler.reset()
+
+
+def _graphs_per_kernel() -> dict[str, int]:
+    """The graphs Dynamo holds for each kernel made (by the kernel function's name, per scheme)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    held = {}
+    for kernels in compiled_kernels._KERNELS.values():
+        for kernel in kernels:
+            code = kernel._torchdynamo_orig_callable.__code__  # type: ignore[attr-defined]
+            held[code.co_name] = len(_debug_get_cache_entry_list(code))
+    return held
+
+
+@pytest.fixture
+def inductor() -> Iterator[None]:
+    compiled_kernels.reset()
+    torch.compiler.reset()
+    try:
+        yield
+    finally:
+        compiled_kernels.reset()
+        torch.compiler.reset()
+
+
+def _step(model: PreTrainedModel, cache: QuantizedCalibratingCache, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids, use_cache=True, **{CACHE_KEYWORD: cache}).logits
+
+
+def _decode_twins(
+    model: PreTrainedModel, quantizer: KVQuantizer, *, read_codes: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor], QuantizedCalibratingCache, QuantizedCalibratingCache]:
+    """The logits of a prompt and :data:`STEPS` single-token steps through an eager cache and a compiled one."""
+    ids = _tokens(1, PROMPT + STEPS, seed=21).long()
+    eager = quantizer.new_cache(storage="packed", read_codes=read_codes)
+    compiled = quantizer.new_cache(storage="packed", read_codes=read_codes, compiled=True)
+    got, want = [], []
+    for cache, logits in ((eager, want), (compiled, got)):
+        logits.append(_step(model, cache, ids[:, :PROMPT]))
+        for position in range(PROMPT, PROMPT + STEPS):
+            logits.append(_step(model, cache, ids[:, position : position + 1]))
+    return got, want, eager, compiled
+
+
+def _stored(cache: QuantizedCalibratingCache) -> list[torch.Tensor]:
+    return [tensor for layer in cache.layers for tensor in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize(
+    ("name", "read_codes"), [("int4", True), pytest.param("int8", True, marks=pytest.mark.slow), ("int8", False)]
+)
+def test_a_compiled_cache_stores_and_attends_as_an_eager_one(
+    model: PreTrainedModel, quantizers: dict[str, KVQuantizer], inductor: None, name: str, read_codes: bool
+) -> None:
+    """Through inductor: a prompt (eager: sinks, more than COMPILED_TOKENS tokens) and single-token steps (compiled)
+    store the same rows as an eager twin's, and the logits agree to float32 rounding (the attention's sums run in
+    another order). ``int4`` pushes a token out of its residual window at every step."""
+    got, want, eager, compiled = _decode_twins(model, quantizers[name], read_codes=read_codes)
+    assert compiled_kernels.kernels_made() == 1
+    assert all(torch.equal(a, b) for a, b in zip(_stored(compiled), _stored(eager), strict=True))
+    assert torch.equal(got[0], want[0])  # the prompt ran eagerly
+    for step, (a, b) in enumerate(zip(got[1:], want[1:], strict=True)):
+        assert (a - b).abs().max() <= 2e-5 * b.abs().max(), step
+        if not read_codes:
+            assert torch.equal(a, b), step  # decoded states are bit for bit: only the encoding was compiled
+
+
+def test_every_layer_and_step_of_a_scheme_shares_two_graphs_per_kernel(
+    model: PreTrainedModel, quantizers: dict[str, KVQuantizer], counted_backend: list[int]
+) -> None:
+    """Two graphs per kernel whatever the layers and steps: the first call's (every size and position fixed) and
+    the next one's (the position and length dynamic). A tensor derived on first use inside a kernel (the space's
+    center, the feedback matrix, the center by RoPE pairs, the log8 table), or a guard on which layer called,
+    would compile again; the logits are the eager twin's."""
+    got, want, _, _ = _decode_twins(model, quantizers["int4"], read_codes=True)
+    assert _graphs_per_kernel() == {"_encode_rows_scheme0": 2, "_attend_scheme0": 2} and len(counted_backend) == 4
+    assert model.config.num_hidden_layers > 1 and STEPS > 2
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_each_scheme_has_kernels_of_its_own(
+    model: PreTrainedModel, quantizers: dict[str, KVQuantizer], counted_backend: list[int]
+) -> None:
+    """A second scheme makes its own kernels (its own code objects, so its graphs never count against the first
+    scheme's recompile limit); a second cache of the first scheme compiles nothing new."""
+    _decode_twins(model, quantizers["int4"], read_codes=True)
+    first = len(counted_backend)
+    _decode_twins(model, quantizers["int4"], read_codes=True)
+    assert len(counted_backend) == first and compiled_kernels.kernels_made() == 1
+    _decode_twins(model, quantizers["int8"], read_codes=True)
+    assert compiled_kernels.kernels_made() == 2 and len(counted_backend) == 2 * first
+
+
+def _spy_on_encoding(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    compiled = compiled_kernels.encode_rows
+
+    def spy(quantizer: Any, keys: torch.Tensor, values: torch.Tensor, start: int) -> Any:
+        calls.append(int(keys.shape[2]))
+        return compiled(quantizer, keys, values, start)
+
+    monkeypatch.setattr(compiled_kernels, "encode_rows", spy)
+    return calls
+
+
+def _states(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=generator) for _ in range(2))  # type: ignore[return-value]
+
+
+def test_only_decode_sized_calls_no_hook_hears_are_compiled(
+    quantizers: dict[str, KVQuantizer], counted_backend: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first call (the sink among its tokens) and calls of more than COMPILED_TOKENS tokens are encoded eagerly,
+    up to COMPILED_TOKENS compiled; with a hook listening (evaluation's measuring cache), every call is eager."""
+    calls = _spy_on_encoding(monkeypatch)
+    quantizer = quantizers["int8"]  # no residual window: every token is encoded as it arrives
+    cache = quantizer.new_cache(storage="packed", compiled=True)
+    limit = compiled_kernels.COMPILED_TOKENS
+    for tokens in (3, limit + 1, limit, 1):
+        cache.update(*_states(tokens, seed=tokens), 0)
+    assert calls == [limit, 1]
+    heard = quantizer.new_cache(storage="packed", compiled=True)
+    events: list[Any] = []
+    heard.on_quantize = events.append
+    calls.clear()
+    for tokens in (3, 1):
+        heard.update(*_states(tokens, seed=tokens), 0)
+    assert calls == [] and len(events) == 4  # keys and values, twice
+
+
+def test_compiled_needs_packed_storage_and_copies_keep_it(quantizers: dict[str, KVQuantizer]) -> None:
+    quantizer = quantizers["int4"]
+    with pytest.raises(ConfigError, match="compiled=True compiles a packed cache's kernels: make the cache with "):
+        quantizer.new_cache(storage="fake", compiled=True)
+    cache = quantizer.new_cache(storage="packed", read_codes=True, compiled=True)
+    copy = cache.empty_copy()
+    assert copy.compiled and copy.read_codes and all(layer.compiled_kernels for layer in copy.layers)
+    assert not any(layer.compiled_kernels for layer in quantizer.new_cache(storage="packed").layers)
+
+
+def test_a_fresh_quantizers_first_compiled_call_derives_nothing_inside_the_graph(
+    quantizers: dict[str, KVQuantizer], counted_backend: list[int]
+) -> None:
+    """Two caches of a quantizer nothing was derived for yet, each encoding its step at one position: one graph. A
+    tensor made inside the first call's graph would leave it guarded on that tensor's absence, and the second
+    call, which finds it, would compile again."""
+    quantizer = quantizers["int4"].copy()
+    layer = quantizer.quantizers[0]
+    for _ in range(2):
+        compiled_kernels.encode_rows(layer, *_states(1, seed=7), 100)
+    assert _graphs_per_kernel()["_encode_rows_scheme0"] == 1 and len(counted_backend) == 1
+
+
+def test_a_fresh_quantizers_first_compiled_attention_derives_nothing_inside_the_graph(
+    quantizers: dict[str, KVQuantizer], counted_backend: list[int]
+) -> None:
+    """The same for attention from codes: the center by RoPE pairs, which only attention reads, is made before the
+    first graph, not in it."""
+    quantizer = quantizers["int4"].copy()
+    query = torch.randn(1, 2 * KV_HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(8))
+    for _ in range(2):
+        cache = quantizer.new_cache(storage="packed", read_codes=True)
+        keys, _ = cache.update(*_states(70, seed=9), 0)
+        compiled_kernels.attend(keys.quantcache_reader, query, None, HEAD_DIM**-0.5)  # type: ignore[attr-defined]
+    assert _graphs_per_kernel()["_attend_scheme0"] == 1 and len(counted_backend) == 1
+
+
+def test_ready_on_makes_every_derived_tensor_before_the_first_call(quantizers: dict[str, KVQuantizer]) -> None:
+    """After ``ready_on`` an update derives nothing more: the per-device tables a kernel reads already exist."""
+    quantizer = quantizers["int4"].copy()
+    device = torch.device("cpu")
+    layer = quantizer.quantizers[0]
+    layer.ready_on(device)
+
+    def derived() -> list[int]:
+        spaces = [layer.key.space, layer.value.space]
+        tables = [space._by_device for space in spaces] + [space._feedback_by_device for space in spaces]
+        return [len(table) for table in tables] + [len(layer.key.space._center_pairs_by_device)]
+
+    made = derived()
+    assert made == [1, 1, 1, 0, 1]  # values are not query-aware: no feedback matrix
+    cache = quantizer.new_cache(storage="packed", read_codes=True)
+    cache.update(*_states(30, seed=1), 0)
+    cache.update(*_states(1, seed=2), 0)
+    assert derived() == made
+
+
+# ---------------------------------------------------------------------------- float16 scales
+FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@given(st.lists(FLOATS, min_size=1, max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_float16_rounding_by_arithmetic_is_the_conversion(values: list[float]) -> None:
+    """Nearest float16 (ties to even) for any float32: normal, subnormal, past the largest float16, NaN; and where
+    it rounded a positive value down, the next float16 up."""
+    tensor = torch.tensor(values, dtype=torch.float32)
+    nearest, above = _float16_nearest(tensor)
+    want = tensor.half().float()
+    assert torch.equal(nearest.isnan(), want.isnan())
+    assert torch.equal(nearest[~want.isnan()], want[~want.isnan()])
+    down = (nearest < tensor) & (tensor > 0)
+    up = (want[down].half().view(torch.int16) + 1).view(torch.float16).float()
+    assert torch.equal(above[down], up)
+
+
+def test_float16_edges_of_the_arithmetic_rounding() -> None:
+    edges = torch.tensor([65504.0, 65519.0, 65520.0, 1e5, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14, 0.0, -0.0])
+    nearest, above = _float16_nearest(edges)
+    assert torch.equal(nearest, edges.half().float())
+    assert nearest[2] == torch.inf and nearest[5] == 0.0 and nearest[6] == 2.0**-24
+    assert above[1] == torch.inf and above[4] == 2.0**-23 and above[7] == 2.0**-14 + 2.0**-24
+    # a scale above the largest float16 once nudged is stored as infinity, as the conversion makes it
+    assert torch.equal(
+        stored_scale(torch.tensor([65500.0, 65450.0]), ScaleFormat.FLOAT16), torch.tensor([torch.inf, 65504.0])
+    )
+
+
+def test_compiled_float16_scales_are_those_the_rows_store(inductor: None) -> None:
+    """Inductor drops a float32 -> float16 -> float32 pair of casts; the scales a compiled kernel computes with must
+    still be float16 values, rounded up, exactly as eager ones."""
+    generator = torch.Generator().manual_seed(5)
+    scales = torch.rand(4096, generator=generator) * 10 ** torch.empty(4096).uniform_(-9, 4, generator=generator)
+    eager = stored_scale(scales, ScaleFormat.FLOAT16)
+    compiled = torch.compile(lambda s: stored_scale(s, ScaleFormat.FLOAT16))(scales)
+    assert torch.equal(compiled, eager)
+    assert torch.equal(eager.half().float(), eager) and bool((eager >= scales).all())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -250,6 +251,30 @@ def test_code_reading_twins_run_with_the_quantcache_attention_and_the_others_wit
         default_contenders(llama, quantizers, "fake", read_codes=True)
 
 
+def _counting_backend(
+    monkeypatch: pytest.MonkeyPatch, compile_graph: Callable[[torch.fx.GraphModule, Any], Any]
+) -> tuple[Callable[[torch.fx.GraphModule, Any], Any], list[int], list[int]]:
+    """A backend compiling each graph with ``compile_graph`` and counting them, the list it counts in, and how many
+    it compiled during each call of the timed runs (``runs._measure``, patched to count)."""
+    graphs: list[int] = []
+
+    def counting(graph: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        graphs.append(1)
+        return compile_graph(graph, example_inputs)
+
+    timed: list[int] = []
+    measure = runs._measure
+
+    def counted_measure(*args: Any, **kwargs: Any) -> Any:
+        before = len(graphs)
+        rows = measure(*args, **kwargs)
+        timed.append(len(graphs) - before)
+        return rows
+
+    monkeypatch.setattr(runs, "_measure", counted_measure)
+    return counting, graphs, timed
+
+
 def test_kernel_twins_follow_each_packed_contender_and_their_warm_up_compiles_every_graph(
     llama: PreTrainedModel, quantizers: dict[str, KVQuantizer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -269,22 +294,7 @@ def test_kernel_twins_follow_each_packed_contender_and_their_warm_up_compiles_ev
         ("int4 codes kernels", True, True),
     ]
     assert all(c.compiles == c.compiled_kernels for c in contenders)
-    graphs: list[int] = []
-
-    def counting(graph: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        graphs.append(1)
-        return graph.forward
-
-    timed: list[int] = []
-    measure = runs._measure
-
-    def counted_measure(*args: Any, **kwargs: Any) -> Any:
-        before = len(graphs)
-        rows = measure(*args, **kwargs)
-        timed.append(len(graphs) - before)
-        return rows
-
-    monkeypatch.setattr(runs, "_measure", counted_measure)
+    counting, graphs, timed = _counting_backend(monkeypatch, lambda graph, example_inputs: graph.forward)
     monkeypatch.setattr(compiled_kernels, "BACKEND", counting)
     compiled_kernels.reset()
     torch.compiler.reset()
@@ -347,22 +357,7 @@ def test_the_warm_up_compiles_every_graph_the_timed_runs_need(
     prompt and cache lengths dynamic, runs a prompt past MAX_QUERIES_FROM_CODES (the attention from codes
     decodes the rows and runs sdpa there), and meets both layouts of a packed cache's rows (a fresh fill's
     views of reserved room, the concatenated rows of compiled steps)."""
-    compiles: list[int] = []
-
-    def counting(graph: Any, example_inputs: Any) -> Any:
-        compiles.append(1)
-        return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
-
-    timed: list[int] = []
-    measure = runs._measure
-
-    def counted_measure(*args: Any, **kwargs: Any) -> Any:
-        before = len(compiles)
-        rows = measure(*args, **kwargs)
-        timed.append(len(compiles) - before)
-        return rows
-
-    monkeypatch.setattr(runs, "_measure", counted_measure)
+    counting, compiles, timed = _counting_backend(monkeypatch, torch._dynamo.backends.debugging.aot_eager)
     contenders = compiled_twins(
         [dynamic_contender(llama), quantized_contender("seed codes", quantizers["seed"], "packed", read_codes=True)]
     )

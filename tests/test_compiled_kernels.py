@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, calibrate, use_code_attention
-from quantcache.cache import compiled_kernels
+from quantcache.cache import attention, compiled_kernels
 from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.ops.quantize import _float16_nearest, stored_scale
@@ -177,9 +177,9 @@ def _spy_on_encoding(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def _states(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _states(tokens: int, seed: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, KV_HEADS, tokens, HEAD_DIM, generator=generator) for _ in range(2))  # type: ignore[return-value]
+    return tuple(torch.randn(batch, KV_HEADS, tokens, HEAD_DIM, generator=generator) for _ in range(2))  # type: ignore[return-value]
 
 
 def test_only_decode_sized_calls_no_hook_hears_are_compiled(
@@ -201,6 +201,35 @@ def test_only_decode_sized_calls_no_hook_hears_are_compiled(
     for tokens in (3, 1):
         heard.update(*_states(tokens, seed=tokens), 0)
     assert calls == [] and len(events) == 4  # keys and values, twice
+
+
+def test_attention_runs_compiled_only_over_a_history_of_one_block(
+    quantizers: dict[str, KVQuantizer], counted_backend: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A history longer than one block of CODE_BLOCK_BYTES is attended eagerly, block by block (the kernel would
+    convert every row at once); one block goes through the kernel. Both give the eager attention's output."""
+    calls: list[int] = []
+    compiled = compiled_kernels.attend
+
+    def spy(reader: Any, *args: Any) -> torch.Tensor:
+        calls.append(reader.codes)
+        return compiled(reader, *args)
+
+    monkeypatch.setattr(compiled_kernels, "attend", spy)
+    monkeypatch.setattr(attention, "MIN_BLOCK_ROWS", 16)
+    cache = quantizers["int4"].new_cache(storage="packed", read_codes=True, compiled=True)
+    keys, values = cache.update(*_states(70, seed=3, batch=2), 0)
+    reader = keys.quantcache_reader  # type: ignore[attr-defined]
+    assert reader.codes == 70 - 1 - 24  # the sink and the residual window are exact rows
+    query = torch.randn(2, 2 * KV_HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(4))
+    eager = reader.attend(query, None, HEAD_DIM**-0.5)
+    row_bytes = 4 * 2 * KV_HEADS * HEAD_DIM  # a row of every sequence and kv head, converted to float32
+    for block_rows, through_kernel in ((reader.codes, True), (reader.codes - 1, False)):
+        monkeypatch.setattr(attention, "CODE_BLOCK_BYTES", block_rows * row_bytes)
+        calls.clear()
+        output, _ = attention.code_attention(None, query, keys, values, None)  # type: ignore[arg-type]
+        assert calls == ([reader.codes] if through_kernel else [])
+        assert (output - eager).abs().max() <= 1e-6 * eager.abs().max()
 
 
 def test_compiled_needs_packed_storage_and_copies_keep_it(quantizers: dict[str, KVQuantizer]) -> None:

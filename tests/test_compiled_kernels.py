@@ -165,6 +165,21 @@ def test_each_scheme_has_kernels_of_its_own(
     assert compiled_kernels.kernels_made() == 2 and len(counted_backend) == 2 * first
 
 
+def test_schemes_that_differ_only_in_their_values_have_kernels_of_their_own(
+    model: PreTrainedModel, counted_backend: list[int]
+) -> None:
+    """The value stream's settings are part of what picks a scheme's kernels, not only the keys'."""
+    keys = {"dtype": "int8", "scope": "per_token", "dynamic": True}
+    calibration = _tokens(2, 32, seed=3).long()
+    for values in ("int8", "int4"):
+        config = KVQuantConfig(**{**keys, "dtype": values}, key=keys)
+        quantizer = calibrate(model, calibration, quant_config=config, progress=False)
+        cache = quantizer.new_cache(storage="packed", compiled=True)
+        for position in range(3):
+            cache.update(*_states(1, seed=position), 0)
+    assert compiled_kernels.kernels_made() == 2
+
+
 def _spy_on_encoding(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     compiled = compiled_kernels.encode_rows

@@ -12,11 +12,14 @@ shapes and settings, not on which layer calls.
 
 What runs compiled: encoding up to :data:`COMPILED_TOKENS` new tokens with no hook listening
 (decode steps, short chunks; a prompt's prefill stays eager, where query-aware rounding takes
-its keys one coordinate at a time), and attention from codes (``read_codes=True``; the
-history's length becomes a dynamic size after its first change, so a growing context does not
-compile again). Each scheme (the key and value streams' settings and where keys are stored
-relative to RoPE) gets kernels with a code object of its own, so a quantizer mixing schemes
-does not spend one scheme's recompile budget on another's graphs. Before each call, the layer's
+its keys one coordinate at a time), and attention from codes (``read_codes=True``) over a history
+whose rows fit one block of :data:`~quantcache.cache.attention.CODE_BLOCK_BYTES` (a longer one is read
+eagerly, block by block, while each block is in cache); the history's length becomes a dynamic size
+after its first change, so a growing context does not compile again.
+
+Each scheme (the key and value streams' settings and where keys are stored relative to RoPE)
+gets kernels with a code object of its own, so a quantizer mixing schemes does not spend one
+scheme's recompile budget on another's graphs. Before each call, the layer's
 derived tensors are made on the device (:meth:`LayerQuantizer.ready_on`): a graph whose first
 call made one would be guarded on its absence and compile again on the next.
 

@@ -66,9 +66,8 @@ def compiled_copy(function: Callable[..., Any], tag: str, **options: Any) -> Cal
 def _encode_rows(
     quantizer: LayerQuantizer, keys: torch.Tensor, values: torch.Tensor, start: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed key and value rows of ``(batch, kv_heads, tokens, head_dim)`` states at positions ``start..``."""
-    key_rows = quantizer.key.encode(quantizer.keys_to_quantize(keys, start))
-    return key_rows, quantizer.value.encode(values)
+    """:meth:`LayerQuantizer.encode`, in a function of this module's that each scheme's kernel copies."""
+    return quantizer.encode(keys, values, start)
 
 
 def _attend(reader: CodeReader, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -117,9 +116,8 @@ def reset() -> None:
 def encode_rows(
     quantizer: LayerQuantizer, keys: torch.Tensor, values: torch.Tensor, start: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Compiled: the packed ``(batch, kv_heads, tokens, row_bytes)`` key and value rows of states at positions
-    ``start..`` (no sink tokens among them), as ``quantizer.key.encode(quantizer.keys_to_quantize(keys, start))`` and
-    ``quantizer.value.encode(values)`` give them eagerly."""
+    """Compiled: :meth:`LayerQuantizer.encode`'s packed ``(batch, kv_heads, tokens, row_bytes)`` key and value rows of
+    states at positions ``start..`` (no sink tokens among them)."""
     quantizer.ready_on(keys.device)
     return _kernels_for(quantizer).encode_rows(quantizer, keys, values, start)
 

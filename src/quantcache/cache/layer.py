@@ -148,6 +148,13 @@ class LayerQuantizer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.key.fake_quantize(key_states, hook), self.value.fake_quantize(value_states, hook)
 
+    def encode(
+        self, keys: torch.Tensor, values: torch.Tensor, start: int, hook: QuantizeHook | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed ``(batch, kv_heads, tokens, row_bytes)`` key and value rows of states at positions ``start..``
+        (none of them a sink token): keys as :meth:`keys_to_quantize` gives them, then both streams' ``encode``."""
+        return self.key.encode(self.keys_to_quantize(keys, start), hook), self.value.encode(values, hook)
+
     def sinks_among(self, new_tokens: int, start: int, *, keeps_sinks: bool = True) -> int:
         """How many of ``new_tokens`` arriving at position ``start`` are sink tokens (none unless ``keeps_sinks``)."""
         if not keeps_sinks or not self.enabled or start >= self.sink_tokens:

@@ -355,10 +355,11 @@ class PackingLayerMixin(QuantizingLayerMixin):
         quantizer = self.quantizer
         assert quantizer is not None
         sinks = quantizer.sinks_among(keys.shape[2], start, keeps_sinks=self.keeps_sinks)
-        if sinks:
-            self._keep_sinks(keys[:, :, :sinks], values[:, :, :sinks], start)
-        elif self._compiles(keys.shape[2]):
-            return compiled_kernels.encode_rows(quantizer, keys, values, start)
+        if not sinks:
+            if self._compiles(keys.shape[2]):
+                return compiled_kernels.encode_rows(quantizer, keys, values, start)
+            return quantizer.encode(keys, values, start, self.on_quantize)
+        self._keep_sinks(keys[:, :, :sinks], values[:, :, :sinks], start)
         key_rows = self._encode(quantizer.key, quantizer.keys_to_quantize(keys, start), sinks)
         return key_rows, self._encode(quantizer.value, values, sinks)
 
@@ -374,9 +375,8 @@ class PackingLayerMixin(QuantizingLayerMixin):
         )
 
     def _encode(self, stream: StreamQuantizer, states: torch.Tensor, sinks: int) -> torch.Tensor:
-        """Packed rows of ``states``; the first ``sinks`` are placeholders (their states are kept apart)."""
-        if not sinks:
-            return stream.encode(states, self.on_quantize)
+        """Packed rows of ``states`` whose first ``sinks`` (at least one) are placeholders (their states are kept
+        apart)."""
         placeholder = stream.encode(states[:, :, :sinks])  # unheard: the sinks' own states are what is read
         if sinks == states.shape[2]:
             return placeholder

@@ -120,8 +120,7 @@ class StreamSpace:
         later call makes it: a compiled graph whose first call made one is guarded on its absence, and would compile
         again on the next call."""
         self._affine_on(device)
-        if self.rotation is not None and self.rotation.device != device:
-            self.rotation = self.rotation.to(device)
+        self._rotation_on(device)
         if self.query_model is not None and self.rope_frequencies is not None and self.channel_scale is not None:
             self.feedback_on(device)
 
@@ -163,11 +162,14 @@ class StreamSpace:
                 states = states - center
             if scale is not None:
                 states = states * scale
-        if self.rotation is None:
-            return states
-        if self.rotation.device != states.device:
-            self.rotation = self.rotation.to(states.device)
-        return rotate(states, self.rotation)
+        rotation = self._rotation_on(states.device)
+        return states if rotation is None else rotate(states, rotation)
+
+    def _rotation_on(self, device: torch.device) -> torch.Tensor | None:
+        """The rotation (``None``: none), moved to ``device`` once, not every call."""
+        if self.rotation is not None and self.rotation.device != device:
+            self.rotation = self.rotation.to(device)
+        return self.rotation
 
     def inverse(self, quantized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`forward` undone, in ``dtype``."""

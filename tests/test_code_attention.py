@@ -24,6 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 from quantcache import ConfigError, KVQuantConfig, QuantizedCalibratingCache, calibrate, use_code_attention
 from quantcache.cache import attention
 from quantcache.cache.attention import ATTENTION_NAME, MAX_QUERIES_FROM_CODES, CodeReader, code_attention
+from quantcache.cache.compiled_kernels import compiled_copy
 from quantcache.cache.model_facts import CACHE_KEYWORD
 from quantcache.scheme.args import QuantArgs
 from quantcache.scheme.presets import PRESETS
@@ -84,14 +85,20 @@ def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- one layer, every packed scheme
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
 @pytest.mark.parametrize("args", MATRIX, ids=_scheme_id)
-def test_a_layer_attends_from_codes_as_sdpa_over_its_decoded_rows(args: QuantArgs) -> None:
+def test_a_layer_attends_from_codes_as_sdpa_over_its_decoded_rows(args: QuantArgs, traced: bool) -> None:
     """Prefill of 7 tokens then one step, GQA, batch 2: the outputs of both attentions agree to float32 rounding.
 
     The decoded rows are float32 (what decoding computes), the attention from codes float64: what is left
     is the decode's own rounding, far below any mistake in a fold (a wrong sign, scale or offset moves
-    outputs by 1e-2 or more).
+    outputs by 1e-2 or more). ``traced``: the attention as a compiled graph computes it (the products with
+    the codes written as sums that the generated kernel reads from the bytes), traced by Dynamo as one graph.
     """
+    # a code object per scheme: Dynamo's recompile limit counts the graphs of one
+    attend = code_attention
+    if traced:
+        attend = compiled_copy(code_attention, _scheme_id(args), backend="eager", fullgraph=True)
     model = build_model("llama")
     config = KVQuantConfig(key=args, value=args)
     cache = QuantizedCalibratingCache(model, config, storage="packed")
@@ -109,7 +116,7 @@ def test_a_layer_attends_from_codes_as_sdpa_over_its_decoded_rows(args: QuantArg
         key_rows, value_rows = reading.update(keys, values, 0)
         reader: CodeReader = key_rows.quantcache_reader  # type: ignore[attr-defined]
         query = torch.randn(2, HEADS, tokens, HEAD_DIM, generator=generator, dtype=torch.float64)
-        got, _ = code_attention(model.model.layers[0].self_attn, query, key_rows, value_rows, None, scaling=0.3)
+        got, _ = attend(model.model.layers[0].self_attn, query, key_rows, value_rows, None, scaling=0.3)
         decoded_keys = reader.quantizer.key.decode(reader.key_rows, torch.float64)
         decoded_values = reader.quantizer.value.decode(reader.value_rows, torch.float64)
         expected = torch.nn.functional.scaled_dot_product_attention(

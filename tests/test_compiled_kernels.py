@@ -218,11 +218,11 @@ def test_only_decode_sized_calls_no_hook_hears_are_compiled(
     assert calls == [] and len(events) == 4  # keys and values, twice
 
 
-def test_attention_runs_compiled_only_over_a_history_of_one_block(
+def test_attention_runs_compiled_over_a_history_of_many_blocks(
     quantizers: dict[str, KVQuantizer], counted_backend: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A history longer than one block of CODE_BLOCK_BYTES is attended eagerly, block by block (the kernel would
-    convert every row at once); one block goes through the kernel. Both give the eager attention's output."""
+    """A history longer than one block of CODE_BLOCK_BYTES (read eagerly block by block) goes through the kernel
+    too, which reads the codes from their bytes whatever the length, and gives the eager attention's output."""
     calls: list[int] = []
     compiled = compiled_kernels.attend
 
@@ -232,19 +232,16 @@ def test_attention_runs_compiled_only_over_a_history_of_one_block(
 
     monkeypatch.setattr(compiled_kernels, "attend", spy)
     monkeypatch.setattr(attention, "MIN_BLOCK_ROWS", 16)
+    monkeypatch.setattr(attention, "CODE_BLOCK_BYTES", 16 * 4 * 2 * KV_HEADS * HEAD_DIM)  # 16 rows of 2 sequences
     cache = quantizers["int4"].new_cache(storage="packed", read_codes=True, compiled=True)
     keys, values = cache.update(*_states(70, seed=3, batch=2), 0)
     reader = keys.quantcache_reader  # type: ignore[attr-defined]
     assert reader.codes == 70 - 1 - 24  # the sink and the residual window are exact rows
     query = torch.randn(2, 2 * KV_HEADS, 1, HEAD_DIM, generator=torch.Generator().manual_seed(4))
     eager = reader.attend(query, None, HEAD_DIM**-0.5)
-    row_bytes = 4 * 2 * KV_HEADS * HEAD_DIM  # a row of every sequence and kv head, converted to float32
-    for block_rows, through_kernel in ((reader.codes, True), (reader.codes - 1, False)):
-        monkeypatch.setattr(attention, "CODE_BLOCK_BYTES", block_rows * row_bytes)
-        calls.clear()
-        output, _ = attention.code_attention(None, query, keys, values, None)  # type: ignore[arg-type]
-        assert calls == ([reader.codes] if through_kernel else [])
-        assert (output - eager).abs().max() <= 1e-6 * eager.abs().max()
+    output, _ = attention.code_attention(None, query, keys, values, None)  # type: ignore[arg-type]
+    assert calls == [reader.codes]
+    assert (output - eager).abs().max() <= 1e-6 * eager.abs().max()
 
 
 def test_compiled_needs_packed_storage_and_copies_keep_it(quantizers: dict[str, KVQuantizer]) -> None:
@@ -344,3 +341,18 @@ def test_compiled_float16_scales_are_those_the_rows_store(inductor: None) -> Non
     compiled = torch.compile(lambda s: stored_scale(s, ScaleFormat.FLOAT16))(scales)
     assert torch.equal(compiled, eager)
     assert torch.equal(eager.half().float(), eager) and bool((eager >= scales).all())
+
+
+def test_the_attention_kernel_passes_only_the_inductor_settings_this_torch_knows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``ATTEND_OPTIONS`` reach ``torch.compile`` as ``options`` for inductor; a setting an inductor lacks is left
+    out (``torch.compile`` refuses unknown ones), and another backend gets none."""
+    import torch._inductor.config as inductor_config
+
+    known = "realize_reads_threshold"
+    assert hasattr(inductor_config, known)
+    assert compiled_kernels._inductor_options({known: 1, "no_such_setting": 2}) == {"options": {known: 1}}
+    assert compiled_kernels._inductor_options({"no_such_setting": 2}) == {}
+    monkeypatch.setattr(compiled_kernels, "BACKEND", "eager")
+    assert compiled_kernels._inductor_options({known: 1}) == {}

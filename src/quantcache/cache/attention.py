@@ -69,8 +69,8 @@ history at once writes it out in float32 and reads it back for the product, thro
 the caches (at 8192 tokens x 8 sequences, SmolLM2's keys are 50 MB per layer, written to freshly mapped pages); a
 block this size is converted and used while it is still in the last-level cache. Measured on SmolLM2 at 8192 x 8
 (2 CPU threads): 8 MiB blocks beat 2 MiB ones, whose operations per block add up for 4-bit codes. A batch-1
-history of SmolLM2 shorter than 10,000 tokens is one block. Eager only: a compiled graph keeps the length symbolic,
-and the number of blocks would follow it."""
+history of SmolLM2 shorter than 10,000 tokens is one block. Eager only: a compiled graph reads the codes from their
+bytes and converts no block (and keeps the length symbolic, which the number of blocks would follow)."""
 MIN_BLOCK_ROWS = 256
 """Rows per block at least, whatever the batch: below that, the operations per block cost more than they save."""
 MAX_QUERIES_FROM_CODES = 64
@@ -100,9 +100,8 @@ class CodeReader:
     states of its first and last rows, read instead of those rows' codes; ``keys`` the decoded
     ``(batch, kv_heads, seq, head_dim)`` keys instead of the key rows, for keys quantized before
     RoPE (``head`` and ``tail`` already in place). ``compiled``: :func:`code_attention` runs :meth:`attend` as a
-    compiled kernel where the rows fit one block of :data:`CODE_BLOCK_BYTES` (a batch-1 history of SmolLM2
-    under about 10,000 tokens); a longer history is read block by block eagerly, each block while it is still
-    in cache (at 8192 tokens x 8 sequences the kernel, converting every row at once, took 1.2-2.6x as long).
+    compiled kernel (:mod:`quantcache.cache.compiled_kernels`), whatever the history's length: its loops read
+    the codes from their bytes, so no block is ever written out in float32.
     """
 
     def __init__(
@@ -187,11 +186,6 @@ class CodeReader:
         if self.tail is not None:
             output = output + probabilities[..., self.coded.stop :] @ self.tail.values.to(output)
         return output.view(batch, heads, n, head_dim).transpose(1, 2).to(query.dtype).contiguous()
-
-    def in_one_block(self, head_dim: int) -> bool:
-        """Whether the rows read from codes are converted in one block (:meth:`_blocks`) when attended eagerly: a
-        compiled kernel converts them all at once, which only a history of one block does as fast."""
-        return len(self._blocks(int(self.key_rows.shape[0] * self.key_rows.shape[1]) * head_dim)) <= 1
 
     def _blocks(self, row_elements: int) -> list[slice]:
         """The rows read from codes in blocks of about :data:`CODE_BLOCK_BYTES` once converted (one block when
@@ -298,7 +292,7 @@ def code_attention(
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout, scaling, **kwargs)
     if scaling is None:
         scaling = float(query.shape[-1]) ** -0.5
-    if reader.compiled and not torch.compiler.is_compiling() and reader.in_one_block(query.shape[-1]):
+    if reader.compiled and not torch.compiler.is_compiling():
         return compiled_kernels.attend(reader, query, attention_mask, scaling), None
     return reader.attend(query, attention_mask, scaling), None
 

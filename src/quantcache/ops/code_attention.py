@@ -26,6 +26,13 @@ a matrix product needs; only a static stream with groups of channels is scaled i
 first (:meth:`CodeView.in_space`), which still skips the rotation. Everything runs in the
 queries' dtype (float32, or float64 for a float64 model).
 
+Traced into a compiled graph (:mod:`quantcache.cache.compiled_kernels`), the products with the
+codes are written as sums of elementwise products instead (``(q[:, None] * codes).sum(-1)``
+and ``(p[..., None] * codes).sum(-2)``): inductor makes each one loop that reads the stored
+bytes and widens them in registers, where a matrix product needs the codes written out in
+float32 first and read back. Measured on SmolLM2 (2 CPU threads), attention over 8192 8-bit
+rows took 2.6x less time this way, and ran faster than ``sdpa`` over float32 states.
+
 A static stream's flagged rows (states that held NaN or Inf) add NaN to their scores, so
 every query that reads them gives NaN, as decoding them would. Shapes: queries are
 ``(batch, kv_heads, n, head_dim)`` (a kv head's query heads and positions stacked in ``n``),
@@ -33,6 +40,8 @@ rows ``(batch, kv_heads, seq, ...)``, scores and probabilities ``(batch, kv_head
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -66,15 +75,54 @@ def _row_parameter(parameter: torch.Tensor | float) -> torch.Tensor | float:
     return parameter if isinstance(parameter, float) else parameter.squeeze(-1).unsqueeze(-2)
 
 
+def _slots(view: CodeView, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The codes in ``dtype``, one ``(batch, kv_heads, seq, bytes)`` tensor per slot of their bytes (the low bits
+    first): slot ``i`` holds channels ``i, i + p, i + 2p, ...`` for ``p = per_byte`` (all channels when ``p`` is 1)."""
+    if view.per_byte == 1:
+        return [view.codes.to(dtype)]
+    width = 8 // view.per_byte
+    mask = (1 << width) - 1
+    return [((view.codes >> (width * index)) & mask).to(dtype) for index in range(view.per_byte)]
+
+
+def _slot_order(head_dim: int, per_byte: int, like: torch.Tensor) -> torch.Tensor:
+    """``(head_dim, head_dim)`` permutation matrix in ``like``'s dtype: ``x @ it`` is :func:`slot_major` of ``x``."""
+    eye = torch.eye(head_dim, device=like.device, dtype=like.dtype)
+    return slot_major(eye, per_byte)
+
+
 def _times_codes(query: torch.Tensor, view: CodeView) -> torch.Tensor:
     """``query @ codes^T``: ``(batch, kv_heads, n, head_dim)`` against the rows' codes, ``(batch, kv_heads, n, seq)``
-    (codes left in their bytes are read in slot-major order, the query put in it)."""
+    (codes left in their bytes are read in slot-major order, the query put in it).
+
+    Compiled, it is a sum of products over each row's channels, which the generated kernel reads
+    from the stored bytes and widens in registers: no float32 copy of the codes is written and read
+    back for a matrix product (at 8192 tokens, 2.6x less time for 8-bit codes on a CPU).
+    """
+    if torch.compiler.is_compiling():
+        slots = _slots(view, query.dtype)
+        if len(slots) == 1:
+            return (query.unsqueeze(-2) * slots[0].unsqueeze(-3)).sum(-1)
+        # the query in slot-major order as a tensor of its own (a product, exact: ones and zeros), so the kernel
+        # reads each slot's channels contiguously; indexing them out of the query instead makes inductor vectorize
+        # over the rows, transposing every block of codes (2.4x slower at 8192 tokens)
+        ordered = query @ _slot_order(query.shape[-1], view.per_byte, query)
+        width = slots[0].shape[-1]
+        products = [
+            ordered[..., index * width : (index + 1) * width].unsqueeze(-2) * slot.unsqueeze(-3)
+            for index, slot in enumerate(slots)
+        ]
+        return functools.reduce(torch.add, products).sum(-1)
     return slot_major(query, view.per_byte) @ view.slot_major(query.dtype).transpose(-1, -2)
 
 
 def _mix_codes(weights: torch.Tensor, view: CodeView) -> torch.Tensor:
     """``weights @ codes``: ``(batch, kv_heads, n, seq)`` weights over the rows' codes, ``(batch, kv_heads, n,
-    head_dim)`` (codes left in their bytes are mixed in slot-major order, then put back in order)."""
+    head_dim)`` (codes left in their bytes are mixed in slot-major order, then put back in order; compiled, a sum
+    over the rows per slot, as :func:`_times_codes`)."""
+    if torch.compiler.is_compiling():
+        mixed = [(weights.unsqueeze(-1) * slot.unsqueeze(-3)).sum(-2) for slot in _slots(view, weights.dtype)]
+        return mixed[0] if len(mixed) == 1 else torch.stack(mixed, dim=-1).flatten(-2)
     return from_slot_major(weights @ view.slot_major(weights.dtype), view.per_byte)
 
 
@@ -126,6 +174,8 @@ def _grouped_scores(query: torch.Tensor, view: CodeView) -> torch.Tensor:
     of two more passes over the ``(seq, head_dim)`` rows. ``query`` ``(batch, kv_heads, n,
     head_dim)`` -> ``(batch, kv_heads, n, seq)``.
     """
+    if torch.compiler.is_compiling():
+        return _grouped_scores_summed(query, view)
     codes, subtrahend, scale = _grouped(view, query.dtype)
     padding = codes.shape[-1] - query.shape[-1]  # the last group's zero padding in the codes
     padded = torch.nn.functional.pad(query, (0, padding)) if padding else query
@@ -137,11 +187,41 @@ def _grouped_scores(query: torch.Tensor, view: CodeView) -> torch.Tensor:
     return (scores * scale).sum(2)
 
 
+def _grouped_scores_summed(query: torch.Tensor, view: CodeView) -> torch.Tensor:
+    """:func:`_grouped_scores` as sums of products, for a compiled graph (see :func:`_times_codes`): each row's
+    groups scored against the query's own channels ``(batch, kv_heads, n, seq, groups)``, offset and scaled, then
+    summed over the groups."""
+    groups, size = view.codes.shape[-2:]
+    padding = groups * size - query.shape[-1]
+    padded = torch.nn.functional.pad(query, (0, padding)) if padding else query
+    by_group = padded.reshape(*padded.shape[:-1], groups, size)  # (batch, kv_heads, n, groups, size)
+    scores = (by_group.unsqueeze(-3) * view.codes.to(query.dtype).unsqueeze(-4)).sum(-1)
+    if isinstance(view.subtrahend, torch.Tensor):
+        scores = scores - by_group.sum(-1).unsqueeze(-2) * view.subtrahend.squeeze(-1).unsqueeze(-3)
+    elif view.subtrahend is not None:
+        scores = scores - by_group.sum(-1).unsqueeze(-2) * view.subtrahend
+    return (scores * view.scale.squeeze(-1).unsqueeze(-3)).sum(-1)
+
+
+def _grouped_mix_summed(probabilities: torch.Tensor, view: CodeView) -> torch.Tensor:
+    """:func:`_grouped_mix` as sums over the rows, for a compiled graph: each group's channels mixed with the
+    probabilities weighed by that group's row scales, ``(batch, kv_heads, n, groups, size)``."""
+    weights = probabilities.unsqueeze(-1) * view.scale.squeeze(-1).unsqueeze(-3)  # (batch, kv_heads, n, seq, groups)
+    mixed = (weights.unsqueeze(-1) * view.codes.to(weights.dtype).unsqueeze(-4)).sum(-3)
+    if isinstance(view.subtrahend, torch.Tensor):
+        mixed = mixed - (weights * view.subtrahend.squeeze(-1).unsqueeze(-3)).sum(-2).unsqueeze(-1)
+    elif view.subtrahend is not None:
+        mixed = mixed - weights.sum(-2).unsqueeze(-1) * view.subtrahend
+    return mixed.flatten(-2)[..., : view.head_dim]
+
+
 def _grouped_mix(probabilities: torch.Tensor, view: CodeView) -> torch.Tensor:
     """``sum_t p_t x_t`` of a dynamic stream in groups of channels: the probabilities weighed by each group's
     row scales, one product with the whole rows, and each group's channels kept from its own weights
     (as :func:`_grouped_scores`, no pass scales the codes). ``(batch, kv_heads, n, seq)`` ->
     ``(batch, kv_heads, n, head_dim)``."""
+    if torch.compiler.is_compiling():
+        return _grouped_mix_summed(probabilities, view)
     codes, subtrahend, scale = _grouped(view, probabilities.dtype)
     weights = probabilities.unsqueeze(2) * scale  # (batch, kv_heads, groups, n, seq)
     mixed = (weights.flatten(2, 3) @ codes).view(*weights.shape[:4], -1)  # (..., groups, n, groups * size)

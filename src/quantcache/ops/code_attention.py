@@ -75,16 +75,6 @@ def _row_parameter(parameter: torch.Tensor | float) -> torch.Tensor | float:
     return parameter if isinstance(parameter, float) else parameter.squeeze(-1).unsqueeze(-2)
 
 
-def _slots(view: CodeView, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The codes in ``dtype``, one ``(batch, kv_heads, seq, bytes)`` tensor per slot of their bytes (the low bits
-    first): slot ``i`` holds channels ``i, i + p, i + 2p, ...`` for ``p = per_byte`` (all channels when ``p`` is 1)."""
-    if view.per_byte == 1:
-        return [view.codes.to(dtype)]
-    width = 8 // view.per_byte
-    mask = (1 << width) - 1
-    return [((view.codes >> (width * index)) & mask).to(dtype) for index in range(view.per_byte)]
-
-
 def _slot_order(head_dim: int, per_byte: int, like: torch.Tensor) -> torch.Tensor:
     """``(head_dim, head_dim)`` permutation matrix in ``like``'s dtype: ``x @ it`` is :func:`slot_major` of ``x``."""
     eye = torch.eye(head_dim, device=like.device, dtype=like.dtype)
@@ -100,18 +90,15 @@ def _times_codes(query: torch.Tensor, view: CodeView) -> torch.Tensor:
     back for a matrix product (at 8192 tokens, 2.6x less time for 8-bit codes on a CPU).
     """
     if torch.compiler.is_compiling():
-        slots = _slots(view, query.dtype)
+        slots = view.slots(query.dtype)
         if len(slots) == 1:
             return (query.unsqueeze(-2) * slots[0].unsqueeze(-3)).sum(-1)
         # the query in slot-major order as a tensor of its own (a product, exact: ones and zeros), so the kernel
         # reads each slot's channels contiguously; indexing them out of the query instead makes inductor vectorize
         # over the rows, transposing every block of codes (2.4x slower at 8192 tokens)
         ordered = query @ _slot_order(query.shape[-1], view.per_byte, query)
-        width = slots[0].shape[-1]
-        products = [
-            ordered[..., index * width : (index + 1) * width].unsqueeze(-2) * slot.unsqueeze(-3)
-            for index, slot in enumerate(slots)
-        ]
+        parts = torch.split(ordered, slots[0].shape[-1], dim=-1)
+        products = [part.unsqueeze(-2) * slot.unsqueeze(-3) for part, slot in zip(parts, slots, strict=True)]
         return functools.reduce(torch.add, products).sum(-1)
     return slot_major(query, view.per_byte) @ view.slot_major(query.dtype).transpose(-1, -2)
 
@@ -121,7 +108,7 @@ def _mix_codes(weights: torch.Tensor, view: CodeView) -> torch.Tensor:
     head_dim)`` (codes left in their bytes are mixed in slot-major order, then put back in order; compiled, a sum
     over the rows per slot, as :func:`_times_codes`)."""
     if torch.compiler.is_compiling():
-        mixed = [(weights.unsqueeze(-1) * slot.unsqueeze(-3)).sum(-2) for slot in _slots(view, weights.dtype)]
+        mixed = [(weights.unsqueeze(-1) * slot.unsqueeze(-3)).sum(-2) for slot in view.slots(weights.dtype)]
         return mixed[0] if len(mixed) == 1 else torch.stack(mixed, dim=-1).flatten(-2)
     return from_slot_major(weights @ view.slot_major(weights.dtype), view.per_byte)
 

@@ -22,7 +22,16 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["CodeView", "bits_per_slot", "from_slot_major", "pack_codes", "slot_major", "unpack_codes", "unpack_slots"]
+__all__ = [
+    "CodeView",
+    "bits_per_slot",
+    "byte_slots",
+    "from_slot_major",
+    "pack_codes",
+    "slot_major",
+    "unpack_codes",
+    "unpack_slots",
+]
 
 
 def bits_per_slot(bits: int) -> int:
@@ -58,6 +67,15 @@ def pack_codes(codes: torch.Tensor, bits: int, offset: int) -> torch.Tensor:
     return packed.reshape(*shifted.shape[:-1], -1).to(torch.uint8)
 
 
+def byte_slots(packed: torch.Tensor, width: int, mask: int | None = None) -> list[torch.Tensor]:
+    """The slots of ``width`` bits that 2- and 4-bit codes fill in each byte of ``packed``, the low bits first
+    (:func:`pack_codes`'s order), one tensor of ``packed``'s shape and dtype per slot: slot ``i`` holds codes
+    ``i, i + p, i + 2p, ...`` of a row for ``p = 8 // width``. ``mask`` (default ``2**width - 1``) lets integers wider
+    than a byte be taken apart bytewise (the mask repeated in every byte)."""
+    mask = (1 << width) - 1 if mask is None else mask
+    return [packed & mask] + [(packed >> (width * index)) & mask for index in range(1, 8 // width)]
+
+
 def unpack_slots(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The stored (offset, non-negative) codes of ``packed`` as ``uint8`` ``(..., count)``.
 
@@ -68,9 +86,7 @@ def unpack_slots(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if slot == 8:
         return packed[..., :count]
     if slot in (2, 4):
-        mask = (1 << slot) - 1
-        parts = [packed & mask] + [(packed >> (slot * index)) & mask for index in range(1, 8 // slot)]
-        return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)[..., :count]
+        return torch.stack(byte_slots(packed, slot), dim=-1).reshape(*packed.shape[:-1], -1)[..., :count]
     groups = packed.reshape(*packed.shape[:-1], -1, slot).to(torch.int64)
     byte_shifts = torch.arange(0, 8 * slot, 8, device=packed.device, dtype=torch.int64)
     words = (groups << byte_shifts).sum(dim=-1, keepdim=True)
@@ -139,10 +155,17 @@ class CodeView(NamedTuple):
             words = codes
         out = torch.empty(*codes.shape[:-1], self.head_dim, dtype=dtype, device=codes.device)
         block = codes.shape[-1]
-        for index in range(self.per_byte):
-            slot = (words >> (width * index)) & mask if index else words & mask
+        for index, slot in enumerate(byte_slots(words, width, mask)):
             out[..., index * block : (index + 1) * block] = slot.view(torch.uint8)
         return out
+
+    def slots(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The codes as ``dtype``, one ``(batch, kv_heads, seq, head_dim / per_byte)`` tensor per slot of their
+        bytes (:func:`byte_slots`; all ``head_dim`` channels in one when ``per_byte`` is 1): what a product that
+        reads the bytes itself takes, where :meth:`slot_major` writes the slots out side by side."""
+        if self.per_byte == 1:
+            return [self.codes.to(dtype)]
+        return [slot.to(dtype) for slot in byte_slots(self.codes, 8 // self.per_byte)]
 
     @property
     def per_row(self) -> bool:

@@ -356,3 +356,30 @@ def test_the_attention_kernel_passes_only_the_inductor_settings_this_torch_knows
     assert compiled_kernels._inductor_options({"no_such_setting": 2}) == {}
     monkeypatch.setattr(compiled_kernels, "BACKEND", "eager")
     assert compiled_kernels._inductor_options({known: 1}) == {}
+
+
+def test_each_kernel_is_compiled_with_its_inductor_settings(
+    quantizers: dict[str, KVQuantizer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both kernels get a C++ wrapper (``KERNEL_OPTIONS``); the attention kernel also ``ATTEND_OPTIONS``' own
+    setting. Another backend gets neither."""
+    made: dict[str, dict[str, Any]] = {}
+
+    def recording(function: Any, tag: str, **options: Any) -> Any:
+        made[function.__name__] = options
+        return function
+
+    monkeypatch.setattr(compiled_kernels, "compiled_copy", recording)
+    layer = quantizers["int4"].quantizers[0]
+    for backend, expected in (
+        ("inductor", ({"cpp_wrapper": True}, {"cpp_wrapper": True, "realize_reads_threshold": 1})),
+        ("eager", ({}, {})),
+    ):
+        monkeypatch.setattr(compiled_kernels, "BACKEND", backend)
+        compiled_kernels.reset()
+        compiled_kernels._kernels_for(layer)
+        assert made == {
+            "_encode_rows": {"backend": backend, **({"options": expected[0]} if expected[0] else {})},
+            "_attend": {"backend": backend, **({"options": expected[1]} if expected[1] else {})},
+        }
+    compiled_kernels.reset()

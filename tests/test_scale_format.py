@@ -62,6 +62,18 @@ def test_nan_has_its_own_code() -> None:
     assert torch.isnan(log8_decode(torch.tensor([LOG8_NAN], dtype=torch.uint8))).all()
 
 
+def test_a_compiled_graph_encodes_log8_scales_as_eager_code_does() -> None:
+    """Traced into a graph, the code is a count of the powers below the scale (a loop of the graph's own) instead of
+    ``searchsorted``: the same code for every stored scale, the values between and beside them, the ends, NaN."""
+    powers = log8_decode(torch.arange(LOG8_NAN, dtype=torch.uint8))
+    between = torch.cat([torch.nextafter(powers, powers * 0), torch.nextafter(powers, powers * 4)])
+    ends = torch.tensor([0.0, 1e-30, LOWEST / 2, HIGHEST * 2, 1e38, math.inf, math.nan])
+    scales = torch.cat([powers, between, ends]).view(1, 1, -1, 1)  # per-token scales
+    traced = torch.compile(log8_encode, backend="eager", fullgraph=True)
+    assert torch.equal(traced(scales), log8_encode(scales))
+    assert log8_encode(scales).dtype == torch.uint8
+
+
 @SETTINGS
 @given(st.floats(LOWEST, 50000.0, width=32))
 def test_a_scale_is_rounded_up_by_less_than_one_step(scale: float) -> None:

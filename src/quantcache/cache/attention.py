@@ -46,6 +46,7 @@ from quantcache.ops.code_attention import (
     unfold_output,
     value_mix,
 )
+from quantcache.ops.products import few_rows_matmul
 
 __all__ = [
     "ATTENTION_NAME",
@@ -182,9 +183,9 @@ class CodeReader:
             coded = probabilities[..., self.coded].sum(-1, keepdim=True)
             output = unfold_output(functools.reduce(torch.add, mixed), coded, value_stream.space)
         if self.head is not None:
-            output = output + probabilities[..., : self.head.length] @ self.head.values.to(output)
+            output = output + few_rows_matmul(probabilities[..., : self.head.length], self.head.values.to(output))
         if self.tail is not None:
-            output = output + probabilities[..., self.coded.stop :] @ self.tail.values.to(output)
+            output = output + few_rows_matmul(probabilities[..., self.coded.stop :], self.tail.values.to(output))
         return output.view(batch, heads, n, head_dim).transpose(1, 2).to(query.dtype).contiguous()
 
     def _blocks(self, row_elements: int) -> list[slice]:
@@ -227,9 +228,9 @@ class CodeReader:
                 coded = coded + turned_center_scores(stacked, pairs, angles)
             parts.append(coded if value_poison is None else coded + value_poison)
         if self.head is not None:
-            parts.insert(0, stacked @ self.head.keys.to(stacked).transpose(-1, -2))
+            parts.insert(0, few_rows_matmul(stacked, self.head.keys.to(stacked).transpose(-1, -2)))
         if self.tail is not None:
-            parts.append(stacked @ self.tail.keys.to(stacked).transpose(-1, -2))
+            parts.append(few_rows_matmul(stacked, self.tail.keys.to(stacked).transpose(-1, -2)))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

@@ -46,6 +46,7 @@ import functools
 import torch
 
 from quantcache.ops.packing import CodeView, from_slot_major, slot_major
+from quantcache.ops.products import few_rows_matmul
 from quantcache.ops.rope import BlockAngles, CenterPairs
 from quantcache.ops.stream_space import StreamSpace
 
@@ -66,7 +67,7 @@ def fold_query(query: torch.Tensor, space: StreamSpace) -> tuple[torch.Tensor, t
     if space.channel_scale is not None:
         query = query / _per_head(space.channel_scale, query)
     if space.rotation is not None:
-        query = query @ space.rotation.to(query.device, query.dtype).T
+        query = few_rows_matmul(query, space.rotation.to(query.device, query.dtype).T)
     return query, from_center
 
 
@@ -255,7 +256,7 @@ def unfold_output(mixed: torch.Tensor, probability_sum: torch.Tensor, space: Str
     center is weighed by).
     """
     if space.rotation is not None:
-        mixed = mixed @ space.rotation.to(mixed.device, mixed.dtype)
+        mixed = few_rows_matmul(mixed, space.rotation.to(mixed.device, mixed.dtype))
     if space.channel_scale is not None:
         mixed = mixed / _per_head(space.channel_scale, mixed)
     if space.applied_center is not None:

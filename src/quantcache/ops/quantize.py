@@ -429,7 +429,10 @@ def log8_table(device: torch.device) -> torch.Tensor:
 def log8_encode(scale: torch.Tensor) -> torch.Tensor:
     """Positive float32 scales -> ``uint8`` codes of the smallest stored scale not below each (NaN -> 255)."""
     powers = log8_table(scale.device)[:LOG8_NAN]
-    code = torch.searchsorted(powers, scale.float().contiguous()).clamp_(max=LOG8_NAN - 1)
+    if torch.compiler.is_compiling():  # searchsorted's answer as a count, which the graph computes in its own loop
+        code = (powers < scale.float().unsqueeze(-1)).sum(-1).clamp_(max=LOG8_NAN - 1)
+    else:
+        code = torch.searchsorted(powers, scale.float().contiguous()).clamp_(max=LOG8_NAN - 1)
     return torch.where(torch.isnan(scale), LOG8_NAN, code).to(torch.uint8)
 
 

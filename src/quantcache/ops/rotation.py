@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import torch
 
+from quantcache.ops.products import few_rows_matmul
+
 __all__ = ["rotate", "rotation_matrix", "unrotate"]
 
 
@@ -45,9 +47,9 @@ def rotation_matrix(head_dim: int, seed: int, device: torch.device | str = "cpu"
 
 def rotate(states: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``(..., head_dim)`` states -> ``R x`` for every vector, in float32."""
-    return states.float() @ matrix.T
+    return few_rows_matmul(states.float(), matrix.T)
 
 
 def unrotate(rotated: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rotate`: ``R^T y``, in float32."""
-    return rotated.float() @ matrix
+    return few_rows_matmul(rotated.float(), matrix)

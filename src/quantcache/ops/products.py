@@ -1,8 +1,8 @@
 """Matrix products of a few rows, written so that a compiled graph computes them in its own loops.
 
 A decode step's per-token work multiplies a handful of rows (one token's key and value, a step's
-queries) by ``(head_dim, head_dim)`` matrices: rotations, a permutation into slot order, the
-full-precision sink and window rows. Eagerly a library matrix product is the fastest way. Inside a
+queries) by small matrices: ``(head_dim, head_dim)`` rotations, the full-precision sink and window
+rows. Eagerly a library matrix product is the fastest way. Inside a
 graph ``torch.compile`` makes, each such product stays a call into that library between the
 generated loops: a few microseconds of call, allocation and (on a CPU) thread hand-over each, for
 a few thousand multiply-adds. Written as a sum of elementwise products, inductor fuses the product

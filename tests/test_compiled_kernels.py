@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -362,7 +362,7 @@ def test_each_kernel_is_compiled_with_its_inductor_settings(
     quantizers: dict[str, KVQuantizer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both kernels get a C++ wrapper (``KERNEL_OPTIONS``); the attention kernel also ``ATTEND_OPTIONS``' own
-    setting. Another backend gets neither."""
+    setting. Another backend gets neither. Every backend gets the guard filter."""
     made: dict[str, dict[str, Any]] = {}
 
     def recording(function: Any, tag: str, **options: Any) -> Any:
@@ -378,8 +378,67 @@ def test_each_kernel_is_compiled_with_its_inductor_settings(
         monkeypatch.setattr(compiled_kernels, "BACKEND", backend)
         compiled_kernels.reset()
         compiled_kernels._kernels_for(layer)
+        guards = {"guard_filter_fn": compiled_kernels.kernel_guards}
         assert made == {
-            "_encode_rows": {"backend": backend, **({"options": expected[0]} if expected[0] else {})},
-            "_attend": {"backend": backend, **({"options": expected[1]} if expected[1] else {})},
+            "_encode_rows": {"backend": backend, "options": {**expected[0], **guards}},
+            "_attend": {"backend": backend, "options": {**expected[1], **guards}},
         }
     compiled_kernels.reset()
+
+
+class _Guard(NamedTuple):
+    """The two fields of Dynamo's ``GuardFilterEntry`` that :func:`compiled_kernels.kernel_guards` reads."""
+
+    guard_type: str
+    is_global: bool
+
+
+@pytest.mark.parametrize(
+    ("guard_type", "is_global", "kept"),
+    [
+        ("TENSOR_MATCH", False, True),
+        ("TENSOR_MATCH", True, True),  # a table found through a module-level name: still its shape and dtype
+        ("CONSTANT_MATCH", False, True),  # a flag, an int, a tensor that is None
+        ("CONSTANT_MATCH", True, False),  # a module setting: fixed when the kernel is made
+        ("TYPE_MATCH", False, True),
+        ("SHAPE_ENV", False, True),
+        ("GLOBAL_STATE", False, True),
+        ("DUPLICATE_INPUT", False, True),
+        ("A_KIND_THIS_VERSION_DOES_NOT_NAME", False, True),
+        ("ID_MATCH", False, False),
+        ("ID_MATCH", True, False),
+        ("CLOSURE_MATCH", False, False),
+        ("DICT_NOT_CONTAINS", False, False),
+        ("NOT_PRESENT_IN_GENERIC_DICT", False, False),
+    ],
+)
+def test_the_kernels_keep_the_guards_that_tell_calls_apart(guard_type: str, is_global: bool, kept: bool) -> None:
+    """What a kernel keeps: tensors' metadata wherever found, plain values on the call's objects, sizes, types and
+    global state, and any kind of guard not known to be about quantcache's own code or scheme."""
+    assert compiled_kernels.kernel_guards([_Guard(guard_type, is_global)]) == [kept]
+    assert compiled_kernels.kernel_guards([]) == []
+
+
+def test_a_kernel_is_compiled_with_the_guard_filter_and_keeps_a_fraction_of_the_guards(
+    model: PreTrainedModel,
+    quantizers: dict[str, KVQuantizer],
+    monkeypatch: pytest.MonkeyPatch,
+    counted_backend: list[int],
+) -> None:
+    """Dynamo hands each kernel's guards to :func:`compiled_kernels.kernel_guards`: among them, guards on
+    quantcache's modules and enum members, which it leaves out, and the states' tensor guards, which it keeps."""
+    offered: list[tuple[Any, bool]] = []
+    keep = compiled_kernels.kernel_guards
+
+    def recording(entries: Any) -> list[bool]:
+        flags = keep(entries)
+        offered.extend(zip(entries, flags, strict=True))
+        return flags
+
+    monkeypatch.setattr(compiled_kernels, "kernel_guards", recording)
+    _decode_twins(model, quantizers["int8"], read_codes=True)
+    assert counted_backend
+    dropped = [entry for entry, flag in offered if not flag]
+    assert any(entry.is_global for entry in dropped) and any(entry.guard_type == "ID_MATCH" for entry in dropped)
+    assert {"TENSOR_MATCH", "CONSTANT_MATCH", "SHAPE_ENV"} <= {entry.guard_type for entry, flag in offered if flag}
+    assert len(dropped) > len(offered) // 2

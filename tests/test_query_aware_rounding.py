@@ -540,3 +540,43 @@ def test_bits_count_the_query_model_and_memory_the_feedback(llama: PreTrainedMod
     assert report["total"] == sum(
         report[part] for part in ("codes", "parameters", "full_precision", "reserved", "encoder")
     )
+
+
+def test_a_compiled_graph_runs_the_rounds_it_is_given_however_many_rows() -> None:
+    """Traced by ``torch.compile``, a call of ``SEQUENTIAL_ROWS`` rows with the order runs its rounds (a loop over
+    the coordinates would unroll into ``head_dim`` steps per graph): one round's codes, not the fixed point's."""
+    generator = torch.Generator().manual_seed(11)
+    weight = _weight(generator, 2, HEAD_DIM, 4.0)
+    feedback, order = feedback_matrix(weight), rounding_order(weight)
+    states = torch.randn(1, 2, SEQUENTIAL_ROWS, HEAD_DIM, generator=generator) * 3
+    grid = RowGrid(torch.ones(1, 2, SEQUENTIAL_ROWS, 1), 0.0, -8.0, 7.0)
+    eager = grid(round_with_feedback(states, grid, feedback, 1, order=order))
+    compiled = torch.compile(lambda s: round_with_feedback(s, grid, feedback, 1, order=order), backend="eager")
+    traced = grid(compiled(states))
+    assert torch.equal(traced, grid(round_with_feedback(states, grid, feedback, 1)))
+    assert not torch.equal(traced, eager)
+
+
+@pytest.mark.parametrize(("device", "sequential"), [("cpu", True), ("meta", False)])
+def test_only_a_cpu_rounds_one_coordinate_at_a_time(
+    device: str, sequential: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off the CPU (here the meta device, where a GPU's path runs without one) a call of ``SEQUENTIAL_ROWS`` rows
+    runs the rounds: ``head_dim`` small steps would each be a kernel launch there."""
+    from quantcache.ops import rounding
+
+    calls: list[int] = []
+    sequential_on_grid = rounding._sequential_on_grid
+
+    def spy(levels: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(int(levels.shape[2]))
+        return sequential_on_grid(levels, *args)
+
+    monkeypatch.setattr(rounding, "_sequential_on_grid", spy)
+    generator = torch.Generator().manual_seed(2)
+    weight = _weight(generator, 2, HEAD_DIM, 1.0)
+    states = torch.randn(1, 2, SEQUENTIAL_ROWS, HEAD_DIM, generator=generator).to(device)
+    grid = RowGrid(torch.ones(1, 2, SEQUENTIAL_ROWS, 1, device=device), 0.0, -8.0, 7.0)
+    moved = round_with_feedback(states, grid, feedback_matrix(weight), 3, order=rounding_order(weight))
+    assert moved.shape == states.shape and moved.device.type == device
+    assert calls == ([SEQUENTIAL_ROWS] if sequential else [])

@@ -192,14 +192,20 @@ def test_many_rows_round_one_coordinate_at_a_time_to_the_fixed_point(
     assert torch.equal(grid(moved)[finite], _sequential_on(grid, at_level_zero, weight)[finite])
 
 
+def _strongly_coupled_keys() -> tuple[torch.Tensor, RowGrid, torch.Tensor, torch.Tensor]:
+    """``SEQUENTIAL_ROWS`` keys on an integer grid, and the feedback matrix and order of a weight whose fixed point
+    takes more than one round to reach: ``(states, grid, feedback, order)``."""
+    generator = torch.Generator().manual_seed(11)
+    weight = _weight(generator, 2, HEAD_DIM, 4.0)
+    states = torch.randn(1, 2, SEQUENTIAL_ROWS, HEAD_DIM, generator=generator) * 3
+    grid = RowGrid(torch.ones(1, 2, SEQUENTIAL_ROWS, 1), 0.0, -8.0, 7.0)
+    return states, grid, feedback_matrix(weight), rounding_order(weight)
+
+
 def test_fewer_rows_than_the_threshold_run_the_rounds_they_are_given() -> None:
     """One row short of ``SEQUENTIAL_ROWS``, one round is one round: the codes differ from the fixed point's
     (this weight needs more), and equal what one round gives without the order."""
-    generator = torch.Generator().manual_seed(11)
-    weight = _weight(generator, 2, HEAD_DIM, 4.0)
-    feedback, order = feedback_matrix(weight), rounding_order(weight)
-    states = torch.randn(1, 2, SEQUENTIAL_ROWS, HEAD_DIM, generator=generator) * 3
-    grid = RowGrid(torch.ones(1, 2, SEQUENTIAL_ROWS, 1), 0.0, -8.0, 7.0)
+    states, grid, feedback, order = _strongly_coupled_keys()
     fixed_point = grid(round_with_feedback(states, grid, feedback, 1, order=order))
     short = (states[:, :, 1:], grid._replace(scale=grid.scale[:, :, 1:]))
     one_round = short[1](round_with_feedback(*short, feedback, 1, order=order))
@@ -545,11 +551,7 @@ def test_bits_count_the_query_model_and_memory_the_feedback(llama: PreTrainedMod
 def test_a_compiled_graph_runs_the_rounds_it_is_given_however_many_rows() -> None:
     """Traced by ``torch.compile``, a call of ``SEQUENTIAL_ROWS`` rows with the order runs its rounds (a loop over
     the coordinates would unroll into ``head_dim`` steps per graph): one round's codes, not the fixed point's."""
-    generator = torch.Generator().manual_seed(11)
-    weight = _weight(generator, 2, HEAD_DIM, 4.0)
-    feedback, order = feedback_matrix(weight), rounding_order(weight)
-    states = torch.randn(1, 2, SEQUENTIAL_ROWS, HEAD_DIM, generator=generator) * 3
-    grid = RowGrid(torch.ones(1, 2, SEQUENTIAL_ROWS, 1), 0.0, -8.0, 7.0)
+    states, grid, feedback, order = _strongly_coupled_keys()
     eager = grid(round_with_feedback(states, grid, feedback, 1, order=order))
     compiled = torch.compile(lambda s: round_with_feedback(s, grid, feedback, 1, order=order), backend="eager")
     traced = grid(compiled(states))

@@ -27,6 +27,7 @@ from quantcache.analysis.speed import (
     TABLE_COLUMNS,
     Contender,
     SpeedResult,
+    SpeedRow,
     bench_speed,
     calibrate_presets,
     compiled_twins,
@@ -40,6 +41,7 @@ from quantcache.analysis.speed import (
     quantized_contender,
     runs,
 )
+from quantcache.analysis.speed.results import busy_machine_warning, spread
 from quantcache.cache import attention, compiled_kernels
 from quantcache.cache.kv_quantizer import KVQuantizer
 from quantcache.cli import _steps
@@ -61,6 +63,7 @@ ROW_KEYS = {
     "kv_parts",
     "peak_bytes",
     "decode_ms_vs_dynamic",
+    "decode_spread",
     "prefill_tokens_per_s_vs_dynamic",
     "kv_bytes_vs_dynamic",
     "decode_seconds_runs",
@@ -111,6 +114,8 @@ def test_rows_are_medians_of_their_runs_with_ratios_to_dynamic_of_the_same_run(r
             assert len(row.decode_seconds_runs) == len(row.prefill_seconds_runs) == REPEATS
             decode = statistics.median(row.decode_seconds_runs)
             assert row.decode_ms == decode * 1e3 and row.decode_tokens_per_s == batch / decode
+            runs = row.decode_seconds_runs
+            assert row.decode_spread == pytest.approx((max(runs) - min(runs)) / decode, rel=1e-12)
             assert row.prefill_tokens_per_s == batch * CONTEXT / statistics.median(row.prefill_seconds_runs)
             assert row.decode_ms_vs_dynamic == pytest.approx(row.decode_ms / base.decode_ms, rel=1e-12)
             ratio = row.prefill_tokens_per_s / base.prefill_tokens_per_s
@@ -157,7 +162,52 @@ def test_result_is_strict_json_and_the_table_has_every_row(result: SpeedResult) 
             assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] >= row["kv_bytes"]
     lines = format_speed_table(result).splitlines()
     assert lines[0].split() == " ".join(TABLE_COLUMNS).split()
-    assert len(lines) == 1 + len(result.rows) + 1 and lines[-1].startswith(f"medians of {REPEATS}")
+    assert lines[1 + len(result.rows)].startswith(f"medians of {REPEATS}")
+    warning = busy_machine_warning(result)  # tiny steps of a millisecond spread widely on a shared machine
+    assert lines[2 + len(result.rows) :] == ([] if warning is None else [warning])
+
+
+def _timed_rows(runs: dict[str, list[float]], *, context: int = 2048) -> list[SpeedRow]:
+    """Rows of one context with these decode runs (seconds), as :func:`bench_speed` fills them."""
+    rows = []
+    for name, seconds in runs.items():
+        row = SpeedRow(context=context, batch=1, cache=name, kind="dynamic" if name == "DynamicCache" else "quantized")
+        row.decode_seconds_runs, row.decode_spread = seconds, spread(seconds)
+        row.decode_ms = statistics.median(seconds) * 1e3
+        rows.append(row)
+    return rows
+
+
+def test_the_spread_of_repetitions_is_their_range_over_their_median() -> None:
+    assert spread([0.080, 0.100, 0.084]) == pytest.approx(0.020 / 0.084, rel=1e-12)  # over the median, not the mean
+    assert spread([0.1]) == 0.0
+    assert spread([]) is None
+    assert spread([0.0, 0.0]) is None
+
+
+def test_the_table_shows_each_spread_and_warns_where_dynamic_cache_spread_widely() -> None:
+    quiet = _timed_rows({"DynamicCache": [0.074, 0.075, 0.080], "int8 codes kernels": [0.082, 0.090, 0.083]})
+    busy = _timed_rows(
+        {"DynamicCache": [0.1086, 0.0912, 0.0742, 0.0922, 0.0942], "int4 codes kernels": [0.095, 0.094]},
+        context=8192,
+    )
+    result = SpeedResult(rows=[*quiet, *busy], steps=8, repeats=5, peak_kind=None)
+    lines = format_speed_table(result).splitlines()
+    after = len(TABLE_COLUMNS) - 1 - TABLE_COLUMNS.index("spread")  # single-word cells right of it ("n/a" here)
+    spreads = [line.split()[-1 - after] for line in lines[1:5]]
+    assert spreads == ["8%", "10%", "37%", "1%"]
+    assert lines[-1] == (
+        "warning: DynamicCache's decode repetitions spread by more than 10% (8192 x 1: 37%): this machine's speed "
+        "changed during the run, so decode ratios there that differ by less than that may be noise; measure on a "
+        "quiet machine, or with more --repeats"
+    )
+    assert busy_machine_warning(SpeedResult(rows=quiet, steps=8, repeats=3, peak_kind=None)) is None
+    assert busy_machine_warning(result, limit=0.5) is None
+    just_over = SpeedResult(
+        rows=_timed_rows({"DynamicCache": [0.100, 0.112, 0.106]}), steps=8, repeats=3, peak_kind=None
+    )
+    assert "(2048 x 1: 11%)" in (busy_machine_warning(just_over) or "")  # 10 % is the default limit
+    assert "spread: the slowest decode repetition minus the fastest, over their median" in lines[-2]
 
 
 def test_every_repetition_runs_every_contender_in_a_rotated_order(llama: PreTrainedModel) -> None:

@@ -18,7 +18,9 @@ figures are measured where the model will run, against the caches Transformers s
 * **Interleaved**: every repetition runs every contender in turn, the order rotated by one
   each repetition, so drift (other load, clocks, the allocator warming up) spreads over all
   of them; medians are reported, and every ratio divides a contender's figure by that of
-  ``DynamicCache`` in the same run.
+  ``DynamicCache`` in the same run. How far a cache's decode repetitions spread is reported
+  too, and where ``DynamicCache``'s spread by more than 10 % the table says the machine was
+  busy: ratios closer than that are not told apart by such a run.
 * **KV bytes** are measured from the tensors the cache holds after the timed steps:
   :meth:`~quantcache.cache.cache.QuantizedCalibratingCache.memory_report` for quantized
   caches (codes, parameters, full-precision tokens, reserved room, encoder matrices), the

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from quantcache.analysis.speed.contenders import ContenderKind
 from quantcache.analysis.speed.peak_memory import PeakKind
 
-__all__ = ["MIB", "TABLE_COLUMNS", "SpeedResult", "SpeedRow", "format_speed_table", "ratio"]
+__all__ = [
+    "BUSY_SPREAD",
+    "MIB",
+    "TABLE_COLUMNS",
+    "SpeedResult",
+    "SpeedRow",
+    "busy_machine_warning",
+    "format_speed_table",
+    "ratio",
+    "spread",
+]
 
 MIB = 1 << 20
+BUSY_SPREAD = 0.10
+"""A ``DynamicCache`` whose decode repetitions spread by more than this (:func:`spread`) marks a machine whose speed
+changed during the run: :func:`busy_machine_warning` says so under the table."""
 
 TABLE_COLUMNS = (
     "context",
@@ -18,13 +33,15 @@ TABLE_COLUMNS = (
     "cache",
     "decode ms/token",
     "x dyn",
+    "spread",
     "prefill tok/s",
     "x dyn",
     "KV MiB",
     "x dyn",
     "peak MiB",
 )
-"""The columns of :func:`format_speed_table`; each ``x dyn`` divides the figure to its left by DynamicCache's."""
+"""The columns of :func:`format_speed_table`; each ``x dyn`` divides the figure to its left by DynamicCache's, and
+``spread`` is the decode repetitions' (:func:`spread`)."""
 
 
 @dataclass
@@ -36,6 +53,8 @@ class SpeedRow:
     ``None`` where either side failed. ``error`` says why a contender has no figures (it ran
     out of memory); ``peak_bytes`` is the highest of the repetitions, ``None`` where peak memory
     cannot be measured. ``kv_parts`` splits a quantized cache's ``kv_bytes`` (``None`` for the others).
+    ``decode_spread`` is :func:`spread` of ``decode_seconds_runs``: how far apart the repetitions
+    the median ``decode_ms`` comes from were.
     """
 
     context: int
@@ -49,6 +68,7 @@ class SpeedRow:
     kv_parts: dict[str, int] | None = None
     peak_bytes: int | None = None
     decode_ms_vs_dynamic: float | None = None
+    decode_spread: float | None = None
     prefill_tokens_per_s_vs_dynamic: float | None = None
     kv_bytes_vs_dynamic: float | None = None
     decode_seconds_runs: list[float] = field(default_factory=list)
@@ -81,6 +101,36 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
+def spread(runs: Sequence[float]) -> float | None:
+    """``(slowest - fastest) / median`` of a cache's repetitions (0 for one; ``None`` for none).
+
+    The decode repetitions of one cache run minutes apart on a shared machine; where even
+    ``DynamicCache``'s spread widely, the machine's speed changed during the run, and ratios that
+    differ by less than that spread are not told apart by it.
+    """
+    if not runs:
+        return None
+    middle = statistics.median(runs)
+    return (max(runs) - min(runs)) / middle if middle > 0 else None
+
+
+def busy_machine_warning(result: SpeedResult, limit: float = BUSY_SPREAD) -> str | None:
+    """A line naming every context and batch at which ``DynamicCache``'s decode repetitions spread by more than
+    ``limit`` (:func:`spread`), or ``None`` where none did."""
+    busy = [
+        f"{row.context} x {row.batch}: {row.decode_spread:.0%}"
+        for row in result.rows
+        if row.kind == "dynamic" and row.decode_spread is not None and row.decode_spread > limit
+    ]
+    if not busy:
+        return None
+    return (
+        f"warning: DynamicCache's decode repetitions spread by more than {limit:.0%} ({', '.join(busy)}): this "
+        "machine's speed changed during the run, so decode ratios there that differ by less than that may be "
+        "noise; measure on a quiet machine, or with more --repeats"
+    )
+
+
 def _cell(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
@@ -91,13 +141,14 @@ def format_speed_table(result: SpeedResult) -> str:
     for row in result.rows:
         head = [str(row.context), str(row.batch), row.cache]
         if row.error is not None:
-            lines.append([*head, "failed", row.error[:40], "", "", "", "", ""])
+            lines.append([*head, "failed", row.error[:40], "", "", "", "", "", ""])
             continue
         lines.append(
             [
                 *head,
                 _cell(row.decode_ms, ".2f"),
                 _cell(row.decode_ms_vs_dynamic, ".3f"),
+                _cell(row.decode_spread, ".0%"),
                 _cell(row.prefill_tokens_per_s, ".0f"),
                 _cell(row.prefill_tokens_per_s_vs_dynamic, ".3f"),
                 _cell(None if row.kv_bytes is None else row.kv_bytes / MIB, ".2f"),
@@ -121,6 +172,10 @@ def format_speed_table(result: SpeedResult) -> str:
     text.append(
         f"medians of {result.repeats} interleaved repetitions; decode: {result.steps} steps after a fill of the "
         "context, one new token per row each; x dyn: divided by DynamicCache's figure of the same run; "
+        "spread: the slowest decode repetition minus the fastest, over their median; "
         f"KV: bytes of the tensors each cache holds after the steps; peak: {peak}"
     )
+    warning = busy_machine_warning(result)
+    if warning is not None:
+        text.append(warning)
     return "\n".join(text)

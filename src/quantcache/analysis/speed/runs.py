@@ -21,7 +21,7 @@ from quantcache.analysis.speed.measure import (
     release,
 )
 from quantcache.analysis.speed.peak_memory import PeakMeter
-from quantcache.analysis.speed.results import SpeedResult, SpeedRow, ratio
+from quantcache.analysis.speed.results import SpeedResult, SpeedRow, ratio, spread
 from quantcache.cache.attention import ATTENTION_NAME, MAX_QUERIES_FROM_CODES, register_code_attention, set_attention
 from quantcache.cache.compiled_kernels import compiled_copy
 from quantcache.calibration.calibrate import model_device
@@ -288,6 +288,7 @@ def _measure(
             continue
         decode = statistics.median(row.decode_seconds_runs)
         row.decode_ms = decode * 1e3
+        row.decode_spread = spread(row.decode_seconds_runs)
         row.decode_tokens_per_s = batch / decode
         row.prefill_tokens_per_s = batch * context / statistics.median(row.prefill_seconds_runs)
         row.peak_bytes = max(peaks[row.cache]) if peaks[row.cache] else None

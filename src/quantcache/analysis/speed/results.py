@@ -17,6 +17,7 @@ __all__ = [
     "SpeedResult",
     "SpeedRow",
     "busy_machine_warning",
+    "dynamic_base",
     "format_speed_table",
     "ratio",
     "spread",
@@ -114,13 +115,24 @@ def spread(runs: Sequence[float]) -> float | None:
     return (max(runs) - min(runs)) / middle if middle > 0 else None
 
 
+def dynamic_base(rows: Sequence[SpeedRow]) -> SpeedRow | None:
+    """The row every ratio of one context and batch size divides by: its first ``DynamicCache`` with figures (the
+    eager one; a ``--compile`` twin follows it)."""
+    return next((row for row in rows if row.kind == "dynamic" and row.error is None), None)
+
+
 def busy_machine_warning(result: SpeedResult, limit: float = BUSY_SPREAD) -> str | None:
-    """A line naming every context and batch at which ``DynamicCache``'s decode repetitions spread by more than
-    ``limit`` (:func:`spread`), or ``None`` where none did."""
+    """A line naming every context and batch at which the ``DynamicCache`` the ratios divide by
+    (:func:`dynamic_base`) spread its decode repetitions by more than ``limit`` (:func:`spread`), or ``None`` where
+    none did."""
+    groups: dict[tuple[int, int], list[SpeedRow]] = {}
+    for row in result.rows:
+        groups.setdefault((row.context, row.batch), []).append(row)
+    bases = [dynamic_base(rows) for rows in groups.values()]
     busy = [
-        f"{row.context} x {row.batch}: {row.decode_spread:.0%}"
-        for row in result.rows
-        if row.kind == "dynamic" and row.decode_spread is not None and row.decode_spread > limit
+        f"{base.context} x {base.batch}: {base.decode_spread:.0%}"
+        for base in bases
+        if base is not None and base.decode_spread is not None and base.decode_spread > limit
     ]
     if not busy:
         return None

@@ -21,7 +21,7 @@ from quantcache.analysis.speed.measure import (
     release,
 )
 from quantcache.analysis.speed.peak_memory import PeakMeter
-from quantcache.analysis.speed.results import SpeedResult, SpeedRow, ratio, spread
+from quantcache.analysis.speed.results import SpeedResult, SpeedRow, dynamic_base, ratio, spread
 from quantcache.cache.attention import ATTENTION_NAME, MAX_QUERIES_FROM_CODES, register_code_attention, set_attention
 from quantcache.cache.compiled_kernels import compiled_copy
 from quantcache.calibration.calibrate import model_device
@@ -292,7 +292,7 @@ def _measure(
         row.decode_tokens_per_s = batch / decode
         row.prefill_tokens_per_s = batch * context / statistics.median(row.prefill_seconds_runs)
         row.peak_bytes = max(peaks[row.cache]) if peaks[row.cache] else None
-    base = next((row for row in rows.values() if row.kind == "dynamic" and row.error is None), None)
+    base = dynamic_base(list(rows.values()))
     for row in rows.values():
         if base is not None and row.error is None:
             row.decode_ms_vs_dynamic = ratio(row.decode_ms, base.decode_ms)

@@ -75,7 +75,7 @@ def _graphs_per_kernel() -> dict[str, int]:
     held = {}
     for kernels in compiled_kernels._KERNELS.values():
         for kernel in kernels:
-            code = kernel._torchdynamo_orig_callable.__code__  # type: ignore[attr-defined]
+            code = kernel.function.__code__
             held[code.co_name] = len(_debug_get_cache_entry_list(code))
     return held
 
@@ -369,7 +369,7 @@ def test_each_kernel_is_compiled_with_its_inductor_settings(
         made[function.__name__] = options
         return function
 
-    monkeypatch.setattr(compiled_kernels, "compiled_copy", recording)
+    monkeypatch.setattr(compiled_kernels, "guarded_kernel", recording)
     layer = quantizers["int4"].quantizers[0]
     for backend, expected in (
         ("inductor", ({"cpp_wrapper": True}, {"cpp_wrapper": True, "realize_reads_threshold": 1})),
@@ -410,6 +410,7 @@ class _Guard(NamedTuple):
         ("CLOSURE_MATCH", False, False),
         ("DICT_NOT_CONTAINS", False, False),
         ("NOT_PRESENT_IN_GENERIC_DICT", False, False),
+        ("DIMENSION_DYNAMIC_MARKING_GUARD", False, False),
     ],
 )
 def test_the_kernels_keep_the_guards_that_tell_calls_apart(guard_type: str, is_global: bool, kept: bool) -> None:
@@ -442,3 +443,103 @@ def test_a_kernel_is_compiled_with_the_guard_filter_and_keeps_a_fraction_of_the_
     assert any(entry.is_global for entry in dropped) and any(entry.guard_type == "ID_MATCH" for entry in dropped)
     assert {"TENSOR_MATCH", "CONSTANT_MATCH", "SHAPE_ENV"} <= {entry.guard_type for entry, flag in offered if flag}
     assert len(dropped) > len(offered) // 2
+
+
+def _affine(states: torch.Tensor, scale: float) -> torch.Tensor:
+    return states * scale + states.shape[-1]
+
+
+@pytest.fixture
+def affine_kernel() -> Iterator[tuple[compiled_kernels.GuardedKernel, list[int]]]:
+    """``_affine`` as a :class:`compiled_kernels.GuardedKernel` (Dynamo's eager backend), and the calls that went
+    through ``torch.compile`` (each entry the number of ``torch.compile`` calls so far)."""
+    through: list[int] = []
+    kernel = compiled_kernels.guarded_kernel(_affine, "affine_test", backend="eager", dynamic=False)
+    compiled = kernel.compiled
+
+    def counting(*args: Any) -> Any:
+        through.append(len(through) + 1)
+        return compiled(*args)
+
+    kernel.compiled = counting
+    try:
+        yield kernel, through
+    finally:
+        torch.compiler.reset()
+
+
+def test_a_guarded_kernel_runs_the_graph_whose_guards_pass_without_torch_compile(
+    affine_kernel: tuple[compiled_kernels.GuardedKernel, list[int]],
+) -> None:
+    """The first call compiles through ``torch.compile``; the next ones with the same kinds of inputs run the graph
+    directly (``torch.compile`` not called) and compute what the function does."""
+    kernel, through = affine_kernel
+    states = torch.arange(6.0).view(2, 3)
+    assert torch.equal(kernel(states, 2.0), states * 2.0 + 3) and through == [1] and kernel.graphs() == 1
+    for value in (5.0, -1.0):
+        fresh = torch.full((2, 3), value)
+        assert torch.equal(kernel(fresh, 2.0), fresh * 2.0 + 3)
+    assert through == [1] and kernel.graphs() == 1
+
+
+def test_a_call_no_graphs_guards_accept_compiles_through_torch_compile(
+    affine_kernel: tuple[compiled_kernels.GuardedKernel, list[int]],
+) -> None:
+    """A new shape and a new constant each fail every held graph's guards: the call goes through ``torch.compile``
+    (a graph more), and the result is the function's, not a held graph's (which would add 3, or scale by 2)."""
+    kernel, through = affine_kernel
+    kernel(torch.ones(2, 3), 2.0)
+    assert torch.equal(kernel(torch.ones(2, 5), 2.0), torch.full((2, 5), 7.0)) and through == [1, 2]
+    assert torch.equal(kernel(torch.ones(2, 3), 4.0), torch.full((2, 3), 7.0)) and through == [1, 2, 3]
+    assert kernel.graphs() == 3
+    assert torch.equal(kernel(torch.ones(2, 5), 2.0), torch.full((2, 5), 7.0)) and through == [1, 2, 3]
+
+
+def test_a_guarded_kernel_leaves_a_stance_other_than_the_default_to_torch_compile(
+    affine_kernel: tuple[compiled_kernels.GuardedKernel, list[int]],
+) -> None:
+    """Under ``torch.compiler.set_stance("force_eager")`` every call goes through ``torch.compile`` (which then runs
+    the function eagerly), even where a held graph's guards pass; back at the default, held graphs run directly."""
+    kernel, through = affine_kernel
+    kernel(torch.ones(2, 3), 2.0)
+    with torch.compiler.set_stance("force_eager"):
+        assert torch.equal(kernel(torch.ones(2, 3), 2.0), torch.full((2, 3), 5.0))
+    assert through == [1, 2]
+    kernel(torch.ones(2, 3), 2.0)
+    assert through == [1, 2]
+
+
+def test_the_cache_kernels_run_their_graphs_directly_after_the_first_steps(
+    model: PreTrainedModel, quantizers: dict[str, KVQuantizer], counted_backend: list[int]
+) -> None:
+    """Over a prompt and decode steps, each kernel goes through ``torch.compile`` only for the calls that compile
+    (its two graphs); every other call runs a held graph directly."""
+    through: list[str] = []
+    _decode_twins(model, quantizers["int4"], read_codes=True)  # makes the kernels and their graphs
+    for kernels in compiled_kernels._KERNELS.values():
+        for kernel in kernels:
+            compiled = kernel.compiled
+
+            def counting(*args: Any, _compiled: Any = compiled, _name: str = kernel.function.__name__) -> Any:
+                through.append(_name)
+                return _compiled(*args)
+
+            kernel.compiled = counting
+    got, want, _, _ = _decode_twins(model, quantizers["int4"], read_codes=True)
+    assert through == [] and len(counted_backend) == 4
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_a_guarded_kernel_whose_torch_keeps_graphs_otherwise_calls_through_torch_compile(
+    affine_kernel: tuple[compiled_kernels.GuardedKernel, list[int]],
+) -> None:
+    """Where Dynamo's cache entries are not what :class:`GuardedKernel` reads (another torch), the call and every
+    later one go through ``torch.compile``, with the function's result."""
+    kernel, through = affine_kernel
+    kernel(torch.ones(2, 3), 2.0)
+    kernel._entries = lambda code: [object()]
+    assert torch.equal(kernel(torch.ones(2, 3), 2.0), torch.full((2, 3), 5.0)) and through == [1, 2]
+    assert kernel._entries is None and kernel.graphs() == 0
+    kernel(torch.ones(2, 3), 2.0)
+    assert through == [1, 2, 3]

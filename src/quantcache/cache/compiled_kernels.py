@@ -27,7 +27,12 @@ Dynamo checks a compiled graph's guards before every call, and a decode step cal
 layer with the model's weights streamed through the caches in between: on a CPU, checking the few hundred guards
 Dynamo places on a quantizer's object tree, cold, took about 200 µs per call, 10-15% of a SmolLM2 step at 2048
 tokens. The kernels keep the guards that tell one call's inputs from another's and leave out those that re-check
-quantcache's own code and scheme (:func:`kernel_guards`).
+quantcache's own code and scheme (:func:`kernel_guards`). Reaching those guards through ``torch.compile``'s
+wrapper and Dynamo's frame evaluation costs too: a compiled call of two operations took 115-125 µs cold on a CPU
+against 25-30 µs eager. Each kernel is therefore a :class:`GuardedKernel`, which checks the guards of the graphs
+Dynamo made for it itself and runs the code Dynamo made for the first whose guards pass (that call: 55-65 µs cold;
+``int8``'s kernels at 2048 tokens, paired cold calls: 14 µs less per attention call, 8 µs per encoding call, about
+1 % of a SmolLM2 step); where none pass, the call goes through ``torch.compile``, which compiles.
 
 Results are eager's up to float rounding (a generated kernel may sum in another order): a
 key element sitting on a rounding boundary may take the neighbouring code.
@@ -53,9 +58,11 @@ __all__ = [
     "COMPILED_TOKENS",
     "KERNEL_OPTIONS",
     "LEFT_OUT_GUARDS",
+    "GuardedKernel",
     "attend",
     "compiled_copy",
     "encode_rows",
+    "guarded_kernel",
     "kernel_guards",
     "kernels_made",
     "reset",
@@ -77,10 +84,21 @@ scale lookup per row, would otherwise be redone for every query and block of cha
 kernel's time on a CPU, SmolLM2 at 2048-8192 tokens). Settings this version of inductor lacks are left out."""
 
 
-LEFT_OUT_GUARDS = frozenset({"ID_MATCH", "CLOSURE_MATCH", "DICT_NOT_CONTAINS", "NOT_PRESENT_IN_GENERIC_DICT"})
+LEFT_OUT_GUARDS = frozenset(
+    {
+        "ID_MATCH",
+        "CLOSURE_MATCH",
+        "DICT_NOT_CONTAINS",
+        "NOT_PRESENT_IN_GENERIC_DICT",
+        "DIMENSION_DYNAMIC_MARKING_GUARD",
+    }
+)
 """Kinds of Dynamo guard the kernels leave out, with every guard on a module-level name other than a tensor's: the
 identity of an object (the enum members a scheme's settings are, functions, classes, modules), a function's closure,
-and that an object has no attribute of its own shadowing a method of its class."""
+that an object has no attribute of its own shadowing a method of its class, and that no tensor has had a dimension
+marked dynamic since (``torch._dynamo.mark_dynamic``: five per tensor, 75 of the attention kernel's 160 checks, each
+an attribute lookup that fails; a graph whose sizes the tensor guards accept computes the same whatever a mark says:
+about 15-20 µs less per cold call)."""
 
 
 def kernel_guards(entries: Sequence[Any]) -> list[bool]:
@@ -108,9 +126,13 @@ def compiled_copy(function: Callable[..., Any], tag: str, **options: Any) -> Cal
     callers that share one function would share them, each one's changing sizes made dynamic in the
     other's graphs and every graph counted against one limit.
     """
+    return torch.compile(_own_copy(function, tag), **options)
+
+
+def _own_copy(function: Callable[..., Any], tag: str) -> types.FunctionType:
+    """A copy of ``function`` with a code object of its own, ``tag`` in its name."""
     code = function.__code__.replace(co_name=f"{function.__name__}_{tag}")
-    copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
-    return torch.compile(copy, **options)
+    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
 
 
 def _encode_rows(
@@ -124,9 +146,86 @@ def _attend(reader: CodeReader, query: torch.Tensor, mask: torch.Tensor | None, 
     return reader.attend(query, mask, scaling)
 
 
+def _cache_entries() -> Callable[[types.CodeType], list[Any]] | None:
+    """Dynamo's ``_debug_get_cache_entry_list`` (a code object's compiled graphs, each with the ``code`` Dynamo made
+    and its ``guard_manager``, in the order Dynamo tries them), or ``None`` where this torch has none."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover - a private name: a torch without it calls through torch.compile
+        return None
+    return _debug_get_cache_entry_list
+
+
+def _default_stance() -> bool:
+    """Whether ``torch.compiler.set_stance`` is at its default (no forced backend): the only stance under which
+    Dynamo runs the graph whose guards pass, as :class:`GuardedKernel` does."""
+    from torch._dynamo import eval_frame
+
+    stance = getattr(eval_frame, "_stance", None)
+    return stance is not None and stance.stance == "default" and stance.backend is None
+
+
+class GuardedKernel:
+    """A ``torch.compile``d function called straight into the code Dynamo made for the first of its graphs whose
+    guards pass.
+
+    Calling ``torch.compile``'s wrapper runs Python of its own and Dynamo's frame evaluation before checking the
+    guards; cold (a decode step streams the model's weights through the CPU's caches between two kernel calls)
+    that was 90-100 µs of a do-nothing compiled call's 115-125 µs. This checks the same guards, each graph's
+    ``guard_manager`` over the call's arguments by name, in Dynamo's order, and calls that graph's code (Dynamo's
+    bytecode, which reads the graph's inputs from the arguments and calls the compiled graph): what Dynamo would
+    run. Where no graph's guards pass (a first call, a new shape), where ``torch.compiler.set_stance`` is not at its
+    default (``force_eager`` ...), or where this torch lacks the means, the call goes through ``compiled``, which
+    compiles, recompiles or runs eagerly as Dynamo decides.
+
+    ``function`` is what ``compiled`` compiles (its code object holds the graphs); its arguments are positional.
+    """
+
+    def __init__(self, function: types.FunctionType, compiled: Callable[..., Any]) -> None:
+        self.function, self.compiled = function, compiled
+        code = function.__code__
+        self.names = code.co_varnames[: code.co_argcount]
+        self._entries = _cache_entries()
+        self._made: dict[types.CodeType, Callable[..., Any]] = {}  # Dynamo's code per graph, as a function
+
+    def __call__(self, *args: Any) -> Any:
+        graph = self._passing_graph(args) if self._entries is not None and _default_stance() else None
+        return self.compiled(*args) if graph is None else graph(*args)
+
+    def _passing_graph(self, args: tuple[Any, ...]) -> Callable[..., Any] | None:
+        """The code of the first graph whose guards pass for ``args``, as a function; ``None`` if none does."""
+        assert self._entries is not None
+        frame_locals = dict(zip(self.names, args, strict=True))
+        try:
+            for entry in self._entries(self.function.__code__):
+                if entry.guard_manager.check(frame_locals):
+                    return self._graph_code(entry.code)
+        except (AttributeError, TypeError):  # a torch whose cache entries differ: Dynamo calls from now on
+            self._entries = None
+        return None
+
+    def graphs(self) -> int:
+        """How many graphs Dynamo holds for this kernel."""
+        return 0 if self._entries is None else len(self._entries(self.function.__code__))
+
+    def _graph_code(self, code: types.CodeType) -> Callable[..., Any]:
+        made = self._made.get(code)
+        if made is None:
+            function = self.function
+            made = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__)
+            self._made[code] = made
+        return made
+
+
+def guarded_kernel(function: Callable[..., Any], tag: str, **options: Any) -> GuardedKernel:
+    """:func:`compiled_copy` of ``function`` (positional arguments only), called through :class:`GuardedKernel`."""
+    copy = _own_copy(function, tag)
+    return GuardedKernel(copy, torch.compile(copy, **options))
+
+
 class _Kernels(NamedTuple):
-    encode_rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    attend: Callable[..., torch.Tensor]
+    encode_rows: GuardedKernel
+    attend: GuardedKernel
 
 
 _KERNELS: dict[Hashable, _Kernels] = {}
@@ -146,8 +245,8 @@ def _kernels_for(quantizer: LayerQuantizer) -> _Kernels:
             found = _KERNELS.get(scheme)
             if found is None:
                 tag = f"scheme{len(_KERNELS)}"
-                encode = compiled_copy(_encode_rows, tag, backend=BACKEND, **_compile_options(KERNEL_OPTIONS))
-                attend = compiled_copy(_attend, tag, backend=BACKEND, **_compile_options(ATTEND_OPTIONS))
+                encode = guarded_kernel(_encode_rows, tag, backend=BACKEND, **_compile_options(KERNEL_OPTIONS))
+                attend = guarded_kernel(_attend, tag, backend=BACKEND, **_compile_options(ATTEND_OPTIONS))
                 found = _KERNELS[scheme] = _Kernels(encode, attend)
     return found
 
@@ -189,11 +288,13 @@ def encode_rows(
     """Compiled: :meth:`LayerQuantizer.encode`'s packed ``(batch, kv_heads, tokens, row_bytes)`` key and value rows of
     states at positions ``start..`` (no sink tokens among them)."""
     quantizer.ready_on(keys.device)
-    return _kernels_for(quantizer).encode_rows(quantizer, keys, values, start)
+    rows: tuple[torch.Tensor, torch.Tensor] = _kernels_for(quantizer).encode_rows(quantizer, keys, values, start)
+    return rows
 
 
 def attend(reader: CodeReader, query: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """Compiled: :meth:`CodeReader.attend` (``(batch, heads, n, head_dim)`` queries -> ``(batch, n, heads,
     head_dim)`` outputs)."""
     reader.quantizer.ready_on(query.device)
-    return _kernels_for(reader.quantizer).attend(reader, query, mask, scaling)
+    output: torch.Tensor = _kernels_for(reader.quantizer).attend(reader, query, mask, scaling)
+    return output

@@ -543,3 +543,18 @@ def test_a_guarded_kernel_whose_torch_keeps_graphs_otherwise_calls_through_torch
     assert kernel._entries is None and kernel.graphs() == 0
     kernel(torch.ones(2, 3), 2.0)
     assert through == [1, 2, 3]
+
+
+def test_a_guarded_kernel_inside_a_compiled_function_goes_through_torch_compile(
+    affine_kernel: tuple[compiled_kernels.GuardedKernel, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While Dynamo evaluates frames (a ``torch.compile``d function's eager stretches), calls go through
+    ``torch.compile`` even where a held graph's guards pass; outside, held graphs run directly."""
+    kernel, through = affine_kernel
+    kernel(torch.ones(2, 3), 2.0)
+    monkeypatch.setattr(compiled_kernels, "_eval_frame_callback", lambda: object())
+    assert torch.equal(kernel(torch.ones(2, 3), 2.0), torch.full((2, 3), 5.0)) and through == [1, 2]
+    monkeypatch.undo()
+    assert compiled_kernels._eval_frame_callback() is None
+    kernel(torch.ones(2, 3), 2.0)
+    assert through == [1, 2]

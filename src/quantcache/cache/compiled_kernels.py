@@ -156,13 +156,24 @@ def _cache_entries() -> Callable[[types.CodeType], list[Any]] | None:
     return _debug_get_cache_entry_list
 
 
-def _default_stance() -> bool:
-    """Whether ``torch.compiler.set_stance`` is at its default (no forced backend): the only stance under which
-    Dynamo runs the graph whose guards pass, as :class:`GuardedKernel` does."""
+def _eval_frame_callback() -> Any:
+    """The callback Dynamo evaluates Python frames with now: ``None`` outside any ``torch.compile``d call."""
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+    return get_eval_frame_callback()
+
+
+def _runs_graphs_directly() -> bool:
+    """Whether a :class:`GuardedKernel` may run a graph itself: ``torch.compiler.set_stance`` at its default (no
+    forced backend), the only stance under which Dynamo runs the graph whose guards pass, and no Dynamo callback
+    evaluating frames (inside a ``torch.compile``d function's eager stretches, Dynamo would take the graph's code
+    for a new frame to compile)."""
     from torch._dynamo import eval_frame
 
     stance = getattr(eval_frame, "_stance", None)
-    return stance is not None and stance.stance == "default" and stance.backend is None
+    return (
+        stance is not None and stance.stance == "default" and stance.backend is None and _eval_frame_callback() is None
+    )
 
 
 class GuardedKernel:
@@ -175,8 +186,8 @@ class GuardedKernel:
     ``guard_manager`` over the call's arguments by name, in Dynamo's order, and calls that graph's code (Dynamo's
     bytecode, which reads the graph's inputs from the arguments and calls the compiled graph): what Dynamo would
     run. Where no graph's guards pass (a first call, a new shape), where ``torch.compiler.set_stance`` is not at its
-    default (``force_eager`` ...), or where this torch lacks the means, the call goes through ``compiled``, which
-    compiles, recompiles or runs eagerly as Dynamo decides.
+    default (``force_eager`` ...), inside a ``torch.compile``d function, or where this torch lacks the means, the
+    call goes through ``compiled``, which compiles, recompiles or runs eagerly as Dynamo decides.
 
     ``function`` is what ``compiled`` compiles (its code object holds the graphs); its arguments are positional.
     """
@@ -189,7 +200,7 @@ class GuardedKernel:
         self._made: dict[types.CodeType, Callable[..., Any]] = {}  # Dynamo's code per graph, as a function
 
     def __call__(self, *args: Any) -> Any:
-        graph = self._passing_graph(args) if self._entries is not None and _default_stance() else None
+        graph = self._passing_graph(args) if self._entries is not None and _runs_graphs_directly() else None
         return self.compiled(*args) if graph is None else graph(*args)
 
     def _passing_graph(self, args: tuple[Any, ...]) -> Callable[..., Any] | None:

@@ -70,14 +70,11 @@ def counted_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 def _graphs_per_kernel() -> dict[str, int]:
     """The graphs Dynamo holds for each kernel made (by the kernel function's name, per scheme)."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    held = {}
-    for kernels in compiled_kernels._KERNELS.values():
-        for kernel in kernels:
-            code = kernel.function.__code__
-            held[code.co_name] = len(_debug_get_cache_entry_list(code))
-    return held
+    return {
+        kernel.function.__name__: kernel.graphs()
+        for kernels in compiled_kernels._KERNELS.values()
+        for kernel in kernels
+    }
 
 
 @pytest.fixture

@@ -146,21 +146,28 @@ def _attend(reader: CodeReader, query: torch.Tensor, mask: torch.Tensor | None, 
     return reader.attend(query, mask, scaling)
 
 
+_CACHE_ENTRIES: Callable[[types.CodeType], list[Any]] | None
+_EVAL_FRAME_CALLBACK: Callable[[], Any] | None
+try:  # private names of Dynamo's: a torch without them calls every kernel through torch.compile
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, get_eval_frame_callback
+
+    _CACHE_ENTRIES, _EVAL_FRAME_CALLBACK = _debug_get_cache_entry_list, get_eval_frame_callback
+except ImportError:  # pragma: no cover - every torch quantcache is tested with has both
+    _CACHE_ENTRIES = _EVAL_FRAME_CALLBACK = None
+
+
 def _cache_entries() -> Callable[[types.CodeType], list[Any]] | None:
     """Dynamo's ``_debug_get_cache_entry_list`` (a code object's compiled graphs, each with the ``code`` Dynamo made
-    and its ``guard_manager``, in the order Dynamo tries them), or ``None`` where this torch has none."""
-    try:
-        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-    except ImportError:  # pragma: no cover - a private name: a torch without it calls through torch.compile
-        return None
-    return _debug_get_cache_entry_list
+    and its ``guard_manager``, in the order Dynamo tries them), or ``None`` where this torch lacks it or the callback
+    :func:`_eval_frame_callback` reads."""
+    return None if _EVAL_FRAME_CALLBACK is None else _CACHE_ENTRIES
 
 
 def _eval_frame_callback() -> Any:
-    """The callback Dynamo evaluates Python frames with now: ``None`` outside any ``torch.compile``d call."""
-    from torch._C._dynamo.eval_frame import get_eval_frame_callback
-
-    return get_eval_frame_callback()
+    """The callback Dynamo evaluates Python frames with now: ``None`` outside any ``torch.compile``d call (only
+    called where :func:`_cache_entries` found Dynamo's names)."""
+    assert _EVAL_FRAME_CALLBACK is not None
+    return _EVAL_FRAME_CALLBACK()
 
 
 def _runs_graphs_directly() -> bool:
